@@ -1,0 +1,34 @@
+"""pedro-peft: PEDRO (prompt-dependent representation modification) as a PEFT method."""
+
+from __future__ import annotations
+
+import peft
+from torch import nn
+
+from pedro.backbones import BACKBONES, DEFAULT_BACKBONE, format_prompt, load_backbone
+from pedro.config import PedroConfig
+from pedro.io import AdapterFileError
+from pedro.model import PedroModel, count_trainable_parameters
+from pedro.registry import register
+
+register()
+
+__version__ = "0.1.0"
+
+
+def get_pedro_model(model: nn.Module, config: PedroConfig | None = None, **config_kwargs) -> peft.PeftModel:
+    """``peft.get_peft_model(model, PedroConfig(**config_kwargs))`` in one call."""
+    return peft.get_peft_model(model, config if config is not None else PedroConfig(**config_kwargs))
+
+
+__all__ = [
+    "BACKBONES",
+    "DEFAULT_BACKBONE",
+    "AdapterFileError",
+    "PedroConfig",
+    "PedroModel",
+    "count_trainable_parameters",
+    "format_prompt",
+    "get_pedro_model",
+    "load_backbone",
+]

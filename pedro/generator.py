@@ -1,0 +1,118 @@
+"""The vector generator: pool a layer's prompt states, then Up(act(Down(p))).
+
+Everything here is plain torch and independent of PEFT and transformers, so the method's equations can be
+read (and tested) on one screen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Least-squares fit of the safe rational form to GELU on [-10, 10] (numerator degree 6, denominator degree 5).
+# Max abs error 6.8e-3 on [-4, 4]; beyond the fit range it grows polynomially (about x^2), never to a pole,
+# because the safe denominator 1 + sum |b_j| |x|^j is at least 1.
+GELU_NUMERATOR = (
+    -0.006847491607,
+    0.5,
+    0.4330763554,
+    0.1431016223,
+    0.02272366783,
+    0.001742613258,
+    5.184495742e-05,
+)
+GELU_DENOMINATOR = (2.969463838e-14, 0.2862032447, 5.557071847e-15, 0.003485226516, 2.454420142e-17)
+# x^6 stays far below fp32's range at this bound; inputs are clamped so the ratio is finite for any input.
+RATIONAL_INPUT_BOUND = 1e4
+
+
+class RationalActivation(nn.Module):
+    """R(x) = (a_0 + ... + a_6 x^6) / (1 + |b_1| |x| + ... + |b_5| |x|^5), learnable a and b.
+
+    Evaluated in fp32 on inputs clamped to +-1e4 whatever the input dtype: in bf16/fp16 the powers would
+    overflow long before the ratio does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numerator = nn.Parameter(torch.tensor(GELU_NUMERATOR, dtype=torch.float32))
+        self.denominator = nn.Parameter(torch.tensor(GELU_DENOMINATOR, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float().clamp(-RATIONAL_INPUT_BOUND, RATIONAL_INPUT_BOUND)
+        a = self.numerator.float()
+        b = self.denominator.float().abs()
+        num = a[-1].expand_as(xf)
+        for coef in a.flip(0)[1:]:  # Horner
+            num = num * xf + coef
+        ax = xf.abs()
+        den = b[-1] * ax
+        for coef in b.flip(0)[1:]:
+            den = (den + coef) * ax
+        return (num / (1.0 + den)).to(x.dtype)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "gelu":
+        return nn.GELU()
+    if name == "silu":
+        return nn.SiLU()
+    if name == "rational":
+        return RationalActivation()
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def pool(states: torch.Tensor, mask: torch.Tensor, how: str, scorer: nn.Linear | None = None) -> torch.Tensor:
+    """Pool (B, T, d) states over the positions where ``mask`` (B, T) is True.
+
+    ``last`` takes each row's last masked position, so left or right padding and any prompt length work.
+    """
+    if how == "last":
+        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)
+        return states[torch.arange(states.shape[0], device=states.device), last]
+    m = mask.unsqueeze(-1)
+    if how == "mean":
+        return (states * m).sum(1) / m.sum(1).clamp_min(1)
+    if how == "max":
+        return states.masked_fill(~m, float("-inf")).amax(1)
+    if how == "attention":
+        scores = scorer(states).squeeze(-1).masked_fill(~mask, float("-inf"))
+        return (scores.softmax(dim=1).unsqueeze(-1) * states).sum(1)
+    raise ValueError(f"unknown pooler {how!r}")
+
+
+class VectorGenerator(nn.Module):
+    """z = Up(act(Down(Pool(h)))) with Up zero-initialised, so the scales 1 + z start exactly at 1."""
+
+    def __init__(self, d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.scorer = nn.Linear(d_model, 1, bias=False) if pooler == "attention" else None
+        if self.scorer is not None:
+            nn.init.zeros_(self.scorer.weight)  # uniform attention (= mean pooling) at init
+        self.down = nn.Linear(d_model, r, bias=bias)
+        self.act = make_activation(activation)
+        self.up = nn.Linear(r, out_features, bias=bias)
+        nn.init.zeros_(self.up.weight)
+        if self.up.bias is not None:
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """states (B, T, d), mask (B, T) bool -> z (B, out_features) in the generator's dtype."""
+        pooled = pool(states.to(self.down.weight.dtype), mask, self.pooler, self.scorer)
+        return self.up(self.act(self.down(pooled)))
+
+
+def generator_parameter_count(d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> int:
+    """Closed form of one generator's trainable parameters (DESIGN.md section 1)."""
+    count = d_model * r + r * out_features
+    if bias:
+        count += r + out_features
+    if pooler == "attention":
+        count += d_model
+    if activation == "rational":
+        count += len(GELU_NUMERATOR) + len(GELU_DENOMINATOR)
+    return count

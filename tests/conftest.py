@@ -1,0 +1,57 @@
+"""Tiny random backbones of every supported family, built from a config (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Gemma3TextConfig,
+    Gemma3ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8}),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**COMMON, **extra, **overrides}))
+    return model.eval()
+
+
+def randomize(peft_model: torch.nn.Module, seed: int = 1, scale: float = 0.2) -> None:
+    """Give every adapter parameter non-zero values, so the adapter is no longer the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "pedro_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+@pytest.fixture
+def tiny_llama() -> torch.nn.Module:
+    return tiny_model("llama")
