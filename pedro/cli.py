@@ -1,0 +1,86 @@
+"""The ``pedro`` command line."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="PEDRO: prompt-dependent PEFT adapters.")
+console = Console()
+
+BACKBONE_HELP = "smollm2-135m, gemma3-270m, a local model directory, or a .gguf file"
+
+
+@app.command()
+def info(
+    backbone: str = typer.Option("smollm2-135m", help=BACKBONE_HELP),
+    r: int = typer.Option(8, help="Generator bottleneck width."),
+    targets: str = typer.Option("q,v,up", help="Comma-separated projections to scale."),
+    pooler: str = typer.Option("last", help="last | mean | max | attention"),
+    activation: str = typer.Option("gelu", help="relu | gelu | silu | rational"),
+    share_generator: bool = typer.Option(False, help="One generator for all layers."),
+) -> None:
+    """Show the backbone, where PEDRO attaches in each layer, and the trainable parameters of a config."""
+    import pedro
+    from pedro.model import plan_sites
+
+    config = pedro.PedroConfig(
+        r=r, targets=targets.split(","), pooler=pooler, activation=activation, share_generator=share_generator
+    )
+    model, _ = pedro.load_backbone(backbone)
+    sites = plan_sites(config, model)
+    table = Table(title=f"PEDRO sites on {backbone} ({model.config.model_type})")
+    for column in ("layer", "module", "role", "slice of z"):
+        table.add_column(column)
+    for name, site in sorted(sites.items(), key=lambda item: (item[1].layer, item[1].kind != "tap", item[1].start)):
+        if site.layer > 0 and len(sites) > 12:
+            continue  # every layer looks the same; show layer 0 in full
+        role = "vector generator input" if site.kind == "tap" else "scaled by 1 + z"
+        span = f"width {site.end}" if site.kind == "tap" else f"[{site.start}:{site.end})"
+        table.add_row(str(site.layer), name, role, span)
+    console.print(table)
+    layers = sorted({s.layer for s in sites.values()})
+    n_base = sum(p.numel() for p in model.parameters())
+    n_pedro = pedro.count_trainable_parameters(config, model)
+    console.print(f"adapted layers: {len(layers)} ({layers[0]}..{layers[-1]})")
+    console.print(
+        f"trainable parameters: {n_pedro:,} ({100 * n_pedro / n_base:.3f}% of {n_base:,} backbone parameters)"
+    )
+
+
+@app.command()
+def generate(
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A prompt; repeat for a batch."),
+    backbone: str = typer.Option("smollm2-135m", help=BACKBONE_HELP),
+    adapter: Optional[str] = typer.Option(None, help="A saved PEDRO adapter directory."),
+    max_new_tokens: int = typer.Option(64, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Generate with the backbone, or with an adapter on it (chat template applied when the backbone has one)."""
+    import torch
+    from peft import PeftModel
+
+    import pedro
+
+    model, tokenizer = pedro.load_backbone(backbone)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    texts = [pedro.format_prompt(tokenizer, p) for p in prompt]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+        )
+    for text, row in zip(prompt, out[:, batch["input_ids"].shape[1] :]):
+        console.print(f"[bold]> {text}[/bold]")
+        console.print(tokenizer.decode(row, skip_special_tokens=True).strip())
+
+
+if __name__ == "__main__":
+    app()
