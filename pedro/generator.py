@@ -74,10 +74,11 @@ def pool(states: torch.Tensor, mask: torch.Tensor, how: str, scorer: nn.Linear |
         last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)
         return states[torch.arange(states.shape[0], device=states.device), last]
     m = mask.unsqueeze(-1)
-    if how == "mean":
-        return (states * m).sum(1) / m.sum(1).clamp_min(1)
     if how == "max":
         return states.masked_fill(~m, float("-inf")).amax(1)
+    states = states.masked_fill(~m, 0.0)  # a pad's value, even inf, must not reach a sum
+    if how == "mean":
+        return states.sum(1) / m.sum(1).clamp_min(1)
     if how == "attention":
         scores = scorer(states).squeeze(-1).masked_fill(~mask, float("-inf"))
         return (scores.softmax(dim=1).unsqueeze(-1) * states).sum(1)

@@ -15,19 +15,21 @@ class AdapterFileError(ValueError):
 
 
 def check_adapter_dir(path: str | Path) -> None:
-    """Validate a local adapter directory's weights file (a hub id or missing path is left to PEFT).
+    """Validate a local adapter directory's weights file, when it has one (a config-only directory is fine).
 
     Reading every tensor catches a truncated file here, with the file named, instead of deep in PEFT.
     Pickle checkpoints are refused: loading one can run arbitrary code.
     """
     directory = Path(path)
-    if not directory.is_dir():
-        return
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
-        hint = f" (found {pickled}: pickle checkpoints are not loaded, convert them to safetensors)" if pickled else ""
-        raise AdapterFileError(f"{weights} does not exist{hint}")
+        if pickled:
+            raise AdapterFileError(
+                f"{directory} holds {pickled} but no {WEIGHTS_NAME}: pickle checkpoints are not loaded "
+                "(they can run arbitrary code); convert them to safetensors"
+            )
+        return
     try:
         with safe_open(str(weights), framework="pt") as handle:
             for key in handle.keys():

@@ -1,0 +1,73 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pedro.generator import RationalActivation, VectorGenerator, pool
+
+# The stated tolerance of the GELU initialisation on [-4, 4] (the fit's measured max error is 6.8e-3).
+GELU_TOLERANCE = 1e-2
+
+
+def test_rational_matches_gelu_at_init():
+    x = torch.linspace(-4, 4, 4001)
+    err = (RationalActivation()(x) - F.gelu(x)).abs().max().item()
+    assert err <= GELU_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rational_stays_finite_on_huge_inputs(dtype):
+    x = torch.tensor([0.0, 3.0, -3.0, 650.0, -650.0, 25_000.0, -25_000.0, 1e30, -1e30], dtype=torch.float32)
+    y = RationalActivation()(x.to(dtype))
+    assert y.dtype == dtype
+    if dtype != torch.float16:  # fp16 cannot represent the (huge but finite) value of R at 25,000
+        assert torch.isfinite(y).all()
+    assert torch.isfinite(RationalActivation()(x)).all()
+
+
+def test_rational_coefficients_receive_gradients():
+    act = RationalActivation()
+    act(torch.linspace(-3, 3, 50)).pow(2).sum().backward()
+    assert act.numerator.grad is not None and act.numerator.grad.abs().sum() > 0
+    assert act.denominator.grad is not None and act.denominator.grad.abs().sum() > 0
+
+
+def _padded_batch():
+    torch.manual_seed(0)
+    states = torch.randn(3, 6, 4)
+    # row 0: left padded (2 pads), row 1: right padded (1 pad), row 2: no padding
+    mask = torch.tensor(
+        [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool
+    )
+    states[~mask] = float("inf")  # pads hold garbage: any leak shows up
+    return states, mask
+
+
+@pytest.mark.parametrize("how", ["last", "mean", "max", "attention"])
+def test_poolers_match_per_row_reference_and_ignore_pads(how):
+    states, mask = _padded_batch()
+    scorer = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        scorer.weight.copy_(torch.tensor([[0.3, -0.2, 0.5, 0.1]]))
+    pooled = pool(states, mask, how, scorer)
+    for row in range(3):
+        kept = states[row][mask[row]]  # the row's real tokens only, in order
+        if how == "last":
+            expected = kept[-1]
+        elif how == "mean":
+            expected = kept.mean(0)
+        elif how == "max":
+            expected = kept.max(0).values
+        else:
+            weights = torch.softmax(kept @ scorer.weight[0], dim=0)
+            expected = (weights[:, None] * kept).sum(0)
+        torch.testing.assert_close(pooled[row], expected)
+
+
+def test_generator_starts_at_zero_and_is_prompt_dependent_once_trained():
+    gen = VectorGenerator(d_model=4, r=3, out_features=5, pooler="mean", activation="rational", bias=True)
+    states, mask = _padded_batch()
+    states = states.clamp(-5, 5)
+    assert torch.equal(gen(states, mask), torch.zeros(3, 5))
+    torch.nn.init.normal_(gen.up.weight)
+    z = gen(states, mask)
+    assert not torch.allclose(z[0], z[1])
