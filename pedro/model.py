@@ -10,6 +10,7 @@ input width of ``generate()`` so that generation without a cache never lets gene
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -278,6 +279,13 @@ class PedroModel(BaseTuner):
         if "pedro_shared_generator" in self._modules and adapter_name in self.pedro_shared_generator:
             del self.pedro_shared_generator[adapter_name]
             self.pedro_state.shared_generators.pop(adapter_name, None)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """``...pedro_generator.<adapter>.down.weight`` -> ``...pedro_generator.down.weight``: PEFT's default
+        only strips the name when it is the second-to-last part, and ours sits deeper (the generator has
+        sub-modules), so without this a saved file would carry the adapter's name and load under no other."""
+        return re.sub(rf"(pedro_[a-z_]+)\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key, count=1)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(

@@ -1,0 +1,250 @@
+"""(prompt, response) data -> tokenised training rows with the prompt boundary, and the collator that pads them.
+
+The boundary is the point of this module: the loss covers the response tokens only, and PEDRO's pooler must
+see exactly the tokens the engine will see at inference (the formatted prompt), so the prompt and the
+response are tokenised separately and concatenated: no BPE merge can straddle the boundary, and the prompt
+tokens of a training row are identical to the tokens ``encode_prompt`` gives at inference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from pedro.backbones import format_prompt
+from pedro.model import IGNORE_INDEX
+
+Prompt = Union[str, list[dict[str, str]]]  # a plain prompt, or the chat turns before the answer
+OVERFLOW = ("truncate", "drop", "error")
+
+
+@dataclass
+class Example:
+    """One (prompt, response) pair, plus what scoring needs.
+
+    ``response`` is the training target; ``options``/``label`` make it a choice example; ``references`` are
+    every acceptable answer of a generation example (several for E2E).
+    """
+
+    prompt: Prompt
+    response: str
+    options: list[str] | None = None
+    label: int | None = None
+    references: list[str] = field(default_factory=list)
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a malformed line is an error naming file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            yield number, row
+
+
+def record_to_example(row: dict[str, Any], where: str) -> Example:
+    """``{"prompt", "response"}`` or chat ``{"messages": [..., {"role": "assistant", ...}]}`` -> Example.
+
+    A chat record's last turn must be the assistant's: it is the response, every turn before it the prompt.
+    """
+    if "messages" in row:
+        messages = row["messages"]
+        if (
+            not isinstance(messages, list)
+            or len(messages) < 2
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in messages)
+        ):
+            raise ValueError(f"{where}: \"messages\" must be a list of at least two {{role, content}} objects")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message must be the assistant's answer, got {messages[-1]['role']!r}")
+        return Example(prompt=messages[:-1], response=messages[-1]["content"])  # type: ignore[arg-type]
+    missing = [k for k in ("prompt", "response") if not isinstance(row.get(k), str)]
+    if missing:
+        raise ValueError(f"{where}: needs string fields \"prompt\" and \"response\" (or \"messages\"); missing {missing}")
+    return Example(prompt=row["prompt"], response=row["response"])
+
+
+def _is_empty(example: Example) -> bool:
+    prompt = example.prompt
+    text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
+    return not text.strip() or not example.response.strip()
+
+
+def _check_empty(examples: list[Example], where: list[str]) -> list[Example]:
+    empty = [w for e, w in zip(examples, where) if _is_empty(e)]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} record(s) have an empty prompt or response (e.g. {', '.join(empty[:5])}); remove them"
+        )
+    if not examples:
+        raise ValueError("the data holds no records")
+    return examples
+
+
+def load_records(source: str | Path, split: str = "train", data_dir: str | Path | None = None) -> list[Example]:
+    """Training records from a JSONL file, a local ``datasets`` folder (saved with ``save_to_disk``, or
+    arrow/parquet/json files), or a task name from the registry (``sst2``, ``jsonl:DIR`` ...)."""
+    from pedro.tasks import TASKS, get_task
+
+    path = Path(source)
+    if not path.exists() and (str(source) in TASKS or str(source).startswith("jsonl:")):
+        return get_task(str(source), data_dir).load(split)
+    if path.is_file():
+        rows = list(read_jsonl(path))
+        examples = [record_to_example(row, f"{path}:{n}") for n, row in rows]
+        return _check_empty(examples, [f"{path}:{n}" for n, _ in rows])
+    if path.is_dir():
+        dataset = _load_dataset_dir(path, split)
+        examples = [record_to_example(dict(row), f"{path} row {i}") for i, row in enumerate(dataset)]
+        return _check_empty(examples, [f"{path} row {i}" for i in range(len(examples))])
+    raise FileNotFoundError(
+        f"training data {str(source)!r} is neither a file, a directory, nor a task ({sorted(TASKS)} or jsonl:DIR)"
+    )
+
+
+def _load_dataset_dir(path: Path, split: str):
+    """A ``datasets`` folder: ``save_to_disk`` output, or data files of one format (split = file stem)."""
+    import datasets
+
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}")
+            return loaded[split]
+        return loaded
+    for suffix, builder in ((".parquet", "parquet"), (".arrow", "arrow"), (".jsonl", "json"), (".json", "json")):
+        files = sorted(path.glob(f"*{suffix}"))
+        if files:
+            chosen = [f for f in files if f.stem == split] or files
+            return datasets.load_dataset(builder, data_files=[str(f) for f in chosen], split="train")
+    raise FileNotFoundError(f"{path} holds no dataset (save_to_disk output, or .parquet/.arrow/.jsonl/.json files)")
+
+
+# ------------------------------------------------------------------------------------------ tokenisation
+
+
+def prompt_text(tokenizer: Any, prompt: Prompt) -> str:
+    """The prompt as the model reads it: the chat template when the backbone has one."""
+    if isinstance(prompt, str):
+        return format_prompt(tokenizer, prompt)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in prompt)
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Prompt token ids, identical at training and inference. A chat template writes its own special
+    tokens; a plain prompt gets the tokenizer's usual ones (e.g. BOS)."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=not templated)["input_ids"]
+
+
+def encode_response(tokenizer: Any, response: str, eos: bool = True) -> list[int]:
+    """Response ids, ending in EOS (for a chat model that closes the assistant turn) so the model learns to stop."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else ids
+
+
+@dataclass
+class DataReport:
+    """What tokenisation did to the records: kept, truncated (response cut to fit) and dropped."""
+
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    max_length: int = 0
+    tokens: int = 0
+    examples_truncated: list[int] = field(default_factory=list)
+    examples_dropped: list[int] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = f"{self.kept}/{self.total} records kept ({self.tokens:,} tokens, max length {self.max_length})"
+        if self.truncated:
+            text += f"; {self.truncated} truncated (response cut at max length; e.g. records {self.examples_truncated[:5]})"
+        if self.dropped:
+            text += f"; {self.dropped} dropped (prompt alone too long; e.g. records {self.examples_dropped[:5]})"
+        return text
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("total", "kept", "truncated", "dropped", "max_length", "tokens")}
+
+
+def tokenize_examples(
+    examples: Sequence[Example], tokenizer: Any, max_length: int, overflow: str = "truncate"
+) -> tuple[list[dict[str, Any]], DataReport]:
+    """Rows ``{"input_ids", "labels", "prompt_length"}``: labels are -100 on the prompt.
+
+    A row longer than ``max_length``: ``truncate`` cuts the response (a record whose prompt leaves no room
+    for one response token is dropped: cutting the prompt would change what the pooler sees), ``drop``
+    drops it, ``error`` refuses the data with the counts. Indices in the report are 0-based record numbers.
+    """
+    if overflow not in OVERFLOW:
+        raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    report = DataReport(total=len(examples), max_length=max_length)
+    rows = []
+    for index, example in enumerate(examples):
+        prompt = encode_prompt(tokenizer, example.prompt)
+        response = encode_response(tokenizer, example.response)
+        if len(prompt) + len(response) > max_length:
+            if overflow == "truncate" and len(prompt) < max_length:
+                response = response[: max_length - len(prompt)]
+                report.truncated += 1
+                report.examples_truncated.append(index)
+            else:
+                report.dropped += 1
+                report.examples_dropped.append(index)
+                continue
+        rows.append({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response,
+                     "prompt_length": len(prompt)})
+        report.tokens += len(prompt) + len(response)
+    report.kept = len(rows)
+    over = report.truncated + report.dropped
+    if overflow == "error" and over:
+        raise ValueError(f"{over} of {len(examples)} records exceed max_length={max_length} "
+                         f"(e.g. records {report.examples_dropped[:5]}); raise --max-length or use --overflow truncate|drop")
+    if not rows:
+        raise ValueError(f"no record fits max_length={max_length}: {report}")
+    return rows, report
+
+
+@dataclass
+class Collator:
+    """Pads rows into a batch: input_ids, attention_mask, labels (-100 on prompt and padding) and, for
+    PEDRO, ``prompt_lengths`` (each row's prompt token count, which the model maps onto either padding side)."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+    with_prompt_lengths: bool = True
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        width = max(len(r["input_ids"]) for r in rows)
+
+        def pad(seq: list[int], value: int) -> list[int]:
+            fill = [value] * (width - len(seq))
+            return fill + list(seq) if self.padding_side == "left" else list(seq) + fill
+
+        batch = {
+            "input_ids": torch.tensor([pad(r["input_ids"], self.pad_token_id) for r in rows]),
+            "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
+            "labels": torch.tensor([pad(r["labels"], IGNORE_INDEX) for r in rows]),
+        }
+        if self.with_prompt_lengths:
+            batch["prompt_lengths"] = torch.tensor([r["prompt_length"] for r in rows])
+        return batch

@@ -1,0 +1,414 @@
+"""Adapters the engine serves: parsed from PEFT directories (PEDRO, LoRA, (IA)3) or in-memory PeftModels,
+checked against the backbone at registration, and materialised on demand into a bounded LRU resident set.
+
+Registration reads only the config and the tensors' shapes, so thousands of adapters can be registered; the
+weights are loaded when a request first needs them and dropped again when the LRU evicts them. An adapter in
+use by a running request is pinned and never evicted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import peft
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from pedro.backbones import layer_map
+from pedro.config import PedroConfig
+from pedro.generator import VectorGenerator
+from pedro.io import CONFIG_NAME, WEIGHTS_NAME, check_adapter_dir
+from pedro.model import plan_sites
+
+# The engine's names for a decoder layer's linear modules (LLaMA-family, see runner.py).
+MODULES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class AdapterError(ValueError):
+    """An adapter the engine cannot register or load (format, backbone mismatch, unsupported feature)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What adapters are checked against: the backbone's layer count and each module's (in, out) width."""
+
+    n_layers: int
+    d_model: int
+    module_paths: dict[str, str]  # engine module name -> path inside a decoder layer
+    shapes: dict[str, tuple[int, int]]  # engine module name -> (in_features, out_features)
+    layers_path: str
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelSpec":
+        lmap = layer_map(model)
+        layers = model.get_submodule(lmap.layers)
+        paths = {**lmap.projections, "down": "mlp.down_proj"}
+        shapes = {}
+        for name, path in paths.items():
+            linear = layers[0].get_submodule(path)
+            shapes[name] = (linear.in_features, linear.out_features)
+        return cls(len(layers), model.config.hidden_size, paths, shapes, lmap.layers)
+
+    def module_of(self, path: str) -> str | None:
+        return next((name for name, p in self.module_paths.items() if p == path), None)
+
+
+# ----------------------------------------------------------------------------------- resident adapter forms
+
+
+@dataclass
+class PedroWeights:
+    """A PEDRO adapter ready to run: one VectorGenerator per adapted layer (the same object for every layer
+    when the generator is shared) and, per layer, which slice of z scales which module's output."""
+
+    config: PedroConfig
+    generators: dict[int, VectorGenerator]
+    slices: dict[int, list[tuple[str, int, int]]]  # layer -> [(module, start, end)]
+
+
+@dataclass
+class LoraWeights:
+    """Per (layer, module): A (r, d_in) and B (d_out, r) with the LoRA scaling folded into B."""
+
+    rank: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class VectorWeights:
+    """(IA)3: per (layer, side, module) a vector multiplying that module's output (side "out") or input ("in")."""
+
+    vectors: dict[tuple[int, str, str], torch.Tensor]
+
+
+Weights = Union[PedroWeights, LoraWeights, VectorWeights]
+
+
+# ----------------------------------------------------------------------------------- parsing and checking
+
+
+def _strip(key: str) -> str:
+    return key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
+
+
+def _layer_and_module(key: str, spec: ModelSpec, suffix: str) -> tuple[int, str]:
+    match = re.search(re.escape(spec.layers_path) + r"\.(\d+)\.(.+)\." + re.escape(suffix) + "$", _strip(key))
+    module = spec.module_of(match.group(2)) if match else None
+    if match is None or module is None:
+        raise AdapterError(f"tensor {key!r} is not on a decoder-layer linear module the engine serves ({MODULES})")
+    layer = int(match.group(1))
+    if layer >= spec.n_layers:
+        raise AdapterError(f"tensor {key!r} is for layer {layer}, but the backbone has {spec.n_layers} layers")
+    return layer, module
+
+
+def _check_shape(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(want):
+        raise AdapterError(
+            f"adapter tensor {key} has shape {tuple(got)} but this backbone needs {tuple(want)}; "
+            "the adapter was trained for a different backbone"
+        )
+
+
+@dataclass
+class AdapterPlan:
+    """A checked adapter: its kind, config, and how to turn its tensors into resident weights."""
+
+    kind: str  # "pedro" | "lora" | "ia3"
+    config: Any
+    roles: dict[str, Any]  # file key -> role (kind-specific)
+    n_params: int
+
+    def materialise(self, tensors: dict[str, torch.Tensor], spec: ModelSpec, model: nn.Module, dtype: torch.dtype) -> Weights:
+        if self.kind == "pedro":
+            return _pedro_weights(self, tensors, spec, model)
+        if self.kind == "lora":
+            return _lora_weights(self, tensors, dtype)
+        return VectorWeights({role: tensors[key].reshape(-1).to(dtype) for key, role in self.roles.items()})
+
+
+def _pedro_plan(config: PedroConfig, shapes: dict[str, tuple[int, ...]], spec: ModelSpec, model: nn.Module) -> AdapterPlan:
+    try:
+        sites = plan_sites(config, model)
+    except ValueError as err:
+        raise AdapterError(f"PEDRO adapter does not fit this backbone: {err}") from err
+    taps = {site.layer: site.end for site in sites.values() if site.kind == "tap"}
+    lmap = layer_map(model)
+    roles: dict[str, Any] = {}
+    expected: dict[tuple[int | None, str], tuple[int, ...]] = {}
+    template = VectorGenerator(spec.d_model, config.r, next(iter(taps.values())), config.pooler, config.activation, config.generator_bias)
+    param_names = set(template.state_dict())
+    for layer, width in taps.items():
+        gen = VectorGenerator(spec.d_model, config.r, width, config.pooler, config.activation, config.generator_bias)
+        for name, tensor in gen.state_dict().items():
+            expected[(None if config.share_generator else layer, name)] = tuple(tensor.shape)
+    marker = "pedro_shared_generator." if config.share_generator else "pedro_generator."
+    for key, shape in shapes.items():
+        if marker not in key:
+            raise AdapterError(f"PEDRO adapter has an unexpected tensor {key!r}")
+        prefix, rest = key.split(marker, 1)
+        if rest not in param_names:  # PEFT may keep the adapter name as one extra segment
+            rest = rest.split(".", 1)[-1]
+        layer = None
+        if not config.share_generator:
+            match = re.search(re.escape(lmap.layers) + r"\.(\d+)\." + re.escape(lmap.norm) + r"\.$", prefix)
+            layer = int(match.group(1)) if match else -1
+        if (layer, rest) not in expected:
+            raise AdapterError(f"PEDRO adapter tensor {key!r} does not belong to this config on this backbone")
+        _check_shape(key, shape, expected[(layer, rest)])
+        roles[key] = (layer, rest)
+    missing = sorted(set(expected) - set(roles.values()), key=str)
+    if missing:
+        raise AdapterError(f"PEDRO adapter is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+    return AdapterPlan("pedro", config, roles, sum(math.prod(s) for s in shapes.values()))
+
+
+def _pedro_weights(plan: AdapterPlan, tensors: dict[str, torch.Tensor], spec: ModelSpec, model: nn.Module) -> PedroWeights:
+    config: PedroConfig = plan.config
+    sites = plan_sites(config, model)
+    lmap = layer_map(model)
+    by_layer: dict[int | None, dict[str, torch.Tensor]] = {}
+    for key, (layer, name) in plan.roles.items():
+        by_layer.setdefault(layer, {})[name] = tensors[key]
+    generators: dict[int, VectorGenerator] = {}
+    slices: dict[int, list[tuple[str, int, int]]] = {}
+    shared = None
+    for name, site in sites.items():
+        if site.kind == "tap":
+            if config.share_generator and shared is not None:
+                generators[site.layer] = shared
+                continue
+            gen = VectorGenerator(spec.d_model, config.r, site.end, config.pooler, config.activation, config.generator_bias)
+            gen.load_state_dict(by_layer[None if config.share_generator else site.layer])
+            generators[site.layer] = shared = gen.eval().requires_grad_(False)
+        else:
+            path = name.split(f"{lmap.layers}.{site.layer}.", 1)[1]
+            slices.setdefault(site.layer, []).append((spec.module_of(path), site.start, site.end))
+    return PedroWeights(config, generators, slices)
+
+
+def _lora_plan(config: peft.LoraConfig, shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> AdapterPlan:
+    unsupported = {
+        "use_dora": bool(getattr(config, "use_dora", False)),
+        "bias": getattr(config, "bias", "none") != "none",
+        "modules_to_save": bool(getattr(config, "modules_to_save", None)),
+        "rank_pattern": bool(getattr(config, "rank_pattern", None)),
+        "alpha_pattern": bool(getattr(config, "alpha_pattern", None)),
+    }
+    bad = [name for name, used in unsupported.items() if used]
+    if bad:
+        raise AdapterError(f"LoRA adapter uses {bad}, which the engine does not serve (plain LoRA on linear modules only)")
+    roles: dict[str, Any] = {}
+    for key, shape in shapes.items():
+        part = "lora_A.weight" if key.endswith("lora_A.weight") else "lora_B.weight" if key.endswith("lora_B.weight") else None
+        if part is None:
+            raise AdapterError(f"LoRA adapter has a tensor the engine does not serve: {key!r}")
+        layer, module = _layer_and_module(key, spec, part)
+        d_in, d_out = spec.shapes[module]
+        _check_shape(key, shape, (config.r, d_in) if part.startswith("lora_A") else (d_out, config.r))
+        roles[key] = (layer, module, part[5])
+    pairs = {}
+    for key, (layer, module, ab) in roles.items():
+        pairs.setdefault((layer, module), set()).add(ab)
+    if any(v != {"A", "B"} for v in pairs.values()):
+        raise AdapterError("LoRA adapter has an A matrix without its B (or the reverse)")
+    return AdapterPlan("lora", config, roles, sum(math.prod(s) for s in shapes.values()))
+
+
+def _lora_weights(plan: AdapterPlan, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> LoraWeights:
+    config = plan.config
+    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, (layer, module, ab) in plan.roles.items():
+        parts.setdefault((layer, module), {})[ab] = tensors[key]
+    weights = {site: (p["A"].to(dtype), (p["B"] * scaling).to(dtype)) for site, p in parts.items()}
+    return LoraWeights(config.r, weights)
+
+
+def _ia3_plan(config: peft.IA3Config, shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> AdapterPlan:
+    roles: dict[str, Any] = {}
+    for key, shape in shapes.items():
+        if not key.endswith("ia3_l"):
+            raise AdapterError(f"(IA)3 adapter has a tensor the engine does not serve: {key!r}")
+        layer, module = _layer_and_module(key, spec, "ia3_l")
+        d_in, d_out = spec.shapes[module]
+        if tuple(shape) == (d_out, 1):
+            side = "out"
+        elif tuple(shape) == (1, d_in):
+            side = "in"
+        else:
+            _check_shape(key, shape, (d_out, 1))
+        roles[key] = (layer, side, module)
+    return AdapterPlan("ia3", config, roles, sum(math.prod(s) for s in shapes.values()))
+
+
+def plan_adapter(config: Any, shapes: dict[str, tuple[int, ...]], spec: ModelSpec, model: nn.Module) -> AdapterPlan:
+    """Check an adapter's config and tensor shapes against the backbone; refuse anything it cannot serve."""
+    if not shapes:
+        raise AdapterError("the adapter has no tensors")
+    if isinstance(config, PedroConfig):
+        return _pedro_plan(config, shapes, spec, model)
+    if isinstance(config, peft.LoraConfig):
+        return _lora_plan(config, shapes, spec)
+    if isinstance(config, peft.IA3Config):
+        return _ia3_plan(config, shapes, spec)
+    raise AdapterError(
+        f"adapter type {getattr(config, 'peft_type', type(config).__name__)} is not served; the engine serves PEDRO, LORA and IA3"
+    )
+
+
+# ----------------------------------------------------------------------------------- registry + LRU
+
+
+@dataclass
+class Registered:
+    """A registered adapter: where its tensors come from (a directory, or a CPU state dict) and its plan."""
+
+    name: str
+    plan: AdapterPlan
+    directory: Path | None = None
+    state: dict[str, torch.Tensor] | None = None
+    bytes_per_param: int = 4
+    pins: int = 0
+    slot: int | None = None  # index in the resident set (1..capacity) while resident
+    weights: Weights | None = field(default=None, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return self.plan.kind
+
+    def load_tensors(self) -> dict[str, torch.Tensor]:
+        if self.state is not None:
+            return self.state
+        check_adapter_dir(self.directory)
+        return load_file(str(self.directory / WEIGHTS_NAME))
+
+
+def read_adapter(source: Union[str, Path, nn.Module]) -> tuple[Any, dict[str, tuple[int, ...]], Path | None, dict | None]:
+    """-> (peft config, tensor shapes, directory or None, CPU state dict or None) without loading weights
+    from a directory (only the safetensors header)."""
+    if isinstance(source, (str, Path)):
+        directory = Path(source).expanduser()
+        if not (directory / CONFIG_NAME).is_file():
+            raise AdapterError(f"{directory} is not an adapter directory (no {CONFIG_NAME})")
+        try:
+            peft_type = json.loads((directory / CONFIG_NAME).read_text()).get("peft_type")
+            config = (PedroConfig if peft_type == "PEDRO" else peft.PeftConfig).from_pretrained(str(directory))
+        except (ValueError, TypeError, json.JSONDecodeError) as err:
+            raise AdapterError(f"cannot read the adapter config in {directory}: {err}") from err
+        check_adapter_dir(directory)
+        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        return config, shapes, directory, None
+    if isinstance(source, peft.PeftModel):
+        name = source.active_adapter
+        state = {k: v.detach().to("cpu", copy=True) for k, v in peft.get_peft_model_state_dict(source, adapter_name=name).items()}
+        return source.peft_config[name], {k: tuple(v.shape) for k, v in state.items()}, None, state
+    raise AdapterError(f"an adapter must be a directory or a peft.PeftModel, got {type(source).__name__}")
+
+
+class AdapterStore:
+    """Every registered adapter, and the bounded set of them that is resident (materialised) right now.
+
+    ``on_load(entry)`` / ``on_evict(entry)`` let the runner copy an adapter into (or out of) its stacked
+    per-slot tensors when it becomes resident; slots are 1..capacity (0 means "no adapter").
+    """
+
+    def __init__(self, spec: ModelSpec, model: nn.Module, capacity: int, dtype: torch.dtype) -> None:
+        if capacity < 1:
+            raise ValueError(f"adapter capacity must be >= 1, got {capacity}")
+        self.spec, self.model, self.capacity, self.dtype = spec, model, capacity, dtype
+        self.registered: dict[str, Registered] = {}
+        self.resident: OrderedDict[str, Registered] = OrderedDict()  # LRU order, oldest first
+        self.free_slots = list(range(capacity, 0, -1))
+        self.loads = 0
+        self.evictions = 0
+        self.on_load = lambda entry: None
+        self.on_evict = lambda entry: None
+
+    def add(self, name: str, source: Union[str, Path, nn.Module]) -> Registered:
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"an adapter name must be a non-empty string, got {name!r}")
+        if name in self.registered:
+            raise AdapterError(f"adapter {name!r} is already registered; remove it first")
+        config, shapes, directory, state = read_adapter(source)
+        try:
+            plan = plan_adapter(config, shapes, self.spec, self.model)
+        except AdapterError as err:
+            raise AdapterError(f"adapter {name!r}: {err}") from None
+        entry = Registered(name, plan, directory, state)
+        self.registered[name] = entry
+        return entry
+
+    def remove(self, name: str) -> None:
+        entry = self.get(name)
+        if entry.pins:
+            raise AdapterError(f"adapter {name!r} is in use by {entry.pins} running request(s)")
+        if name in self.resident:
+            self._evict(entry)
+        del self.registered[name]
+
+    def get(self, name: str) -> Registered:
+        if name not in self.registered:
+            known = sorted(self.registered)
+            shown = known[:10] + (["..."] if len(known) > 10 else [])
+            raise AdapterError(f"unknown adapter {name!r}; registered: {shown}")
+        return self.registered[name]
+
+    def can_acquire(self, name: str) -> bool:
+        """True when ``name`` is resident or could become resident without evicting a pinned adapter."""
+        return name in self.resident or bool(self.free_slots) or any(e.pins == 0 for e in self.resident.values())
+
+    def acquire(self, name: str) -> Registered:
+        """Make ``name`` resident (loading it, evicting the least recently used unpinned adapter) and pin it."""
+        entry = self.get(name)
+        if name in self.resident:
+            self.resident.move_to_end(name)
+        else:
+            if not self.free_slots:
+                victim = next((e for e in self.resident.values() if e.pins == 0), None)
+                if victim is None:
+                    raise AdapterError("every resident adapter is in use; raise the adapter capacity")
+                self._evict(victim)
+            try:
+                entry.weights = entry.plan.materialise(entry.load_tensors(), self.spec, self.model, self.dtype)
+            except (OSError, ValueError, KeyError, RuntimeError) as err:
+                raise AdapterError(f"adapter {name!r} could not be loaded: {err}") from err
+            entry.slot = self.free_slots.pop()
+            self.resident[name] = entry
+            self.loads += 1
+            self.on_load(entry)
+        entry.pins += 1
+        return entry
+
+    def release(self, entry: Registered) -> None:
+        entry.pins -= 1
+
+    def _evict(self, entry: Registered) -> None:
+        self.on_evict(entry)
+        del self.resident[entry.name]
+        self.free_slots.append(entry.slot)
+        entry.slot, entry.weights = None, None
+        self.evictions += 1
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": e.name,
+                "kind": e.kind,
+                "parameters": e.plan.n_params,
+                "bytes": e.plan.n_params * e.bytes_per_param,
+                "resident": e.name in self.resident,
+                "in_use": e.pins,
+                "source": str(e.directory) if e.directory else "memory",
+            }
+            for e in self.registered.values()
+        ]

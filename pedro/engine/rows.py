@@ -1,0 +1,156 @@
+"""Per-row adapter state of the running batch, indexed by slot (= batch row, see kv_cache.py).
+
+Two mechanisms cover every adapter kind:
+
+* **Per-row vectors** (PEDRO and (IA)3): for each scaled point -- a module's output ("out") or input ("in") --
+  a tensor ``(layers, slots, width)`` holding each row's multiplier (1 where a row has nothing there). A
+  decoding step applies it as one element-wise multiply by ``scales[layer, :B]`` per point per layer: the
+  row's slot *is* its index, so the gather is a free slice. PEDRO's rows get their vectors at prefill from
+  their own adapter's generators; (IA)3 rows get their learned vectors copied in at admission.
+* **BGMV LoRA**: A and B of every resident LoRA adapter stacked per module, ``(layers, capacity+1, r, d_in)``
+  and ``(layers, capacity+1, d_out, r)`` (index 0 is all zeros: rows without LoRA), and one index per row.
+  A step gathers each row's A/B by that index and runs two batched matmuls per adapted module.
+
+A point (or LoRA module) is only computed while at least one running row uses it, so a batch of bare
+requests runs the plain backbone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from pedro.engine.adapters import LoraWeights, ModelSpec, PedroWeights, Registered, VectorWeights
+
+Point = tuple[str, str]  # (side "in" | "out", module)
+
+
+class RowAdapters:
+    def __init__(self, spec: ModelSpec, slots: int, capacity: int, dtype: torch.dtype) -> None:
+        self.spec, self.slots, self.capacity, self.dtype = spec, slots, capacity, dtype
+        self.scales: dict[Point, torch.Tensor] = {}
+        self.point_users: Counter[Point] = Counter()
+        self.lora_a: dict[str, torch.Tensor] = {}
+        self.lora_b: dict[str, torch.Tensor] = {}
+        self.lora_index = torch.zeros(slots, dtype=torch.long)
+        self.lora_users: Counter[str] = Counter()
+        self.row_entry: list[Registered | None] = [None] * slots
+
+    # ------------------------------------------------------------------ which points are live
+
+    def live_points(self) -> set[Point]:
+        return {p for p, n in self.point_users.items() if n > 0}
+
+    def live_lora(self) -> set[str]:
+        return {m for m, n in self.lora_users.items() if n > 0}
+
+    @staticmethod
+    def _points(entry: Registered | None) -> set[Point]:
+        if entry is None or entry.weights is None:
+            return set()
+        if isinstance(entry.weights, PedroWeights):
+            return {("out", m) for slices in entry.weights.slices.values() for m, _, _ in slices}
+        if isinstance(entry.weights, VectorWeights):
+            return {(side, m) for _, side, m in entry.weights.vectors}
+        return set()
+
+    @staticmethod
+    def _lora_modules(entry: Registered | None) -> set[str]:
+        if entry is None or not isinstance(entry.weights, LoraWeights):
+            return set()
+        return {m for _, m in entry.weights.weights}
+
+    def _scale(self, point: Point) -> torch.Tensor:
+        if point not in self.scales:
+            d_in, d_out = self.spec.shapes[point[1]]
+            width = d_out if point[0] == "out" else d_in
+            self.scales[point] = torch.ones(self.spec.n_layers, self.slots, width, dtype=self.dtype)
+        return self.scales[point]
+
+    # ------------------------------------------------------------------ rows joining / leaving / moving
+
+    def assign(self, slot: int, entry: Registered | None) -> None:
+        """Row ``slot`` now runs ``entry`` (None: bare backbone). PEDRO vectors are written later, at prefill."""
+        self.row_entry[slot] = entry
+        for point in self._points(entry):
+            self._scale(point)
+            self.point_users[point] += 1
+        if isinstance(entry.weights if entry else None, VectorWeights):
+            for (layer, side, module), vector in entry.weights.vectors.items():
+                self.scales[(side, module)][layer, slot] = vector
+        for module in self._lora_modules(entry):
+            self.lora_users[module] += 1
+        self.lora_index[slot] = entry.slot if self._lora_modules(entry) else 0
+
+    def write_pedro(self, layer: int, slot: int, z: torch.Tensor, slices: list[tuple[str, int, int]]) -> None:
+        """Store the prefill's generator output z (D,) as the row's multipliers 1 + z for this layer."""
+        for module, start, end in slices:
+            self.scales[("out", module)][layer, slot] = (1.0 + z[start:end]).to(self.dtype)
+
+    def release(self, slot: int) -> None:
+        entry = self.row_entry[slot]
+        for point in self._points(entry):
+            self.scales[point][:, slot] = 1.0
+            self.point_users[point] -= 1
+        for module in self._lora_modules(entry):
+            self.lora_users[module] -= 1
+        self.lora_index[slot] = 0
+        self.row_entry[slot] = None
+
+    def move(self, src: int, dst: int) -> None:
+        """Row ``src`` moves to the (released) slot ``dst``."""
+        entry = self.row_entry[src]
+        for point in self._points(entry):
+            self.scales[point][:, dst] = self.scales[point][:, src]
+            self.scales[point][:, src] = 1.0
+        self.lora_index[dst] = self.lora_index[src]
+        self.lora_index[src] = 0
+        self.row_entry[dst], self.row_entry[src] = entry, None
+
+    # ------------------------------------------------------------------ LoRA stacks
+
+    def load_lora(self, entry: Registered) -> None:
+        """Copy a LoRA adapter that just became resident into the stacks at its resident slot."""
+        weights = entry.weights
+        if not isinstance(weights, LoraWeights):
+            return
+        for module in {m for _, m in weights.weights}:
+            self._ensure_lora(module, weights.rank)
+            self.lora_a[module][:, entry.slot] = 0
+            self.lora_b[module][:, entry.slot] = 0
+        for (layer, module), (a, b) in weights.weights.items():
+            self.lora_a[module][layer, entry.slot, : a.shape[0]] = a
+            self.lora_b[module][layer, entry.slot, :, : b.shape[1]] = b
+
+    def _ensure_lora(self, module: str, rank: int) -> None:
+        """Create the stacks for ``module``, or widen them when an adapter of a larger rank arrives
+        (other adapters' extra rank columns are zero, which adds nothing)."""
+        d_in, d_out = self.spec.shapes[module]
+        current = self.lora_a[module].shape[2] if module in self.lora_a else 0
+        if rank <= current:
+            return
+        n = self.spec.n_layers, self.capacity + 1
+        a = torch.zeros(*n, rank, d_in, dtype=self.dtype)
+        b = torch.zeros(*n, d_out, rank, dtype=self.dtype)
+        if current:
+            a[:, :, :current] = self.lora_a[module]
+            b[:, :, :, :current] = self.lora_b[module]
+        self.lora_a[module], self.lora_b[module] = a, b
+
+    def lora_delta(self, layer: int, module: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """BGMV: x (N, d_in), rows (N,) resident-adapter index per token -> (N, d_out)."""
+        a = self.lora_a[module][layer].index_select(0, rows)  # (N, r, d_in)
+        b = self.lora_b[module][layer].index_select(0, rows)  # (N, d_out, r)
+        return torch.bmm(b, torch.bmm(a, x.unsqueeze(-1))).squeeze(-1)
+
+    def lora_delta_grouped(self, layer: int, module: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Prefill form (many tokens, few adapters): one pair of GEMMs per distinct adapter among the tokens."""
+        out = torch.zeros(x.shape[0], self.spec.shapes[module][1], dtype=x.dtype)
+        for index in rows.unique().tolist():
+            if index == 0:
+                continue
+            where = (rows == index).nonzero().squeeze(-1)
+            a, b = self.lora_a[module][layer, index], self.lora_b[module][layer, index]
+            out[where] = (x[where] @ a.T) @ b.T
+        return out

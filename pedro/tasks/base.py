@@ -1,0 +1,93 @@
+"""What a task is: how to read its splits into (prompt, response) examples, and how to score predictions.
+
+A task is deliberately small (one file each) because users bring their own: subclass ``Task``, implement
+``load``, and register it. Two kinds exist, and evaluation treats them differently:
+
+- ``choice``: each example lists ``options`` and the index of the right one; the model is scored by
+  log-likelihood ranking (the summed log-probability of each option's tokens after the prompt; the highest
+  wins), so a classifier is never penalised for phrasing its answer differently.
+- ``generate``: the model writes greedily up to ``max_new_tokens``; ``score`` compares the texts with the
+  references (exact match, a number, BLEU/ROUGE-L ...).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from pedro.data import Example
+
+DATA_ENV = "PEDRO_DATA_DIR"
+
+
+class TaskDataMissing(FileNotFoundError):
+    """The task's files are not where they were looked for (the message says where and in what format)."""
+
+
+def default_data_dirs() -> list[Path]:
+    """Where task data is looked for when no ``data_dir`` is given: $PEDRO_DATA_DIR, then ``../shared/data``
+    next to the working directory and next to the source checkout."""
+    candidates = []
+    if os.environ.get(DATA_ENV):
+        candidates.append(Path(os.environ[DATA_ENV]))
+    candidates.append(Path.cwd().parent / "shared" / "data")
+    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data")
+    return candidates
+
+
+class Task(ABC):
+    """A named data set with a train and a test split, a prompt format and a metric."""
+
+    name: str = ""
+    kind: str = "generate"  # or "choice"
+    metric: str = "accuracy"  # the headline key of score()'s result
+    folder: str = ""  # sub-folder of the data dir
+    files: dict[str, str] = {}  # split -> file name inside the folder
+    data_format: str = ""  # one sentence for the "data missing" message
+    max_new_tokens: int = 32
+
+    def __init__(self, data_dir: str | Path | None = None) -> None:
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.files)
+
+    def path(self, split: str) -> Path:
+        """The file of ``split``, or an error naming every place it was looked for and the expected format."""
+        if split not in self.files:
+            raise ValueError(f"task {self.name!r} has splits {self.splits}, not {split!r}")
+        roots = [self.data_dir] if self.data_dir is not None else default_data_dirs()
+        for root in roots:
+            candidate = root / self.folder / self.files[split]
+            if candidate.is_file():
+                return candidate
+        looked = ", ".join(str(root / self.folder / self.files[split]) for root in roots)
+        raise TaskDataMissing(
+            f"task {self.name!r} needs its {split!r} split at {looked}. Expected format: {self.data_format} "
+            f"Pass --data-dir (or set ${DATA_ENV}) to the folder that holds {self.folder}/."
+        )
+
+    def load(self, split: str, limit: int | None = None) -> list[Example]:
+        """The first ``limit`` examples of ``split`` (all when None), in file order."""
+        examples = self.read(self.path(split), split)
+        if not examples:
+            raise ValueError(f"task {self.name!r}: {self.path(split)} holds no examples")
+        return examples[:limit] if limit is not None else examples
+
+    @abstractmethod
+    def read(self, path: Path, split: str) -> list[Example]:
+        """Parse one split file."""
+
+    def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
+        """Score generated texts (``generate`` tasks); choice tasks are scored by evaluation itself."""
+        raise NotImplementedError(f"task {self.name!r} is a {self.kind} task and has no text metric")
+
+
+def accuracy(predicted: list[int], examples: list[Example]) -> dict[str, float]:
+    """Fraction of choice examples whose predicted option index is the label."""
+    if len(predicted) != len(examples):
+        raise ValueError(f"{len(predicted)} predictions for {len(examples)} examples")
+    correct = sum(int(p == e.label) for p, e in zip(predicted, examples))
+    return {"accuracy": correct / len(examples) if examples else 0.0}
