@@ -1,0 +1,303 @@
+"""Engine: one frozen backbone serving many adapters (PEDRO, LoRA, (IA)3, or none) in one running batch.
+
+Synchronous core, driven by ``step()``: each step decodes one token for every running row, prefills the
+newly admitted requests (their first token), then retires finished rows. ``generate()`` drives it for an
+offline list of requests; async_engine.py drives it from a background thread for streaming callers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from pedro.engine.adapters import AdapterError, AdapterStore, ModelSpec
+from pedro.engine.kv_cache import KVCache
+from pedro.engine.request import Request, RequestError, RequestOutput, SamplingParams
+from pedro.engine.rows import RowAdapters
+from pedro.engine.runner import ModelRunner, PrefillBatch, check_supported
+from pedro.engine.sampling import sample
+from pedro.engine.scheduler import Scheduler, Sequence
+
+
+class Engine:
+    """Multi-tenant inference on one backbone.
+
+    ``backbone``: a name/path for :func:`pedro.load_backbone`, or a loaded transformers model (then pass its
+    ``tokenizer``; without one, prompts must be token ids and stop strings are unavailable).
+    ``max_batch`` running rows at most, each with ``max_seq_len`` tokens of KV cache; at most
+    ``max_prefill_tokens`` prompt tokens are admitted per step; ``adapter_capacity`` adapters are resident
+    at once (the rest stay on disk / CPU and are loaded on demand, least recently used evicted).
+    """
+
+    def __init__(
+        self,
+        backbone: Union[str, nn.Module] = "smollm2-135m",
+        tokenizer: Any = None,
+        *,
+        max_batch: int = 32,
+        max_seq_len: int = 1024,
+        max_prefill_tokens: int = 2048,
+        adapter_capacity: int = 64,
+    ) -> None:
+        if isinstance(backbone, str):
+            from pedro.backbones import load_backbone
+
+            backbone, tokenizer = load_backbone(backbone, quiet=True)
+        if hasattr(backbone, "peft_config"):
+            raise ValueError("pass the bare backbone to Engine and register adapters with add_adapter()")
+        for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("max_prefill_tokens", max_prefill_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Engine {name} must be a positive integer, got {value!r}")
+        max_seq_len = min(max_seq_len, backbone.config.max_position_embeddings)
+        check_supported(backbone, max_seq_len)
+        self.model = backbone.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.dtype = next(backbone.parameters()).dtype
+        self.max_seq_len = max_seq_len
+        spec = ModelSpec.of(backbone)
+        self.adapters = AdapterStore(spec, backbone, adapter_capacity, self.dtype)
+        self.rows = RowAdapters(spec, max_batch, adapter_capacity, self.dtype)
+        self.adapters.on_load = self.rows.load_lora
+        config = backbone.config
+        head_dim = self.model.model.layers[0].self_attn.head_dim
+        self.cache = KVCache(spec.n_layers, max_batch, config.num_key_value_heads, max_seq_len, head_dim, self.dtype)
+        self.runner = ModelRunner(backbone, spec, self.cache, self.rows)
+        self.scheduler = Scheduler(max_batch, max_prefill_tokens, self.adapters)
+        self.eos_ids = self._eos_ids()
+        self._seqs: dict[str, Sequence] = {}
+        self.stats: dict[str, list] = {"decode": [], "prefill": []}  # (rows or tokens, seconds) per step
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            ids.update([value] if isinstance(value, int) else list(value or []))
+        return ids
+
+    # ------------------------------------------------------------------------------------------ adapters
+
+    def add_adapter(self, name: str, source: Union[str, Path, nn.Module]) -> dict[str, Any]:
+        """Register an adapter from a PEFT directory (PEDRO, LoRA, IA3) or a PeftModel; it is checked against
+        this backbone now and loaded when a request first uses it. -> its description."""
+        self.adapters.add(name, source)
+        return next(d for d in self.adapters.describe() if d["name"] == name)
+
+    def remove_adapter(self, name: str) -> None:
+        self.adapters.remove(name)
+
+    def list_adapters(self) -> list[dict[str, Any]]:
+        return self.adapters.describe()
+
+    def pedro_state_bytes(self, name: str) -> int:
+        """Bytes of per-request state a request with PEDRO adapter ``name`` keeps in its slot (its vectors)."""
+        entry = self.adapters.get(name)
+        if entry.kind != "pedro":
+            raise AdapterError(f"adapter {name!r} is {entry.kind}, not PEDRO")
+        from pedro.model import plan_sites
+
+        widths = [s.end for s in plan_sites(entry.plan.config, self.model).values() if s.kind == "tap"]
+        return sum(widths) * torch.finfo(self.dtype).bits // 8
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def _tokenize(self, request: Request) -> list[int]:
+        prompt = request.prompt
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            vocab = self.model.config.vocab_size
+            if any(t < 0 or t >= vocab for t in ids):
+                raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        elif self.tokenizer is None:
+            raise RequestError("this engine has no tokenizer: give the prompt as a list of token ids")
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty")
+            if request.raw_prompt or not getattr(self.tokenizer, "chat_template", None):
+                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            else:
+                from pedro.backbones import format_prompt
+
+                ids = self.tokenizer(format_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+            if not prompt:
+                raise RequestError("the prompt is empty")
+            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            raise RequestError("a prompt must be a string, a list of chat messages {role, content}, or a list of token ids")
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.max_seq_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but the context is {self.max_seq_len} "
+                "(there must be room for at least one new token)"
+            )
+        return ids
+
+    def add_request(self, request: Request, track_text: bool = False) -> str:
+        """Queue a request; raises RequestError (nothing queued) when it is invalid. ``track_text`` decodes
+        text at every step (streaming); stop strings always do."""
+        if not isinstance(request.sampling, SamplingParams):
+            raise RequestError(f"Request.sampling must be SamplingParams, got {type(request.sampling).__name__}")
+        if request.request_id in self._seqs:
+            raise RequestError(f"request id {request.request_id!r} is already in the engine")
+        if request.adapter is not None:
+            try:
+                self.adapters.get(request.adapter)
+            except AdapterError as err:
+                raise RequestError(str(err)) from None
+        if request.sampling.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer")
+        ids = self._tokenize(request)
+        seed = request.sampling.seed if request.sampling.seed is not None else int(torch.randint(2**62, ()))
+        seq = Sequence(request, ids, torch.Generator().manual_seed(seed), track_text=track_text or bool(request.sampling.stop))
+        self._seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request: a waiting one leaves the queue, a running one frees its slot at once."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.finished:
+            return
+        seq.finish("abort")
+        if seq.slot is None:
+            self.scheduler.remove_waiting(seq)
+        else:
+            self._retire(seq)
+        del self._seqs[request_id]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # ------------------------------------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestOutput]:
+        """Decode one token for every running row, admit and prefill waiting requests, retire the finished.
+        -> an output for every request that produced tokens or finished in this step."""
+        progressed: list[Sequence] = []
+        running = list(self.scheduler.running)
+        if running:
+            start = time.perf_counter()
+            tokens = torch.tensor([seq.output_ids[-1] for seq in running])
+            logits = self.runner.decode(tokens)
+            self._accept(running, logits)
+            self.stats["decode"].append((len(running), time.perf_counter() - start))
+            progressed += running
+        admitted, failed = self.scheduler.schedule()
+        if admitted:
+            start = time.perf_counter()
+            for seq in admitted:
+                self.rows.assign(seq.slot, seq.entry)
+            logits = self.runner.prefill(PrefillBatch([s.slot for s in admitted], [s.prompt_ids for s in admitted]))
+            self._accept(admitted, logits)
+            self.stats["prefill"].append((sum(len(s.prompt_ids) for s in admitted), time.perf_counter() - start))
+            progressed += admitted
+        outputs = [self._output(seq) for seq in progressed + failed]
+        for seq in progressed + failed:
+            if seq.finished:
+                if seq.slot is not None:
+                    self._retire(seq)
+                self._seqs.pop(seq.request.request_id, None)
+        return outputs
+
+    def _retire(self, seq: Sequence) -> None:
+        slot = seq.slot
+        self.rows.release(slot)
+        moved = self.scheduler.retire(seq)
+        if moved is None:
+            self.cache.lengths[slot] = 0
+        else:
+            self.cache.move(moved, slot)
+            self.rows.move(moved, slot)
+
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        tokens = sample(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
+        now = time.perf_counter()
+        for seq, token in zip(seqs, tokens):
+            if seq.first_token is None:
+                seq.first_token = now
+            seq.output_ids.append(token)
+            params = seq.request.sampling
+            if token in self.eos_ids and not params.ignore_eos:
+                seq.finish("stop")
+            elif len(seq.output_ids) >= params.max_new_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
+                seq.finish("length")
+            if seq.track_text:
+                self._update_text(seq)
+
+    def _update_text(self, seq: Sequence) -> None:
+        """Decode the text so far and cut it at the first stop string (which then ends the request)."""
+        previous = len(seq.text)
+        seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        stops = seq.request.sampling.stop
+        if not stops:
+            return
+        horizon = max(0, previous - max(len(s) for s in stops) + 1)
+        hits = [i for i in (seq.text.find(s, horizon) for s in stops) if i >= 0]
+        if hits:
+            seq.text = seq.text[: min(hits)]
+            if seq.finish_reason is None or seq.finish_reason == "length":
+                seq.finish("stop")
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        if seq.finished and not seq.track_text and seq.error is None:
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else ""
+        text = seq.text
+        if not seq.finished:  # hold back what could still become a stop string or an incomplete character
+            hold = max((len(s) for s in seq.request.sampling.stop), default=1) - 1
+            text = text[: len(text) - hold].rstrip("\ufffd")
+        delta_ids = seq.output_ids[seq.emitted_tokens :]
+        delta_text = text[seq.emitted_chars :] if len(text) > seq.emitted_chars else ""
+        seq.emitted_tokens = len(seq.output_ids)
+        seq.emitted_chars = max(seq.emitted_chars, len(text))
+        metrics = {}
+        if seq.first_token is not None:
+            metrics["ttft_s"] = seq.first_token - seq.arrival
+        if seq.finished_at is not None:
+            metrics["latency_s"] = seq.finished_at - seq.arrival
+        return RequestOutput(
+            request_id=seq.request.request_id,
+            adapter=seq.request.adapter,
+            prompt_tokens=len(seq.prompt_ids),
+            token_ids=list(seq.output_ids),
+            text=seq.text if seq.finished else text,
+            delta_token_ids=delta_ids,
+            delta_text=delta_text,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            error=seq.error,
+            metrics=metrics,
+        )
+
+    # ------------------------------------------------------------------------------------------ offline
+
+    def generate(
+        self, requests: Iterable[Union[Request, str]], sampling: Optional[SamplingParams] = None
+    ) -> list[RequestOutput]:
+        """Run a list of requests to completion (continuous batching) -> one output per request, in order.
+        A bad request gets an output with ``error`` set; the others run normally."""
+        order: list[str] = []
+        results: dict[str, RequestOutput] = {}
+        for item in requests:
+            request = item if isinstance(item, Request) else Request(item, sampling=sampling or SamplingParams())
+            order.append(request.request_id)
+            try:
+                self.add_request(request)
+            except RequestError as err:
+                results[request.request_id] = RequestOutput(
+                    request.request_id, request.adapter, 0, [], "", [], "", True, "error", str(err)
+                )
+        while any(rid not in results for rid in order):
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out
+        return [results[rid] for rid in order]
