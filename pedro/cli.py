@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="PEDRO: prompt-dependent PEFT adapters.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="PEDRO: prompt-dependent PEFT adapters.",
+)
 console = Console()
+
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
 
 BACKBONE_HELP = "smollm2-135m, gemma3-270m, a local model directory, or a .gguf file"
 
@@ -25,6 +33,7 @@ def info(
 ) -> None:
     """Show the backbone, where PEDRO attaches in each layer, and the trainable parameters of a config."""
     import pedro
+    from pedro.backbones import layer_map
     from pedro.model import plan_sites
 
     config = pedro.PedroConfig(
@@ -32,15 +41,17 @@ def info(
     )
     model, _ = pedro.load_backbone(backbone)
     sites = plan_sites(config, model)
-    table = Table(title=f"PEDRO sites on {backbone} ({model.config.model_type})")
-    for column in ("layer", "module", "role", "slice of z"):
+    first = min(site.layer for site in sites.values())
+    prefix = f"{layer_map(model).layers}.{first}."
+    table = Table(title=f"PEDRO sites in each adapted layer ({prefix}*), {model.config.model_type}")
+    for column in ("module", "role", "slice of z"):
         table.add_column(column)
     for name, site in sorted(sites.items(), key=lambda item: (item[1].layer, item[1].kind != "tap", item[1].start)):
-        if site.layer > 0 and len(sites) > 12:
-            continue  # every layer looks the same; show layer 0 in full
+        if site.layer != first:
+            continue  # every adapted layer has the same sites; the first one stands for all
         role = "vector generator input" if site.kind == "tap" else "scaled by 1 + z"
         span = f"width {site.end}" if site.kind == "tap" else f"[{site.start}:{site.end})"
-        table.add_row(str(site.layer), name, role, span)
+        table.add_row(name.removeprefix(prefix), role, span)
     console.print(table)
     layers = sorted({s.layer for s in sites.values()})
     n_base = sum(p.numel() for p in model.parameters())
@@ -82,5 +93,14 @@ def generate(
         console.print(tokenizer.decode(row, skip_special_tokens=True).strip())
 
 
+def main() -> None:
+    """Entry point: a bad input ends with its message, not a traceback."""
+    try:
+        app()
+    except USER_ERRORS as err:
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {err}")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()

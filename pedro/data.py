@@ -9,6 +9,8 @@ tokens of a training row are identical to the tokens ``encode_prompt`` gives at 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,3 +250,25 @@ class Collator:
         if self.with_prompt_lengths:
             batch["prompt_lengths"] = torch.tensor([r["prompt_length"] for r in rows])
         return batch
+
+
+def write_jsonl_atomic(path: str | Path, records: Sequence[Any]) -> None:
+    """One JSON object per line, written to a temp file in the same folder and renamed over ``path``, so a
+    reader (or a crash) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        for record in records:
+            handle.write(json.dumps(record, default=str) + "\n")
+        tmp = handle.name
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """``payload`` as indented JSON, written atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        json.dump(payload, handle, indent=2, default=str)
+        tmp = handle.name
+    os.replace(tmp, path)

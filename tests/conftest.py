@@ -52,6 +52,25 @@ def randomize(peft_model: torch.nn.Module, seed: int = 1, scale: float = 0.2) ->
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: token i is the word str(i)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({str(i): i for i in range(COMMON["vocab_size"])}, unk_token="2"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="0", eos_token="1", unk_token="2")
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    """A saved tiny LLaMA with its tokenizer: a 'local model directory' backbone."""
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_llama() -> torch.nn.Module:
     return tiny_model("llama")

@@ -1,0 +1,177 @@
+"""Score a backbone, with or without an adapter, on a task: batched, with a progress bar.
+
+Choice tasks are scored by constrained log-likelihood ranking: each option's summed token log-probability
+after the prompt (no EOS), highest wins. When every option is a single token, one forward over the prompts
+scores them all at once (the same numbers, a fraction of the cost). Generation tasks decode greedily.
+Prompts are encoded by ``pedro.data.encode_prompt``, the same tokens the adapter was trained on, and PEDRO's
+pooler sees the prompt only (``prompt_lengths`` when the option tokens follow the prompt in one sequence).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from pedro.data import Collator, Example, encode_prompt, encode_response, write_jsonl_atomic
+from pedro.model import IGNORE_INDEX
+from pedro.tasks import Task, accuracy, get_task
+
+
+def is_pedro(model: nn.Module) -> bool:
+    """True for a PeftModel whose active adapter is PEDRO (it takes ``prompt_lengths``)."""
+    configs = getattr(model, "peft_config", None) or {}
+    active = getattr(model, "active_adapter", None)
+    return active in configs and str(configs[active].peft_type) == "PEDRO"
+
+
+def _batches(order: list[int], size: int) -> list[list[int]]:
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _bar(total: int, desc: str, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not show)
+
+
+@torch.no_grad()
+def option_logprobs(
+    model: nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int = 16, progress: bool = True
+) -> list[list[float]]:
+    """Per example, the summed log-probability of each option's tokens given the prompt."""
+    prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
+    options = [[encode_response(tokenizer, o, eos=False) for o in e.options or []] for e in examples]
+    if any(not opts for opts in options):
+        raise ValueError("a choice example without options")
+    scores: list[list[float]] = [[] for _ in examples]
+    if all(len(o) == 1 for opts in options for o in opts):
+        order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+        bar = _bar(len(examples), "score", progress)
+        collate = Collator(tokenizer.pad_token_id, "left", with_prompt_lengths=False)
+        for chunk in _batches(order, batch_size):
+            batch = collate([{"input_ids": prompts[i], "labels": prompts[i], "prompt_length": len(prompts[i])}
+                             for i in chunk])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1]
+            logp = logits.float().log_softmax(-1)
+            for row, i in enumerate(chunk):
+                scores[i] = [logp[row, o[0]].item() for o in options[i]]
+            bar.update(len(chunk))
+        bar.close()
+        return scores
+    pairs = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
+    rows = [{"input_ids": prompts[i] + options[i][j], "labels": [IGNORE_INDEX] * len(prompts[i]) + options[i][j],
+             "prompt_length": len(prompts[i])} for i, j in pairs]
+    order = sorted(range(len(rows)), key=lambda k: len(rows[k]["input_ids"]))
+    collate = Collator(tokenizer.pad_token_id, "right", with_prompt_lengths=is_pedro(model))
+    flat = [0.0] * len(rows)
+    bar = _bar(len(rows), "score", progress)
+    for chunk in _batches(order, batch_size):
+        batch = collate([rows[k] for k in chunk])
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        logp = logits.log_softmax(-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        totals = (logp * (targets != IGNORE_INDEX)).sum(1)
+        for row, k in enumerate(chunk):
+            flat[k] = totals[row].item()
+        bar.update(len(chunk))
+    bar.close()
+    for (i, _), value in zip(pairs, flat):
+        scores[i].append(value)
+    return scores
+
+
+@torch.no_grad()
+def generate_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of each prompt (formatted as at training), special tokens stripped."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    collate = Collator(tokenizer.pad_token_id, "left", with_prompt_lengths=False)
+    texts = [""] * len(encoded)
+    bar = _bar(len(encoded), "generate", progress)
+    for chunk in _batches(order, batch_size):
+        batch = collate([{"input_ids": encoded[i], "labels": encoded[i], "prompt_length": len(encoded[i])}
+                         for i in chunk])
+        out = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row, i in enumerate(chunk):
+            texts[i] = tokenizer.decode(out[row, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        bar.update(len(chunk))
+    bar.close()
+    return texts
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task | str,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 16,
+    predictions_path: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    examples: Sequence[Example] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score ``model`` on the first ``limit`` examples of ``task``'s ``split`` (or on ``examples``).
+
+    Returns ``{"task", "split", "n", "metric", <metric values>, "seconds"}``; with ``predictions_path``, one
+    JSON line per example (prompt, prediction, expected) is written there atomically.
+    """
+    task = get_task(task, data_dir) if isinstance(task, str) else task
+    examples = list(examples) if examples is not None else task.load(split, limit)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        if task.kind == "choice":
+            scores = option_logprobs(model, tokenizer, examples, batch_size, progress)
+            predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]
+            metrics: dict[str, float] = accuracy(predicted, examples)
+            records = [{"prompt": e.prompt, "prediction": e.options[p], "expected": e.options[e.label],
+                        "correct": p == e.label, "scores": s} for e, p, s in zip(examples, predicted, scores)]
+        else:
+            texts = generate_texts(model, tokenizer, [e.prompt for e in examples], task.max_new_tokens, batch_size,
+                                   progress)
+            metrics = task.score(texts, examples)
+            records = [{"prompt": e.prompt, "prediction": t, "expected": e.references or [e.response]}
+                       for e, t in zip(examples, texts)]
+    finally:
+        model.train(was_training)
+    result = {"task": task.name, "split": split, "n": len(examples), "metric": task.metric, **metrics,
+              "seconds": time.perf_counter() - start}
+    if predictions_path is not None:
+        write_jsonl_atomic(Path(predictions_path), records)
+    return result
+
+
+def load_for_eval(backbone: str | None, adapter: str | None, quiet: bool = False) -> tuple[nn.Module, Any]:
+    """The backbone (named, or the one recorded in the adapter's config) with the adapter loaded, if any."""
+    from peft import PeftConfig, PeftModel
+
+    from pedro.backbones import DEFAULT_BACKBONE, load_backbone
+
+    if backbone is None:
+        backbone = PeftConfig.from_pretrained(adapter).base_model_name_or_path if adapter else None
+        backbone = backbone or DEFAULT_BACKBONE
+    model, tokenizer = load_backbone(backbone, quiet=quiet)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,510 @@
+"""Fine-tune a PEDRO adapter (or a LoRA / (IA)3 baseline through peft) with transformers' Trainer.
+
+What this module adds to Trainer, and why:
+
+- the data path of ``pedro.data``: loss on response tokens only, ``prompt_lengths`` in every batch so PEDRO's
+  pooler sees exactly the prompt (Trainer's column pruning is off, the collator decides what goes in);
+- ``match_params``: baselines sized to the same trainable-parameter budget, the only fair comparison;
+- a separate learning rate for the rational activation's coefficients (the paper optimises them apart);
+- checkpoints written atomically (a temp folder renamed into place), so ``resume`` after a crash or a
+  SIGKILL never picks up a half-written checkpoint, and continues exactly;
+- a PEFT adapter folder plus ``training_summary.json`` and a JSONL log as the output, also written atomically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import peft
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from pedro.backbones import DEFAULT_BACKBONE, layer_map, load_backbone
+from pedro.config import PedroConfig
+from pedro.data import Collator, Example, load_records, tokenize_examples, write_json_atomic
+from pedro.model import count_trainable_parameters
+
+METHODS = ("pedro", "lora", "ia3")
+# peft's own (IA)3 placement for LLaMA-like models (the original paper's): keys, values, and the input of
+# the FFN down-projection
+IA3_DEFAULT_TARGETS = ("k", "v", "down")
+IA3_FEEDFORWARD = ("down",)
+SUMMARY_NAME = "training_summary.json"
+LOG_NAME = "train_log.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in ``training_summary.json``."""
+
+    data: str = ""
+    output_dir: str = ""
+    backbone: str = DEFAULT_BACKBONE
+    method: str = "pedro"
+    data_dir: Optional[str] = None  # where task data lives when ``data`` is a task name
+    eval_data: Optional[str] = None  # held-out records for periodic evaluation (loss)
+    limit: Optional[int] = None  # use the first N training records (after a seeded shuffle)
+    # PEDRO
+    r: int = 8
+    pooler: str = "last"
+    activation: str = "gelu"
+    targets: tuple[str, ...] = ("q", "v", "up")
+    pool_source: str = "normed"
+    share_generator: bool = False
+    rational_lr: Optional[float] = None  # learning rate of the rational activation's coefficients
+    # LoRA / (IA)3
+    lora_r: int = 8
+    lora_alpha: Optional[int] = None  # default 2 * lora_r
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q", "v")
+    ia3_targets: tuple[str, ...] = IA3_DEFAULT_TARGETS
+    match_params: Optional[str] = None  # "pedro" or a parameter count: size this method to it
+    # data
+    max_length: int = 512
+    overflow: str = "truncate"
+    padding_side: str = "right"
+    # optimisation
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup: float = 0.06  # ratio of the steps (<1) or a step count
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    seed: int = 0
+    # logging, evaluation, checkpoints
+    logging_steps: int = 10
+    eval_steps: int = 0
+    early_stopping: int = 0  # patience in evaluations; 0 = off
+    save_steps: int = 0
+    save_total_limit: int = 2
+    resume: bool = False
+    report_to: tuple[str, ...] = ()
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.early_stopping and not (self.eval_data and self.eval_steps):
+            raise ValueError("early_stopping needs eval_data and eval_steps")
+        for name in ("targets", "lora_targets", "ia3_targets", "report_to"):
+            value = getattr(self, name)
+            setattr(self, name, tuple(value.split(",")) if isinstance(value, str) else tuple(value))
+
+
+@dataclass
+class TrainResult:
+    """Where the adapter was written and what the run measured."""
+
+    output_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+
+def module_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Short target names (q, k, v, o, gate, up, down) -> the module-name suffixes peft matches; anything
+    else is passed through as a module name."""
+    projections = dict(layer_map(model).projections, down="mlp.down_proj")
+    return [projections.get(t, t).rsplit(".", 1)[-1] for t in targets]
+
+
+def _linear_shapes(model: nn.Module, suffix: str) -> list[tuple[int, int]]:
+    shapes = [
+        (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.endswith(f".{suffix}") and ".layers." in f".{name}"
+    ]
+    if not shapes:
+        raise ValueError(f"no linear module named *.{suffix} in the decoder layers of {type(model).__name__}")
+    return shapes
+
+
+def lora_parameter_count(model: nn.Module, targets: Sequence[str], r: int) -> int:
+    """Closed form: r * (in + out) per adapted linear module."""
+    return sum(r * (i + o) for suffix in module_names(model, targets) for i, o in _linear_shapes(model, suffix))
+
+
+def ia3_parameter_count(model: nn.Module, targets: Sequence[str]) -> int:
+    """Closed form: one scale per output feature (per input feature for the feed-forward down-projection)."""
+    total = 0
+    for target, suffix in zip(targets, module_names(model, targets)):
+        total += sum(i if target in IA3_FEEDFORWARD else o for i, o in _linear_shapes(model, suffix))
+    return total
+
+
+def _pedro_config(cfg: TrainConfig, r: int | None = None) -> PedroConfig:
+    return PedroConfig(
+        r=cfg.r if r is None else r,
+        pooler=cfg.pooler,
+        activation=cfg.activation,
+        targets=list(cfg.targets),
+        pool_source=cfg.pool_source,
+        share_generator=cfg.share_generator,
+    )
+
+
+def match_sizes(cfg: TrainConfig, model: nn.Module) -> tuple[TrainConfig, int]:
+    """The config with this method's size chosen so its trainable count is as close as possible to the
+    budget (``match_params``: "pedro" = PEDRO's count under the same config, or a number), and the budget.
+
+    LoRA and PEDRO scale linearly in their rank; (IA)3 has no size knob, so the closest subset of
+    {q, k, v, o, gate, up, down} is taken (it cannot reach budgets above all seven modules' widths).
+    """
+    if cfg.match_params is None:
+        raise ValueError("match_sizes needs cfg.match_params")
+    if str(cfg.match_params) == "pedro":
+        budget = count_trainable_parameters(_pedro_config(cfg), model)
+    else:
+        budget = int(cfg.match_params)
+    if budget < 1:
+        raise ValueError(f"match_params must be positive, got {cfg.match_params!r}")
+    changes: dict[str, Any]
+    if cfg.method == "pedro":
+        one, two = (count_trainable_parameters(_pedro_config(cfg, r), model) for r in (1, 2))
+        changes = {"r": max(1, round(1 + (budget - one) / (two - one)))}
+    elif cfg.method == "lora":
+        per_rank = lora_parameter_count(model, cfg.lora_targets, 1)
+        changes = {"lora_r": max(1, round(budget / per_rank))}
+    else:
+        names = ("q", "k", "v", "o", "gate", "up", "down")
+        subsets = (s for n in range(1, len(names) + 1) for s in itertools.combinations(names, n))
+        changes = {"ia3_targets": min(subsets, key=lambda s: (abs(ia3_parameter_count(model, s) - budget), len(s)))}
+    fields_ = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    return TrainConfig(**{**fields_, **changes, "match_params": None}), budget
+
+
+def expected_parameter_count(cfg: TrainConfig, model: nn.Module) -> int:
+    """Closed-form trainable parameters of ``cfg``'s method on ``model``."""
+    if cfg.method == "pedro":
+        return count_trainable_parameters(_pedro_config(cfg), model)
+    if cfg.method == "lora":
+        return lora_parameter_count(model, cfg.lora_targets, cfg.lora_r)
+    return ia3_parameter_count(model, cfg.ia3_targets)
+
+
+def attach_adapter(model: nn.Module, cfg: TrainConfig) -> peft.PeftModel:
+    """Wrap the backbone in the chosen PEFT method (the backbone is frozen by peft)."""
+    if cfg.method == "pedro":
+        config: peft.PeftConfig = _pedro_config(cfg)
+    elif cfg.method == "lora":
+        config = peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=module_names(model, cfg.lora_targets),
+        )
+    else:
+        config = peft.IA3Config(
+            task_type="CAUSAL_LM",
+            target_modules=module_names(model, cfg.ia3_targets),
+            feedforward_modules=module_names(model, [t for t in cfg.ia3_targets if t in IA3_FEEDFORWARD]),
+        )
+    config.base_model_name_or_path = cfg.backbone  # lets `pedro eval --adapter DIR` find the backbone
+    return peft.get_peft_model(model, config)
+
+
+def size_report(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """PEDRO, LoRA (this config's targets) and (IA)3 sized to the same budget as ``cfg``'s method: the
+    side-by-side counts ``--match-params`` prints."""
+    budget = expected_parameter_count(cfg, model)
+    rows = []
+    for method in METHODS:
+        other = TrainConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "method": method})
+        if method != cfg.method:
+            other, _ = match_sizes(TrainConfig(**{**asdict(other), "match_params": str(budget)}), model)
+        count = expected_parameter_count(other, model)
+        size = {"pedro": f"r={other.r}", "lora": f"r={other.lora_r} on {','.join(other.lora_targets)}",
+                "ia3": f"on {','.join(other.ia3_targets)}"}[method]
+        rows.append({"method": method, "size": size, "trainable": count, "vs_budget": count / budget - 1})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+def _is_rational(name: str) -> bool:
+    return ".act.numerator" in name or ".act.denominator" in name
+
+
+class PedroTrainer(Trainer):
+    """Trainer with a separate learning rate for rational-activation coefficients and atomic checkpoints."""
+
+    def __init__(self, *args: Any, rational_lr: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rational_lr = rational_lr
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.rational_lr is None or any(g.get("pedro_rational") for g in optimizer.param_groups):
+            return optimizer
+        rational = {id(p) for n, p in self.model.named_parameters() if p.requires_grad and _is_rational(n)}
+        if rational:
+            moved = [p for g in optimizer.param_groups for p in g["params"] if id(p) in rational]
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in rational]
+            optimizer.add_param_group(
+                {"params": moved, "lr": self.rational_lr, "weight_decay": 0.0, "pedro_rational": True}
+            )
+        return optimizer
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return getattr(self, "_staging", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write checkpoint-N into a hidden staging folder, then rename it into place: a kill at any moment
+        leaves either the previous checkpoints or the complete new one, never a partial one."""
+        run_dir = self.args.output_dir
+        self._staging = tempfile.mkdtemp(prefix=".staging-", dir=run_dir)
+        try:
+            super()._save_checkpoint(model, trial)
+            name = f"checkpoint-{self.state.global_step}"
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(self._staging, name), final)
+        finally:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        if self.state.best_global_step:
+            best = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
+            self.state.best_model_checkpoint = best if os.path.isdir(best) else self.state.best_model_checkpoint
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+        )
+
+
+class ProgressAndLog(TrainerCallback):
+    """A tqdm bar with loss, tokens/s and ETA, and every log record appended to a JSONL file."""
+
+    def __init__(self, log_path: Path, show: bool) -> None:
+        self.log_path = log_path
+        self.show = show
+        self.bar = None
+        self.start = 0.0
+        self.tokens0 = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
+        from tqdm.auto import tqdm
+
+        self.start = time.perf_counter()
+        self.tokens0 = state.num_input_tokens_seen
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, disable=not self.show, desc="train")
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def tokens_per_second(self, state: Any) -> float:
+        elapsed = time.perf_counter() - self.start
+        return (state.num_input_tokens_seen - self.tokens0) / elapsed if elapsed > 0 else 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        record = {"step": state.global_step, "epoch": state.epoch, **(logs or {}),
+                  "tokens_per_s": round(self.tokens_per_second(state), 1)}
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.bar is not None and "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.bar is not None:
+            self.bar.close()
+
+
+def save_adapter_atomic(model: peft.PeftModel, output_dir: Path) -> None:
+    """save_pretrained into a temp folder next to ``output_dir``, then rename each file into place."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
+    try:
+        model.save_pretrained(staging)
+        for item in staging.iterdir():
+            os.replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _precision(cfg: TrainConfig) -> dict[str, bool]:
+    if cfg.precision == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": False}
+    return {"bf16": cfg.precision == "bf16", "fp16": cfg.precision == "fp16"}
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    examples: Sequence[Example] | None = None,
+    eval_examples: Sequence[Example] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+    **overrides: Any,
+) -> TrainResult:
+    """Train an adapter and write it (PEFT format) with ``training_summary.json`` to ``output_dir``.
+
+    ``config`` or keyword overrides give the :class:`TrainConfig`; ``model``/``tokenizer`` (a bare backbone,
+    e.g. already loaded) and ``examples`` skip loading. The backbone passed in is wrapped in place.
+    """
+    cfg = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
+    if not cfg.output_dir:
+        raise ValueError("output_dir is required")
+    if examples is None and not cfg.data:
+        raise ValueError("give training data: a JSONL file, a datasets folder, or a task name")
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    wall0 = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_backbone(cfg.backbone, quiet=not cfg.progress)
+    if tokenizer is None:
+        raise ValueError("pass the backbone's tokenizer with the model")
+
+    requested = cfg
+    if cfg.match_params is not None:
+        cfg, _ = match_sizes(cfg, model)
+    sizes = size_report(model, cfg)
+    if cfg.progress:
+        _print_sizes(sizes, cfg.method)
+
+    records = list(examples) if examples is not None else load_records(cfg.data, "train", cfg.data_dir)
+    random.Random(cfg.seed).shuffle(records)
+    records = records[: cfg.limit] if cfg.limit else records
+    rows, report = tokenize_examples(records, tokenizer, cfg.max_length, cfg.overflow)
+    eval_rows, eval_report = None, None
+    if eval_examples is not None or cfg.eval_data:
+        held_out = list(eval_examples) if eval_examples is not None else load_records(cfg.eval_data, "test", cfg.data_dir)
+        eval_rows, eval_report = tokenize_examples(held_out, tokenizer, cfg.max_length, cfg.overflow)
+    if cfg.progress:
+        print(f"train data: {report}" + (f"\neval data: {eval_report}" if eval_report else ""))
+
+    peft_model = attach_adapter(model, cfg)
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    peft_model.train()
+    checkpoint_dir = output_dir / CHECKPOINTS
+    evaluating = eval_rows is not None and cfg.eval_steps > 0
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=cfg.eval_steps or None,
+        load_best_model_at_end=bool(cfg.early_stopping),
+        metric_for_best_model="eval_loss" if cfg.early_stopping else None,
+        seed=cfg.seed,
+        remove_unused_columns=False,  # Trainer would drop prompt_lengths, which PEDRO's forward needs
+        include_num_input_tokens_seen="non_padding",
+        report_to=list(cfg.report_to) or "none",
+        disable_tqdm=True,  # our own bar (ProgressAndLog) shows loss and tokens/s
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        **_precision(cfg),
+    )
+    collator = Collator(tokenizer.pad_token_id, cfg.padding_side, with_prompt_lengths=cfg.method == "pedro")
+    progress = ProgressAndLog(output_dir / LOG_NAME, cfg.progress)
+    extra: list[TrainerCallback] = [progress, *callbacks]
+    if cfg.early_stopping:
+        from transformers import EarlyStoppingCallback
+
+        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping))
+    trainer = PedroTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=rows,
+        eval_dataset=eval_rows,
+        data_collator=collator,
+        callbacks=extra,
+        rational_lr=cfg.rational_lr,
+    )
+    resume_from = None
+    if cfg.resume:
+        resume_from = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+        if cfg.progress:
+            print(f"resuming from {resume_from}" if resume_from else "no checkpoint to resume from: starting fresh")
+    train_start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - train_start
+    final_eval = trainer.evaluate() if eval_rows is not None else {}
+
+    save_adapter_atomic(peft_model, output_dir)
+    summary = {
+        "config": asdict(cfg),
+        "requested": asdict(requested) if requested is not cfg else None,
+        "backbone": cfg.backbone,
+        "method": cfg.method,
+        "trainable_parameters": trainable,
+        "parameter_sizes": sizes,
+        "data": report.as_dict(),
+        "eval_data": eval_report.as_dict() if eval_report else None,
+        "steps": trainer.state.global_step,
+        "resumed_from": resume_from,
+        "train_loss": output.training_loss,
+        "final_metrics": {**output.metrics, **final_eval},
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - wall0,
+        "tokens_per_second": progress.tokens_per_second(trainer.state),
+    }
+    write_json_atomic(output_dir / SUMMARY_NAME, summary)
+    if cfg.progress:
+        print(f"adapter written to {output_dir} ({trainer.state.global_step} steps, {train_seconds:.0f}s, "
+              f"{summary['tokens_per_second']:.0f} tokens/s)")
+    return TrainResult(output_dir=output_dir, summary=summary)
+
+
+def _print_sizes(rows: list[dict[str, Any]], method: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="trainable parameters at this budget")
+    for column in ("method", "size", "trainable", "vs budget"):
+        table.add_column(column)
+    for row in rows:
+        mark = " (training)" if row["method"] == method else ""
+        table.add_row(row["method"] + mark, row["size"], f"{row['trainable']:,}", f"{100 * row['vs_budget']:+.1f}%")
+    Console().print(table)
+
+
+__all__ = [
+    "METHODS",
+    "TrainConfig",
+    "TrainResult",
+    "attach_adapter",
+    "expected_parameter_count",
+    "ia3_parameter_count",
+    "lora_parameter_count",
+    "match_sizes",
+    "size_report",
+    "train",
+]
