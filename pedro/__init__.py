@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import peft
 from torch import nn
 
@@ -12,6 +14,8 @@ from pedro.model import PedroModel, count_trainable_parameters
 from pedro.registry import register
 
 register()
+# peft 0.21 calls a transformers 5 API that transformers marks deprecated; it is noise for our users
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 __version__ = "0.1.0"
 

@@ -93,6 +93,14 @@ def generate(
         console.print(tokenizer.decode(row, skip_special_tokens=True).strip())
 
 
+@app.command()
+def demo(backbone: str = typer.Option("smollm2-135m", help=BACKBONE_HELP)) -> None:
+    """The main job: PEDRO on the default backbone, end to end (see the README)."""
+    from pedro.demo import run
+
+    run(backbone, console=console)
+
+
 def main() -> None:
     """Entry point: a bad input ends with its message, not a traceback."""
     try:
