@@ -327,3 +327,17 @@ def test_disable_adapter_and_unload_restore_the_base():
         torch.testing.assert_close(unloaded(input_ids=prompt[None]).logits, expected, atol=0, rtol=0)
     with pytest.raises(ValueError, match="cannot be merged"):
         pedro.get_pedro_model(tiny_model("llama"), PedroConfig(r=2)).merge_and_unload()
+
+
+def test_bf16_backbone_keeps_fp32_generators_and_identity():
+    base = tiny_model("llama").to(torch.bfloat16)
+    ids, mask = left_pad(ids_for(4, 6))
+    with torch.no_grad():
+        expected = base(input_ids=ids, attention_mask=mask).logits
+        model = pedro.get_pedro_model(base, PedroConfig(r=4, activation="rational"))
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)
+        randomize(model)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    generators = [p for n, p in model.named_parameters() if "pedro_" in n]
+    assert generators and all(p.dtype == torch.float32 for p in generators)
