@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -99,6 +100,48 @@ def demo(backbone: str = typer.Option("smollm2-135m", help=BACKBONE_HELP)) -> No
     from pedro.demo import run
 
     run(backbone, console=console)
+
+
+@app.command()
+def serve(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML server config; flags override it."),
+    backbone: Optional[str] = typer.Option(None, help=BACKBONE_HELP),
+    model_name: Optional[str] = typer.Option(None, help="The base model's id in the API (default: the backbone)."),
+    adapters_dir: Optional[Path] = typer.Option(None, help="Where registered adapters and the registry live."),
+    keys_file: Optional[Path] = typer.Option(None, help="YAML file mapping tenants to API keys."),
+    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
+    max_batch: Optional[int] = typer.Option(None, help="Running requests at once."),
+    max_seq_len: Optional[int] = typer.Option(None, help="KV cache tokens per request."),
+    adapter_capacity: Optional[int] = typer.Option(None, help="Adapters resident in memory (LRU)."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longer prompts get 400."),
+    max_tokens: Optional[int] = typer.Option(None, help="Largest max_tokens a request may ask for."),
+    max_queued: Optional[int] = typer.Option(None, help="Waiting requests beyond max_batch; more get 429."),
+    max_upload_bytes: Optional[int] = typer.Option(None, help="Largest adapter upload (413 above)."),
+    ray: bool = typer.Option(False, "--ray", help="Scale out as a Ray Serve application (needs pedro-peft[ray])."),
+    replicas: Optional[int] = typer.Option(None, help="Ray: engine replicas."),
+    min_replicas: Optional[int] = typer.Option(None, help="Ray: autoscaling lower bound."),
+    max_replicas: Optional[int] = typer.Option(None, help="Ray: autoscaling upper bound."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray: cluster address (default: start a local one)."),
+) -> None:
+    """Serve the backbone and registered adapters over an OpenAI-compatible HTTP API (docs/server.md)."""
+    from pedro.server.config import ServerConfig
+
+    settings = ServerConfig.load(
+        config, backbone=backbone, model_name=model_name, adapters_dir=adapters_dir, keys_file=keys_file,
+        host=host, port=port, max_batch=max_batch, max_seq_len=max_seq_len, adapter_capacity=adapter_capacity,
+        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queued=max_queued,
+        max_upload_bytes=max_upload_bytes, ray_replicas=replicas, ray_min_replicas=min_replicas,
+        ray_max_replicas=max_replicas, ray_address=ray_address,
+    )
+    if ray:
+        from pedro.server.ray_app import serve_on_ray
+
+        serve_on_ray(settings)
+    else:
+        from pedro.server import serve as serve_locally
+
+        serve_locally(settings)
 
 
 def main() -> None:

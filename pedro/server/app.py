@@ -1,0 +1,309 @@
+"""The FastAPI application: OpenAI-compatible generation, adapter management, health and metrics.
+
+Generation streams from the backend; for ``stream=true`` the first engine output is awaited *before* the 200
+and the SSE headers go out, so every refusal (bad adapter, prompt too long, queue full) is a proper HTTP error,
+not an error event inside a 200 stream. A client that goes away is noticed both while waiting (polling
+``is_disconnected``) and while streaming (Starlette cancels the response), and either way the engine request is
+aborted and its slot freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar, Union
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from pedro.engine import RequestOutput, SamplingParams
+from pedro.server.auth import KeyRing, Principal
+from pedro.server.backend import LocalBackend
+from pedro.server.config import ServerConfig
+from pedro.server.errors import APIError
+from pedro.server.metrics import ServerMetrics
+from pedro.server.registry import AdapterRecord, AdapterRegistry
+from pedro.server.schemas import (
+    AdapterInfo,
+    AdapterList,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    ModelList,
+    RegisterFromPath,
+    Usage,
+    new_id,
+    now,
+)
+from pedro.server.tenancy import TenantAdapters
+from pedro.server.uploads import receive_upload
+
+log = logging.getLogger("pedro.server")
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.2
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (which aborts the engine request)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _validation_message(err: Union[RequestValidationError, ValidationError]) -> tuple[str, Optional[str]]:
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if not loc and first.get("type") == "model_attributes_type":
+        return "the request body must be a JSON object, sent with Content-Type: application/json", None
+    where = ".".join(loc)
+    return (f"{where}: {first['msg']}" if where else first["msg"]), (loc[0] if loc else None)
+
+
+def create_app(config: ServerConfig, backend: LocalBackend, keys: KeyRing) -> FastAPI:
+    """The app for one backend. Start-up restores the on-disk registry into the engine."""
+    registry = AdapterRegistry(config.adapters_dir)
+    adapters = TenantAdapters(registry, backend, config)
+    metrics = ServerMetrics(backend.stats)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        restored = await adapters.restore()
+        if keys.open:
+            log.warning("no API keys configured: the server is OPEN (every caller is tenant 'default' with admin rights)")
+        log.info("serving %s with %d registered adapter(s)", config.served_model_name, restored)
+        yield
+
+    app = FastAPI(title="pedro serve", lifespan=lifespan)
+    app.state.backend, app.state.adapters, app.state.metrics = backend, adapters, metrics
+
+    # ---------------------------------------------------------------------------------------- errors
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        metrics.rejections.labels(str(err.status)).inc()
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(err)
+        return await _api_error(_, APIError(400, message, param=param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, err: HTTPException) -> JSONResponse:
+        return await _api_error(_, APIError(err.status_code, str(err.detail)))
+
+    # ---------------------------------------------------------------------------------------- auth
+
+    def principal(request: Request) -> Principal:
+        who = keys.resolve(request.headers.get("authorization"))
+        if who is None:
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        return who
+
+    def admin(who: Principal = Depends(principal)) -> Principal:
+        if not who.admin:
+            raise APIError(403, "this endpoint needs an admin key")
+        return who
+
+    # ---------------------------------------------------------------------------------------- service
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": config.served_model_name, **backend.stats()}
+
+    @app.get("/metrics")
+    async def prometheus(_: Principal = Depends(admin)) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(who: Principal = Depends(principal)) -> ModelList:
+        cards = [ModelCard(id=config.served_model_name, created=0, owned_by="pedro")]
+        cards += [
+            ModelCard(id=adapters.display_name(who, r), created=r.created, owned_by=r.tenant) for r in adapters.visible(who)
+        ]
+        return ModelList(data=cards)
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    def sampling_of(body: Union[CompletionRequest, ChatCompletionRequest]) -> SamplingParams:
+        max_tokens = body.max_tokens if body.max_tokens is not None else config.default_max_tokens
+        if max_tokens > config.max_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens}", param="max_tokens")
+        return SamplingParams(
+            max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+            stop=tuple(body.stop), seed=body.seed,
+        )
+
+    async def generate(
+        request: Request,
+        who: Principal,
+        body: Union[CompletionRequest, ChatCompletionRequest],
+        prompt: Any,
+        endpoint: str,
+        render_chunk: Callable[[str, RequestOutput, bool], list[str]],
+        render_final: Callable[[str, RequestOutput], Any],
+    ) -> Any:
+        record = adapters.resolve(who, body.model)
+        outputs = backend.stream(prompt, record.engine_name if record else None, sampling_of(body))
+        labels = (who.tenant, body.model, endpoint)
+        response_id = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
+
+        def observe(out: RequestOutput) -> None:
+            metrics.add_tokens(len(out.delta_token_ids))
+            if "ttft_s" in out.metrics and len(out.token_ids) == len(out.delta_token_ids):
+                metrics.ttft.observe(out.metrics["ttft_s"])
+            if out.finished:
+                metrics.prompt_tokens.inc(out.prompt_tokens)
+                metrics.requests.labels(*labels, out.finish_reason).inc()
+
+        if not body.stream:
+            async def run() -> RequestOutput:
+                last = None
+                async for out in outputs:
+                    observe(out)
+                    last = out
+                return last
+
+            try:
+                return render_final(response_id, await _unless_disconnected(request, run()))
+            except ClientGone:
+                metrics.requests.labels(*labels, "cancelled").inc()
+                return Response(status_code=499)
+
+        try:
+            first = await _unless_disconnected(request, outputs.__anext__())
+        except ClientGone:
+            metrics.requests.labels(*labels, "cancelled").inc()
+            return Response(status_code=499)
+        observe(first)
+
+        async def events() -> AsyncIterator[str]:
+            out, opening = first, True
+            try:
+                while True:
+                    for chunk in render_chunk(response_id, out, opening):
+                        yield f"data: {chunk}\n\n"
+                    opening = False
+                    if out.finished:
+                        break
+                    out = await outputs.__anext__()
+                    observe(out)
+                if body.include_usage:
+                    yield f"data: {usage_chunk(response_id, out)}\n\n"
+                yield "data: [DONE]\n\n"
+            except APIError as err:
+                yield f"data: {err.body.model_dump_json()}\n\n"
+            finally:
+                if not out.finished:
+                    metrics.requests.labels(*labels, "cancelled").inc()
+                await outputs.aclose()
+
+        def usage_chunk(response_id: str, out: RequestOutput) -> str:
+            usage = Usage.of(out.prompt_tokens, len(out.token_ids))
+            cls = Completion if endpoint == "completions" else ChatCompletionChunk
+            return cls(id=response_id, created=now(), model=body.model, choices=[], usage=usage).model_dump_json()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request, who: Principal = Depends(principal)) -> Any:
+        def chunk(rid: str, out: RequestOutput, opening: bool) -> list[str]:
+            if not out.delta_text and not out.finished:
+                return []
+            choice = CompletionChoice(text=out.delta_text, finish_reason=out.finish_reason if out.finished else None)
+            return [Completion(id=rid, created=now(), model=body.model, choices=[choice]).model_dump_json()]
+
+        def final(rid: str, out: RequestOutput) -> Completion:
+            choice = CompletionChoice(text=out.text, finish_reason=out.finish_reason)
+            return Completion(id=rid, created=now(), model=body.model, choices=[choice], usage=Usage.of(out.prompt_tokens, len(out.token_ids)))
+
+        return await generate(request, who, body, body.prompt, "completions", chunk, final)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)) -> Any:
+        def chunk(rid: str, out: RequestOutput, opening: bool) -> list[str]:
+            chunks = []
+            if opening:
+                chunks.append(ChunkChoice(delta=Delta(role="assistant", content="")))
+            if out.delta_text:
+                chunks.append(ChunkChoice(delta=Delta(content=out.delta_text)))
+            if out.finished:
+                chunks.append(ChunkChoice(delta=Delta(), finish_reason=out.finish_reason))
+            return [ChatCompletionChunk(id=rid, created=now(), model=body.model, choices=[c]).model_dump_json() for c in chunks]
+
+        def final(rid: str, out: RequestOutput) -> ChatCompletion:
+            choice = ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)
+            return ChatCompletion(id=rid, created=now(), model=body.model, choices=[choice], usage=Usage.of(out.prompt_tokens, len(out.token_ids)))
+
+        messages = [m.as_dict() for m in body.messages]
+        return await generate(request, who, body, messages, "chat.completions", chunk, final)
+
+    # ---------------------------------------------------------------------------------------- adapters
+
+    def info(who: Principal, record: AdapterRecord) -> AdapterInfo:
+        return AdapterInfo(
+            id=adapters.display_name(who, record), name=record.name, tenant=record.tenant, kind=record.kind,
+            parameters=record.parameters, bytes=record.bytes, created=record.created,
+        )
+
+    @app.get("/v1/adapters")
+    async def list_adapters(who: Principal = Depends(principal)) -> AdapterList:
+        return AdapterList(data=[info(who, r) for r in adapters.visible(who)])
+
+    @app.post("/v1/adapters", status_code=201)
+    async def register_adapter(request: Request, who: Principal = Depends(principal)) -> AdapterInfo:
+        content_type = request.headers.get("content-type", "")
+        staged = registry.new_staging()
+        try:
+            if content_type.startswith("multipart/form-data"):
+                fields = await receive_upload(request, staged, config.max_upload_bytes)
+                name, tenant = fields.get("name"), fields.get("tenant")
+            elif content_type.startswith("application/json"):
+                try:
+                    body = RegisterFromPath.model_validate_json(await request.body())
+                except ValidationError as err:
+                    raise APIError(400, *_validation_message(err)) from None
+                adapters.stage_from_path(who, body.path, staged)
+                name, tenant = body.name, body.tenant
+            else:
+                raise APIError(400, "send multipart/form-data (upload) or application/json {name, path} (admin)")
+            record = await adapters.register(who, name, tenant, staged)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return info(who, record)
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(name: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        record = await adapters.delete(who, name)
+        return {"id": adapters.display_name(who, record), "object": "adapter", "deleted": True}
+
+    return app

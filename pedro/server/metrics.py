@@ -1,0 +1,53 @@
+"""Prometheus metrics of one server: queue length, running requests, tokens/s, per-adapter request counts.
+
+Each app gets its own CollectorRegistry (not prometheus_client's global one) so several servers can live in
+one process (tests, the Ray replicas) without "duplicated timeseries" errors. Gauges that mirror engine state
+are read when Prometheus scrapes, not pushed on every step, so the engine loop pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TOKENS_PER_SECOND_WINDOW_S = 10.0
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pedro_requests", "Finished API requests by tenant, model (adapter) and outcome.",
+            ["tenant", "model", "endpoint", "outcome"], registry=self.registry,
+        )
+        self.rejections = Counter("pedro_rejections", "Requests refused before generation, by HTTP status.", ["status"], registry=self.registry)
+        self.prompt_tokens = Counter("pedro_prompt_tokens", "Prompt tokens of served requests.", registry=self.registry)
+        self.generated_tokens = Counter("pedro_generated_tokens", "Tokens generated.", registry=self.registry)
+        self.ttft = Histogram(
+            "pedro_time_to_first_token_seconds", "Time from request arrival to its first token.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry,
+        )
+        self._window: deque[tuple[float, int]] = deque()
+        for name, doc, key in (
+            ("pedro_queue_length", "Requests waiting for an engine slot.", "waiting"),
+            ("pedro_running_requests", "Requests in the running batch.", "running"),
+            ("pedro_requests_in_flight", "Requests admitted by the server and not finished.", "in_flight"),
+        ):
+            Gauge(name, doc, registry=self.registry).set_function(lambda key=key: stats().get(key, 0))
+        Gauge("pedro_tokens_per_second", f"Generated tokens/s over the last {TOKENS_PER_SECOND_WINDOW_S:.0f} s.", registry=self.registry).set_function(self.tokens_per_second)
+
+    def add_tokens(self, n: int) -> None:
+        self.generated_tokens.inc(n)
+        self._window.append((time.monotonic(), n))
+
+    def tokens_per_second(self) -> float:
+        horizon = time.monotonic() - TOKENS_PER_SECOND_WINDOW_S
+        while self._window and self._window[0][0] < horizon:
+            self._window.popleft()
+        return sum(n for _, n in self._window) / TOKENS_PER_SECOND_WINDOW_S
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,81 @@
+"""ServerProcess: a real ``pedro serve`` in a child process, started and stopped from Python.
+
+The tests and ``pedro bench serve`` need exactly what a user runs (a separate process, a TCP port, uvicorn),
+not an in-process test client, so that disconnects, kills and restarts are real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``pedro serve --config <config> --port <free port>`` on 127.0.0.1; output goes to ``log``."""
+
+    def __init__(self, config: Path, log: Path, env: Optional[dict[str, str]] = None, extra_args: tuple[str, ...] = ()) -> None:
+        self.config, self.log, self.extra_args = Path(config), Path(log), extra_args
+        self.env = {**os.environ, **(env or {})}
+        self.port = free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180.0) -> "ServerProcess":
+        """Start and wait until /health answers; raises RuntimeError with the log's tail if it dies first."""
+        command = [sys.executable, "-m", "pedro.cli", "serve", "--config", str(self.config), "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pedro serve exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"pedro serve did not become healthy in {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (uvicorn shuts down gracefully), SIGKILL if it does not exit in ``timeout``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, as far as the server can tell."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

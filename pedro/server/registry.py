@@ -1,0 +1,147 @@
+"""The server's adapter registry on disk: which tenant owns which adapter, crash-safe.
+
+Layout under ``adapters_dir``::
+
+    registry.json            the index: the only source of truth for what is registered
+    store/<tenant>/<name>/   adapter_config.json + adapter_model.safetensors of each registered adapter
+    .staging/                uploads being received and checked
+
+An adapter becomes registered in two atomic steps: its checked staging directory is renamed into ``store/``,
+then the index is rewritten (temp file, fsync, ``os.replace``). A crash between or before them leaves a
+directory the index does not name; :meth:`AdapterRegistry.open` deletes those and empties ``.staging``, so a
+half-written upload never appears after a restart. Removal rewrites the index first, then deletes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from pedro.server.auth import check_name
+
+log = logging.getLogger("pedro.server")
+
+INDEX_NAME = "registry.json"
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    tenant: str
+    name: str
+    kind: str
+    parameters: int
+    bytes: int
+    created: int
+
+    @property
+    def engine_name(self) -> str:
+        """The adapter's name inside the engine: tenants' names never collide there."""
+        return f"{self.tenant}:{self.name}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterRegistry:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.store = self.root / "store"
+        self.staging_root = self.root / ".staging"
+        self.index = self.root / INDEX_NAME
+        self._records: dict[tuple[str, str], AdapterRecord] = {}
+
+    # ------------------------------------------------------------------------------------------ start-up
+
+    def open(self) -> list[AdapterRecord]:
+        """Load the index and clean up what a crash may have left; -> the registered adapters."""
+        self.store.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.staging_root, ignore_errors=True)
+        self.staging_root.mkdir()
+        records: list[AdapterRecord] = []
+        if self.index.is_file():
+            try:
+                data = json.loads(self.index.read_text())
+                records = [AdapterRecord(**item) for item in data["adapters"]]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"the adapter registry {self.index} is unreadable: {err}") from err
+        self._records = {}
+        for record in records:
+            if (self.path(record.tenant, record.name)).is_dir():
+                self._records[(record.tenant, record.name)] = record
+            else:
+                log.warning("registered adapter %s has no files any more; dropping it", record.engine_name)
+        for tenant_dir in self.store.iterdir():
+            for adapter_dir in tenant_dir.iterdir() if tenant_dir.is_dir() else [tenant_dir]:
+                if (tenant_dir.name, adapter_dir.name) not in self._records:
+                    log.warning("removing %s: not in the registry (an interrupted registration)", adapter_dir)
+                    shutil.rmtree(adapter_dir) if adapter_dir.is_dir() else adapter_dir.unlink()
+        if len(self._records) != len(records):
+            self._write_index()
+        return list(self._records.values())
+
+    # ------------------------------------------------------------------------------------------ queries
+
+    def path(self, tenant: str, name: str) -> Path:
+        return self.store / check_name("tenant", tenant) / check_name("adapter", name)
+
+    def get(self, tenant: str, name: str) -> Optional[AdapterRecord]:
+        return self._records.get((tenant, name))
+
+    def records(self, tenant: Optional[str] = None) -> list[AdapterRecord]:
+        return [r for r in self._records.values() if tenant is None or r.tenant == tenant]
+
+    # ------------------------------------------------------------------------------------------ changes
+
+    def new_staging(self) -> Path:
+        """A fresh directory for an upload, on the same filesystem as the store (so commit is a rename)."""
+        return Path(tempfile.mkdtemp(dir=self.staging_root))
+
+    def commit(self, staged: Path, tenant: str, name: str, kind: str, parameters: int, size: int) -> AdapterRecord:
+        """Move a checked staging directory into the store and record it in the index."""
+        final = self.path(tenant, name)
+        if final.exists() or (tenant, name) in self._records:
+            raise FileExistsError(f"adapter {name!r} is already registered")
+        final.parent.mkdir(exist_ok=True)
+        os.rename(staged, final)
+        _fsync_dir(final.parent)
+        record = AdapterRecord(tenant, name, kind, parameters, size, int(time.time()))
+        self._records[(tenant, name)] = record
+        try:
+            self._write_index()
+        except OSError:
+            del self._records[(tenant, name)]
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        return record
+
+    def remove(self, tenant: str, name: str) -> None:
+        self._records.pop((tenant, name))
+        self._write_index()
+        shutil.rmtree(self.path(tenant, name), ignore_errors=True)
+
+    def _write_index(self) -> None:
+        data = {"version": INDEX_VERSION, "adapters": [asdict(r) for r in self._records.values()]}
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{INDEX_NAME}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(data, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.index)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.root)
