@@ -24,10 +24,15 @@ ADMIN_KEY = "sk-admin-000001"
 PROMPTS = ["3 4 5 6", "10 11 12", "7 8 9 20 21 22 23", "40 41"]
 
 
-def make_backbone(path: Path, **overrides: Any) -> Path:
-    """A saved tiny LLaMA whose tokenizer has a chat template (so /v1/chat/completions works)."""
-    tiny_model("llama", **overrides).save_pretrained(path)
+def make_backbone(path: Path, endless: bool = False, **overrides: Any) -> Path:
+    """A saved tiny LLaMA whose tokenizer has a chat template (so /v1/chat/completions works). ``endless``: no
+    EOS token at all, so every request runs to max_tokens (the fault tests need long, predictable requests)."""
+    model = tiny_model("llama", **overrides)
     tokenizer = tiny_tokenizer()
+    if endless:
+        model.config.eos_token_id = model.generation_config.eos_token_id = None
+        tokenizer.eos_token = None
+    model.save_pretrained(path)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
     return path
