@@ -144,6 +144,89 @@ def serve(
         serve_locally(settings)
 
 
+@app.command()
+def train(
+    data: str = typer.Option(..., help="JSONL (prompt/response or messages), a datasets folder, or a task name."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the adapter and summary are written."),
+    backbone: str = typer.Option("smollm2-135m", help=BACKBONE_HELP),
+    method: str = typer.Option("pedro", help="pedro | lora | ia3"),
+    match_params: Optional[str] = typer.Option(None, help="'pedro' or a count: size this method to that budget."),
+    r: int = typer.Option(8, help="PEDRO generator bottleneck."),
+    pooler: str = typer.Option("last", help="PEDRO pooler: last | mean | max | attention"),
+    activation: str = typer.Option("gelu", help="PEDRO activation: relu | gelu | silu | rational"),
+    targets: str = typer.Option("q,v,up", help="PEDRO: projections to scale."),
+    rational_lr: Optional[float] = typer.Option(None, help="Own learning rate for rational coefficients."),
+    lora_r: int = typer.Option(8),
+    lora_targets: str = typer.Option("q,v", help="LoRA: projections (q,k,v,o,gate,up,down)."),
+    ia3_targets: str = typer.Option("k,v,down", help="(IA)3: projections (down scales its input)."),
+    max_length: int = typer.Option(512, help="Longest prompt+response in tokens."),
+    overflow: str = typer.Option("truncate", help="Longer records: truncate (the response) | drop | error"),
+    epochs: float = typer.Option(1.0),
+    max_steps: int = typer.Option(-1, help="Stop after this many steps (overrides epochs)."),
+    batch_size: int = typer.Option(8),
+    grad_accum: int = typer.Option(1),
+    lr: float = typer.Option(1e-3),
+    scheduler: str = typer.Option("cosine", help="cosine | linear | constant_with_warmup ..."),
+    warmup: float = typer.Option(0.06, help="Warm-up: a ratio of the steps (<1) or a step count."),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16"),
+    seed: int = typer.Option(0),
+    limit: Optional[int] = typer.Option(None, help="Train on N records (after a seeded shuffle)."),
+    eval_data: Optional[str] = typer.Option(None, help="Held-out records for periodic eval loss."),
+    eval_steps: int = typer.Option(0),
+    early_stopping: int = typer.Option(0, help="Patience in evaluations (0 = off)."),
+    save_steps: int = typer.Option(0, help="Checkpoint every N steps (0 = none)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUTPUT_DIR."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder with task data (default ../shared/data)."),
+    report_to: str = typer.Option("", help="tensorboard,wandb when installed."),
+) -> None:
+    """Fine-tune an adapter; writes a PEFT adapter folder, training_summary.json and train_log.jsonl."""
+    from pedro.train import train as run_training
+
+    run_training(
+        data=data, output_dir=str(output_dir), backbone=backbone, method=method, match_params=match_params, r=r,
+        pooler=pooler, activation=activation, targets=targets, rational_lr=rational_lr, lora_r=lora_r,
+        lora_targets=lora_targets, ia3_targets=ia3_targets, max_length=max_length, overflow=overflow,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        scheduler=scheduler, warmup=warmup, precision=precision, seed=seed, limit=limit, eval_data=eval_data,
+        eval_steps=eval_steps, early_stopping=early_stopping, save_steps=save_steps, resume=resume,
+        data_dir=data_dir, report_to=[x for x in report_to.split(",") if x],
+    )
+
+
+@app.command(name="eval")
+def evaluate_command(
+    task: str = typer.Option(..., help="sst2 | rte | gsm8k | e2e | jsonl:DIR"),
+    adapter: Optional[str] = typer.Option(None, help="An adapter folder (its backbone is the default --backbone)."),
+    base: bool = typer.Option(False, "--base", help="Score the bare backbone."),
+    backbone: Optional[str] = typer.Option(None, help=BACKBONE_HELP + " (default: the adapter's, else smollm2-135m)"),
+    split: str = typer.Option("test"),
+    limit: Optional[int] = typer.Option(None, help="Score the first N examples."),
+    batch_size: int = typer.Option(16),
+    data_dir: Optional[str] = typer.Option(None, help="Folder with task data (default ../shared/data)."),
+    output: Optional[Path] = typer.Option(None, help="JSON result file (predictions go next to it)."),
+) -> None:
+    """Score a backbone or an adapter on a task; prints and writes the metrics JSON and per-example predictions."""
+    import json
+
+    from pedro.data import write_json_atomic
+    from pedro.evaluate import evaluate as run_eval
+    from pedro.evaluate import load_for_eval
+    from pedro.tasks import get_task
+
+    if base == (adapter is not None):
+        raise typer.BadParameter("give exactly one of --adapter DIR or --base")
+    task_obj = get_task(task, data_dir)
+    task_obj.path(split)  # missing data fails here, with where it was looked for, before loading a model
+    model, tokenizer = load_for_eval(backbone, adapter)
+    output = output or Path(adapter or ".") / f"eval_{task.replace(':', '_').replace('/', '_')}_{split}.json"
+    predictions = output.with_name(output.stem + "_predictions.jsonl")
+    result = run_eval(model, tokenizer, task_obj, split, limit, batch_size, predictions_path=predictions)
+    result["adapter"] = adapter
+    result["predictions"] = str(predictions)
+    write_json_atomic(output, result)
+    console.print_json(json.dumps(result))
+
+
 def main() -> None:
     """Entry point: a bad input ends with its message, not a traceback."""
     try:

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import peft
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from pedro.backbones import DEFAULT_BACKBONE, layer_map, load_backbone
@@ -218,8 +218,19 @@ def attach_adapter(model: nn.Module, cfg: TrainConfig) -> peft.PeftModel:
             target_modules=module_names(model, cfg.ia3_targets),
             feedforward_modules=module_names(model, [t for t in cfg.ia3_targets if t in IA3_FEEDFORWARD]),
         )
-    config.base_model_name_or_path = cfg.backbone  # lets `pedro eval --adapter DIR` find the backbone
-    return peft.get_peft_model(model, config)
+    _forget_gguf_quantization(model)
+    peft_model = peft.get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = cfg.backbone  # `pedro eval --adapter` reads it
+    return peft_model
+
+
+def _forget_gguf_quantization(model: nn.Module) -> None:
+    """A GGUF backbone is dequantised to float at load, but transformers keeps its GGUF "quantizer" marker
+    and Trainer then refuses to train it; the weights are plain float tensors, so drop the stale marker."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and str(quantizer.quantization_config.quant_method).lower().endswith("gguf"):
+        model.hf_quantizer = None
+        model.is_quantized = False
 
 
 def size_report(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -339,7 +350,7 @@ def save_adapter_atomic(model: peft.PeftModel, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, save_embedding_layers=False)  # PEFT would look the backbone up online
         for item in staging.iterdir():
             os.replace(item, output_dir / item.name)
     finally:
@@ -448,6 +459,7 @@ def train(
         callbacks=extra,
         rational_lr=cfg.rational_lr,
     )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressAndLog shows and records them
     resume_from = None
     if cfg.resume:
         resume_from = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
