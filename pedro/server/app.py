@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from pedro.engine import RequestOutput, SamplingParams
 from pedro.server.auth import KeyRing, Principal
-from pedro.server.backend import LocalBackend
+from pedro.server.backend import Backend
 from pedro.server.config import ServerConfig
 from pedro.server.errors import APIError
 from pedro.server.metrics import ServerMetrics
@@ -88,7 +88,7 @@ def _validation_message(err: Union[RequestValidationError, ValidationError]) -> 
     return (f"{where}: {first['msg']}" if where else first["msg"]), (loc[0] if loc else None)
 
 
-def create_app(config: ServerConfig, backend: LocalBackend, keys: KeyRing) -> FastAPI:
+def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI:
     """The app for one backend. Start-up restores the on-disk registry into the engine."""
     registry = AdapterRegistry(config.adapters_dir)
     adapters = TenantAdapters(registry, backend, config)

@@ -13,7 +13,7 @@ import asyncio
 import copy
 import itertools
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Optional, Protocol, Union
 
 from pedro.engine import AdapterError, AsyncEngine, Engine, Request, RequestError, RequestOutput, SamplingParams
 from pedro.server.config import ServerConfig
@@ -22,6 +22,20 @@ from pedro.server.validate import InvalidAdapter, check_adapter
 
 Prompt = Union[str, list[int], list[dict[str, str]]]
 _ids = itertools.count()
+
+
+class Backend(Protocol):
+    """What app.py and tenancy.py call: LocalBackend here, RayBackend (ray_app.py) in front of Ray replicas."""
+
+    def stream(self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams) -> AsyncIterator[RequestOutput]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def check(self, directory: Path) -> dict[str, Any]: ...
+
+    async def add_adapter(self, engine_name: str, directory: Path) -> None: ...
+
+    async def remove_adapter(self, engine_name: str) -> None: ...
 
 
 class LocalBackend:

@@ -39,6 +39,10 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.retry_after = status, message, code, param, retry_after
 
+    def __reduce__(self) -> tuple:
+        """Pickle with every field: on Ray Serve an APIError raised in an engine replica reaches the ingress."""
+        return (_rebuild, (self.status, self.message, self.code, self.param, self.retry_after))
+
     @property
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorBody(message=self.message, type=_TYPES.get(self.status, "server_error"), param=self.param, code=self.code))
@@ -46,6 +50,10 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
         return JSONResponse(self.body.model_dump(), status_code=self.status, headers=headers)
+
+
+def _rebuild(status: int, message: str, code: Optional[str], param: Optional[str], retry_after: Optional[int]) -> APIError:
+    return APIError(status, message, code=code, param=param, retry_after=retry_after)
 
 
 def not_found(name: str) -> APIError:

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,11 +41,19 @@ class AdapterRecord:
     parameters: int
     bytes: int
     created: int
+    version: str
+
+    @property
+    def qualified_name(self) -> str:
+        """How the admin names it in the API."""
+        return f"{self.tenant}:{self.name}"
 
     @property
     def engine_name(self) -> str:
-        """The adapter's name inside the engine: tenants' names never collide there."""
-        return f"{self.tenant}:{self.name}"
+        """The adapter's name inside the engine (and its multiplexed model id on Ray): tenants' names never
+        collide, and a deleted-then-re-registered name gets a new version, so no replica can mistake the new
+        adapter for an old one it still knows."""
+        return f"{self.qualified_name}@{self.version}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,7 +126,7 @@ class AdapterRegistry:
         final.parent.mkdir(exist_ok=True)
         os.rename(staged, final)
         _fsync_dir(final.parent)
-        record = AdapterRecord(tenant, name, kind, parameters, size, int(time.time()))
+        record = AdapterRecord(tenant, name, kind, parameters, size, int(time.time()), uuid.uuid4().hex[:12])
         self._records[(tenant, name)] = record
         try:
             self._write_index()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from pedro.server.auth import Principal, check_name
-from pedro.server.backend import LocalBackend
+from pedro.server.backend import Backend
 from pedro.server.config import ServerConfig
 from pedro.server.errors import APIError, not_found
 from pedro.server.registry import AdapterRecord, AdapterRegistry
@@ -25,7 +25,7 @@ log = logging.getLogger("pedro.server")
 
 
 class TenantAdapters:
-    def __init__(self, registry: AdapterRegistry, backend: LocalBackend, config: ServerConfig) -> None:
+    def __init__(self, registry: AdapterRegistry, backend: Backend, config: ServerConfig) -> None:
         self.registry, self.backend, self.config = registry, backend, config
         self._lock = asyncio.Lock()  # one registration / removal at a time: name checks and commits stay consistent
 
@@ -63,7 +63,7 @@ class TenantAdapters:
 
     def display_name(self, principal: Principal, record: AdapterRecord) -> str:
         """How the caller names this adapter in ``model``: its bare name, or ``tenant:name`` for another tenant's."""
-        return record.name if record.tenant == principal.tenant else record.engine_name
+        return record.name if record.tenant == principal.tenant else record.qualified_name
 
     # ------------------------------------------------------------------------------------------ changes
 
@@ -104,7 +104,7 @@ class TenantAdapters:
             except BaseException:
                 self.registry.remove(owner, name)
                 raise
-        log.info("registered adapter %s (%s, %d parameters)", record.engine_name, record.kind, record.parameters)
+        log.info("registered adapter %s (%s, %d parameters)", record.qualified_name, record.kind, record.parameters)
         return record
 
     def stage_from_path(self, principal: Principal, source: str, staged: Path) -> None:
@@ -129,5 +129,5 @@ class TenantAdapters:
                 raise APIError(400, "the base model cannot be deleted", param="name")
             await self.backend.remove_adapter(record.engine_name)
             self.registry.remove(record.tenant, record.name)
-        log.info("removed adapter %s", record.engine_name)
+        log.info("removed adapter %s", record.qualified_name)
         return record

@@ -1,0 +1,181 @@
+"""The same API as a Ray Serve application: one light ingress, N engine replicas, adapters multiplexed.
+
+::
+
+    HTTP -> Ray Serve proxy -> PedroIngress (the FastAPI app of app.py: keys, registry, limits, SSE)
+                                  |  handle.options(multiplexed_model_id="<tenant>:<name>@<version>")
+                                  v
+                               PedroEngine x N (a LocalBackend each: one Engine, one backbone copy)
+
+Ray Serve's model multiplexing routes each request to a replica that already holds its adapter (the adapter's
+engine name is the multiplexed model id), so a tenant's traffic sticks to few replicas and each replica's
+engine keeps its resident adapters hot. Replicas read adapters from the same ``adapters_dir`` the ingress
+writes: on several nodes that directory must be shared storage (NFS, a mounted bucket). Requests for the bare
+backbone carry no model id and go to any replica. Ray Serve does the routing, autoscaling, health checks and
+replica restarts; we do not write our own distributed engine.
+
+Entry points: ``pedro serve --ray`` (serve_on_ray), and ``app_builder`` for ``serve run`` / ``serve deploy``
+with serve.yaml.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pedro.engine import RequestOutput, SamplingParams
+from pedro.server.app import create_app
+from pedro.server.auth import KeyRing, check_name
+from pedro.server.backend import LocalBackend, Prompt
+from pedro.server.config import ServerConfig
+from pedro.server.registry import AdapterRegistry
+
+log = logging.getLogger("pedro.server")
+
+
+def _adapter_dir(config: ServerConfig, engine_name: str) -> Path:
+    """``<tenant>:<name>@<version>`` -> its directory in the shared store (names re-checked: ids arrive over the wire)."""
+    qualified, _, _version = engine_name.rpartition("@")
+    tenant, _, name = qualified.partition(":")
+    return AdapterRegistry(config.adapters_dir).path(check_name("tenant", tenant), check_name("adapter", name))
+
+
+class RayBackend:
+    """The ingress side of the Backend protocol: every call goes to a PedroEngine replica through its handle."""
+
+    def __init__(self, engine: DeploymentHandle, replicas: int) -> None:
+        self.engine = engine
+        self.replicas = replicas
+        self.routing: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    async def stream(self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
+        handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "")
+        responses = handle.stream.remote(prompt, sampling)
+        finished = False
+        try:
+            async for replica, out in responses:
+                if out.token_ids == out.delta_token_ids:  # the first output: count where it was routed
+                    self.routing[adapter or "<base>"][replica] += 1
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                responses.cancel()  # the replica's generator is cancelled: its engine request is aborted
+
+    def stats(self) -> dict[str, Any]:
+        return {"replicas": self.replicas, "routing": {model: dict(c) for model, c in self.routing.items()}}
+
+    async def check(self, directory: Path) -> dict[str, Any]:
+        return await self.engine.check.remote(str(directory))
+
+    async def add_adapter(self, engine_name: str, directory: Path) -> None:
+        """Nothing to do up front: a replica loads an adapter from the shared store when routed its first request."""
+
+    async def remove_adapter(self, engine_name: str) -> None:
+        """Nothing to do: the ingress no longer resolves the name, so no request can reach a replica's copy;
+        replicas keep only its registration metadata (weights are loaded on demand and LRU-evicted)."""
+
+
+def build(config: ServerConfig) -> serve.Application:
+    """The Ray Serve application for ``config`` (deployment classes are made here so the config's multiplexing
+    bound and resources apply)."""
+    ray_cfg = config.ray
+    scaling: dict[str, Any] = {"num_replicas": ray_cfg.replicas}
+    if ray_cfg.min_replicas is not None:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": ray_cfg.min_replicas,
+                "initial_replicas": ray_cfg.replicas,
+                "max_replicas": ray_cfg.max_replicas,
+                "target_ongoing_requests": ray_cfg.target_ongoing_requests,
+            }
+        }
+
+    @serve.deployment(
+        name="PedroEngine",
+        ray_actor_options={"num_cpus": ray_cfg.num_cpus, "num_gpus": ray_cfg.num_gpus},
+        max_ongoing_requests=config.max_batch + config.max_queued,
+        **scaling,
+    )
+    class PedroEngine:
+        def __init__(self, config_json: str) -> None:
+            import torch
+
+            torch.set_num_threads(max(1, int(ray_cfg.num_cpus)))
+            self.config = ServerConfig.model_validate_json(config_json)
+            self.backend = LocalBackend.from_config(self.config)
+            self.replica = serve.get_replica_context().replica_id.unique_id
+            self.known: set[str] = set()
+
+        @serve.multiplexed(max_num_models_per_replica=ray_cfg.max_adapters_per_replica)
+        async def adapter(self, engine_name: str) -> str:
+            if engine_name not in self.known:
+                await self.backend.add_adapter(engine_name, _adapter_dir(self.config, engine_name))
+                self.known.add(engine_name)
+            return engine_name
+
+        async def stream(self, prompt: Prompt, sampling: SamplingParams) -> AsyncIterator[tuple[str, RequestOutput]]:
+            adapter = serve.get_multiplexed_model_id() or None
+            if adapter is not None:
+                await self.adapter(adapter)
+            async for out in self.backend.stream(prompt, adapter, sampling):
+                yield self.replica, out
+
+        async def check(self, directory: str) -> dict[str, Any]:
+            return await self.backend.check(Path(directory))
+
+    @serve.deployment(name="PedroIngress", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    @serve.ingress()
+    class PedroIngress:
+        def __init__(self, config_json: str, engine: DeploymentHandle) -> None:
+            self.config = ServerConfig.model_validate_json(config_json)
+            self.backend = RayBackend(engine, ray_cfg.replicas)
+            self.keys = KeyRing.load(self.config.keys_file)
+
+        def __serve_build_asgi_app__(self) -> Any:
+            return create_app(self.config, self.backend, self.keys)
+
+    config_json = config.model_dump_json()
+    return PedroIngress.bind(config_json, PedroEngine.bind(config_json))
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """For serve.yaml (``import_path: pedro.server.ray_app:app_builder``): ``args`` holds ``config`` (a
+    pedro server YAML file) and/or any ServerConfig field."""
+    args = dict(args)
+    path = args.pop("config", None)
+    ray = args.pop("ray", None) or {}
+    return build(ServerConfig.load(Path(path) if path else None, **args, **{f"ray_{k}": v for k, v in ray.items()}))
+
+
+def serve_on_ray(config: ServerConfig) -> None:
+    """``pedro serve --ray``: connect to (or start) a Ray cluster, deploy, and block until SIGINT / SIGTERM,
+    then tear the application down (and the local cluster, when this process started it)."""
+    import ray
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    KeyRing.load(config.keys_file)  # fail fast on a bad keys file, before any replica starts
+    ray.init(address=config.ray.address, include_dashboard=False, logging_level=logging.WARNING)
+
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(build(config), name="pedro", route_prefix="/", blocking=False)
+        log.info("pedro on Ray Serve: http://%s:%d (%d engine replica(s))", config.host, config.port, config.ray.replicas)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
