@@ -28,6 +28,7 @@ import peft
 import torch
 from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from pedro.backbones import DEFAULT_BACKBONE, layer_map, load_backbone
@@ -219,9 +220,7 @@ def attach_adapter(model: nn.Module, cfg: TrainConfig) -> peft.PeftModel:
             feedforward_modules=module_names(model, [t for t in cfg.ia3_targets if t in IA3_FEEDFORWARD]),
         )
     _forget_gguf_quantization(model)
-    peft_model = peft.get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = cfg.backbone  # `pedro eval --adapter` reads it
-    return peft_model
+    return peft.get_peft_model(model, config)
 
 
 def _forget_gguf_quantization(model: nn.Module) -> None:
@@ -276,6 +275,14 @@ class PedroTrainer(Trainer):
                 {"params": moved, "lr": self.rational_lr, "weight_decay": 0.0, "pedro_rational": True}
             )
         return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter only: the backbone is frozen, so its embeddings are never saved (which also stops
+        PEFT from looking the backbone up online to decide whether they changed)."""
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.save_pretrained(output_dir, save_embedding_layers=False)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _get_output_dir(self, trial: Any) -> str:
         return getattr(self, "_staging", None) or super()._get_output_dir(trial)
@@ -345,10 +352,13 @@ class ProgressAndLog(TrainerCallback):
             self.bar.close()
 
 
-def save_adapter_atomic(model: peft.PeftModel, output_dir: Path) -> None:
-    """save_pretrained into a temp folder next to ``output_dir``, then rename each file into place."""
+def save_adapter_atomic(model: peft.PeftModel, output_dir: Path, backbone: str | None = None) -> None:
+    """save_pretrained into a temp folder next to ``output_dir``, then rename each file into place.
+    ``backbone`` is recorded as the config's base model, so ``pedro eval --adapter DIR`` can load it."""
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
+    if backbone is not None:
+        model.peft_config[model.active_adapter].base_model_name_or_path = backbone
     try:
         model.save_pretrained(staging, save_embedding_layers=False)  # PEFT would look the backbone up online
         for item in staging.iterdir():
@@ -387,7 +397,8 @@ def train(
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
-    if model is None:
+    loaded_here = model is None
+    if loaded_here:
         model, tokenizer = load_backbone(cfg.backbone, quiet=not cfg.progress)
     if tokenizer is None:
         raise ValueError("pass the backbone's tokenizer with the model")
@@ -470,7 +481,7 @@ def train(
     train_seconds = time.perf_counter() - train_start
     final_eval = trainer.evaluate() if eval_rows is not None else {}
 
-    save_adapter_atomic(peft_model, output_dir)
+    save_adapter_atomic(peft_model, output_dir, cfg.backbone if loaded_here else None)
     summary = {
         "config": asdict(cfg),
         "requested": asdict(requested) if requested is not cfg else None,

@@ -1,0 +1,175 @@
+"""pedro.train: what the pooler sees during Trainer steps, parameter matching, the rational learning rate,
+atomic checkpoints and exact resume after a real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from pedro.data import Example
+from pedro.generator import VectorGenerator
+from pedro.train import TrainConfig, expected_parameter_count, match_sizes, train
+
+TESTS = Path(__file__).parent
+# prompt words 3..9, response words 43..49 (the tiny tokenizer's 0/1/2 are pad/eos/unk)
+EXAMPLES = [Example(" ".join(str(3 + (i + j) % 7) for j in range(2 + i % 4)), f"{43 + i % 7} {44 + i % 5}")
+            for i in range(8)]
+
+
+class CaptureGeneratorInputs(TrainerCallback):
+    """Hooks every vector generator at train begin: records (input_ids of the batch, pooled mask)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.ids: torch.Tensor | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def remember_ids(module, a, kw):
+            self.ids = kw["input_ids"]
+
+        model.register_forward_pre_hook(remember_ids, with_kwargs=True)
+        for module in model.modules():
+            if isinstance(module, VectorGenerator):
+                module.register_forward_hook(lambda m, inputs, out: self.seen.append((self.ids, inputs[1])))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pooler_sees_only_prompt_tokens_in_trainer_steps(tmp_path, side):
+    capture = CaptureGeneratorInputs()
+    result = train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path),
+                   max_steps=3, batch_size=4, padding_side=side, progress=False, callbacks=[capture])
+    assert result.summary["steps"] == 3
+    assert len(capture.seen) == 3 * 3  # 3 steps x 3 layers
+    for ids, mask in capture.seen:
+        # independent of prompt_lengths: the prompt is exactly the words 3..9 of each row
+        assert torch.equal(mask, (ids >= 3) & (ids <= 9))
+        assert (ids >= 43).any()  # the response is in the sequence, just not in the pool
+
+
+def test_summary_log_and_adapter_round_trip(tmp_path):
+    import peft
+
+    result = train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path),
+                   max_steps=4, batch_size=2, lr=5e-3, logging_steps=1, progress=False)
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["data"]["kept"] == 8 and summary["trainable_parameters"] == 3384
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 4 and all(r["tokens_per_s"] > 0 for r in log)
+    assert not list(tmp_path.glob(".*"))  # no staging leftovers
+    trained = result.summary
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "up.weight" in k)  # training moved Up off zero
+    assert trained["method"] == "pedro" and str(loaded.peft_config["default"].peft_type) == "PEDRO"
+
+
+def test_match_params_within_5_percent_of_pedro():
+    model = tiny_model("llama")
+    pedro_cfg = TrainConfig(method="pedro", r=8)
+    budget = expected_parameter_count(pedro_cfg, model)
+    lora, target = match_sizes(TrainConfig(method="lora", match_params="pedro", r=8), model)
+    assert target == budget == 3384
+    assert abs(expected_parameter_count(lora, model) / budget - 1) <= 0.05
+    # the closed forms equal what peft actually builds
+    from pedro.train import attach_adapter
+
+    built = attach_adapter(tiny_model("llama"), lora).get_nb_trainable_parameters()[0]
+    assert built == expected_parameter_count(lora, model)
+    ia3 = TrainConfig(method="ia3", ia3_targets=("q", "k", "down"))
+    assert attach_adapter(tiny_model("llama"), ia3).get_nb_trainable_parameters()[0] == expected_parameter_count(ia3, model)
+    # PEDRO sized to a LoRA budget, and (IA)3 to the closest module subset it can reach
+    pedro_matched, _ = match_sizes(TrainConfig(method="pedro", match_params=str(20 * 336)), model)
+    assert abs(expected_parameter_count(pedro_matched, model) / (20 * 336) - 1) <= 0.05
+    ia3_matched, _ = match_sizes(TrainConfig(method="ia3", match_params="300"), model)
+    assert expected_parameter_count(ia3_matched, model) == 288  # 3 layers x (q 32 + k 16 + v 16 + o 32); closest
+
+
+def test_rational_coefficients_get_their_own_learning_rate(tmp_path):
+    seen = {}
+
+    class Peek(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen["groups"] = [(g["lr"], len(g["params"]), g.get("pedro_rational", False)) for g in optimizer.param_groups]
+
+    train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path),
+          max_steps=1, batch_size=2, activation="rational", rational_lr=1e-6, lr=1e-3, scheduler="constant",
+          warmup=0, progress=False, callbacks=[Peek()])
+    rational = [g for g in seen["groups"] if g[2]]
+    assert rational == [(1e-6, 3 * 2, True)]  # numerator and denominator of each of 3 layers
+    assert all(lr == 1e-3 for lr, _, flag in seen["groups"] if not flag)
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_model, tiny_tokenizer
+    from test_train import EXAMPLES
+    from transformers import TrainerCallback
+    import pedro.train
+
+    class StallAfter(TrainerCallback):
+        # stall once past step N, so the parent can SIGKILL us after checkpoint-N is on disk
+        def on_step_end(self, args, state, control, **kwargs):
+            if {stall} and state.global_step > {n}:
+                print("stalling", flush=True)
+                time.sleep(600)
+
+    pedro.train.train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES,
+                      output_dir={out!r}, max_steps={steps}, save_steps={n}, batch_size=2, lr=5e-3, seed=3,
+                      activation="rational", rational_lr=1e-4, resume={resume}, progress=False,
+                      callbacks=[StallAfter()])
+    """
+)
+
+
+def _child(out: Path, steps: int, n: int, stall: bool, resume: bool) -> subprocess.Popen:
+    code = CHILD.format(tests=str(TESTS), out=str(out), steps=steps, n=n, stall=stall, resume=resume)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_sigkill_equals_straight_run(tmp_path):
+    n = 3  # 2N = 6 steps over 8 records in batches of 2: crosses an epoch boundary
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    first = _child(straight, 2 * n, n, stall=False, resume=False)
+    victim = _child(killed, 2 * n, n, stall=True, resume=False)
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    deadline = time.time() + 300
+    while victim.poll() is None and not (killed / "checkpoints" / f"checkpoint-{n}").is_dir():
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    lines = []
+    while not lines or "stalling" not in lines[-1]:  # wait until the victim is past step N
+        lines.append(victim.stdout.readline())
+        assert lines[-1] or victim.poll() is None, "".join(lines)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed / "adapter_model.safetensors").exists()
+    checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints == [f"checkpoint-{n}"]
+    resumed = _child(killed, 2 * n, n, stall=False, resume=True)
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(killed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    summary = json.loads((killed / "training_summary.json").read_text())
+    assert summary["steps"] == 2 * n and summary["resumed_from"].endswith(f"checkpoint-{n}")
+    # and the weights did change between the checkpoint and the end (the test could not pass by accident)
+    mid = load_file(killed / "checkpoints" / f"checkpoint-{n}" / "adapter_model.safetensors")
+    assert any(not torch.equal(mid[k], b[k]) for k in b)
