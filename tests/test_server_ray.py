@@ -27,7 +27,7 @@ def test_two_replicas_serve_eight_multiplexed_adapters(tmp_path):
     config = write_config(tmp_path, backbone, ray={"replicas": 2, "num_cpus": 0.5, "max_adapters_per_replica": 8})
     jobs = [(name, prompt) for name in ADAPTERS for prompt in PROMPTS * 2]
 
-    with ServerProcess(config, tmp_path / "server.log", extra_args=("--ray",)).start(timeout=300) as server:
+    with ServerProcess(config, tmp_path / "server.log", extra_args=("--ray",), startup_timeout=300) as server:
         for name, directory in sources.items():
             assert upload(server.url, TENANTS["alice"], name, directory).status_code == 201
 

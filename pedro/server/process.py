@@ -27,8 +27,10 @@ def free_port() -> int:
 class ServerProcess:
     """``pedro serve --config <config> --port <free port>`` on 127.0.0.1; output goes to ``log``."""
 
-    def __init__(self, config: Path, log: Path, env: Optional[dict[str, str]] = None, extra_args: tuple[str, ...] = ()) -> None:
-        self.config, self.log, self.extra_args = Path(config), Path(log), extra_args
+    def __init__(
+        self, config: Path, log: Path, env: Optional[dict[str, str]] = None, extra_args: tuple[str, ...] = (), startup_timeout: float = 180.0
+    ) -> None:
+        self.config, self.log, self.extra_args, self.startup_timeout = Path(config), Path(log), extra_args, startup_timeout
         self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.proc: Optional[subprocess.Popen] = None
@@ -37,8 +39,11 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 180.0) -> "ServerProcess":
+    def start(self) -> "ServerProcess":
         """Start and wait until /health answers; raises RuntimeError with the log's tail if it dies first."""
+        if self.proc is not None:
+            raise RuntimeError("this ServerProcess was already started")
+        timeout = self.startup_timeout
         command = [sys.executable, "-m", "pedro.cli", "serve", "--config", str(self.config), "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
