@@ -227,6 +227,19 @@ def evaluate_command(
     console.print_json(json.dumps(result))
 
 
+@app.command("serve-bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve_bench(ctx: typer.Context) -> None:
+    """Load benchmark of pedro serve: PEDRO vs LoRA vs base under concurrent clients -> results/serve.*
+    (runs benchmarks/serve.py; options are passed through, see its --help)."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} is missing: the benchmarks ship with the source checkout, not the wheel")
+    sys.argv = [str(script), *ctx.args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
 def main() -> None:
     """Entry point: a bad input ends with its message, not a traceback."""
     try:

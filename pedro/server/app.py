@@ -160,7 +160,7 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens}", param="max_tokens")
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-            stop=tuple(body.stop), seed=body.seed,
+            stop=tuple(body.stop), seed=body.seed, ignore_eos=body.ignore_eos,
         )
 
     async def generate(

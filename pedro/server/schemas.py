@@ -25,6 +25,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="Extension: 0 = off.")
+    ignore_eos: bool = Field(False, description="Extension (as in vLLM): generate exactly max_tokens; for benchmarks.")
     stop: Optional[Union[str, list[str]]] = Field(None, validate_default=True)
     seed: Optional[int] = None
     n: int = 1
