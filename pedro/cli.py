@@ -175,6 +175,9 @@ def train(
     eval_steps: int = typer.Option(0),
     early_stopping: int = typer.Option(0, help="Patience in evaluations (0 = off)."),
     save_steps: int = typer.Option(0, help="Checkpoint every N steps (0 = none)."),
+    save_total_limit: int = typer.Option(2, help="Checkpoints kept (oldest deleted)."),
+    logging_steps: int = typer.Option(10, help="Log loss and tokens/s every N steps."),
+    padding_side: str = typer.Option("right", help="Batch padding side: right | left."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUTPUT_DIR."),
     data_dir: Optional[str] = typer.Option(None, help="Folder with task data (default ../shared/data)."),
     report_to: str = typer.Option("", help="tensorboard,wandb when installed."),
@@ -189,6 +192,7 @@ def train(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         scheduler=scheduler, warmup=warmup, precision=precision, seed=seed, limit=limit, eval_data=eval_data,
         eval_steps=eval_steps, early_stopping=early_stopping, save_steps=save_steps, resume=resume,
+        save_total_limit=save_total_limit, logging_steps=logging_steps, padding_side=padding_side,
         data_dir=data_dir, report_to=[x for x in report_to.split(",") if x],
     )
 

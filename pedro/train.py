@@ -397,6 +397,11 @@ def train(
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
+    # data problems are reported before minutes go into loading a backbone
+    records = list(examples) if examples is not None else load_records(cfg.data, "train", cfg.data_dir)
+    held_out = list(eval_examples) if eval_examples is not None else None
+    if held_out is None and cfg.eval_data:
+        held_out = load_records(cfg.eval_data, "test", cfg.data_dir)
     loaded_here = model is None
     if loaded_here:
         model, tokenizer = load_backbone(cfg.backbone, quiet=not cfg.progress)
@@ -410,13 +415,11 @@ def train(
     if cfg.progress:
         _print_sizes(sizes, cfg.method)
 
-    records = list(examples) if examples is not None else load_records(cfg.data, "train", cfg.data_dir)
     random.Random(cfg.seed).shuffle(records)
     records = records[: cfg.limit] if cfg.limit else records
     rows, report = tokenize_examples(records, tokenizer, cfg.max_length, cfg.overflow)
     eval_rows, eval_report = None, None
-    if eval_examples is not None or cfg.eval_data:
-        held_out = list(eval_examples) if eval_examples is not None else load_records(cfg.eval_data, "test", cfg.data_dir)
+    if held_out is not None:
         eval_rows, eval_report = tokenize_examples(held_out, tokenizer, cfg.max_length, cfg.overflow)
     if cfg.progress:
         print(f"train data: {report}" + (f"\neval data: {eval_report}" if eval_report else ""))

@@ -1,0 +1,88 @@
+"""pedro.evaluate: option log-likelihoods and generations against independent step-by-step references."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import randomize, tiny_model, tiny_tokenizer
+
+import pedro
+from pedro.data import Example
+from pedro.evaluate import evaluate, generate_texts, is_pedro, option_logprobs
+
+
+def _adapted():
+    model = pedro.get_pedro_model(tiny_model("llama"), r=4, pooler="mean")
+    randomize(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def reference_logprob(model, prompt_ids: list[int], option_ids: list[int]) -> float:
+    """Prefill the prompt alone (PEDRO's vectors come from it), then feed the option token by token through
+    the KV cache: the decoding path, independent of prompt_lengths and padding."""
+    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    total, past, logits = 0.0, out.past_key_values, out.logits[0, -1]
+    for token in option_ids:
+        total += logits.log_softmax(-1)[token].item()
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[0, -1]
+    return total
+
+
+@pytest.mark.parametrize("options", [["43", "44", "45"], ["43 44", "45", "46 47 48"]])
+def test_option_logprobs_match_step_by_step_decoding(options):
+    model, tokenizer = _adapted(), tiny_tokenizer()
+    assert is_pedro(model)
+    examples = [Example(p, options[0], options=options, label=0) for p in ("5 6 7", "8", "9 9 5 6 7 8")]
+    scores = option_logprobs(model, tokenizer, examples, batch_size=2, progress=False)
+    for example, row in zip(examples, scores):
+        prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+        expected = [reference_logprob(model, prompt, tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options]
+        assert row == pytest.approx(expected, abs=1e-4)
+
+
+def test_generate_texts_equal_one_prompt_at_a_time():
+    model, tokenizer = _adapted(), tiny_tokenizer()
+    prompts = ["5 6 7", "8", "9 9 5 6 7 8"]
+    batched = generate_texts(model, tokenizer, prompts, max_new_tokens=5, batch_size=3, progress=False)
+    for prompt, text in zip(prompts, batched):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                 pad_token_id=0)
+        assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_evaluate_choice_task_accuracy_and_predictions(tmp_path):
+    model, tokenizer = _adapted(), tiny_tokenizer()
+    task_dir = tmp_path / "task"
+    task_dir.mkdir()
+    rows = [{"prompt": f"{5 + i % 4} 6", "response": "43" if i % 2 else "44", "options": ["43", "44"]} for i in range(6)]
+    (task_dir / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = evaluate(model, tokenizer, f"jsonl:{task_dir}", predictions_path=tmp_path / "p.jsonl", progress=False)
+    predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    # independent recount from the written scores
+    expected = sum(max(range(2), key=lambda k: p["scores"][k]) == ["43", "44"].index(p["expected"]) for p in predictions)
+    assert result["n"] == 6 and result["accuracy"] == pytest.approx(expected / 6)
+    assert [p["correct"] for p in predictions] == [p["prediction"] == p["expected"] for p in predictions]
+    assert model.training is False
+
+
+def test_evaluate_generation_task_scores_exact_match(tmp_path):
+    model, tokenizer = _adapted(), tiny_tokenizer()
+    texts = generate_texts(model, tokenizer, ["5 6", "7 8"], max_new_tokens=3, progress=False)
+    task_dir = tmp_path / "gen"
+    task_dir.mkdir()
+    # the first reference is what the model generates, the second is not
+    rows = [{"prompt": "5 6", "response": texts[0]}, {"prompt": "7 8", "response": "99 98"}]
+    (task_dir / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    from pedro.tasks import get_task
+
+    task = get_task(f"jsonl:{task_dir}")
+    task.max_new_tokens = 3
+    result = evaluate(model, tokenizer, task, progress=False)
+    assert texts[1] != "99 98"
+    assert result["exact_match"] == 0.5
