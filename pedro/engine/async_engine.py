@@ -26,6 +26,7 @@ class AsyncEngine:
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = threading.Event()
+        self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="pedro-engine", daemon=True)
         self._thread.start()
 
@@ -41,7 +42,15 @@ class AsyncEngine:
             except queue.Empty:
                 pass
             if self.engine.has_unfinished():
-                for out in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except Exception as err:  # a bug, not a bad request: fail every waiting stream, stop
+                    self._failure = RuntimeError(f"the engine thread failed: {err!r}")
+                    self._failure.__cause__ = err
+                    for rid in list(self._listeners):
+                        self._deliver(rid, self._failure)
+                    return
+                for out in outputs:
                     self._deliver(out.request_id, out)
 
     def _deliver(self, request_id: str, item: Union[RequestOutput, BaseException]) -> None:
@@ -66,6 +75,8 @@ class AsyncEngine:
             else:
                 loop.call_soon_threadsafe(future.set_result, result)
 
+        if self._failure is not None:
+            raise self._failure
         self._commands.put(command)
         return await future
 
@@ -91,6 +102,9 @@ class AsyncEngine:
         try:
             while not finished:
                 out = await q.get()
+                if isinstance(out, BaseException):
+                    finished = True
+                    raise out
                 finished = out.finished
                 yield out
         finally:

@@ -154,7 +154,8 @@ class Engine:
             raise RequestError("stop strings need a tokenizer")
         ids = self._tokenize(request)
         seed = request.sampling.seed if request.sampling.seed is not None else int(torch.randint(2**62, ()))
-        seq = Sequence(request, ids, torch.Generator().manual_seed(seed), track_text=track_text or bool(request.sampling.stop))
+        track = self.tokenizer is not None and (track_text or bool(request.sampling.stop))
+        seq = Sequence(request, ids, torch.Generator().manual_seed(seed), track_text=track)
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
         return request.request_id

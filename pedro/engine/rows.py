@@ -117,6 +117,7 @@ class RowAdapters:
             return
         for module in {m for _, m in weights.weights}:
             self._ensure_lora(module, weights.rank)
+        for module in self.lora_a:  # every stack: the slot's previous occupant may have adapted other modules
             self.lora_a[module][:, entry.slot] = 0
             self.lora_b[module][:, entry.slot] = 0
         for (layer, module), (a, b) in weights.weights.items():

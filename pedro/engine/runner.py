@@ -22,6 +22,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from pedro.engine.adapters import ModelSpec, PedroWeights
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.rows import RowAdapters
+from pedro.engine.vectors import generate_vectors
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -103,15 +104,18 @@ class ModelRunner:
 
     def _run_generators(self, layer: int, raw: torch.Tensor, normed: torch.Tensor, ctx: "_Context") -> None:
         """Each PEDRO row's generator for this layer pools that row's prompt states (prefill only)."""
-        for slot, (start, end) in zip(ctx.prefill.slots, ctx.segments):
+        jobs, targets = [], {}
+        for row, slot in enumerate(ctx.prefill.slots):
             entry = self.rows.row_entry[slot]
             weights = entry.weights if entry is not None else None
-            if not isinstance(weights, PedroWeights) or layer not in weights.generators:
-                continue
-            states = normed if weights.config.pool_source == "normed" else raw
-            segment = states[start:end].unsqueeze(0)
-            z = weights.generators[layer](segment, torch.ones(segment.shape[:2], dtype=torch.bool))[0]
-            self.rows.write_pedro(layer, slot, z, weights.slices[layer])
+            if isinstance(weights, PedroWeights) and layer in weights.generators:
+                jobs.append((row, weights.generators[layer], weights.config.pool_source))
+                targets[row] = (slot, weights.slices[layer])
+        if not jobs:
+            return
+        for row, z in generate_vectors(jobs, raw, normed, ctx.pad_index, ctx.pad_mask).items():
+            slot, slices = targets[row]
+            self.rows.write_pedro(layer, slot, z, slices)
 
     @torch.inference_mode()
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
@@ -123,6 +127,10 @@ class ModelRunner:
         token_slots = torch.repeat_interleave(torch.tensor(batch.slots), torch.tensor(lengths))
         positions = torch.cat([torch.arange(n) for n in lengths])
         ctx = _Context(self.rows, token_slots, prefill=batch, segments=segments, lora_grouped=True)
+        width = max(lengths)
+        steps = torch.arange(width)
+        ctx.pad_mask = steps[None, :] < torch.tensor(lengths)[:, None]
+        ctx.pad_index = torch.where(ctx.pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0)
         ctx.rope = self._rope(self.decoder.embed_tokens.weight[:1], positions)
         hidden = self._forward(tokens, ctx)
         for slot, n in zip(batch.slots, lengths):
@@ -193,6 +201,8 @@ class _Context:
         self.lora_grouped = lora_grouped
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.mask: torch.Tensor | None = None
+        self.pad_index: torch.Tensor | None = None  # prefill: (rows, T_max) packed-token index of each prompt
+        self.pad_mask: torch.Tensor | None = None
 
     def scale(self, layer: int, point: tuple[str, str]) -> torch.Tensor:
         table = self.rows.scales[point][layer]

@@ -1,0 +1,417 @@
+"""Multi-tenant serving benchmark: decode/prefill throughput vs distinct adapters per batch, one process.
+
+Every method runs side by side in the same process, interleaved repeat by repeat, and each ratio is taken
+against the bare backbone measured in the same repeat at the same batch size (then the median over repeats),
+so machine drift and other tenants of the CPU cancel out as far as they can.
+
+Methods: the engine with no adapter (bare), PEDRO, LoRA r=8 on q,v, LoRA with PEDRO's parameter count,
+(IA)3 (per-row vectors, the zero-cost floor); HF PEFT mixed-batch LoRA (``generate(adapter_names=...)``);
+transformers ``generate`` on the bare backbone and with one PEDRO adapter.
+
+    python benchmarks/multitenant.py            # or: pedro bench multitenant
+    python benchmarks/multitenant.py --preset full   # the issue's full sweep (hours on a 2-core CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import peft
+import torch
+from safetensors.torch import load_file, save_file
+
+import pedro
+from pedro.engine import Engine, Request, SamplingParams
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # what the issue asks for
+    "full": dict(batches=[32, 64], tenants=[1, 4, 16, 32, 64], prompt_len=128, new_tokens=128, repeats=3,
+                 hf_new_tokens=128, long_prompt=512, long_batch=8, hf_tenants=[1, 4, 16, 32, 64]),
+    # sized to finish in ~25 minutes on a shared 2-core CPU (see docs/engine.md)
+    "cpu": dict(batches=[32, 64], tenants=[1, 4, 16, 32, 64], prompt_len=32, new_tokens=32, repeats=3,
+                hf_new_tokens=12, long_prompt=256, long_batch=8, hf_tenants=[4, 32]),
+    # seconds, for a smoke test of the script itself
+    "smoke": dict(batches=[4], tenants=[1, 4], prompt_len=8, new_tokens=4, repeats=1, hf_new_tokens=3,
+                  long_prompt=16, long_batch=2, hf_tenants=[4]),
+}
+POPULARITY = ("distinct", "uniform16", "zipf", "identical")
+ENGINE_METHODS = ("bare", "pedro", "lora_r8_qv", "lora_matched", "ia3")
+
+
+# ----------------------------------------------------------------------------------------- adapters
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _clone_adapter(template: Path, target: Path, seed: int, scale: float, offset: float = 0.0) -> None:
+    """Same config and shapes as ``template``, fresh random weights (different tenants, different weights)."""
+    target.mkdir(parents=True)
+    (target / "adapter_config.json").write_text((template / "adapter_config.json").read_text())
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(template / "adapter_model.safetensors"))
+    save_file({k: (torch.randn(v.shape, generator=g) * scale + offset).contiguous() for k, v in tensors.items()},
+              str(target / "adapter_model.safetensors"))
+
+
+def make_adapters(model: torch.nn.Module, root: Path, n: int) -> tuple[dict[str, list[Path]], dict[str, int]]:
+    """``n`` tenants of each adapter kind, saved as PEFT directories -> (paths per method, params per method)."""
+    pedro_config = pedro.PedroConfig(r=8)
+    pedro_params = pedro.count_trainable_parameters(pedro_config, model)
+    d = model.config.hidden_size
+    kv = model.config.num_key_value_heads * (d // model.config.num_attention_heads)
+    ff = model.config.intermediate_size
+    matched_rank = max(1, round(pedro_params / (model.config.num_hidden_layers * ((d + d) + (d + kv) + (d + ff)))))
+    configs = {
+        "pedro": pedro_config,
+        "lora_r8_qv": peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        "lora_matched": peft.LoraConfig(r=matched_rank, lora_alpha=2 * matched_rank,
+                                        target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM"),
+        "ia3": peft.IA3Config(target_modules=["q_proj", "k_proj", "up_proj"], feedforward_modules=[], task_type="CAUSAL_LM"),
+    }
+    paths: dict[str, list[Path]] = {}
+    params: dict[str, int] = {}
+    for method, config in configs.items():
+        template = root / f"{method}-template"
+        wrapped = peft.get_peft_model(model, config)
+        wrapped.save_pretrained(str(template))
+        params[method] = sum(p.numel() for p in load_file(str(template / "adapter_model.safetensors")).values())
+        wrapped.unload()  # restores the plain backbone modules in place
+        offset = 1.0 if method == "ia3" else 0.0
+        paths[method] = []
+        for i in range(n):
+            path = root / f"{method}-{i}"
+            _clone_adapter(template, path, seed=1000 * len(paths) + i, scale=0.02, offset=offset)
+            paths[method].append(path)
+    return paths, params
+
+
+def assignment(batch: int, tenants: int, pattern: str, rng: random.Random) -> list[int]:
+    """Which tenant each row uses. ``tenants`` distinct adapters (cycled) for the sweep; popularity patterns
+    draw from a pool: uniform over 16, Zipf(1.1) over 64, or one for all."""
+    if pattern == "distinct":
+        return [i % tenants for i in range(batch)]
+    if pattern == "uniform16":
+        return [rng.randrange(16) for _ in range(batch)]
+    if pattern == "zipf":
+        weights = [1 / (k + 1) ** 1.1 for k in range(64)]
+        return rng.choices(range(64), weights=weights, k=batch)
+    if pattern == "identical":
+        return [0] * batch
+    raise ValueError(pattern)
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    decode_tok_s: float
+    prefill_tok_s: float
+    step_p50_ms: float
+    step_p99_ms: float
+    ttft_s: float
+    rss_mb: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> Run:
+    # warm-up: make this run's adapters resident (a previous method's may have been evicted)
+    engine.generate([Request(p[:2], adapter=a, sampling=SamplingParams(max_new_tokens=1)) for p, a in zip(prompts, adapters)])
+    engine.stats = {"decode": [], "prefill": []}
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    outs = engine.generate([Request(p, adapter=a, sampling=sampling) for p, a in zip(prompts, adapters)])
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise RuntimeError(errors[0])
+    steps = [s for _, s in engine.stats["decode"]]
+    rows = sum(n for n, _ in engine.stats["decode"])
+    prefill_tokens = sum(n for n, _ in engine.stats["prefill"])
+    prefill_s = sum(s for _, s in engine.stats["prefill"])
+    return Run(
+        decode_tok_s=rows / sum(steps),
+        prefill_tok_s=prefill_tokens / prefill_s,
+        step_p50_ms=1e3 * statistics.median(steps),
+        step_p99_ms=1e3 * _percentile(steps, 0.99),
+        ttft_s=statistics.median(o.metrics["ttft_s"] for o in outs),
+        rss_mb=_rss_mb(),
+        extra={"prefill_steps": len(engine.stats["prefill"])},
+    )
+
+
+class _Stamps:
+    """A stopping criterion that never stops: it timestamps every generation step of transformers generate."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def run_hf(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, **kwargs: Any) -> Run:
+    ids = torch.tensor(prompts)
+    stamps = _Stamps()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0, stopping_criteria=[stamps], **kwargs)
+    steps = [b - a for a, b in zip(stamps.times, stamps.times[1:])]
+    return Run(
+        decode_tok_s=len(prompts) * len(steps) / sum(steps),
+        prefill_tok_s=ids.numel() / (stamps.times[0] - start),
+        step_p50_ms=1e3 * statistics.median(steps),
+        step_p99_ms=1e3 * _percentile(steps, 0.99),
+        ttft_s=stamps.times[0] - start,
+        rss_mb=_rss_mb(),
+    )
+
+
+# ----------------------------------------------------------------------------------------- the sweep
+
+
+def summarise(runs: list[tuple[int, Run]], bare: dict[int, Run]) -> dict[str, Any]:
+    """Medians over repeats, and median of the per-repeat ratios to the bare engine of the same repeat."""
+    out: dict[str, Any] = {"repeats": len(runs)}
+    for key in ("decode_tok_s", "prefill_tok_s", "step_p50_ms", "step_p99_ms", "ttft_s", "rss_mb"):
+        out[key] = statistics.median(getattr(r, key) for _, r in runs)
+    for key in ("decode_tok_s", "prefill_tok_s"):
+        ratios = [getattr(r, key) / getattr(bare[rep], key) for rep, r in runs if rep in bare]
+        out[f"{key}_vs_bare"] = statistics.median(ratios) if ratios else None
+    return out
+
+
+def benchmark(preset: dict[str, Any], backbone: str, log: Callable[[str], None]) -> dict[str, Any]:
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    model, tokenizer = pedro.load_backbone(backbone, quiet=True)
+    vocab = model.config.vocab_size
+    n_adapters = max(max(preset["tenants"]), 64)  # the Zipf pattern draws from 64 tenants
+    tmp = Path(tempfile.mkdtemp(prefix="pedro-bench-"))
+    paths, params = make_adapters(model, tmp, n_adapters)
+    log(f"adapters: {n_adapters} per method in {tmp}; parameters per adapter: {params}")
+    P, N = preset["prompt_len"], preset["new_tokens"]
+
+    def prompts_for(batch: int, length: int) -> list[list[int]]:
+        return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(batch)]
+
+    # points: (label, batch, tenants, pattern, prompt_len)
+    points: list[tuple[str, int, int, str, int]] = []
+    for batch in preset["batches"]:
+        for tenants in preset["tenants"]:
+            if tenants <= batch:
+                points.append((f"b{batch}-t{tenants}", batch, tenants, "distinct", P))
+    popularity_batch = 32 if 32 in preset["batches"] else preset["batches"][0]
+    for pattern in ("uniform16", "zipf"):  # "distinct" and "identical" are the sweep's t=batch and t=1 points
+        points.append((f"b{popularity_batch}-{pattern}", popularity_batch, 0, pattern, P))
+    points.append((f"long-b{preset['long_batch']}-p{preset['long_prompt']}", preset["long_batch"],
+                   preset["long_batch"], "distinct", preset["long_prompt"]))
+
+    engines: dict[tuple[int, int], Engine] = {}
+
+    def engine_for(batch: int, prompt_len: int) -> Engine:
+        key = (batch, prompt_len)
+        if key not in engines:
+            engines[key] = Engine(model, tokenizer, max_batch=batch, max_seq_len=prompt_len + N + 1,
+                                  max_prefill_tokens=batch * prompt_len, adapter_capacity=64)
+            for method in ENGINE_METHODS[1:]:
+                for i, path in enumerate(paths[method]):
+                    engines[key].add_adapter(f"{method}-{i}", path)
+        return engines[key]
+
+    fixed_prompts = {(label, b, pl): prompts_for(b, pl) for label, b, _, _, pl in points}
+    results: dict[str, dict[str, list[tuple[int, Run]]]] = {}
+    bare_by_batch: dict[tuple[str, int], dict[int, Run]] = {}
+
+    # HF baselines on separate copies of the backbone (PEFT wraps modules in place)
+    hf_model, _ = pedro.load_backbone(backbone, quiet=True)
+    hf_pedro = peft.PeftModel.from_pretrained(pedro.load_backbone(backbone, quiet=True)[0], str(paths["pedro"][0]))
+    hf_lora = peft.PeftModel.from_pretrained(pedro.load_backbone(backbone, quiet=True)[0], str(paths["lora_r8_qv"][0]), adapter_name="t0")
+    for i in range(1, max(preset["hf_tenants"])):
+        hf_lora.load_adapter(str(paths["lora_r8_qv"][i]), adapter_name=f"t{i}")
+    N_hf = preset["hf_new_tokens"]
+
+    started = time.perf_counter()
+    for rep in range(preset["repeats"]):
+        for label, batch, tenants, pattern, prompt_len in points:
+            engine = engine_for(batch, prompt_len)
+            prompts = fixed_prompts[(label, batch, prompt_len)]
+            rows = assignment(batch, tenants, pattern, random.Random(rep))
+            for method in ENGINE_METHODS:
+                adapters = [None] * batch if method == "bare" else [f"{method}-{t}" for t in rows]
+                run = run_engine(engine, prompts, adapters, N)
+                results.setdefault(label, {}).setdefault(f"engine:{method}", []).append((rep, run))
+                if method == "bare":
+                    bare_by_batch.setdefault((label, 0), {})[rep] = run
+                log(f"[rep {rep}] {label:>18} engine:{method:<13} decode {run.decode_tok_s:7.1f} tok/s  "
+                    f"prefill {run.prefill_tok_s:7.1f} tok/s  step p50 {run.step_p50_ms:6.1f} ms  "
+                    f"({time.perf_counter() - started:.0f}s)")
+            if pattern == "distinct" and prompt_len == P and batch == popularity_batch:
+                hf_runs = []
+                if tenants == 1:
+                    hf_runs.append(("hf:generate_bare", lambda: run_hf(hf_model, prompts, N_hf)))
+                    hf_runs.append(("hf:generate_pedro_single", lambda: run_hf(hf_pedro, prompts, N_hf)))
+                if tenants in preset["hf_tenants"]:
+                    names = [f"t{t}" for t in rows]
+                    hf_runs.append(("hf:peft_mixed_lora_r8_qv", lambda: run_hf(hf_lora, prompts, N_hf, adapter_names=names)))
+                for name, fn in hf_runs:
+                    run = fn()
+                    results[label].setdefault(name, []).append((rep, run))
+                    log(f"[rep {rep}] {label:>18} {name:<20} decode {run.decode_tok_s:7.1f} tok/s  "
+                        f"prefill {run.prefill_tok_s:7.1f} tok/s  ({time.perf_counter() - started:.0f}s)")
+            gc.collect()
+
+    table: dict[str, dict[str, Any]] = {}
+    for label, batch, tenants, pattern, prompt_len in points:
+        bare = bare_by_batch[(label, 0)]
+        table[label] = {
+            "batch": batch, "tenants": tenants if pattern == "distinct" else None, "pattern": pattern,
+            "prompt_len": prompt_len,
+            "methods": {m: summarise(r, bare) for m, r in results[label].items()},
+        }
+    some_engine = next(iter(engines.values()))
+    return {
+        "preset": preset,
+        "backbone": backbone,
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__, "processor": platform.processor()},
+        "adapter_parameters": params,
+        "adapter_bytes_fp32": {k: 4 * v for k, v in params.items()},
+        "pedro_state_bytes_per_request": some_engine.pedro_state_bytes("pedro-0"),
+        "kv_cache_bytes_per_token": some_engine.cache.bytes_per_token(),
+        "peak_rss_mb": _peak_rss_mb(),
+        "wall_s": time.perf_counter() - started,
+        "points": table,
+    }
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, float | None, float, bool]]:
+    """(description, measured, threshold, pass) for each of the issue's targets."""
+    points = result["points"]
+    t32 = points.get("b32-t32", {}).get("methods", {})
+    t1 = points.get("b32-t1", {}).get("methods", {})
+
+    def get(methods: dict, name: str, key: str) -> float | None:
+        return methods.get(name, {}).get(key)
+
+    checks = []
+    ratio = get(t32, "engine:pedro", "decode_tok_s_vs_bare")
+    checks.append(("PEDRO decode >= 0.97x bare backbone at 32 tenants (batch 32)", ratio, 0.97))
+    pedro_tps, hf_lora = get(t32, "engine:pedro", "decode_tok_s"), get(t32, "hf:peft_mixed_lora_r8_qv", "decode_tok_s")
+    checks.append(("PEDRO decode >= 2.5x HF PEFT mixed-batch LoRA at 32 tenants",
+                   pedro_tps / hf_lora if pedro_tps and hf_lora else None, 2.5))
+    bare_tps, hf_bare = get(t1, "engine:bare", "decode_tok_s"), get(t1, "hf:generate_bare", "decode_tok_s")
+    checks.append(("engine bare decode >= 2x transformers generate at batch 32",
+                   bare_tps / hf_bare if bare_tps and hf_bare else None, 2.0))
+    prefill = get(t32, "engine:pedro", "prefill_tok_s_vs_bare")
+    checks.append(("PEDRO prefill overhead <= 5% (prefill throughput >= 0.95x bare)", prefill, 0.95))
+    return [(d, m, t, m is not None and m >= t) for d, m, t in checks]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Multi-tenant serving benchmark ({result['backbone']})", "",
+             f"Preset: `{json.dumps(result['preset'])}`  ",
+             f"Machine: {result['machine']['platform']}, {result['machine']['cpu_threads']} torch threads, "
+             f"torch {result['machine']['torch']}. Wall time {result['wall_s'] / 60:.1f} min, peak RSS "
+             f"{result['peak_rss_mb']:.0f} MB.", "",
+             "Ratios are to the engine's bare backbone in the same repeat (median over repeats).", "",
+             "| point | method | decode tok/s | ×bare | prefill tok/s | ×bare | step p50 ms | step p99 ms | TTFT s | RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, point in result["points"].items():
+        for method, m in point["methods"].items():
+            def f(x: float | None, fmt: str) -> str:
+                return "" if x is None else format(x, fmt)
+            lines.append(f"| {label} | {method} | {m['decode_tok_s']:.1f} | {f(m['decode_tok_s_vs_bare'], '.3f')} | "
+                         f"{m['prefill_tok_s']:.1f} | {f(m['prefill_tok_s_vs_bare'], '.3f')} | {m['step_p50_ms']:.1f} | "
+                         f"{m['step_p99_ms']:.1f} | {m['ttft_s']:.2f} | {m['rss_mb']:.0f} |")
+    lines += ["", "## Targets", ""]
+    for desc, measured, threshold, ok in targets(result):
+        value = "n/a" if measured is None else f"{measured:.3f}"
+        lines.append(f"- **{'PASS' if ok else 'MISS'}** {desc}: measured {value} (target {threshold})")
+    lines += ["", "## Memory", "",
+              f"- per-request PEDRO state (its vectors, all layers): {result['pedro_state_bytes_per_request'] / 1024:.1f} KiB",
+              f"- KV cache per token: {result['kv_cache_bytes_per_token'] / 1024:.1f} KiB",
+              "- per-adapter memory (fp32): " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in result["adapter_bytes_fp32"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({p["batch"] for p in result["points"].values() if p["pattern"] == "distinct" and p["tenants"]})
+    batches = [b for b in batches if sum(1 for p in result["points"].values() if p["batch"] == b and p["tenants"]) > 1]
+    fig, axes = plt.subplots(1, max(1, len(batches)), figsize=(6 * max(1, len(batches)), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        sweep = sorted((p["tenants"], p) for label, p in result["points"].items()
+                       if p["batch"] == batch and p["pattern"] == "distinct" and p["tenants"] and not label.startswith("long"))
+        methods = sorted({m for _, p in sweep for m in p["methods"]})
+        for method in methods:
+            xs = [t for t, p in sweep if method in p["methods"]]
+            ys = [p["methods"][method]["decode_tok_s"] for t, p in sweep if method in p["methods"]]
+            ax.plot(xs, ys, marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("distinct adapters in the batch")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"{result['backbone']}, batch {batch}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--backbone", default="smollm2-135m")
+    parser.add_argument("--out", default="results/multitenant", help="path prefix for .json / .md / .png")
+    parser.add_argument("--repeats", type=int, default=None, help="override the preset's repeats")
+    args = parser.parse_args(argv)
+    preset = dict(PRESETS[args.preset], name=args.preset)
+    if args.repeats is not None:
+        preset["repeats"] = args.repeats
+    result = benchmark(preset, args.backbone, log=lambda s: print(s, flush=True))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

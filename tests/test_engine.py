@@ -1,0 +1,292 @@
+"""The engine against independent references: each request run alone through transformers generate() with its
+PEFT model (PEDRO from pedro, LoRA / (IA)3 from PEFT itself)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import peft
+import pytest
+import torch
+from conftest import randomize, tiny_model
+from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+import pedro
+from pedro.engine import AdapterError, AsyncEngine, Engine, Request, RequestError, SamplingParams
+from pedro.engine.sampling import filter_logits
+
+NEW = 8
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial LoRA / (IA)3 weights (PEFT initialises LoRA B and (IA)3 vectors to the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "ia3_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if "ia3_" in name else 0.0))
+
+
+ADAPTERS = {
+    "p-last": ("pedro", dict(r=4)),
+    "p-last-b": ("pedro", dict(r=4)),  # same shape as p-last: batched together at prefill
+    "p-attn": ("pedro", dict(r=4, pooler="attention", activation="rational", targets=["q", "k", "v", "o", "gate", "up"])),
+    "p-shared": ("pedro", dict(r=3, share_generator=True, pooler="mean", pool_source="raw", layers=[0, 2])),
+    "lora-qv": ("lora", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+    "lora-all": ("lora", dict(r=6, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])),
+    "ia3": ("ia3", dict(target_modules=["q_proj", "k_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"])),
+}
+
+
+def make_adapter(root, name: str, family: str = "llama", seed: int = 0) -> str:
+    kind, kwargs = ADAPTERS[name]
+    model = tiny_model(family)
+    if kind == "pedro":
+        wrapped = pedro.get_pedro_model(model, pedro.PedroConfig(**kwargs))
+        randomize(wrapped, seed=seed + 1, scale=0.3)
+    else:
+        config = (peft.LoraConfig if kind == "lora" else peft.IA3Config)(task_type="CAUSAL_LM", **kwargs)
+        wrapped = peft.get_peft_model(model, config)
+        _perturb(wrapped, seed + 1)
+    path = root / f"{family}-{name}-{seed}"
+    wrapped.save_pretrained(str(path))
+    return str(path)
+
+
+def reference(family: str, adapter_dir: str | None, prompt: list[int], new_tokens: int = NEW) -> list[int]:
+    """The request alone through transformers generate (greedy), with its adapter loaded by PEFT."""
+    model = tiny_model(family)
+    if adapter_dir is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter_dir)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(3, 97, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(root, name, seed=i) for i, name in enumerate(ADAPTERS)}
+
+
+def greedy(n: int = NEW) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+def test_mixed_batch_token_identical_to_each_request_alone(dirs):
+    engine = Engine(tiny_model("llama"), max_batch=6, max_seq_len=64, max_prefill_tokens=40, adapter_capacity=8)
+    for name, path in dirs.items():
+        engine.add_adapter(name, path)
+    plan = [("p-last", 5), ("lora-qv", 17), (None, 9), ("p-attn", 3), ("p-last-b", 12), ("lora-all", 7),
+            ("ia3", 14), ("p-shared", 11), ("p-last", 20), (None, 2)]
+    requests = [Request(prompt(i, n), adapter=a, sampling=greedy(NEW + i % 3)) for i, (a, n) in enumerate(plan)]
+    results: dict[str, list[int]] = {}
+    # arrivals at different steps: 4 now, 3 after two steps, the rest after two more
+    for r in requests[:4]:
+        engine.add_request(r)
+    arrivals = {2: requests[4:7], 4: requests[7:]}
+    step = 0
+    while engine.has_unfinished() or arrivals:
+        for r in arrivals.pop(step, []):
+            engine.add_request(r)
+        for out in engine.step():
+            assert out.error is None
+            if out.finished:
+                results[out.request_id] = out.token_ids
+        step += 1
+    assert engine.num_running == 0
+    for r in requests:
+        expected = reference("llama", dirs[r.adapter] if r.adapter else None, r.prompt, r.sampling.max_new_tokens)
+        assert results[r.request_id] == expected, f"adapter {r.adapter}"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_llama_family_backbones(tmp_path, family):
+    pedro_dir = make_adapter(tmp_path, "p-last", family)
+    lora_dir = make_adapter(tmp_path, "lora-qv", family)
+    engine = Engine(tiny_model(family), max_batch=4, max_seq_len=64)
+    engine.add_adapter("p", pedro_dir)
+    engine.add_adapter("l", lora_dir)
+    requests = [Request(prompt(i, 6 + 3 * i), adapter=a, sampling=greedy()) for i, a in enumerate(["p", "l", None])]
+    for r, out in zip(requests, engine.generate(requests)):
+        path = {"p": pedro_dir, "l": lora_dir}.get(r.adapter)
+        assert out.token_ids == reference(family, path, r.prompt)
+
+
+def test_in_memory_peft_model_and_eos(dirs):
+    """An adapter given as a PeftModel object; EOS ends a request unless ignore_eos, like generate()."""
+    model = peft.PeftModel.from_pretrained(tiny_model("llama"), dirs["p-attn"])
+    engine = Engine(tiny_model("llama"), max_batch=2, max_seq_len=64)
+    engine.add_adapter("mem", model)
+    p = prompt(3, 10)
+    full = reference("llama", dirs["p-attn"], p, 12)
+    engine.eos_ids = {full[4]}
+    out = engine.generate([Request(p, adapter="mem", sampling=SamplingParams(max_new_tokens=12))])[0]
+    assert out.finish_reason == "stop" and out.token_ids == full[: full.index(full[4]) + 1]
+
+
+class CharTokenizer:
+    """Token i <-> one character, so expected texts are computable by hand."""
+
+    eos_token_id = 1
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) if i >= 3 else ("" if skip_special_tokens else "#") for i in ids)
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) - ord("a") + 3 for c in text]}
+
+
+def test_stop_strings_cut_correctly(dirs):
+    engine = Engine(tiny_model("llama"), CharTokenizer(), max_batch=4, max_seq_len=64)
+    engine.add_adapter("p", dirs["p-last"])
+    full = engine.generate([Request("hello", adapter="p", sampling=greedy(20))])[0]
+    stop = full.text[6:8]
+    cut = full.text.index(stop)
+    out = engine.generate([Request("hello", adapter="p", sampling=SamplingParams(max_new_tokens=20, stop=[stop, "zzzz"]))])[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:cut] and stop not in out.text
+    assert out.token_ids == full.token_ids[: len(out.token_ids)] and len(out.token_ids) == cut + len(stop)
+
+
+def test_streaming_yields_exactly_the_offline_result(dirs):
+    engine = Engine(tiny_model("llama"), CharTokenizer(), max_batch=4, max_seq_len=64)
+    engine.add_adapter("p", dirs["p-attn"])
+    engine.add_adapter("l", dirs["lora-qv"])
+    requests = lambda: [Request("abcdef", adapter="p", sampling=greedy(12)),  # noqa: E731
+                        Request("xyz", adapter="l", sampling=SamplingParams(max_new_tokens=12, stop=["q"]))]
+    offline = engine.generate(requests())
+    async_engine = AsyncEngine(engine)
+
+    async def collect(request):
+        tokens, text, last = [], "", None
+        async for out in async_engine.stream(request):
+            tokens += out.delta_token_ids
+            text += out.delta_text
+            last = out
+        return tokens, text, last
+
+    async def main():
+        return await asyncio.gather(*(collect(r) for r in requests()))
+
+    try:
+        streamed = asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    for off, (tokens, text, last) in zip(offline, streamed):
+        assert tokens == off.token_ids == last.token_ids
+        assert text == off.text == last.text and last.finish_reason == off.finish_reason
+
+
+def test_cancel_frees_the_slot_and_leaves_others_alone(dirs):
+    engine = Engine(tiny_model("llama"), max_batch=2, max_seq_len=64)
+    for name in ("p-last", "lora-qv", "p-attn"):
+        engine.add_adapter(name, dirs[name])
+    long_a = Request(prompt(1, 8), adapter="p-last", sampling=greedy(30))
+    cancelled = Request(prompt(2, 8), adapter="lora-qv", sampling=greedy(30))
+    waiting = Request(prompt(3, 6), adapter="p-attn", sampling=greedy(NEW))
+    async_engine = AsyncEngine(engine)
+    done: list[str] = []
+
+    async def run_all():
+        async def cancel_after_two():
+            seen = 0
+            async for out in async_engine.stream(cancelled):
+                seen += len(out.delta_token_ids)
+                if seen >= 2:
+                    break  # leaving the stream aborts the request
+            return seen
+
+        async def finish(request):
+            tokens = (await async_engine.generate(request)).token_ids
+            done.append(request.request_id)
+            return tokens
+
+        a = asyncio.create_task(finish(long_a))
+        c = asyncio.create_task(cancel_after_two())
+        await asyncio.sleep(0)
+        w = asyncio.create_task(finish(waiting))  # no free slot until the cancel
+        return await asyncio.gather(a, c, w)
+
+    try:
+        tokens_a, seen, tokens_w = asyncio.run(run_all())
+    finally:
+        async_engine.shutdown()
+    assert seen >= 2
+    assert done == [waiting.request_id, long_a.request_id]  # the freed slot went to the waiting request
+    assert tokens_a == reference("llama", dirs["p-last"], long_a.prompt, 30)
+    assert tokens_w == reference("llama", dirs["p-attn"], waiting.prompt, NEW)
+    assert engine.num_running == 0 and not engine.has_unfinished()
+
+
+def test_lru_with_capacity_4_and_10_adapters(tmp_path):
+    names = ["p-last", "lora-qv", "p-attn", "ia3", "lora-all"]
+    dirs = {f"{n}-{s}": make_adapter(tmp_path, n, seed=10 + s) for s in range(2) for n in names}
+    engine = Engine(tiny_model("llama"), max_batch=3, max_seq_len=64, adapter_capacity=4)
+    for name, path in dirs.items():
+        engine.add_adapter(name, path)
+    order = list(dirs) * 2
+    requests = [Request(prompt(20 + i, 4 + i % 5), adapter=a, sampling=greedy(4)) for i, a in enumerate(order)]
+    engine.add_request(requests[0])
+    pending, outputs = requests[1:], {}
+    while engine.has_unfinished() or pending:
+        if pending:
+            engine.add_request(pending.pop(0))
+        for out in engine.step():
+            outputs[out.request_id] = out
+        assert len(engine.adapters.resident) <= 4
+    assert engine.adapters.evictions > 0
+    for r in requests:
+        assert outputs[r.request_id].token_ids == reference("llama", dirs[r.adapter], r.prompt, 4)
+
+
+def test_bad_requests_fail_alone(dirs, tmp_path):
+    engine = Engine(tiny_model("llama"), CharTokenizer(), max_batch=4, max_seq_len=32)
+    engine.add_adapter("p", dirs["p-last"])
+    good = Request(prompt(5, 6), adapter="p", sampling=greedy())
+    bad = [Request(prompt(6, 4), adapter="nope"), Request(""), Request(prompt(7, 40)), Request([], adapter="p"),
+           Request(prompt(8, 4), sampling="greedy")]
+    outs = engine.generate([bad[0], good, *bad[1:]])
+    assert outs[1].error is None and outs[1].token_ids == reference("llama", dirs["p-last"], good.prompt)
+    errors = [o.error for o in outs[:1] + outs[2:]]
+    assert all(errors) and "unknown adapter 'nope'" in errors[0] and "empty" in errors[1]
+    assert "40 tokens but the context is 32" in errors[2] and "SamplingParams" in errors[4]
+    for kwargs in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2), dict(max_new_tokens=0), dict(stop=[""])):
+        with pytest.raises(RequestError, match=next(iter(kwargs))):
+            SamplingParams(**kwargs)
+    other = pedro.get_pedro_model(tiny_model("llama", hidden_size=48), pedro.PedroConfig(r=4))
+    other.save_pretrained(str(tmp_path / "wide"))
+    with pytest.raises(AdapterError, match=r"shape \(4, 48\).*needs \(4, 32\)"):
+        engine.add_adapter("wide", str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match="gemma3_text"):
+        Engine(tiny_model("gemma3"))
+
+
+def test_sampling_filters_match_transformers_and_seeds_are_per_request(dirs):
+    logits = torch.randn(3, 97, generator=torch.Generator().manual_seed(0))
+    for top_k, top_p in ((5, 1.0), (0, 0.7), (10, 0.5)):
+        ours = filter_logits(logits, torch.full((3,), 0.8), torch.full((3,), top_k), torch.full((3,), top_p))
+        theirs = logits / 0.8
+        if top_k:
+            theirs = TopKLogitsWarper(top_k)(None, theirs)
+        if top_p < 1:
+            theirs = TopPLogitsWarper(top_p)(None, theirs)
+        assert torch.equal(ours.isinf(), theirs.isinf())
+        assert torch.allclose(ours.exp(), theirs.softmax(-1), atol=1e-6)
+    engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64)
+    engine.add_adapter("p", dirs["p-last"])
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.3, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
+    alone = engine.generate([Request(prompt(9, 5), adapter="p", sampling=sampled)])[0].token_ids
+    crowd = engine.generate([Request(prompt(10, 7), sampling=greedy()), Request(prompt(9, 5), adapter="p", sampling=sampled),
+                             Request(prompt(11, 3), adapter="p", sampling=SamplingParams(temperature=1.0, seed=1))])
+    assert crowd[1].token_ids == alone
+    top1 = SamplingParams(max_new_tokens=NEW, temperature=2.0, top_k=1, seed=3, ignore_eos=True)
+    assert engine.generate([Request(prompt(12, 5), adapter="p", sampling=top1)])[0].token_ids == reference(
+        "llama", dirs["p-last"], prompt(12, 5))
