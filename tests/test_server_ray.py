@@ -45,6 +45,10 @@ def test_two_replicas_serve_eight_multiplexed_adapters(tmp_path):
 
         answers = asyncio.run(everyone())
         routing = httpx.get(f"{server.url}/health").json()["routing"]
+        # a refusal raised inside an engine replica reaches the client as the same OpenAI error
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=TENANTS["alice"], max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="at most 64"):
+            client.completions.create(model="t0", prompt=" ".join(["7"] * 65), max_tokens=4)
 
     engine = Engine(str(backbone), max_batch=16, max_seq_len=128)
     for name, directory in sources.items():

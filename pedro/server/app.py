@@ -137,8 +137,12 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
     # ---------------------------------------------------------------------------------------- service
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.served_model_name, **backend.stats()}
+    async def health() -> JSONResponse:
+        """200 once every engine replica can take requests (503 ``starting`` before): what load balancers and
+        orchestration should wait for."""
+        ready = await backend.ready()
+        body = {"status": "ok" if ready else "starting", "model": config.served_model_name, **backend.stats()}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus(_: Principal = Depends(admin)) -> Response:

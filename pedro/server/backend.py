@@ -31,6 +31,8 @@ class Backend(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    async def ready(self) -> bool: ...
+
     async def check(self, directory: Path) -> dict[str, Any]: ...
 
     async def add_adapter(self, engine_name: str, directory: Path) -> None: ...
@@ -108,6 +110,10 @@ class LocalBackend:
         """Cheap, approximate reads of engine state for /health and /metrics (no lock: they are gauges)."""
         waiting = len(self.engine.scheduler.waiting)
         return {"running": self.engine.num_running, "waiting": waiting, "in_flight": self.in_flight}
+
+    async def ready(self) -> bool:
+        """The engine is built before the app starts, so a local server is ready as soon as it answers."""
+        return True
 
     # ------------------------------------------------------------------------------------------ adapters
 

@@ -20,6 +20,7 @@ with serve.yaml.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import signal
@@ -71,6 +72,14 @@ class RayBackend:
 
     def stats(self) -> dict[str, Any]:
         return {"replicas": self.replicas, "routing": {model: dict(c) for model, c in self.routing.items()}}
+
+    async def ready(self) -> bool:
+        """True once Ray Serve reports every deployment of this application HEALTHY (all target replicas up):
+        the ingress answers HTTP earlier than the engine replicas finish loading the backbone."""
+        app_name = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(app_name)
+        return app is not None and all(d.status == "HEALTHY" for d in app.deployments.values())
 
     async def check(self, directory: Path) -> dict[str, Any]:
         return await self.engine.check.remote(str(directory))
