@@ -244,6 +244,23 @@ def serve_bench(ctx: typer.Context) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (write results/<name>.json, .md, .png).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("multitenant", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_multitenant(ctx: typer.Context) -> None:
+    """Engine throughput vs distinct adapters per batch: bare / PEDRO / LoRA / (IA)3 / HF PEFT -> results/multitenant.*
+    (runs benchmarks/multitenant.py; options are passed through, e.g. --preset full, see its --help)."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "multitenant.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} is missing: the benchmarks ship with the source checkout, not the wheel")
+    sys.argv = [str(script), *ctx.args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
 def main() -> None:
     """Entry point: a bad input ends with its message, not a traceback."""
     try:
