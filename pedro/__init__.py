@@ -12,6 +12,8 @@ from pedro.config import PedroConfig
 from pedro.io import AdapterFileError
 from pedro.model import PedroModel, count_trainable_parameters
 from pedro.registry import register
+from pedro.evaluate import evaluate
+from pedro.train import TrainConfig, train
 
 register()
 # peft 0.21 calls a transformers 5 API that transformers marks deprecated; it is noise for our users
@@ -31,8 +33,11 @@ __all__ = [
     "AdapterFileError",
     "PedroConfig",
     "PedroModel",
+    "TrainConfig",
     "count_trainable_parameters",
+    "evaluate",
     "format_prompt",
     "get_pedro_model",
     "load_backbone",
+    "train",
 ]

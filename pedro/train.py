@@ -52,7 +52,7 @@ class TrainConfig:
 
     data: str = ""
     output_dir: str = ""
-    backbone: str = DEFAULT_BACKBONE
+    backbone: Optional[str] = None  # None: the default backbone, or the model passed to train()
     method: str = "pedro"
     data_dir: Optional[str] = None  # where task data lives when ``data`` is a task name
     eval_data: Optional[str] = None  # held-out records for periodic evaluation (loss)
@@ -404,7 +404,7 @@ def train(
         held_out = load_records(cfg.eval_data, "test", cfg.data_dir)
     loaded_here = model is None
     if loaded_here:
-        model, tokenizer = load_backbone(cfg.backbone, quiet=not cfg.progress)
+        model, tokenizer = load_backbone(cfg.backbone or DEFAULT_BACKBONE, quiet=not cfg.progress)
     if tokenizer is None:
         raise ValueError("pass the backbone's tokenizer with the model")
 
@@ -484,11 +484,11 @@ def train(
     train_seconds = time.perf_counter() - train_start
     final_eval = trainer.evaluate() if eval_rows is not None else {}
 
-    save_adapter_atomic(peft_model, output_dir, cfg.backbone if loaded_here else None)
+    save_adapter_atomic(peft_model, output_dir, cfg.backbone or (DEFAULT_BACKBONE if loaded_here else None))
     summary = {
         "config": asdict(cfg),
         "requested": asdict(requested) if requested is not cfg else None,
-        "backbone": cfg.backbone,
+        "backbone": cfg.backbone or (DEFAULT_BACKBONE if loaded_here else getattr(model.config, "name_or_path", None)),
         "method": cfg.method,
         "trainable_parameters": trainable,
         "parameter_sizes": sizes,
@@ -509,6 +509,106 @@ def train(
     return TrainResult(output_dir=output_dir, summary=summary)
 
 
+# ------------------------------------------------------------------------------------------ two tenants
+
+_TEAMS = {
+    "billing": ["I was charged twice for my subscription", "my invoice shows the wrong amount",
+                "please refund the extra fee on my card", "why did my monthly price go up",
+                "the payment failed but money left my account", "I need a copy of last month's receipt"],
+    "shipping": ["my parcel has not arrived after two weeks", "the tracking number does not work",
+                 "the box came damaged and wet", "can you deliver to my office instead",
+                 "the courier left my package at the wrong house", "how long does delivery to Spain take"],
+    "account": ["I cannot log in after changing my password", "please delete my account and data",
+                "how do I change the email on my profile", "my account was locked after three attempts",
+                "I want to add a second user to my plan", "the verification code never reaches my phone"],
+    "technical": ["the app crashes when I open settings", "the website shows an error 500",
+                  "the sync between my laptop and phone stopped", "the export to PDF produces empty pages",
+                  "notifications stopped working after the update", "the search returns nothing for any query"],
+}
+_OPENERS = ["Hello,", "Hi team,", "Urgent:", "Good morning.", "Dear support,", "Hey,"]
+_CLOSERS = ["Thanks.", "Please help.", "Regards, Sam", "This is the second time I write.", "", "Cheers"]
+_CITIES = ["Lyon", "Porto", "Munich", "Denver", "Osaka", "Dublin", "Krakow", "Seville", "Bergen", "Austin",
+           "Leeds", "Turin"]
+_ITEMS = ["3 boxes of printer paper", "a standing desk", "12 coffee mugs", "two office chairs", "a laptop stand",
+          "500 envelopes", "a whiteboard", "6 monitor cables"]
+_ORDER_TEMPLATES = [
+    "Order #{n}: {item}, ship to {city} before Friday.",
+    "Please send {item} to our {city} branch (ref {n}).",
+    "Customer {n} in {city} ordered {item}; express delivery.",
+    "Deliver {item} to the warehouse in {city}. PO {n}.",
+]
+
+
+def tenant_datasets(seed: int = 0, n_train: int = 48, n_test: int = 24) -> dict[str, dict[str, list[dict]]]:
+    """Two tenants' small data sets, generated (no download, no ../shared): ``acme`` routes support tickets
+    to a team (a choice task), ``globex`` extracts an order's destination city in capital letters (exact
+    match). Test records are other combinations (of opener, ticket and closer; of template, city and item)
+    than the training records."""
+    rng = random.Random(seed)
+    tickets = [(team, f"{o} {text}. {c}".strip()) for team, texts in _TEAMS.items() for text in texts
+               for o, c in zip(_OPENERS, _CLOSERS)]
+    rng.shuffle(tickets)
+    route = "Route this support ticket to one team: billing, shipping, account or technical.\nTicket: {}"
+    acme = [{"prompt": route.format(text), "response": team, "options": list(_TEAMS)} for team, text in tickets]
+    orders = []
+    for template, city, _ in itertools.product(_ORDER_TEMPLATES, _CITIES, range(2)):
+        text = template.format(n=rng.randint(1000, 9999), item=rng.choice(_ITEMS), city=city)
+        orders.append({"prompt": f"Extract the destination city of this order, in capital letters.\nOrder: {text}",
+                       "response": city.upper()})
+    rng.shuffle(orders)
+    return {
+        "acme": {"train": acme[:n_train], "test": acme[n_train : n_train + n_test]},
+        "globex": {"train": [{k: r[k] for k in ("prompt", "response")} for r in orders[:n_train]],
+                   "test": orders[n_train : n_train + n_test]},
+    }
+
+
+def demo_tenants(
+    output_dir: str | Path, backbone: str = DEFAULT_BACKBONE, epochs: float = 2.0, console: Any = None
+) -> list[Path]:
+    """Train one small PEDRO adapter per tenant on generated data, print each tenant's test metric before
+    (bare backbone) and after (its adapter), generate with each, and return the adapter folders.
+
+    The main job's multi-tenant part: the adapters it writes are what the engine then serves side by side.
+    """
+    import copy
+
+    from rich.console import Console
+
+    from pedro.data import write_jsonl_atomic
+    from pedro.evaluate import evaluate, generate_texts
+    from pedro.tasks import get_task
+
+    console = console or Console()
+    root = Path(output_dir)
+    base, tokenizer = load_backbone(backbone)
+    adapters = []
+    for tenant, splits in tenant_datasets().items():
+        data_dir = root / tenant / "data"
+        for split, rows in splits.items():
+            write_jsonl_atomic(data_dir / f"{split}.jsonl", rows)
+        task = get_task(f"jsonl:{data_dir}")
+        task.max_new_tokens = 8
+        before = evaluate(base, tokenizer, task, "test", progress=False)
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        result = train(model=model, tokenizer=tokenizer, data=str(data_dir / "train.jsonl"), backbone=backbone,
+                       output_dir=str(root / tenant / "adapter"), method="pedro", epochs=epochs, batch_size=4,
+                       lr=2e-3, max_length=128, logging_steps=4, progress=False)
+        after = evaluate(model, tokenizer, task, "test", progress=False)
+        prompt = splits["test"][0]["prompt"]
+        text = generate_texts(model, tokenizer, [prompt], max_new_tokens=8, progress=False)[0]
+        console.print(
+            f"[bold]{tenant}[/bold] ({task.kind}, {len(splits['train'])} train / {before['n']} test): "
+            f"{task.metric} {before[task.metric]:.2f} before -> {after[task.metric]:.2f} after "
+            f"({result.summary['steps']} steps, {time.perf_counter() - start:.0f}s)"
+        )
+        console.print(f"  > {prompt.splitlines()[-1]}\n  {text}")
+        adapters.append(result.output_dir)
+        del model
+    return adapters
+
+
 def _print_sizes(rows: list[dict[str, Any]], method: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -527,10 +627,12 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "attach_adapter",
+    "demo_tenants",
     "expected_parameter_count",
     "ia3_parameter_count",
     "lora_parameter_count",
     "match_sizes",
     "size_report",
+    "tenant_datasets",
     "train",
 ]

@@ -119,7 +119,7 @@ CHILD = textwrap.dedent(
     from conftest import tiny_model, tiny_tokenizer
     from test_train import EXAMPLES
     from transformers import TrainerCallback
-    import pedro.train
+    from pedro.train import train
 
     class StallAfter(TrainerCallback):
         # stall once past step N, so the parent can SIGKILL us after checkpoint-N is on disk
@@ -128,10 +128,9 @@ CHILD = textwrap.dedent(
                 print("stalling", flush=True)
                 time.sleep(600)
 
-    pedro.train.train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES,
-                      output_dir={out!r}, max_steps={steps}, save_steps={n}, batch_size=2, lr=5e-3, seed=3,
-                      activation="rational", rational_lr=1e-4, resume={resume}, progress=False,
-                      callbacks=[StallAfter()])
+    train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES,
+          output_dir={out!r}, max_steps={steps}, save_steps={n}, batch_size=2, lr=5e-3, seed=3,
+          activation="rational", rational_lr=1e-4, resume={resume}, progress=False, callbacks=[StallAfter()])
     """
 )
 
