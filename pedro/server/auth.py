@@ -26,7 +26,7 @@ from typing import Mapping, Optional
 
 import yaml
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SAFE_NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
 ADMIN_TENANT = "admin"
 OPEN_TENANT = "default"
@@ -34,7 +34,7 @@ OPEN_TENANT = "default"
 
 def check_name(kind: str, name: str) -> str:
     """Refuse anything that could escape a directory or confuse a path (``..``, ``/``, ``:``, empty)."""
-    if not isinstance(name, str) or not SAFE_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"invalid {kind} name {name!r}: use {SAFE_NAME_RULE} (no '..')")
     return name
 

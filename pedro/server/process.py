@@ -6,7 +6,6 @@ not an in-process test client, so that disconnects, kills and restarts are real.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -27,11 +26,8 @@ def free_port() -> int:
 class ServerProcess:
     """``pedro serve --config <config> --port <free port>`` on 127.0.0.1; output goes to ``log``."""
 
-    def __init__(
-        self, config: Path, log: Path, env: Optional[dict[str, str]] = None, extra_args: tuple[str, ...] = (), startup_timeout: float = 180.0
-    ) -> None:
+    def __init__(self, config: Path, log: Path, extra_args: tuple[str, ...] = (), startup_timeout: float = 180.0) -> None:
         self.config, self.log, self.extra_args, self.startup_timeout = Path(config), Path(log), extra_args, startup_timeout
-        self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.proc: Optional[subprocess.Popen] = None
 
@@ -46,7 +42,7 @@ class ServerProcess:
         timeout = self.startup_timeout
         command = [sys.executable, "-m", "pedro.cli", "serve", "--config", str(self.config), "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
