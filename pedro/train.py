@@ -33,7 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from pedro.backbones import DEFAULT_BACKBONE, layer_map, load_backbone
 from pedro.config import PedroConfig
-from pedro.data import Collator, Example, load_records, tokenize_examples, write_json_atomic
+from pedro.data import OVERFLOW, Collator, Example, load_records, tokenize_examples, write_json_atomic
 from pedro.model import count_trainable_parameters
 
 METHODS = ("pedro", "lora", "ia3")
@@ -102,11 +102,17 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.early_stopping and not (self.eval_data and self.eval_steps):
-            raise ValueError("early_stopping needs eval_data and eval_steps")
+        if self.early_stopping and not self.eval_steps:
+            raise ValueError("early_stopping needs eval_steps (and held-out data: eval_data or eval_examples)")
+        if self.overflow not in OVERFLOW:
+            raise ValueError(f"overflow must be one of {OVERFLOW}, got {self.overflow!r}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         for name in ("targets", "lora_targets", "ia3_targets", "report_to"):
             value = getattr(self, name)
             setattr(self, name, tuple(value.split(",")) if isinstance(value, str) else tuple(value))
+        if self.method == "pedro":
+            _pedro_config(self)  # a bad PEDRO knob is refused now, not after the backbone has loaded
 
 
 @dataclass
@@ -429,6 +435,8 @@ def train(
     peft_model.train()
     checkpoint_dir = output_dir / CHECKPOINTS
     evaluating = eval_rows is not None and cfg.eval_steps > 0
+    if cfg.early_stopping and not evaluating:
+        raise ValueError("early_stopping needs held-out data (eval_data or eval_examples)")
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -441,8 +449,9 @@ def train(
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500,
+        # early stopping restores the best evaluated adapter, so it checkpoints at every evaluation
+        save_strategy="steps" if cfg.save_steps or cfg.early_stopping else "no",
+        save_steps=cfg.save_steps or cfg.eval_steps or 500,
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if evaluating else "no",
         eval_steps=cfg.eval_steps or None,

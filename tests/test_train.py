@@ -172,3 +172,17 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path):
     # and the weights did change between the checkpoint and the end (the test could not pass by accident)
     mid = load_file(killed / "checkpoints" / f"checkpoint-{n}" / "adapter_model.safetensors")
     assert any(not torch.equal(mid[k], b[k]) for k in b)
+
+
+def test_early_stopping_stops_when_eval_loss_stalls(tmp_path):
+    # lr 0: the eval loss never improves, so patience 1 stops training at the second evaluation
+    result = train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, eval_examples=EXAMPLES[:4],
+                   output_dir=str(tmp_path), max_steps=10, batch_size=2, lr=0.0, eval_steps=1, early_stopping=1,
+                   progress=False)
+    assert result.summary["steps"] == 2
+    assert "eval_loss" in result.summary["final_metrics"]
+    with pytest.raises(ValueError, match="early_stopping needs held-out data"):
+        train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path / "x"),
+              eval_steps=1, early_stopping=1, progress=False)
+    with pytest.raises(ValueError, match="PedroConfig.pooler"):
+        TrainConfig(pooler="median")
