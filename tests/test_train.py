@@ -186,3 +186,35 @@ def test_early_stopping_stops_when_eval_loss_stalls(tmp_path):
               eval_steps=1, early_stopping=1, progress=False)
     with pytest.raises(ValueError, match="PedroConfig.pooler"):
         TrainConfig(pooler="median")
+
+
+@pytest.mark.real
+def test_real_smollm2_boundary_and_a_short_run(tmp_path):
+    """On the real backbone and its chat template: the prompt part of a row is what inference encodes, the
+    supervised part decodes to the response + the template's end-of-turn, and a short run trains and scores."""
+    import pedro
+    from pedro.data import tokenize_examples
+    from pedro.evaluate import evaluate
+    from pedro.train import tenant_datasets
+
+    model, tokenizer = pedro.load_backbone("smollm2-135m", quiet=True)
+    data = tenant_datasets()["acme"]
+    examples = [Example(r["prompt"], r["response"]) for r in data["train"][:8]]
+    rows, _ = tokenize_examples(examples, tokenizer, max_length=128)
+    for example, row in zip(examples, rows):
+        prompt = tokenizer(pedro.format_prompt(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
+        assert row["input_ids"][: row["prompt_length"]] == prompt
+        supervised = [t for t in row["labels"] if t != -100]
+        assert tokenizer.decode(supervised) == example.response + "<|im_end|>"
+    result = train(model=model, tokenizer=tokenizer, examples=examples, output_dir=str(tmp_path), max_steps=2,
+                   batch_size=4, lr=2e-3, logging_steps=1, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+    test = [Example(r["prompt"], r["response"], options=r["options"], label=r["options"].index(r["response"]))
+            for r in data["test"][:8]]
+    from pedro.tasks import get_task
+
+    scores = evaluate(model, tokenizer, get_task("sst2"), examples=test, progress=False)  # a choice task scorer
+    assert scores["n"] == 8 and 0.0 <= scores["accuracy"] <= 1.0
+    assert result.summary["trainable_parameters"] == 760_560
