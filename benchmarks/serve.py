@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import copy
 import json
+import os
 import platform
 import random
 import statistics
@@ -215,7 +216,8 @@ def markdown(summary: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
         f"{meta['backbone']}, {meta['clients']} closed-loop streaming clients on 127.0.0.1, {meta['max_tokens']} output tokens per "
         f"request (ignore_eos), {meta['adapters']} PEDRO and {meta['adapters']} LoRA adapters over 4 tenants (each request a random "
         f"adapter of its kind), server max_batch {meta['max_batch']}, {meta['rounds']} rounds x {meta['seconds']:.0f} s per method, "
-        f"{meta['machine']}.\n\n{head}{rows}"
+        f"{meta['machine']}; 1-minute load average {meta['load_average_1min'][0]} at the start, {meta['load_average_1min'][1]} "
+        f"at the end (other jobs share this machine: compare methods within the table, not across runs).\n\n{head}{rows}"
     )
 
 
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not 1 <= cfg["clients"] <= 32 or not 0 < cfg["seconds"] <= 120:
         parser.error("--clients must be in 1..32 and --seconds in (0, 120]: this benchmark stays bounded")
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pedro-bench-serve-") as tmp:
         root = Path(tmp)
         backbone = tiny_backbone(root / "tiny") if cfg["backbone"] == "tiny" else cfg["backbone"]
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta = {
         "command": "python benchmarks/serve.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])),
         **cfg, "machine": f"{platform.machine()} CPU x{torch.get_num_threads()} threads, torch {torch.__version__}",
-        "errors": errors[:10],
+        "errors": errors[:10], "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
