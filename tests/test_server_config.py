@@ -78,3 +78,18 @@ def test_safe_names(name):
 def test_unsafe_names(name):
     with pytest.raises(ValueError, match="invalid adapter name"):
         check_name("adapter", name)
+
+
+def test_pedro_serve_refuses_a_bad_config_before_loading_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from pedro.cli import app
+
+    path = tmp_path / "server.yaml"
+    path.write_text("max_bach: 4\n")
+    result = CliRunner().invoke(app, ["serve", "--config", str(path)])
+    assert isinstance(result.exception, ValueError) and "max_bach" in str(result.exception)
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("tenants:\n  alice: [short]\n")
+    result = CliRunner().invoke(app, ["serve", "--keys-file", str(keys), "--backbone", "/nonexistent"])
+    assert isinstance(result.exception, ValueError) and "at least 8" in str(result.exception)
