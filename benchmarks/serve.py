@@ -1,7 +1,8 @@
 """Load benchmark of ``pedro serve``: concurrent streaming clients on loopback, PEDRO vs LoRA adapters vs base.
 
 One server process (the real ``pedro serve``, SmolLM2-135M by default) holds N PEDRO and N LoRA adapters of four
-tenants. Closed-loop clients (each sends its next request when the previous one ends) stream chat completions
+tenants. Closed-loop clients (each sends its next request when the previous one ends; their starts are staggered so
+they do not move in lock-step waves) stream chat completions
 of exactly ``max_tokens`` tokens (``ignore_eos``) for a fixed time per phase; phases rotate base -> PEDRO -> LoRA
 for several rounds, so drift on a shared machine hits all three alike. Each PEDRO / LoRA request picks one of
 that kind's adapters at random, so every batch mixes tenants. Reported per method: requests/s, output tokens/s,
@@ -158,7 +159,8 @@ async def run_phase(url: str, method: str, models: dict[str, list[tuple[str, str
     rng = random.Random(seed)
     deadline = time.perf_counter() + seconds
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(client: httpx.AsyncClient, index: int) -> None:
+        await asyncio.sleep(index * min(0.5, seconds / (2 * clients)))  # staggered: no lock-step waves of requests
         while time.perf_counter() < deadline:
             key, model = rng.choice(models[method])
             phase.samples.append(await one_request(client, url, key, model, rng.choice(QUESTIONS), max_tokens))
@@ -166,7 +168,7 @@ async def run_phase(url: str, method: str, models: dict[str, list[tuple[str, str
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        await asyncio.gather(*(client_loop(client, i) for i in range(clients)))
         phase.seconds = time.perf_counter() - start
     return phase
 
