@@ -14,7 +14,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import peft
 import torch
@@ -240,13 +240,12 @@ def _ia3_plan(config: peft.IA3Config, shapes: dict[str, tuple[int, ...]], spec: 
             raise AdapterError(f"(IA)3 adapter has a tensor the engine does not serve: {key!r}")
         layer, module = _layer_and_module(key, spec, "ia3_l")
         d_in, d_out = spec.shapes[module]
-        if tuple(shape) == (d_out, 1):
-            side = "out"
-        elif tuple(shape) == (1, d_in):
-            side = "in"
-        else:
-            _check_shape(key, shape, (d_out, 1))
-        roles[key] = (layer, side, module)
+        if tuple(shape) not in ((d_out, 1), (1, d_in)):
+            raise AdapterError(
+                f"adapter tensor {key} has shape {tuple(shape)} but this backbone needs {(d_out, 1)} (output scaling) "
+                f"or {(1, d_in)} (feed-forward input scaling); the adapter was trained for a different backbone"
+            )
+        roles[key] = (layer, "out" if tuple(shape) == (d_out, 1) else "in", module)
     return AdapterPlan("ia3", config, roles, sum(math.prod(s) for s in shapes.values()))
 
 
@@ -318,8 +317,8 @@ def read_adapter(source: Union[str, Path, nn.Module]) -> tuple[Any, dict[str, tu
 class AdapterStore:
     """Every registered adapter, and the bounded set of them that is resident (materialised) right now.
 
-    ``on_load(entry)`` / ``on_evict(entry)`` let the runner copy an adapter into (or out of) its stacked
-    per-slot tensors when it becomes resident; slots are 1..capacity (0 means "no adapter").
+    ``on_load(entry)`` lets the runner copy an adapter into its stacked per-slot tensors when it becomes
+    resident (rows.py); resident slots are 1..capacity (0 means "no adapter").
     """
 
     def __init__(self, spec: ModelSpec, model: nn.Module, capacity: int, dtype: torch.dtype) -> None:
@@ -331,8 +330,7 @@ class AdapterStore:
         self.free_slots = list(range(capacity, 0, -1))
         self.loads = 0
         self.evictions = 0
-        self.on_load = lambda entry: None
-        self.on_evict = lambda entry: None
+        self.on_load: Callable[[Registered], None] = lambda entry: None
 
     def add(self, name: str, source: Union[str, Path, nn.Module]) -> Registered:
         if not isinstance(name, str) or not name:
@@ -393,7 +391,6 @@ class AdapterStore:
         entry.pins -= 1
 
     def _evict(self, entry: Registered) -> None:
-        self.on_evict(entry)
         del self.resident[entry.name]
         self.free_slots.append(entry.slot)
         entry.slot, entry.weights = None, None

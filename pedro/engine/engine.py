@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from pedro.backbones import format_prompt, load_backbone
 from pedro.engine.adapters import AdapterError, AdapterStore, ModelSpec
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.request import Request, RequestError, RequestOutput, SamplingParams
@@ -21,6 +22,7 @@ from pedro.engine.rows import RowAdapters
 from pedro.engine.runner import ModelRunner, PrefillBatch, check_supported
 from pedro.engine.sampling import sample
 from pedro.engine.scheduler import Scheduler, Sequence
+from pedro.model import plan_sites
 
 
 class Engine:
@@ -44,8 +46,6 @@ class Engine:
         adapter_capacity: int = 64,
     ) -> None:
         if isinstance(backbone, str):
-            from pedro.backbones import load_backbone
-
             backbone, tokenizer = load_backbone(backbone, quiet=True)
         if hasattr(backbone, "peft_config"):
             raise ValueError("pass the bare backbone to Engine and register adapters with add_adapter()")
@@ -97,8 +97,6 @@ class Engine:
         entry = self.adapters.get(name)
         if entry.kind != "pedro":
             raise AdapterError(f"adapter {name!r} is {entry.kind}, not PEDRO")
-        from pedro.model import plan_sites
-
         widths = [s.end for s in plan_sites(entry.plan.config, self.model).values() if s.kind == "tap"]
         return sum(widths) * torch.finfo(self.dtype).bits // 8
 
@@ -119,8 +117,6 @@ class Engine:
             if request.raw_prompt or not getattr(self.tokenizer, "chat_template", None):
                 ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             else:
-                from pedro.backbones import format_prompt
-
                 ids = self.tokenizer(format_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
         elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
             if not prompt:

@@ -83,10 +83,10 @@ class RowAdapters:
             self.lora_users[module] += 1
         self.lora_index[slot] = entry.slot if self._lora_modules(entry) else 0
 
-    def write_pedro(self, layer: int, slot: int, z: torch.Tensor, slices: list[tuple[str, int, int]]) -> None:
-        """Store the prefill's generator output z (D,) as the row's multipliers 1 + z for this layer."""
+    def write_pedro(self, layer: int, slots: torch.Tensor, z: torch.Tensor, slices: list[tuple[str, int, int]]) -> None:
+        """Store the prefill's generator outputs z (R, D) of rows ``slots`` (R,) as their multipliers 1 + z."""
         for module, start, end in slices:
-            self.scales[("out", module)][layer, slot] = (1.0 + z[start:end]).to(self.dtype)
+            self.scales[("out", module)][layer, slots] = (1.0 + z[:, start:end]).to(self.dtype)
 
     def release(self, slot: int) -> None:
         entry = self.row_entry[slot]

@@ -113,9 +113,9 @@ class ModelRunner:
                 targets[row] = (slot, weights.slices[layer])
         if not jobs:
             return
-        for row, z in generate_vectors(jobs, raw, normed, ctx.pad_index, ctx.pad_mask).items():
-            slot, slices = targets[row]
-            self.rows.write_pedro(layer, slot, z, slices)
+        for rows, z in generate_vectors(jobs, raw, normed, ctx.pad_index, ctx.pad_mask):
+            slots = torch.tensor([targets[row][0] for row in rows])
+            self.rows.write_pedro(layer, slots, z, targets[rows[0]][1])  # one generator: one adapter's slices
 
     @torch.inference_mode()
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:

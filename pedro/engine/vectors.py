@@ -15,11 +15,12 @@ from pedro.generator import VectorGenerator
 
 def generate_vectors(
     jobs: list[tuple[int, VectorGenerator, str]], raw: torch.Tensor, normed: torch.Tensor, index: torch.Tensor, mask: torch.Tensor
-) -> dict[int, torch.Tensor]:
+) -> list[tuple[list[int], torch.Tensor]]:
     """Run each job's generator on its row's prompt states.
 
     jobs: (row, generator, pool_source); ``index`` / ``mask`` (rows, T_max) place each row's packed prompt
-    tokens (``raw`` / ``normed`` are (tokens, d)) into a padded (rows, T_max, d). -> row -> z (D,)
+    tokens (``raw`` / ``normed`` are (tokens, d)) into a padded (rows, T_max, d).
+    -> [(rows, z (len(rows), D))], one entry per generator
     """
     groups: dict[tuple[int, str], list[int]] = {}
     generators: dict[tuple[int, str], VectorGenerator] = {}
@@ -27,9 +28,8 @@ def generate_vectors(
         key = (id(generator), source)
         groups.setdefault(key, []).append(row)
         generators[key] = generator
-    vectors: dict[int, torch.Tensor] = {}
+    results = []
     for key, rows in groups.items():
         states = (normed if key[1] == "normed" else raw)[index[rows]]  # (R, T_max, d)
-        for row, z in zip(rows, generators[key](states, mask[rows])):
-            vectors[row] = z
-    return vectors
+        results.append((rows, generators[key](states, mask[rows])))
+    return results
