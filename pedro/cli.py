@@ -81,8 +81,10 @@ def generate(
     model, tokenizer = pedro.load_backbone(backbone)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
-    texts = [pedro.format_prompt(tokenizer, p) for p in prompt]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    from pedro.data import encode_prompt
+
+    # the same prompt tokens training used (chat template, or the tokenizer's own BOS without one)
+    batch = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in prompt]}, return_tensors="pt")
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
