@@ -3,10 +3,10 @@ of the final number."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from pedro.data import read_jsonl
 from pedro.tasks.base import Example, Task
 
 _CALC = re.compile(r"<<[^>]*>>")
@@ -38,23 +38,19 @@ class GSM8K(Task):
 
     def read(self, path: Path, split: str) -> list[Example]:
         examples = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    question, answer = row["question"], row["answer"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{number}: not a GSM8K record ({err})") from err
-                solution = _CALC.sub("", answer)  # calculator annotations are tool calls, not text to learn
-                examples.append(
-                    Example(
-                        prompt=f"{question.strip()}\nSolve step by step; end with '#### <answer>'.",
-                        response=solution,
-                        references=[final_number(answer) or ""],
-                    )
+        for number, row in read_jsonl(path):
+            try:
+                question, answer = row["question"], row["answer"]
+            except KeyError as err:
+                raise ValueError(f"{path}:{number}: not a GSM8K record (missing {err})") from err
+            solution = _CALC.sub("", answer)  # calculator annotations are tool calls, not text to learn
+            examples.append(
+                Example(
+                    prompt=f"{question.strip()}\nSolve step by step; end with '#### <answer>'.",
+                    response=solution,
+                    references=[final_number(answer) or ""],
                 )
+            )
         return examples
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
