@@ -8,7 +8,7 @@ for several rounds, so drift on a shared machine hits all three alike. Each PEDR
 that kind's adapters at random, so every batch mixes tenants. Reported per method: requests/s, output tokens/s,
 time to first token p50/p99, time per output token p50/p99, and errors (which must be 0).
 
-    python benchmarks/serve.py                 # or: pedro serve-bench   -> results/serve.{json,md,png}
+    python benchmarks/serve.py                 # or: pedro bench serve   -> results/serve.{json,md,png}
     python benchmarks/serve.py --preset smoke  # a few seconds, tiny random model: checks the script itself
 
 All traffic goes to 127.0.0.1; the number of clients and the duration are bounded.

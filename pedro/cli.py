@@ -233,34 +233,41 @@ def evaluate_command(
     console.print_json(json.dumps(result))
 
 
-@app.command("serve-bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def serve_bench(ctx: typer.Context) -> None:
-    """Load benchmark of pedro serve: PEDRO vs LoRA vs base under concurrent clients -> results/serve.*
-    (runs benchmarks/serve.py; options are passed through, see its --help)."""
-    import runpy
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"{script} is missing: the benchmarks ship with the source checkout, not the wheel")
-    sys.argv = [str(script), *ctx.args]
-    runpy.run_path(str(script), run_name="__main__")
-
-
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (write results/<name>.json, .md, .png).")
 app.add_typer(bench_app, name="bench")
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-@bench_app.command("multitenant", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_multitenant(ctx: typer.Context) -> None:
-    """Engine throughput vs distinct adapters per batch: bare / PEDRO / LoRA / (IA)3 / HF PEFT -> results/multitenant.*
-    (runs benchmarks/multitenant.py; options are passed through, e.g. --preset full, see its --help)."""
+def _run_benchmark(name: str, args: list[str]) -> None:
+    """Run benchmarks/<name>.py with ``args``: the scripts are the single source of each benchmark."""
     import runpy
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "multitenant.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     if not script.is_file():
         raise FileNotFoundError(f"{script} is missing: the benchmarks ship with the source checkout, not the wheel")
-    sys.argv = [str(script), *ctx.args]
+    sys.argv = [str(script), *args]
     runpy.run_path(str(script), run_name="__main__")
+
+
+@bench_app.command("multitenant", context_settings=PASS_THROUGH)
+def bench_multitenant(ctx: typer.Context) -> None:
+    """Engine throughput vs distinct adapters per batch: bare / PEDRO / LoRA / (IA)3 / HF PEFT -> results/multitenant.*
+    (options pass through to benchmarks/multitenant.py, e.g. --preset full; see its --help)."""
+    _run_benchmark("multitenant", ctx.args)
+
+
+@bench_app.command("serve", context_settings=PASS_THROUGH)
+def bench_serve(ctx: typer.Context) -> None:
+    """Load benchmark of pedro serve: PEDRO vs LoRA vs base under concurrent clients -> results/serve.*
+    (options pass through to benchmarks/serve.py; see its --help)."""
+    _run_benchmark("serve", ctx.args)
+
+
+@bench_app.command("quality", context_settings=PASS_THROUGH)
+def bench_quality(ctx: typer.Context) -> None:
+    """PEDRO vs parameter-matched LoRA and (IA)3 on the four tasks -> results/quality.*
+    (options pass through to benchmarks/quality.py, e.g. --quick; see its --help)."""
+    _run_benchmark("quality", ctx.args)
 
 
 def main() -> None:
