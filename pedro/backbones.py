@@ -125,15 +125,41 @@ def resolve_backbone(name_or_path: str) -> tuple[Path, str | None, str]:
     )
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 GEMMs run about 3x faster than fp32 (measured in docs/engine.md); without
+    them PyTorch emulates bf16 and it is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(value: str | torch.dtype) -> torch.dtype:
+    """A dtype from its name, or ``"auto"``: bfloat16 on a GPU or a CPU with native bf16 matmuls, else float32."""
+    if isinstance(value, torch.dtype):
+        return value
+    if value == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() or _cpu_has_native_bf16() else torch.float32
+    if value not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; use one of {['auto', *DTYPES]}")
+    return DTYPES[value]
+
+
 def load_backbone(
-    name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = torch.float32, quiet: bool = False
+    name_or_path: str = DEFAULT_BACKBONE, dtype: str | torch.dtype = torch.float32, quiet: bool = False
 ) -> tuple[nn.Module, object]:
-    """Load a causal LM and its tokenizer offline. GGUF weights are dequantised to ``dtype``.
+    """Load a causal LM and its tokenizer offline. GGUF weights are dequantised to ``dtype`` (a torch dtype,
+    its name, or "auto", see resolve_dtype).
 
     The tokenizer pads on the left (what batched generation needs) and always has a pad token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = resolve_dtype(dtype)
     directory, gguf_file, origin = resolve_backbone(name_or_path)
     if not quiet:
         _say(f"[bold]Loading backbone[/bold] {name_or_path} from {origin}")

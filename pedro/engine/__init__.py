@@ -3,6 +3,6 @@
 from pedro.engine.adapters import AdapterError
 from pedro.engine.async_engine import AsyncEngine
 from pedro.engine.engine import Engine
-from pedro.engine.request import Request, RequestError, RequestOutput, SamplingParams
+from pedro.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams
 
-__all__ = ["AdapterError", "AsyncEngine", "Engine", "Request", "RequestError", "RequestOutput", "SamplingParams"]
+__all__ = ["AdapterError", "AsyncEngine", "Engine", "QueueFull", "Request", "RequestError", "RequestOutput", "SamplingParams"]

@@ -337,14 +337,18 @@ class AdapterStore:
             raise AdapterError(f"an adapter name must be a non-empty string, got {name!r}")
         if name in self.registered:
             raise AdapterError(f"adapter {name!r} is already registered; remove it first")
-        config, shapes, directory, state = read_adapter(source)
         try:
-            plan = plan_adapter(config, shapes, self.spec, self.model)
+            plan, directory, state = self.plan(source)
         except AdapterError as err:
             raise AdapterError(f"adapter {name!r}: {err}") from None
         entry = Registered(name, plan, directory, state)
         self.registered[name] = entry
         return entry
+
+    def plan(self, source: Union[str, Path, nn.Module]) -> tuple[AdapterPlan, Path | None, dict | None]:
+        """Read and check ``source`` against the backbone without registering it -> (plan, directory, state)."""
+        config, shapes, directory, state = read_adapter(source)
+        return plan_adapter(config, shapes, self.spec, self.model), directory, state
 
     def remove(self, name: str) -> None:
         entry = self.get(name)

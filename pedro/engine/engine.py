@@ -7,6 +7,7 @@ offline list of requests; async_engine.py drives it from a background thread for
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -14,10 +15,10 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from pedro.backbones import format_prompt, load_backbone
+from pedro.backbones import format_prompt, load_backbone, resolve_dtype
 from pedro.engine.adapters import AdapterError, AdapterStore, ModelSpec
 from pedro.engine.kv_cache import KVCache
-from pedro.engine.request import Request, RequestError, RequestOutput, SamplingParams
+from pedro.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams
 from pedro.engine.rows import RowAdapters
 from pedro.engine.runner import ModelRunner, PrefillBatch, check_supported
 from pedro.engine.sampling import sample
@@ -32,7 +33,11 @@ class Engine:
     ``tokenizer``; without one, prompts must be token ids and stop strings are unavailable).
     ``max_batch`` running rows at most, each with ``max_seq_len`` tokens of KV cache; at most
     ``max_prefill_tokens`` prompt tokens are admitted per step; ``adapter_capacity`` adapters are resident
-    at once (the rest stay on disk / CPU and are loaded on demand, least recently used evicted).
+    at once (the rest stay on disk / CPU and are loaded on demand, least recently used evicted);
+    ``max_waiting`` bounds the queue of requests waiting for a free row (beyond it add_request raises QueueFull).
+    ``dtype`` (a torch dtype, its name, or "auto") is the dtype to load a named backbone in; bfloat16 runs
+    decoding about 2x faster on CPUs with native bf16 (see docs/engine.md) but is not bit-identical to
+    float32. A loaded model runs in its own dtype: cast it yourself, the engine never changes it in place.
     """
 
     def __init__(
@@ -44,18 +49,31 @@ class Engine:
         max_seq_len: int = 1024,
         max_prefill_tokens: int = 2048,
         adapter_capacity: int = 64,
+        max_waiting: Optional[int] = None,
+        dtype: Union[str, torch.dtype, None] = None,
     ) -> None:
         if isinstance(backbone, str):
-            backbone, tokenizer = load_backbone(backbone, quiet=True)
+            backbone, tokenizer = load_backbone(backbone, dtype=resolve_dtype(dtype or torch.float32), quiet=True)
+        elif dtype is not None and resolve_dtype(dtype) != next(backbone.parameters()).dtype:
+            raise ValueError(
+                f"the backbone is {next(backbone.parameters()).dtype} but dtype={dtype!r} was asked for; "
+                "cast the model first (model.to(...)) or pass the backbone's name"
+            )
         if hasattr(backbone, "peft_config"):
             raise ValueError("pass the bare backbone to Engine and register adapters with add_adapter()")
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("max_prefill_tokens", max_prefill_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine {name} must be a positive integer, got {value!r}")
+        if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
+            raise ValueError(f"Engine max_waiting must be a non-negative integer or None, got {max_waiting!r}")
+        self.max_waiting = max_waiting
         max_seq_len = min(max_seq_len, backbone.config.max_position_embeddings)
         check_supported(backbone, max_seq_len)
         self.model = backbone.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        # Callers may encode prompts on their own thread while the engine thread decodes outputs; a fast
+        # tokenizer must not be used by two threads at once.
+        self._tokenizer_lock = threading.Lock()
         self.dtype = next(backbone.parameters()).dtype
         self.max_seq_len = max_seq_len
         spec = ModelSpec.of(backbone)
@@ -92,6 +110,12 @@ class Engine:
     def list_adapters(self) -> list[dict[str, Any]]:
         return self.adapters.describe()
 
+    def check_adapter(self, source: Union[str, Path, nn.Module]) -> dict[str, Any]:
+        """A dry run of add_adapter: read ``source`` and check it against this backbone (config, tensor names,
+        shapes) without registering it -> ``{"kind", "parameters"}``; AdapterError says what does not fit."""
+        plan, _, _ = self.adapters.plan(source)
+        return {"kind": plan.kind, "parameters": plan.n_params}
+
     def pedro_state_bytes(self, name: str) -> int:
         """Bytes of per-request state a request with PEDRO adapter ``name`` keeps in its slot (its vectors)."""
         entry = self.adapters.get(name)
@@ -102,8 +126,10 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def _tokenize(self, request: Request) -> list[int]:
-        prompt = request.prompt
+    def encode(self, prompt: Union[str, list[int], list[dict[str, str]]], raw_prompt: bool = False) -> list[int]:
+        """The token ids the engine will run for ``prompt``: token ids as given, a string through the chat
+        template (unless ``raw_prompt`` or the tokenizer has none), chat messages through the chat template.
+        Raises RequestError for an empty, malformed or over-long prompt."""
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             vocab = self.model.config.vocab_size
@@ -114,15 +140,19 @@ class Engine:
         elif isinstance(prompt, str):
             if not prompt:
                 raise RequestError("the prompt is empty")
-            if request.raw_prompt or not getattr(self.tokenizer, "chat_template", None):
-                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            else:
-                ids = self.tokenizer(format_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            with self._tokenizer_lock:
+                if raw_prompt or not getattr(self.tokenizer, "chat_template", None):
+                    ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+                else:
+                    ids = self.tokenizer(format_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
         elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
             if not prompt:
                 raise RequestError("the prompt is empty")
-            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RequestError("this backbone's tokenizer has no chat template: give a text prompt")
+            with self._tokenizer_lock:
+                text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             raise RequestError("a prompt must be a string, a list of chat messages {role, content}, or a list of token ids")
         if not ids:
@@ -148,7 +178,10 @@ class Engine:
                 raise RequestError(str(err)) from None
         if request.sampling.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer")
-        ids = self._tokenize(request)
+        free_rows = self.scheduler.max_batch - self.num_running  # requests the next step can admit are not queued
+        if self.max_waiting is not None and self.num_waiting >= self.max_waiting + free_rows:
+            raise QueueFull(f"the engine's queue is full ({self.max_waiting} requests waiting); retry shortly")
+        ids = self.encode(request.prompt, raw_prompt=request.raw_prompt)
         seed = request.sampling.seed if request.sampling.seed is not None else int(torch.randint(2**62, ()))
         track = self.tokenizer is not None and (track_text or bool(request.sampling.stop))
         seq = Sequence(request, ids, torch.Generator().manual_seed(seed), track_text=track)
@@ -174,6 +207,10 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
 
     # ------------------------------------------------------------------------------------------ stepping
 
@@ -234,7 +271,7 @@ class Engine:
     def _update_text(self, seq: Sequence) -> None:
         """Decode the text so far and cut it at the first stop string (which then ends the request)."""
         previous = len(seq.text)
-        seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        seq.text = self._decode(seq.output_ids)
         stops = seq.request.sampling.stop
         if not stops:
             return
@@ -245,9 +282,13 @@ class Engine:
             if seq.finish_reason is None or seq.finish_reason == "length":
                 seq.finish("stop")
 
+    def _decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def _output(self, seq: Sequence) -> RequestOutput:
         if seq.finished and not seq.track_text and seq.error is None:
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else ""
+            seq.text = self._decode(seq.output_ids) if self.tokenizer else ""
         text = seq.text
         if not seq.finished:  # hold back what could still become a stop string or an incomplete character
             hold = max((len(s) for s in seq.request.sampling.stop), default=1) - 1

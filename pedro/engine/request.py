@@ -19,6 +19,10 @@ class RequestError(ValueError):
     """
 
 
+class QueueFull(RequestError):
+    """The engine's waiting queue is at ``max_waiting``: try again once running requests finish."""
+
+
 def _refuse(name: str, allowed: str, got: Any) -> None:
     raise RequestError(f"SamplingParams.{name} must be {allowed}, got {got!r}")
 

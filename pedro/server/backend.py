@@ -1,8 +1,8 @@
 """LocalBackend: what the HTTP layer needs from one engine, in one process.
 
-It turns an API request into engine token ids (the server formats and counts prompts itself, so a prompt over
-the limit is refused with 400 before it can take a slot), applies admission control (at most
-``max_batch + max_queued`` requests in the engine, then 429), streams the engine's outputs, and checks /
+It turns an API request into engine token ids (Engine.encode, then the server's prompt limit, so a prompt over
+the limit is refused with 400 before it can take a slot), maps the engine's admission control (``max_queued``
+requests waiting beyond the running batch, then QueueFull) to 429, streams the engine's outputs, and checks /
 registers / removes adapters. The Ray Serve deployment (ray_app.py) wraps the same class in each replica, so
 single-process and scaled-out serving run identical request code.
 """
@@ -10,12 +10,11 @@ single-process and scaled-out serving run identical request code.
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional, Protocol, Union
 
-from pedro.engine import AdapterError, AsyncEngine, Engine, Request, RequestError, RequestOutput, SamplingParams
+from pedro.engine import AdapterError, AsyncEngine, Engine, QueueFull, Request, RequestError, RequestOutput, SamplingParams
 from pedro.server.config import ServerConfig
 from pedro.server.errors import APIError
 from pedro.server.validate import InvalidAdapter, check_adapter
@@ -45,9 +44,6 @@ class LocalBackend:
         self.engine = engine
         self.config = config
         self.async_engine = AsyncEngine(engine)
-        # A private tokenizer copy: prompts are encoded on the event loop while the engine thread decodes with
-        # its own; fast tokenizers are not safe to share across threads when one changes settings.
-        self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.in_flight = 0
 
     @classmethod
@@ -58,6 +54,8 @@ class LocalBackend:
             max_seq_len=config.max_seq_len,
             max_prefill_tokens=config.max_prefill_tokens,
             adapter_capacity=config.adapter_capacity,
+            max_waiting=config.max_queued,
+            dtype=config.dtype,
         )
         return cls(engine, config)
 
@@ -65,19 +63,11 @@ class LocalBackend:
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids for a completion prompt (text or ids, no template) or chat messages (the chat template)."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError(400, "the prompt is empty", param="prompt")
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        elif prompt and isinstance(prompt[0], dict):
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise APIError(400, "this backbone has no chat template: use /v1/completions", param="messages")
-            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = list(prompt)
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
+        param = "messages" if prompt and isinstance(prompt, list) and isinstance(prompt[0], dict) else "prompt"
+        try:
+            ids = self.engine.encode(prompt, raw_prompt=True)
+        except RequestError as err:
+            raise APIError(400, str(err), param=param) from None
         if len(ids) > self.config.max_prompt_tokens:
             raise APIError(
                 400,
@@ -90,9 +80,6 @@ class LocalBackend:
     async def stream(self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Encode, admit, run; yields the engine's outputs. Leaving early aborts the request and frees its slot."""
         ids = self.encode(prompt)
-        limit = self.config.max_batch + self.config.max_queued
-        if self.in_flight >= limit:
-            raise APIError(429, f"the server is at capacity ({limit} requests in flight); retry shortly", code="queue_full", retry_after=1)
         self.in_flight += 1
         try:
             request = Request(ids, adapter=adapter, sampling=sampling, request_id=f"srv-{next(_ids)}")
@@ -101,6 +88,8 @@ class LocalBackend:
                     if out.finish_reason == "error":
                         raise APIError(500, f"the request failed in the engine: {out.error}")
                     yield out
+            except QueueFull as err:
+                raise APIError(429, f"the server is at capacity: {err}", code="queue_full", retry_after=1) from None
             except RequestError as err:
                 raise APIError(400, str(err)) from None
         finally:
@@ -108,8 +97,7 @@ class LocalBackend:
 
     def stats(self) -> dict[str, float]:
         """Cheap, approximate reads of engine state for /health and /metrics (no lock: they are gauges)."""
-        waiting = len(self.engine.scheduler.waiting)
-        return {"running": self.engine.num_running, "waiting": waiting, "in_flight": self.in_flight}
+        return {"running": self.engine.num_running, "waiting": self.engine.num_waiting, "in_flight": self.in_flight}
 
     async def ready(self) -> bool:
         """The engine is built before the app starts, so a local server is ready as soon as it answers."""
@@ -120,7 +108,7 @@ class LocalBackend:
     async def check(self, directory: Path) -> dict[str, Any]:
         """Full validation of an adapter directory against this backbone (in a worker thread: it reads files)."""
         try:
-            return await asyncio.to_thread(check_adapter, directory, self.engine.adapters.spec, self.engine.model)
+            return await asyncio.to_thread(check_adapter, directory, self.engine.check_adapter)
         except InvalidAdapter as err:
             raise APIError(400, f"adapter refused: {err}", param="adapter") from None
 

@@ -7,7 +7,7 @@ instead of surfacing as a strange limit at request time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,6 +52,9 @@ class ServerConfig(BaseModel):
     max_seq_len: int = Field(1024, ge=2, description="KV cache length per row (prompt + new tokens).")
     max_prefill_tokens: int = Field(2048, ge=1, description="Prompt tokens admitted per engine step.")
     adapter_capacity: int = Field(32, ge=1, description="Adapters resident in memory at once (LRU).")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Backbone dtype: float32 (exact), bfloat16 (~2x faster decoding on CPUs with native bf16), auto."
+    )
     # request limits
     max_prompt_tokens: int = Field(768, ge=1, description="Longer prompts get 400.")
     max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may ask for (400 above).")

@@ -4,21 +4,21 @@ An uploaded adapter is untrusted input. Before it is moved into the store it mus
 (safetensors, never a pickle), a JSON config of a kind the engine serves that PEFT / PedroConfig parse without
 complaint, a safetensors file that opens, holds every tensor its header promises (not truncated) with finite
 floating-point values, and tensors whose names and shapes fit the loaded backbone (the engine's own planner
-decides that, so the server can never accept an adapter the engine would refuse later).
+decides that -- Engine.check_adapter, a dry run of add_adapter -- so the server can never accept an adapter the
+engine would refuse later).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import nn
 
-from pedro.engine.adapters import AdapterError, ModelSpec, plan_adapter, read_adapter
+from pedro.engine import AdapterError
 from pedro.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
@@ -30,9 +30,9 @@ class InvalidAdapter(ValueError):
     """The adapter is refused; the message says which check failed."""
 
 
-def check_adapter(directory: Path, spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
+def check_adapter(directory: Path, fits: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """-> ``{"kind", "parameters", "bytes"}`` for a directory holding exactly the two adapter files, or
-    InvalidAdapter. Reads only, never writes."""
+    InvalidAdapter. ``fits`` is the engine's dry run (Engine.check_adapter). Reads only, never writes."""
     present = sorted(p.name for p in directory.iterdir())
     if present != sorted(ADAPTER_FILES):
         raise InvalidAdapter(f"an adapter is exactly {list(ADAPTER_FILES)}; got {present}")
@@ -48,8 +48,7 @@ def check_adapter(directory: Path, spec: ModelSpec, model: nn.Module) -> dict[st
     if config.get("peft_type") not in SERVED_TYPES:
         raise InvalidAdapter(f"{CONFIG_NAME} peft_type must be one of {list(SERVED_TYPES)}, got {config.get('peft_type')!r}")
     try:
-        peft_config, shapes, _, _ = read_adapter(directory)
-        plan = plan_adapter(peft_config, shapes, spec, model)
+        fit = fits(directory)
         tensors = load_file(str(directory / WEIGHTS_NAME))
     except (AdapterError, AdapterFileError, SafetensorError) as err:
         raise InvalidAdapter(str(err)) from None
@@ -61,4 +60,4 @@ def check_adapter(directory: Path, spec: ModelSpec, model: nn.Module) -> dict[st
         if not torch.isfinite(tensor).all():
             raise InvalidAdapter(f"adapter tensor {key} holds NaN or infinite values")
     size = sum(t.numel() * t.element_size() for t in tensors.values())
-    return {"kind": plan.kind, "parameters": plan.n_params, "bytes": size}
+    return {**fit, "bytes": size}
