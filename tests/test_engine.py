@@ -13,9 +13,25 @@ from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 import pedro
 from pedro.engine import AdapterError, AsyncEngine, Engine, Request, RequestError, SamplingParams
+from pedro.engine.runner import PrefillBatch
 from pedro.engine.sampling import filter_logits
 
 NEW = 8
+WINDOW = 16  # conftest's tiny Gemma 3 sliding window
+
+
+def backbone(family: str = "llama", **overrides) -> torch.nn.Module:
+    """The tiny backbone of ``family``. Gemma 3 gets sliding and global layers (sliding, full, sliding: each
+    type with its own RoPE) and random norm weights, so that every one of its norms shows in the outputs."""
+    if family != "gemma3":
+        return tiny_model(family, **overrides)
+    model = tiny_model("gemma3", sliding_window_pattern=2, **overrides)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
@@ -40,7 +56,7 @@ ADAPTERS = {
 
 def make_adapter(root, name: str, family: str = "llama", seed: int = 0) -> str:
     kind, kwargs = ADAPTERS[name]
-    model = tiny_model(family)
+    model = backbone(family)
     if kind == "pedro":
         wrapped = pedro.get_pedro_model(model, pedro.PedroConfig(**kwargs))
         randomize(wrapped, seed=seed + 1, scale=0.3)
@@ -53,9 +69,9 @@ def make_adapter(root, name: str, family: str = "llama", seed: int = 0) -> str:
     return str(path)
 
 
-def reference(family: str, adapter_dir: str | None, prompt: list[int], new_tokens: int = NEW) -> list[int]:
+def reference(family: str, adapter_dir: str | None, prompt: list[int], new_tokens: int = NEW, **overrides) -> list[int]:
     """The request alone through transformers generate (greedy), with its adapter loaded by PEFT."""
-    model = tiny_model(family)
+    model = backbone(family, **overrides)
     if adapter_dir is not None:
         model = peft.PeftModel.from_pretrained(model, adapter_dir)
     ids = torch.tensor([prompt])
@@ -106,17 +122,49 @@ def test_mixed_batch_token_identical_to_each_request_alone(dirs):
         assert results[r.request_id] == expected, f"adapter {r.adapter}"
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_other_llama_family_backbones(tmp_path, family):
-    pedro_dir = make_adapter(tmp_path, "p-last", family)
-    lora_dir = make_adapter(tmp_path, "lora-qv", family)
-    engine = Engine(tiny_model(family), max_batch=4, max_seq_len=64)
-    engine.add_adapter("p", pedro_dir)
-    engine.add_adapter("l", lora_dir)
-    requests = [Request(prompt(i, 6 + 3 * i), adapter=a, sampling=greedy()) for i, a in enumerate(["p", "l", None])]
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma3"])
+def test_other_backbones_mixed_batch(tmp_path, family):
+    """Two PEDRO configs, LoRA, (IA)3 and bare rows on each other backbone, continuously batched; on Gemma 3
+    some prompts are longer than its sliding window and others cross it while decoding."""
+    names = ["p-last", "p-attn", "lora-all", "ia3"]
+    paths = {name: make_adapter(tmp_path, name, family, seed=i) for i, name in enumerate(names)}
+    engine = Engine(backbone(family), max_batch=4, max_seq_len=64, max_prefill_tokens=40)
+    for name, path in paths.items():
+        engine.add_adapter(name, path)
+    plan = [("p-last", 6), ("p-attn", 20), ("lora-all", 11), (None, 17), ("ia3", 3), ("p-last", 14), ("ia3", 24)]
+    requests = [Request(prompt(i, n), adapter=a, sampling=greedy(10)) for i, (a, n) in enumerate(plan)]
     for r, out in zip(requests, engine.generate(requests)):
-        path = {"p": pedro_dir, "l": lora_dir}.get(r.adapter)
-        assert out.token_ids == reference(family, path, r.prompt)
+        assert out.token_ids == reference(family, paths.get(r.adapter), r.prompt, 10), r.adapter
+
+
+def test_gemma3_sliding_window_is_served_and_matters(tmp_path):
+    """Gemma 3 past its sliding window, at prefill (prompt longer than the window) and at decode (generation
+    crossing it): token-identical to generate, and each case's tokens differ from the same backbone without a
+    window, so the test sees the window."""
+    assert set(backbone("gemma3").config.layer_types) == {"sliding_attention", "full_attention"}
+    path = make_adapter(tmp_path, "p-attn", "gemma3")
+    engine = Engine(backbone("gemma3"), max_batch=4, max_seq_len=64)
+    engine.add_adapter("p", path)
+    cases = [(None, prompt(1, WINDOW + 4)), ("p", prompt(5, WINDOW - 2))]
+    outs = engine.generate([Request(p, adapter=a, sampling=greedy(12)) for a, p in cases])
+    for (adapter, p), out in zip(cases, outs):
+        adapter_dir = path if adapter else None
+        assert out.token_ids == reference("gemma3", adapter_dir, p, 12)
+        assert out.token_ids != reference("gemma3", adapter_dir, p, 12, sliding_window=64)
+
+
+def test_gemma3_logits_match_the_backbone_forward():
+    """Prefill and decode logits (sliding and global layers, final-logit softcapping) equal one full forward."""
+    model = backbone("gemma3", final_logit_softcapping=2.0)
+    engine = Engine(model, max_batch=2, max_seq_len=64)
+    ids = prompt(3, WINDOW + 10)
+    n = WINDOW - 3
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, n - 1 :]
+    got = [engine.runner.prefill(PrefillBatch([0], [ids[:n]]))[0]]
+    got += [engine.runner.decode(torch.tensor([t]))[0] for t in ids[n:]]
+    assert expected.abs().max() < 2.0
+    torch.testing.assert_close(torch.stack(got), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_in_memory_peft_model_and_eos(dirs):
@@ -265,8 +313,8 @@ def test_bad_requests_fail_alone(dirs, tmp_path):
     other.save_pretrained(str(tmp_path / "wide"))
     with pytest.raises(AdapterError, match=r"shape \(4, 48\).*needs \(4, 32\)"):
         engine.add_adapter("wide", str(tmp_path / "wide"))
-    with pytest.raises(ValueError, match="gemma3_text"):
-        Engine(tiny_model("gemma3"))
+    with pytest.raises(ValueError, match="softcapping"):
+        Engine(backbone("gemma3", attn_logit_softcapping=50.0))
 
 
 def test_sampling_filters_match_transformers_and_seeds_are_per_request(dirs):

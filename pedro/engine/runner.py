@@ -1,4 +1,4 @@
-"""The engine's model runner: the LLaMA-family decoder forward over the engine's own KV cache.
+"""The engine's model runner: the LLaMA-family and Gemma 3 decoder forward over the engine's own KV cache.
 
 It reuses the backbone's modules and weights (embeddings, RMSNorms, rotary embedding, linear layers) and
 re-implements only the glue that transformers' generic forward spends per-step Python and copies on: the
@@ -8,11 +8,16 @@ of repeating K/V), masks (one per-row length mask per step) and per-row adapters
 Prefill packs the new prompts into one (tokens, d) matrix: every linear layer is one GEMM over all of them,
 attention runs per prompt (causal, no padding), and each PEDRO row's generators pool that row's states at each
 layer -- pedro.generator.VectorGenerator itself, the same code the PEFT model runs.
+
+One forward serves every family: a ``Family`` says what a family's decoder layer adds to LLaMA's (Gemma 3:
+QK-norm, sandwich norms, sliding-window and global layers with their own RoPE), and each layer's pieces are
+resolved once at construction, so a LLaMA step does no work for features it does not have.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,21 +29,73 @@ from pedro.engine.kv_cache import KVCache
 from pedro.engine.rows import RowAdapters
 from pedro.engine.vectors import generate_vectors
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+
+@dataclass(frozen=True)
+class Family:
+    """What a backbone family's decoder layer adds to the LLaMA layer (all off: the LLaMA layer)."""
+
+    qk_norm: bool = False  # self_attn.q_norm / k_norm on each head after the projection, before RoPE
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs, and pre_feedforward_layernorm before the MLP
+    layer_types: bool = False  # config.layer_types: a RoPE per type; "sliding_attention" layers see sliding_window keys
+
+
+FAMILIES = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),
+    "gemma3_text": Family(qk_norm=True, sandwich_norms=True, layer_types=True),
+}
+SLIDING = "sliding_attention"
 
 
 def check_supported(model: nn.Module, max_seq_len: int) -> None:
-    """The runner implements the LLaMA-family forward; refuse anything whose forward differs."""
+    """The runner implements the forwards described in FAMILIES; refuse anything whose forward differs."""
     config = model.config
-    if config.model_type not in SUPPORTED:
+    if config.model_type not in FAMILIES:
         raise ValueError(
-            f"the engine's runner supports {list(SUPPORTED)}, not {config.model_type!r}; "
+            f"the engine's runner supports {list(FAMILIES)}, not {config.model_type!r}; "
             "use transformers generate() with the PEFT model for this backbone"
         )
-    window = getattr(config, "sliding_window", None)
-    uses_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("attention logit softcapping is not supported (scaled_dot_product_attention has no softcap)")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("bidirectional attention is not supported: the engine generates causally")
+    window = getattr(config, "sliding_window", None)  # per-layer windows (FAMILIES' layer_types) are served
+    uses_window = not FAMILIES[config.model_type].layer_types and getattr(
+        config, "use_sliding_window", config.model_type == "mistral"
+    )
     if uses_window and window is not None and window < max_seq_len:
         raise ValueError(f"sliding-window attention ({window}) shorter than max_seq_len {max_seq_len} is not supported")
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer as the forward runs it: its norms (None where the family has none) and attention type."""
+
+    input_norm: nn.Module
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    attn_out_norm: nn.Module | None
+    mlp_in_norm: nn.Module
+    mlp_out_norm: nn.Module | None
+    rope: str | None  # key of this layer's (cos, sin): its layer type, None for one RoPE for all layers
+    window: int | None  # sliding window (keys within ``window`` positions, itself included) or None: global
+
+    @classmethod
+    def of(cls, layer: nn.Module, index: int, family: Family, config: Any) -> "_Layer":
+        attn = layer.self_attn
+        kind = config.layer_types[index] if family.layer_types else None
+        sandwich = family.sandwich_norms
+        return cls(
+            input_norm=layer.input_layernorm,
+            q_norm=attn.q_norm if family.qk_norm else None,
+            k_norm=attn.k_norm if family.qk_norm else None,
+            attn_out_norm=layer.post_attention_layernorm if sandwich else None,
+            mlp_in_norm=layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm,
+            mlp_out_norm=layer.post_feedforward_layernorm if sandwich else None,
+            rope=kind,
+            window=config.sliding_window if kind == SLIDING else None,
+        )
 
 
 @dataclass
@@ -54,22 +111,30 @@ class ModelRunner:
         self.model, self.spec, self.cache, self.rows = model, spec, cache, rows
         self.config = model.config
         self.decoder = model.model
-        self.layers = list(self.decoder.layers)
-        self.linears = [
-            {name: layer.get_submodule(path) for name, path in spec.module_paths.items()} for layer in self.layers
-        ]
-        attn = self.layers[0].self_attn
+        layers = list(self.decoder.layers)
+        family = FAMILIES[self.config.model_type]
+        self.layers = [_Layer.of(layer, i, family, self.config) for i, layer in enumerate(layers)]
+        self.linears = [{name: layer.get_submodule(path) for name, path in spec.module_paths.items()} for layer in layers]
+        attn = layers[0].self_attn
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.n_kv = self.config.num_key_value_heads
         self.group = self.config.num_attention_heads // self.n_kv
-        self.act = self.layers[0].mlp.act_fn
+        self.act = layers[0].mlp.act_fn
+        self.ropes = list(dict.fromkeys(layer.rope for layer in self.layers))
+        self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
 
     # ---------------------------------------------------------------------------------------- shared pieces
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.decoder.rotary_emb(x, positions.unsqueeze(0))
-        return cos[0], sin[0]  # (N, head_dim)
+    def _rope(self, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) (N, head_dim) of each layer type (one entry, None, for a single RoPE)."""
+        x = self.decoder.embed_tokens.weight[:1]  # only its dtype and device matter
+        ropes = {}
+        for kind in self.ropes:
+            cos, sin = self.decoder.rotary_emb(x, positions.unsqueeze(0), *(() if kind is None else (kind,)))
+            ropes[kind] = cos[0], sin[0]
+        return ropes
 
     def _linear(self, layer: int, module: str, x: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         if ("in", module) in ctx.points:
@@ -83,22 +148,27 @@ class ModelRunner:
         return y
 
     def _forward(self, tokens: torch.Tensor, ctx: "_Context") -> torch.Tensor:
-        x = self.decoder.embed_tokens(tokens)
+        x = self.decoder.embed_tokens(tokens)  # Gemma's embedding module scales by sqrt(hidden_size) itself
+        attend = self._attend_prefill if ctx.prefill is not None else self._attend_decode
         for i, layer in enumerate(self.layers):
-            normed = layer.input_layernorm(x)
+            normed = layer.input_norm(x)
             if ctx.prefill is not None:
                 self._run_generators(i, x, normed, ctx)
             q = self._linear(i, "q", normed, ctx)
             k = self._linear(i, "k", normed, ctx)
             v = self._linear(i, "v", normed, ctx)
-            attend = self._attend_prefill if ctx.prefill is not None else self._attend_decode
-            x = x + self._linear(i, "o", attend(i, q, k, v, ctx), ctx)
-            h = layer.post_attention_layernorm(x)
-            x = x + self._linear(i, "down", self.act(self._linear(i, "gate", h, ctx)) * self._linear(i, "up", h, ctx), ctx)
+            a = self._linear(i, "o", attend(i, q, k, v, ctx), ctx)
+            x = x + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
+            h = layer.mlp_in_norm(x)
+            m = self._linear(i, "down", self.act(self._linear(i, "gate", h, ctx)) * self._linear(i, "up", h, ctx), ctx)
+            x = x + (m if layer.mlp_out_norm is None else layer.mlp_out_norm(m))
         return x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.decoder.norm(hidden)).float()
+        logits = self.model.lm_head(self.decoder.norm(hidden))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
 
     # ---------------------------------------------------------------------------------------- prefill
 
@@ -131,25 +201,33 @@ class ModelRunner:
         steps = torch.arange(width)
         ctx.pad_mask = steps[None, :] < torch.tensor(lengths)[:, None]
         ctx.pad_index = torch.where(ctx.pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0)
-        ctx.rope = self._rope(self.decoder.embed_tokens.weight[:1], positions)
+        ctx.rope = self._rope(positions)
+        if self.window is not None and width > self.window:  # the sliding layers' causal band, any prompt's top-left
+            ctx.band = (steps[None, :] <= steps[:, None]) & (steps[None, :] > steps[:, None] - self.window)
         hidden = self._forward(tokens, ctx)
         for slot, n in zip(batch.slots, lengths):
             self.cache.lengths[slot] = n
         return self._logits(hidden[[end - 1 for end in ends]])
 
     def _attend_prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Context") -> torch.Tensor:
-        cos, sin = ctx.rope
+        parts = self.layers[layer]
+        cos, sin = ctx.rope[parts.rope]
         q = q.view(-1, self.n_kv * self.group, self.head_dim).transpose(0, 1)  # (H, N, hd)
         k = k.view(-1, self.n_kv, self.head_dim).transpose(0, 1)
         v = v.view(-1, self.n_kv, self.head_dim).transpose(0, 1)
+        if parts.q_norm is not None:
+            q, k = parts.q_norm(q), parts.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         out = torch.empty_like(q)
         for slot, (start, end) in zip(ctx.prefill.slots, ctx.segments):
             ks, vs = k[:, start:end], v[:, start:end]
             self.cache.write_prompt(layer, slot, ks, vs)
+            n = end - start
+            band = ctx.band[:n, :n] if parts.window is not None and n > parts.window else None
             out[:, start:end] = F.scaled_dot_product_attention(
-                q[None, :, start:end], ks[None], vs[None], is_causal=True, scale=self.scaling, enable_gqa=True
+                q[None, :, start:end], ks[None], vs[None], attn_mask=band, is_causal=band is None, scale=self.scaling,
+                enable_gqa=True,
             )[0]
         return out.transpose(0, 1).reshape(q.shape[1], -1)
 
@@ -161,24 +239,31 @@ class ModelRunner:
         batch = tokens.shape[0]
         lengths = self.cache.lengths[:batch]
         ctx = _Context(self.rows, torch.arange(batch), prefill=None, segments=None, lora_grouped=False)
-        ctx.rope = self._rope(self.decoder.embed_tokens.weight[:1], lengths)
+        ctx.rope = self._rope(lengths)
         width = int(lengths.max()) + 1
-        ctx.mask = (torch.arange(width) <= lengths[:, None]).view(batch, 1, 1, width)
+        steps = torch.arange(width)
+        ctx.masks = {None: (steps <= lengths[:, None]).view(batch, 1, 1, width)}
+        if self.window is not None:
+            ctx.masks[self.window] = ctx.masks[None] & (steps > lengths[:, None] - self.window).view(batch, 1, 1, width)
         hidden = self._forward(tokens, ctx)
         self.cache.lengths[:batch] += 1
         return self._logits(hidden)
 
     def _attend_decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         batch = q.shape[0]
-        cos, sin = ctx.rope
+        parts = self.layers[layer]
+        cos, sin = ctx.rope[parts.rope]
         # query heads grouped onto their KV head: (B, kv_heads, group, hd) attends (B, kv_heads, W, hd)
         q = q.view(batch, self.n_kv, self.group, self.head_dim)
         k = k.view(batch, self.n_kv, self.head_dim)
+        if parts.q_norm is not None:
+            q, k = parts.q_norm(q), parts.k_norm(k)
         q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         self.cache.write_step(layer, k, v.view(batch, self.n_kv, self.head_dim))
-        keys, values = self.cache.view(layer, batch, ctx.mask.shape[-1])
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, scale=self.scaling)
+        mask = ctx.masks[parts.window]
+        keys, values = self.cache.view(layer, batch, mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
         return out.reshape(batch, -1)
 
 
@@ -199,8 +284,9 @@ class _Context:
         self.contiguous = prefill is None  # decode: token i is slot i, the per-row gather is a slice
         self.lora_rows = rows.lora_index.index_select(0, token_slots) if self.lora else None
         self.lora_grouped = lora_grouped
-        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.mask: torch.Tensor | None = None
+        self.rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}  # layer type -> (cos, sin)
+        self.masks: dict[int | None, torch.Tensor] = {}  # decode: window (None: global) -> (B, 1, 1, W) mask
+        self.band: torch.Tensor | None = None  # prefill: sliding layers' (T_max, T_max) causal-and-window mask
         self.pad_index: torch.Tensor | None = None  # prefill: (rows, T_max) packed-token index of each prompt
         self.pad_mask: torch.Tensor | None = None
 
