@@ -6,7 +6,10 @@ so machine drift and other tenants of the CPU cancel out as far as they can.
 
 Methods: the engine with no adapter (bare), PEDRO, LoRA r=8 on q,v, LoRA with PEDRO's parameter count,
 (IA)3 (per-row vectors, the zero-cost floor); HF PEFT mixed-batch LoRA (``generate(adapter_names=...)``);
-transformers ``generate`` on the bare backbone and with one PEDRO adapter.
+transformers ``generate`` on the bare backbone and with one PEDRO adapter. Everything runs in one dtype
+(``--dtype``, default auto: bfloat16 where the CPU has native bf16 matmuls); at the batch-32 single-tenant
+point the bare engine and transformers generate also run in float32, so the engine-vs-transformers ratio is
+reported in both dtypes, each side by side.
 
     python benchmarks/multitenant.py            # or: pedro bench multitenant
     python benchmarks/multitenant.py --preset full   # the full sweep (hours on a 2-core CPU)
@@ -33,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pedro
+from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -213,10 +217,10 @@ def summarise(runs: list[tuple[int, Run]], bare: dict[int, Run]) -> dict[str, An
     return out
 
 
-def benchmark(preset: dict[str, Any], backbone: str, log: Callable[[str], None]) -> dict[str, Any]:
+def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Callable[[str], None]) -> dict[str, Any]:
     torch.manual_seed(0)
     rng = random.Random(0)
-    model, tokenizer = pedro.load_backbone(backbone, quiet=True)
+    model, tokenizer = pedro.load_backbone(backbone, dtype=dtype, quiet=True)
     vocab = model.config.vocab_size
     n_adapters = max(max(t for ts in preset["sweep"].values() for t in ts), 64)  # Zipf draws from 64 tenants
     tmp = Path(tempfile.mkdtemp(prefix="pedro-bench-"))
@@ -240,10 +244,10 @@ def benchmark(preset: dict[str, Any], backbone: str, log: Callable[[str], None])
 
     engines: dict[tuple[int, int], Engine] = {}
 
-    def engine_for(batch: int, prompt_len: int) -> Engine:
-        key = (batch, prompt_len)
+    def engine_for(batch: int, prompt_len: int, on: torch.nn.Module = model) -> Engine:
+        key = (batch, prompt_len, next(on.parameters()).dtype)
         if key not in engines:
-            engines[key] = Engine(model, tokenizer, max_batch=batch, max_seq_len=prompt_len + N + 1,
+            engines[key] = Engine(on, tokenizer, max_batch=batch, max_seq_len=prompt_len + N + 1,
                                   max_prefill_tokens=batch * prompt_len, adapter_capacity=64)
             for method in ENGINE_METHODS[1:]:
                 for i, path in enumerate(paths[method]):
@@ -255,9 +259,11 @@ def benchmark(preset: dict[str, Any], backbone: str, log: Callable[[str], None])
     bare_by_batch: dict[tuple[str, int], dict[int, Run]] = {}
 
     # HF baselines on separate copies of the backbone (PEFT wraps modules in place)
-    hf_model, _ = pedro.load_backbone(backbone, quiet=True)
-    hf_pedro = peft.PeftModel.from_pretrained(pedro.load_backbone(backbone, quiet=True)[0], str(paths["pedro"][0]))
-    hf_lora = peft.PeftModel.from_pretrained(pedro.load_backbone(backbone, quiet=True)[0], str(paths["lora_r8_qv"][0]), adapter_name="t0")
+    hf_model, _ = pedro.load_backbone(backbone, dtype=dtype, quiet=True)
+    hf_pedro = peft.PeftModel.from_pretrained(pedro.load_backbone(backbone, dtype=dtype, quiet=True)[0], str(paths["pedro"][0]))
+    hf_lora = peft.PeftModel.from_pretrained(pedro.load_backbone(backbone, dtype=dtype, quiet=True)[0], str(paths["lora_r8_qv"][0]), adapter_name="t0")
+    # float32 side by side (the exact default): the bare engine and transformers generate on one fp32 copy
+    fp32_model = pedro.load_backbone(backbone, quiet=True)[0] if dtype != torch.float32 else None
     for i in range(1, max(preset["hf_tenants"])):
         hf_lora.load_adapter(str(paths["lora_r8_qv"][i]), adapter_name=f"t{i}")
     N_hf = preset["hf_new_tokens"]
@@ -282,6 +288,10 @@ def benchmark(preset: dict[str, Any], backbone: str, log: Callable[[str], None])
                 if tenants == 1:
                     hf_runs.append(("hf:generate_bare", lambda: run_hf(hf_model, prompts, N_hf)))
                     hf_runs.append(("hf:generate_pedro_single", lambda: run_hf(hf_pedro, prompts, N_hf)))
+                    if fp32_model is not None:
+                        fp32_engine = engine_for(batch, prompt_len, fp32_model)
+                        hf_runs.append(("engine:bare_fp32", lambda: run_engine(fp32_engine, prompts, [None] * batch, N)))
+                        hf_runs.append(("hf:generate_bare_fp32", lambda: run_hf(fp32_model, prompts, N_hf)))
                 if tenants in preset["hf_tenants"]:
                     names = [f"t{t}" for t in rows]
                     hf_runs.append(("hf:peft_mixed_lora_r8_qv", lambda: run_hf(hf_lora, prompts, N_hf, adapter_names=names)))
@@ -304,6 +314,7 @@ def benchmark(preset: dict[str, Any], backbone: str, log: Callable[[str], None])
     return {
         "preset": preset,
         "backbone": backbone,
+        "dtype": str(dtype).removeprefix("torch."),
         "machine": {"cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__, "processor": platform.processor()},
         "adapter_parameters": params,
@@ -335,15 +346,18 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float | None, float, bool
     checks.append(("PEDRO decode >= 2.5x HF PEFT mixed-batch LoRA at 32 tenants",
                    pedro_tps / hf_lora if pedro_tps and hf_lora else None, 2.5))
     bare_tps, hf_bare = get(t1, "engine:bare", "decode_tok_s"), get(t1, "hf:generate_bare", "decode_tok_s")
-    checks.append(("engine bare decode >= 2x transformers generate at batch 32",
+    checks.append((f"engine bare decode >= 2x transformers generate at batch 32 (both {result['dtype']})",
                    bare_tps / hf_bare if bare_tps and hf_bare else None, 2.0))
+    bare32, hf32 = get(t1, "engine:bare_fp32", "decode_tok_s"), get(t1, "hf:generate_bare_fp32", "decode_tok_s")
+    if bare32 and hf32:
+        checks.append(("engine bare decode >= 2x transformers generate at batch 32 (both float32)", bare32 / hf32, 2.0))
     prefill = get(t32, "engine:pedro", "prefill_tok_s_vs_bare")
     checks.append(("PEDRO prefill overhead <= 5% (prefill throughput >= 0.95x bare)", prefill, 0.95))
     return [(d, m, t, m is not None and m >= t) for d, m, t in checks]
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"# Multi-tenant serving benchmark ({result['backbone']})", "",
+    lines = [f"# Multi-tenant serving benchmark ({result['backbone']}, {result['dtype']})", "",
              f"Preset: `{json.dumps(result['preset'])}`  ",
              f"Machine: {result['machine']['platform']}, {result['machine']['cpu_threads']} torch threads, "
              f"torch {result['machine']['torch']}. Wall time {result['wall_s'] / 60:.1f} min, peak RSS "
@@ -402,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbone", default="smollm2-135m")
     parser.add_argument("--out", default="results/multitenant", help="path prefix for .json / .md / .png")
     parser.add_argument("--repeats", type=int, default=None, help="override the preset's repeats")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CPUs with native bf16), bfloat16, float32")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a CPU shared with other jobs, 2-thread GEMMs stall on each other "
                              "and timings swing 2x; see docs/engine.md)")
@@ -410,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = dict(PRESETS[args.preset], name=args.preset)
     if args.repeats is not None:
         preset["repeats"] = args.repeats
-    result = benchmark(preset, args.backbone, log=lambda s: print(s, flush=True))
+    result = benchmark(preset, args.backbone, resolve_dtype(args.dtype), log=lambda s: print(s, flush=True))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
