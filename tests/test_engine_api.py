@@ -10,6 +10,7 @@ from conftest import randomize, tiny_model, tiny_tokenizer
 
 import pedro
 from pedro.backbones import resolve_dtype
+from pedro.data import encode_prompt
 from pedro.engine import AdapterError, Engine, QueueFull, Request, RequestError, SamplingParams
 
 CHAT = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}<assistant>"
@@ -36,12 +37,13 @@ def test_encode_matches_the_tokenizer_and_refuses_bad_prompts():
     engine = Engine(tiny_model("llama"), tokenizer, max_batch=2, max_seq_len=16)
     assert engine.encode("5 6 7", raw_prompt=True) == tokenizer("5 6 7")["input_ids"] == [5, 6, 7]
     assert engine.encode([9, 8]) == [9, 8]
-    with pytest.raises(RequestError, match="no chat template"):
-        engine.encode([{"role": "user", "content": "5"}])
+    messages = [{"role": "user", "content": "5 6"}, {"role": "user", "content": "7"}]
+    assert engine.encode(messages) == encode_prompt(tokenizer, messages) == [5, 6, 7]  # as training encodes it
     tokenizer.chat_template = CHAT
     expected = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": "5 6"}], tokenize=False,
                                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
     assert engine.encode([{"role": "user", "content": "5 6"}]) == expected
+    assert engine.encode("5 6") == expected and engine.encode("5 6", raw_prompt=True) == [5, 6]
     for bad, message in (("", "empty"), ([], "empty"), ([5, 10**6], r"in \[0, "), ({"x": 1}, "must be a string"),
                          (" ".join(["5"] * 16), "16 tokens but the context is 16")):
         with pytest.raises(RequestError, match=message):

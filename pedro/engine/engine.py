@@ -15,7 +15,8 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from pedro.backbones import format_prompt, load_backbone, resolve_dtype
+from pedro.backbones import load_backbone, resolve_dtype
+from pedro.data import encode_prompt
 from pedro.engine.adapters import AdapterError, AdapterStore, ModelSpec
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams
@@ -24,6 +25,10 @@ from pedro.engine.runner import ModelRunner, PrefillBatch, check_supported
 from pedro.engine.sampling import sample
 from pedro.engine.scheduler import Scheduler, Sequence
 from pedro.model import plan_sites
+
+
+def _is_messages(prompt: Any) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
 
 
 class Engine:
@@ -127,9 +132,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------ requests
 
     def encode(self, prompt: Union[str, list[int], list[dict[str, str]]], raw_prompt: bool = False) -> list[int]:
-        """The token ids the engine will run for ``prompt``: token ids as given, a string through the chat
-        template (unless ``raw_prompt`` or the tokenizer has none), chat messages through the chat template.
-        Raises RequestError for an empty, malformed or over-long prompt."""
+        """The token ids the engine will run for ``prompt``: token ids as given; a string or chat messages
+        encoded exactly as training encodes prompts (pedro.data.encode_prompt: the chat template when the
+        backbone has one), or a string tokenized as-is with ``raw_prompt``. Raises RequestError for an empty,
+        malformed or over-long prompt."""
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             vocab = self.model.config.vocab_size
@@ -137,22 +143,14 @@ class Engine:
                 raise RequestError(f"prompt token ids must be in [0, {vocab})")
         elif self.tokenizer is None:
             raise RequestError("this engine has no tokenizer: give the prompt as a list of token ids")
-        elif isinstance(prompt, str):
+        elif isinstance(prompt, str) or _is_messages(prompt):
             if not prompt:
                 raise RequestError("the prompt is empty")
             with self._tokenizer_lock:
-                if raw_prompt or not getattr(self.tokenizer, "chat_template", None):
+                if isinstance(prompt, str) and raw_prompt:
                     ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-                else:
-                    ids = self.tokenizer(format_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-            if not prompt:
-                raise RequestError("the prompt is empty")
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise RequestError("this backbone's tokenizer has no chat template: give a text prompt")
-            with self._tokenizer_lock:
-                text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                else:  # exactly the tokens training saw for this prompt
+                    ids = encode_prompt(self.tokenizer, prompt)
         else:
             raise RequestError("a prompt must be a string, a list of chat messages {role, content}, or a list of token ids")
         if not ids:
