@@ -3,15 +3,18 @@
 It reuses the backbone's modules and weights (embeddings, RMSNorms, rotary embedding, linear layers) and
 re-implements only the glue that transformers' generic forward spends per-step Python and copies on: the
 cache (pre-allocated slots instead of growing tensors), GQA (query heads grouped onto their KV head instead
-of repeating K/V), masks (one per-row length mask per step) and per-row adapters (rows.py).
+of repeating K/V), masks (one per-row length mask per step, and its windowed copy for sliding layers) and
+per-row adapters (rows.py).
 
 Prefill packs the new prompts into one (tokens, d) matrix: every linear layer is one GEMM over all of them,
-attention runs per prompt (causal, no padding), and each PEDRO row's generators pool that row's states at each
-layer -- pedro.generator.VectorGenerator itself, the same code the PEFT model runs.
+attention runs per prompt (causal, banded on sliding layers, no padding), and each PEDRO row's generators
+pool that row's states at each layer -- pedro.generator.VectorGenerator itself, the same code the PEFT model
+runs.
 
 One forward serves every family: a ``Family`` says what a family's decoder layer adds to LLaMA's (Gemma 3:
 QK-norm, sandwich norms, sliding-window and global layers with their own RoPE), and each layer's pieces are
-resolved once at construction, so a LLaMA step does no work for features it does not have.
+resolved once at construction, so a LLaMA step pays only a few ``is None`` checks for the features it lacks
+(measured: no difference in a step's time).
 """
 
 from __future__ import annotations
