@@ -122,7 +122,7 @@ def test_mixed_batch_token_identical_to_each_request_alone(dirs):
         assert results[r.request_id] == expected, f"adapter {r.adapter}"
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma3"])
 def test_other_backbones_mixed_batch(tmp_path, family):
     """Two PEDRO configs, LoRA, (IA)3 and bare rows on each other backbone, continuously batched; on Gemma 3
     some prompts are longer than its sliding window and others cross it while decoding."""

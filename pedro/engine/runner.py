@@ -46,6 +46,7 @@ FAMILIES = {
     "llama": Family(),
     "mistral": Family(),
     "qwen2": Family(),
+    "qwen3": Family(qk_norm=True),
     "gemma3_text": Family(qk_norm=True, sandwich_norms=True, layer_types=True),
 }
 SLIDING = "sliding_attention"
