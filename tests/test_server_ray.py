@@ -1,17 +1,22 @@
-"""``pedro serve --ray --replicas 2`` on a local Ray cluster (CPU): 8 adapters, all requests succeed with the
-engine's answers, and Ray Serve's model multiplexing keeps each adapter mostly on one replica.
+"""``pedro serve --ray`` on one local Ray cluster (CPU) for the module: 2 replicas serve 8 adapters with the
+engine's answers and Ray Serve's model multiplexing keeps each adapter mostly on one replica; a small
+deployment answers a full queue with 429 + Retry-After and recovers, and aborts a dropped client's request in
+its engine replica.
 
-Needs the optional extra (``pip install 'pedro-peft[ray]'``); skipped without it. About a minute."""
+Needs the optional extra (``pip install 'pedro-peft[ray]'``); skipped without it. About 70 s here."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
+import time
 
 import httpx
 import openai
 import pytest
-from server_kit import PROMPTS, TENANTS, make_adapter, make_backbone, upload, write_config
+from server_kit import ADMIN_KEY, PROMPTS, TENANTS, auth, make_adapter, make_backbone, upload, write_config
 
 from pedro.engine import Engine, Request, SamplingParams
 from pedro.server.process import ServerProcess
@@ -19,12 +24,28 @@ from pedro.server.process import ServerProcess
 pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install 'pedro-peft[ray]'")
 
 ADAPTERS = [f"t{i}" for i in range(8)]
+ALICE = TENANTS["alice"]
+LONG = 3000  # tokens: a request far longer than any wait below
+SIZE = dict(max_position_embeddings=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
 
 
-def test_two_replicas_serve_eight_multiplexed_adapters(tmp_path):
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray cluster for the whole module: each ``pedro serve --ray`` below joins it (``ray.address``)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def test_two_replicas_serve_eight_multiplexed_adapters(tmp_path, ray_address):
     backbone = make_backbone(tmp_path / "backbone")
     sources = {name: make_adapter(tmp_path / "src" / name, "pedro" if i % 2 == 0 else "lora", seed=i + 1) for i, name in enumerate(ADAPTERS)}
-    config = write_config(tmp_path, backbone, ray={"replicas": 2, "num_cpus": 0.5, "max_adapters_per_replica": 8})
+    # max_batch 64: either replica has a free row for every request of the burst, so where a request runs is decided
+    # by adapter affinity alone (with a full replica, Ray sends the overflow to another one: load balancing)
+    config = write_config(tmp_path, backbone, max_batch=64,
+                          ray={"replicas": 2, "num_cpus": 0.5, "max_adapters_per_replica": 8, "address": ray_address})
     jobs = [(name, prompt) for name in ADAPTERS for prompt in PROMPTS * 2]
 
     with ServerProcess(config, tmp_path / "server.log", extra_args=("--ray",), startup_timeout=300) as server:
@@ -62,3 +83,106 @@ def test_two_replicas_serve_eight_multiplexed_adapters(tmp_path):
     assert len(replicas) == 2  # the load is spread over both replicas ...
     for counts in routing.values():  # ... and each adapter mostly stays on one of them
         assert max(counts.values()) / sum(counts.values()) >= 0.75, routing
+
+
+# ---------------------------------------------------------------------------------------- a small deployment
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, ray_address):
+    """One engine replica with room for 2 running requests (max_batch) + 2 waiting in the router (max_queued), on
+    a backbone with no EOS, so every request runs exactly to its max_tokens."""
+    root = tmp_path_factory.mktemp("ray-small")
+    backbone = make_backbone(root / "backbone", endless=True, **SIZE)
+    config = write_config(root, backbone, max_batch=2, max_queued=2, max_seq_len=4096, max_tokens=LONG,
+                          ray={"replicas": 1, "num_cpus": 1, "address": ray_address})
+    with ServerProcess(config, root / "server.log", extra_args=("--ray",), startup_timeout=300) as server:
+        yield server
+
+
+def replica_stats() -> dict:
+    """The engine replica's own gauges (running, waiting, in_flight), read through a Ray Serve handle."""
+    from ray import serve
+
+    return serve.get_deployment_handle("PedroEngine", app_name="pedro").stats.remote().result(timeout_s=30)
+
+
+def wait_idle(timeout: float = 15.0) -> float:
+    """Seconds until the replica's engine has nothing running, waiting or admitted."""
+    start = time.monotonic()
+    while True:
+        stats = replica_stats()
+        if stats["running"] == stats["waiting"] == stats["in_flight"] == 0:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"the engine replica still has requests after {timeout} s: {stats}")
+        time.sleep(0.1)
+
+
+def rejections(url: str, status: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers=auth(ADMIN_KEY)).text
+    return sum(float(v) for v in re.findall(rf'^pedro_rejections_total{{status="{status}"}} (\S+)$', text, re.M))
+
+
+def test_full_queue_answers_429_with_retry_after_then_recovers(small):
+    burst_size, max_tokens = 12, 600  # the burst arrives long before the first requests finish
+
+    async def one(c: openai.AsyncOpenAI, stream: bool):
+        try:
+            if not stream:
+                reply = await c.completions.create(model="tiny", prompt="3 4 5", max_tokens=max_tokens, temperature=0)
+                return reply.usage.completion_tokens
+            chunks = await c.completions.create(model="tiny", prompt="3 4 5", max_tokens=max_tokens, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+            return [chunk async for chunk in chunks][-1].usage.completion_tokens
+        except openai.RateLimitError as err:
+            return err  # any other error fails the test
+
+    async def burst():
+        async with openai.AsyncOpenAI(base_url=f"{small.url}/v1", api_key=ALICE, max_retries=0, timeout=300) as c:
+            return await asyncio.gather(*(one(c, stream=i % 2 == 1) for i in range(burst_size)))
+
+    refused_before = rejections(small.url, "429")
+    results = asyncio.run(burst())
+    served = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    print(f"burst of {burst_size} against 2 running + 2 queued: {len(served)} served, {len(refused)} refused with 429")
+    assert len(served) + len(refused) == burst_size
+    assert served and refused
+    assert len(served) <= 4  # the queue is bounded: 2 running + 2 waiting, never more
+    assert all(tokens == max_tokens for tokens in served)
+    for err in refused:  # the single-process server's answer, not Ray's plain 503
+        assert err.status_code == 429 and err.response.headers["retry-after"] == "1"
+        assert err.body["type"] == "rate_limit_error" and err.body["code"] == "queue_full" and "capacity" in err.message
+    assert rejections(small.url, "429") - refused_before == len(refused)
+
+    wait_idle()
+    c = openai.OpenAI(base_url=f"{small.url}/v1", api_key=ALICE, max_retries=0, timeout=60)
+    assert c.completions.create(model="tiny", prompt="3 4 5", max_tokens=5).usage.completion_tokens == 5
+
+
+def test_a_dropped_stream_is_aborted_in_its_engine_replica(small):
+    body = {"model": "tiny", "prompt": "3 4 5", "max_tokens": LONG, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{small.url}/v1/completions", headers=auth(ALICE), json=body, timeout=60) as response:
+        assert response.status_code == 200
+        events = (line for line in response.iter_lines() if line.startswith("data: "))
+        next(events)
+        started = time.monotonic()
+        for _ in range(20):
+            next(events)
+        per_token = (time.monotonic() - started) / 20
+        during = replica_stats()
+    # the connection is closed here, mid-stream
+    assert during["running"] == 1, during
+    freed = wait_idle()
+    print(f"dropped stream: replica idle {freed:.2f} s after the disconnect (the request had ~{LONG * per_token:.0f} s to go)")
+    assert freed < LONG * per_token / 4
+
+    # the same while a non-streaming client waits for its answer
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{small.url}/v1/completions", headers=auth(ALICE), timeout=1.0, json={**body, "stream": False})
+    wait_idle()
+
+    c = openai.OpenAI(base_url=f"{small.url}/v1", api_key=ALICE, max_retries=0, timeout=60)
+    stream = c.completions.create(model="tiny", prompt="3 4 5", max_tokens=5, stream=True, stream_options={"include_usage": True})
+    assert [chunk for chunk in stream][-1].usage.completion_tokens == 5

@@ -7,6 +7,10 @@
                                   v
                                PedroEngine x N (a LocalBackend each: one Engine, one backbone copy)
 
+Each replica runs at most ``max_batch`` requests (Ray Serve's ``max_ongoing_requests``); beyond that requests
+wait in the ingress's router for a free replica, at most ``max_queued`` of them (``max_queued_requests`` on the
+engine deployment), and the next one is refused with the same 429 + Retry-After as the single-process server.
+
 Ray Serve's model multiplexing routes each request to a replica that already holds its adapter (the adapter's
 engine name is the multiplexed model id), so a tenant's traffic sticks to few replicas and each replica's
 engine keeps its resident adapters hot. Replicas read adapters from the same ``adapters_dir`` the ingress
@@ -22,13 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from pedro.engine import RequestOutput, SamplingParams
@@ -36,6 +42,7 @@ from pedro.server.app import create_app
 from pedro.server.auth import KeyRing, check_name
 from pedro.server.backend import LocalBackend, Prompt
 from pedro.server.config import ServerConfig
+from pedro.server.errors import APIError
 from pedro.server.registry import AdapterRegistry
 
 log = logging.getLogger("pedro.server")
@@ -46,6 +53,18 @@ def _adapter_dir(config: ServerConfig, engine_name: str) -> Path:
     qualified, _, _version = engine_name.rpartition("@")
     tenant, _, name = qualified.partition(":")
     return AdapterRegistry(config.adapters_dir).path(check_name("tenant", tenant), check_name("adapter", name))
+
+
+@contextlib.contextmanager
+def _queue_full_is_429() -> Iterator[None]:
+    """Ray Serve's back-pressure (every engine replica busy and ``max_queued_requests`` already waiting in this
+    caller's router) -> the single-process server's queue-full 429. It is raised when the call is assigned to a
+    replica, i.e. before the first output, so app.py still answers with an HTTP status, not an SSE error."""
+    try:
+        yield
+    except BackPressureError:
+        raise APIError(429, "the server is at capacity (every engine replica is busy and the queue is full); retry shortly",
+                       code="queue_full", retry_after=1) from None
 
 
 class RayBackend:
@@ -60,15 +79,16 @@ class RayBackend:
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "")
         responses = handle.stream.remote(prompt, sampling)
         finished = False
-        try:
-            async for replica, out in responses:
-                if out.token_ids == out.delta_token_ids:  # the first output: count where it was routed
-                    self.routing[adapter or "<base>"][replica] += 1
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                responses.cancel()  # the replica's generator is cancelled: its engine request is aborted
+        with _queue_full_is_429():  # outside the finally: a refused call's cancel() raises the refusal again
+            try:
+                async for replica, out in responses:
+                    if out.token_ids == out.delta_token_ids:  # the first output: count where it was routed
+                        self.routing[adapter or "<base>"][replica] += 1
+                    finished = out.finished
+                    yield out
+            finally:
+                if not finished:
+                    responses.cancel()  # the replica's generator is cancelled: its engine request is aborted
 
     def stats(self) -> dict[str, Any]:
         return {"replicas": self.replicas, "routing": {model: dict(c) for model, c in self.routing.items()}}
@@ -82,7 +102,8 @@ class RayBackend:
         return app is not None and all(d.status == "HEALTHY" for d in app.deployments.values())
 
     async def check(self, directory: Path) -> dict[str, Any]:
-        return await self.engine.check.remote(str(directory))
+        with _queue_full_is_429():
+            return await self.engine.check.remote(str(directory))
 
     async def add_adapter(self, engine_name: str, directory: Path) -> None:
         """Nothing to do up front: a replica loads an adapter from the shared store when routed its first request."""
@@ -94,7 +115,7 @@ class RayBackend:
 
 def build(config: ServerConfig) -> serve.Application:
     """The Ray Serve application for ``config`` (deployment classes are made here so the config's multiplexing
-    bound and resources apply)."""
+    bound, resources and request limits apply)."""
     ray_cfg = config.ray
     scaling: dict[str, Any] = {"num_replicas": ray_cfg.replicas}
     if ray_cfg.min_replicas is not None:
@@ -110,7 +131,8 @@ def build(config: ServerConfig) -> serve.Application:
     @serve.deployment(
         name="PedroEngine",
         ray_actor_options={"num_cpus": ray_cfg.num_cpus, "num_gpus": ray_cfg.num_gpus},
-        max_ongoing_requests=config.max_batch + config.max_queued,
+        max_ongoing_requests=config.max_batch,  # a replica runs a full batch; the rest wait in the router ...
+        max_queued_requests=max(1, config.max_queued),  # ... up to max_queued, then 429 (Ray needs at least 1)
         **scaling,
     )
     class PedroEngine:
@@ -140,7 +162,19 @@ def build(config: ServerConfig) -> serve.Application:
         async def check(self, directory: str) -> dict[str, Any]:
             return await self.backend.check(Path(directory))
 
-    @serve.deployment(name="PedroIngress", num_replicas=1, ray_actor_options={"num_cpus": 0})
+        async def stats(self) -> dict[str, Any]:
+            """This replica's id and engine gauges (running, waiting, in_flight), for operators and the tests:
+            ``serve.get_deployment_handle("PedroEngine", "pedro").stats.remote()``."""
+            return {"replica": self.replica, **self.backend.stats()}
+
+    # The ingress must never be the limit (Ray's default is 5 requests at once): beyond its max_ongoing_requests
+    # Ray's proxy holds requests in a queue of its own, in front of our 429. Room for everything the engines can
+    # hold (running + queued, at the most replicas) and as many again answered at once (429s, health, uploads).
+    capacity = (ray_cfg.max_replicas or ray_cfg.replicas) * config.max_batch + config.max_queued
+
+    @serve.deployment(
+        name="PedroIngress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max(1024, 2 * capacity)
+    )
     @serve.ingress()
     class PedroIngress:
         def __init__(self, config_json: str, engine: DeploymentHandle) -> None:
