@@ -48,6 +48,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # bare / PEDRO / LoRA r=8
     "cpu": dict(sweep={32: [1, 4, 16, 32], 64: [1, 16, 64]}, all_methods_at=[32], prompt_len=32, new_tokens=16,
                 repeats=3, hf_new_tokens=8, long_prompt=256, long_batch=8, hf_tenants=[4, 32]),
+    # the four targets only (batch 32 at 1 and 32 tenants, 32 decode steps): ~15 minutes, to re-check a change
+    "targets": dict(sweep={32: [1, 32]}, all_methods_at=[32], prompt_len=128, new_tokens=32, repeats=3,
+                    hf_new_tokens=32, long_prompt=512, long_batch=8, hf_tenants=[32]),
     # seconds, for a smoke test of the script itself
     "smoke": dict(sweep={4: [1, 4]}, all_methods_at=[4], prompt_len=8, new_tokens=4, repeats=1, hf_new_tokens=3,
                   long_prompt=16, long_batch=2, hf_tenants=[4]),

@@ -142,13 +142,13 @@ class ModelRunner:
 
     def _linear(self, layer: int, module: str, x: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         if ("in", module) in ctx.points:
-            x = x * ctx.scale(layer, ("in", module))
+            x = ctx.scale(layer, ("in", module), x)
         linear = self.linears[layer][module]
         y = F.linear(x, linear.weight, linear.bias)
         if module in ctx.lora:
             y = y + ctx.lora_delta(layer, module, x)
         if ("out", module) in ctx.points:
-            y = y * ctx.scale(layer, ("out", module))
+            y = ctx.scale(layer, ("out", module), y)
         return y
 
     def _forward(self, tokens: torch.Tensor, ctx: "_Context") -> torch.Tensor:
@@ -294,9 +294,17 @@ class _Context:
         self.pad_index: torch.Tensor | None = None  # prefill: (rows, T_max) packed-token index of each prompt
         self.pad_mask: torch.Tensor | None = None
 
-    def scale(self, layer: int, point: tuple[str, str]) -> torch.Tensor:
+    def scale(self, layer: int, point: tuple[str, str], x: torch.Tensor) -> torch.Tensor:
+        """``x`` times each row's multipliers at ``point``. Decode: one multiply by a slice of the table (row i is
+        slot i). Prefill: one multiply per prompt segment by its row's vector -- a per-token gather of the table
+        would copy a (tokens, width) tensor per point per layer, which cost ~15 % of a 32-prompt prefill."""
         table = self.rows.scales[point][layer]
-        return table[: self.token_slots.shape[0]] if self.contiguous else table.index_select(0, self.token_slots)
+        if self.contiguous:
+            return x * table[: x.shape[0]]
+        out = torch.empty_like(x)
+        for slot, (start, end) in zip(self.prefill.slots, self.segments):
+            torch.mul(x[start:end], table[slot], out=out[start:end])
+        return out
 
     def lora_delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
         if self.lora_grouped:
