@@ -128,3 +128,10 @@ def test_bfloat16_engine_follows_transformers_bf16_forward(tmp_path):
         gap = logits.max(-1).values - chosen
         assert (gap <= 0.05 * logits.abs().max(-1).values).all(), (request.adapter, gap)
         assert (gap == 0).float().mean() >= 0.8
+
+
+def test_a_named_backbone_loads_in_the_asked_dtype(tiny_llama_dir):
+    engine = Engine(str(tiny_llama_dir), max_batch=2, max_seq_len=16, dtype="bfloat16")
+    assert engine.dtype is torch.bfloat16 and next(engine.model.parameters()).dtype is torch.bfloat16
+    [out] = engine.generate([Request([5, 6, 7], sampling=SamplingParams(max_new_tokens=3, ignore_eos=True))])
+    assert out.error is None and len(out.token_ids) == 3

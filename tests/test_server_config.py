@@ -27,6 +27,7 @@ def test_yaml_values_with_flags_on_top(tmp_path):
         ("ray:\n  min_replicas: 1\n", "both"),
         ("ray:\n  replicas: 9\n  min_replicas: 1\n  max_replicas: 4\n", "within"),
         ("- a list\n", "mapping"),
+        ("dtype: fp8\n", "dtype"),
     ],
 )
 def test_a_bad_config_names_the_field(tmp_path, yaml_text, fragment):
