@@ -58,7 +58,7 @@ class Engine:
         dtype: Union[str, torch.dtype, None] = None,
     ) -> None:
         if isinstance(backbone, str):
-            backbone, tokenizer = load_backbone(backbone, dtype=resolve_dtype(dtype or torch.float32), quiet=True)
+            backbone, tokenizer = load_backbone(backbone, dtype=dtype or torch.float32, quiet=True)
         elif dtype is not None and resolve_dtype(dtype) != next(backbone.parameters()).dtype:
             raise ValueError(
                 f"the backbone is {next(backbone.parameters()).dtype} but dtype={dtype!r} was asked for; "
