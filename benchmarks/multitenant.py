@@ -156,7 +156,7 @@ def _percentile(values: list[float], q: float) -> float:
 def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> Run:
     # warm-up: make this run's adapters resident (a previous method's may have been evicted)
     engine.generate([Request(p[:2], adapter=a, sampling=SamplingParams(max_new_tokens=1)) for p, a in zip(prompts, adapters)])
-    engine.stats = {"decode": [], "prefill": []}
+    engine.reset_stats()
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     outs = engine.generate([Request(p, adapter=a, sampling=sampling) for p, a in zip(prompts, adapters)])
     errors = [o.error for o in outs if o.error]

@@ -45,7 +45,7 @@ def test_encode_matches_the_tokenizer_and_refuses_bad_prompts():
     assert engine.encode([{"role": "user", "content": "5 6"}]) == expected
     assert engine.encode("5 6") == expected and engine.encode("5 6", raw_prompt=True) == [5, 6]
     for bad, message in (("", "empty"), ([], "empty"), ([5, 10**6], r"in \[0, "), ({"x": 1}, "must be a string"),
-                         (" ".join(["5"] * 16), "16 tokens but the context is 16")):
+                         (" ".join(["5"] * 16), r"16 tokens; at most 15 are allowed \(the context is 16")):
         with pytest.raises(RequestError, match=message):
             engine.encode(bad, raw_prompt=True)
 

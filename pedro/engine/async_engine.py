@@ -1,14 +1,22 @@
-"""AsyncEngine: the Engine driven by one background thread, for asyncio callers (the HTTP server, #5).
+"""AsyncEngine: the Engine driven by one background thread, for asyncio callers (the HTTP server).
 
 The engine is single-threaded by design; every mutation (new request, abort, adapter change) is posted to the
 engine thread as a command and applied between steps, and each step's outputs are handed back to the asyncio
 loop of the request that owns them. Leaving a ``stream()`` early (break, cancellation, client gone) aborts the
 request, which frees its slot at the next step boundary.
+
+Supervision: a step that raises is an engine bug, never a request's fault (the engine isolates those itself).
+The thread then fails every request the engine holds with ENGINE_FAILURE, rebuilds the engine's per-request
+state in-process (``Engine.reset``; registered adapters stay) and goes on serving; ``restarts`` counts it.
+Only if the rebuild itself fails does the thread stop: ``alive`` turns False (the server's /health answers
+503), and every pending and later call raises at once instead of hanging.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import queue
 import threading
 from pathlib import Path
@@ -17,41 +25,82 @@ from typing import Any, AsyncIterator, Callable, Union
 from torch import nn
 
 from pedro.engine.engine import Engine
-from pedro.engine.request import Request, RequestError, RequestOutput
+from pedro.engine.request import Request, RequestOutput
+
+log = logging.getLogger("pedro.engine")
+
+
+class EngineDead(RuntimeError):
+    """The engine thread has stopped; nothing more can be served by this AsyncEngine."""
+
+
+class _Command:
+    """Work for the engine thread, and how to answer its caller if the thread dies before running it."""
+
+    def __init__(self, run: Callable[[], None], fail: Callable[[BaseException], None] = lambda err: None) -> None:
+        self.run, self.fail = run, fail
 
 
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._commands: queue.Queue[_Command] = queue.Queue()
         self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = threading.Event()
-        self._failure: BaseException | None = None
+        self._lock = threading.Lock()  # posting a command vs. the thread dying: a command is run or refused, never lost
+        self._failure: EngineDead | None = None
         self._thread = threading.Thread(target=self._loop, name="pedro-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._failure is None and self._thread.is_alive()
+
+    @property
+    def restarts(self) -> int:
+        return self.engine.restarts
 
     # ------------------------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
-        while not self._stopped.is_set():
-            block = not self.engine.has_unfinished()
+        try:
+            while not self._stopped.is_set():
+                self._run_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    self._step()
+        except BaseException as err:  # the rebuild failed, or a bug outside a step: stop, loudly
+            log.exception("the engine thread stopped")
+            self._die(EngineDead(f"the engine stopped: {err!r}"))
+        else:
+            self._die(EngineDead("the engine was shut down"))
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            while True:
+                self._commands.get(block=block, timeout=0.05 if block else None).run()
+                block = False
+        except queue.Empty:
+            pass
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as err:
+            log.exception("an engine step failed; failing the requests it held and rebuilding the engine")
+            outputs = self.engine.reset(f"the engine failed while serving this request ({type(err).__name__}) and was restarted; retry")
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
+    def _die(self, failure: EngineDead) -> None:
+        with self._lock:
+            self._failure = failure
+        while True:  # commands posted before the failure was visible: run none, answer each
             try:
-                while True:
-                    self._commands.get(block=block, timeout=0.05 if block else None)()
-                    block = False
+                self._commands.get_nowait().fail(failure)
             except queue.Empty:
-                pass
-            if self.engine.has_unfinished():
-                try:
-                    outputs = self.engine.step()
-                except Exception as err:  # a bug, not a bad request: fail every waiting stream, stop
-                    self._failure = RuntimeError(f"the engine thread failed: {err!r}")
-                    self._failure.__cause__ = err
-                    for rid in list(self._listeners):
-                        self._deliver(rid, self._failure)
-                    return
-                for out in outputs:
-                    self._deliver(out.request_id, out)
+                break
+        for rid in list(self._listeners):
+            self._deliver(rid, failure)
 
     def _deliver(self, request_id: str, item: Union[RequestOutput, BaseException]) -> None:
         listener = self._listeners.get(request_id)
@@ -60,25 +109,44 @@ class AsyncEngine:
         loop, q = listener
         if isinstance(item, BaseException) or item.finished:
             self._listeners.pop(request_id, None)
-        loop.call_soon_threadsafe(q.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            self._listeners.pop(request_id, None)
+            if not isinstance(item, BaseException) and not item.finished:
+                self.engine.abort(request_id)
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and return its result here."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
-        def command() -> None:
+        def settle(setter: Callable[[Any], None], value: Any) -> None:
+            if not future.done():
+                setter(value)
+
+        def answer(setter: Callable[[Any], None], value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, setter, value)
+            except RuntimeError:  # the caller's loop is closed: nobody to answer
+                pass
+
+        def run() -> None:
             try:
                 result = fn()
             except Exception as err:  # handed back to the caller, the engine thread goes on
-                loop.call_soon_threadsafe(future.set_exception, err)
+                answer(future.set_exception, err)
             else:
-                loop.call_soon_threadsafe(future.set_result, result)
+                answer(future.set_result, result)
 
-        if self._failure is not None:
-            raise self._failure
-        self._commands.put(command)
+        self._post(_Command(run, lambda err: answer(future.set_exception, err)))
         return await future
+
+    def _post(self, command: _Command) -> None:
+        with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            self._commands.put(command)
 
     # ------------------------------------------------------------------------------ public API
 
@@ -92,7 +160,7 @@ class AsyncEngine:
             self._listeners[rid] = (loop, q)
             try:
                 self.engine.add_request(request, track_text=True)
-            except RequestError:
+            except BaseException:
                 self._listeners.pop(rid, None)
                 raise
 
@@ -110,7 +178,8 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._listeners.pop(rid, None)
-                self._commands.put(lambda: self.engine.abort(rid))
+                with contextlib.suppress(EngineDead):
+                    self._post(_Command(lambda: self.engine.abort(rid)))
 
     async def generate(self, request: Request) -> RequestOutput:
         """Run one request to completion."""

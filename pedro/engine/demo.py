@@ -30,7 +30,7 @@ def _fresh_adapters(engine: Engine, n: int) -> dict[str, Path]:
 
 
 def _decode_rate(engine: Engine, requests: list[Request]) -> float:
-    engine.stats = {"decode": [], "prefill": []}
+    engine.reset_stats()
     engine.generate(requests)
     return sum(n for n, _ in engine.stats["decode"]) / sum(s for _, s in engine.stats["decode"])
 

@@ -3,12 +3,21 @@
 Synchronous core, driven by ``step()``: each step decodes one token for every running row, prefills the
 newly admitted requests (their first token), then retires finished rows. ``generate()`` drives it for an
 offline list of requests; async_engine.py drives it from a background thread for streaming callers.
+
+Isolation: whatever goes wrong for one request fails that request alone. Its adapter's weights are read and
+materialised on a background thread (a failure finishes only the requests waiting for that adapter, and a
+slow disk never stalls the running batch); a row whose logits are not finite (an adapter that overflows) is
+finished with an error and its cache slot cleared; a prefill that raises is retried request by request so
+only the request that fails alone is failed. Anything else that raises inside a step is an engine bug: the
+caller (AsyncEngine) fails every request the engine holds and calls ``reset()``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -17,14 +26,31 @@ from torch import nn
 
 from pedro.backbones import load_backbone, resolve_dtype
 from pedro.data import encode_prompt
-from pedro.engine.adapters import AdapterError, AdapterStore, ModelSpec
+from pedro.engine.adapters import AdapterError, AdapterStore, ModelSpec, Registered
 from pedro.engine.kv_cache import KVCache
-from pedro.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams
+from pedro.engine.request import (
+    ADAPTER_LOAD_FAILED,
+    ENGINE_FAILURE,
+    NUMERIC_OVERFLOW,
+    REQUEST_FAILED,
+    PromptTooLong,
+    QueueFull,
+    Request,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+)
 from pedro.engine.rows import RowAdapters
 from pedro.engine.runner import ModelRunner, PrefillBatch, check_supported
 from pedro.engine.sampling import sample
 from pedro.engine.scheduler import Scheduler, Sequence
 from pedro.model import plan_sites
+
+# A text prompt longer than this many characters per allowed token is refused before it is tokenised, so a
+# multi-megabyte prompt costs nothing (tokenising 5 MB takes seconds). No tokenizer of a supported backbone
+# averages anywhere near 32 characters per token on real text.
+MAX_CHARS_PER_TOKEN = 32
+STATS_WINDOW = 4096  # steps kept in Engine.stats
 
 
 def _is_messages(prompt: Any) -> bool:
@@ -39,7 +65,8 @@ class Engine:
     ``max_batch`` running rows at most, each with ``max_seq_len`` tokens of KV cache; at most
     ``max_prefill_tokens`` prompt tokens are admitted per step; ``adapter_capacity`` adapters are resident
     at once (the rest stay on disk / CPU and are loaded on demand, least recently used evicted);
-    ``max_waiting`` bounds the queue of requests waiting for a free row (beyond it add_request raises QueueFull).
+    ``max_waiting`` bounds the queue of requests waiting for a free row (beyond it add_request raises QueueFull);
+    ``max_per_tenant`` bounds each tenant's running + waiting requests (QueueFull for that tenant alone).
     ``dtype`` (a torch dtype, its name, or "auto") is the dtype to load a named backbone in; bfloat16 runs
     decoding about 2x faster on CPUs with native bf16 (see docs/engine.md) but is not bit-identical to
     float32. A loaded model runs in its own dtype: cast it yourself, the engine never changes it in place.
@@ -55,6 +82,7 @@ class Engine:
         max_prefill_tokens: int = 2048,
         adapter_capacity: int = 64,
         max_waiting: Optional[int] = None,
+        max_per_tenant: Optional[int] = None,
         dtype: Union[str, torch.dtype, None] = None,
     ) -> None:
         if isinstance(backbone, str):
@@ -71,7 +99,9 @@ class Engine:
                 raise ValueError(f"Engine {name} must be a positive integer, got {value!r}")
         if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
             raise ValueError(f"Engine max_waiting must be a non-negative integer or None, got {max_waiting!r}")
-        self.max_waiting = max_waiting
+        if max_per_tenant is not None and (not isinstance(max_per_tenant, int) or max_per_tenant < 1):
+            raise ValueError(f"Engine max_per_tenant must be a positive integer or None, got {max_per_tenant!r}")
+        self.max_waiting, self.max_per_tenant = max_waiting, max_per_tenant
         max_seq_len = min(max_seq_len, backbone.config.max_position_embeddings)
         check_supported(backbone, max_seq_len)
         self.model = backbone.eval().requires_grad_(False)
@@ -81,18 +111,45 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
         self.dtype = next(backbone.parameters()).dtype
         self.max_seq_len = max_seq_len
-        spec = ModelSpec.of(backbone)
-        self.adapters = AdapterStore(spec, backbone, adapter_capacity, self.dtype)
-        self.rows = RowAdapters(spec, max_batch, adapter_capacity, self.dtype)
-        self.adapters.on_load = self.rows.load_lora
-        config = backbone.config
-        head_dim = self.model.model.layers[0].self_attn.head_dim
-        self.cache = KVCache(spec.n_layers, max_batch, config.num_key_value_heads, max_seq_len, head_dim, self.dtype)
-        self.runner = ModelRunner(backbone, spec, self.cache, self.rows)
-        self.scheduler = Scheduler(max_batch, max_prefill_tokens, self.adapters)
+        self.spec = ModelSpec.of(backbone)
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.adapters = AdapterStore(self.spec, backbone, adapter_capacity, self.dtype)
         self.eos_ids = self._eos_ids()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pedro-adapter-load")
+        self.restarts = 0
+        self.reset_stats()
+        self._build_state()
+
+    def _build_state(self) -> None:
+        """The per-request state: batch rows, KV cache, scheduler, in-flight adapter loads. Registrations are
+        kept; this is all ``reset()`` rebuilds."""
+        config, spec = self.model.config, self.spec
+        self.rows = RowAdapters(spec, self.max_batch, self.adapters.capacity, self.dtype)
+        self.adapters.on_load = self.rows.load_lora
+        head_dim = self.model.model.layers[0].self_attn.head_dim
+        self.cache = KVCache(spec.n_layers, self.max_batch, config.num_key_value_heads, self.max_seq_len, head_dim, self.dtype)
+        self.runner = ModelRunner(self.model, spec, self.cache, self.rows)
+        self.scheduler = Scheduler(self.max_batch, self.max_prefill_tokens, self.adapters)
         self._seqs: dict[str, Sequence] = {}
-        self.stats: dict[str, list] = {"decode": [], "prefill": []}  # (rows or tokens, seconds) per step
+        self._per_tenant: Counter[Optional[str]] = Counter()  # running + waiting requests per tenant
+        self._loading: dict[str, Future] = {}
+
+    def reset_stats(self) -> None:
+        """Start ``stats`` afresh: per step, (rows or prompt tokens, seconds), the last STATS_WINDOW steps."""
+        self.stats: dict[str, deque] = {"decode": deque(maxlen=STATS_WINDOW), "prefill": deque(maxlen=STATS_WINDOW)}
+
+    def reset(self, reason: str) -> list[RequestOutput]:
+        """Fail every request the engine holds (``error_code`` ENGINE_FAILURE, ``error`` = ``reason``) and
+        rebuild the per-request state; registered adapters stay registered (their weights reload on demand).
+        -> the failed requests' final outputs. For recovering from a bug inside ``step()``."""
+        failed = list(self._seqs.values())
+        for seq in failed:
+            seq.finish("error", reason, ENGINE_FAILURE)
+        outputs = [self._output(seq) for seq in failed]
+        self.adapters.clear_resident()
+        self._build_state()
+        self.restarts += 1
+        return outputs
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -110,6 +167,10 @@ class Engine:
         return next(d for d in self.adapters.describe() if d["name"] == name)
 
     def remove_adapter(self, name: str) -> None:
+        """Unregister ``name``; AdapterError while a running or waiting request uses it."""
+        users = sum(1 for seq in self._seqs.values() if seq.request.adapter == name)
+        if users:
+            raise AdapterError(f"adapter {name!r} is in use by {users} running or waiting request(s)")
         self.adapters.remove(name)
 
     def list_adapters(self) -> list[dict[str, Any]]:
@@ -117,8 +178,10 @@ class Engine:
 
     def check_adapter(self, source: Union[str, Path, nn.Module]) -> dict[str, Any]:
         """A dry run of add_adapter: read ``source`` and check it against this backbone (config, tensor names,
-        shapes) without registering it -> ``{"kind", "parameters"}``; AdapterError says what does not fit."""
-        plan, _, _ = self.adapters.plan(source)
+        shapes) and materialise its weights exactly as serving will, without registering it ->
+        ``{"kind", "parameters"}``; AdapterError says what does not fit or does not load."""
+        plan, directory, state = self.adapters.plan(source)
+        self.adapters.load("(checked adapter)", Registered("(checked adapter)", plan, directory, state))
         return {"kind": plan.kind, "parameters": plan.n_params}
 
     def pedro_state_bytes(self, name: str) -> int:
@@ -131,11 +194,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def encode(self, prompt: Union[str, list[int], list[dict[str, str]]], raw_prompt: bool = False) -> list[int]:
+    def encode(
+        self, prompt: Union[str, list[int], list[dict[str, str]]], raw_prompt: bool = False, max_tokens: Optional[int] = None
+    ) -> list[int]:
         """The token ids the engine will run for ``prompt``: token ids as given; a string or chat messages
         encoded exactly as training encodes prompts (pedro.data.encode_prompt: the chat template when the
-        backbone has one), or a string tokenized as-is with ``raw_prompt``. Raises RequestError for an empty,
-        malformed or over-long prompt."""
+        backbone has one), or a string tokenized as-is with ``raw_prompt``. Raises RequestError for an empty
+        or malformed prompt, PromptTooLong for one over ``max_tokens`` (default: what the context leaves room
+        for) -- text far too long for that is refused by its length in characters, before tokenising."""
+        limit = min(max_tokens or self.max_seq_len, self.max_seq_len - 1)
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             vocab = self.model.config.vocab_size
@@ -146,6 +213,12 @@ class Engine:
         elif isinstance(prompt, str) or _is_messages(prompt):
             if not prompt:
                 raise RequestError("the prompt is empty")
+            chars = len(prompt) if isinstance(prompt, str) else sum(len(str(m["content"])) for m in prompt)
+            if chars > limit * MAX_CHARS_PER_TOKEN:
+                raise PromptTooLong(
+                    f"the prompt has {chars} characters; at most {limit} tokens are allowed, and a prompt over "
+                    f"{limit * MAX_CHARS_PER_TOKEN} characters is refused without tokenising it"
+                )
             with self._tokenizer_lock:
                 if isinstance(prompt, str) and raw_prompt:
                     ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -155,11 +228,9 @@ class Engine:
             raise RequestError("a prompt must be a string, a list of chat messages {role, content}, or a list of token ids")
         if not ids:
             raise RequestError("the prompt is empty")
-        if len(ids) >= self.max_seq_len:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens but the context is {self.max_seq_len} "
-                "(there must be room for at least one new token)"
-            )
+        if len(ids) > limit:
+            room = "" if limit < self.max_seq_len - 1 else f" (the context is {self.max_seq_len}, with room for one new token)"
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens; at most {limit} are allowed{room}")
         return ids
 
     def add_request(self, request: Request, track_text: bool = False) -> str:
@@ -176,7 +247,9 @@ class Engine:
                 raise RequestError(str(err)) from None
         if request.sampling.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer")
-        free_rows = self.scheduler.max_batch - self.num_running  # requests the next step can admit are not queued
+        if self.max_per_tenant is not None and self._per_tenant[request.tenant] >= self.max_per_tenant:
+            raise QueueFull(f"this tenant already has {self.max_per_tenant} requests running or waiting (its limit); retry shortly")
+        free_rows = self.max_batch - self.num_running  # requests the next step can admit are not queued
         if self.max_waiting is not None and self.num_waiting >= self.max_waiting + free_rows:
             raise QueueFull(f"the engine's queue is full ({self.max_waiting} requests waiting); retry shortly")
         ids = self.encode(request.prompt, raw_prompt=request.raw_prompt)
@@ -184,8 +257,16 @@ class Engine:
         track = self.tokenizer is not None and (track_text or bool(request.sampling.stop))
         seq = Sequence(request, ids, torch.Generator().manual_seed(seed), track_text=track)
         self._seqs[request.request_id] = seq
+        self._per_tenant[request.tenant] += 1
         self.scheduler.add(seq)
+        self._start_load(request.adapter)
         return request.request_id
+
+    def _forget(self, seq: Sequence) -> None:
+        if self._seqs.pop(seq.request.request_id, None) is not None:
+            self._per_tenant[seq.request.tenant] -= 1
+            if not self._per_tenant[seq.request.tenant]:
+                del self._per_tenant[seq.request.tenant]
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: a waiting one leaves the queue, a running one frees its slot at once."""
@@ -197,7 +278,7 @@ class Engine:
             self.scheduler.remove_waiting(seq)
         else:
             self._retire(seq)
-        del self._seqs[request_id]
+        self._forget(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
@@ -208,13 +289,38 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return self.scheduler.num_waiting
+
+    # ------------------------------------------------------------------------------------------ adapter loads
+
+    def _start_load(self, name: Optional[str]) -> None:
+        if name is not None and name not in self._loading and self.adapters.needs_load(name):
+            self._loading[name] = self._loader.submit(self.adapters.load, name)
+
+    def _finish_loads(self) -> list[Sequence]:
+        """Stage the adapters whose loads finished; -> the waiting sequences of those that failed, finished."""
+        failed: list[Sequence] = []
+        for name, future in list(self._loading.items()):
+            if not future.done():
+                continue
+            del self._loading[name]
+            try:
+                self.adapters.stage(name, future.result())
+            except AdapterError as err:
+                for seq in [s for s in self.scheduler.waiting() if s.request.adapter == name]:
+                    self.scheduler.remove_waiting(seq)
+                    seq.finish("error", str(err), ADAPTER_LOAD_FAILED)
+                    failed.append(seq)
+        for seq in self.scheduler.waiting():  # e.g. evicted while its request waited
+            self._start_load(seq.request.adapter)
+        return failed
 
     # ------------------------------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestOutput]:
         """Decode one token for every running row, admit and prefill waiting requests, retire the finished.
         -> an output for every request that produced tokens or finished in this step."""
+        failed = self._finish_loads()
         progressed: list[Sequence] = []
         running = list(self.scheduler.running)
         if running:
@@ -224,13 +330,12 @@ class Engine:
             self._accept(running, logits)
             self.stats["decode"].append((len(running), time.perf_counter() - start))
             progressed += running
-        admitted, failed = self.scheduler.schedule()
+        admitted = self.scheduler.schedule()
         if admitted:
             start = time.perf_counter()
             for seq in admitted:
                 self.rows.assign(seq.slot, seq.entry)
-            logits = self.runner.prefill(PrefillBatch([s.slot for s in admitted], [s.prompt_ids for s in admitted]))
-            self._accept(admitted, logits)
+            self._prefill(admitted)
             self.stats["prefill"].append((sum(len(s.prompt_ids) for s in admitted), time.perf_counter() - start))
             progressed += admitted
         outputs = [self._output(seq) for seq in progressed + failed]
@@ -238,11 +343,30 @@ class Engine:
             if seq.finished:
                 if seq.slot is not None:
                     self._retire(seq)
-                self._seqs.pop(seq.request.request_id, None)
+                self._forget(seq)
+        if not outputs and not self.scheduler.running and self._loading:  # idle until an adapter arrives
+            wait(list(self._loading.values()), timeout=0.05, return_when=FIRST_COMPLETED)
         return outputs
+
+    def _prefill(self, admitted: list[Sequence]) -> None:
+        """Prefill the admitted rows together; if that raises, once more one by one, so that only a request
+        that fails on its own is failed (its adapter's generator, say)."""
+        groups = [admitted] if len(admitted) == 1 else [admitted, *([seq] for seq in admitted)]
+        for group in groups:
+            try:
+                logits = self.runner.prefill(PrefillBatch([s.slot for s in group], [s.prompt_ids for s in group]))
+            except Exception as err:  # attributed to the request when it fails alone
+                if len(group) == 1:
+                    group[0].finish("error", f"the request failed at prefill: {err}", REQUEST_FAILED)
+                continue
+            self._accept(group, logits)
+            if group is admitted:
+                return
 
     def _retire(self, seq: Sequence) -> None:
         slot = seq.slot
+        if seq.error is not None:  # its cache may hold inf/NaN, which masked attention would still multiply
+            self.cache.clear(slot, len(seq.prompt_ids) + len(seq.output_ids))
         self.rows.release(slot)
         moved = self.scheduler.retire(seq)
         if moved is None:
@@ -255,6 +379,10 @@ class Engine:
         tokens = sample(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens):
+            if token is None:
+                adapter = f"its adapter {seq.request.adapter!r}" if seq.request.adapter else "the model"
+                seq.finish("error", f"numeric overflow: {adapter} produced non-finite logits for this request", NUMERIC_OVERFLOW)
+                continue
             if seq.first_token is None:
                 seq.first_token = now
             seq.output_ids.append(token)
@@ -300,6 +428,8 @@ class Engine:
             metrics["ttft_s"] = seq.first_token - seq.arrival
         if seq.finished_at is not None:
             metrics["latency_s"] = seq.finished_at - seq.arrival
+        if seq.admitted_at_step is not None:
+            metrics["queued_steps"] = seq.admitted_at_step - seq.queued_at_step
         return RequestOutput(
             request_id=seq.request.request_id,
             adapter=seq.request.adapter,
@@ -311,6 +441,7 @@ class Engine:
             finished=seq.finished,
             finish_reason=seq.finish_reason,
             error=seq.error,
+            error_code=seq.error_code,
             metrics=metrics,
         )
 

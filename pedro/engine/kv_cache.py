@@ -56,6 +56,12 @@ class KVCache:
         """(B, kv_heads, width, head_dim) views of rows 0..B-1, positions 0..width-1."""
         return self.k[layer, :batch, :, :width], self.v[layer, :batch, :, :width]
 
+    def clear(self, slot: int, n: int) -> None:
+        """Zero positions 0..n-1 of ``slot``: a failed row may have left inf/NaN there, and a masked-out
+        position still enters attention as 0 * value, which is NaN for a non-finite value."""
+        self.k[:, slot, :, :n] = 0
+        self.v[:, slot, :, :n] = 0
+
     def move(self, src: int, dst: int) -> None:
         """Move slot ``src``'s filled prefix to ``dst`` (compaction after ``dst`` retired)."""
         n = int(self.lengths[src])

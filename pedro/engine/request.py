@@ -20,7 +20,28 @@ class RequestError(ValueError):
 
 
 class QueueFull(RequestError):
-    """The engine's waiting queue is at ``max_waiting``: try again once running requests finish."""
+    """The engine's waiting queue is at ``max_waiting``, or the request's tenant has ``max_per_tenant``
+    requests running or waiting: try again once running requests finish."""
+
+
+class PromptTooLong(RequestError):
+    """The prompt does not fit the context (or the caller's token limit)."""
+
+
+# Why a request finished with ``finish_reason == "error"`` (RequestOutput.error_code). The first three fail
+# that request alone, the rest of the batch is unaffected: its adapter could not be loaded, its logits were not
+# finite (an adapter that overflows), or its prefill raised on its own. ENGINE_FAILURE: the engine hit a bug
+# during a step, failed every request it held and rebuilt its state.
+ADAPTER_LOAD_FAILED = "adapter_load_failed"
+NUMERIC_OVERFLOW = "numeric_overflow"
+REQUEST_FAILED = "request_failed"
+ENGINE_FAILURE = "engine_failure"
+
+# Temperatures below this sample as greedy: dividing logits by a smaller one overflows to inf (vLLM uses the
+# same threshold).
+GREEDY_BELOW = 1e-5
+# Signed 64-bit: the range torch.Generator.manual_seed accepts.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 def _refuse(name: str, allowed: str, got: Any) -> None:
@@ -29,7 +50,7 @@ def _refuse(name: str, allowed: str, got: Any) -> None:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. ``temperature == 0`` is greedy (top_k / top_p are then ignored)."""
+    """How to pick each next token. ``temperature`` 0 (or below 1e-5) is greedy (top_k / top_p are then ignored)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -57,12 +78,14 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stop):
             _refuse("stop", "a list of non-empty strings", self.stop)
         object.__setattr__(self, "stop", stop)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            _refuse("seed", "None or an integer", self.seed)
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+        ):
+            _refuse("seed", "None or a signed 64-bit integer", self.seed)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 Messages = list[dict[str, str]]
@@ -74,13 +97,15 @@ class Request:
     """One generation: a prompt (text, chat messages, or token ids), an optional adapter name, sampling.
 
     A text prompt gets the backbone's chat template (as ``pedro generate`` does) unless ``raw_prompt``;
-    messages always do; token ids are used as they are.
+    messages always do; token ids are used as they are. ``tenant`` is the fairness key: waiting requests are
+    admitted round-robin over tenants, so one tenant's flood cannot delay another's admission.
     """
 
     prompt: Union[str, Messages, list[int]]
     adapter: Optional[str] = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     raw_prompt: bool = False
+    tenant: Optional[str] = None
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
 
@@ -90,7 +115,9 @@ class RequestOutput:
 
     ``token_ids`` / ``text`` are everything generated so far; ``delta_token_ids`` / ``delta_text`` what this
     step added (text is held back while it could still turn into a stop string). ``finish_reason`` is
-    ``"stop"`` (EOS or a stop string), ``"length"``, ``"abort"`` or ``"error"`` (then ``error`` says why).
+    ``"stop"`` (EOS or a stop string), ``"length"``, ``"abort"`` or ``"error"`` (then ``error`` says why and
+    ``error_code`` is one of ADAPTER_LOAD_FAILED, NUMERIC_OVERFLOW, REQUEST_FAILED, ENGINE_FAILURE). ``metrics``:
+    ``ttft_s``, ``latency_s`` and ``queued_steps`` (engine steps between queueing and admission).
     """
 
     request_id: str
@@ -103,4 +130,5 @@ class RequestOutput:
     finished: bool = False
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    error_code: Optional[str] = None
     metrics: dict[str, float] = field(default_factory=dict)

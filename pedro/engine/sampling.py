@@ -3,6 +3,10 @@
 Greedy rows take one batched argmax. Sampled rows get temperature / top-k / top-p applied as batched tensor
 ops; only the final draw loops over rows, because each request owns its torch.Generator (so a seeded request
 gives the same tokens whatever else is in the batch).
+
+A row whose logits are not finite (an adapter whose weights overflow) gets no token: the engine fails that
+request alone. Hostile values cannot reach a kernel: temperatures below GREEDY_BELOW are greedy (SamplingParams)
+and a top_k beyond the vocabulary is "off".
 """
 
 from __future__ import annotations
@@ -26,19 +30,21 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits).log_softmax(-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One next token per row of ``logits`` (N, V)."""
-    tokens = logits.argmax(-1)
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int | None]:
+    """One next token per row of ``logits`` (N, V); None for a row whose logits are not all finite."""
+    finite = torch.isfinite(logits).all(-1).tolist()
+    tokens: list[int | None] = [t if ok else None for t, ok in zip(logits.argmax(-1).tolist(), finite)]
+    sampled = [i for i, p in enumerate(params) if not p.greedy and finite[i]]
     if sampled:
+        vocab = logits.shape[-1]
         rows = torch.tensor(sampled)
         logprobs = filter_logits(
             logits[rows].float(),
             torch.tensor([params[i].temperature for i in sampled], dtype=torch.float32),
-            torch.tensor([params[i].top_k for i in sampled]),
+            torch.tensor([min(params[i].top_k, vocab) for i in sampled]),
             torch.tensor([params[i].top_p for i in sampled], dtype=torch.float32),
         )
         probs = logprobs.exp()
         for j, i in enumerate(sampled):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    return tokens.tolist()
+            tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i])[0])
+    return tokens
