@@ -317,6 +317,9 @@ def read_adapter(source: Union[str, Path, nn.Module]) -> tuple[Any, dict[str, tu
 class AdapterStore:
     """Every registered adapter, and the bounded set of them that is resident (materialised) right now.
 
+    Loading is split so that disk reads never run inside an engine step: ``load`` (pure: read the tensors and
+    materialise them; the engine runs it on a background thread) -> ``stage`` (the weights wait, ready) ->
+    ``acquire`` (between steps: install them in a resident slot, which is a memory copy, and pin).
     ``on_load(entry)`` lets the runner copy an adapter into its stacked per-slot tensors when it becomes
     resident (rows.py); resident slots are 1..capacity (0 means "no adapter").
     """
@@ -326,11 +329,20 @@ class AdapterStore:
             raise ValueError(f"adapter capacity must be >= 1, got {capacity}")
         self.spec, self.model, self.capacity, self.dtype = spec, model, capacity, dtype
         self.registered: dict[str, Registered] = {}
-        self.resident: OrderedDict[str, Registered] = OrderedDict()  # LRU order, oldest first
-        self.free_slots = list(range(capacity, 0, -1))
+        self.ready: dict[str, Weights] = {}  # loaded, waiting to become resident
         self.loads = 0
         self.evictions = 0
         self.on_load: Callable[[Registered], None] = lambda entry: None
+        self.clear_resident()
+
+    def clear_resident(self) -> None:
+        """Forget every resident and staged adapter and every pin (the engine rebuilding after a failure);
+        registrations stay."""
+        self.resident: OrderedDict[str, Registered] = OrderedDict()  # LRU order, oldest first
+        self.free_slots = list(range(self.capacity, 0, -1))
+        self.ready.clear()
+        for entry in self.registered.values():
+            entry.pins, entry.slot, entry.weights = 0, None, None
 
     def add(self, name: str, source: Union[str, Path, nn.Module]) -> Registered:
         if not isinstance(name, str) or not name:
@@ -356,21 +368,41 @@ class AdapterStore:
             raise AdapterError(f"adapter {name!r} is in use by {entry.pins} running request(s)")
         if name in self.resident:
             self._evict(entry)
+        self.ready.pop(name, None)
         del self.registered[name]
 
     def get(self, name: str) -> Registered:
+        """The registered adapter ``name``. The error names only ``name``: the caller may be one tenant and the
+        registry holds every tenant's adapters."""
         if name not in self.registered:
-            known = sorted(self.registered)
-            shown = known[:10] + (["..."] if len(known) > 10 else [])
-            raise AdapterError(f"unknown adapter {name!r}; registered: {shown}")
+            raise AdapterError(f"unknown adapter {name!r}")
         return self.registered[name]
 
+    def needs_load(self, name: str) -> bool:
+        return name in self.registered and name not in self.resident and name not in self.ready
+
+    def load(self, name: str, entry: Registered | None = None) -> Weights:
+        """Read and materialise ``name``'s weights without touching the resident set (safe on another thread).
+        Any failure is an AdapterError naming the adapter."""
+        entry = entry or self.get(name)
+        try:
+            return entry.plan.materialise(entry.load_tensors(), self.spec, self.model, self.dtype)
+        except Exception as err:  # whatever the files do to the loader, it is this adapter's failure alone
+            raise AdapterError(f"adapter {name!r} could not be loaded: {err}") from err
+
+    def stage(self, name: str, weights: Weights) -> None:
+        if name in self.registered and name not in self.resident:
+            self.ready[name] = weights
+
     def can_acquire(self, name: str) -> bool:
-        """True when ``name`` is resident or could become resident without evicting a pinned adapter."""
-        return name in self.resident or bool(self.free_slots) or any(e.pins == 0 for e in self.resident.values())
+        """True when ``name`` is resident, or loaded and installable without evicting a pinned adapter."""
+        if name in self.resident:
+            return True
+        return name in self.ready and (bool(self.free_slots) or any(e.pins == 0 for e in self.resident.values()))
 
     def acquire(self, name: str) -> Registered:
-        """Make ``name`` resident (loading it, evicting the least recently used unpinned adapter) and pin it."""
+        """Make a resident or staged ``name`` resident (evicting the least recently used unpinned adapter) and
+        pin it."""
         entry = self.get(name)
         if name in self.resident:
             self.resident.move_to_end(name)
@@ -380,10 +412,7 @@ class AdapterStore:
                 if victim is None:
                     raise AdapterError("every resident adapter is in use; raise the adapter capacity")
                 self._evict(victim)
-            try:
-                entry.weights = entry.plan.materialise(entry.load_tensors(), self.spec, self.model, self.dtype)
-            except (OSError, ValueError, KeyError, RuntimeError) as err:
-                raise AdapterError(f"adapter {name!r} could not be loaded: {err}") from err
+            entry.weights = self.ready.pop(name)
             entry.slot = self.free_slots.pop()
             self.resident[name] = entry
             self.loads += 1
