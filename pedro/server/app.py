@@ -138,10 +138,10 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 once every engine replica can take requests (503 ``starting`` before): what load balancers and
-        orchestration should wait for."""
+        """200 while every engine (replica) can take requests; 503 ``unavailable`` before they are up and if an
+        engine has stopped: what load balancers and orchestration should watch."""
         ready = await backend.ready()
-        body = {"status": "ok" if ready else "starting", "model": config.served_model_name, **backend.stats()}
+        body = {"status": "ok" if ready else "unavailable", "model": config.served_model_name, **backend.stats()}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
@@ -176,8 +176,8 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
         render_chunk: Callable[[str, RequestOutput, bool], list[str]],
         render_final: Callable[[str, RequestOutput], Any],
     ) -> Any:
-        record = adapters.resolve(who, body.model)
-        outputs = backend.stream(prompt, record.engine_name if record else None, sampling_of(body))
+        record = adapters.usable(who, body.model)
+        outputs = backend.stream(prompt, record.engine_name if record else None, sampling_of(body), tenant=who.tenant)
         labels = (who.tenant, body.model, endpoint)
         response_id = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
 

@@ -1,9 +1,11 @@
 """LocalBackend: what the HTTP layer needs from one engine, in one process.
 
-It turns an API request into engine token ids (Engine.encode, then the server's prompt limit, so a prompt over
-the limit is refused with 400 before it can take a slot), maps the engine's admission control (``max_queued``
-requests waiting beyond the running batch, then QueueFull) to 429, streams the engine's outputs, and checks /
-registers / removes adapters. The Ray Serve deployment (ray_app.py) wraps the same class in each replica, so
+It turns an API request into engine token ids (Engine.encode with the server's prompt limit, on a worker
+thread so tokenising never stalls the event loop; a prompt over the limit is refused with 400
+``context_length_exceeded`` before it can take a slot), maps the engine's admission control (``max_queued``
+requests waiting beyond the running batch, ``max_requests_per_tenant`` per tenant, then QueueFull) to 429,
+streams the engine's outputs, maps a request the engine failed alone to a 4xx naming why (its adapter did not
+load, or overflowed) and an engine restart to 503, and checks / registers / removes adapters. The Ray Serve deployment (ray_app.py) wraps the same class in each replica, so
 single-process and scaled-out serving run identical request code.
 """
 
@@ -14,7 +16,21 @@ import itertools
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional, Protocol, Union
 
-from pedro.engine import AdapterError, AsyncEngine, Engine, QueueFull, Request, RequestError, RequestOutput, SamplingParams
+from pedro.engine import (
+    ADAPTER_LOAD_FAILED,
+    ENGINE_FAILURE,
+    NUMERIC_OVERFLOW,
+    AdapterError,
+    AsyncEngine,
+    Engine,
+    EngineDead,
+    PromptTooLong,
+    QueueFull,
+    Request,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+)
 from pedro.server.config import ServerConfig
 from pedro.server.errors import APIError
 from pedro.server.validate import InvalidAdapter, check_adapter
@@ -26,7 +42,9 @@ _ids = itertools.count()
 class Backend(Protocol):
     """What app.py and tenancy.py call: LocalBackend here, RayBackend (ray_app.py) in front of Ray replicas."""
 
-    def stream(self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams) -> AsyncIterator[RequestOutput]: ...
+    def stream(
+        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None
+    ) -> AsyncIterator[RequestOutput]: ...
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -55,6 +73,7 @@ class LocalBackend:
             max_prefill_tokens=config.max_prefill_tokens,
             adapter_capacity=config.adapter_capacity,
             max_waiting=config.max_queued,
+            max_per_tenant=config.max_requests_per_tenant,
             dtype=config.dtype,
         )
         return cls(engine, config)
@@ -65,43 +84,46 @@ class LocalBackend:
         """Token ids for a completion prompt (text or ids, no template) or chat messages (the chat template)."""
         param = "messages" if prompt and isinstance(prompt, list) and isinstance(prompt[0], dict) else "prompt"
         try:
-            ids = self.engine.encode(prompt, raw_prompt=True)
+            return self.engine.encode(prompt, raw_prompt=True, max_tokens=self.config.max_prompt_tokens)
+        except PromptTooLong as err:
+            raise APIError(400, str(err), code="context_length_exceeded", param=param) from None
         except RequestError as err:
             raise APIError(400, str(err), param=param) from None
-        if len(ids) > self.config.max_prompt_tokens:
-            raise APIError(
-                400,
-                f"the prompt has {len(ids)} tokens; this server accepts at most {self.config.max_prompt_tokens}",
-                code="context_length_exceeded",
-                param="prompt",
-            )
-        return ids
 
-    async def stream(self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Encode, admit, run; yields the engine's outputs. Leaving early aborts the request and frees its slot."""
-        ids = self.encode(prompt)
+    async def stream(
+        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Encode, admit, run; yields the engine's outputs. Leaving early aborts the request and frees its slot.
+        ``tenant`` is the engine's fairness key and per-tenant limit."""
+        ids = await asyncio.to_thread(self.encode, prompt)
         self.in_flight += 1
         try:
-            request = Request(ids, adapter=adapter, sampling=sampling, request_id=f"srv-{next(_ids)}")
+            request = Request(ids, adapter=adapter, sampling=sampling, tenant=tenant, request_id=f"srv-{next(_ids)}")
             try:
                 async for out in self.async_engine.stream(request):
                     if out.finish_reason == "error":
-                        raise APIError(500, f"the request failed in the engine: {out.error}")
+                        raise failure(out)
                     yield out
             except QueueFull as err:
                 raise APIError(429, f"the server is at capacity: {err}", code="queue_full", retry_after=1) from None
             except RequestError as err:
                 raise APIError(400, str(err)) from None
+            except EngineDead as err:
+                raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
         finally:
             self.in_flight -= 1
 
     def stats(self) -> dict[str, float]:
         """Cheap, approximate reads of engine state for /health and /metrics (no lock: they are gauges)."""
-        return {"running": self.engine.num_running, "waiting": self.engine.num_waiting, "in_flight": self.in_flight}
+        return {
+            "running": self.engine.num_running, "waiting": self.engine.num_waiting, "in_flight": self.in_flight,
+            "engine_restarts": self.async_engine.restarts,
+        }
 
     async def ready(self) -> bool:
-        """The engine is built before the app starts, so a local server is ready as soon as it answers."""
-        return True
+        """The engine is built before the app starts, so a local server is ready while its engine thread runs
+        (False for good once it has stopped: /health then answers 503)."""
+        return self.async_engine.alive
 
     # ------------------------------------------------------------------------------------------ adapters
 
@@ -117,12 +139,26 @@ class LocalBackend:
             await self.async_engine.add_adapter(engine_name, directory)
         except AdapterError as err:
             raise APIError(400, f"adapter refused: {err}", param="adapter") from None
+        except EngineDead as err:
+            raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
 
     async def remove_adapter(self, engine_name: str) -> None:
         try:
             await self.async_engine.remove_adapter(engine_name)
         except AdapterError as err:
             raise APIError(409, f"cannot remove the adapter now: {err}", code="adapter_in_use") from None
+        except EngineDead as err:
+            raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()
+
+
+def failure(out: RequestOutput) -> APIError:
+    """The HTTP error for a request the engine finished with an error: the request's own adapter at fault is a
+    400 naming why; an engine restart is a retryable 503."""
+    if out.error_code in (ADAPTER_LOAD_FAILED, NUMERIC_OVERFLOW):
+        return APIError(400, out.error or out.error_code, code=out.error_code, param="model")
+    if out.error_code == ENGINE_FAILURE:
+        return APIError(503, out.error or "the engine was restarted", code="engine_restarted", retry_after=1)
+    return APIError(500, f"the request failed in the engine: {out.error}", code=out.error_code)

@@ -60,12 +60,19 @@ class ServerConfig(BaseModel):
     max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may ask for (400 above).")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none.")
     max_queued: int = Field(64, ge=0, description="Requests waiting beyond max_batch; more get 429.")
+    max_requests_per_tenant: Optional[int] = Field(
+        None, ge=1,
+        description="Running + waiting requests per tenant; more get 429 for that tenant alone "
+        "(default: half of max_batch + max_queued, so one tenant can never take all the room).",
+    )
     max_upload_bytes: int = Field(64 * 2**20, ge=1, description="Largest adapter upload (413 above).")
     max_adapters_per_tenant: int = Field(256, ge=1, description="Registered adapters per tenant (429 above).")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
     def _limits(self) -> "ServerConfig":
+        if self.max_requests_per_tenant is None:
+            self.max_requests_per_tenant = max(1, (self.max_batch + self.max_queued) // 2)
         if self.max_prompt_tokens + 1 > self.max_seq_len:
             raise ValueError(f"max_prompt_tokens ({self.max_prompt_tokens}) must be < max_seq_len ({self.max_seq_len})")
         if self.default_max_tokens > self.max_tokens:

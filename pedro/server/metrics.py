@@ -35,6 +35,7 @@ class ServerMetrics:
             ("pedro_queue_length", "Requests waiting for an engine slot.", "waiting"),
             ("pedro_running_requests", "Requests in the running batch.", "running"),
             ("pedro_requests_in_flight", "Requests admitted by the server and not finished.", "in_flight"),
+            ("pedro_engine_restarts", "Times the engine failed inside a step and was rebuilt in-process.", "engine_restarts"),
         ):
             Gauge(name, doc, registry=self.registry).set_function(lambda key=key: stats().get(key, 0))
         Gauge("pedro_tokens_per_second", f"Generated tokens/s over the last {TOKENS_PER_SECOND_WINDOW_S:.0f} s.", registry=self.registry).set_function(self.tokens_per_second)

@@ -75,9 +75,11 @@ class RayBackend:
         self.replicas = replicas
         self.routing: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
-    async def stream(self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def stream(
+        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None
+    ) -> AsyncIterator[RequestOutput]:
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "")
-        responses = handle.stream.remote(prompt, sampling)
+        responses = handle.stream.remote(prompt, sampling, tenant)
         finished = False
         with _queue_full_is_429():  # outside the finally: a refused call's cancel() raises the refusal again
             try:
@@ -152,12 +154,19 @@ def build(config: ServerConfig) -> serve.Application:
                 self.known.add(engine_name)
             return engine_name
 
-        async def stream(self, prompt: Prompt, sampling: SamplingParams) -> AsyncIterator[tuple[str, RequestOutput]]:
+        async def stream(
+            self, prompt: Prompt, sampling: SamplingParams, tenant: Optional[str] = None
+        ) -> AsyncIterator[tuple[str, RequestOutput]]:
             adapter = serve.get_multiplexed_model_id() or None
             if adapter is not None:
                 await self.adapter(adapter)
-            async for out in self.backend.stream(prompt, adapter, sampling):
+            async for out in self.backend.stream(prompt, adapter, sampling, tenant=tenant):
                 yield self.replica, out
+
+        async def check_health(self) -> None:
+            """Ray Serve calls this periodically: a replica whose engine thread stopped is replaced."""
+            if not await self.backend.ready():
+                raise RuntimeError("the engine thread has stopped")
 
         async def check(self, directory: str) -> dict[str, Any]:
             return await self.backend.check(Path(directory))

@@ -28,19 +28,23 @@ class TenantAdapters:
     def __init__(self, registry: AdapterRegistry, backend: Backend, config: ServerConfig) -> None:
         self.registry, self.backend, self.config = registry, backend, config
         self._lock = asyncio.Lock()  # one registration / removal at a time: name checks and commits stay consistent
+        self.unavailable: dict[str, str] = {}  # engine name -> why it failed its checks at start-up
 
     async def restore(self) -> int:
-        """Register every adapter of the on-disk registry with the engine (server start-up)."""
+        """Register every adapter of the on-disk registry with the engine (server start-up), each checked again
+        exactly as an upload is. One that no longer passes (a stricter server, another backbone) does not stop
+        the server for everyone: it stays listed, answers 409 ``adapter_unavailable`` naming why, and can be
+        deleted. -> how many were restored."""
         records = self.registry.open()
         for record in records:
+            directory = self.registry.path(record.tenant, record.name)
             try:
-                await self.backend.add_adapter(record.engine_name, self.registry.path(record.tenant, record.name))
+                await self.backend.check(directory)
+                await self.backend.add_adapter(record.engine_name, directory)
             except APIError as err:
-                raise ValueError(
-                    f"registered adapter {record.engine_name} no longer loads ({err.message}); "
-                    f"start with the backbone it was registered for, or remove {self.registry.path(record.tenant, record.name)}"
-                ) from None
-        return len(records)
+                self.unavailable[record.engine_name] = err.message
+                log.error("registered adapter %s is unavailable: %s", record.qualified_name, err.message)
+        return len(records) - len(self.unavailable)
 
     # ------------------------------------------------------------------------------------------ lookup
 
@@ -56,6 +60,16 @@ class TenantAdapters:
         record = self.registry.get(tenant, name)
         if record is None:
             raise not_found(model)
+        return record
+
+    def usable(self, principal: Principal, model: str) -> Optional[AdapterRecord]:
+        """``resolve``, and 409 for an adapter that failed its checks when the server started."""
+        record = self.resolve(principal, model)
+        if record is not None and record.engine_name in self.unavailable:
+            raise APIError(
+                409, f"adapter {model!r} failed its checks when the server started ({self.unavailable[record.engine_name]}); "
+                "delete it and upload it again", code="adapter_unavailable", param="model",
+            )
         return record
 
     def visible(self, principal: Principal) -> list[AdapterRecord]:
@@ -127,7 +141,8 @@ class TenantAdapters:
             record = self.resolve(principal, ref)
             if record is None:
                 raise APIError(400, "the base model cannot be deleted", param="name")
-            await self.backend.remove_adapter(record.engine_name)
+            if self.unavailable.pop(record.engine_name, None) is None:
+                await self.backend.remove_adapter(record.engine_name)
             self.registry.remove(record.tenant, record.name)
         log.info("removed adapter %s", record.qualified_name)
         return record
