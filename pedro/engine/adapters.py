@@ -135,6 +135,14 @@ class AdapterPlan:
         return VectorWeights({role: tensors[key].reshape(-1).to(dtype) for key, role in self.roles.items()})
 
 
+def _shell(config: PedroConfig, spec: ModelSpec, width: int) -> VectorGenerator:
+    """A VectorGenerator without storage (meta device): its shapes, or a module to load weights into. No random
+    initialisation, so loading on the engine's loader thread never draws from the global RNG that other
+    threads (a user seeding torch and building a model) rely on."""
+    with torch.device("meta"):
+        return VectorGenerator(spec.d_model, config.r, width, config.pooler, config.activation, config.generator_bias)
+
+
 def _pedro_plan(config: PedroConfig, shapes: dict[str, tuple[int, ...]], spec: ModelSpec, model: nn.Module) -> AdapterPlan:
     try:
         sites = plan_sites(config, model)
@@ -144,10 +152,9 @@ def _pedro_plan(config: PedroConfig, shapes: dict[str, tuple[int, ...]], spec: M
     lmap = layer_map(model)
     roles: dict[str, Any] = {}
     expected: dict[tuple[int | None, str], tuple[int, ...]] = {}
-    template = VectorGenerator(spec.d_model, config.r, next(iter(taps.values())), config.pooler, config.activation, config.generator_bias)
-    param_names = set(template.state_dict())
+    param_names = set(_shell(config, spec, next(iter(taps.values()))).state_dict())
     for layer, width in taps.items():
-        gen = VectorGenerator(spec.d_model, config.r, width, config.pooler, config.activation, config.generator_bias)
+        gen = _shell(config, spec, width)
         for name, tensor in gen.state_dict().items():
             expected[(None if config.share_generator else layer, name)] = tuple(tensor.shape)
     marker = "pedro_shared_generator." if config.share_generator else "pedro_generator."
@@ -186,8 +193,9 @@ def _pedro_weights(plan: AdapterPlan, tensors: dict[str, torch.Tensor], spec: Mo
             if config.share_generator and shared is not None:
                 generators[site.layer] = shared
                 continue
-            gen = VectorGenerator(spec.d_model, config.r, site.end, config.pooler, config.activation, config.generator_bias)
-            gen.load_state_dict(by_layer[None if config.share_generator else site.layer])
+            gen = _shell(config, spec, site.end)
+            state = by_layer[None if config.share_generator else site.layer]
+            gen.load_state_dict({k: v.to(torch.get_default_dtype()) for k, v in state.items()}, assign=True)
             generators[site.layer] = shared = gen.eval().requires_grad_(False)
         else:
             path = name.split(f"{lmap.layers}.{site.layer}.", 1)[1]
