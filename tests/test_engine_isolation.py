@@ -66,7 +66,7 @@ def _solo(dirs) -> list[int]:
 def test_extreme_sampling_values_run_and_leave_the_bystander_exact(dirs, sampling):
     solo = _solo(dirs)
     engine = _engine(dirs)
-    hostile = Request([7, 8], sampling=SamplingParams(max_new_tokens=6, **sampling), tenant="alice")
+    hostile = Request([7, 8], sampling=SamplingParams(max_new_tokens=6, ignore_eos=True, **sampling), tenant="alice")
     outs = engine.generate([hostile, _bystander()])
     assert outs[0].error is None and len(outs[0].token_ids) == 6
     assert outs[1].token_ids == solo
