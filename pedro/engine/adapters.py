@@ -24,6 +24,7 @@ from torch import nn
 
 from pedro.backbones import layer_map
 from pedro.config import PedroConfig
+from pedro.engine.adapter_config import AdapterConfigError, check_dtypes, check_served, parse_adapter_config
 from pedro.generator import VectorGenerator
 from pedro.io import CONFIG_NAME, WEIGHTS_NAME, check_adapter_dir
 from pedro.model import plan_sites
@@ -204,16 +205,10 @@ def _pedro_weights(plan: AdapterPlan, tensors: dict[str, torch.Tensor], spec: Mo
 
 
 def _lora_plan(config: peft.LoraConfig, shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> AdapterPlan:
-    unsupported = {
-        "use_dora": bool(getattr(config, "use_dora", False)),
-        "bias": getattr(config, "bias", "none") != "none",
-        "modules_to_save": bool(getattr(config, "modules_to_save", None)),
-        "rank_pattern": bool(getattr(config, "rank_pattern", None)),
-        "alpha_pattern": bool(getattr(config, "alpha_pattern", None)),
-    }
-    bad = [name for name, used in unsupported.items() if used]
-    if bad:
-        raise AdapterError(f"LoRA adapter uses {bad}, which the engine does not serve (plain LoRA on linear modules only)")
+    try:
+        check_served(config)  # the allow-list of LoRA features the engine implements (adapter_config.py)
+    except AdapterConfigError as err:
+        raise AdapterError(str(err)) from None
     roles: dict[str, Any] = {}
     for key, shape in shapes.items():
         part = "lora_A.weight" if key.endswith("lora_A.weight") else "lora_B.weight" if key.endswith("lora_B.weight") else None
@@ -307,16 +302,28 @@ def read_adapter(source: Union[str, Path, nn.Module]) -> tuple[Any, dict[str, tu
         if not (directory / CONFIG_NAME).is_file():
             raise AdapterError(f"{directory} is not an adapter directory (no {CONFIG_NAME})")
         try:
-            peft_type = json.loads((directory / CONFIG_NAME).read_text()).get("peft_type")
-            config = (PedroConfig if peft_type == "PEDRO" else peft.PeftConfig).from_pretrained(str(directory))
-        except (ValueError, TypeError, json.JSONDecodeError) as err:
-            raise AdapterError(f"cannot read the adapter config in {directory}: {err}") from err
+            raw = json.loads((directory / CONFIG_NAME).read_text())
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise AdapterError(f"cannot read the adapter config in {directory}: {err}") from None
+        try:
+            config = parse_adapter_config(raw)
+        except AdapterConfigError as err:
+            raise AdapterError(f"{directory}: {err}") from None
         check_adapter_dir(directory)
         with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            try:
+                check_dtypes((key, s.get_dtype()) for key, s in slices.items())
+            except AdapterConfigError as err:
+                raise AdapterError(str(err)) from None
+            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
         return config, shapes, directory, None
     if isinstance(source, peft.PeftModel):
         name = source.active_adapter
+        try:
+            check_served(source.peft_config[name])
+        except AdapterConfigError as err:
+            raise AdapterError(str(err)) from None
         state = {k: v.detach().to("cpu", copy=True) for k, v in peft.get_peft_model_state_dict(source, adapter_name=name).items()}
         return source.peft_config[name], {k: tuple(v.shape) for k, v in state.items()}, None, state
     raise AdapterError(f"an adapter must be a directory or a peft.PeftModel, got {type(source).__name__}")
