@@ -25,8 +25,8 @@ from pedro.engine import RequestOutput, SamplingParams
 from pedro.server.auth import KeyRing, Principal
 from pedro.server.backend import Backend
 from pedro.server.config import ServerConfig
-from pedro.server.errors import APIError
-from pedro.server.metrics import ServerMetrics
+from pedro.server.errors import APIError, internal_error
+from pedro.server.metrics import CountResponses, ServerMetrics
 from pedro.server.registry import AdapterRecord, AdapterRegistry
 from pedro.server.schemas import (
     AdapterInfo,
@@ -49,7 +49,7 @@ from pedro.server.schemas import (
     now,
 )
 from pedro.server.tenancy import TenantAdapters
-from pedro.server.uploads import receive_upload
+from pedro.server.uploads import BodyLimit, receive_upload
 
 log = logging.getLogger("pedro.server")
 T = TypeVar("T")
@@ -119,7 +119,19 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, err: HTTPException) -> JSONResponse:
-        return await _api_error(_, APIError(err.status_code, str(err.detail)))
+        return await _api_error(_, APIError(err.status_code, str(err.detail), headers=err.headers))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception) -> JSONResponse:
+        """Anything not turned into an APIError is a bug: logged with its traceback, answered with a generic
+        OpenAI-style 500 that names nothing internal."""
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=err)
+        return internal_error().response()
+
+    # Request bodies are capped before anything parses them (adapter uploads have their own limit), and every
+    # response is counted by status (pedro_http_responses_total), 5xx included: CountResponses is outermost.
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes, on_refuse=lambda: metrics.rejections.labels("413").inc())
+    app.add_middleware(CountResponses, counter=metrics.responses, routes=lambda: app.routes)
 
     # ---------------------------------------------------------------------------------------- auth
 

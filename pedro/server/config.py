@@ -66,6 +66,9 @@ class ServerConfig(BaseModel):
         "(default: half of max_batch + max_queued, so one tenant can never take all the room).",
     )
     max_upload_bytes: int = Field(64 * 2**20, ge=1, description="Largest adapter upload (413 above).")
+    max_request_bytes: int = Field(
+        2**20, ge=1, description="Largest request body other than an adapter upload (413 above, before it is parsed)."
+    )
     max_adapters_per_tenant: int = Field(256, ge=1, description="Registered adapters per tenant (429 above).")
     ray: RayConfig = Field(default_factory=RayConfig)
 

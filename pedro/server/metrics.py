@@ -1,4 +1,6 @@
-"""Prometheus metrics of one server: queue length, running requests, tokens/s, per-adapter request counts.
+"""Prometheus metrics of one server: queue length, running requests, tokens/s, per-adapter request counts, and
+every HTTP response by status code (CountResponses, an ASGI middleware, so 5xx and refusals made before routing
+are counted too).
 
 Each app gets its own CollectorRegistry (not prometheus_client's global one) so several servers can live in
 one process (tests, the Ray replicas) without "duplicated timeseries" errors. Gauges that mirror engine state
@@ -9,9 +11,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 TOKENS_PER_SECOND_WINDOW_S = 10.0
 
@@ -24,6 +28,10 @@ class ServerMetrics:
             ["tenant", "model", "endpoint", "outcome"], registry=self.registry,
         )
         self.rejections = Counter("pedro_rejections", "Requests refused before generation, by HTTP status.", ["status"], registry=self.registry)
+        self.responses = Counter(
+            "pedro_http_responses", "HTTP responses by status code and route template (never the raw path).",
+            ["status", "route"], registry=self.registry,
+        )
         self.prompt_tokens = Counter("pedro_prompt_tokens", "Prompt tokens of served requests.", registry=self.registry)
         self.generated_tokens = Counter("pedro_generated_tokens", "Tokens generated.", registry=self.registry)
         self.ttft = Histogram(
@@ -52,3 +60,53 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+UNMATCHED = "unmatched"
+
+
+def route_template(scope: Scope, routes: Iterable) -> str:
+    """The route's path template (``/v1/adapters/{name}``) for a request, never its raw path (raw paths carry
+    adapter names): the route the router picked, else the one that would match (a request refused before
+    routing), else ``unmatched``."""
+    route = scope.get("route")
+    if route is None:
+        for candidate in routes:
+            try:
+                match, _ = candidate.matches(scope)
+            except Exception:  # a route that cannot judge this scope does not match it
+                continue
+            if match != Match.NONE:
+                route = candidate
+                break
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
+class CountResponses:
+    """ASGI middleware: counts every HTTP response in ``counter`` by status and route template. An exception
+    that escapes the app before a response started is counted as the 500 the server then sends."""
+
+    def __init__(self, app: ASGIApp, counter: Counter, routes: Callable[[], Iterable]) -> None:
+        self.app, self.counter, self.routes = app, counter, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start" and not status:
+                status.append(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception:
+            if not status:
+                status.append(500)
+            raise
+        finally:
+            if status:
+                self.counter.labels(str(status[0]), route_template(scope, self.routes())).inc()

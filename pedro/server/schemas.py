@@ -1,9 +1,12 @@
 """Pydantic models of the OpenAI wire format this server speaks (requests, responses, stream chunks, errors).
 
 Requests are parsed strictly (``"5"`` is not a number) so a client bug shows up as a 400 naming the field, not
-as a silently coerced value. Fields this server does not know are ignored, as OpenAI-compatible servers
-commonly do, so newer clients that send extra options keep working; options that would change the *meaning* of
-the answer and that we cannot honour (logprobs, echo, tools, ...) are refused instead of silently dropped.
+as a silently coerced value. Every number is bounded (a seed beyond 64 bits, a ``top_k`` of 10**30, ...) and
+non-finite floats (the ``NaN`` / ``Infinity`` tokens Python's json module writes) are refused, so nothing a
+client sends can overflow later in the engine. Fields this server does not know are ignored, as
+OpenAI-compatible servers commonly do, so newer clients that send extra options keep working; options that
+would change the *meaning* of the answer and that we cannot honour (logprobs, echo, tools, ...) are refused
+instead of silently dropped.
 """
 
 from __future__ import annotations
@@ -15,22 +18,31 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias")
+MAX_INT32 = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # signed 64-bit: what torch.Generator.manual_seed (the engine) takes
+STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+
+    include_usage: bool = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = STRICT
 
     model: str = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1, le=MAX_INT32, description="The server's max_tokens limit also applies.")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="Extension: 0 = off.")
+    top_k: int = Field(0, ge=0, le=MAX_INT32, description="Extension: 0 = off; beyond the vocabulary = off.")
     ignore_eos: bool = Field(False, description="Extension (as in vLLM): generate exactly max_tokens; for benchmarks.")
     stop: Optional[Union[str, list[str]]] = Field(None, validate_default=True)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = 1
     stream: bool = False
-    stream_options: Optional[dict[str, Any]] = None
+    stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
 
     @model_validator(mode="before")
@@ -59,7 +71,7 @@ class _Request(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_Request):
@@ -69,14 +81,14 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = STRICT
 
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart]]
@@ -90,7 +102,7 @@ class ChatCompletionRequest(_Request):
     """``POST /v1/chat/completions``: messages, formatted with the backbone's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_INT32)
 
     @model_validator(mode="after")
     def _alias(self) -> "ChatCompletionRequest":

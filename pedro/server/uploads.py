@@ -1,19 +1,22 @@
-"""Receiving an adapter upload (multipart/form-data) into a staging directory, within a byte budget.
+"""Request bodies within byte budgets: adapter uploads (multipart/form-data) into a staging directory, and
+every other body (JSON) through the BodyLimit middleware.
 
-The body is counted as it arrives and the upload is cut off with 413 the moment it passes the limit, so an
-oversized or endless upload costs at most ``max_bytes`` of disk and never reaches the store. Only the two PEFT
-file names are accepted as file parts; anything else (a pickle ``adapter_model.bin``, ``../x``) is refused by
-name before its content is looked at.
+An upload is counted as it arrives and cut off with 413 the moment it passes ``max_upload_bytes``, so an
+oversized or endless upload costs at most that much disk and never reaches the store. Only the two PEFT file
+names are accepted as file parts; anything else (a pickle ``adapter_model.bin``, ``../x``) is refused by name
+before its content is looked at. Any other request body is held to ``max_request_bytes`` before the app reads
+it, so no JSON parser ever sees an oversized body.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Optional
 
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pedro.server.errors import APIError
 from pedro.server.validate import ADAPTER_FILES
@@ -66,3 +69,64 @@ async def receive_upload(request: Request, staging: Path, max_bytes: int) -> dic
     if missing:
         raise APIError(400, f"the upload lacks {missing}", param="files")
     return fields
+
+
+# ------------------------------------------------------------------------------------------------ other bodies
+
+
+def _header(scope: Scope, name: bytes) -> Optional[str]:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def is_adapter_upload(scope: Scope) -> bool:
+    """POST /v1/adapters as multipart/form-data: receive_upload applies ``max_upload_bytes`` to it instead."""
+    content_type = (_header(scope, b"content-type") or "").lower()
+    return scope.get("method") == "POST" and scope.get("path") == "/v1/adapters" and content_type.startswith("multipart/form-data")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 (``code: request_too_large``) before the app
+    reads any of it -- from ``Content-Length`` when the client sends one, otherwise by counting the body as it
+    arrives (chunked transfer). A body within the limit is handed to the app unchanged. Requests for which
+    ``exempt(scope)`` holds pass through untouched. ``on_refuse()`` is called for every 413 (metrics)."""
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, exempt: Callable[[Scope], bool] = is_adapter_upload, on_refuse: Callable[[], None] = lambda: None
+    ) -> None:
+        self.app, self.max_bytes, self.exempt, self.on_refuse = app, max_bytes, exempt, on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.exempt(scope):
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send, f"the request body is {int(declared)} bytes; the limit is {self.max_bytes}")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect: the client is gone, nobody to answer
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, f"the request body is larger than the limit of {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, message: str) -> None:
+        self.on_refuse()
+        error = APIError(413, message, code="request_too_large", headers={"Connection": "close"})
+        await error.response()(scope, receive, send)

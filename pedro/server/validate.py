@@ -1,11 +1,12 @@
 """Checks an adapter directory completely before the server stores or serves it.
 
 An uploaded adapter is untrusted input. Before it is moved into the store it must be: exactly the two PEFT files
-(safetensors, never a pickle), a JSON config of a kind the engine serves that PEFT / PedroConfig parse without
-complaint, a safetensors file that opens, holds every tensor its header promises (not truncated) with finite
-floating-point values, and tensors whose names and shapes fit the loaded backbone (the engine's own planner
-decides that -- Engine.check_adapter, a dry run of add_adapter -- so the server can never accept an adapter the
-engine would refuse later).
+(safetensors, never a pickle); a JSON config that ``pedro.engine.adapter_config`` accepts (peft_type PEDRO /
+LORA / IA3, parsed by PEFT's / PedroConfig's own classes, no unknown field, only features the engine serves);
+a safetensors file whose header lists only float32 / float16 / bfloat16 / float64 tensors (checked before any
+value is read), that holds every tensor its header promises (not truncated) with finite values; and tensors
+whose names and shapes fit the loaded backbone (the engine's own planner decides that -- Engine.check_adapter,
+a dry run of add_adapter -- so the server can never accept an adapter the engine would refuse later).
 """
 
 from __future__ import annotations
@@ -15,19 +16,44 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from pedro.engine import AdapterError
+from pedro.engine.adapter_config import CLASSES, SERVED_DTYPES, AdapterConfigError, check_dtypes, parse_adapter_config
 from pedro.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
-SERVED_TYPES = ("PEDRO", "LORA", "IA3")
+SERVED_TYPES = tuple(CLASSES)
 MAX_CONFIG_BYTES = 64 * 1024
+_TORCH_DTYPES = tuple(getattr(torch, name) for name in SERVED_DTYPES.values())
 
 
 class InvalidAdapter(ValueError):
     """The adapter is refused; the message says which check failed."""
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON: nested too deeply") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{CONFIG_NAME} must be a JSON object")
+    return config
+
+
+def _check_header(path: Path) -> None:
+    """Every tensor's dtype from the safetensors header, before any tensor value is read."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            check_dtypes((key, handle.get_slice(key).get_dtype()) for key in handle.keys())
+    except SafetensorError as err:
+        raise InvalidAdapter(f"{WEIGHTS_NAME} is not a valid safetensors file (corrupt or truncated): {err}") from None
 
 
 def check_adapter(directory: Path, fits: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
@@ -36,28 +62,25 @@ def check_adapter(directory: Path, fits: Callable[[Path], dict[str, Any]]) -> di
     present = sorted(p.name for p in directory.iterdir())
     if present != sorted(ADAPTER_FILES):
         raise InvalidAdapter(f"an adapter is exactly {list(ADAPTER_FILES)}; got {present}")
-    config_path = directory / CONFIG_NAME
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise InvalidAdapter(f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        config = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise InvalidAdapter(f"{CONFIG_NAME} must be a JSON object")
-    if config.get("peft_type") not in SERVED_TYPES:
-        raise InvalidAdapter(f"{CONFIG_NAME} peft_type must be one of {list(SERVED_TYPES)}, got {config.get('peft_type')!r}")
-    try:
-        fit = fits(directory)
+        parse_adapter_config(_read_config(directory / CONFIG_NAME))
+        _check_header(directory / WEIGHTS_NAME)
         tensors = load_file(str(directory / WEIGHTS_NAME))
-    except (AdapterError, AdapterFileError, SafetensorError) as err:
+    except (AdapterConfigError, AdapterFileError) as err:
         raise InvalidAdapter(str(err)) from None
-    except (TypeError, ValueError, KeyError) as err:  # PEFT / PedroConfig refusing a field of the config
-        raise InvalidAdapter(f"{CONFIG_NAME} is not a valid {config['peft_type']} config: {err}") from None
+    except SafetensorError as err:
+        raise InvalidAdapter(f"{WEIGHTS_NAME} is not a valid safetensors file (corrupt or truncated): {err}") from None
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            raise InvalidAdapter(f"adapter tensor {key} has dtype {tensor.dtype}; adapters hold floating-point weights")
+        if tensor.dtype not in _TORCH_DTYPES:  # the header said otherwise: never trust one check alone
+            raise InvalidAdapter(f"adapter tensor {key} has dtype {tensor.dtype}; adapters hold {', '.join(SERVED_DTYPES.values())} weights")
         if not torch.isfinite(tensor).all():
             raise InvalidAdapter(f"adapter tensor {key} holds NaN or infinite values")
+    try:
+        fit = fits(directory)  # the engine's planner: names and shapes against the backbone, and loading the weights
+    except (AdapterError, AdapterFileError, SafetensorError) as err:
+        raise InvalidAdapter(str(err)) from None
+    except (TypeError, ValueError, KeyError, RuntimeError, OverflowError, MemoryError) as err:
+        raise InvalidAdapter(f"the engine cannot load this adapter: {err}") from None
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     return {**fit, "bytes": size}
+
