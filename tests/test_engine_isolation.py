@@ -61,7 +61,8 @@ def _solo(dirs) -> list[int]:
 
 @pytest.mark.parametrize("sampling", [
     dict(temperature=1e-300), dict(temperature=5e-324), dict(temperature=1e-6), dict(temperature=1e308),
-    dict(top_k=2**63), dict(top_p=1e-300), dict(seed=2**63 - 1), dict(seed=-(2**63)),
+    dict(top_k=2**63), dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, top_p=5e-324),
+    dict(temperature=1.0, seed=2**63 - 1), dict(temperature=1.0, seed=-(2**63)),
 ])
 def test_extreme_sampling_values_run_and_leave_the_bystander_exact(dirs, sampling):
     solo = _solo(dirs)

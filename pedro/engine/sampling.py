@@ -24,8 +24,10 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     k = torch.where(top_k > 0, top_k, logits.shape[-1])
     drop = ranks[None, :] >= k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    # keep the smallest prefix whose mass reaches top_p; the first token always stays (a top_p that rounds to
+    # 0 in float32, such as 1e-300, would otherwise drop every token)
     drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits).log_softmax(-1)
 
