@@ -121,6 +121,8 @@ def serve(
     max_tokens: Optional[int] = typer.Option(None, help="Largest max_tokens a request may ask for."),
     max_queued: Optional[int] = typer.Option(None, help="Waiting requests beyond max_batch; more get 429."),
     max_upload_bytes: Optional[int] = typer.Option(None, help="Largest adapter upload (413 above)."),
+    max_request_bytes: Optional[int] = typer.Option(None, help="Largest request body other than an upload (413 above)."),
+    max_requests_per_tenant: Optional[int] = typer.Option(None, help="Running + waiting requests per tenant (429 above)."),
     ray: bool = typer.Option(False, "--ray", help="Scale out as a Ray Serve application (needs pedro-peft[ray])."),
     replicas: Optional[int] = typer.Option(None, help="Ray: engine replicas."),
     min_replicas: Optional[int] = typer.Option(None, help="Ray: autoscaling lower bound."),
@@ -134,7 +136,8 @@ def serve(
         config, backbone=backbone, model_name=model_name, adapters_dir=adapters_dir, keys_file=keys_file,
         host=host, port=port, max_batch=max_batch, max_seq_len=max_seq_len, adapter_capacity=adapter_capacity,
         dtype=dtype, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queued=max_queued,
-        max_upload_bytes=max_upload_bytes, ray_replicas=replicas, ray_min_replicas=min_replicas,
+        max_upload_bytes=max_upload_bytes, max_request_bytes=max_request_bytes,
+        max_requests_per_tenant=max_requests_per_tenant, ray_replicas=replicas, ray_min_replicas=min_replicas,
         ray_max_replicas=max_replicas, ray_address=ray_address,
     )
     if ray:
