@@ -14,9 +14,11 @@ from pedro.engine.request import (
     RequestError,
     RequestOutput,
     SamplingParams,
+    TokenLogprob,
 )
 
 __all__ = [
     "ADAPTER_LOAD_FAILED", "ENGINE_FAILURE", "NUMERIC_OVERFLOW", "REQUEST_FAILED", "AdapterError", "AsyncEngine",
     "Engine", "EngineDead", "PromptTooLong", "QueueFull", "Request", "RequestError", "RequestOutput", "SamplingParams",
+    "TokenLogprob",
 ]

@@ -42,7 +42,7 @@ from pedro.engine.request import (
 )
 from pedro.engine.rows import RowAdapters
 from pedro.engine.runner import ModelRunner, PrefillBatch, check_supported
-from pedro.engine.sampling import sample
+from pedro.engine.sampling import sample, token_logprobs
 from pedro.engine.scheduler import Scheduler, Sequence
 from pedro.model import plan_sites
 
@@ -247,6 +247,9 @@ class Engine:
                 raise RequestError(str(err)) from None
         if request.sampling.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer")
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t, _ in request.sampling.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
         if self.max_per_tenant is not None and self._per_tenant[request.tenant] >= self.max_per_tenant:
             raise QueueFull(f"this tenant already has {self.max_per_tenant} requests running or waiting (its limit); retry shortly")
         free_rows = self.max_batch - self.num_running  # requests the next step can admit are not queued
@@ -376,7 +379,13 @@ class Engine:
             self.rows.move(moved, slot)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        tokens = sample(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
+        params = [s.request.sampling for s in seqs]
+        tokens = sample(logits, params, [s.generator for s in seqs], [(s.prompt_ids, s.output_ids) for s in seqs])
+        wanted = [i for i, (p, t) in enumerate(zip(params, tokens)) if p.logprobs is not None and t is not None]
+        if wanted:
+            chosen = token_logprobs(logits[wanted], [tokens[i] for i in wanted], [params[i].logprobs for i in wanted])
+            for i, logprob in zip(wanted, chosen):
+                seqs[i].logprobs.append(logprob)
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens):
             if token is None:
@@ -443,6 +452,7 @@ class Engine:
             error=seq.error,
             error_code=seq.error_code,
             metrics=metrics,
+            logprobs=list(seq.logprobs) if seq.request.sampling.logprobs is not None else None,
         )
 
     # ------------------------------------------------------------------------------------------ offline

@@ -48,9 +48,25 @@ def _refuse(name: str, allowed: str, got: Any) -> None:
     raise RequestError(f"SamplingParams.{name} must be {allowed}, got {got!r}")
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. ``temperature`` 0 (or below 1e-5) is greedy (top_k / top_p are then ignored)."""
+    """How to pick each next token. ``temperature`` 0 (or below 1e-5) is greedy (top_k / top_p are then ignored).
+
+    Logit adjustments, in this order, before temperature: ``logit_bias`` (token id -> added value, as OpenAI),
+    ``repetition_penalty`` (vLLM / transformers semantics: every token of the prompt and output so far has its
+    logit divided by it when positive, multiplied when negative; 1 = off), ``frequency_penalty`` and
+    ``presence_penalty`` (OpenAI semantics over the generated tokens: ``count * frequency + (count > 0) *
+    presence`` is subtracted). ``logprobs``: None = off; k >= 0 = report each chosen token's log-probability
+    and the k most likely alternatives, under the model's own distribution (log-softmax of the raw logits,
+    before any adjustment: what vLLM reports by default).
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -59,6 +75,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -82,6 +103,27 @@ class SamplingParams:
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
         ):
             _refuse("seed", "None or a signed 64-bit integer", self.seed)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                _refuse(name, "a number in [-2, 2]", getattr(self, name))
+        if not _number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
+            _refuse("repetition_penalty", "a number in (0, 100] (1 = off)", self.repetition_penalty)
+        bias = tuple(sorted((self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias) or ()))
+        if any(
+            len(pair) != 2 or isinstance(pair[0], bool) or not isinstance(pair[0], int) or pair[0] < 0
+            or not _number(pair[1]) or not -100 <= pair[1] <= 100
+            for pair in bias
+        ):
+            _refuse("logit_bias", "a mapping of token ids >= 0 to numbers in [-100, 100]", self.logit_bias)
+        object.__setattr__(self, "logit_bias", bias)
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            _refuse("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -109,6 +151,16 @@ class Request:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the ``SamplingParams.logprobs`` most likely alternatives
+    (token id, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class RequestOutput:
     """The state of one request after an engine step.
@@ -117,7 +169,8 @@ class RequestOutput:
     step added (text is held back while it could still turn into a stop string). ``finish_reason`` is
     ``"stop"`` (EOS or a stop string), ``"length"``, ``"abort"`` or ``"error"`` (then ``error`` says why and
     ``error_code`` is one of ADAPTER_LOAD_FAILED, NUMERIC_OVERFLOW, REQUEST_FAILED, ENGINE_FAILURE). ``metrics``:
-    ``ttft_s``, ``latency_s`` and ``queued_steps`` (engine steps between queueing and admission).
+    ``ttft_s``, ``latency_s`` and ``queued_steps`` (engine steps between queueing and admission). ``logprobs``:
+    one TokenLogprob per token of ``token_ids`` when the request asked for them, else None.
     """
 
     request_id: str
@@ -132,3 +185,4 @@ class RequestOutput:
     error: Optional[str] = None
     error_code: Optional[str] = None
     metrics: dict[str, float] = field(default_factory=dict)
+    logprobs: Optional[list[TokenLogprob]] = None

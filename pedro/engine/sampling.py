@@ -4,6 +4,9 @@ Greedy rows take one batched argmax. Sampled rows get temperature / top-k / top-
 ops; only the final draw loops over rows, because each request owns its torch.Generator (so a seeded request
 gives the same tokens whatever else is in the batch).
 
+Logit adjustments (logit_bias, repetition / frequency / presence penalties) run only for the rows that ask for
+them, one small loop over those rows, on a float32 copy; a batch without them pays nothing.
+
 A row whose logits are not finite (an adapter whose weights overflow) gets no token: the engine fails that
 request alone. Hostile values cannot reach a kernel: temperatures below GREEDY_BELOW are greedy (SamplingParams)
 and a top_k beyond the vocabulary is "off".
@@ -13,7 +16,27 @@ from __future__ import annotations
 
 import torch
 
-from pedro.engine.request import SamplingParams
+from pedro.engine.request import SamplingParams, TokenLogprob
+
+History = tuple[list[int], list[int]]  # a row's (prompt ids, generated ids)
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, history: History) -> torch.Tensor:
+    """One row's logits (V,) float32 -> a new tensor with its logit_bias and penalties applied."""
+    logits = logits.clone()
+    vocab = logits.shape[0]
+    prompt, output = history
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias if t < vocab], dtype=torch.long)
+        logits[ids] += torch.tensor([b for t, b in params.logit_bias if t < vocab], dtype=logits.dtype)
+    if params.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(logits.dtype)
+        logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
+    return logits
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -32,9 +55,16 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits).log_softmax(-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int | None]:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator], histories: list[History]
+) -> list[int | None]:
     """One next token per row of ``logits`` (N, V); None for a row whose logits are not all finite."""
     finite = torch.isfinite(logits).all(-1).tolist()
+    adjusted = [i for i, p in enumerate(params) if p.adjusts_logits and finite[i]]
+    if adjusted:
+        logits = logits.float().clone()
+        for i in adjusted:
+            logits[i] = adjust_logits(logits[i], params[i], histories[i])
     tokens: list[int | None] = [t if ok else None for t, ok in zip(logits.argmax(-1).tolist(), finite)]
     sampled = [i for i, p in enumerate(params) if not p.greedy and finite[i]]
     if sampled:
@@ -50,3 +80,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         for j, i in enumerate(sampled):
             tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i])[0])
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: list[int]) -> list[TokenLogprob]:
+    """Each row's chosen token's log-probability under the raw logits (N, V), and its k[row] most likely
+    alternatives."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    top_values, top_ids = logprobs.topk(max(max(k), 1), dim=-1)
+    return [
+        TokenLogprob(token, value, tuple(zip(top_ids[i, : k[i]].tolist(), top_values[i, : k[i]].tolist())))
+        for i, (token, value) in enumerate(zip(tokens, chosen))
+    ]

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from pedro.engine.adapters import AdapterStore, Registered
-from pedro.engine.request import Request
+from pedro.engine.request import Request, TokenLogprob
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Sequence:
     entry: Registered | None = None
     slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for
     text: str = ""
     emitted_tokens: int = 0
     emitted_chars: int = 0
