@@ -85,7 +85,8 @@ class LoraWeights:
 
 @dataclass
 class VectorWeights:
-    """(IA)3: per (layer, side, module) a vector multiplying that module's output (side "out") or input ("in")."""
+    """(IA)3: per (layer, side, module) the vector z = l - 1 of the learned l that multiplies that module's output
+    (side "out") or input ("in"): the engine applies every per-row scale as x + x * z (rows.py)."""
 
     vectors: dict[tuple[int, str, str], torch.Tensor]
 
@@ -133,7 +134,9 @@ class AdapterPlan:
             return _pedro_weights(self, tensors, spec, model)
         if self.kind == "lora":
             return _lora_weights(self, tensors, dtype)
-        return VectorWeights({role: tensors[key].reshape(-1).to(dtype) for key, role in self.roles.items()})
+        # l - 1 in fp32, then cast: exact for l in [0.5, 2], where casting l itself to bf16 would round it to
+        # steps of 2^-7 above 1
+        return VectorWeights({role: (tensors[key].reshape(-1).float() - 1.0).to(dtype) for key, role in self.roles.items()})
 
 
 def _shell(config: PedroConfig, spec: ModelSpec, width: int) -> VectorGenerator:

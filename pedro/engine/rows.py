@@ -3,10 +3,12 @@
 Two mechanisms cover every adapter kind:
 
 * **Per-row vectors** (PEDRO and (IA)3): for each scaled point -- a module's output ("out") or input ("in") --
-  a tensor ``(layers, slots, width)`` holding each row's multiplier (1 where a row has nothing there). A
-  decoding step applies it as one element-wise multiply by ``scales[layer, :B]`` per point per layer: the
-  row's slot *is* its index, so the gather is a free slice. PEDRO's rows get their vectors at prefill from
-  their own adapter's generators; (IA)3 rows get their learned vectors copied in at admission.
+  a tensor ``(layers, slots, width)`` holding each row's z, the scale being 1 + z (0 where a row has nothing
+  there). A decoding step applies it as one fused ``x + x * z`` (pedro.layer.apply_scale) by
+  ``scales[layer, :B]`` per point per layer: the row's slot *is* its index, so the gather is a free slice.
+  Storing z rather than 1 + z keeps a small z exact in bf16 (1 + z in bf16 moves in steps of 2^-7). PEDRO's
+  rows get their vectors at prefill from their own adapter's generators; (IA)3 rows get their learned vectors
+  l as z = l - 1 (computed in fp32, exact for l in [0.5, 2]) at admission.
 * **BGMV LoRA**: A and B of every resident LoRA adapter stacked per module, ``(layers, capacity+1, r, d_in)``
   and ``(layers, capacity+1, d_out, r)`` (index 0 is all zeros: rows without LoRA), and one index per row.
   A step gathers each row's A/B by that index and runs two batched matmuls per adapted module.
@@ -65,7 +67,7 @@ class RowAdapters:
         if point not in self.scales:
             d_in, d_out = self.spec.shapes[point[1]]
             width = d_out if point[0] == "out" else d_in
-            self.scales[point] = torch.ones(self.spec.n_layers, self.slots, width, dtype=self.dtype)
+            self.scales[point] = torch.zeros(self.spec.n_layers, self.slots, width, dtype=self.dtype)
         return self.scales[point]
 
     # ------------------------------------------------------------------ rows joining / leaving / moving
@@ -84,14 +86,14 @@ class RowAdapters:
         self.lora_index[slot] = entry.slot if self._lora_modules(entry) else 0
 
     def write_pedro(self, layer: int, slots: torch.Tensor, z: torch.Tensor, slices: list[tuple[str, int, int]]) -> None:
-        """Store the prefill's generator outputs z (R, D) of rows ``slots`` (R,) as their multipliers 1 + z."""
+        """Store the prefill's generator outputs z (R, D) of rows ``slots`` (R,) (their scales are 1 + z)."""
         for module, start, end in slices:
-            self.scales[("out", module)][layer, slots] = (1.0 + z[:, start:end]).to(self.dtype)
+            self.scales[("out", module)][layer, slots] = z[:, start:end].to(self.dtype)
 
     def release(self, slot: int) -> None:
         entry = self.row_entry[slot]
         for point in self._points(entry):
-            self.scales[point][:, slot] = 1.0
+            self.scales[point][:, slot] = 0.0
             self.point_users[point] -= 1
         for module in self._lora_modules(entry):
             self.lora_users[module] -= 1
@@ -103,10 +105,15 @@ class RowAdapters:
         entry = self.row_entry[src]
         for point in self._points(entry):
             self.scales[point][:, dst] = self.scales[point][:, src]
-            self.scales[point][:, src] = 1.0
+            self.scales[point][:, src] = 0.0
         self.lora_index[dst] = self.lora_index[src]
         self.lora_index[src] = 0
         self.row_entry[dst], self.row_entry[src] = entry, None
+
+    def copy_vectors(self, src: int, dst: int) -> None:
+        """Row ``dst`` (same adapter, same prompt) takes row ``src``'s per-row vectors, computed at its prefill."""
+        for point in self._points(self.row_entry[src]):
+            self.scales[point][:, dst] = self.scales[point][:, src]
 
     # ------------------------------------------------------------------ LoRA stacks
 
