@@ -138,12 +138,20 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(value: str | torch.dtype) -> torch.dtype:
-    """A dtype from its name, or ``"auto"``: bfloat16 on a GPU or a CPU with native bf16 matmuls, else float32."""
+def resolve_dtype(value: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype from its name, or ``"auto"``, decided by ``device``, the device the model will run on: on the CPU
+    (where ``load_backbone`` puts a model and the engine runs) bfloat16 when the CPU has native bf16 matmuls, on
+    a CUDA device bfloat16 when it supports it, else float32. A GPU in the machine does not make a model that
+    runs on the CPU bf16 (emulated bf16 matmuls are slower than fp32)."""
     if isinstance(value, torch.dtype):
         return value
     if value == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() or _cpu_has_native_bf16() else torch.float32
+        kind = torch.device(device).type
+        if kind == "cpu":
+            native = _cpu_has_native_bf16()
+        else:
+            native = kind == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
     if value not in DTYPES:
         raise ValueError(f"unknown dtype {value!r}; use one of {['auto', *DTYPES]}")
     return DTYPES[value]
@@ -152,8 +160,8 @@ def resolve_dtype(value: str | torch.dtype) -> torch.dtype:
 def load_backbone(
     name_or_path: str = DEFAULT_BACKBONE, dtype: str | torch.dtype = torch.float32, quiet: bool = False
 ) -> tuple[nn.Module, object]:
-    """Load a causal LM and its tokenizer offline. GGUF weights are dequantised to ``dtype`` (a torch dtype,
-    its name, or "auto", see resolve_dtype).
+    """Load a causal LM and its tokenizer offline, on the CPU. GGUF weights are dequantised to ``dtype`` (a torch
+    dtype, its name, or "auto": resolve_dtype for the CPU).
 
     The tokenizer pads on the left (what batched generation needs) and always has a pad token.
     """

@@ -97,6 +97,22 @@ def test_dtype_names_and_the_loaded_model_is_never_cast_in_place():
     assert next(model.parameters()).dtype is torch.float32
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+@pytest.mark.parametrize("native_cpu_bf16", [False, True])
+def test_auto_dtype_follows_the_device_the_model_runs_on(monkeypatch, tiny_llama_dir, cuda, native_cpu_bf16):
+    """"auto" is bf16 on the CPU only when the CPU has native bf16 matmuls, whatever GPU the machine has: the
+    engine runs on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(pedro.backbones, "_cpu_has_native_bf16", lambda: native_cpu_bf16)
+    cpu = torch.bfloat16 if native_cpu_bf16 else torch.float32
+    assert resolve_dtype("auto") is cpu and resolve_dtype("auto", "cpu") is cpu
+    assert resolve_dtype("auto", "cuda") is (torch.bfloat16 if cuda else torch.float32)
+    assert resolve_dtype("auto", "cuda:0") is resolve_dtype("auto", torch.device("cuda")) is resolve_dtype("auto", "cuda")
+    engine = Engine(str(tiny_llama_dir), max_batch=1, max_seq_len=8, dtype="auto")
+    assert engine.dtype is cpu and next(engine.model.parameters()).device.type == "cpu"
+
+
 def test_bfloat16_engine_follows_transformers_bf16_forward(tmp_path):
     """bf16 is not bit-exact across kernels, so instead of token identity: every token the bf16 engine picks
     (PEDRO, LoRA and bare rows in one batch) is, under transformers' bf16 forward of the same PEFT model over
