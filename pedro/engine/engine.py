@@ -14,6 +14,7 @@ caller (AsyncEngine) fails every request the engine holds and calls ``reset()``.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter, deque
@@ -39,6 +40,7 @@ from pedro.engine.request import (
     RequestError,
     RequestOutput,
     SamplingParams,
+    TokenLogprob,
 )
 from pedro.engine.rows import RowAdapters
 from pedro.engine.runner import ModelRunner, PrefillBatch, check_supported
@@ -51,6 +53,7 @@ from pedro.model import plan_sites
 # averages anywhere near 32 characters per token on real text.
 MAX_CHARS_PER_TOKEN = 32
 STATS_WINDOW = 4096  # steps kept in Engine.stats
+LOGPROB_CONTEXT = 6  # tokens of context a logprob's token text is decoded after
 
 
 def _is_messages(prompt: Any) -> bool:
@@ -338,8 +341,8 @@ class Engine:
             start = time.perf_counter()
             for seq in admitted:
                 self.rows.assign(seq.slot, seq.entry)
-            self._prefill(admitted)
-            self.stats["prefill"].append((sum(len(s.prompt_ids) for s in admitted), time.perf_counter() - start))
+            prefilled = self._prefill(admitted)
+            self.stats["prefill"].append((prefilled, time.perf_counter() - start))
             progressed += admitted
         outputs = [self._output(seq) for seq in progressed + failed]
         for seq in progressed + failed:
@@ -351,20 +354,42 @@ class Engine:
             wait(list(self._loading.values()), timeout=0.05, return_when=FIRST_COMPLETED)
         return outputs
 
-    def _prefill(self, admitted: list[Sequence]) -> None:
-        """Prefill the admitted rows together; if that raises, once more one by one, so that only a request
-        that fails on its own is failed (its adapter's generator, say)."""
-        groups = [admitted] if len(admitted) == 1 else [admitted, *([seq] for seq in admitted)]
-        for group in groups:
-            try:
-                logits = self.runner.prefill(PrefillBatch([s.slot for s in group], [s.prompt_ids for s in group]))
-            except Exception as err:  # attributed to the request when it fails alone
-                if len(group) == 1:
-                    group[0].finish("error", f"the request failed at prefill: {err}", REQUEST_FAILED)
-                continue
-            self._accept(group, logits)
-            if group is admitted:
-                return
+    def _prefill(self, admitted: list[Sequence]) -> int:
+        """Prefill the admitted rows. Rows with the same prompt and adapter (``n`` samples of one prompt) are
+        prefilled once: the others copy its cache slot and vectors, then sample from the same logits with their
+        own generators. -> the prompt tokens that ran through the model."""
+        firsts: dict[tuple, Sequence] = {}
+        copies: list[tuple[Sequence, Sequence]] = []
+        for seq in admitted:
+            key = (seq.request.adapter, tuple(seq.prompt_ids))
+            if key in firsts:
+                copies.append((seq, firsts[key]))
+            else:
+                firsts[key] = seq
+        logits = self._prefill_isolated(list(firsts.values()))
+        for seq, source in copies:
+            if id(source) in logits:
+                self.cache.copy(source.slot, seq.slot)
+                self.rows.copy_vectors(source.slot, seq.slot)
+                logits[id(seq)] = logits[id(source)]
+            else:
+                seq.finish("error", source.error, source.error_code)
+        done = [seq for seq in admitted if id(seq) in logits]
+        if done:
+            self._accept(done, torch.stack([logits[id(seq)] for seq in done]))
+        return sum(len(seq.prompt_ids) for seq in firsts.values())
+
+    def _prefill_isolated(self, seqs: list[Sequence]) -> dict[int, torch.Tensor]:
+        """Prefill ``seqs`` together; if that raises, once more one by one, so that only a request that fails
+        on its own is failed (its adapter's generator, say). -> next-token logits by id(seq)."""
+        try:
+            logits = self.runner.prefill(PrefillBatch([s.slot for s in seqs], [s.prompt_ids for s in seqs]))
+        except Exception as err:  # attributed to the request when it fails alone
+            if len(seqs) == 1:
+                seqs[0].finish("error", f"the request failed at prefill: {err}", REQUEST_FAILED)
+                return {}
+            return {key: row for seq in seqs for key, row in self._prefill_isolated([seq]).items()}
+        return {id(seq): row for seq, row in zip(seqs, logits)}
 
     def _retire(self, seq: Sequence) -> None:
         slot = seq.slot
@@ -385,7 +410,7 @@ class Engine:
         if wanted:
             chosen = token_logprobs(logits[wanted], [tokens[i] for i in wanted], [params[i].logprobs for i in wanted])
             for i, logprob in zip(wanted, chosen):
-                seqs[i].logprobs.append(logprob)
+                seqs[i].logprobs.append(self._with_text(logprob, seqs[i].output_ids[-LOGPROB_CONTEXT:]))
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens):
             if token is None:
@@ -416,6 +441,20 @@ class Engine:
             seq.text = seq.text[: min(hits)]
             if seq.finish_reason is None or seq.finish_reason == "length":
                 seq.finish("stop")
+
+    def _with_text(self, logprob: TokenLogprob, context: list[int]) -> TokenLogprob:
+        """``logprob`` with the text each of its tokens adds after ``context`` (the tokens generated just before
+        it): what OpenAI's logprobs show as ``token``. Decoding after a few tokens of context, not alone, keeps
+        the spaces and merged bytes a tokenizer's decoder puts between tokens, so the chosen tokens' texts
+        concatenate to the output text."""
+        if self.tokenizer is None:
+            return logprob
+        ids = [logprob.token, *(t for t, _ in logprob.top)]
+        with self._tokenizer_lock:
+            before, *after = self.tokenizer.batch_decode([context, *([*context, t] for t in ids)], skip_special_tokens=True)
+            alone = self.tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=True)
+        texts = [a[len(before):] if a.startswith(before) else x for a, x in zip(after, alone)]
+        return dataclasses.replace(logprob, text=texts[0], top_text=tuple(texts[1:]))
 
     def _decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:

@@ -62,6 +62,13 @@ class KVCache:
         self.k[:, slot, :, :n] = 0
         self.v[:, slot, :, :n] = 0
 
+    def copy(self, src: int, dst: int) -> None:
+        """Slot ``dst`` gets a copy of slot ``src``'s filled prefix (a second sample of the same prompt)."""
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
     def move(self, src: int, dst: int) -> None:
         """Move slot ``src``'s filled prefix to ``dst`` (compaction after ``dst`` retired)."""
         n = int(self.lengths[src])

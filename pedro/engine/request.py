@@ -154,11 +154,14 @@ class Request:
 @dataclass(frozen=True)
 class TokenLogprob:
     """One generated token's log-probability and the ``SamplingParams.logprobs`` most likely alternatives
-    (token id, log-probability), most likely first."""
+    (token id, log-probability), most likely first; ``text`` / ``top_text``: each token decoded alone (empty
+    without a tokenizer)."""
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    text: str = ""
+    top_text: tuple[str, ...] = ()
 
 
 @dataclass

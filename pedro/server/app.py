@@ -48,6 +48,16 @@ from pedro.server.schemas import (
     new_id,
     now,
 )
+from pedro.server.generation import (
+    Choice,
+    chat_logprobs,
+    choices,
+    completion_logprobs,
+    merged,
+    new_logprobs,
+    open_all,
+    usage_counts,
+)
 from pedro.server.tenancy import TenantAdapters
 from pedro.server.uploads import BodyLimit, receive_upload
 
@@ -170,26 +180,28 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
 
     # ---------------------------------------------------------------------------------------- generation
 
-    def sampling_of(body: Union[CompletionRequest, ChatCompletionRequest]) -> SamplingParams:
+    def sampling_of(body: Union[CompletionRequest, ChatCompletionRequest], logprobs: Optional[int]) -> SamplingParams:
         max_tokens = body.max_tokens if body.max_tokens is not None else config.default_max_tokens
         if max_tokens > config.max_tokens:
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens}", param="max_tokens")
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-            stop=tuple(body.stop), seed=body.seed, ignore_eos=body.ignore_eos,
+            stop=tuple(body.stop), seed=body.seed, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+            logit_bias=body.logit_bias_ids(), logprobs=logprobs,
         )
 
     async def generate(
         request: Request,
         who: Principal,
         body: Union[CompletionRequest, ChatCompletionRequest],
-        prompt: Any,
+        wanted: list[Choice],
         endpoint: str,
-        render_chunk: Callable[[str, RequestOutput, bool], list[str]],
-        render_final: Callable[[str, RequestOutput], Any],
+        render_chunk: Callable[[str, Choice, RequestOutput], list[str]],
+        render_final: Callable[[str, list[tuple[Choice, RequestOutput]]], Any],
     ) -> Any:
         record = adapters.usable(who, body.model)
-        outputs = backend.stream(prompt, record.engine_name if record else None, sampling_of(body), tenant=who.tenant)
+        adapter = record.engine_name if record else None
         labels = (who.tenant, body.model, endpoint)
         response_id = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
 
@@ -201,50 +213,55 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
                 metrics.prompt_tokens.inc(out.prompt_tokens)
                 metrics.requests.labels(*labels, out.finish_reason).inc()
 
+        def cancelled(count: int) -> None:
+            if count:
+                metrics.requests.labels(*labels, "cancelled").inc(count)
+
         if not body.stream:
-            async def run() -> RequestOutput:
-                last = None
-                async for out in outputs:
-                    observe(out)
-                    last = out
-                return last
+            async def run() -> list[tuple[Choice, RequestOutput]]:
+                last: dict[int, tuple[Choice, RequestOutput]] = {}
+                stream = merged(await open_all(backend, wanted, adapter, who.tenant))
+                try:
+                    async for choice, out in stream:
+                        observe(out)
+                        last[choice.index] = (choice, out)
+                finally:
+                    await stream.aclose()
+                return [last[i] for i in sorted(last)]
 
             try:
                 return render_final(response_id, await _unless_disconnected(request, run()))
             except ClientGone:
-                metrics.requests.labels(*labels, "cancelled").inc()
+                cancelled(len(wanted))
                 return Response(status_code=499)
 
         try:
-            first = await _unless_disconnected(request, outputs.__anext__())
+            opened = await _unless_disconnected(request, open_all(backend, wanted, adapter, who.tenant))
         except ClientGone:
-            metrics.requests.labels(*labels, "cancelled").inc()
+            cancelled(len(wanted))
             return Response(status_code=499)
-        observe(first)
 
         async def events() -> AsyncIterator[str]:
-            out, opening = first, True
+            finals: dict[int, tuple[Choice, RequestOutput]] = {}
+            stream = merged(opened)
             try:
-                while True:
-                    for chunk in render_chunk(response_id, out, opening):
-                        yield f"data: {chunk}\n\n"
-                    opening = False
-                    if out.finished:
-                        break
-                    out = await outputs.__anext__()
+                async for choice, out in stream:
                     observe(out)
+                    for chunk in render_chunk(response_id, choice, out):
+                        yield f"data: {chunk}\n\n"
+                    if out.finished:
+                        finals[choice.index] = (choice, out)
                 if body.include_usage:
-                    yield f"data: {usage_chunk(response_id, out)}\n\n"
+                    yield f"data: {usage_chunk(response_id, [finals[i] for i in sorted(finals)])}\n\n"
                 yield "data: [DONE]\n\n"
             except APIError as err:
                 yield f"data: {err.body.model_dump_json()}\n\n"
             finally:
-                if not out.finished:
-                    metrics.requests.labels(*labels, "cancelled").inc()
-                await outputs.aclose()
+                cancelled(len(wanted) - len(finals))
+                await stream.aclose()
 
-        def usage_chunk(response_id: str, out: RequestOutput) -> str:
-            usage = Usage.of(out.prompt_tokens, len(out.token_ids))
+        def usage_chunk(response_id: str, finals: list[tuple[Choice, RequestOutput]]) -> str:
+            usage = Usage.of(*usage_counts(finals))
             cls = Completion if endpoint == "completions" else ChatCompletionChunk
             return cls(id=response_id, created=now(), model=body.model, choices=[], usage=usage).model_dump_json()
 
@@ -252,36 +269,71 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request, who: Principal = Depends(principal)) -> Any:
-        def chunk(rid: str, out: RequestOutput, opening: bool) -> list[str]:
-            if not out.delta_text and not out.finished:
+        sent: dict[int, int] = {}  # choice index -> characters of its text streamed so far
+        held: dict[int, list] = {}  # choice index -> logprobs of tokens whose text is still held back
+
+        def chunk(rid: str, choice: Choice, out: RequestOutput) -> list[str]:
+            opening = choice.index not in sent
+            text = (choice.echo if opening else "") + out.delta_text
+            held.setdefault(choice.index, []).extend(new_logprobs(out))
+            if not text and not out.finished:
                 return []
-            choice = CompletionChoice(text=out.delta_text, finish_reason=out.finish_reason if out.finished else None)
-            return [Completion(id=rid, created=now(), model=body.model, choices=[choice]).model_dump_json()]
+            logprobs = None
+            if body.logprobs is not None:
+                start = sent.get(choice.index, 0) + (len(choice.echo) if opening else 0)
+                logprobs = completion_logprobs(held.pop(choice.index), start)
+            sent[choice.index] = sent.get(choice.index, 0) + len(text)
+            piece = CompletionChoice(index=choice.index, text=text, finish_reason=out.finish_reason if out.finished else None, logprobs=logprobs)
+            return [Completion(id=rid, created=now(), model=body.model, choices=[piece]).model_dump_json()]
 
-        def final(rid: str, out: RequestOutput) -> Completion:
-            choice = CompletionChoice(text=out.text, finish_reason=out.finish_reason)
-            return Completion(id=rid, created=now(), model=body.model, choices=[choice], usage=Usage.of(out.prompt_tokens, len(out.token_ids)))
+        def final(rid: str, finals: list[tuple[Choice, RequestOutput]]) -> Completion:
+            pieces = [
+                CompletionChoice(
+                    index=choice.index, text=choice.echo + out.text, finish_reason=out.finish_reason,
+                    logprobs=completion_logprobs(out.logprobs, len(choice.echo)) if body.logprobs is not None else None,
+                )
+                for choice, out in finals
+            ]
+            return Completion(id=rid, created=now(), model=body.model, choices=pieces, usage=Usage.of(*usage_counts(finals)))
 
-        return await generate(request, who, body, body.prompt, "completions", chunk, final)
+        wanted = choices(body.prompts(), body.n, sampling_of(body, body.logprobs), echo=body.echo)
+        return await generate(request, who, body, wanted, "completions", chunk, final)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)) -> Any:
-        def chunk(rid: str, out: RequestOutput, opening: bool) -> list[str]:
-            chunks = []
-            if opening:
-                chunks.append(ChunkChoice(delta=Delta(role="assistant", content="")))
-            if out.delta_text:
-                chunks.append(ChunkChoice(delta=Delta(content=out.delta_text)))
-            if out.finished:
-                chunks.append(ChunkChoice(delta=Delta(), finish_reason=out.finish_reason))
-            return [ChatCompletionChunk(id=rid, created=now(), model=body.model, choices=[c]).model_dump_json() for c in chunks]
+        opened: set[int] = set()
+        held: dict[int, list] = {}
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
 
-        def final(rid: str, out: RequestOutput) -> ChatCompletion:
-            choice = ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)
-            return ChatCompletion(id=rid, created=now(), model=body.model, choices=[choice], usage=Usage.of(out.prompt_tokens, len(out.token_ids)))
+        def chunk(rid: str, choice: Choice, out: RequestOutput) -> list[str]:
+            pieces = []
+            if choice.index not in opened:
+                opened.add(choice.index)
+                pieces.append(ChunkChoice(index=choice.index, delta=Delta(role="assistant", content="")))
+            held.setdefault(choice.index, []).extend(new_logprobs(out))
+            if out.delta_text or (out.finished and held[choice.index]):
+                entries = held.pop(choice.index)
+                pieces.append(ChunkChoice(
+                    index=choice.index, delta=Delta(content=out.delta_text),
+                    logprobs=chat_logprobs(entries) if logprobs is not None else None,
+                ))
+            if out.finished:
+                pieces.append(ChunkChoice(index=choice.index, delta=Delta(), finish_reason=out.finish_reason))
+            return [ChatCompletionChunk(id=rid, created=now(), model=body.model, choices=[p]).model_dump_json() for p in pieces]
+
+        def final(rid: str, finals: list[tuple[Choice, RequestOutput]]) -> ChatCompletion:
+            pieces = [
+                ChatChoice(
+                    index=choice.index, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
+                    logprobs=chat_logprobs(out.logprobs) if logprobs is not None else None,
+                )
+                for choice, out in finals
+            ]
+            return ChatCompletion(id=rid, created=now(), model=body.model, choices=pieces, usage=Usage.of(*usage_counts(finals)))
 
         messages = [m.as_dict() for m in body.messages]
-        return await generate(request, who, body, messages, "chat.completions", chunk, final)
+        wanted = choices([messages], body.n, sampling_of(body, logprobs))
+        return await generate(request, who, body, wanted, "chat.completions", chunk, final)
 
     # ---------------------------------------------------------------------------------------- adapters
 

@@ -5,8 +5,8 @@ as a silently coerced value. Every number is bounded (a seed beyond 64 bits, a `
 non-finite floats (the ``NaN`` / ``Infinity`` tokens Python's json module writes) are refused, so nothing a
 client sends can overflow later in the engine. Fields this server does not know are ignored, as
 OpenAI-compatible servers commonly do, so newer clients that send extra options keep working; options that
-would change the *meaning* of the answer and that we cannot honour (logprobs, echo, tools, ...) are refused
-instead of silently dropped.
+would change the *meaning* of the answer and that we cannot honour (tools, JSON mode, ``best_of``, ...) are
+refused with a 400 naming them instead of silently dropped (REFUSED; docs/server.md lists every field).
 """
 
 from __future__ import annotations
@@ -17,7 +17,28 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias")
+# field -> why it is refused, when a request sets it to anything but an "off" value (None, False, 0, "", [], {})
+REFUSED = {
+    "suffix": "insertion (fill-in-the-middle) is not supported",
+    "tools": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "moderation": "moderation is not supported",
+    "verbosity": "verbosity control is not supported",
+    "reasoning_effort": "the backbone is not a reasoning model",
+}
+# field -> (values that change nothing, why anything else is refused)
+REFUSED_UNLESS = {
+    "best_of": ((None, 1), "best_of > 1 is not supported: use n and rank the choices yourself"),
+    "tool_choice": ((None, "none"), "tool calling is not supported"),
+    "response_format": ((None, {"type": "text"}), "JSON mode / structured outputs are not supported (no constrained decoding)"),
+    "modalities": ((None, ["text"]), "only text output is supported"),
+}
+MAX_N = 16  # choices per prompt
+MAX_LOGPROBS = 20
 MAX_INT32 = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # signed 64-bit: what torch.Generator.manual_seed (the engine) takes
 STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
@@ -39,8 +60,12 @@ class _Request(BaseModel):
     top_k: int = Field(0, ge=0, le=MAX_INT32, description="Extension: 0 = off; beyond the vocabulary = off.")
     ignore_eos: bool = Field(False, description="Extension (as in vLLM): generate exactly max_tokens; for benchmarks.")
     stop: Optional[Union[str, list[str]]] = Field(None, validate_default=True)
-    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    n: int = 1
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Choice i of n samples with seed + i.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Independent samples per prompt (their prompt is prefilled once).")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=100, description="Extension (as in vLLM): 1 = off.")
+    logit_bias: Optional[dict[str, float]] = Field(None, description="Token id (as a string) -> bias in [-100, 100].")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -49,17 +74,26 @@ class _Request(BaseModel):
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            used = [key for key in UNSUPPORTED if data.get(key) not in (None, False, 0, [], {})]
-            if used:
-                raise ValueError(f"{used} not supported by this server")
+            for key, why in REFUSED.items():
+                if data.get(key) not in (None, False, 0, "", [], {}):
+                    raise ValueError(f"{key}: {why}")
+            for key, (allowed, why) in REFUSED_UNLESS.items():
+                if key in data and data[key] not in allowed:
+                    raise ValueError(f"{key}: {why}")
+            if data.get("stream_options") is not None and not data.get("stream"):
+                raise ValueError("stream_options: only allowed when stream is true")
         return data
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
+    def _bias(cls, bias: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for token, value in (bias or {}).items():
+            if not token.isdigit() or not -100 <= value <= 100:
+                raise ValueError("logit_bias maps token ids (strings of digits) to numbers in [-100, 100]")
+        return bias
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(token): value for token, value in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod
@@ -75,9 +109,33 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    """``POST /v1/completions``: a raw text prompt (no chat template), or token ids."""
+    """``POST /v1/completions``: a raw text prompt (no chat template) or token ids, or a list of either (a
+    batch: choice index = prompt index * n + sample index, as OpenAI numbers them)."""
 
-    prompt: Union[str, list[int]]
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives per token (0: the chosen token's only).")
+    echo: bool = Field(False, description="Prepend the prompt (text prompts) to each choice's text.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and (not prompt or any(isinstance(p, (str, list)) and not p for p in prompt)):
+            raise ValueError("the prompt, and each prompt of a batch, must be non-empty")
+        return prompt
+
+    @model_validator(mode="after")
+    def _echo(self) -> "CompletionRequest":
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo: with logprobs it would need the prompt's own logprobs, which are not computed")
+        if self.echo and any(not isinstance(p, str) for p in self.prompts()):
+            raise ValueError("echo: supported for text prompts only")
+        return self
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The batch: one prompt, or each element of a list of strings / of token-id lists."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(BaseModel):
@@ -103,6 +161,14 @@ class ChatCompletionRequest(_Request):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_INT32)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs to be true")
+        return self
 
     @model_validator(mode="after")
     def _alias(self) -> "ChatCompletionRequest":
@@ -135,11 +201,20 @@ class Usage(BaseModel):
 FinishReason = Optional[Literal["stop", "length"]]
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
 
 
 class Completion(BaseModel):
@@ -153,6 +228,20 @@ class Completion(BaseModel):
     usage: Optional[Usage] = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -162,7 +251,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletion(BaseModel):
@@ -183,7 +272,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -1,0 +1,140 @@
+"""One API request as several engine requests, and their outputs as OpenAI choices.
+
+A request has ``len(prompts) * n`` choices; choice ``i`` is prompt ``i // n``, sample ``i % n`` (OpenAI's
+numbering) and, when the request has a seed, runs with seed ``seed + i % n``, so each choice can be reproduced
+alone. The engine admits the n samples of a prompt together and prefills that prompt once (engine.py). Every
+choice is opened (admitted, first token out) before the caller answers, so a refusal of any of them is an HTTP
+error and the others are aborted; afterwards their outputs are merged in arrival order.
+
+Logprobs are rendered in both of OpenAI's shapes: the completions' parallel lists and chat's ``content`` list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from pedro.engine import RequestOutput, SamplingParams, TokenLogprob
+from pedro.server.backend import Backend, Prompt
+from pedro.server.schemas import ChatLogprobs, CompletionLogprobs, TokenLogprobEntry, TopLogprob
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    prompt_index: int
+    prompt: Prompt
+    sampling: SamplingParams
+    echo: str = ""  # text put in front of the completion (completions' ``echo``)
+
+
+def choices(prompts: list[Prompt], n: int, sampling: SamplingParams, echo: bool = False) -> list[Choice]:
+    out = []
+    for p, prompt in enumerate(prompts):
+        for k in range(n):
+            seed = None if sampling.seed is None else sampling.seed + k
+            out.append(Choice(p * n + k, p, prompt, dataclasses.replace(sampling, seed=seed), prompt if echo else ""))
+    return out
+
+
+@dataclass
+class Opened:
+    choice: Choice
+    first: RequestOutput
+    rest: AsyncIterator[RequestOutput]
+
+
+async def open_all(backend: Backend, wanted: list[Choice], adapter: Optional[str], tenant: str) -> list[Opened]:
+    """Start every choice and wait for each one's first output; if any fails, close the others (their engine
+    requests are aborted) and raise its error."""
+    streams = [backend.stream(c.prompt, adapter, c.sampling, tenant=tenant) for c in wanted]
+    firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
+    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if failed is not None:
+        await close_all(streams)
+        raise failed
+    return [Opened(c, f, s) for c, f, s in zip(wanted, firsts, streams)]
+
+
+async def close_all(streams: list[AsyncIterator[RequestOutput]]) -> None:
+    for stream in streams:
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+
+
+async def merged(opened: list[Opened]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+    """Every choice's outputs, first outputs first, then as they arrive; an error of any one is raised."""
+    for o in opened:
+        yield o.choice, o.first
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(o: Opened) -> None:
+        try:
+            async for out in o.rest:
+                await queue.put((o.choice, out))
+        except BaseException as err:  # handed to the consumer, which stops everything
+            await queue.put((o.choice, err))
+        finally:
+            await queue.put((o.choice, None))
+
+    live = [o for o in opened if not o.first.finished]
+    tasks = [asyncio.ensure_future(pump(o)) for o in live]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            choice, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield choice, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await close_all([o.rest for o in opened])
+
+
+# ------------------------------------------------------------------------------------------------ logprobs
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    """The completions format; ``offset``: where the first token's text starts in the choice's text."""
+    result = CompletionLogprobs()
+    for entry in entries:
+        result.tokens.append(entry.text)
+        result.token_logprobs.append(entry.logprob)
+        result.top_logprobs.append({text: value for text, (_, value) in zip(entry.top_text, entry.top)})
+        result.text_offset.append(offset)
+        offset += len(entry.text)
+    return result
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
+    def top(text: str, value: float) -> TopLogprob:
+        return TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
+
+    return ChatLogprobs(content=[
+        TokenLogprobEntry(
+            token=e.text, logprob=e.logprob, bytes=list(e.text.encode()),
+            top_logprobs=[top(text, value) for text, (_, value) in zip(e.top_text, e.top)],
+        )
+        for e in entries
+    ])
+
+
+def new_logprobs(out: RequestOutput) -> list[TokenLogprob]:
+    """The logprobs of the tokens this output added."""
+    if not out.logprobs or not out.delta_token_ids:
+        return []
+    return out.logprobs[len(out.logprobs) - len(out.delta_token_ids):]
+
+
+def usage_counts(finals: list[tuple[Choice, RequestOutput]]) -> tuple[int, int]:
+    """(prompt tokens, each prompt counted once however many samples it has; completion tokens of every choice)."""
+    prompts = {choice.prompt_index: out.prompt_tokens for choice, out in finals}
+    return sum(prompts.values()), sum(len(out.token_ids) for _, out in finals)

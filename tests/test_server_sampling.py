@@ -1,0 +1,196 @@
+"""The OpenAI sampling and output options through a live server and the official client: n, batched prompts,
+logprobs (both formats), echo, penalties, logit_bias, usage -- each checked against the engine run directly in
+this process (whose sampler is checked against a hand-written reference in test_sampling.py) -- and a table of
+every field of the installed ``openai`` package's request types: honoured, accepted without effect on the
+answer, or refused with a 400 naming it."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+from server_kit import TENANTS, auth, make_adapter, make_backbone, upload, write_config
+
+from pedro.engine import Engine, Request, SamplingParams
+from pedro.server.process import ServerProcess
+
+ALICE = TENANTS["alice"]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server-sampling")
+    backbone = make_backbone(root / "backbone", endless=True)
+    with ServerProcess(write_config(root, backbone), root / "server.log") as server:
+        assert upload(server.url, ALICE, "p", make_adapter(root / "p", "pedro", seed=3)).status_code == 201
+        engine = Engine(str(backbone), max_batch=16, max_seq_len=128)
+        engine.add_adapter("p", root / "p")
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ALICE, max_retries=0, timeout=60)
+        yield SimpleNamespace(url=server.url, engine=engine, client=client)
+
+
+def direct(live, prompt, adapter=None, chat=False, **sampling):
+    """The engine's own answer (a completion prompt is raw text, a chat prompt gets the chat template)."""
+    request = Request(prompt, adapter=adapter, raw_prompt=not chat, sampling=SamplingParams(**{"max_new_tokens": 8, **sampling}))
+    return live.engine.generate([request])[0]
+
+
+def test_n_samples_are_reproducible_one_by_one_with_seed_plus_index(live):
+    out = live.client.completions.create(model="p", prompt="3 4 5", n=3, max_tokens=8, temperature=1.0, seed=11)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    texts = [c.text for c in out.choices]
+    assert texts == [direct(live, "3 4 5", "p", temperature=1.0, seed=11 + i).text for i in range(3)]
+    assert len(set(texts)) > 1  # independent samples, not one answer three times
+    assert out.usage.prompt_tokens == 3 and out.usage.completion_tokens == 24
+
+
+def test_n_samples_share_one_prefill():
+    from conftest import tiny_model, tiny_tokenizer
+
+    engine = Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=4, max_seq_len=64)
+    requests = [Request([3, 4, 5, 6], sampling=SamplingParams(max_new_tokens=4, temperature=1.0, seed=s, ignore_eos=True)) for s in range(3)]
+    outs = engine.generate(requests)
+    assert [n for n, _ in engine.stats["prefill"]] == [4]  # three rows admitted, one prompt's tokens prefilled
+    alone = [Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=4, max_seq_len=64).generate([r])[0].token_ids for r in requests]
+    assert [o.token_ids for o in outs] == alone
+
+
+def test_batched_prompts_number_choices_prompt_major(live):
+    prompts = ["3 4 5", "9 8"]
+    out = live.client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=5, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    expected = [direct(live, p, max_new_tokens=5).text for p in prompts]
+    assert [c.text for c in out.choices] == [expected[0], expected[0], expected[1], expected[1]]
+    ids = live.client.completions.create(model="tiny", prompt=[[3, 4, 5], [9, 8]], max_tokens=5, temperature=0)
+    assert [c.text for c in ids.choices] == expected
+    assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens == 20
+
+
+def test_completion_logprobs_match_the_engine_and_stream_the_same(live):
+    out = live.client.completions.create(model="p", prompt="3 4 5", max_tokens=6, temperature=0, logprobs=2)
+    reference = direct(live, "3 4 5", "p", max_new_tokens=6, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert "".join(lp.tokens) == out.choices[0].text and len(lp.tokens) == 6
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in reference.logprobs], abs=1e-5)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    streamed = list(live.client.completions.create(model="p", prompt="3 4 5", max_tokens=6, temperature=0, logprobs=2, stream=True))
+    tokens = [t for chunk in streamed for c in chunk.choices if c.logprobs for t in c.logprobs.tokens]
+    offsets = [o for chunk in streamed for c in chunk.choices if c.logprobs for o in c.logprobs.text_offset]
+    assert tokens == lp.tokens and offsets == lp.text_offset
+
+
+def test_chat_logprobs_in_chats_format(live):
+    messages = [{"role": "user", "content": "3 4 5"}]
+    out = live.client.chat.completions.create(model="p", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    reference = direct(live, messages, "p", chat=True, max_new_tokens=6, logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == out.choices[0].message.content
+    assert [e.logprob for e in content] == pytest.approx([e.logprob for e in reference.logprobs], abs=1e-5)
+    assert all(len(e.top_logprobs) == 3 and bytes(e.bytes).decode() == e.token for e in content)
+    plain = live.client.chat.completions.create(model="p", messages=messages, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_echo_penalties_and_logit_bias_are_honoured(live):
+    echoed = live.client.completions.create(model="tiny", prompt="3 4 5", max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == "3 4 5" + direct(live, "3 4 5", max_new_tokens=4).text
+    # a bias makes "11" repeat; the frequency penalty then pushes it out
+    biased = {"model": "tiny", "prompt": "3 4 5", "max_tokens": 8, "temperature": 0, "logit_bias": {"11": 4.0}}
+    penalised = live.client.completions.create(**biased, frequency_penalty=2.0, presence_penalty=0.5)
+    assert penalised.choices[0].text == direct(live, "3 4 5", logit_bias={11: 4.0}, frequency_penalty=2.0, presence_penalty=0.5).text
+    assert penalised.choices[0].text != live.client.completions.create(**biased).choices[0].text
+    biased = live.client.completions.create(model="tiny", prompt="3 4 5", max_tokens=4, temperature=0, logit_bias={"11": 100})
+    assert biased.choices[0].text.split() == ["11"] * 4
+    repeat = httpx.post(f"{live.url}/v1/completions", headers=auth(ALICE),
+                        json={"model": "p", "prompt": "3 4 5", "max_tokens": 8, "temperature": 0, "repetition_penalty": 1.5})
+    assert repeat.json()["choices"][0]["text"] == direct(live, "3 4 5", "p", repetition_penalty=1.5).text
+
+
+def test_streamed_n_with_usage(live):
+    chunks = list(live.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "3 4"}], n=2, max_tokens=5, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    text = {0: "", 1: ""}
+    for chunk in chunks[:-1]:
+        for c in chunk.choices:
+            text[c.index] += c.delta.content or ""
+    assert text[0] == text[1] == direct(live, [{"role": "user", "content": "3 4"}], chat=True, max_new_tokens=5).text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+# Every field of the installed openai package's request types, and what this server does with a non-default value.
+HONOURED, NO_EFFECT, REFUSED = "honoured", "no effect on the answer", "refused"
+FIELDS = {
+    "completions": {
+        "model": HONOURED, "prompt": HONOURED, "max_tokens": HONOURED, "temperature": HONOURED, "top_p": HONOURED,
+        "n": HONOURED, "stop": HONOURED, "seed": HONOURED, "logprobs": HONOURED, "echo": HONOURED, "logit_bias": HONOURED,
+        "presence_penalty": HONOURED, "frequency_penalty": HONOURED, "stream_options": HONOURED, "user": NO_EFFECT,
+        "best_of": (REFUSED, 2), "suffix": (REFUSED, "x"),
+    },
+    "chat": {
+        "model": HONOURED, "messages": HONOURED, "max_tokens": HONOURED, "max_completion_tokens": HONOURED,
+        "temperature": HONOURED, "top_p": HONOURED, "n": HONOURED, "stop": HONOURED, "seed": HONOURED,
+        "logprobs": HONOURED, "top_logprobs": HONOURED, "logit_bias": HONOURED, "presence_penalty": HONOURED,
+        "frequency_penalty": HONOURED, "stream_options": HONOURED,
+        "user": (NO_EFFECT, "u1"), "metadata": (NO_EFFECT, {"k": "v"}), "store": (NO_EFFECT, True),
+        "service_tier": (NO_EFFECT, "default"), "safety_identifier": (NO_EFFECT, "s"), "prompt_cache_key": (NO_EFFECT, "k"),
+        "prompt_cache_retention": (NO_EFFECT, "24h"), "prompt_cache_options": (NO_EFFECT, {}),
+        "parallel_tool_calls": (NO_EFFECT, False),
+        "tools": (REFUSED, [{"type": "function", "function": {"name": "f"}}]), "tool_choice": (REFUSED, "required"),
+        "functions": (REFUSED, [{"name": "f"}]), "function_call": (REFUSED, "auto"),
+        "response_format": (REFUSED, {"type": "json_object"}), "audio": (REFUSED, {"voice": "alloy", "format": "wav"}),
+        "modalities": (REFUSED, ["text", "audio"]), "prediction": (REFUSED, {"type": "content", "content": "x"}),
+        "web_search_options": (REFUSED, {"search_context_size": "low"}), "moderation": (REFUSED, {"policy": {}}),
+        "verbosity": (REFUSED, "high"), "reasoning_effort": (REFUSED, "high"),
+    },
+}
+
+
+def test_every_field_of_the_openai_request_types_is_classified():
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_params
+
+    assert set(completion_create_params.CompletionCreateParamsBase.__annotations__) == set(FIELDS["completions"])
+    assert set(chat_params.CompletionCreateParamsBase.__annotations__) == set(FIELDS["chat"])
+
+
+@pytest.mark.parametrize("endpoint,field", [(e, f) for e, fields in FIELDS.items() for f, v in fields.items() if isinstance(v, tuple)])
+def test_fields_without_effect_are_accepted_and_the_rest_refused_by_name(live, endpoint, field):
+    kind, value = FIELDS[endpoint][field]
+    base = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+    body, path = ({**base, "prompt": "3 4"}, "/v1/completions") if endpoint == "completions" else (
+        {**base, "messages": [{"role": "user", "content": "3 4"}]}, "/v1/chat/completions")
+    response = httpx.post(f"{live.url}{path}", headers=auth(ALICE), json={**body, field: value}, timeout=30)
+    if kind == REFUSED:
+        assert response.status_code == 400 and field in response.json()["error"]["message"], response.text
+    else:
+        plain = httpx.post(f"{live.url}{path}", headers=auth(ALICE), json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        assert _text(response) == _text(plain)
+
+
+def _text(response: httpx.Response) -> str:
+    choice = response.json()["choices"][0]
+    return choice.get("text") or choice["message"]["content"]
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "3 4", "echo": True, "logprobs": 1},
+    {"prompt": [5, 6], "echo": True},
+    {"prompt": "3 4", "stream_options": {"include_usage": True}},
+    {"prompt": "3 4", "n": 17},
+    {"prompt": "3 4", "logit_bias": {"x": 1}},
+    {"prompt": "3 4", "logprobs": 21},
+    {"prompt": []},
+    {"prompt": ["3 4", ""]},
+])
+def test_inconsistent_options_are_400s_naming_the_field(live, body):
+    response = httpx.post(f"{live.url}/v1/completions", headers=auth(ALICE), json={"model": "tiny", "max_tokens": 4, **body}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    named = [k for k in body if k != "model"]
+    assert any(k in error["message"] or k == error["param"] for k in named), json.dumps(error)
