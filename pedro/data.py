@@ -146,10 +146,16 @@ def prompt_text(tokenizer: Any, prompt: Prompt) -> str:
     return "\n\n".join(m["content"] for m in prompt)
 
 
+def prompt_format(tokenizer: Any) -> str:
+    """How encode_prompt encodes a text prompt for this tokenizer: "chat_template" or "raw" (pedro.io records
+    it with a trained adapter)."""
+    return "chat_template" if getattr(tokenizer, "chat_template", None) else "raw"
+
+
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Prompt token ids, identical at training and inference. A chat template writes its own special
     tokens; a plain prompt gets the tokenizer's usual ones (e.g. BOS)."""
-    templated = bool(getattr(tokenizer, "chat_template", None))
+    templated = prompt_format(tokenizer) == "chat_template"
     return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=not templated)["input_ids"]
 
 

@@ -33,7 +33,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from pedro.backbones import DEFAULT_BACKBONE, layer_map, load_backbone
 from pedro.config import PedroConfig
-from pedro.data import OVERFLOW, Collator, Example, load_records, tokenize_examples, write_json_atomic
+from pedro.data import OVERFLOW, Collator, Example, load_records, prompt_format, tokenize_examples, write_json_atomic
+from pedro.io import record_prompt_format
 from pedro.model import count_trainable_parameters
 
 METHODS = ("pedro", "lora", "ia3")
@@ -358,15 +359,20 @@ class ProgressAndLog(TrainerCallback):
             self.bar.close()
 
 
-def save_adapter_atomic(model: peft.PeftModel, output_dir: Path, backbone: str | None = None) -> None:
+def save_adapter_atomic(
+    model: peft.PeftModel, output_dir: Path, backbone: str | None = None, prompts: str | None = None
+) -> None:
     """save_pretrained into a temp folder next to ``output_dir``, then rename each file into place.
-    ``backbone`` is recorded as the config's base model, so ``pedro eval --adapter DIR`` can load it."""
+    ``backbone`` is recorded as the config's base model, so ``pedro eval --adapter DIR`` can load it;
+    ``prompts`` (pedro.data.prompt_format) with the weights, so serving encodes prompts as training did."""
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
     if backbone is not None:
         model.peft_config[model.active_adapter].base_model_name_or_path = backbone
     try:
         model.save_pretrained(staging, save_embedding_layers=False)  # PEFT would look the backbone up online
+        if prompts is not None:
+            record_prompt_format(staging, prompts)
         for item in staging.iterdir():
             os.replace(item, output_dir / item.name)
     finally:
@@ -493,7 +499,7 @@ def train(
     train_seconds = time.perf_counter() - train_start
     final_eval = trainer.evaluate() if eval_rows is not None else {}
 
-    save_adapter_atomic(peft_model, output_dir, cfg.backbone or (DEFAULT_BACKBONE if loaded_here else None))
+    save_adapter_atomic(peft_model, output_dir, cfg.backbone or (DEFAULT_BACKBONE if loaded_here else None), prompt_format(tokenizer))
     summary = {
         "config": asdict(cfg),
         "requested": asdict(requested) if requested is not cfg else None,

@@ -15,6 +15,7 @@ import pytest
 from server_kit import TENANTS, auth, make_adapter, make_backbone, upload, write_config
 
 from pedro.engine import Engine, Request, SamplingParams
+from pedro.io import read_prompt_format, record_prompt_format
 from pedro.server.process import ServerProcess
 
 ALICE = TENANTS["alice"]
@@ -194,3 +195,19 @@ def test_inconsistent_options_are_400s_naming_the_field(live, body):
     error = response.json()["error"]
     named = [k for k in body if k != "model"]
     assert any(k in error["message"] or k == error["param"] for k in named), json.dumps(error)
+
+
+def test_a_completion_reaches_an_adapter_as_its_training_encoded_prompts(live, tmp_path):
+    """An adapter that pedro train trained on chat-templated prompts records it with its weights; a completion's
+    text then goes through the chat template, unless the request asks for the raw text (raw_prompt)."""
+    directory = make_adapter(tmp_path / "pc", "pedro", seed=3)  # the same weights as "p", which has no record
+    record_prompt_format(directory, "chat_template")
+    assert read_prompt_format(directory) == "chat_template"
+    assert upload(live.url, ALICE, "pc", directory).status_code == 201
+    templated = live.client.completions.create(model="pc", prompt="3 4 5", max_tokens=6, temperature=0)
+    assert templated.choices[0].text == direct(live, "3 4 5", "p", chat=True, max_new_tokens=6).text
+    assert templated.usage.prompt_tokens > 3  # the template's tokens are there
+    raw = live.client.completions.create(model="pc", prompt="3 4 5", max_tokens=6, temperature=0, extra_body={"raw_prompt": True})
+    assert raw.choices[0].text == direct(live, "3 4 5", "p", max_new_tokens=6).text != templated.choices[0].text
+    unrecorded = live.client.completions.create(model="p", prompt="3 4 5", max_tokens=6, temperature=0)
+    assert unrecorded.choices[0].text == raw.choices[0].text

@@ -26,7 +26,7 @@ from pedro.backbones import layer_map
 from pedro.config import PedroConfig
 from pedro.engine.adapter_config import AdapterConfigError, check_dtypes, check_served, parse_adapter_config
 from pedro.generator import VectorGenerator
-from pedro.io import CONFIG_NAME, WEIGHTS_NAME, check_adapter_dir
+from pedro.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, check_adapter_dir, read_prompt_format
 from pedro.model import plan_sites
 
 # The engine's names for a decoder layer's linear modules (LLaMA-family, see runner.py).
@@ -281,6 +281,7 @@ class Registered:
     plan: AdapterPlan
     directory: Path | None = None
     state: dict[str, torch.Tensor] | None = None
+    prompt_format: str | None = None  # how training encoded prompts (pedro.io), when it was recorded
     bytes_per_param: int = 4
     pins: int = 0
     slot: int | None = None  # index in the resident set (1..capacity) while resident
@@ -371,7 +372,11 @@ class AdapterStore:
             plan, directory, state = self.plan(source)
         except AdapterError as err:
             raise AdapterError(f"adapter {name!r}: {err}") from None
-        entry = Registered(name, plan, directory, state)
+        try:
+            prompt_format = read_prompt_format(directory) if directory is not None else None
+        except AdapterFileError as err:
+            raise AdapterError(f"adapter {name!r}: {err}") from None
+        entry = Registered(name, plan, directory, state, prompt_format)
         self.registered[name] = entry
         return entry
 
@@ -457,6 +462,7 @@ class AdapterStore:
                 "resident": e.name in self.resident,
                 "in_use": e.pins,
                 "source": str(e.directory) if e.directory else "memory",
+                "prompt_format": e.prompt_format,
             }
             for e in self.registered.values()
         ]

@@ -179,6 +179,11 @@ class Engine:
     def list_adapters(self) -> list[dict[str, Any]]:
         return self.adapters.describe()
 
+    def prompt_format(self, name: str) -> Optional[str]:
+        """How adapter ``name``'s training encoded prompts ("chat_template" or "raw", pedro.io), or None when
+        that was not recorded; AdapterError for an unknown name."""
+        return self.adapters.get(name).prompt_format
+
     def check_adapter(self, source: Union[str, Path, nn.Module]) -> dict[str, Any]:
         """A dry run of add_adapter: read ``source`` and check it against this backbone (config, tensor names,
         shapes) and materialise its weights exactly as serving will, without registering it ->

@@ -296,7 +296,7 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
             ]
             return Completion(id=rid, created=now(), model=body.model, choices=pieces, usage=Usage.of(*usage_counts(finals)))
 
-        wanted = choices(body.prompts(), body.n, sampling_of(body, body.logprobs), echo=body.echo)
+        wanted = choices(body.prompts(), body.n, sampling_of(body, body.logprobs), echo=body.echo, raw_prompt=body.raw_prompt)
         return await generate(request, who, body, wanted, "completions", chunk, final)
 
     @app.post("/v1/chat/completions", response_model=None)

@@ -43,7 +43,8 @@ class Backend(Protocol):
     """What app.py and tenancy.py call: LocalBackend here, RayBackend (ray_app.py) in front of Ray replicas."""
 
     def stream(
-        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None
+        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None,
+        raw_prompt: Optional[bool] = None,
     ) -> AsyncIterator[RequestOutput]: ...
 
     def stats(self) -> dict[str, Any]: ...
@@ -80,22 +81,32 @@ class LocalBackend:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids for a completion prompt (text or ids, no template) or chat messages (the chat template)."""
+    def encode(self, prompt: Prompt, adapter: Optional[str] = None, raw_prompt: Optional[bool] = None) -> list[int]:
+        """Token ids for a completion prompt (token ids as given; text as ``adapter``'s training encoded its
+        prompts, unless ``raw_prompt`` says otherwise -- see ``raw_text``) or chat messages (the chat template)."""
         param = "messages" if prompt and isinstance(prompt, list) and isinstance(prompt[0], dict) else "prompt"
         try:
-            return self.engine.encode(prompt, raw_prompt=True, max_tokens=self.config.max_prompt_tokens)
+            raw = self.raw_text(adapter) if raw_prompt is None else raw_prompt
+            return self.engine.encode(prompt, raw_prompt=raw, max_tokens=self.config.max_prompt_tokens)
         except PromptTooLong as err:
             raise APIError(400, str(err), code="context_length_exceeded", param=param) from None
-        except RequestError as err:
+        except (RequestError, AdapterError) as err:
             raise APIError(400, str(err), param=param) from None
 
+    def raw_text(self, adapter: Optional[str]) -> bool:
+        """Whether a completion's text prompt goes to the model as it is: yes for the base model (OpenAI's
+        completions) and for an adapter without a recorded prompt format; an adapter that ``pedro train``
+        trained on chat-templated prompts gets the chat template, exactly as training saw its prompts."""
+        return adapter is None or self.engine.prompt_format(adapter) != "chat_template"
+
     async def stream(
-        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None
+        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None,
+        raw_prompt: Optional[bool] = None,
     ) -> AsyncIterator[RequestOutput]:
         """Encode, admit, run; yields the engine's outputs. Leaving early aborts the request and frees its slot.
-        ``tenant`` is the engine's fairness key and per-tenant limit."""
-        ids = await asyncio.to_thread(self.encode, prompt)
+        ``tenant`` is the engine's fairness key and per-tenant limit; ``raw_prompt`` overrides how a text
+        prompt is encoded (None: as the adapter was trained, see ``raw_text``)."""
+        ids = await asyncio.to_thread(self.encode, prompt, adapter, raw_prompt)
         self.in_flight += 1
         try:
             request = Request(ids, adapter=adapter, sampling=sampling, tenant=tenant, request_id=f"srv-{next(_ids)}")

@@ -29,14 +29,17 @@ class Choice:
     prompt: Prompt
     sampling: SamplingParams
     echo: str = ""  # text put in front of the completion (completions' ``echo``)
+    raw_prompt: Optional[bool] = None  # how a text prompt is encoded (Backend.stream)
 
 
-def choices(prompts: list[Prompt], n: int, sampling: SamplingParams, echo: bool = False) -> list[Choice]:
+def choices(
+    prompts: list[Prompt], n: int, sampling: SamplingParams, echo: bool = False, raw_prompt: Optional[bool] = None
+) -> list[Choice]:
     out = []
     for p, prompt in enumerate(prompts):
         for k in range(n):
             seed = None if sampling.seed is None else sampling.seed + k
-            out.append(Choice(p * n + k, p, prompt, dataclasses.replace(sampling, seed=seed), prompt if echo else ""))
+            out.append(Choice(p * n + k, p, prompt, dataclasses.replace(sampling, seed=seed), prompt if echo else "", raw_prompt))
     return out
 
 
@@ -50,7 +53,7 @@ class Opened:
 async def open_all(backend: Backend, wanted: list[Choice], adapter: Optional[str], tenant: str) -> list[Opened]:
     """Start every choice and wait for each one's first output; if any fails, close the others (their engine
     requests are aborted) and raise its error."""
-    streams = [backend.stream(c.prompt, adapter, c.sampling, tenant=tenant) for c in wanted]
+    streams = [backend.stream(c.prompt, adapter, c.sampling, tenant=tenant, raw_prompt=c.raw_prompt) for c in wanted]
     firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
     failed = next((f for f in firsts if isinstance(f, BaseException)), None)
     if failed is not None:

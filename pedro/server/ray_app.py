@@ -76,10 +76,11 @@ class RayBackend:
         self.routing: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
     async def stream(
-        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None
+        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None,
+        raw_prompt: Optional[bool] = None,
     ) -> AsyncIterator[RequestOutput]:
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "")
-        responses = handle.stream.remote(prompt, sampling, tenant)
+        responses = handle.stream.remote(prompt, sampling, tenant, raw_prompt)
         finished = False
         with _queue_full_is_429():  # outside the finally: a refused call's cancel() raises the refusal again
             try:
@@ -155,12 +156,12 @@ def build(config: ServerConfig) -> serve.Application:
             return engine_name
 
         async def stream(
-            self, prompt: Prompt, sampling: SamplingParams, tenant: Optional[str] = None
+            self, prompt: Prompt, sampling: SamplingParams, tenant: Optional[str] = None, raw_prompt: Optional[bool] = None
         ) -> AsyncIterator[tuple[str, RequestOutput]]:
             adapter = serve.get_multiplexed_model_id() or None
             if adapter is not None:
                 await self.adapter(adapter)
-            async for out in self.backend.stream(prompt, adapter, sampling, tenant=tenant):
+            async for out in self.backend.stream(prompt, adapter, sampling, tenant=tenant, raw_prompt=raw_prompt):
                 yield self.replica, out
 
         async def check_health(self) -> None:

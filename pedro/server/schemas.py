@@ -115,6 +115,11 @@ class CompletionRequest(_Request):
     prompt: Union[str, list[int], list[str], list[list[int]]]
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives per token (0: the chosen token's only).")
     echo: bool = Field(False, description="Prepend the prompt (text prompts) to each choice's text.")
+    raw_prompt: Optional[bool] = Field(
+        None, description="Extension: how a text prompt is encoded. Default: as the adapter's training encoded its "
+        "prompts (recorded by pedro train; raw for the base model and adapters without a record); true: as-is; "
+        "false: through the chat template.",
+    )
 
     @field_validator("prompt")
     @classmethod
