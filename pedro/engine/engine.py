@@ -14,6 +14,7 @@ caller (AsyncEngine) fails every request the engine holds and calls ``reset()``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 import time
@@ -54,6 +55,17 @@ from pedro.model import plan_sites
 MAX_CHARS_PER_TOKEN = 32
 STATS_WINDOW = 4096  # steps kept in Engine.stats
 LOGPROB_CONTEXT = 6  # tokens of context a logprob's token text is decoded after
+
+
+def _own_copy(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` for the engine thread's decoding, or None when there is no tokenizer or it cannot
+    be copied (decoding then shares it under the encoders' lock)."""
+    if tokenizer is None:
+        return None
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:
+        return None
 
 
 def _is_messages(prompt: Any) -> bool:
@@ -109,9 +121,11 @@ class Engine:
         check_supported(backbone, max_seq_len)
         self.model = backbone.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        # Callers may encode prompts on their own thread while the engine thread decodes outputs; a fast
-        # tokenizer must not be used by two threads at once.
+        # Callers encode prompts on their own threads while the engine thread decodes outputs, and a fast
+        # tokenizer must not be used by two threads at once: encoders share the tokenizer under this lock, the
+        # engine thread decodes with its own copy, so decoding never waits for an encode (nor the reverse).
         self._tokenizer_lock = threading.Lock()
+        self._decoder = _own_copy(tokenizer)
         self.dtype = next(backbone.parameters()).dtype
         self.max_seq_len = max_seq_len
         self.spec = ModelSpec.of(backbone)
@@ -434,9 +448,14 @@ class Engine:
                 self._update_text(seq)
 
     def _update_text(self, seq: Sequence) -> None:
-        """Decode the text so far and cut it at the first stop string (which then ends the request)."""
+        """Bring the text up to date and cut it at the first stop string (which then ends the request). While the
+        request runs its text grows incrementally, constant work per token (detokenizer.py); once it has finished
+        it is decoded whole, once, so the final text is exactly the tokenizer's decode of its ids."""
         previous = len(seq.text)
-        seq.text = self._decode(seq.output_ids)
+        if seq.finished:
+            seq.text = self._decode(seq.output_ids)
+        else:
+            seq.text = seq.detokenizer.update(seq.output_ids, self._decode)
         stops = seq.request.sampling.stop
         if not stops:
             return
@@ -455,15 +474,24 @@ class Engine:
         if self.tokenizer is None:
             return logprob
         ids = [logprob.token, *(t for t, _ in logprob.top)]
-        with self._tokenizer_lock:
-            before, *after = self.tokenizer.batch_decode([context, *([*context, t] for t in ids)], skip_special_tokens=True)
-            alone = self.tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=True)
+        before, *after = self._decode_many([context, *([*context, t] for t in ids)])
+        alone = self._decode_many([[t] for t in ids])
         texts = [a[len(before):] if a.startswith(before) else x for a, x in zip(after, alone)]
         return dataclasses.replace(logprob, text=texts[0], top_text=tuple(texts[1:]))
 
     def _decode(self, ids: list[int]) -> str:
+        """The text of ``ids``, special tokens skipped; on the engine thread's own tokenizer copy, without a lock."""
+        if self._decoder is not None:
+            return self._decoder.decode(ids, skip_special_tokens=True)
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _decode_many(self, batch: list[list[int]]) -> list[str]:
+        """``_decode`` of each list of ids."""
+        if self._decoder is not None:
+            return self._decoder.batch_decode(batch, skip_special_tokens=True)
+        with self._tokenizer_lock:
+            return self.tokenizer.batch_decode(batch, skip_special_tokens=True)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         if seq.finished and not seq.track_text and seq.error is None:

@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from pedro.engine.adapters import AdapterStore, Registered
+from pedro.engine.detokenizer import IncrementalDetokenizer
 from pedro.engine.request import Request, TokenLogprob
 
 
@@ -36,6 +37,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for
     text: str = ""
+    detokenizer: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)  # text while running
     emitted_tokens: int = 0
     emitted_chars: int = 0
     finish_reason: str | None = None
