@@ -1,9 +1,11 @@
 """``pedro serve --ray`` on one local Ray cluster (CPU) for the module: 2 replicas serve 8 adapters with the
-engine's answers and Ray Serve's model multiplexing keeps each adapter mostly on one replica; a small
-deployment answers a full queue with 429 + Retry-After and recovers, holds exactly ``max_queued`` waiting
-requests, and aborts a dropped client's request in its engine replica (or frees its place in the queue).
+engine's answers and Ray Serve's model multiplexing keeps each adapter mostly on one replica, and /health and
+/metrics show the replicas' engine gauges, summed and per replica; a small deployment answers a full queue with
+429 + Retry-After and recovers, holds exactly ``max_queued`` waiting requests, and aborts a dropped client's
+request in its engine replica (or frees its place in the queue).
 
-Needs the optional extra (``pip install 'pedro-peft[ray]'``); skipped without it. 1.5 to 2 min here."""
+Needs the ``ray`` extra, which scripts/setup.sh installs (so CI runs this); skipped where Ray is absent.
+About 2.5 min on a 2-core machine."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 
@@ -23,6 +26,7 @@ from pedro.engine import Engine, Request, SamplingParams
 from pedro.server.process import ServerProcess
 
 pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install 'pedro-peft[ray]'")
+from pedro.server import ray_app  # noqa: E402  (needs ray)
 
 ADAPTERS = [f"t{i}" for i in range(8)]
 ALICE = TENANTS["alice"]
@@ -35,9 +39,55 @@ def ray_address():
     """One local Ray cluster for the whole module: each ``pedro serve --ray`` below joins it (``ray.address``)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from a test cluster
+    ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+GAUGES = ("running", "waiting", "in_flight", "engine_restarts")
+
+
+def health_until(url: str, check, timeout: float = 15.0) -> dict:
+    """/health's body once ``check(body)`` holds (replicas report their gauges within ray_app.STATS_POLL_S of a
+    change), else AssertionError with the last body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = httpx.get(f"{url}/health", timeout=10).json()
+        if check(body):
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/health did not reach the expected state in {timeout} s: {body}")
+        time.sleep(0.1)
+
+
+def replica_metrics(url: str) -> dict[str, dict[str, float]]:
+    """``pedro_replica_<gauge>{replica}`` of /metrics: gauge -> replica -> value."""
+    text = httpx.get(f"{url}/metrics", headers=auth(ADMIN_KEY)).text
+    found: dict[str, dict[str, float]] = {}
+    for name, replica, value in re.findall(r'^pedro_replica_(\w+)\{replica="([^"]+)"\} (\S+)$', text, re.M):
+        found.setdefault(name, {})[replica] = float(value)
+    return found
+
+
+def gauge(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers=auth(ADMIN_KEY)).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_ray_backend_sums_the_replicas_reports_and_forgets_silent_ones():
+    backend = ray_app.RayBackend(engine=None, replicas=2)
+    assert {key: backend.stats()[key] for key in GAUGES} == dict.fromkeys(GAUGES, 0) and backend.stats()["per_replica"] == {}
+    backend.record_replica("a", {"running": 2, "waiting": 1, "in_flight": 3, "engine_restarts": 1})
+    backend.record_replica("b", {"running": 1, "waiting": 0, "in_flight": 1, "engine_restarts": 0, "other": 9})
+    stats = backend.stats()
+    assert {key: stats[key] for key in GAUGES} == {"running": 3, "waiting": 1, "in_flight": 4, "engine_restarts": 1}
+    assert stats["per_replica"]["b"] == {"running": 1, "waiting": 0, "in_flight": 1, "engine_restarts": 0}
+    seen, gauges = backend.replica_stats["a"]
+    backend.replica_stats["a"] = (seen - ray_app.STATS_STALE_S - 1, gauges)  # "a" has been silent since
+    backend.record_replica("b", {"running": 0, "waiting": 0, "in_flight": 0, "engine_restarts": 0})
+    assert list(backend.stats()["per_replica"]) == ["b"] and backend.stats()["running"] == 0
 
 
 def test_two_replicas_serve_eight_multiplexed_adapters(tmp_path, ray_address):
@@ -67,6 +117,14 @@ def test_two_replicas_serve_eight_multiplexed_adapters(tmp_path, ray_address):
 
         answers = asyncio.run(everyone())
         routing = httpx.get(f"{server.url}/health").json()["routing"]
+        # both replicas report their engine gauges: idle again after the burst, summed over the replicas
+        health = health_until(server.url, lambda h: len(h["per_replica"]) == 2 and h["in_flight"] == 0)
+        assert set(health["per_replica"]) == {replica for counts in routing.values() for replica in counts}
+        for key in GAUGES:
+            assert health[key] == sum(r[key] for r in health["per_replica"].values()) == 0
+        per_replica = replica_metrics(server.url)
+        assert set(per_replica) == {"queue_length", "running_requests", "requests_in_flight", "engine_restarts"}
+        assert all(set(values) == set(health["per_replica"]) for values in per_replica.values())
         # a refusal raised inside an engine replica reaches the client as the same OpenAI error
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=TENANTS["alice"], max_retries=0, timeout=60)
         with pytest.raises(openai.BadRequestError, match="at most 64"):
@@ -172,9 +230,15 @@ def test_a_dropped_stream_is_aborted_in_its_engine_replica(small):
             next(events)
         per_token = (time.monotonic() - started) / 20
         during = replica_stats()
+        # the ingress shows the replica's gauges: /health and /metrics, summed and per replica
+        health = health_until(small.url, lambda h: h["running"] == 1)
+        assert health["per_replica"] == {during["replica"]: {**{key: during[key] for key in GAUGES}, "running": 1}}
+        assert gauge(small.url, "pedro_running_requests") == 1
+        assert replica_metrics(small.url)["running_requests"] == {during["replica"]: 1}
     # the connection is closed here, mid-stream
     assert during["running"] == 1, during
     freed = wait_idle()
+    health_until(small.url, lambda h: h["running"] == h["in_flight"] == 0)
     print(f"dropped stream: replica idle {freed:.2f} s after the disconnect (the request had ~{LONG * per_token:.0f} s to go)")
     assert freed < LONG * per_token / 4
 

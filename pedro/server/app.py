@@ -112,7 +112,9 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
         log.info("serving %s with %d registered adapter(s)", config.served_model_name, restored)
         yield
 
-    app = FastAPI(title="pedro serve", lifespan=lifespan)
+    # redirect_slashes off: a path with a stray trailing slash is a 404 (or 405) error body, never a 307 redirect
+    # (clients do not re-send a POST body or an Authorization header reliably across redirects)
+    app = FastAPI(title="pedro serve", lifespan=lifespan, redirect_slashes=False)
     app.state.backend, app.state.adapters, app.state.metrics = backend, adapters, metrics
 
     # ---------------------------------------------------------------------------------------- errors
@@ -170,13 +172,20 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
     async def prometheus(_: Principal = Depends(admin)) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def card(who: Principal, record: Optional[AdapterRecord]) -> ModelCard:
+        if record is None:
+            return ModelCard(id=config.served_model_name, created=0, owned_by="pedro")
+        return ModelCard(id=adapters.display_name(who, record), created=record.created, owned_by=record.tenant)
+
     @app.get("/v1/models")
     async def models(who: Principal = Depends(principal)) -> ModelList:
-        cards = [ModelCard(id=config.served_model_name, created=0, owned_by="pedro")]
-        cards += [
-            ModelCard(id=adapters.display_name(who, r), created=r.created, owned_by=r.tenant) for r in adapters.visible(who)
-        ]
-        return ModelList(data=cards)
+        return ModelList(data=[card(who, None)] + [card(who, r) for r in adapters.visible(who)])
+
+    @app.get("/v1/models/{model:path}")  # :path: a base model's id may contain '/' (adapter names never do)
+    async def model(model: str, who: Principal = Depends(principal)) -> ModelCard:
+        """The base model or one of the caller's adapters (the admin: ``tenant:name``); anything else is the same
+        404 as for a name that does not exist."""
+        return card(who, adapters.resolve(who, model))
 
     # ---------------------------------------------------------------------------------------- generation
 

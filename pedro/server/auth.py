@@ -52,7 +52,8 @@ def _digest(key: str) -> str:
 
 
 class KeyRing:
-    """Resolves the ``Authorization: Bearer <key>`` of a request to a Principal (or None: 401)."""
+    """Resolves the ``Authorization: Bearer <key>`` of a request to a Principal (or None: 401); the scheme
+    is matched case-insensitively (``bearer``, ``BEARER``)."""
 
     def __init__(self, tenants: Mapping[str, list[str]], admin_keys: list[str]) -> None:
         self._principals: dict[str, Principal] = {}
@@ -80,9 +81,10 @@ class KeyRing:
     def resolve(self, authorization: Optional[str]) -> Optional[Principal]:
         if self.open:
             return Principal(OPEN_TENANT, admin=True)
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():  # auth schemes are case-insensitive (RFC 7235)
             return None
-        return self._principals.get(_digest(authorization[len("Bearer ") :].strip()))
+        return self._principals.get(_digest(credentials.strip()))
 
     @classmethod
     def load(cls, keys_file: Optional[Path], environ: Mapping[str, str] = os.environ) -> "KeyRing":

@@ -4,24 +4,51 @@ are counted too).
 
 Each app gets its own CollectorRegistry (not prometheus_client's global one) so several servers can live in
 one process (tests, the Ray replicas) without "duplicated timeseries" errors. Gauges that mirror engine state
-are read when Prometheus scrapes, not pushed on every step, so the engine loop pays nothing for them.
+are read when Prometheus scrapes, not pushed on every step, so the engine loop pays nothing for them. On Ray
+Serve they are the sums over the engine replicas, and ``pedro_replica_*{replica="..."}`` gives each replica's.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 TOKENS_PER_SECOND_WINDOW_S = 10.0
+# name, help, key of the backend's stats(): on Ray Serve the sum over the engine replicas
+ENGINE_GAUGES = (
+    ("pedro_queue_length", "Requests waiting for an engine slot.", "waiting"),
+    ("pedro_running_requests", "Requests in the running batch.", "running"),
+    ("pedro_requests_in_flight", "Requests admitted by the server and not finished.", "in_flight"),
+    ("pedro_engine_restarts", "Times the engine failed inside a step and was rebuilt in-process.", "engine_restarts"),
+)
+
+
+class PerReplica:
+    """Collector: each Ray Serve engine replica's gauges as ``pedro_replica_<gauge>{replica="<id>"}`` (from the
+    backend's ``per_replica`` stats; nothing for a single-process server)."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        per_replica = self.stats().get("per_replica") or {}
+        if not per_replica:
+            return
+        for name, doc, key in ENGINE_GAUGES:
+            family = GaugeMetricFamily(name.replace("pedro_", "pedro_replica_", 1), f"{doc} Per engine replica.", labels=["replica"])
+            for replica, gauges in per_replica.items():
+                family.add_metric([replica], gauges.get(key, 0))
+            yield family
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "pedro_requests", "Finished API requests by tenant, model (adapter) and outcome.",
@@ -39,13 +66,9 @@ class ServerMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry,
         )
         self._window: deque[tuple[float, int]] = deque()
-        for name, doc, key in (
-            ("pedro_queue_length", "Requests waiting for an engine slot.", "waiting"),
-            ("pedro_running_requests", "Requests in the running batch.", "running"),
-            ("pedro_requests_in_flight", "Requests admitted by the server and not finished.", "in_flight"),
-            ("pedro_engine_restarts", "Times the engine failed inside a step and was rebuilt in-process.", "engine_restarts"),
-        ):
+        for name, doc, key in ENGINE_GAUGES:
             Gauge(name, doc, registry=self.registry).set_function(lambda key=key: stats().get(key, 0))
+        self.registry.register(PerReplica(stats))
         Gauge("pedro_tokens_per_second", f"Generated tokens/s over the last {TOKENS_PER_SECOND_WINDOW_S:.0f} s.", registry=self.registry).set_function(self.tokens_per_second)
 
     def add_tokens(self, n: int) -> None:

@@ -18,6 +18,11 @@ writes: on several nodes that directory must be shared storage (NFS, a mounted b
 backbone carry no model id and go to any replica. Ray Serve does the routing, autoscaling, health checks and
 replica restarts; we do not write our own distributed engine.
 
+Engine gauges: a handle cannot address one replica, so each engine replica pushes its gauges (running, waiting,
+in_flight, engine_restarts) to the ingress when they change and at least every ``STATS_HEARTBEAT_S``; /health and
+/metrics show their sums and each replica's values. A replica not heard from for ``STATS_STALE_S`` (stopped,
+replaced) is left out.
+
 Entry points: ``pedro serve --ray`` (serve_on_ray), and ``app_builder`` for ``serve run`` / ``serve deploy``
 with serve.yaml.
 """
@@ -46,6 +51,10 @@ from pedro.server.errors import APIError
 from pedro.server.registry import AdapterRegistry
 
 log = logging.getLogger("pedro.server")
+ENGINE_GAUGES = ("running", "waiting", "in_flight", "engine_restarts")  # LocalBackend.stats() keys
+STATS_POLL_S = 0.25  # how often a replica looks at its gauges; it reports a change at once ...
+STATS_HEARTBEAT_S = 2.0  # ... and an unchanged value this often
+STATS_STALE_S = 10.0  # a replica silent this long is no longer counted (Ray's default health-check period)
 
 
 def _adapter_dir(config: ServerConfig, engine_name: str) -> Path:
@@ -74,6 +83,11 @@ class RayBackend:
         self.engine = engine
         self.replicas = replicas
         self.routing: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.replica_stats: dict[str, tuple[float, dict[str, float]]] = {}  # replica -> (when reported, gauges)
+
+    def record_replica(self, replica: str, stats: dict[str, float]) -> None:
+        """An engine replica's report of its gauges (PedroEngine pushes them: see the module docstring)."""
+        self.replica_stats[replica] = (time.monotonic(), {key: stats.get(key, 0) for key in ENGINE_GAUGES})
 
     async def stream(
         self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None,
@@ -94,7 +108,16 @@ class RayBackend:
                     responses.cancel()  # the replica's generator is cancelled: its engine request is aborted
 
     def stats(self) -> dict[str, Any]:
-        return {"replicas": self.replicas, "routing": {model: dict(c) for model, c in self.routing.items()}}
+        """The engine gauges summed over the replicas that reported in the last STATS_STALE_S, each replica's own
+        values (``per_replica``), and the routing counts (adapter -> replica -> requests) seen by this ingress."""
+        horizon = time.monotonic() - STATS_STALE_S
+        for replica, (seen, _) in list(self.replica_stats.items()):
+            if seen < horizon:
+                self.replica_stats.pop(replica, None)
+        per_replica = {replica: gauges for replica, (_, gauges) in sorted(self.replica_stats.items())}
+        totals = {key: sum(gauges[key] for gauges in per_replica.values()) for key in ENGINE_GAUGES}
+        routing = {model: dict(c) for model, c in self.routing.items()}
+        return {"replicas": self.replicas, **totals, "per_replica": per_replica, "routing": routing}
 
     async def ready(self) -> bool:
         """True once Ray Serve reports every deployment of this application HEALTHY (all target replicas up):
@@ -147,6 +170,34 @@ def build(config: ServerConfig) -> serve.Application:
             self.backend = LocalBackend.from_config(self.config)
             self.replica = serve.get_replica_context().replica_id.unique_id
             self.known: set[str] = set()
+            self.reporter: Optional[asyncio.Task] = None
+            self.report_stats()
+
+        def report_stats(self) -> None:
+            """Start pushing this replica's gauges to the ingress (again, if the task ended); needs the replica's
+            event loop, which Ray Serve runs the constructor and check_health on."""
+            if self.reporter is None or self.reporter.done():
+                with contextlib.suppress(RuntimeError):  # no running loop: check_health starts it
+                    self.reporter = asyncio.get_running_loop().create_task(self._report_stats())
+
+        async def _report_stats(self) -> None:
+            ingress = serve.get_deployment_handle("PedroIngress", app_name=serve.get_replica_context().app_name)
+            last, sent = None, 0.0
+            while True:
+                current = self.backend.stats()
+                stats = {key: current[key] for key in ENGINE_GAUGES}
+                if stats != last or time.monotonic() - sent >= STATS_HEARTBEAT_S:
+                    try:
+                        await asyncio.wait_for(self._push(ingress, stats), timeout=STATS_STALE_S)
+                        last, sent = stats, time.monotonic()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as err:  # the ingress is (re)starting: try again at the next poll
+                        log.debug("could not report engine stats to the ingress: %s", err)
+                await asyncio.sleep(STATS_POLL_S)
+
+        async def _push(self, ingress: DeploymentHandle, stats: dict[str, float]) -> None:
+            await ingress.record_replica_stats.remote(self.replica, stats)
 
         @serve.multiplexed(max_num_models_per_replica=ray_cfg.max_adapters_per_replica)
         async def adapter(self, engine_name: str) -> str:
@@ -168,6 +219,7 @@ def build(config: ServerConfig) -> serve.Application:
             """Ray Serve calls this periodically: a replica whose engine thread stopped is replaced."""
             if not await self.backend.ready():
                 raise RuntimeError("the engine thread has stopped")
+            self.report_stats()
 
         async def check(self, directory: str) -> dict[str, Any]:
             return await self.backend.check(Path(directory))
@@ -194,6 +246,10 @@ def build(config: ServerConfig) -> serve.Application:
 
         def __serve_build_asgi_app__(self) -> Any:
             return create_app(self.config, self.backend, self.keys)
+
+        async def record_replica_stats(self, replica: str, stats: dict[str, float]) -> None:
+            """Called by every PedroEngine replica through a handle (not an HTTP route): its engine gauges."""
+            self.backend.record_replica(replica, stats)
 
     config_json = config.model_dump_json()
     return PedroIngress.bind(config_json, PedroEngine.bind(config_json))

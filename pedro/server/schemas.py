@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # field -> why it is refused, when a request sets it to anything but an "off" value (None, False, 0, "", [], {})
 REFUSED = {
@@ -150,14 +150,52 @@ class TextPart(BaseModel):
     text: str
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
 class ChatMessage(BaseModel):
+    """One message. The chat template renders a message as its role and its text and nothing else, so what it
+    cannot carry is refused by name rather than dropped: tool results (role ``tool`` / ``function``, with their
+    ``tool_call_id``) and an assistant's ``tool_calls`` / ``function_call`` (this server does no tool calling:
+    ``tools`` is refused, so no tool call of its own can be answered). An assistant message with ``content``
+    null or absent is an empty assistant turn; any other role needs content."""
+
     model_config = STRICT
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: str
+    content: Optional[Union[str, list[TextPart]]] = Field(None, validate_default=True)
+    tool_calls: Optional[list[Any]] = None
+    function_call: Optional[Any] = None
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, role: str) -> str:
+        if role in ("tool", "function"):
+            raise ValueError(
+                f"role {role!r} (a tool result) is not supported: this server does no tool calling (tools is "
+                "refused) and renders messages as role + text only; send the result as a user message"
+            )
+        if role not in CHAT_ROLES:
+            raise ValueError("role must be 'system', 'developer', 'user' or 'assistant'")
+        return role
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, content: Optional[Union[str, list[TextPart]]], info: ValidationInfo) -> Optional[Union[str, list[TextPart]]]:
+        if content is None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError("only an assistant message may have null or no content")
+        return content
+
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _no_calls(cls, calls: Any, info: ValidationInfo) -> Any:
+        if calls:
+            raise ValueError(f"an assistant's {info.field_name} cannot be rendered: this server does no tool calling (tools is refused)")
+        return calls
 
     def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
