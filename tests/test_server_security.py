@@ -143,8 +143,9 @@ CASES = {
     "prompt over the limit": (lambda lv: complete(lv, prompt=" ".join(["7"] * 65)), 400, "at most 64"),
     "no messages": (lambda lv: post(lv, "/v1/chat/completions", json={"model": "mine", "messages": []}), 400, "messages"),
     "bad role": (lambda lv: post(lv, "/v1/chat/completions", json={"model": "mine", "messages": [{"role": "wizard", "content": "3"}]}), 400, "role"),
-    "n=2": (lambda lv: complete(lv, n=2), 400, "n=1"),
-    "logprobs": (lambda lv: complete(lv, logprobs=2), 400, "logprobs"),
+    "n over the limit": (lambda lv: complete(lv, n=17), 400, "n"),
+    "best_of": (lambda lv: complete(lv, best_of=2), 400, "best_of"),
+    "logprobs over the limit": (lambda lv: complete(lv, logprobs=21), 400, "logprobs"),
     "unknown model": (lambda lv: complete(lv, model="nobody"), 404, "does not exist"),
 }
 
