@@ -174,7 +174,13 @@ def train(
     lr: float = typer.Option(1e-3),
     scheduler: str = typer.Option("cosine", help="cosine | linear | constant_with_warmup ..."),
     warmup: float = typer.Option(0.06, help="Warm-up: a ratio of the steps (<1) or a step count."),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16"),
+    precision: str = typer.Option(
+        "auto", help="auto (bf16 on a CPU with native bf16 or a bf16 GPU, else fp32) | fp32 | bf16 | fp16"
+    ),
+    group_by_length: bool = typer.Option(True, help="Batch rows of similar length (little padding)."),
+    response_logits_only: bool = typer.Option(True, help="Run the LM head only where the loss reads it."),
+    attention: str = typer.Option("auto", help="auto (eager under bf16 when it fits) | eager | sdpa"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's; 1 on a busy machine)."),
     seed: int = typer.Option(0),
     limit: Optional[int] = typer.Option(None, help="Train on N records (after a seeded shuffle)."),
     eval_data: Optional[str] = typer.Option(None, help="Held-out records for periodic eval loss."),
@@ -196,7 +202,9 @@ def train(
         pooler=pooler, activation=activation, targets=targets, rational_lr=rational_lr, lora_r=lora_r,
         lora_targets=lora_targets, ia3_targets=ia3_targets, max_length=max_length, overflow=overflow,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-        scheduler=scheduler, warmup=warmup, precision=precision, seed=seed, limit=limit, eval_data=eval_data,
+        scheduler=scheduler, warmup=warmup, precision=precision, group_by_length=group_by_length,
+        response_logits_only=response_logits_only, attention=attention, threads=threads, seed=seed, limit=limit,
+        eval_data=eval_data,
         eval_steps=eval_steps, early_stopping=early_stopping, save_steps=save_steps, resume=resume,
         save_total_limit=save_total_limit, logging_steps=logging_steps, padding_side=padding_side,
         data_dir=data_dir, report_to=[x for x in report_to.split(",") if x],
@@ -265,6 +273,13 @@ def bench_serve(ctx: typer.Context) -> None:
     """Load benchmark of pedro serve: PEDRO vs LoRA vs base under concurrent clients -> results/serve.*
     (options pass through to benchmarks/serve.py; see its --help)."""
     _run_benchmark("serve", ctx.args)
+
+
+@bench_app.command("train", context_settings=PASS_THROUGH)
+def bench_train(ctx: typer.Context) -> None:
+    """Training tokens/s: PEDRO vs parameter-matched LoRA, fp32 vs bf16, interleaved -> results/train_speed.*
+    (options pass through to benchmarks/train_speed.py; see its --help)."""
+    _run_benchmark("train_speed", ctx.args)
 
 
 @bench_app.command("quality", context_settings=PASS_THROUGH)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -256,6 +257,53 @@ class Collator:
         if self.with_prompt_lengths:
             batch["prompt_lengths"] = torch.tensor([r["prompt_length"] for r in rows])
         return batch
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Row indices in an order where every ``batch_size`` consecutive indices (one batch) have similar lengths,
+    so the per-batch padding of :class:`Collator` is small, while the batches still come in a random order.
+
+    Each epoch: a seeded shuffle of all rows, cut into groups of ``group_batches`` batches; each group is sorted
+    by length and cut into batches; then the full batches of all groups are shuffled, and the one short batch
+    (if the row count is not a multiple of ``batch_size``) goes last, since a short batch in the middle would
+    shift the boundaries of every batch after it. Unlike transformers' sampler of the same name, batches are
+    not served longest-first within a group, so batch length does not follow the schedule. The order depends
+    only on ``(seed, epoch)`` (see ``set_epoch``), so a resumed run sees exactly the batches of a straight one.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group_batches: int = 50) -> None:
+        if batch_size < 1 or group_batches < 1:
+            raise ValueError(f"batch_size and group_batches must be positive, got {batch_size}, {group_batches}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_batches = group_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches, in the order they are served."""
+        rng = random.Random(f"length-grouped:{self.seed}:{self.epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        group = self.batch_size * self.group_batches
+        full: list[list[int]] = []
+        short: list[list[int]] = []
+        for start in range(0, len(order), group):
+            rows = sorted(order[start : start + group], key=self.lengths.__getitem__)
+            for b in range(0, len(rows), self.batch_size):
+                batch = rows[b : b + self.batch_size]
+                (full if len(batch) == self.batch_size else short).append(batch)
+        rng.shuffle(full)
+        return full + short
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for batch in self.batches() for index in batch)
 
 
 def write_jsonl_atomic(path: str | Path, records: Sequence[Any]) -> None:

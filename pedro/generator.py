@@ -102,9 +102,19 @@ class VectorGenerator(nn.Module):
             nn.init.zeros_(self.up.bias)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """states (B, T, d), mask (B, T) bool -> z (B, out_features) in the generator's dtype."""
-        pooled = pool(states.to(self.down.weight.dtype), mask, self.pooler, self.scorer)
-        return self.up(self.act(self.down(pooled)))
+        """states (B, T, d), mask (B, T) bool -> z (B, out_features) in the generator's dtype.
+
+        The generator computes in its own dtype (fp32) also under autocast: it is a few (B, d) rows per layer,
+        and the states it pools may be bf16 and large (unnormalised residuals reach norms in the tens of
+        thousands). The last-token pooler picks its rows before converting them, not the whole (B, T, d).
+        """
+        dtype = self.down.weight.dtype
+        with torch.autocast(device_type=states.device.type, enabled=False):
+            if self.pooler == "last":
+                pooled = pool(states, mask, "last").to(dtype)
+            else:
+                pooled = pool(states.to(dtype), mask, self.pooler, self.scorer)
+            return self.up(self.act(self.down(pooled)))
 
 
 def generator_parameter_count(d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> int:

@@ -8,7 +8,10 @@ What this module adds to Trainer, and why:
 - a separate learning rate for the rational activation's coefficients (the paper optimises them apart);
 - checkpoints written atomically (a temp folder renamed into place), so ``resume`` after a crash or a
   SIGKILL never picks up a half-written checkpoint, and continues exactly;
-- a PEFT adapter folder plus ``training_summary.json`` and a JSONL log as the output, also written atomically.
+- a PEFT adapter folder plus ``training_summary.json`` and a JSONL log as the output, also written atomically;
+- speed (docs/training.md, "Speed"): bf16 autocast with fp32 adapter weights on CPUs with native bf16 (and a
+  bf16 backbone when this module loads it), eager attention under bf16, length-grouped batches, and logits
+  only at the positions the loss reads.
 """
 
 from __future__ import annotations
@@ -31,11 +34,20 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from pedro.backbones import DEFAULT_BACKBONE, layer_map, load_backbone
+from pedro.backbones import DEFAULT_BACKBONE, layer_map, load_backbone, resolve_dtype
 from pedro.config import PedroConfig
-from pedro.data import OVERFLOW, Collator, Example, load_records, prompt_format, tokenize_examples, write_json_atomic
+from pedro.data import (
+    OVERFLOW,
+    Collator,
+    Example,
+    LengthGroupedSampler,
+    load_records,
+    prompt_format,
+    tokenize_examples,
+    write_json_atomic,
+)
 from pedro.io import record_prompt_format
-from pedro.model import count_trainable_parameters
+from pedro.model import IGNORE_INDEX, count_trainable_parameters
 
 METHODS = ("pedro", "lora", "ia3")
 # peft's own (IA)3 placement for LLaMA-like models (the original paper's): keys, values, and the input of
@@ -45,6 +57,11 @@ IA3_FEEDFORWARD = ("down",)
 SUMMARY_NAME = "training_summary.json"
 LOG_NAME = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ATTENTIONS = ("auto", "eager", "sdpa")
+# attention="auto" picks eager attention under bf16 while a full batch's attention matrices (kept for the
+# backward pass) stay under this many bytes; beyond it the backbone's own (memory-efficient) kernel is kept
+EAGER_ATTENTION_BYTES = 4 << 30
 
 
 @dataclass
@@ -86,8 +103,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     scheduler: str = "cosine"
     warmup: float = 0.06  # ratio of the steps (<1) or a step count
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 where the hardware has it natively, else fp32) | fp32 | bf16 | fp16
     seed: int = 0
+    # speed (none of these changes what is learned beyond floating-point rounding, except group_by_length,
+    # which changes which rows share a batch)
+    group_by_length: bool = True  # batches of similar-length rows (little padding), in a random batch order
+    response_logits_only: bool = True  # the LM head runs only at the positions the loss reads
+    attention: str = "auto"  # auto (eager under bf16 when it fits, else the backbone's) | eager | sdpa
+    threads: Optional[int] = None  # torch CPU threads during training (None: torch's default)
     # logging, evaluation, checkpoints
     logging_steps: int = 10
     eval_steps: int = 0
@@ -101,8 +124,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.early_stopping and not self.eval_steps:
             raise ValueError("early_stopping needs eval_steps (and held-out data: eval_data or eval_examples)")
         if self.overflow not in OVERFLOW:
@@ -230,6 +257,15 @@ def attach_adapter(model: nn.Module, cfg: TrainConfig) -> peft.PeftModel:
     return peft.get_peft_model(model, config)
 
 
+def _fp32_trainable(model: nn.Module) -> None:
+    """Adapter weights are trained in fp32 whatever the backbone's dtype (they are the optimizer's master
+    weights; autocast computes with bf16 copies). PEDRO builds its generators in fp32 and peft upcasts LoRA
+    and (IA)3 weights itself; this catches anything that came out in half precision anyway."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+
+
 def _forget_gguf_quantization(model: nn.Module) -> None:
     """A GGUF backbone is dequantised to float at load, but transformers keeps its GGUF "quantizer" marker
     and Trainer then refuses to train it; the weights are plain float tensors, so drop the stale marker."""
@@ -262,12 +298,66 @@ def _is_rational(name: str) -> bool:
     return ".act.numerator" in name or ".act.denominator" in name
 
 
-class PedroTrainer(Trainer):
-    """Trainer with a separate learning rate for rational-activation coefficients and atomic checkpoints."""
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) bool: the positions whose logits the causal-LM loss reads (position t predicts label t + 1), and
+    the (N,) targets at those positions, in the row-major order of ``hidden[mask]``."""
+    targets = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets != IGNORE_INDEX
+    return keep, targets[keep[:, :-1]]
 
-    def __init__(self, *args: Any, rational_lr: float | None = None, **kwargs: Any) -> None:
+
+def accepts_logits_mask(model: nn.Module) -> bool:
+    """Whether the causal LM under ``model`` (PEFT-wrapped or not) slices its LM-head input with a boolean
+    ``logits_to_keep`` mask (transformers' ``slice_logits_to_keep``, used by every architecture PEDRO supports)."""
+    import inspect
+
+    base = model.get_base_model() if isinstance(model, peft.PeftModel) else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class PedroTrainer(Trainer):
+    """Trainer with a separate learning rate for rational-activation coefficients, atomic checkpoints,
+    length-grouped batches, and the LM head run only where the loss reads it."""
+
+    def __init__(
+        self,
+        *args: Any,
+        rational_lr: float | None = None,
+        group_by_length: bool = False,
+        response_logits_only: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.rational_lr = rational_lr
+        self.group_by_length = group_by_length
+        self.response_logits_only = response_logits_only and accepts_logits_mask(self.model)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler([len(row["input_ids"]) for row in dataset], self.args.train_batch_size,
+                                    seed=self.args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        """The usual causal-LM loss, with logits computed only at the positions that predict a supervised
+        token: with prompt-masked labels (SFT) that is a few positions per row, and the LM head (vocab x d) plus
+        its softmax over every prompt position was about a quarter of a SmolLM2 training step."""
+        fast = (
+            self.response_logits_only
+            and "labels" in inputs
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+            and (not return_outputs or self.args.prediction_loss_only)
+        )
+        if fast:
+            keep, targets = supervised_positions(inputs["labels"])
+            inputs = {**inputs, "logits_to_keep": keep, "shift_labels": targets}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -379,11 +469,37 @@ def save_adapter_atomic(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _precision(cfg: TrainConfig) -> dict[str, bool]:
-    if cfg.precision == "auto":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return {"bf16": bf16, "fp16": False}
-    return {"bf16": cfg.precision == "bf16", "fp16": cfg.precision == "fp16"}
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` on a GPU with bf16, or on a CPU with native bf16 matmuls (AVX512-BF16 / AMX, the
+    test ``pedro.backbones.resolve_dtype("auto")`` uses; there bf16 GEMMs take about a third of their fp32
+    time), else ``fp32``. Other values are returned as they are."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
+
+
+def _precision(precision: str) -> dict[str, bool]:
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _attention(cfg: TrainConfig, precision: str, model: nn.Module, longest: int) -> str | None:
+    """The attention implementation to train with, or None to keep the backbone's.
+
+    Under bf16 on CPU, PyTorch's fused attention (sdpa) is slow in its backward pass (about 4x its fp32 time
+    on SmolLM2 at 54 tokens); the eager matmul + softmax (softmax in fp32) takes a fraction of it, at the cost
+    of keeping each layer's (batch, heads, T, T) attention matrix for the backward pass."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    if precision != "bf16" or torch.cuda.is_available():
+        return None
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    # per layer: scores (bf16), softmax output (fp32) and its bf16 copy are kept for the backward pass
+    held = layers * cfg.batch_size * heads * longest * longest * 8
+    return "eager" if held <= EAGER_ATTENTION_BYTES else None
 
 
 def train(
@@ -415,8 +531,12 @@ def train(
     if held_out is None and cfg.eval_data:
         held_out = load_records(cfg.eval_data, "test", cfg.data_dir)
     loaded_here = model is None
+    precision = resolve_precision(cfg.precision)
     if loaded_here:
-        model, tokenizer = load_backbone(cfg.backbone or DEFAULT_BACKBONE, quiet=not cfg.progress)
+        # the frozen backbone is held in bf16 under bf16 autocast: autocast would otherwise cast every frozen
+        # weight again at every step (the adapter's weights stay fp32 either way)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model, tokenizer = load_backbone(cfg.backbone or DEFAULT_BACKBONE, dtype=dtype, quiet=not cfg.progress)
     if tokenizer is None:
         raise ValueError("pass the backbone's tokenizer with the model")
 
@@ -436,7 +556,12 @@ def train(
     if cfg.progress:
         print(f"train data: {report}" + (f"\neval data: {eval_report}" if eval_report else ""))
 
+    attention = _attention(cfg, precision, model, max(len(row["input_ids"]) for row in rows))
+    previous_attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attention is not None and attention != previous_attention:
+        model.set_attn_implementation(attention)
     peft_model = attach_adapter(model, cfg)
+    _fp32_trainable(peft_model)
     trainable, _ = peft_model.get_nb_trainable_parameters()
     peft_model.train()
     checkpoint_dir = output_dir / CHECKPOINTS
@@ -470,7 +595,8 @@ def train(
         disable_tqdm=True,  # our own bar (ProgressAndLog) shows loss and tokens/s
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
-        **_precision(cfg),
+        prediction_loss_only=True,  # evaluation reports the loss; keeping every batch's logits is wasted memory
+        **_precision(precision),
     )
     collator = Collator(tokenizer.pad_token_id, cfg.padding_side, with_prompt_lengths=cfg.method == "pedro")
     progress = ProgressAndLog(output_dir / LOG_NAME, cfg.progress)
@@ -487,6 +613,8 @@ def train(
         data_collator=collator,
         callbacks=extra,
         rational_lr=cfg.rational_lr,
+        group_by_length=cfg.group_by_length,
+        response_logits_only=cfg.response_logits_only,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressAndLog shows and records them
     resume_from = None
@@ -494,10 +622,18 @@ def train(
         resume_from = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
         if cfg.progress:
             print(f"resuming from {resume_from}" if resume_from else "no checkpoint to resume from: starting fresh")
-    train_start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.perf_counter() - train_start
-    final_eval = trainer.evaluate() if eval_rows is not None else {}
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        train_start = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=resume_from)
+        train_seconds = time.perf_counter() - train_start
+        final_eval = trainer.evaluate() if eval_rows is not None else {}
+    finally:
+        torch.set_num_threads(threads)
+        if attention is not None and previous_attention is not None and attention != previous_attention:
+            model.set_attn_implementation(previous_attention)  # the model passed in is handed back as it was
 
     save_adapter_atomic(peft_model, output_dir, cfg.backbone or (DEFAULT_BACKBONE if loaded_here else None), prompt_format(tokenizer))
     summary = {
@@ -505,6 +641,10 @@ def train(
         "requested": asdict(requested) if requested is not cfg else None,
         "backbone": cfg.backbone or (DEFAULT_BACKBONE if loaded_here else getattr(model.config, "name_or_path", None)),
         "method": cfg.method,
+        "precision": precision,
+        "backbone_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attention": attention or previous_attention,
+        "threads": cfg.threads or threads,
         "trainable_parameters": trainable,
         "parameter_sizes": sizes,
         "data": report.as_dict(),
@@ -609,7 +749,9 @@ def demo_tenants(
         start = time.perf_counter()
         result = train(model=model, tokenizer=tokenizer, data=str(data_dir / "train.jsonl"), backbone=backbone,
                        output_dir=str(root / tenant / "adapter"), method="pedro", epochs=epochs, batch_size=4,
-                       lr=2e-3, max_length=128, logging_steps=4, progress=False)
+                       lr=2e-3, max_length=128, logging_steps=4, progress=False,
+                       # the settings the README's recorded demo output was produced with
+                       precision="fp32", group_by_length=False)
         after = evaluate(model, tokenizer, task, "test", progress=False)
         prompt = splits["test"][0]["prompt"]
         text = generate_texts(model, tokenizer, [prompt], max_new_tokens=8, progress=False)[0]
@@ -642,6 +784,8 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "attach_adapter",
+    "resolve_precision",
+    "supervised_positions",
     "demo_tenants",
     "expected_parameter_count",
     "ia3_parameter_count",

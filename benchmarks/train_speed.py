@@ -1,0 +1,342 @@
+"""Training throughput: PEDRO and parameter-matched LoRA, fp32 and bf16, measured side by side.
+
+    python benchmarks/train_speed.py              # = pedro bench train; writes results/train_speed.{json,md}
+    python benchmarks/train_speed.py --quick      # one repeat of a few steps: checks the code path
+    python benchmarks/train_speed.py --profile "fp32 before,bf16"   # torch.profiler tables of one PEDRO step
+
+Every run is a real ``pedro.train`` call (Trainer, collator, sampler, optimizer) on a fresh copy of the
+backbone, with a fixed number of steps on the same records; tokens/s counts non-padding tokens from the end of
+the warm-up steps to the end of the run (data loading and optimizer steps included). The configurations:
+
+- ``fp32 before``: the previous defaults (fp32, random batches, logits at every position, the backbone's
+  attention), the reference for the speed-ups;
+- ``fp32``: exact fp32, with length-grouped batches and logits only where the loss reads them;
+- ``bf16 autocast``: bf16 autocast over an fp32 backbone (what a model passed to ``train()`` in fp32 gets);
+- ``bf16``: a bf16 backbone under bf16 autocast, fp32 adapter weights (``pedro train``'s default on a CPU with
+  native bf16).
+
+Each is run for PEDRO and for LoRA sized to PEDRO's parameter count. The machine this was written on is shared
+with other jobs, so the runs are interleaved (every repeat runs every configuration once, in a rotated order)
+and the report gives medians over repeats and, more robustly, ratios between configurations taken within each
+repeat (paired), then their median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pedro  # noqa: E402
+from pedro.data import load_records, write_json_atomic  # noqa: E402
+from pedro.train import resolve_precision, train  # noqa: E402
+
+BEFORE = dict(precision="fp32", group_by_length=False, response_logits_only=False, attention="sdpa")
+MODES: dict[str, dict[str, Any]] = {
+    "fp32 before": dict(BEFORE, backbone="float32"),
+    "fp32": dict(precision="fp32", backbone="float32"),
+    "bf16 autocast": dict(precision="bf16", backbone="float32"),
+    "bf16": dict(precision="bf16", backbone="bfloat16"),
+}
+METHODS: dict[str, dict[str, Any]] = {
+    "pedro": dict(method="pedro", r=8),
+    "lora": dict(method="lora", match_params="pedro", lora_targets=("q", "v")),
+}
+
+
+class StepClock(TrainerCallback):
+    """Wall time and non-padding tokens from the end of step ``warmup`` to the end of the run."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: tuple[float, int] | None = None
+        self.end: tuple[float, int] | None = None
+        self.step_seconds: list[float] = []
+        self._last = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        now = time.perf_counter()
+        self.step_seconds.append(now - self._last)
+        self._last = now
+        if state.global_step == self.warmup:
+            self.start = (now, state.num_input_tokens_seen)
+        self.end = (now, state.num_input_tokens_seen)
+
+    def tokens_per_second(self) -> float:
+        if self.start is None or self.end is None or self.end[0] <= self.start[0]:
+            raise RuntimeError("the run ended before its measured steps")
+        return (self.end[1] - self.start[1]) / (self.end[0] - self.start[0])
+
+
+def run_one(backbones, tokenizer, examples, method: str, mode: str, opts: argparse.Namespace) -> dict[str, Any]:
+    settings = {**METHODS[method], **MODES[mode]}
+    backbone = backbones[settings.pop("backbone")]
+    model = copy.deepcopy(backbone)
+    clock = StepClock(opts.warmup)
+    with tempfile.TemporaryDirectory(prefix="train-speed-") as out:
+        result = train(model=model, tokenizer=tokenizer, examples=examples, output_dir=out, progress=False,
+                       max_steps=opts.warmup + opts.steps, batch_size=opts.batch_size, max_length=opts.max_length,
+                       lr=1e-3, warmup=0, logging_steps=10_000, seed=0, threads=opts.threads, callbacks=[clock],
+                       **settings)
+    del model
+    summary = result.summary
+    return {
+        "method": method, "mode": mode, "tokens_per_s": clock.tokens_per_second(),
+        "measured_tokens": clock.end[1] - clock.start[1], "seconds": clock.end[0] - clock.start[0],
+        "step_seconds": [round(s, 3) for s in clock.step_seconds], "train_loss": summary["train_loss"],
+        "precision": summary["precision"], "backbone_dtype": summary["backbone_dtype"],
+        "attention": summary["attention"], "trainable_parameters": summary["trainable_parameters"],
+    }
+
+
+class ProfileStep(TrainerCallback):
+    """torch.profiler over one training step (the one after the warm-up), with PEDRO's forward pieces labelled."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.profiler = None
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.global_step == self.step:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.profiler is not None and state.global_step == self.step + 1:
+            self.profiler.__exit__(None, None, None)
+
+
+def _labelled(module, name: str, label: str) -> None:
+    """Wrap ``module.name`` so that its calls show up as ``label`` in the profile."""
+    from torch.profiler import record_function
+
+    inner = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        with record_function(label):
+            return inner(*args, **kwargs)
+
+    setattr(module, name, wrapped)
+
+
+def profile_step(backbones, tokenizer, examples, mode: str, opts: argparse.Namespace) -> None:
+    """Print where one PEDRO training step's time goes: the top operators (by input shape) and PEDRO's own
+    forward pieces (generator, prompt mask, scales) against the whole step."""
+    import pedro.generator
+    import pedro.layer
+    import pedro.model
+
+    _labelled(pedro.generator.VectorGenerator, "forward", "pedro: generator (pool + Down/act/Up)")
+    _labelled(pedro.layer, "apply_scale", "pedro: scale out + out*z")
+    _labelled(pedro.model, "build_prompt_mask", "pedro: prompt mask")
+    settings = {**METHODS["pedro"], **MODES[mode]}
+    model = copy.deepcopy(backbones[settings.pop("backbone")])
+    clock = StepClock(opts.warmup)
+    probe = ProfileStep(opts.warmup)
+    with tempfile.TemporaryDirectory(prefix="train-speed-") as out:
+        train(model=model, tokenizer=tokenizer, examples=examples, output_dir=out, progress=False,
+              max_steps=opts.warmup + 1, batch_size=opts.batch_size, max_length=opts.max_length, lr=1e-3, warmup=0,
+              logging_steps=10_000, seed=0, threads=opts.threads, callbacks=[clock, probe], **settings)
+    events = probe.profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n=== one PEDRO training step, {mode}: {total / 1e6:.2f} s of operator time "
+          f"(step wall time {clock.step_seconds[-1]:.2f} s)")
+    print(probe.profiler.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20))
+    for event in events:
+        if event.key.startswith("pedro:") or event.key.endswith("AddcmulBackward0"):
+            print(f"{event.key:45s} {event.cpu_time_total / 1e3:8.1f} ms ({100 * event.cpu_time_total / total:4.1f} %)"
+                  f" in {event.count} calls")
+
+
+def paired_ratios(runs: list[dict[str, Any]], pairs: list[tuple[tuple[str, str], tuple[str, str]]]) -> dict[str, Any]:
+    """For each (numerator, denominator) configuration pair, the ratio of tokens/s within each repeat."""
+    out = {}
+    for (m1, d1), (m2, d2) in pairs:
+        values = []
+        for rep in sorted({r["repeat"] for r in runs}):
+            a = [r for r in runs if r["repeat"] == rep and (r["method"], r["mode"]) == (m1, d1)]
+            b = [r for r in runs if r["repeat"] == rep and (r["method"], r["mode"]) == (m2, d2)]
+            if a and b:
+                values.append(a[0]["tokens_per_s"] / b[0]["tokens_per_s"])
+        if values:
+            out[f"{m1} {d1} / {m2} {d2}"] = {"median": statistics.median(values), "min": min(values),
+                                            "max": max(values), "per_repeat": [round(v, 3) for v in values]}
+    return out
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_markdown(path: Path, report: dict[str, Any]) -> None:
+    opts = report["options"]
+    lines = [
+        "# Training throughput: PEDRO vs parameter-matched LoRA, fp32 vs bf16",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"{report['backbone']} on {report['cpu']} ({report['cpu_count']} cores), torch {report['torch']}, "
+        f"{opts['threads']} torch thread(s); batch {opts['batch_size']}, {opts['warmup']} warm-up + "
+        f"{opts['steps']} measured steps per run, {opts['repeats']} interleaved repeat(s), {report['minutes']:.0f} min. "
+        f"Load average {report['load_before']} before, {report['load_after']} after (the machine is shared: "
+        "absolute numbers move with its load, the paired ratios much less). `auto` precision resolves to "
+        f"**{report['auto_precision']}** here.",
+        "",
+        "Tokens/s are non-padding tokens per second of wall time over the measured steps (median over repeats).",
+        "",
+    ]
+    for task, block in report["tasks"].items():
+        lines += [f"## {task} ({block['records']} records, {block['tokens']:,} tokens, "
+                  f"longest {block['longest']})", "",
+                  "| configuration | PEDRO tokens/s | LoRA tokens/s | PEDRO / LoRA (paired) | PEDRO vs fp32 before (paired) |",
+                  "|---|---:|---:|---:|---:|"]
+        for mode in MODES:
+            cell = block["median_tokens_per_s"]
+            pedro_v, lora_v = cell.get(f"pedro {mode}"), cell.get(f"lora {mode}")
+            pl = block["ratios"].get(f"pedro {mode} / lora {mode}", {}).get("median")
+            speedup = block["ratios"].get(f"pedro {mode} / pedro fp32 before", {}).get("median")
+            lines.append(
+                f"| {mode} | {pedro_v:.0f} | {lora_v:.0f} | {pl:.2f}x | "
+                + (f"{speedup:.2f}x |" if speedup is not None else "1.00x |")
+            )
+        lines.append("")
+        lines.append("Paired ratios (median, min..max over repeats):")
+        lines.append("")
+        for name, value in block["ratios"].items():
+            lines.append(f"- {name}: {value['median']:.2f}x ({value['min']:.2f}..{value['max']:.2f})")
+        lines.append("")
+    lines += [
+        "Configurations: `fp32 before` = the previous defaults (fp32, random batches, logits at every position, "
+        "sdpa attention); `fp32` = fp32 with length-grouped batches and logits only where the loss reads them; "
+        "`bf16 autocast` = bf16 autocast over an fp32 backbone; `bf16` = bf16 backbone + bf16 autocast with fp32 "
+        "adapter weights (the default of `pedro train` on a CPU with native bf16). LoRA is r="
+        f"{report['lora_r']} on q,v ({report['lora_params']:,} parameters) against PEDRO r=8 "
+        f"({report['pedro_params']:,}).",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default="sst2,rte", help="task names or JSONL files, comma-separated")
+    parser.add_argument("--backbone", default="smollm2-135m")
+    parser.add_argument("--records", type=int, default=400, help="training records per task (seeded shuffle)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2, help="steps run before the clock starts")
+    parser.add_argument("--steps", type=int, default=6, help="measured steps per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine a second thread waits on busy cores)")
+    parser.add_argument("--modes", default=",".join(MODES), help="subset of: " + ", ".join(MODES))
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 1 + 2 steps, 48 records: a smoke run")
+    parser.add_argument("--out", default=str(ROOT / "results" / "train_speed"), help="path prefix for .json/.md")
+    parser.add_argument("--profile", default=None,
+                        help="instead of the benchmark: profile one PEDRO step of each listed mode on the first task")
+    opts = parser.parse_args(argv)
+    if opts.quick:
+        opts.repeats, opts.warmup, opts.steps, opts.records = 1, 1, 2, 48
+    modes = [m.strip() for m in (opts.profile or opts.modes).split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+    args = list(argv if argv is not None else sys.argv[1:])
+    command = "pedro bench train" + (" " + shlex.join(args) if args else "")
+    started = time.perf_counter()
+    load_before = load_average()
+    base, tokenizer = pedro.load_backbone(opts.backbone, quiet=True)
+    backbones = {"float32": base}
+    if any(MODES[m]["backbone"] == "bfloat16" for m in modes):
+        backbones["bfloat16"] = copy.deepcopy(base).to(torch.bfloat16)
+    report: dict[str, Any] = {
+        "command": command, "backbone": opts.backbone, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "auto_precision": resolve_precision("auto"), "options": vars(opts),
+        "load_before": load_before, "tasks": {},
+    }
+    if opts.profile:
+        task = opts.tasks.split(",")[0].strip()
+        records = load_records(task, "train", opts.data_dir)
+        random.Random(0).shuffle(records)
+        for mode in modes:
+            profile_step(backbones, tokenizer, records[: opts.records], mode, opts)
+        return {}
+    configs = [(method, mode) for mode in modes for method in METHODS]
+    for task in [t.strip() for t in opts.tasks.split(",") if t.strip()]:
+        records = load_records(task, "train", opts.data_dir)
+        random.Random(0).shuffle(records)
+        records = records[: opts.records]
+        runs: list[dict[str, Any]] = []
+        for repeat in range(opts.repeats):
+            shift = repeat % len(configs)
+            for method, mode in configs[shift:] + configs[:shift]:  # rotated: no configuration always runs first
+                run = run_one(backbones, tokenizer, records, method, mode, opts)
+                run["repeat"] = repeat
+                runs.append(run)
+                print(f"[{task} repeat {repeat}] {method:5s} {mode:13s} {run['tokens_per_s']:7.1f} tokens/s "
+                      f"(steps {run['step_seconds']}, load {load_average()})", flush=True)
+        medians = {f"{m} {d}": statistics.median(r["tokens_per_s"] for r in runs if (r["method"], r["mode"]) == (m, d))
+                   for m, d in configs}
+        pairs = [(("pedro", d), ("lora", d)) for d in modes]
+        if "fp32 before" in modes:
+            pairs += [((m, d), (m, "fp32 before")) for m in METHODS for d in modes if d != "fp32 before"]
+        from pedro.data import tokenize_examples
+
+        rows, data_report = tokenize_examples(records, tokenizer, opts.max_length, "truncate")
+        report["tasks"][task] = {
+            "records": len(records), "tokens": data_report.tokens, "longest": max(len(r["input_ids"]) for r in rows),
+            "median_tokens_per_s": medians, "ratios": paired_ratios(runs, pairs), "runs": runs,
+        }
+        first = {r["method"]: r["trainable_parameters"] for r in runs}
+        report["pedro_params"], report["lora_params"] = first["pedro"], first["lora"]
+    from pedro.train import TrainConfig, match_sizes
+
+    matched, _ = match_sizes(TrainConfig(**METHODS["lora"]), base)
+    report["lora_r"] = matched.lora_r
+    report["load_after"] = load_average()
+    report["minutes"] = (time.perf_counter() - started) / 60
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out.with_suffix(".json"), report)
+    write_markdown(out.with_suffix(".md"), report)
+    print(out.with_suffix(".md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()
