@@ -12,7 +12,7 @@ point the bare engine and transformers generate also run in float32, so the engi
 reported in both dtypes, each side by side.
 
     python benchmarks/multitenant.py            # or: pedro bench multitenant
-    python benchmarks/multitenant.py --preset full   # the issue's full sweep (hours on a 2-core CPU)
+    python benchmarks/multitenant.py --preset full   # the full sweep (hours on a 2-core CPU)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # what the issue asks for (hours on a 2-core CPU)
+    # every method at both batch sizes over the tenant counts (hours on a 2-core CPU)
     "full": dict(sweep={32: [1, 4, 16, 32], 64: [1, 4, 16, 32, 64]}, all_methods_at=[32, 64], prompt_len=128,
                  new_tokens=128, repeats=3, hf_new_tokens=128, long_prompt=512, long_batch=8, hf_tenants=[1, 4, 16, 32]),
     # sized to finish in ~25 minutes on a shared 2-core CPU (see docs/engine.md): short prompts and 16 decode
@@ -337,7 +337,7 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Ca
 
 
 def targets(result: dict[str, Any]) -> list[tuple[str, float | None, float, bool]]:
-    """(description, measured, threshold, pass) for each of the issue's targets."""
+    """(description, measured, threshold, pass) for each of the engine's performance targets."""
     points = result["points"]
     t32 = points.get("b32-t32", {}).get("methods", {})
     t1 = points.get("b32-t1", {}).get("methods", {})

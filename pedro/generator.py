@@ -118,7 +118,8 @@ class VectorGenerator(nn.Module):
 
 
 def generator_parameter_count(d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> int:
-    """Closed form of one generator's trainable parameters (DESIGN.md section 1)."""
+    """Closed form of one generator's trainable parameters: d*r + r*D, the biases r + D when enabled, the
+    attention pooler's scorer d and the rational activation's coefficients."""
     count = d_model * r + r * out_features
     if bias:
         count += r + out_features

@@ -143,7 +143,7 @@ def test_small_pedro_and_ia3_scales_in_the_bf16_engine_are_exact(tmp_path, monke
 
 @pytest.mark.parametrize("zv, rounded", [(0.003, 0.0), (0.006, 0.0078125)])
 def test_why_one_plus_z_is_not_rounded_to_bf16(zv, rounded):
-    """The quantisation the engine and the PEFT model avoid (the numbers quoted in DESIGN.md section 6)."""
+    """The quantisation the engine and the PEFT model avoid (z = 0.003 served as 0, z = 0.006 as 0.0078)."""
     assert (1 + torch.tensor(zv)).to(torch.bfloat16).item() - 1 == rounded
     out = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     scaled = pedro.layer.apply_scale(out, torch.full((4096,), zv))
