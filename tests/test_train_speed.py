@@ -248,3 +248,25 @@ def test_bench_train_quick_writes_results(tmp_path, tiny_llama_dir):
     markdown = (tmp_path / "speed.md").read_text()
     assert "pedro bench train --quick" in markdown and "| bf16 |" in markdown
     assert json.loads((tmp_path / "speed.json").read_text())["auto_precision"] in ("bf16", "fp32")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_backward_matches_autograd_addcmul(dtype):
+    """pedro.layer.apply_scale's training backward (one addcmul for out's gradient) against autograd's own."""
+    from pedro.layer import apply_scale
+
+    torch.manual_seed(0)
+    out0, z0, grad = torch.randn(3, 5, 16, dtype=dtype), torch.randn(3, 1, 16) * 0.1, torch.randn(3, 5, 16, dtype=dtype)
+    results = []
+    for fn in (apply_scale, lambda o, z: torch.addcmul(o, o, z.to(o.dtype))):
+        out, z = out0.clone().requires_grad_(), z0.clone().requires_grad_()
+        y = fn(out, z)
+        y.backward(grad)
+        results.append((y.detach(), out.grad, z.grad))
+    (y1, go1, gz1), (y2, go2, gz2) = results
+    assert torch.equal(y1, y2) and gz1.dtype == torch.float32
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(go1, go2, atol=tol, rtol=tol)
+    torch.testing.assert_close(gz1, gz2, atol=tol, rtol=tol)
+    with torch.no_grad():  # inference takes the plain kernel
+        assert torch.equal(apply_scale(out0, z0), y2)
