@@ -23,6 +23,7 @@ from pedro.engine import (
     EngineDead,
     QueueFull,
     Request,
+    RequestError,
     SamplingParams,
 )
 
@@ -63,6 +64,8 @@ def _solo(dirs) -> list[int]:
     dict(temperature=1e-300), dict(temperature=5e-324), dict(temperature=1e-6), dict(temperature=1e308),
     dict(top_k=2**63), dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, top_p=5e-324),
     dict(temperature=1.0, seed=2**63 - 1), dict(temperature=1.0, seed=-(2**63)),
+    dict(temperature=1.0, repetition_penalty=5e-324), dict(temperature=1e-5, repetition_penalty=1e-300),
+    dict(temperature=1.0, logit_bias={5: 100.0, 6: -100.0}, frequency_penalty=-2.0),
 ])
 def test_extreme_sampling_values_run_and_leave_the_bystander_exact(dirs, sampling):
     solo = _solo(dirs)
@@ -226,3 +229,10 @@ def test_stats_are_bounded():
     engine.generate([Request([3, 4], sampling=SamplingParams(max_new_tokens=5))])
     assert all(q.maxlen is not None and len(q) <= q.maxlen for q in engine.stats.values())
     assert len(engine.stats["decode"]) == 4
+
+
+def test_a_prompt_that_is_not_valid_unicode_is_refused_before_the_tokenizer(dirs):
+    engine = _engine(dirs)
+    for prompt in ("3 \ud800 4", [{"role": "user", "content": "\udfff"}]):
+        with pytest.raises(RequestError, match="not valid Unicode"):
+            engine.encode(prompt)

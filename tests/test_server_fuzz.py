@@ -392,13 +392,16 @@ class Fuzz:
                 self.serving.set()
         self.case_failed = False
 
-    def complete(self, body: dict[str, Any], key: str) -> tuple[int, str]:
-        """(status, text) of a streamed completion, the text joined from its chunks."""
-        response = httpx.post(f"{self.url}/v1/completions", headers=auth(key), json=body, timeout=TIMEOUT)
+    def complete(self, body: dict[str, Any], key: str) -> tuple[Optional[int], str]:
+        """(200, the text joined from its chunks) for a streamed completion, else (the status or None, what failed)."""
+        try:
+            response = httpx.post(f"{self.url}/v1/completions", headers=auth(key), json=body, timeout=TIMEOUT)
+        except httpx.HTTPError as err:
+            return None, type(err).__name__
         if response.status_code != 200:
             return response.status_code, first_line(response.text)
         problem, text = stream_problem(response.text)
-        return (500, problem) if problem else (200, text)
+        return (None, problem) if problem else (200, text)
 
 
 class Bystander(threading.Thread):
@@ -415,18 +418,15 @@ class Bystander(threading.Thread):
         while not self.stop.is_set():
             self.fuzz.serving.wait()
             restarts, cases = self.fuzz.restarts, self.fuzz.cases
-            try:
-                result = self.fuzz.complete(BYSTANDER, BOB)
-            except httpx.HTTPError as err:
-                result = (0, type(err).__name__)
-            if self.fuzz.restarts != restarts or result[0] == 429:
+            status, text = result = self.fuzz.complete(BYSTANDER, BOB)
+            if self.fuzz.restarts != restarts or status == 429:
                 self.stop.wait(0.2)
                 continue  # the server was restarted under this run, or alice's requests filled its queue
             self.runs += 1
             self.overlapped += self.fuzz.cases != cases
             if result != self.solo:
-                what = "its text differs from its solo run" if result[0] == 200 else f"{result[0]} {result[1]}"
-                self.fuzz.fail(f"bystander: {what}", json.dumps(BYSTANDER), abbreviated(result[1]))
+                what = {200: "its text differs from its solo run", None: text}.get(status, f"{status} {text}")
+                self.fuzz.fail(f"bystander: {what}", json.dumps(BYSTANDER), abbreviated(text))
                 self.stop.wait(0.5)
 
 

@@ -68,6 +68,15 @@ def _own_copy(tokenizer: Any) -> Any:
         return None
 
 
+def _is_unicode(text: str) -> bool:
+    """False for a string no tokenizer can take: JSON's \\ud800 escapes decode to lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_messages(prompt: Any) -> bool:
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
 
@@ -235,7 +244,10 @@ class Engine:
         elif isinstance(prompt, str) or _is_messages(prompt):
             if not prompt:
                 raise RequestError("the prompt is empty")
-            chars = len(prompt) if isinstance(prompt, str) else sum(len(str(m["content"])) for m in prompt)
+            texts = [prompt] if isinstance(prompt, str) else [str(m["content"]) for m in prompt]
+            if not all(_is_unicode(text) for text in texts):
+                raise RequestError("the prompt is not valid Unicode (it holds a lone surrogate such as \\ud800)")
+            chars = sum(len(text) for text in texts)
             if chars > limit * MAX_CHARS_PER_TOKEN:
                 raise PromptTooLong(
                     f"the prompt has {chars} characters; at most {limit} tokens are allowed, and a prompt over "

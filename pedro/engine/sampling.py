@@ -19,6 +19,7 @@ import torch
 from pedro.engine.request import SamplingParams, TokenLogprob
 
 History = tuple[list[int], list[int]]  # a row's (prompt ids, generated ids)
+ADJUSTED_LOGIT_BOUND = 1e6
 
 
 def adjust_logits(logits: torch.Tensor, params: SamplingParams, history: History) -> torch.Tensor:
@@ -36,7 +37,9 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, history: History
     if (params.frequency_penalty or params.presence_penalty) and output:
         counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(logits.dtype)
         logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
-    return logits
+    # a penalty near 0 divides logits towards infinity, which softmax turns into NaN; no model's logits come
+    # anywhere near this bound, so it changes nothing else
+    return logits.clamp(-ADJUSTED_LOGIT_BOUND, ADJUSTED_LOGIT_BOUND)
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
