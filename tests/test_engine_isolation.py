@@ -62,7 +62,7 @@ def _solo(dirs) -> list[int]:
 
 @pytest.mark.parametrize("sampling", [
     dict(temperature=1e-300), dict(temperature=5e-324), dict(temperature=1e-6), dict(temperature=1e308),
-    dict(top_k=2**63), dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, top_p=5e-324),
+    dict(top_k=2**63), dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, top_p=5e-324), dict(temperature=1.0, top_p=0.0),
     dict(temperature=1.0, seed=2**63 - 1), dict(temperature=1.0, seed=-(2**63)),
     dict(temperature=1.0, repetition_penalty=5e-324), dict(temperature=1e-5, repetition_penalty=1e-300),
     dict(temperature=1.0, logit_bias={5: 100.0, 6: -100.0}, frequency_penalty=-2.0),

@@ -211,3 +211,8 @@ def test_a_completion_reaches_an_adapter_as_its_training_encoded_prompts(live, t
     assert raw.choices[0].text == direct(live, "3 4 5", "p", max_new_tokens=6).text != templated.choices[0].text
     unrecorded = live.client.completions.create(model="p", prompt="3 4 5", max_tokens=6, temperature=0)
     assert unrecorded.choices[0].text == raw.choices[0].text
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token(live):
+    out = live.client.completions.create(model="tiny", prompt="3 4 5", max_tokens=6, temperature=1.0, top_p=0, seed=3)
+    assert out.choices[0].text == direct(live, "3 4 5", max_new_tokens=6).text  # greedy

@@ -93,8 +93,8 @@ class SamplingParams:
             _refuse("temperature", "a finite number >= 0 (0 = greedy)", self.temperature)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             _refuse("top_k", "an integer >= 0 (0 = off)", self.top_k)
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            _refuse("top_p", "a number in (0, 1]", self.top_p)
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 <= self.top_p <= 1:
+            _refuse("top_p", "a number in [0, 1] (0: the most likely token only)", self.top_p)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             _refuse("stop", "a list of non-empty strings", self.stop)

@@ -56,7 +56,7 @@ class _Request(BaseModel):
     model: str = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1, le=MAX_INT32, description="The server's max_tokens limit also applies.")
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1, description="0 keeps only the most likely token, as OpenAI allows.")
     top_k: int = Field(0, ge=0, le=MAX_INT32, description="Extension: 0 = off; beyond the vocabulary = off.")
     ignore_eos: bool = Field(False, description="Extension (as in vLLM): generate exactly max_tokens; for benchmarks.")
     stop: Optional[Union[str, list[str]]] = Field(None, validate_default=True)
