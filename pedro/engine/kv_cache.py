@@ -71,8 +71,5 @@ class KVCache:
 
     def move(self, src: int, dst: int) -> None:
         """Move slot ``src``'s filled prefix to ``dst`` (compaction after ``dst`` retired)."""
-        n = int(self.lengths[src])
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
-        self.lengths[dst] = n
+        self.copy(src, dst)
         self.lengths[src] = 0
