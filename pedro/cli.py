@@ -183,7 +183,10 @@ def train(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's; 1 on a busy machine)."),
     seed: int = typer.Option(0),
     limit: Optional[int] = typer.Option(None, help="Train on N records (after a seeded shuffle)."),
-    eval_data: Optional[str] = typer.Option(None, help="Held-out records for periodic eval loss."),
+    eval_data: Optional[str] = typer.Option(
+        None, help="Held-out records for periodic eval loss (and accuracy when they are choice examples: "
+        "jsonl:DIR with options, or a task name, whose test split is then used)."
+    ),
     eval_steps: int = typer.Option(0),
     early_stopping: int = typer.Option(0, help="Patience in evaluations (0 = off)."),
     save_steps: int = typer.Option(0, help="Checkpoint every N steps (0 = none)."),
@@ -213,7 +216,7 @@ def train(
 
 @app.command(name="eval")
 def evaluate_command(
-    task: str = typer.Option(..., help="sst2 | rte | gsm8k | e2e | jsonl:DIR"),
+    task: str = typer.Option(..., help="sst2 | rte | gsm8k | e2e | trec | conala | jsonl:DIR"),
     adapter: Optional[str] = typer.Option(None, help="An adapter folder (its backbone is the default --backbone)."),
     base: bool = typer.Option(False, "--base", help="Score the bare backbone."),
     backbone: Optional[str] = typer.Option(None, help=BACKBONE_HELP + " (default: the adapter's, else smollm2-135m)"),
@@ -221,7 +224,10 @@ def evaluate_command(
     limit: Optional[int] = typer.Option(None, help="Score the first N examples."),
     batch_size: int = typer.Option(16),
     data_dir: Optional[str] = typer.Option(None, help="Folder with task data (default ../shared/data)."),
-    output: Optional[Path] = typer.Option(None, help="JSON result file (predictions go next to it)."),
+    output: Optional[Path] = typer.Option(
+        None, help="JSON result file (predictions go next to it); default ADAPTER/ or outputs/eval/BACKBONE-base/ "
+        "+ eval_TASK_SPLIT.json."
+    ),
 ) -> None:
     """Score a backbone or an adapter on a task; prints and writes the metrics JSON and per-example predictions."""
     import json
@@ -236,13 +242,28 @@ def evaluate_command(
     task_obj = get_task(task, data_dir)
     task_obj.path(split)  # missing data fails here, with where it was looked for, before loading a model
     model, tokenizer = load_for_eval(backbone, adapter)
-    output = output or Path(adapter or ".") / f"eval_{task.replace(':', '_').replace('/', '_')}_{split}.json"
+    output = output or default_eval_output(task, split, adapter, backbone)
     predictions = output.with_name(output.stem + "_predictions.jsonl")
     result = run_eval(model, tokenizer, task_obj, split, limit, batch_size, predictions_path=predictions)
     result["adapter"] = adapter
     result["predictions"] = str(predictions)
     write_json_atomic(output, result)
     console.print_json(json.dumps(result))
+    console.print(f"wrote {output} and {predictions}", soft_wrap=True)
+
+
+def default_eval_output(task: str, split: str, adapter: str | None, backbone: str | None) -> Path:
+    """Where ``pedro eval`` writes without ``--output``: next to the adapter, or for ``--base`` in
+    ``outputs/eval/<backbone>-base/`` (under the working directory); the file is ``eval_<task>_<split>.json``."""
+    import re
+
+    from pedro.backbones import DEFAULT_BACKBONE
+
+    name = f"eval_{task.replace(':', '_').replace('/', '_')}_{split}.json"
+    if adapter is not None:
+        return Path(adapter) / name
+    model = Path(backbone).name.removesuffix(".gguf") if backbone is not None else DEFAULT_BACKBONE
+    return Path("outputs") / "eval" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}-base" / name
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (write results/<name>.json, .md, .png).")

@@ -117,7 +117,9 @@ def load_records(source: str | Path, split: str = "train", data_dir: str | Path 
 
 
 def _load_dataset_dir(path: Path, split: str):
-    """A ``datasets`` folder: ``save_to_disk`` output, or data files of one format (split = file stem)."""
+    """A ``datasets`` folder: ``save_to_disk`` output, or the split's data files: ``<split>.<ext>`` or shards
+    ``<split>-*.<ext>``. A folder without them is refused, naming the files it holds: reading the other files
+    instead would train on a test split sitting next to the data."""
     import datasets
 
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -127,11 +129,19 @@ def _load_dataset_dir(path: Path, split: str):
                 raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}")
             return loaded[split]
         return loaded
-    for suffix, builder in ((".parquet", "parquet"), (".arrow", "arrow"), (".jsonl", "json"), (".json", "json")):
+    formats = ((".parquet", "parquet"), (".arrow", "arrow"), (".jsonl", "json"), (".json", "json"))
+    found = []
+    for suffix, builder in formats:
         files = sorted(path.glob(f"*{suffix}"))
-        if files:
-            chosen = [f for f in files if f.stem == split] or files
+        chosen = [f for f in files if f.stem == split or f.stem.startswith(f"{split}-")]
+        if chosen:
             return datasets.load_dataset(builder, data_files=[str(f) for f in chosen], split="train")
+        found += [f.name for f in files]
+    if found:
+        raise FileNotFoundError(
+            f"{path} has no {split!r} split: no {split}.jsonl (or .json/.parquet/.arrow, or {split}-* shards) among "
+            f"{found}. Rename the {split} data to {split}.jsonl, or pass its file as the data"
+        )
     raise FileNotFoundError(f"{path} holds no dataset (save_to_disk output, or .parquet/.arrow/.jsonl/.json files)")
 
 

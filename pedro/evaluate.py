@@ -2,7 +2,8 @@
 
 Choice tasks are scored by constrained log-likelihood ranking: each option's summed token log-probability
 after the prompt (no EOS), highest wins. When every option is a single token, one forward over the prompts
-scores them all at once (the same numbers, a fraction of the cost). Generation tasks decode greedily.
+scores them all at once (the same numbers, a fraction of the cost); they report accuracy, and macro-F1 when
+every example offers the same options (a classification). Generation tasks decode greedily.
 Prompts are encoded by ``pedro.data.encode_prompt``, the same tokens the adapter was trained on, and PEDRO's
 pooler sees the prompt only (``prompt_lengths`` when the option tokens follow the prompt in one sequence).
 """
@@ -15,10 +16,11 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from pedro.data import Collator, Example, encode_prompt, encode_response, write_jsonl_atomic
 from pedro.model import IGNORE_INDEX
-from pedro.tasks import Task, accuracy, get_task
+from pedro.tasks import Task, accuracy, get_task, macro_f1
 
 
 def is_pedro(model: nn.Module) -> bool:
@@ -38,16 +40,22 @@ def _bar(total: int, desc: str, show: bool):
     return tqdm(total=total, desc=desc, disable=not show)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def option_logprobs(
     model: nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int = 16, progress: bool = True
 ) -> list[list[float]]:
-    """Per example, the summed log-probability of each option's tokens given the prompt."""
+    """Per example, the summed log-probability of each option's tokens given the prompt. The progress bar
+    counts examples (an example is done when all its options are scored)."""
     prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
     options = [[encode_response(tokenizer, o, eos=False) for o in e.options or []] for e in examples]
     if any(not opts for opts in options):
         raise ValueError("a choice example without options")
     scores: list[list[float]] = [[] for _ in examples]
+    device = _device(model)
     if all(len(o) == 1 for opts in options for o in opts):
         order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
         bar = _bar(len(examples), "score", progress)
@@ -55,7 +63,8 @@ def option_logprobs(
         for chunk in _batches(order, batch_size):
             batch = collate([{"input_ids": prompts[i], "labels": prompts[i], "prompt_length": len(prompts[i])}
                              for i in chunk])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1]
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits[:, -1]
             logp = logits.float().log_softmax(-1)
             for row, i in enumerate(chunk):
                 scores[i] = [logp[row, o[0]].item() for o in options[i]]
@@ -68,21 +77,69 @@ def option_logprobs(
     order = sorted(range(len(rows)), key=lambda k: len(rows[k]["input_ids"]))
     collate = Collator(tokenizer.pad_token_id, "right", with_prompt_lengths=is_pedro(model))
     flat = [0.0] * len(rows)
-    bar = _bar(len(rows), "score", progress)
+    left = [len(opts) for opts in options]  # options still to score, per example
+    bar = _bar(len(examples), "score", progress)
     for chunk in _batches(order, batch_size):
-        batch = collate([rows[k] for k in chunk])
+        batch = {k: v.to(device) for k, v in collate([rows[k] for k in chunk]).items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()
         targets = labels[:, 1:]
         logp = logits.log_softmax(-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         totals = (logp * (targets != IGNORE_INDEX)).sum(1)
+        done = 0
         for row, k in enumerate(chunk):
             flat[k] = totals[row].item()
-        bar.update(len(chunk))
+            left[pairs[k][0]] -= 1
+            done += left[pairs[k][0]] == 0
+        bar.update(done)
     bar.close()
     for (i, _), value in zip(pairs, flat):
         scores[i].append(value)
     return scores
+
+
+def choice_metrics(predicted: list[int], examples: Sequence[Example]) -> dict[str, float]:
+    """Accuracy, and macro-F1 when the examples share one set of options."""
+    return {**accuracy(predicted, list(examples)), **macro_f1(predicted, list(examples))}
+
+
+def is_choice_data(examples: Sequence[Example]) -> bool:
+    """Every example has options and the index of the right one."""
+    return bool(examples) and all(e.options and e.label is not None for e in examples)
+
+
+class ChoiceAccuracy(TrainerCallback):
+    """Scores held-out choice examples at every evaluation during training, as ``evaluate`` does (log-likelihood
+    ranking of the options), and adds ``eval_accuracy`` (and ``eval_macro_f1``) to the evaluation's metrics.
+
+    It fills the evaluation's log record in ``on_log``, so place it before the callback that writes the log:
+    the record written, ``state.log_history``, the metrics ``Trainer.evaluate`` returns and the choice of the
+    best checkpoint then all include the accuracy. Scoring runs under the training's autocast dtype.
+    """
+
+    def __init__(self, examples: Sequence[Example], tokenizer: Any, batch_size: int = 16) -> None:
+        if not is_choice_data(examples):
+            raise ValueError("ChoiceAccuracy needs choice examples (options and label)")
+        self.examples = list(examples)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):  # noqa: ANN001 - Trainer's signature
+        if not logs or "eval_loss" not in logs or model is None:
+            return
+        half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.autocast(_device(model).type, dtype=half or torch.bfloat16, enabled=half is not None):
+                scores = option_logprobs(model, self.tokenizer, self.examples, self.batch_size, progress=False)
+        finally:
+            model.train(was_training)
+        predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]
+        extra = {f"eval_{k}": v for k, v in choice_metrics(predicted, self.examples).items()}
+        if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
+            state.log_history[-1].update(extra)
+        logs.update(extra)
 
 
 @torch.no_grad()
@@ -104,8 +161,8 @@ def generate_texts(
         batch = collate([{"input_ids": encoded[i], "labels": encoded[i], "prompt_length": len(encoded[i])}
                          for i in chunk])
         out = model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            input_ids=batch["input_ids"].to(_device(model)),
+            attention_mask=batch["attention_mask"].to(_device(model)),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
@@ -131,7 +188,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score ``model`` on the first ``limit`` examples of ``task``'s ``split`` (or on ``examples``).
 
-    Returns ``{"task", "split", "n", "metric", <metric values>, "seconds"}``; with ``predictions_path``, one
+    Returns ``{"task", "split", "n", "metric", <metric values>, "seconds"}`` (a choice task's values:
+    ``accuracy``, and ``macro_f1`` when every example has the same options); with ``predictions_path``, one
     JSON line per example (prompt, prediction, expected) is written there atomically.
     """
     task = get_task(task, data_dir) if isinstance(task, str) else task
@@ -143,7 +201,7 @@ def evaluate(
         if task.kind == "choice":
             scores = option_logprobs(model, tokenizer, examples, batch_size, progress)
             predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]
-            metrics: dict[str, float] = accuracy(predicted, examples)
+            metrics: dict[str, float] = choice_metrics(predicted, examples)
             records = [{"prompt": e.prompt, "prediction": e.options[p], "expected": e.options[e.label],
                         "correct": p == e.label, "scores": s} for e, p, s in zip(examples, predicted, scores)]
         else:

@@ -275,10 +275,11 @@ def _forget_gguf_quantization(model: nn.Module) -> None:
         model.is_quantized = False
 
 
-def size_report(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """PEDRO, LoRA (this config's targets) and (IA)3 sized to the same budget as ``cfg``'s method: the
-    side-by-side counts ``--match-params`` prints."""
-    budget = expected_parameter_count(cfg, model)
+def size_report(model: nn.Module, cfg: TrainConfig, budget: int | None = None) -> list[dict[str, Any]]:
+    """``cfg``'s method as configured, and the other two of PEDRO, LoRA (this config's targets) and (IA)3 sized
+    to ``budget`` (default: ``cfg``'s own count), with each count relative to it: the side-by-side counts
+    ``--match-params`` prints."""
+    budget = budget or expected_parameter_count(cfg, model)
     rows = []
     for method in METHODS:
         other = TrainConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "method": method})
@@ -540,12 +541,12 @@ def train(
     if tokenizer is None:
         raise ValueError("pass the backbone's tokenizer with the model")
 
-    requested = cfg
+    requested, budget = cfg, None
     if cfg.match_params is not None:
-        cfg, _ = match_sizes(cfg, model)
-    sizes = size_report(model, cfg)
+        cfg, budget = match_sizes(cfg, model)
+    sizes = size_report(model, cfg, budget)
     if cfg.progress:
-        _print_sizes(sizes, cfg.method)
+        _print_sizes(sizes, cfg.method, budget)
 
     random.Random(cfg.seed).shuffle(records)
     records = records[: cfg.limit] if cfg.limit else records
@@ -601,6 +602,11 @@ def train(
     collator = Collator(tokenizer.pad_token_id, cfg.padding_side, with_prompt_lengths=cfg.method == "pedro")
     progress = ProgressAndLog(output_dir / LOG_NAME, cfg.progress)
     extra: list[TrainerCallback] = [progress, *callbacks]
+    if held_out is not None:
+        from pedro.evaluate import ChoiceAccuracy, is_choice_data
+
+        if is_choice_data(held_out):  # accuracy next to the loss; it fills the log record before it is written
+            extra.insert(0, ChoiceAccuracy(held_out, tokenizer, cfg.batch_size))
     if cfg.early_stopping:
         from transformers import EarlyStoppingCallback
 
@@ -766,11 +772,16 @@ def demo_tenants(
     return adapters
 
 
-def _print_sizes(rows: list[dict[str, Any]], method: str) -> None:
+def _print_sizes(rows: list[dict[str, Any]], method: str, budget: int | None = None) -> None:
+    """The trained adapter's size; with ``--match-params`` (``budget``), the three methods sized to it."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="trainable parameters at this budget")
+    if budget is None:
+        row = next(r for r in rows if r["method"] == method)
+        Console().print(f"trainable parameters: {row['trainable']:,} ({method} {row['size']})")
+        return
+    table = Table(title=f"trainable parameters at this budget (--match-params: {budget:,})")
     for column in ("method", "size", "trainable", "vs budget"):
         table.add_column(column)
     for row in rows:

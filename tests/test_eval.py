@@ -86,3 +86,79 @@ def test_evaluate_generation_task_scores_exact_match(tmp_path):
     result = evaluate(model, tokenizer, task, progress=False)
     assert texts[1] != "99 98"
     assert result["exact_match"] == 0.5
+
+
+def test_choice_evaluation_reports_macro_f1_for_a_fixed_label_set(tmp_path):
+    model, tokenizer = _adapted(), tiny_tokenizer()
+    task_dir = tmp_path / "task"
+    task_dir.mkdir()
+    rows = [{"prompt": f"{5 + i % 4} {6 + i % 3}", "response": ["43", "44", "45"][i % 3], "options": ["43", "44", "45"]}
+            for i in range(9)]
+    (task_dir / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = evaluate(model, tokenizer, f"jsonl:{task_dir}", predictions_path=tmp_path / "p.jsonl", progress=False)
+    predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    pairs = [(p["expected"], p["prediction"]) for p in predictions]
+    f1 = []
+    for cls in {c for pair in pairs for c in pair}:
+        tp = sum(e == p == cls for e, p in pairs)
+        precision = tp / sum(p == cls for _, p in pairs) if any(p == cls for _, p in pairs) else 0.0
+        recall = tp / sum(e == cls for e, _ in pairs) if any(e == cls for e, _ in pairs) else 0.0
+        f1.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    assert result["macro_f1"] == pytest.approx(sum(f1) / len(f1))
+    # options that differ per example: accuracy only
+    (task_dir / "test.jsonl").write_text("\n".join(json.dumps({**r, "options": [r["response"], "46"]}) for r in rows))
+    assert "macro_f1" not in evaluate(model, tokenizer, f"jsonl:{task_dir}", progress=False)
+
+
+@pytest.mark.parametrize("options", [["43", "44", "45"], ["43 44", "45", "46 47 48"]])
+def test_scoring_progress_counts_examples_not_options(monkeypatch, options):
+    import importlib
+
+    ev = importlib.import_module("pedro.evaluate")  # the module (pedro.evaluate the attribute is the function)
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, show):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ev, "_bar", Bar)
+    model, tokenizer = _adapted(), tiny_tokenizer()
+    examples = [Example(p, options[0], options=options, label=0) for p in ("5 6 7", "8", "9 9 5 6 7 8", "4 4")]
+    option_logprobs(model, tokenizer, examples, batch_size=2, progress=True)
+    assert [(b.total, b.n) for b in bars] == [(4, 4)]
+
+
+def test_training_reports_accuracy_on_held_out_choice_examples(tmp_path):
+    """--eval-data with choice examples: eval_accuracy (and macro-F1) next to eval_loss in the log and the
+    summary, equal to what evaluate() gives the trained adapter."""
+    from conftest import tiny_model
+
+    from pedro.train import train
+
+    options = ["43", "44"]
+    examples = [Example(f"{3 + i % 5} {4 + i % 3}", options[i % 2], options=options, label=i % 2) for i in range(8)]
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    result = train(model=model, tokenizer=tokenizer, examples=examples, eval_examples=examples[:6],
+                   output_dir=str(tmp_path), max_steps=4, eval_steps=2, batch_size=4, lr=1e-2, logging_steps=1,
+                   precision="fp32", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "eval_loss" in r]
+    assert len(evals) == 3 and all(0.0 <= r["eval_accuracy"] <= 1.0 and "eval_macro_f1" in r for r in evals)
+    final = result.summary["final_metrics"]
+    from pedro.tasks import JsonlTask
+
+    task_dir = tmp_path / "held_out"
+    task_dir.mkdir()
+    (task_dir / "test.jsonl").write_text("\n".join(json.dumps({"prompt": e.prompt, "response": e.response,
+                                                               "options": options}) for e in examples[:6]))
+    direct = evaluate(model, tokenizer, JsonlTask(task_dir), progress=False)
+    assert final["eval_accuracy"] == pytest.approx(direct["accuracy"])
+    assert final["eval_macro_f1"] == pytest.approx(direct["macro_f1"])
+    assert evals[-1]["eval_accuracy"] == pytest.approx(direct["accuracy"])

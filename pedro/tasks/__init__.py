@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pedro.tasks.base import Example, Task, TaskDataMissing, accuracy
+from pedro.tasks.base import Example, Task, TaskDataMissing, accuracy, macro_f1
+from pedro.tasks.conala import CoNaLa, conala_bleu, tokenize_for_bleu_eval
 from pedro.tasks.e2e import E2E, bleu_rouge
 from pedro.tasks.glue import RTE, SST2
 from pedro.tasks.gsm8k import GSM8K, final_number
 from pedro.tasks.jsonl import JsonlTask
+from pedro.tasks.trec import TREC
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -21,7 +23,7 @@ def register_task(task: type[Task]) -> type[Task]:
     return task
 
 
-for _task in (SST2, RTE, GSM8K, E2E):
+for _task in (SST2, RTE, GSM8K, E2E, TREC, CoNaLa):
     register_task(_task)
 
 
@@ -42,7 +44,10 @@ __all__ = [
     "TaskDataMissing",
     "accuracy",
     "bleu_rouge",
+    "conala_bleu",
     "final_number",
     "get_task",
+    "macro_f1",
     "register_task",
+    "tokenize_for_bleu_eval",
 ]

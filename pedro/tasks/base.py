@@ -91,3 +91,23 @@ def accuracy(predicted: list[int], examples: list[Example]) -> dict[str, float]:
         raise ValueError(f"{len(predicted)} predictions for {len(examples)} examples")
     correct = sum(int(p == e.label) for p, e in zip(predicted, examples))
     return {"accuracy": correct / len(examples) if examples else 0.0}
+
+
+def macro_f1(predicted: list[int], examples: list[Example]) -> dict[str, float]:
+    """``{"macro_f1": ...}`` when every example offers the same options (a fixed set of classes), else ``{}``
+    (with options that change per example, as in multiple-choice QA, option indices are not classes).
+
+    F1 per class, averaged with equal weight over the classes that occur as a label or a prediction (as
+    scikit-learn's ``f1_score(average="macro")``); a class never predicted correctly counts 0.
+    """
+    if len(predicted) != len(examples):
+        raise ValueError(f"{len(predicted)} predictions for {len(examples)} examples")
+    if not examples or any(e.options != examples[0].options for e in examples):
+        return {}
+    gold = [e.label for e in examples]
+    scores = []
+    for cls in sorted(set(gold) | set(predicted)):
+        true_pos = sum(int(p == g == cls) for p, g in zip(predicted, gold))
+        n_pred, n_gold = predicted.count(cls), gold.count(cls)
+        scores.append(2 * true_pos / (n_pred + n_gold))  # = 2PR / (P + R), and 0 when true_pos is 0
+    return {"macro_f1": sum(scores) / len(scores)}
