@@ -86,6 +86,14 @@ def alice(live, method: str, path: str, **kwargs) -> httpx.Response:
     return response
 
 
+def wait_for(live, condition, timeout: float = 30.0) -> None:
+    """Poll /health until ``condition(body)`` holds (the machine may be slow; the state is what matters)."""
+    deadline = time.monotonic() + timeout
+    while not condition(health := httpx.get(f"{live.url}/health").json()):
+        assert time.monotonic() < deadline, health
+        time.sleep(0.02)
+
+
 def healthy(live) -> bool:
     return httpx.get(f"{live.url}/health").status_code == 200
 
@@ -116,13 +124,12 @@ def test_deleting_an_adapter_a_queued_request_uses_is_409(live):
     fillers = [Bystander(live.url) for _ in range(3)]  # the batch (3 rows) is full of bob's streams
     for filler in fillers:
         filler.thread.start()
-    time.sleep(0.5)
+    wait_for(live, lambda health: health["running"] == 3)
     queued: list[httpx.Response] = []
     waiter = threading.Thread(target=lambda: queued.append(alice(
         live, "POST", "/v1/completions", json={"model": "mine", "prompt": "5 6", "max_tokens": 4, "temperature": 0})))
     waiter.start()
-    time.sleep(0.5)
-    assert httpx.get(f"{live.url}/health").json()["waiting"] == 1
+    wait_for(live, lambda health: health["waiting"] == 1)
     refused = alice(live, "DELETE", "/v1/adapters/mine")
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "adapter_in_use", refused.text
     for filler in fillers:

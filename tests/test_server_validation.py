@@ -83,7 +83,7 @@ OUT_OF_RANGE = [
     ("top_k", 2**31), ("top_k", -1), ("top_k", 10**30),
     ("max_tokens", 2**31), ("max_tokens", 0), ("max_tokens", 10**30),
     ("temperature", 2.5), ("temperature", -0.1), ("temperature", 10**400),
-    ("top_p", 0), ("top_p", 1.5), ("top_p", -1e308),
+    ("top_p", -0.1), ("top_p", 1.5), ("top_p", -1e308),
 ]
 
 
