@@ -138,17 +138,20 @@ def _labelled(module, name: str, label: str) -> None:
     from torch.profiler import record_function
 
     inner = getattr(module, name)
+    if getattr(inner, "labelled", False):
+        return
 
     def wrapped(*args, **kwargs):
         with record_function(label):
             return inner(*args, **kwargs)
 
+    wrapped.labelled = True
     setattr(module, name, wrapped)
 
 
-def profile_step(backbones, tokenizer, examples, mode: str, opts: argparse.Namespace) -> None:
-    """Print where one PEDRO training step's time goes: the top operators (by input shape) and PEDRO's own
-    forward pieces (generator, prompt mask, scales) against the whole step."""
+def profile_step(backbones, tokenizer, examples, mode: str, opts: argparse.Namespace, method: str = "pedro") -> None:
+    """Print where one training step's time goes: the top operators (by input shape), by category, and PEDRO's
+    own forward pieces (generator, prompt mask, scales) against the whole step."""
     import pedro.generator
     import pedro.layer
     import pedro.model
@@ -156,7 +159,7 @@ def profile_step(backbones, tokenizer, examples, mode: str, opts: argparse.Names
     _labelled(pedro.generator.VectorGenerator, "forward", "pedro: generator (pool + Down/act/Up)")
     _labelled(pedro.layer, "apply_scale", "pedro: scale out + out*z")
     _labelled(pedro.model, "build_prompt_mask", "pedro: prompt mask")
-    settings = {**METHODS["pedro"], **MODES[mode]}
+    settings = {**METHODS[method], **MODES[mode]}
     model = copy.deepcopy(backbones[settings.pop("backbone")])
     clock = StepClock(opts.warmup)
     probe = ProfileStep(opts.warmup)
@@ -166,7 +169,7 @@ def profile_step(backbones, tokenizer, examples, mode: str, opts: argparse.Names
               logging_steps=10_000, seed=0, threads=opts.threads, callbacks=[clock, probe], **settings)
     events = probe.profiler.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"\n=== one PEDRO training step, {mode}: {total / 1e6:.2f} s of operator time "
+    print(f"\n=== one {method} training step, {mode}: {total / 1e6:.2f} s of operator time "
           f"(step wall time {clock.step_seconds[-1]:.2f} s)")
     by_shape = probe.profiler.key_averages(group_by_input_shape=True)
     print(by_shape.table(sort_by="self_cpu_time_total", row_limit=20))
@@ -186,7 +189,7 @@ def profile_step(backbones, tokenizer, examples, mode: str, opts: argparse.Names
     for kind, value in sorted(sums.items(), key=lambda kv: -kv[1]):
         print(f"{kind:75s} {value / 1e3:8.1f} ms ({100 * value / total:4.1f} %)")
     for event in events:
-        if event.key.startswith("pedro:") or event.key.endswith("AddcmulBackward0"):
+        if event.key.startswith("pedro:") or "Scale" in event.key or event.key.endswith("AddcmulBackward0"):
             print(f"{event.key:45s} {event.cpu_time_total / 1e3:8.1f} ms ({100 * event.cpu_time_total / total:4.1f} %)"
                   f" in {event.count} calls")
 
@@ -296,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="1 repeat, 1 + 2 steps, 48 records: a smoke run")
     parser.add_argument("--out", default=str(ROOT / "results" / "train_speed"), help="path prefix for .json/.md")
     parser.add_argument("--profile", default=None,
-                        help="instead of the benchmark: profile one PEDRO step of each listed mode on the first task")
+                        help="instead of the benchmark: profile one step of each listed mode on the first task")
+    parser.add_argument("--profile-methods", default="pedro", help="methods --profile runs: pedro, lora or both")
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.repeats, opts.warmup, opts.steps, opts.records = 1, 1, 2, 48
@@ -322,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records = load_records(task, "train", opts.data_dir)
         random.Random(0).shuffle(records)
         for mode in modes:
-            profile_step(backbones, tokenizer, records[: opts.records], mode, opts)
+            for method in opts.profile_methods.split(","):
+                profile_step(backbones, tokenizer, records[: opts.records], mode, opts, method.strip())
         return {}
     configs = [(method, mode) for mode in modes for method in METHODS]
     for task in [t.strip() for t in opts.tasks.split(",") if t.strip()]:
