@@ -16,7 +16,8 @@ threads inflate it) is what the ratios are taken from. The configurations:
 - ``fp32``: exact fp32, with length-grouped batches and logits only where the loss reads them;
 - ``bf16 autocast``: bf16 autocast over an fp32 backbone (what a model passed to ``train()`` in fp32 gets);
 - ``bf16``: a bf16 backbone under bf16 autocast, fp32 adapter weights (``pedro train``'s default on a CPU with
-  native bf16).
+  native bf16);
+- ``bf16 sdpa`` (only when asked for, e.g. with ``--profile``): ``bf16`` with PyTorch's fused attention.
 
 Each is run for PEDRO and for LoRA sized to PEDRO's parameter count. The machine this was written on is shared
 with other jobs, so the runs are interleaved (every repeat runs every configuration once, in a rotated order)
@@ -56,7 +57,10 @@ MODES: dict[str, dict[str, Any]] = {
     "fp32": dict(precision="fp32", backbone="float32"),
     "bf16 autocast": dict(precision="bf16", backbone="float32"),
     "bf16": dict(precision="bf16", backbone="bfloat16"),
+    # not in the default run: bf16 with PyTorch's fused attention, to see what eager attention saves
+    "bf16 sdpa": dict(precision="bf16", backbone="bfloat16", attention="sdpa"),
 }
+DEFAULT_MODES = ("fp32 before", "fp32", "bf16 autocast", "bf16")
 METHODS: dict[str, dict[str, Any]] = {
     "pedro": dict(method="pedro", r=8),
     "lora": dict(method="lora", match_params="pedro", lora_targets=("q", "v")),
@@ -294,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine a second thread waits on busy cores)")
-    parser.add_argument("--modes", default=",".join(MODES), help="subset of: " + ", ".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help="subset of: " + ", ".join(MODES))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="1 repeat, 1 + 2 steps, 48 records: a smoke run")
     parser.add_argument("--out", default=str(ROOT / "results" / "train_speed"), help="path prefix for .json/.md")

@@ -241,7 +241,7 @@ def test_bench_train_quick_writes_results(tmp_path, tiny_llama_dir):
     report = train_speed.main(["--quick", "--tasks", str(data), "--backbone", str(tiny_llama_dir), "--records", "24",
                                "--batch-size", "4", "--out", str(tmp_path / "speed")])
     block = report["tasks"][str(data)]
-    assert len(block["runs"]) == 2 * len(train_speed.MODES)
+    assert len(block["runs"]) == 2 * len(train_speed.DEFAULT_MODES)
     assert all(run["tokens_per_s"] > 0 for run in block["runs"])
     assert {r["backbone_dtype"] for r in block["runs"] if r["mode"] == "bf16"} == {"bfloat16"}
     assert "pedro bf16 / lora bf16" in block["ratios"] and "pedro bf16 / pedro fp32 before" in block["ratios"]
