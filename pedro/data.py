@@ -15,45 +15,16 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from pedro.backbones import format_prompt
 from pedro.model import IGNORE_INDEX
+from pedro.records import Example, Prompt, read_jsonl
+from pedro.tasks import TASKS, get_task
 
-Prompt = Union[str, list[dict[str, str]]]  # a plain prompt, or the chat turns before the answer
 OVERFLOW = ("truncate", "drop", "error")
-
-
-@dataclass
-class Example:
-    """One (prompt, response) pair, plus what scoring needs.
-
-    ``response`` is the training target; ``options``/``label`` make it a choice example; ``references`` are
-    every acceptable answer of a generation example (several for E2E).
-    """
-
-    prompt: Prompt
-    response: str
-    options: list[str] | None = None
-    label: int | None = None
-    references: list[str] = field(default_factory=list)
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a malformed line is an error naming file and line."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield number, row
 
 
 def record_to_example(row: dict[str, Any], where: str) -> Example:
@@ -98,8 +69,6 @@ def _check_empty(examples: list[Example], where: list[str]) -> list[Example]:
 def load_records(source: str | Path, split: str = "train", data_dir: str | Path | None = None) -> list[Example]:
     """Training records from a JSONL file, a local ``datasets`` folder (saved with ``save_to_disk``, or
     arrow/parquet/json files), or a task name from the registry (``sst2``, ``jsonl:DIR`` ...)."""
-    from pedro.tasks import TASKS, get_task
-
     path = Path(source)
     if not path.exists() and (str(source) in TASKS or str(source).startswith("jsonl:")):
         return get_task(str(source), data_dir).load(split)

@@ -16,7 +16,7 @@ import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from pedro.data import Example
+from pedro.records import Example
 
 DATA_ENV = "PEDRO_DATA_DIR"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pedro.data import read_jsonl
+from pedro.records import read_jsonl
 from pedro.tasks.base import Example, Task
 
 _CALC = re.compile(r"<<[^>]*>>")

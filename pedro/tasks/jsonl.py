@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pedro.data import read_jsonl
+from pedro.records import read_jsonl
 from pedro.tasks.base import Example, Task, TaskDataMissing
 
 

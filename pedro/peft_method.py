@@ -21,7 +21,7 @@ _MAPPINGS = {
 }
 
 
-def register() -> None:
+def register_peft_method() -> None:
     """Idempotent; raises ImportError when PEFT's internals are not what this version was tested with."""
     for name, value in _MAPPINGS.items():
         table = getattr(mapping, name, None)
