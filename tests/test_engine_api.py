@@ -151,3 +151,16 @@ def test_a_named_backbone_loads_in_the_asked_dtype(tiny_llama_dir):
     assert engine.dtype is torch.bfloat16 and next(engine.model.parameters()).dtype is torch.bfloat16
     [out] = engine.generate([Request([5, 6, 7], sampling=SamplingParams(max_new_tokens=3, ignore_eos=True))])
     assert out.error is None and len(out.token_ids) == 3
+
+
+def test_listed_bytes_follow_each_adapter_kind_resident_dtype(tmp_path):
+    """PEDRO generators stay in fp32 whatever the backbone's dtype; LoRA weights take the engine's dtype."""
+    model = _sharp_model(torch.bfloat16)
+    engine = Engine(model, max_batch=2, max_seq_len=16)
+    engine.add_adapter("p", _pedro_dir(tmp_path, _sharp_model()))
+    lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(str(tmp_path / "lora"))
+    engine.add_adapter("l", str(tmp_path / "lora"))
+    listed = {a["name"]: a for a in engine.list_adapters()}
+    assert listed["p"]["bytes"] == 4 * listed["p"]["parameters"]
+    assert listed["l"]["bytes"] == 2 * listed["l"]["parameters"]

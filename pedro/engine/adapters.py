@@ -129,6 +129,12 @@ class AdapterPlan:
     roles: dict[str, Any]  # file key -> role (kind-specific)
     n_params: int
 
+    def bytes_per_param(self, dtype: torch.dtype) -> int:
+        """Bytes one parameter takes once resident: PEDRO generators run in torch's default dtype (fp32, see
+        ``_pedro_weights``), LoRA and (IA)3 weights in the engine's dtype."""
+        resident = torch.get_default_dtype() if self.kind == "pedro" else dtype
+        return resident.itemsize
+
     def materialise(self, tensors: dict[str, torch.Tensor], spec: ModelSpec, model: nn.Module, dtype: torch.dtype) -> Weights:
         if self.kind == "pedro":
             return _pedro_weights(self, tensors, spec, model)
@@ -282,7 +288,6 @@ class Registered:
     directory: Path | None = None
     state: dict[str, torch.Tensor] | None = None
     prompt_format: str | None = None  # how training encoded prompts (pedro.io), when it was recorded
-    bytes_per_param: int = 4
     pins: int = 0
     slot: int | None = None  # index in the resident set (1..capacity) while resident
     weights: Weights | None = field(default=None, repr=False)
@@ -458,7 +463,7 @@ class AdapterStore:
                 "name": e.name,
                 "kind": e.kind,
                 "parameters": e.plan.n_params,
-                "bytes": e.plan.n_params * e.bytes_per_param,
+                "bytes": e.plan.n_params * e.plan.bytes_per_param(self.dtype),
                 "resident": e.name in self.resident,
                 "in_use": e.pins,
                 "source": str(e.directory) if e.directory else "memory",
