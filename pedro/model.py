@@ -14,15 +14,11 @@ import re
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.tuners_utils import (
-    BaseTuner,
-    BaseTunerLayer,
-    _filter_state_dict_by_key_prefixes,
-    _get_tuner_state_dict_key_prefixes,
-)
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from pedro.backbones import layer_map
+from pedro.compat import adapter_state_dict
 from pedro.config import PedroConfig
 from pedro.generator import VectorGenerator, generator_parameter_count
 from pedro.layer import PedroLayer, PedroLinear, PedroState, PedroTap
@@ -294,8 +290,7 @@ class PedroModel(BaseTuner):
         """PEFT loads non-strictly and only warns on missing keys; a PEDRO adapter must match exactly, and a
         mismatch must say which tensor and both shapes instead of failing inside load_state_dict."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        expected = adapter_state_dict(model, adapter_name)
         missing = sorted(set(expected) - set(remapped))
         unexpected = sorted(set(remapped) - set(expected))
         if missing or unexpected:

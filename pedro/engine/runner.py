@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import rotate_half
 
+from pedro.compat import check_rotary, mlp_activation, rotary_cos_sin, rotate_half
 from pedro.engine.adapters import ModelSpec, PedroWeights
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.rows import RowAdapters
@@ -124,7 +124,8 @@ class ModelRunner:
         self.scaling = attn.scaling
         self.n_kv = self.config.num_key_value_heads
         self.group = self.config.num_attention_heads // self.n_kv
-        self.act = layers[0].mlp.act_fn
+        self.act = mlp_activation(layers[0].mlp)
+        check_rotary(self.decoder.rotary_emb, family.layer_types)
         self.ropes = list(dict.fromkeys(layer.rope for layer in self.layers))
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -136,7 +137,7 @@ class ModelRunner:
         x = self.decoder.embed_tokens.weight[:1]  # only its dtype and device matter
         ropes = {}
         for kind in self.ropes:
-            cos, sin = self.decoder.rotary_emb(x, positions.unsqueeze(0), *(() if kind is None else (kind,)))
+            cos, sin = rotary_cos_sin(self.decoder.rotary_emb, x, positions.unsqueeze(0), kind)
             ropes[kind] = cos[0], sin[0]
         return ropes
 

@@ -1,0 +1,88 @@
+"""Every private or version-specific piece of transformers and PEFT that pedro relies on, in one place.
+
+The engine's runner re-implements the decoder forward with the backbone's own modules, the PEFT tuner checks
+adapter files with PEFT's own key filters, and training drops a stale GGUF marker. Each of those touches an
+internal that a library release may rename or reshape; here each one is imported or checked once, and a
+release that changes it fails with a message naming the symbol, the installed version and the tested range,
+instead of a model that computes something else. (PEFT's method tables are handled the same way in
+``pedro.peft_method``.)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+TESTED = {"transformers": ">=5.0,<5.24", "peft": ">=0.21,<0.22"}
+
+
+class IncompatibleLibrary(ImportError):
+    """An installed transformers or PEFT release lacks, or reshaped, an internal that pedro uses."""
+
+
+def incompatible(library: str, what: str) -> IncompatibleLibrary:
+    """The error for ``library`` no longer providing ``what``: names the installed version and the tested one."""
+    version = importlib.metadata.version(library)
+    return IncompatibleLibrary(
+        f"{library} {version} changed {what}, which pedro-peft relies on; it is tested with {library}{TESTED[library]}: "
+        f"pip install '{library}{TESTED[library]}'"
+    )
+
+
+try:  # RoPE's half-split rotation, as every supported family applies it
+    from transformers.models.llama.modeling_llama import rotate_half
+except ImportError as err:
+    raise incompatible("transformers", "transformers.models.llama.modeling_llama.rotate_half") from err
+
+try:  # the keys a tuner's adapter owns in a model's state dict
+    from peft.tuners.tuners_utils import (
+        _filter_state_dict_by_key_prefixes,
+        _get_tuner_state_dict_key_prefixes,
+    )
+except ImportError as err:
+    raise incompatible("peft", "peft.tuners.tuners_utils._filter_state_dict_by_key_prefixes / _get_tuner_state_dict_key_prefixes") from err
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``model``'s state dict that belong to adapter ``adapter_name``, under the keys PEFT
+    expects in a loaded file: what a saved adapter must match exactly."""
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    return _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+
+
+def check_rotary(rotary_emb: nn.Module, per_layer_type: bool) -> None:
+    """Refuse a rotary embedding whose forward does not take what ``rotary_cos_sin`` passes: (x, position_ids),
+    plus the layer type for a backbone with one RoPE per layer type (Gemma 3)."""
+    params = list(inspect.signature(rotary_emb.forward).parameters)
+    wanted = ["x", "position_ids", *(["layer_type"] if per_layer_type else [])]
+    if params[: len(wanted)] != wanted:
+        raise incompatible("transformers", f"{type(rotary_emb).__name__}.forward's signature (expected {wanted}, got {params})")
+
+
+def rotary_cos_sin(
+    rotary_emb: nn.Module, x: torch.Tensor, positions: torch.Tensor, layer_type: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of ``positions`` (1, N) from the backbone's own rotary embedding; ``layer_type`` selects the
+    RoPE of that layer type, None for a backbone with one RoPE. ``x`` only gives the dtype and device."""
+    return rotary_emb(x, positions, *(() if layer_type is None else (layer_type,)))
+
+
+def mlp_activation(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gated MLP's activation (``act(gate(x)) * up(x)``) as the backbone computes it."""
+    act = getattr(mlp, "act_fn", None)
+    if not callable(act):
+        raise incompatible("transformers", f"{type(mlp).__name__}.act_fn (the gated MLP's activation)")
+    return act
+
+
+def forget_gguf_quantization(model: Any) -> None:
+    """Drop transformers' GGUF "quantizer" marker from a model whose GGUF weights were dequantised to float at
+    load: Trainer refuses to train a model that carries it, though its weights are plain float tensors."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and str(quantizer.quantization_config.quant_method).lower().endswith("gguf"):
+        model.hf_quantizer = None
+        model.is_quantized = False

@@ -1,0 +1,75 @@
+"""pedro.compat: each library internal behaves as pedro assumes, and a release that changes one fails loudly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch import nn
+
+import pedro
+from pedro import compat
+
+
+def test_rotate_half_is_the_half_split_rotation():
+    x = torch.arange(8.0).reshape(1, 8)
+    assert compat.rotate_half(x).tolist() == [[-4.0, -5.0, -6.0, -7.0, 0.0, 1.0, 2.0, 3.0]]
+
+
+@pytest.mark.parametrize("family, per_layer_type", [("llama", False), ("qwen3", False), ("gemma3", True)])
+def test_rotary_signature_and_values_of_each_family(family, per_layer_type):
+    model = tiny_model(family)
+    rotary = model.model.rotary_emb
+    compat.check_rotary(rotary, per_layer_type)
+    positions = torch.arange(5)[None]
+    x = model.model.embed_tokens.weight[:1]
+    layer_type = model.config.layer_types[0] if per_layer_type else None
+    cos, sin = compat.rotary_cos_sin(rotary, x, positions, layer_type)
+    expected = rotary(x, positions, *([layer_type] if per_layer_type else []))
+    assert torch.equal(cos, expected[0]) and torch.equal(sin, expected[1])
+
+
+def test_a_changed_rotary_signature_is_refused_by_name():
+    class Rotary(nn.Module):
+        def forward(self, x, positions):  # noqa: ANN001, ANN202
+            return x, x
+
+    with pytest.raises(compat.IncompatibleLibrary, match=r"Rotary.forward's signature.*transformers>=5.0,<5.24"):
+        compat.check_rotary(Rotary(), per_layer_type=False)
+    with pytest.raises(compat.IncompatibleLibrary, match="layer_type"):
+        compat.check_rotary(tiny_model("llama").model.rotary_emb, per_layer_type=True)
+
+
+def test_mlp_activation_is_the_backbones_own_and_its_absence_is_refused():
+    mlp = tiny_model("llama").model.layers[0].mlp
+    assert compat.mlp_activation(mlp) is mlp.act_fn
+    with pytest.raises(compat.IncompatibleLibrary, match=r"Linear.act_fn.*pip install 'transformers>=5.0,<5.24'"):
+        compat.mlp_activation(nn.Linear(2, 2))
+
+
+def test_adapter_state_dict_is_what_a_saved_adapter_holds(tmp_path):
+    model = pedro.get_pedro_model(tiny_model("llama"), pedro.PedroConfig(r=2, layers=[0, 2]))
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    expected = compat.adapter_state_dict(model, "default")
+    assert {model.base_model._remove_adapter_name_from_key(k, "default") for k in expected} == set(saved)
+
+
+def test_forget_gguf_quantization_drops_only_a_gguf_marker():
+    class Config:
+        def __init__(self, method: str) -> None:
+            self.quant_method = method
+
+    class Quantizer:
+        def __init__(self, method: str) -> None:
+            self.quantization_config = Config(method)
+
+    gguf, other = nn.Linear(1, 1), nn.Linear(1, 1)
+    gguf.hf_quantizer, gguf.is_quantized = Quantizer("QuantizationMethod.GGUF"), True
+    other.hf_quantizer, other.is_quantized = Quantizer("bitsandbytes"), True
+    compat.forget_gguf_quantization(gguf)
+    compat.forget_gguf_quantization(other)
+    assert gguf.hf_quantizer is None and gguf.is_quantized is False
+    assert other.hf_quantizer is not None and other.is_quantized is True
