@@ -306,7 +306,7 @@ def test_bad_requests_fail_alone(dirs, tmp_path):
     errors = [o.error for o in outs[:1] + outs[2:]]
     assert all(errors) and "unknown adapter 'nope'" in errors[0] and "empty" in errors[1]
     assert "40 tokens; at most 31 are allowed (the context is 32" in errors[2] and "SamplingParams" in errors[4]
-    for kwargs in (dict(temperature=-1.0), dict(top_p=-0.1), dict(top_k=-2), dict(max_new_tokens=0), dict(stop=[""])):
+    for kwargs in (dict(temperature=-1.0), dict(top_p=-0.1), dict(top_k=-2), dict(max_new_tokens=-1), dict(stop=[""])):
         with pytest.raises(RequestError, match=next(iter(kwargs))):
             SamplingParams(**kwargs)
     other = pedro.get_pedro_model(tiny_model("llama", hidden_size=48), pedro.PedroConfig(r=4))

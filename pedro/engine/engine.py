@@ -44,7 +44,7 @@ from pedro.engine.request import (
     TokenLogprob,
 )
 from pedro.engine.rows import RowAdapters
-from pedro.engine.runner import ModelRunner, PrefillBatch, check_supported
+from pedro.engine.runner import ModelRunner, PrefillBatch, PromptScores, check_supported
 from pedro.engine.sampling import sample, token_logprobs
 from pedro.engine.scheduler import Scheduler, Sequence
 from pedro.model import plan_sites
@@ -387,8 +387,9 @@ class Engine:
 
     def _prefill(self, admitted: list[Sequence]) -> int:
         """Prefill the admitted rows. Rows with the same prompt and adapter (``n`` samples of one prompt) are
-        prefilled once: the others copy its cache slot and vectors, then sample from the same logits with their
-        own generators. -> the prompt tokens that ran through the model."""
+        prefilled once: the others copy its cache slot, vectors and prompt scores, then sample from the same
+        logits with their own generators. A row that asks for no new token finishes here. -> the prompt tokens
+        that ran through the model."""
         firsts: dict[tuple, Sequence] = {}
         copies: list[tuple[Sequence, Sequence]] = []
         for seq in admitted:
@@ -397,30 +398,65 @@ class Engine:
                 copies.append((seq, firsts[key]))
             else:
                 firsts[key] = seq
-        logits = self._prefill_isolated(list(firsts.values()))
+        scored: dict[int, int] = {}  # id(prefilled seq) -> the most prompt alternatives a row it serves asks for
+        for seq, source in [(s, s) for s in firsts.values()] + copies:
+            k = seq.request.sampling.prompt_logprobs
+            if k is not None:
+                scored[id(source)] = max(k, scored.get(id(source), 0))
+        results = self._prefill_isolated(list(firsts.values()), scored)
         for seq, source in copies:
-            if id(source) in logits:
+            if id(source) in results:
                 self.cache.copy(source.slot, seq.slot)
                 self.rows.copy_vectors(source.slot, seq.slot)
-                logits[id(seq)] = logits[id(source)]
+                results[id(seq)] = results[id(source)]
             else:
                 seq.finish("error", source.error, source.error_code)
-        done = [seq for seq in admitted if id(seq) in logits]
-        if done:
-            self._accept(done, torch.stack([logits[id(seq)] for seq in done]))
+        done = [seq for seq in admitted if id(seq) in results]
+        for seq in done:
+            self._describe_prompt(seq, results[id(seq)][1])
+            if not seq.finished and seq.request.sampling.max_new_tokens == 0:
+                seq.finish("length")
+        sampled = [seq for seq in done if not seq.finished]
+        if sampled:
+            self._accept(sampled, torch.stack([results[id(seq)][0] for seq in sampled]))
         return sum(len(seq.prompt_ids) for seq in firsts.values())
 
-    def _prefill_isolated(self, seqs: list[Sequence]) -> dict[int, torch.Tensor]:
-        """Prefill ``seqs`` together; if that raises, once more one by one, so that only a request that fails
-        on its own is failed (its adapter's generator, say). -> next-token logits by id(seq)."""
+    def _prefill_isolated(
+        self, seqs: list[Sequence], scored: dict[int, int]
+    ) -> dict[int, tuple[torch.Tensor, Optional[PromptScores]]]:
+        """Prefill ``seqs`` together, scoring the prompts of those in ``scored`` (id(seq) -> alternatives); if
+        that raises, once more one by one, so that only a request that fails on its own is failed (its adapter's
+        generator, say). -> (next-token logits, prompt scores or None) by id(seq)."""
+        batch = PrefillBatch([s.slot for s in seqs], [s.prompt_ids for s in seqs], [scored.get(id(s)) for s in seqs])
         try:
-            logits = self.runner.prefill(PrefillBatch([s.slot for s in seqs], [s.prompt_ids for s in seqs]))
+            logits = self.runner.prefill(batch)
         except Exception as err:  # attributed to the request when it fails alone
             if len(seqs) == 1:
                 seqs[0].finish("error", f"the request failed at prefill: {err}", REQUEST_FAILED)
                 return {}
-            return {key: row for seq in seqs for key, row in self._prefill_isolated([seq]).items()}
-        return {id(seq): row for seq, row in zip(seqs, logits)}
+            return {key: row for seq in seqs for key, row in self._prefill_isolated([seq], scored).items()}
+        return {id(seq): (row, batch.scores.get(i)) for i, (seq, row) in enumerate(zip(seqs, logits))}
+
+    def _describe_prompt(self, seq: Sequence, scores: Optional[PromptScores]) -> None:
+        """What a request asked to know about its prompt: its text, and its tokens' log-probabilities (a prompt
+        whose scores are not finite fails like any overflowing row)."""
+        params = seq.request.sampling
+        if params.return_prompt_text:
+            seq.prompt_text = self._decode(seq.prompt_ids) if self.tokenizer is not None else ""
+        if params.prompt_logprobs is None or scores is None:
+            return
+        if not torch.isfinite(scores.logprobs).all() or not torch.isfinite(scores.top_logprobs).all():
+            adapter = f"its adapter {seq.request.adapter!r}" if seq.request.adapter else "the model"
+            seq.finish("error", f"numeric overflow: {adapter} produced non-finite logits for this prompt", NUMERIC_OVERFLOW)
+            return
+        k, prompt = params.prompt_logprobs, seq.prompt_ids
+        entries = [TokenLogprob(prompt[0], None)] + [
+            TokenLogprob(token, value, tuple(zip(ids[:k], values[:k])))
+            for token, value, ids, values in zip(
+                prompt[1:], scores.logprobs.tolist(), scores.top_ids.tolist(), scores.top_logprobs.tolist()
+            )
+        ]
+        seq.prompt_logprobs = self._with_texts(entries, [prompt[max(0, i - LOGPROB_CONTEXT) : i] for i in range(len(prompt))])
 
     def _retire(self, seq: Sequence) -> None:
         slot = seq.slot
@@ -440,8 +476,9 @@ class Engine:
         wanted = [i for i, (p, t) in enumerate(zip(params, tokens)) if p.logprobs is not None and t is not None]
         if wanted:
             chosen = token_logprobs(logits[wanted], [tokens[i] for i in wanted], [params[i].logprobs for i in wanted])
-            for i, logprob in zip(wanted, chosen):
-                seqs[i].logprobs.append(self._with_text(logprob, seqs[i].output_ids[-LOGPROB_CONTEXT:]))
+            contexts = [seqs[i].output_ids[-LOGPROB_CONTEXT:] for i in wanted]
+            for i, logprob in zip(wanted, self._with_texts(chosen, contexts)):
+                seqs[i].logprobs.append(logprob)
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens):
             if token is None:
@@ -478,18 +515,22 @@ class Engine:
             if seq.finish_reason is None or seq.finish_reason == "length":
                 seq.finish("stop")
 
-    def _with_text(self, logprob: TokenLogprob, context: list[int]) -> TokenLogprob:
-        """``logprob`` with the text each of its tokens adds after ``context`` (the tokens generated just before
-        it): what OpenAI's logprobs show as ``token``. Decoding after a few tokens of context, not alone, keeps
-        the spaces and merged bytes a tokenizer's decoder puts between tokens, so the chosen tokens' texts
-        concatenate to the output text."""
+    def _with_texts(self, logprobs: list[TokenLogprob], contexts: list[list[int]]) -> list[TokenLogprob]:
+        """Each of ``logprobs`` with the text each of its tokens adds after its ``context`` (the tokens just
+        before it): what OpenAI's logprobs show as ``token``. Decoding after a few tokens of context, not alone,
+        keeps the spaces and merged bytes a tokenizer's decoder puts between tokens, so the chosen tokens' texts
+        concatenate to the text. Two batched decodes for the lot (a prompt's tokens are many)."""
         if self.tokenizer is None:
-            return logprob
-        ids = [logprob.token, *(t for t, _ in logprob.top)]
-        before, *after = self._decode_many([context, *([*context, t] for t in ids)])
-        alone = self._decode_many([[t] for t in ids])
-        texts = [a[len(before):] if a.startswith(before) else x for a, x in zip(after, alone)]
-        return dataclasses.replace(logprob, text=texts[0], top_text=tuple(texts[1:]))
+            return logprobs
+        ids = [[logprob.token, *(t for t, _ in logprob.top)] for logprob in logprobs]
+        after = iter(self._decode_many([seq for c, i in zip(contexts, ids) for seq in (c, *([*c, t] for t in i))]))
+        alone = iter(self._decode_many([[t] for i in ids for t in i]))
+        out = []
+        for logprob, tokens in zip(logprobs, ids):
+            before = next(after)
+            texts = [a[len(before):] if a.startswith(before) else x for a, x in ((next(after), next(alone)) for _ in tokens)]
+            out.append(dataclasses.replace(logprob, text=texts[0], top_text=tuple(texts[1:])))
+        return out
 
     def _decode(self, ids: list[int]) -> str:
         """The text of ``ids``, special tokens skipped; on the engine thread's own tokenizer copy, without a lock."""
@@ -537,6 +578,8 @@ class Engine:
             error_code=seq.error_code,
             metrics=metrics,
             logprobs=list(seq.logprobs) if seq.request.sampling.logprobs is not None else None,
+            prompt_logprobs=seq.prompt_logprobs,
+            prompt_text=seq.prompt_text,
         )
 
     # ------------------------------------------------------------------------------------------ offline

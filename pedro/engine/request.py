@@ -65,7 +65,13 @@ class SamplingParams:
     ``presence_penalty`` (OpenAI semantics over the generated tokens: ``count * frequency + (count > 0) *
     presence`` is subtracted). ``logprobs``: None = off; k >= 0 = report each chosen token's log-probability
     and the k most likely alternatives, under the model's own distribution (log-softmax of the raw logits,
-    before any adjustment: what vLLM reports by default).
+    before any adjustment: what vLLM reports by default). ``prompt_logprobs``: the same for every prompt token
+    after the first, each under the distribution the prefill computed from the tokens before it (what scoring a
+    text needs, e.g. lm-evaluation-harness's loglikelihood); only a request that asks pays for the
+    full-vocabulary log-softmax at its prompt positions. ``max_new_tokens`` 0 generates nothing: the prompt is
+    prefilled (for its prompt logprobs) and the request finishes with "length". ``return_prompt_text``: decode
+    the prompt's token ids into ``RequestOutput.prompt_text`` (what completions' ``echo`` shows for a token-id
+    prompt).
     """
 
     max_new_tokens: int = 64
@@ -80,10 +86,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    return_prompt_text: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            _refuse("max_new_tokens", "a positive integer", self.max_new_tokens)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            _refuse("max_new_tokens", "an integer >= 0 (0: prefill only)", self.max_new_tokens)
         if (
             isinstance(self.temperature, bool)
             or not isinstance(self.temperature, (int, float))
@@ -116,10 +124,12 @@ class SamplingParams:
         ):
             _refuse("logit_bias", "a mapping of token ids >= 0 to numbers in [-100, 100]", self.logit_bias)
         object.__setattr__(self, "logit_bias", bias)
-        if self.logprobs is not None and (
-            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            _refuse("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                _refuse(name, f"None or an integer in [0, {MAX_LOGPROBS}]", value)
+        if not isinstance(self.return_prompt_text, bool):
+            _refuse("return_prompt_text", "True or False", self.return_prompt_text)
 
     @property
     def adjusts_logits(self) -> bool:
@@ -153,12 +163,13 @@ class Request:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token's log-probability and the ``SamplingParams.logprobs`` most likely alternatives
-    (token id, log-probability), most likely first; ``text`` / ``top_text``: each token decoded alone (empty
-    without a tokenizer)."""
+    """One token's log-probability and the ``SamplingParams.logprobs`` (for a prompt token: ``prompt_logprobs``)
+    most likely alternatives (token id, log-probability), most likely first; ``text`` / ``top_text``: the text
+    each token adds after the tokens before it (empty without a tokenizer). ``logprob`` is None only for a
+    prompt's first token, which nothing before it predicts."""
 
     token: int
-    logprob: float
+    logprob: Optional[float]
     top: tuple[tuple[int, float], ...] = ()
     text: str = ""
     top_text: tuple[str, ...] = ()
@@ -174,6 +185,9 @@ class RequestOutput:
     ``error_code`` is one of ADAPTER_LOAD_FAILED, NUMERIC_OVERFLOW, REQUEST_FAILED, ENGINE_FAILURE). ``metrics``:
     ``ttft_s``, ``latency_s`` and ``queued_steps`` (engine steps between queueing and admission). ``logprobs``:
     one TokenLogprob per token of ``token_ids`` when the request asked for them, else None.
+    ``prompt_logprobs``: one TokenLogprob per prompt token (the first with logprob None) when the request asked
+    for them (``SamplingParams.prompt_logprobs``), ``prompt_text`` the prompt's ids decoded when it asked
+    (``return_prompt_text``); both are there from the request's first output on.
     """
 
     request_id: str
@@ -189,3 +203,5 @@ class RequestOutput:
     error_code: Optional[str] = None
     metrics: dict[str, float] = field(default_factory=dict)
     logprobs: Optional[list[TokenLogprob]] = None
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
+    prompt_text: Optional[str] = None

@@ -19,7 +19,7 @@ resolved once at construction, so a LLaMA step pays only a few ``is None`` check
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +30,10 @@ from pedro.compat import check_rotary, mlp_activation, rotary_cos_sin, rotate_ha
 from pedro.engine.adapters import ModelSpec, PedroWeights
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.rows import RowAdapters
+from pedro.engine.sampling import ranked
 from pedro.engine.vectors import generate_vectors
+
+PROMPT_LOGPROB_CHUNK = 256  # prompt positions per log-softmax: bounds the (positions, vocab) float32 temporary
 
 
 @dataclass(frozen=True)
@@ -102,12 +105,25 @@ class _Layer:
         )
 
 
+@dataclass(frozen=True)
+class PromptScores:
+    """A prompt's tokens 1..T-1 scored by the prefill: each token's log-probability under the logits computed
+    from the tokens before it (T-1,), and the k most likely tokens there, log-probabilities and ids (T-1, k)."""
+
+    logprobs: torch.Tensor
+    top_logprobs: torch.Tensor
+    top_ids: torch.Tensor
+
+
 @dataclass
 class PrefillBatch:
-    """New rows (slots ``slots``) with prompts ``prompts``; tokens are packed in that order."""
+    """New rows (slots ``slots``) with prompts ``prompts``; tokens are packed in that order. ``prompt_logprobs``:
+    per row, None, or k to score that row's prompt (``scores[row]``, filled by ModelRunner.prefill)."""
 
     slots: list[int]
     prompts: list[list[int]]
+    prompt_logprobs: list[int | None] | None = None
+    scores: dict[int, PromptScores] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -212,7 +228,23 @@ class ModelRunner:
         hidden = self._forward(tokens, ctx)
         for slot, n in zip(batch.slots, lengths):
             self.cache.lengths[slot] = n
+        for row, k in enumerate(batch.prompt_logprobs or ()):
+            if k is not None:
+                start, end = segments[row]
+                batch.scores[row] = self._score_prompt(hidden[start : end - 1], batch.prompts[row][1:], k)
         return self._logits(hidden[[end - 1 for end in ends]])
+
+    def _score_prompt(self, hidden: torch.Tensor, targets: list[int], k: int) -> PromptScores:
+        """``targets`` (each prompt token after the first) scored under the logits of the positions before them
+        (``hidden``), a chunk of positions at a time so no (prompt, vocab) tensor is ever held whole."""
+        ids = torch.tensor(targets, dtype=torch.long)
+        parts = [
+            ranked(self._logits(hidden[a : a + PROMPT_LOGPROB_CHUNK]), ids[a : a + PROMPT_LOGPROB_CHUNK], k)
+            for a in range(0, len(targets), PROMPT_LOGPROB_CHUNK)
+        ]
+        if not parts:  # a one-token prompt: nothing to score
+            return PromptScores(torch.empty(0), torch.empty(0, k), torch.empty(0, k, dtype=torch.long))
+        return PromptScores(*(torch.cat(p) for p in zip(*parts)))
 
     def _attend_prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         parts = self.layers[layer]

@@ -85,13 +85,19 @@ def sample(
     return tokens
 
 
+def ranked(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under the raw logits (N, V): the log-probability of each row's token (N,), and the k most likely tokens'
+    log-probabilities and ids (N, k), most likely first."""
+    logprobs = logits.float().log_softmax(-1)
+    top_values, top_ids = logprobs.topk(k, dim=-1)
+    return logprobs.gather(-1, tokens[:, None])[:, 0], top_values, top_ids
+
+
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: list[int]) -> list[TokenLogprob]:
     """Each row's chosen token's log-probability under the raw logits (N, V), and its k[row] most likely
     alternatives."""
-    logprobs = logits.float().log_softmax(-1)
-    chosen = logprobs.gather(-1, torch.tensor(tokens)[:, None])[:, 0].tolist()
-    top_values, top_ids = logprobs.topk(max(max(k), 1), dim=-1)
+    chosen, top_values, top_ids = ranked(logits, torch.tensor(tokens), max(k))
     return [
         TokenLogprob(token, value, tuple(zip(top_ids[i, : k[i]].tolist(), top_values[i, : k[i]].tolist())))
-        for i, (token, value) in enumerate(zip(tokens, chosen))
+        for i, (token, value) in enumerate(zip(tokens, chosen.tolist()))
     ]

@@ -36,6 +36,8 @@ class Sequence:
     slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, set at prefill when asked for
+    prompt_text: str | None = None  # the prompt's ids decoded, set at prefill when asked for
     text: str = ""
     detokenizer: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)  # text while running
     emitted_tokens: int = 0
