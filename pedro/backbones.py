@@ -1,11 +1,13 @@
-"""Where PEDRO's pieces live in each supported architecture, and how to load the offline default backbones."""
+"""The supported decoder families (one table that every part of pedro reads), and how to load the offline default
+backbones."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -14,13 +16,34 @@ from torch import nn
 
 @dataclass(frozen=True)
 class LayerMap:
-    """Module paths inside one architecture: the decoder stack, its layers, the norm the generator taps,
-    and each scalable projection, relative to a decoder layer."""
+    """One decoder family as every part of pedro sees it: the PEFT model (where to attach), the engine's runner
+    (what a decoder layer computes) and the adapter parser (which tensor belongs to which module) all read it.
+
+    Module paths: the decoder stack, its layers, the norm the generator taps, and each linear module relative
+    to a decoder layer (``projections``: the ones PEDRO can scale; ``linears``: those and the down-projection).
+    Then what the family's decoder layer adds to LLaMA's (all off: the LLaMA layer), and whether the engine's
+    runner implements its forward (the PEFT model runs every family through transformers' own forward).
+    """
 
     stack: str
     layers: str
     norm: str
     projections: dict[str, str]
+    down: str = "mlp.down_proj"
+    qk_norm: bool = False  # self_attn.q_norm / k_norm on each head after the projection, before RoPE
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs, and pre_feedforward_layernorm before the MLP
+    layer_types: bool = False  # config.layer_types: a RoPE per type; "sliding_attention" layers see sliding_window keys
+    engine: bool = True
+
+    @property
+    def linears(self) -> dict[str, str]:
+        """Short name (q, k, v, o, gate, up, down) -> path of every linear module inside a decoder layer."""
+        return {**self.projections, "down": self.down}
+
+    def module_names(self, targets: Sequence[str]) -> list[str]:
+        """Short target names -> the module-name suffixes PEFT's ``target_modules`` match; any other name is
+        passed through as a module name."""
+        return [self.linears.get(t, t).rsplit(".", 1)[-1] for t in targets]
 
 
 _LLAMA_LIKE = LayerMap(
@@ -41,10 +64,10 @@ LAYER_MAPS: dict[str, LayerMap] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "qwen3": replace(_LLAMA_LIKE, qk_norm=True),
+    "gemma": replace(_LLAMA_LIKE, engine=False),
+    "gemma2": replace(_LLAMA_LIKE, sandwich_norms=True, engine=False),
+    "gemma3_text": replace(_LLAMA_LIKE, qk_norm=True, sandwich_norms=True, layer_types=True),
 }
 
 

@@ -29,34 +29,34 @@ from pedro.generator import VectorGenerator
 from pedro.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, check_adapter_dir, read_prompt_format
 from pedro.model import plan_sites
 
-# The engine's names for a decoder layer's linear modules (LLaMA-family, see runner.py).
-MODULES = ("q", "k", "v", "o", "gate", "up", "down")
-
-
 class AdapterError(ValueError):
     """An adapter the engine cannot register or load (format, backbone mismatch, unsupported feature)."""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What adapters are checked against: the backbone's layer count and each module's (in, out) width."""
+    """The measured sizes of one loaded backbone, which adapters are checked against and the engine allocates
+    by: its layer count, each linear module's (in, out) width and the attention head width. The module names
+    and paths are its family's (pedro.backbones.LayerMap)."""
 
     n_layers: int
     d_model: int
     module_paths: dict[str, str]  # engine module name -> path inside a decoder layer
     shapes: dict[str, tuple[int, int]]  # engine module name -> (in_features, out_features)
     layers_path: str
+    head_dim: int
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelSpec":
         lmap = layer_map(model)
         layers = model.get_submodule(lmap.layers)
-        paths = {**lmap.projections, "down": "mlp.down_proj"}
+        paths = lmap.linears
         shapes = {}
         for name, path in paths.items():
             linear = layers[0].get_submodule(path)
             shapes[name] = (linear.in_features, linear.out_features)
-        return cls(len(layers), model.config.hidden_size, paths, shapes, lmap.layers)
+        head_dim = shapes["k"][1] // model.config.num_key_value_heads
+        return cls(len(layers), model.config.hidden_size, paths, shapes, lmap.layers, head_dim)
 
     def module_of(self, path: str) -> str | None:
         return next((name for name, p in self.module_paths.items() if p == path), None)
@@ -105,7 +105,7 @@ def _layer_and_module(key: str, spec: ModelSpec, suffix: str) -> tuple[int, str]
     match = re.search(re.escape(spec.layers_path) + r"\.(\d+)\.(.+)\." + re.escape(suffix) + "$", _strip(key))
     module = spec.module_of(match.group(2)) if match else None
     if match is None or module is None:
-        raise AdapterError(f"tensor {key!r} is not on a decoder-layer linear module the engine serves ({MODULES})")
+        raise AdapterError(f"tensor {key!r} is not on a decoder-layer linear module the engine serves ({list(spec.module_paths)})")
     layer = int(match.group(1))
     if layer >= spec.n_layers:
         raise AdapterError(f"tensor {key!r} is for layer {layer}, but the backbone has {spec.n_layers} layers")
