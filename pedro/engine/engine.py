@@ -152,8 +152,7 @@ class Engine:
         config, spec = self.model.config, self.spec
         self.rows = RowAdapters(spec, self.max_batch, self.adapters.capacity, self.dtype)
         self.adapters.on_load = self.rows.load_lora
-        head_dim = self.model.model.layers[0].self_attn.head_dim
-        self.cache = KVCache(spec.n_layers, self.max_batch, config.num_key_value_heads, self.max_seq_len, head_dim, self.dtype)
+        self.cache = KVCache(spec.n_layers, self.max_batch, config.num_key_value_heads, self.max_seq_len, spec.head_dim, self.dtype)
         self.runner = ModelRunner(self.model, spec, self.cache, self.rows)
         self.scheduler = Scheduler(self.max_batch, self.max_prefill_tokens, self.adapters)
         self._seqs: dict[str, Sequence] = {}

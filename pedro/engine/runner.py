@@ -11,7 +11,7 @@ attention runs per prompt (causal, banded on sliding layers, no padding), and ea
 pool that row's states at each layer -- pedro.generator.VectorGenerator itself, the same code the PEFT model
 runs.
 
-One forward serves every family: a ``Family`` says what a family's decoder layer adds to LLaMA's (Gemma 3:
+One forward serves every family: its ``pedro.backbones.LayerMap`` says what its decoder layer adds to LLaMA's (Gemma 3:
 QK-norm, sandwich norms, sliding-window and global layers with their own RoPE), and each layer's pieces are
 resolved once at construction, so a LLaMA step pays only a few ``is None`` checks for the features it lacks
 (measured: no difference in a step's time).
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pedro.backbones import LAYER_MAPS, LayerMap, layer_map
 from pedro.compat import check_rotary, mlp_activation, rotary_cos_sin, rotate_half
 from pedro.engine.adapters import ModelSpec, PedroWeights
 from pedro.engine.kv_cache import KVCache
@@ -36,39 +37,25 @@ from pedro.engine.vectors import generate_vectors
 PROMPT_LOGPROB_CHUNK = 256  # prompt positions per log-softmax: bounds the (positions, vocab) float32 temporary
 
 
-@dataclass(frozen=True)
-class Family:
-    """What a backbone family's decoder layer adds to the LLaMA layer (all off: the LLaMA layer)."""
-
-    qk_norm: bool = False  # self_attn.q_norm / k_norm on each head after the projection, before RoPE
-    sandwich_norms: bool = False  # norms on the attention and MLP outputs, and pre_feedforward_layernorm before the MLP
-    layer_types: bool = False  # config.layer_types: a RoPE per type; "sliding_attention" layers see sliding_window keys
-
-
-FAMILIES = {
-    "llama": Family(),
-    "mistral": Family(),
-    "qwen2": Family(),
-    "qwen3": Family(qk_norm=True),
-    "gemma3_text": Family(qk_norm=True, sandwich_norms=True, layer_types=True),
-}
 SLIDING = "sliding_attention"
 
 
 def check_supported(model: nn.Module, max_seq_len: int) -> None:
-    """The runner implements the forwards described in FAMILIES; refuse anything whose forward differs."""
+    """The runner implements the forwards of the families whose LayerMap has ``engine``; refuse anything else."""
     config = model.config
-    if config.model_type not in FAMILIES:
+    family = LAYER_MAPS.get(config.model_type)
+    if family is None or not family.engine:
+        served = [name for name, m in LAYER_MAPS.items() if m.engine]
         raise ValueError(
-            f"the engine's runner supports {list(FAMILIES)}, not {config.model_type!r}; "
+            f"the engine's runner supports {served}, not {config.model_type!r}; "
             "use transformers generate() with the PEFT model for this backbone"
         )
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError("attention logit softcapping is not supported (scaled_dot_product_attention has no softcap)")
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError("bidirectional attention is not supported: the engine generates causally")
-    window = getattr(config, "sliding_window", None)  # per-layer windows (FAMILIES' layer_types) are served
-    uses_window = not FAMILIES[config.model_type].layer_types and getattr(
+    window = getattr(config, "sliding_window", None)  # per-layer windows (a family's layer_types) are served
+    uses_window = not family.layer_types and getattr(
         config, "use_sliding_window", config.model_type == "mistral"
     )
     if uses_window and window is not None and window < max_seq_len:
@@ -89,7 +76,7 @@ class _Layer:
     window: int | None  # sliding window (keys within ``window`` positions, itself included) or None: global
 
     @classmethod
-    def of(cls, layer: nn.Module, index: int, family: Family, config: Any) -> "_Layer":
+    def of(cls, layer: nn.Module, index: int, family: LayerMap, config: Any) -> "_Layer":
         attn = layer.self_attn
         kind = config.layer_types[index] if family.layer_types else None
         sandwich = family.sandwich_norms
@@ -132,7 +119,7 @@ class ModelRunner:
         self.config = model.config
         self.decoder = model.model
         layers = list(self.decoder.layers)
-        family = FAMILIES[self.config.model_type]
+        family = layer_map(model)
         self.layers = [_Layer.of(layer, i, family, self.config) for i, layer in enumerate(layers)]
         self.linears = [{name: layer.get_submodule(path) for name, path in spec.module_paths.items()} for layer in layers]
         attn = layers[0].self_attn
