@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    Gemma3TextConfig,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -35,6 +39,8 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM, {}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),
+    "gemma": (GemmaConfig, GemmaForCausalLM, {"head_dim": 8}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8}),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8}),
 }
 

@@ -164,3 +164,10 @@ def test_listed_bytes_follow_each_adapter_kind_resident_dtype(tmp_path):
     listed = {a["name"]: a for a in engine.list_adapters()}
     assert listed["p"]["bytes"] == 4 * listed["p"]["parameters"]
     assert listed["l"]["bytes"] == 2 * listed["l"]["parameters"]
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_families_the_runner_does_not_implement_are_refused_by_name(family):
+    """The PEFT model serves them through transformers' forward (test_pedro_model.py); the engine says so."""
+    with pytest.raises(ValueError, match=rf"runner supports \['llama'.*not '{family}'; use transformers generate"):
+        Engine(tiny_model(family), max_batch=1, max_seq_len=16)
