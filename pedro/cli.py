@@ -117,6 +117,7 @@ def serve(
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache tokens per request."),
     adapter_capacity: Optional[int] = typer.Option(None, help="Adapters resident in memory (LRU)."),
     dtype: Optional[str] = typer.Option(None, help="float32 (default, exact), bfloat16 (~2x faster decoding on CPUs with native bf16), auto."),
+    device: Optional[str] = typer.Option(None, help="Where the engine runs: cpu (default), cuda, cuda:N (Ray replicas then reserve a GPU each)."),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longer prompts get 400."),
     max_tokens: Optional[int] = typer.Option(None, help="Largest max_tokens a request may ask for."),
     max_queued: Optional[int] = typer.Option(None, help="Waiting requests beyond max_batch; more get 429."),
@@ -135,7 +136,7 @@ def serve(
     settings = ServerConfig.load(
         config, backbone=backbone, model_name=model_name, adapters_dir=adapters_dir, keys_file=keys_file,
         host=host, port=port, max_batch=max_batch, max_seq_len=max_seq_len, adapter_capacity=adapter_capacity,
-        dtype=dtype, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queued=max_queued,
+        dtype=dtype, device=device, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queued=max_queued,
         max_upload_bytes=max_upload_bytes, max_request_bytes=max_request_bytes,
         max_requests_per_tenant=max_requests_per_tenant, ray_replicas=replicas, ray_min_replicas=min_replicas,
         ray_max_replicas=max_replicas, ray_address=ray_address,

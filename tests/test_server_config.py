@@ -28,6 +28,8 @@ def test_yaml_values_with_flags_on_top(tmp_path):
         ("ray:\n  replicas: 9\n  min_replicas: 1\n  max_replicas: 4\n", "within"),
         ("- a list\n", "mapping"),
         ("dtype: fp8\n", "dtype"),
+        ("device: gpu\n", "device"),
+        ("ray:\n  num_gpus: 1\n", "num_gpus"),
     ],
 )
 def test_a_bad_config_names_the_field(tmp_path, yaml_text, fragment):
@@ -35,6 +37,12 @@ def test_a_bad_config_names_the_field(tmp_path, yaml_text, fragment):
     path.write_text(yaml_text)
     with pytest.raises(ValueError, match=fragment):
         ServerConfig.load(path)
+
+
+def test_replicas_reserve_a_gpu_only_when_the_engine_runs_on_one():
+    assert ServerConfig.load().ray.num_gpus == 0
+    assert ServerConfig.load(device="cuda").ray.num_gpus == 1
+    assert ServerConfig.load(device="cuda:1", ray_num_gpus=0.5).ray.num_gpus == 0.5
 
 
 def test_keys_from_file_and_environment(tmp_path):

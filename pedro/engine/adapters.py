@@ -135,14 +135,21 @@ class AdapterPlan:
         resident = torch.get_default_dtype() if self.kind == "pedro" else dtype
         return resident.itemsize
 
-    def materialise(self, tensors: dict[str, torch.Tensor], spec: ModelSpec, model: nn.Module, dtype: torch.dtype) -> Weights:
+    def materialise(
+        self, tensors: dict[str, torch.Tensor], spec: ModelSpec, model: nn.Module, dtype: torch.dtype, device: torch.device
+    ) -> Weights:
+        """The weights a row of this adapter runs with, where it runs them: PEDRO generators and (IA)3 vectors on
+        ``device`` (they are read in the forward), LoRA weights on the host (they are copied into the runner's
+        stacks on ``device`` when the adapter becomes resident, so they need no second copy there)."""
         if self.kind == "pedro":
-            return _pedro_weights(self, tensors, spec, model)
+            return _pedro_weights(self, tensors, spec, model, device)
         if self.kind == "lora":
             return _lora_weights(self, tensors, dtype)
         # l - 1 in fp32, then cast: exact for l in [0.5, 2], where casting l itself to bf16 would round it to
         # steps of 2^-7 above 1
-        return VectorWeights({role: (tensors[key].reshape(-1).float() - 1.0).to(dtype) for key, role in self.roles.items()})
+        return VectorWeights(
+            {role: (tensors[key].reshape(-1).float() - 1.0).to(device, dtype) for key, role in self.roles.items()}
+        )
 
 
 def _shell(config: PedroConfig, spec: ModelSpec, width: int) -> VectorGenerator:
@@ -188,7 +195,9 @@ def _pedro_plan(config: PedroConfig, shapes: dict[str, tuple[int, ...]], spec: M
     return AdapterPlan("pedro", config, roles, sum(math.prod(s) for s in shapes.values()))
 
 
-def _pedro_weights(plan: AdapterPlan, tensors: dict[str, torch.Tensor], spec: ModelSpec, model: nn.Module) -> PedroWeights:
+def _pedro_weights(
+    plan: AdapterPlan, tensors: dict[str, torch.Tensor], spec: ModelSpec, model: nn.Module, device: torch.device
+) -> PedroWeights:
     config: PedroConfig = plan.config
     sites = plan_sites(config, model)
     lmap = layer_map(model)
@@ -206,7 +215,7 @@ def _pedro_weights(plan: AdapterPlan, tensors: dict[str, torch.Tensor], spec: Mo
             gen = _shell(config, spec, site.end)
             state = by_layer[None if config.share_generator else site.layer]
             gen.load_state_dict({k: v.to(torch.get_default_dtype()) for k, v in state.items()}, assign=True)
-            generators[site.layer] = shared = gen.eval().requires_grad_(False)
+            generators[site.layer] = shared = gen.to(device).eval().requires_grad_(False)
         else:
             path = name.split(f"{lmap.layers}.{site.layer}.", 1)[1]
             slices.setdefault(site.layer, []).append((spec.module_of(path), site.start, site.end))
@@ -352,6 +361,7 @@ class AdapterStore:
         if capacity < 1:
             raise ValueError(f"adapter capacity must be >= 1, got {capacity}")
         self.spec, self.model, self.capacity, self.dtype = spec, model, capacity, dtype
+        self.device = next(model.parameters()).device
         self.registered: dict[str, Registered] = {}
         self.ready: dict[str, Weights] = {}  # loaded, waiting to become resident
         self.loads = 0
@@ -414,7 +424,7 @@ class AdapterStore:
         Any failure is an AdapterError naming the adapter."""
         entry = entry or self.get(name)
         try:
-            return entry.plan.materialise(entry.load_tensors(), self.spec, self.model, self.dtype)
+            return entry.plan.materialise(entry.load_tensors(), self.spec, self.model, self.dtype, self.device)
         except Exception as err:  # whatever the files do to the loader, it is this adapter's failure alone
             raise AdapterError(f"adapter {name!r} could not be loaded: {err}") from err
 

@@ -29,6 +29,7 @@ from torch import nn
 from pedro.backbones import load_backbone, resolve_dtype
 from pedro.data import encode_prompt
 from pedro.engine.adapters import AdapterError, AdapterStore, ModelSpec, Registered
+from pedro.engine.device import DeviceLike, canonical, upload
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.request import (
     ADAPTER_LOAD_FAILED,
@@ -93,7 +94,11 @@ class Engine:
     ``max_per_tenant`` bounds each tenant's running + waiting requests (QueueFull for that tenant alone).
     ``dtype`` (a torch dtype, its name, or "auto") is the dtype to load a named backbone in; bfloat16 runs
     decoding about 2x faster on CPUs with native bf16 (see docs/engine.md) but is not bit-identical to
-    float32. A loaded model runs in its own dtype: cast it yourself, the engine never changes it in place.
+    float32; "auto" is decided for ``device``. A loaded model runs in its own dtype: cast it yourself, the
+    engine never changes it in place.
+    ``device``: where the engine runs (a torch device or its name: "cpu", "cuda", "cuda:1"). A named backbone
+    is loaded there; a loaded model runs where it is (default: its device; move it yourself). Every tensor the
+    engine keeps or a step reads is on that device (device.py).
     """
 
     def __init__(
@@ -108,10 +113,18 @@ class Engine:
         max_waiting: Optional[int] = None,
         max_per_tenant: Optional[int] = None,
         dtype: Union[str, torch.dtype, None] = None,
+        device: Optional[DeviceLike] = None,
     ) -> None:
         if isinstance(backbone, str):
-            backbone, tokenizer = load_backbone(backbone, dtype=dtype or torch.float32, quiet=True)
-        elif dtype is not None and resolve_dtype(dtype) != next(backbone.parameters()).dtype:
+            device = canonical(device or "cpu")
+            backbone, tokenizer = load_backbone(backbone, dtype=resolve_dtype(dtype or torch.float32, device), quiet=True)
+            backbone.to(device)
+        elif device is not None and canonical(device) != next(backbone.parameters()).device:
+            raise ValueError(
+                f"the backbone is on {next(backbone.parameters()).device} but device={str(device)!r} was asked for; "
+                "move the model first (model.to(...)) or pass the backbone's name"
+            )
+        elif dtype is not None and resolve_dtype(dtype, next(backbone.parameters()).device) != next(backbone.parameters()).dtype:
             raise ValueError(
                 f"the backbone is {next(backbone.parameters()).dtype} but dtype={dtype!r} was asked for; "
                 "cast the model first (model.to(...)) or pass the backbone's name"
@@ -136,6 +149,7 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
         self._decoder = _own_copy(tokenizer)
         self.dtype = next(backbone.parameters()).dtype
+        self.device = next(backbone.parameters()).device
         self.max_seq_len = max_seq_len
         self.spec = ModelSpec.of(backbone)
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
@@ -150,9 +164,11 @@ class Engine:
         """The per-request state: batch rows, KV cache, scheduler, in-flight adapter loads. Registrations are
         kept; this is all ``reset()`` rebuilds."""
         config, spec = self.model.config, self.spec
-        self.rows = RowAdapters(spec, self.max_batch, self.adapters.capacity, self.dtype)
+        self.rows = RowAdapters(spec, self.max_batch, self.adapters.capacity, self.dtype, self.device)
         self.adapters.on_load = self.rows.load_lora
-        self.cache = KVCache(spec.n_layers, self.max_batch, config.num_key_value_heads, self.max_seq_len, spec.head_dim, self.dtype)
+        self.cache = KVCache(
+            spec.n_layers, self.max_batch, config.num_key_value_heads, self.max_seq_len, spec.head_dim, self.dtype, self.device
+        )
         self.runner = ModelRunner(self.model, spec, self.cache, self.rows)
         self.scheduler = Scheduler(self.max_batch, self.max_prefill_tokens, self.adapters)
         self._seqs: dict[str, Sequence] = {}
@@ -291,7 +307,7 @@ class Engine:
         ids = self.encode(request.prompt, raw_prompt=request.raw_prompt)
         seed = request.sampling.seed if request.sampling.seed is not None else int(torch.randint(2**62, ()))
         track = self.tokenizer is not None and (track_text or bool(request.sampling.stop))
-        seq = Sequence(request, ids, torch.Generator().manual_seed(seed), track_text=track)
+        seq = Sequence(request, ids, torch.Generator(self.device).manual_seed(seed), track_text=track)
         self._seqs[request.request_id] = seq
         self._per_tenant[request.tenant] += 1
         self.scheduler.add(seq)
@@ -361,7 +377,7 @@ class Engine:
         running = list(self.scheduler.running)
         if running:
             start = time.perf_counter()
-            tokens = torch.tensor([seq.output_ids[-1] for seq in running])
+            tokens = upload([seq.output_ids[-1] for seq in running], self.device)
             logits = self.runner.decode(tokens)
             self._accept(running, logits)
             self.stats["decode"].append((len(running), time.perf_counter() - start))

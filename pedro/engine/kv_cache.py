@@ -11,6 +11,10 @@ Why not paged blocks: paging wins when memory is the bottleneck (long, unpredict
 a fused paged-attention kernel). On CPU there is no such kernel; a block table would mean gathering blocks
 into a contiguous tensor at every step, which is exactly the per-step copy this layout avoids. The price is
 reserving ``max_seq_len`` per slot, which the engine bounds with ``max_batch`` and ``max_seq_len``.
+
+Keys and values live on the model's device; ``lengths`` is host bookkeeping (the scheduler's view of each
+slot), so a step reads the widths it needs without waiting for the device, and the runner uploads the
+running rows' lengths once per step.
 """
 
 from __future__ import annotations
@@ -22,12 +26,19 @@ class KVCache:
     """Keys/values plus per-slot lengths; slot ``s`` of a running batch is batch row ``s``."""
 
     def __init__(
-        self, n_layers: int, slots: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype
+        self,
+        n_layers: int,
+        slots: int,
+        n_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_layers, slots, n_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
-        self.lengths = torch.zeros(slots, dtype=torch.long)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long)  # host: filled positions per slot
         self.max_seq_len = max_seq_len
 
     @property
@@ -39,16 +50,15 @@ class KVCache:
         n_layers, _, heads, _, head_dim = self.k.shape
         return 2 * n_layers * heads * head_dim * self.k.element_size()
 
-    def write_prompt(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (kv_heads, n, head_dim) for positions 0..n-1 of ``slot``."""
-        n = k.shape[1]
-        self.k[layer, slot, :, :n] = k
-        self.v[layer, slot, :, :n] = v
+    def write_prompt(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """k, v: (kv_heads, n, head_dim) for positions start..start+n-1 of ``slot``."""
+        end = start + k.shape[1]
+        self.k[layer, slot, :, start:end] = k
+        self.v[layer, slot, :, start:end] = v
 
-    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (B, kv_heads, head_dim), one new token for each of rows 0..B-1 at its own length."""
-        rows = torch.arange(k.shape[0])
-        positions = self.lengths[: k.shape[0]]
+    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """k, v: (B, kv_heads, head_dim), one new token for each of rows 0..B-1 at its own length; ``rows``
+        (arange(B)) and ``positions`` (the rows' lengths) are on the cache's device, made once per step."""
         self.k[layer, rows, :, positions] = k
         self.v[layer, rows, :, positions] = v
 

@@ -15,6 +15,10 @@ Two mechanisms cover every adapter kind:
 
 A point (or LoRA module) is only computed while at least one running row uses it, so a batch of bare
 requests runs the plain backbone.
+
+Every table lives on the model's device. ``lora_host`` mirrors ``lora_index`` on the host, so a prefill
+groups its tokens by adapter once per step from host data instead of asking the device (``unique()``) in
+every adapted module of every layer.
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ Point = tuple[str, str]  # (side "in" | "out", module)
 
 
 class RowAdapters:
-    def __init__(self, spec: ModelSpec, slots: int, capacity: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, spec: ModelSpec, slots: int, capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
         self.spec, self.slots, self.capacity, self.dtype = spec, slots, capacity, dtype
+        self.device = torch.device(device)
         self.scales: dict[Point, torch.Tensor] = {}
         self.point_users: Counter[Point] = Counter()
         self.lora_a: dict[str, torch.Tensor] = {}
         self.lora_b: dict[str, torch.Tensor] = {}
-        self.lora_index = torch.zeros(slots, dtype=torch.long)
+        self.lora_index = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.lora_host = [0] * slots  # lora_index, read on the host
         self.lora_users: Counter[str] = Counter()
         self.row_entry: list[Registered | None] = [None] * slots
 
@@ -67,7 +75,7 @@ class RowAdapters:
         if point not in self.scales:
             d_in, d_out = self.spec.shapes[point[1]]
             width = d_out if point[0] == "out" else d_in
-            self.scales[point] = torch.zeros(self.spec.n_layers, self.slots, width, dtype=self.dtype)
+            self.scales[point] = torch.zeros(self.spec.n_layers, self.slots, width, dtype=self.dtype, device=self.device)
         return self.scales[point]
 
     # ------------------------------------------------------------------ rows joining / leaving / moving
@@ -83,7 +91,11 @@ class RowAdapters:
                 self.scales[(side, module)][layer, slot] = vector
         for module in self._lora_modules(entry):
             self.lora_users[module] += 1
-        self.lora_index[slot] = entry.slot if self._lora_modules(entry) else 0
+        self._set_lora(slot, entry.slot if self._lora_modules(entry) else 0)
+
+    def _set_lora(self, slot: int, index: int) -> None:
+        self.lora_index[slot] = index
+        self.lora_host[slot] = index
 
     def write_pedro(self, layer: int, slots: torch.Tensor, z: torch.Tensor, slices: list[tuple[str, int, int]]) -> None:
         """Store the prefill's generator outputs z (R, D) of rows ``slots`` (R,) (their scales are 1 + z)."""
@@ -97,7 +109,7 @@ class RowAdapters:
             self.point_users[point] -= 1
         for module in self._lora_modules(entry):
             self.lora_users[module] -= 1
-        self.lora_index[slot] = 0
+        self._set_lora(slot, 0)
         self.row_entry[slot] = None
 
     def move(self, src: int, dst: int) -> None:
@@ -106,8 +118,8 @@ class RowAdapters:
         for point in self._points(entry):
             self.scales[point][:, dst] = self.scales[point][:, src]
             self.scales[point][:, src] = 0.0
-        self.lora_index[dst] = self.lora_index[src]
-        self.lora_index[src] = 0
+        self._set_lora(dst, self.lora_host[src])
+        self._set_lora(src, 0)
         self.row_entry[dst], self.row_entry[src] = entry, None
 
     def copy_vectors(self, src: int, dst: int) -> None:
@@ -139,8 +151,8 @@ class RowAdapters:
         if rank <= current:
             return
         n = self.spec.n_layers, self.capacity + 1
-        a = torch.zeros(*n, rank, d_in, dtype=self.dtype)
-        b = torch.zeros(*n, d_out, rank, dtype=self.dtype)
+        a = torch.zeros(*n, rank, d_in, dtype=self.dtype, device=self.device)
+        b = torch.zeros(*n, d_out, rank, dtype=self.dtype, device=self.device)
         if current:
             a[:, :, :current] = self.lora_a[module]
             b[:, :, :, :current] = self.lora_b[module]
@@ -152,13 +164,23 @@ class RowAdapters:
         b = self.lora_b[module][layer].index_select(0, rows)  # (N, d_out, r)
         return torch.bmm(b, torch.bmm(a, x.unsqueeze(-1))).squeeze(-1)
 
-    def lora_delta_grouped(self, layer: int, module: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Prefill form (many tokens, few adapters): one pair of GEMMs per distinct adapter among the tokens."""
-        out = torch.zeros(x.shape[0], self.spec.shapes[module][1], dtype=x.dtype)
-        for index in rows.unique().tolist():
-            if index == 0:
-                continue
-            where = (rows == index).nonzero().squeeze(-1)
+    def lora_groups(self, token_slots: list[int]) -> list[tuple[int, list[int]]]:
+        """The prefill's tokens (their slots, on the host) grouped by resident LoRA adapter ->
+        [(adapter index, token positions)], rows without LoRA left out."""
+        groups: dict[int, list[int]] = {}
+        for position, slot in enumerate(token_slots):
+            index = self.lora_host[slot]
+            if index:
+                groups.setdefault(index, []).append(position)
+        return list(groups.items())
+
+    def lora_delta_grouped(
+        self, layer: int, module: str, x: torch.Tensor, groups: list[tuple[int, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Prefill form (many tokens, few adapters): one pair of GEMMs per distinct adapter among the tokens;
+        ``groups`` (lora_groups, positions on the device) is computed once per step."""
+        out = torch.zeros(x.shape[0], self.spec.shapes[module][1], dtype=x.dtype, device=x.device)
+        for index, where in groups:
             a, b = self.lora_a[module][layer, index], self.lora_b[module][layer, index]
             out[where] = (x[where] @ a.T) @ b.T
         return out

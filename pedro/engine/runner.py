@@ -30,9 +30,10 @@ from pedro.backbones import LAYER_MAPS, LayerMap, layer_map
 from pedro.compat import check_rotary, mlp_activation, rotary_cos_sin, rotate_half
 from pedro.engine.adapters import ModelSpec, PedroWeights
 from pedro.engine.kv_cache import KVCache
+from pedro.engine.device import upload
 from pedro.engine.rows import RowAdapters
 from pedro.engine.sampling import ranked
-from pedro.engine.vectors import generate_vectors
+from pedro.engine.vectors import generate_vectors, group_rows
 
 PROMPT_LOGPROB_CHUNK = 256  # prompt positions per log-softmax: bounds the (positions, vocab) float32 temporary
 
@@ -112,6 +113,22 @@ class PrefillBatch:
     prompt_logprobs: list[int | None] | None = None
     scores: dict[int, PromptScores] = field(default_factory=dict)
 
+    starts: list[int] | None = None  # per row, the position of its first token here (None: all 0, whole prompts)
+
+
+@dataclass
+class LayeredPrefill:
+    """A prompt prefilled a range of layers at a time, across engine steps (``ModelRunner.prefill_layers``):
+    all of its tokens through layers [done, end) per call, the hidden states entering layer ``done`` kept in
+    between. A PEDRO layer's vectors need the whole prompt's states at that layer, so such a prompt cannot be
+    split by position; split by layers, it still bounds the time one step spends on it."""
+
+    slot: int
+    prompt: list[int]
+    prompt_logprobs: int | None = None
+    done: int = 0
+    hidden: torch.Tensor | None = None
+    scores: PromptScores | None = None
 
 class ModelRunner:
     def __init__(self, model: nn.Module, spec: ModelSpec, cache: KVCache, rows: RowAdapters) -> None:
@@ -133,6 +150,7 @@ class ModelRunner:
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
 
+        self.device = self.decoder.embed_tokens.weight.device
     # ---------------------------------------------------------------------------------------- shared pieces
 
     def _rope(self, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
@@ -155,10 +173,11 @@ class ModelRunner:
             y = ctx.scale(layer, ("out", module), y, inplace=True)  # y is this call's own tensor
         return y
 
-    def _forward(self, tokens: torch.Tensor, ctx: "_Context") -> torch.Tensor:
-        x = self.decoder.embed_tokens(tokens)  # Gemma's embedding module scales by sqrt(hidden_size) itself
+    def _forward(self, x: torch.Tensor, ctx: "_Context", layers: range) -> torch.Tensor:
+        """The hidden states ``x`` entering the first of ``layers`` -> those leaving the last."""
         attend = self._attend_prefill if ctx.prefill is not None else self._attend_decode
-        for i, layer in enumerate(self.layers):
+        for i in layers:
+            layer = self.layers[i]
             normed = layer.input_norm(x)
             if ctx.prefill is not None:
                 self._run_generators(i, x, normed, ctx)
@@ -182,55 +201,91 @@ class ModelRunner:
 
     def _run_generators(self, layer: int, raw: torch.Tensor, normed: torch.Tensor, ctx: "_Context") -> None:
         """Each PEDRO row's generator for this layer pools that row's prompt states (prefill only)."""
-        jobs, targets = [], {}
-        for row, slot in enumerate(ctx.prefill.slots):
+        for group in ctx.pedro_groups:
+            if layer in group.weights.generators:
+                z = generate_vectors(group, layer, raw, normed, ctx.pad_index, ctx.pad_mask)
+                self.rows.write_pedro(layer, group.slots, z, group.weights.slices[layer])
+
+    def _prefill_context(self, slots: list[int], prompts: list[list[int]], starts: list[int]) -> tuple["_Context", torch.Tensor, list[int]]:
+        """A prefill forward's context for rows ``slots`` running ``prompts`` (their tokens from positions
+        ``starts``), every index tensor built on the host and uploaded once -> (context, tokens, segment ends)."""
+        lengths = [len(p) for p in prompts]
+        ends, total = [], 0
+        for n in lengths:
+            total += n
+            ends.append(total)
+        segments = list(zip([0] + ends[:-1], ends))
+        token_slots = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
+        ctx = _Context(self.rows, token_slots, PrefillBatch(slots, prompts, starts=starts), segments)
+        ctx.lora_groups = [(index, upload(where, self.device)) for index, where in self.rows.lora_groups(token_slots)] if ctx.lora else []
+        pedro_rows = []
+        for row, slot in enumerate(slots):
             entry = self.rows.row_entry[slot]
-            weights = entry.weights if entry is not None else None
-            if isinstance(weights, PedroWeights) and layer in weights.generators:
-                jobs.append((row, weights.generators[layer], weights.config.pool_source))
-                targets[row] = (slot, weights.slices[layer])
-        if not jobs:
-            return
-        for rows, z in generate_vectors(jobs, raw, normed, ctx.pad_index, ctx.pad_mask):
-            slots = torch.tensor([targets[row][0] for row in rows])
-            self.rows.write_pedro(layer, slots, z, targets[rows[0]][1])  # one generator: one adapter's slices
+            if entry is not None and isinstance(entry.weights, PedroWeights):
+                pedro_rows.append((row, slot, entry.weights))
+        ctx.pedro_groups = group_rows(pedro_rows, self.device)
+        width = max(lengths)
+        steps = torch.arange(width)
+        pad_mask = steps[None, :] < torch.tensor(lengths)[:, None]
+        ctx.pad_mask = upload(pad_mask, self.device)
+        ctx.pad_index = upload(torch.where(pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0), self.device)
+        ctx.rope = self._rope(upload([start + i for start, n in zip(starts, lengths) for i in range(n)], self.device))
+        if self.window is not None and width > self.window:  # the sliding layers' causal band, any prompt's top-left
+            ctx.band = upload((steps[None, :] <= steps[:, None]) & (steps[None, :] > steps[:, None] - self.window), self.device)
+        for row, (start, n) in enumerate(zip(starts, lengths)):
+            if start:  # a chunk after cached positions: queries start..start+n-1 see keys 0..their own position
+                query, key = torch.arange(start, start + n)[:, None], torch.arange(start + n)[None, :]
+                causal = key <= query
+                ctx.chunk_masks[row] = {None: upload(causal, self.device)}
+                if self.window is not None:
+                    ctx.chunk_masks[row][self.window] = upload(causal & (key > query - self.window), self.device)
+        return ctx, upload([t for p in prompts for t in p], self.device), ends
 
     @torch.inference_mode()
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
-        """Run the prompts of new rows, fill their cache slots -> next-token logits (n_rows, vocab)."""
-        lengths = [len(p) for p in batch.prompts]
-        ends = torch.tensor(lengths).cumsum(0).tolist()
-        segments = list(zip([0] + ends[:-1], ends))
-        tokens = torch.tensor([t for p in batch.prompts for t in p], dtype=torch.long)
-        token_slots = torch.repeat_interleave(torch.tensor(batch.slots), torch.tensor(lengths))
-        positions = torch.cat([torch.arange(n) for n in lengths])
-        ctx = _Context(self.rows, token_slots, prefill=batch, segments=segments, lora_grouped=True)
-        width = max(lengths)
-        steps = torch.arange(width)
-        ctx.pad_mask = steps[None, :] < torch.tensor(lengths)[:, None]
-        ctx.pad_index = torch.where(ctx.pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0)
-        ctx.rope = self._rope(positions)
-        if self.window is not None and width > self.window:  # the sliding layers' causal band, any prompt's top-left
-            ctx.band = (steps[None, :] <= steps[:, None]) & (steps[None, :] > steps[:, None] - self.window)
-        hidden = self._forward(tokens, ctx)
-        for slot, n in zip(batch.slots, lengths):
-            self.cache.lengths[slot] = n
+        """Run the prompts of new rows through every layer, fill their cache slots -> the logits after each row's
+        last token here (n_rows, vocab). A row with a start > 0 is a chunk of its prompt after the positions its
+        slot already holds (chunked prefill); such a row's prompt logprobs are not scored here."""
+        starts = batch.starts or [0] * len(batch.slots)
+        ctx, tokens, ends = self._prefill_context(batch.slots, batch.prompts, starts)
+        # Gemma's embedding module scales by sqrt(hidden_size) itself
+        hidden = self._forward(self.decoder.embed_tokens(tokens), ctx, range(len(self.layers)))
+        for slot, start, prompt in zip(batch.slots, starts, batch.prompts):
+            self.cache.lengths[slot] = start + len(prompt)
         for row, k in enumerate(batch.prompt_logprobs or ()):
             if k is not None:
-                start, end = segments[row]
+                start, end = ctx.segments[row]
                 batch.scores[row] = self._score_prompt(hidden[start : end - 1], batch.prompts[row][1:], k)
-        return self._logits(hidden[[end - 1 for end in ends]])
+        return self._logits(hidden.index_select(0, upload([end - 1 for end in ends], self.device)))
+
+    @torch.inference_mode()
+    def prefill_layers(self, state: LayeredPrefill, end: int) -> torch.Tensor | None:
+        """Run ``state``'s whole prompt through layers [state.done, end), filling those layers of its cache slot
+        -> None, or at the last layer the logits after its last token (1, vocab) (and ``state.scores`` when it
+        asks for prompt logprobs)."""
+        ctx, tokens, _ = self._prefill_context([state.slot], [state.prompt], [0])
+        x = self.decoder.embed_tokens(tokens) if state.done == 0 else state.hidden
+        x = self._forward(x, ctx, range(state.done, end))
+        state.done, state.hidden = end, None
+        if end < len(self.layers):
+            state.hidden = x
+            return None
+        self.cache.lengths[state.slot] = len(state.prompt)
+        if state.prompt_logprobs is not None:
+            state.scores = self._score_prompt(x[:-1], state.prompt[1:], state.prompt_logprobs)
+        return self._logits(x[-1:])
 
     def _score_prompt(self, hidden: torch.Tensor, targets: list[int], k: int) -> PromptScores:
         """``targets`` (each prompt token after the first) scored under the logits of the positions before them
         (``hidden``), a chunk of positions at a time so no (prompt, vocab) tensor is ever held whole."""
-        ids = torch.tensor(targets, dtype=torch.long)
+        ids = upload(targets, self.device)
         parts = [
             ranked(self._logits(hidden[a : a + PROMPT_LOGPROB_CHUNK]), ids[a : a + PROMPT_LOGPROB_CHUNK], k)
             for a in range(0, len(targets), PROMPT_LOGPROB_CHUNK)
         ]
         if not parts:  # a one-token prompt: nothing to score
-            return PromptScores(torch.empty(0), torch.empty(0, k), torch.empty(0, k, dtype=torch.long))
+            return PromptScores(*(torch.empty(0, *shape, dtype=dtype, device=self.device)
+                                  for shape, dtype in (((), torch.float32), ((k,), torch.float32), ((k,), torch.long))))
         return PromptScores(*(torch.cat(p) for p in zip(*parts)))
 
     def _attend_prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Context") -> torch.Tensor:
@@ -244,11 +299,15 @@ class ModelRunner:
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         out = torch.empty_like(q)
-        for slot, (start, end) in zip(ctx.prefill.slots, ctx.segments):
+        for row, (slot, offset, (start, end)) in enumerate(zip(ctx.prefill.slots, ctx.prefill.starts, ctx.segments)):
             ks, vs = k[:, start:end], v[:, start:end]
-            self.cache.write_prompt(layer, slot, ks, vs)
+            self.cache.write_prompt(layer, slot, ks, vs, offset)
             n = end - start
-            band = ctx.band[:n, :n] if parts.window is not None and n > parts.window else None
+            if offset:  # a later chunk: its queries attend every cached position up to their own
+                ks, vs = self.cache.k[layer, slot, :, : offset + n], self.cache.v[layer, slot, :, : offset + n]
+                band = ctx.chunk_masks[row][parts.window]
+            else:
+                band = ctx.band[:n, :n] if parts.window is not None and n > parts.window else None
             out[:, start:end] = F.scaled_dot_product_attention(
                 q[None, :, start:end], ks[None], vs[None], attn_mask=band, is_causal=band is None, scale=self.scaling,
                 enable_gqa=True,
@@ -261,15 +320,20 @@ class ModelRunner:
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token for each of rows 0..B-1 (``tokens`` (B,)) -> next-token logits (B, vocab)."""
         batch = tokens.shape[0]
-        lengths = self.cache.lengths[:batch]
-        ctx = _Context(self.rows, torch.arange(batch), prefill=None, segments=None, lora_grouped=False)
+        host_lengths = self.cache.lengths[:batch]
+        width = int(host_lengths.max()) + 1  # host bookkeeping: no wait for the device
+        lengths = upload(host_lengths, self.device)
+        ctx = _Context(self.rows, range(batch), None, None)
+        ctx.rows_index = torch.arange(batch, device=self.device)
+        ctx.positions = lengths
+        if ctx.lora:
+            ctx.lora_rows = self.rows.lora_index[:batch]
         ctx.rope = self._rope(lengths)
-        width = int(lengths.max()) + 1
-        steps = torch.arange(width)
+        steps = torch.arange(width, device=self.device)
         ctx.masks = {None: (steps <= lengths[:, None]).view(batch, 1, 1, width)}
         if self.window is not None:
             ctx.masks[self.window] = ctx.masks[None] & (steps > lengths[:, None] - self.window).view(batch, 1, 1, width)
-        hidden = self._forward(tokens, ctx)
+        hidden = self._forward(self.decoder.embed_tokens(tokens), ctx, range(len(self.layers)))
         self.cache.lengths[:batch] += 1
         return self._logits(hidden)
 
@@ -284,7 +348,7 @@ class ModelRunner:
             q, k = parts.q_norm(q), parts.k_norm(k)
         q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-        self.cache.write_step(layer, k, v.view(batch, self.n_kv, self.head_dim))
+        self.cache.write_step(layer, k, v.view(batch, self.n_kv, self.head_dim), ctx.rows_index, ctx.positions)
         mask = ctx.masks[parts.window]
         keys, values = self.cache.view(layer, batch, mask.shape[-1])
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
@@ -295,23 +359,24 @@ class _Context:
     """What one forward needs besides the tokens: which rows each token belongs to, live adapter points."""
 
     def __init__(
-        self,
-        rows: RowAdapters,
-        token_slots: torch.Tensor,
-        prefill: PrefillBatch | None,
-        segments: list[tuple[int, int]] | None,
-        lora_grouped: bool,
+        self, rows: RowAdapters, token_slots: list[int] | range, prefill: PrefillBatch | None, segments: list[tuple[int, int]] | None
     ) -> None:
-        self.rows, self.token_slots, self.prefill, self.segments = rows, token_slots, prefill, segments
+        self.rows, self.token_slots, self.prefill, self.segments = rows, token_slots, prefill, segments  # slots on the host
         self.points = rows.live_points()
         self.lora = rows.live_lora()
         self.contiguous = prefill is None  # decode: token i is slot i, the per-row gather is a slice
-        self.lora_rows = rows.lora_index.index_select(0, token_slots) if self.lora else None
-        self.lora_grouped = lora_grouped
         self.rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}  # layer type -> (cos, sin)
-        self.masks: dict[int | None, torch.Tensor] = {}  # decode: window (None: global) -> (B, 1, 1, W) mask
-        self.band: torch.Tensor | None = None  # prefill: sliding layers' (T_max, T_max) causal-and-window mask
-        self.pad_index: torch.Tensor | None = None  # prefill: (rows, T_max) packed-token index of each prompt
+        # decode
+        self.lora_rows: torch.Tensor | None = None  # (B,) resident LoRA index of each row
+        self.rows_index: torch.Tensor | None = None  # arange(B) and the rows' lengths: where the step's K/V go
+        self.positions: torch.Tensor | None = None
+        self.masks: dict[int | None, torch.Tensor] = {}  # window (None: global) -> (B, 1, 1, W) mask
+        # prefill
+        self.lora_groups: list[tuple[int, torch.Tensor]] = []  # (resident LoRA index, its token positions)
+        self.pedro_groups: list = []  # vectors.PedroGroup of each PEDRO adapter among the rows
+        self.band: torch.Tensor | None = None  # sliding layers' (T_max, T_max) causal-and-window mask
+        self.chunk_masks: dict[int, dict[int | None, torch.Tensor]] = {}  # row -> window -> (n, start + n) mask
+        self.pad_index: torch.Tensor | None = None  # (rows, T_max) packed-token index of each prompt
         self.pad_mask: torch.Tensor | None = None
 
     def scale(self, layer: int, point: tuple[str, str], x: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -329,7 +394,7 @@ class _Context:
         return out
 
     def lora_delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
-        if self.lora_grouped:
-            return self.rows.lora_delta_grouped(layer, module, x, self.lora_rows)
+        if self.prefill is not None:
+            return self.rows.lora_delta_grouped(layer, module, x, self.lora_groups)
         return self.rows.lora_delta(layer, module, x, self.lora_rows)
 

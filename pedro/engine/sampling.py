@@ -2,7 +2,8 @@
 
 Greedy rows take one batched argmax. Sampled rows get temperature / top-k / top-p applied as batched tensor
 ops; only the final draw loops over rows, because each request owns its torch.Generator (so a seeded request
-gives the same tokens whatever else is in the batch).
+gives the same tokens whatever else is in the batch). Every tensor is made on the logits' device, where the
+engine also makes each request's generator (``multinomial`` takes only a generator of its own device).
 
 Logit adjustments (logit_bias, repetition / frequency / presence penalties) run only for the rows that ask for
 them, one small loop over those rows, on a float32 copy; a batch without them pays nothing.
@@ -28,14 +29,14 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, history: History
     vocab = logits.shape[0]
     prompt, output = history
     if params.logit_bias:
-        ids = torch.tensor([t for t, _ in params.logit_bias if t < vocab], dtype=torch.long)
-        logits[ids] += torch.tensor([b for t, b in params.logit_bias if t < vocab], dtype=logits.dtype)
+        ids = torch.tensor([t for t, _ in params.logit_bias if t < vocab], dtype=torch.long, device=logits.device)
+        logits[ids] += torch.tensor([b for t, b in params.logit_bias if t < vocab], dtype=logits.dtype, device=logits.device)
     if params.repetition_penalty != 1:
-        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=logits.device)
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if (params.frequency_penalty or params.presence_penalty) and output:
-        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(logits.dtype)
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=logits.device), minlength=vocab)[:vocab].to(logits.dtype)
         logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
     # a penalty near 0 divides logits towards infinity, which softmax turns into NaN; no model's logits come
     # anywhere near this bound, so it changes nothing else
@@ -46,7 +47,7 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     """logits (N, V) -> log-probabilities after temperature, top-k (0 = off) and top-p (1 = off) per row."""
     logits = logits / temperature[:, None]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1])
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
     k = torch.where(top_k > 0, top_k, logits.shape[-1])
     drop = ranks[None, :] >= k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
@@ -72,12 +73,13 @@ def sample(
     sampled = [i for i, p in enumerate(params) if not p.greedy and finite[i]]
     if sampled:
         vocab = logits.shape[-1]
-        rows = torch.tensor(sampled)
+        device = logits.device
+        rows = torch.tensor(sampled, device=device)
         logprobs = filter_logits(
             logits[rows].float(),
-            torch.tensor([params[i].temperature for i in sampled], dtype=torch.float32),
-            torch.tensor([min(params[i].top_k, vocab) for i in sampled]),
-            torch.tensor([params[i].top_p for i in sampled], dtype=torch.float32),
+            torch.tensor([params[i].temperature for i in sampled], dtype=torch.float32, device=device),
+            torch.tensor([min(params[i].top_k, vocab) for i in sampled], device=device),
+            torch.tensor([params[i].top_p for i in sampled], dtype=torch.float32, device=device),
         )
         probs = logprobs.exp()
         for j, i in enumerate(sampled):
@@ -96,7 +98,7 @@ def ranked(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Te
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: list[int]) -> list[TokenLogprob]:
     """Each row's chosen token's log-probability under the raw logits (N, V), and its k[row] most likely
     alternatives."""
-    chosen, top_values, top_ids = ranked(logits, torch.tensor(tokens), max(k))
+    chosen, top_values, top_ids = ranked(logits, torch.tensor(tokens, device=logits.device), max(k))
     return [
         TokenLogprob(token, value, tuple(zip(top_ids[i, : k[i]].tolist(), top_values[i, : k[i]].tolist())))
         for i, (token, value) in enumerate(zip(tokens, chosen.tolist()))

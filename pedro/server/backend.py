@@ -76,6 +76,7 @@ class LocalBackend:
             max_waiting=config.max_queued,
             max_per_tenant=config.max_requests_per_tenant,
             dtype=config.dtype,
+            device=config.device,
         )
         return cls(engine, config)
 

@@ -23,7 +23,9 @@ class RayConfig(BaseModel):
     max_replicas: Optional[int] = Field(None, ge=1, description="Autoscaling upper bound.")
     target_ongoing_requests: float = Field(8.0, gt=0, description="Autoscaling target per replica.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per engine replica.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per engine replica.")
+    num_gpus: Optional[float] = Field(
+        None, ge=0, description="GPUs reserved per engine replica (default: 1 when the device is CUDA, else 0)."
+    )
     max_adapters_per_replica: int = Field(16, ge=1, description="Multiplexed adapters a replica keeps registered.")
     address: Optional[str] = Field(None, description="Ray cluster address; None starts (or joins) a local one.")
 
@@ -53,8 +55,10 @@ class ServerConfig(BaseModel):
     max_prefill_tokens: int = Field(2048, ge=1, description="Prompt tokens admitted per engine step.")
     adapter_capacity: int = Field(32, ge=1, description="Adapters resident in memory at once (LRU).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="Backbone dtype: float32 (exact), bfloat16 (~2x faster decoding on CPUs with native bf16), auto."
+        "float32", description="Backbone dtype: float32 (exact), bfloat16 (~2x faster decoding on CPUs with native bf16), "
+        "auto (decided for the device)."
     )
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="Where the engine runs: cpu, cuda or cuda:N.")
     # request limits
     max_prompt_tokens: int = Field(768, ge=1, description="Longer prompts get 400.")
     max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may ask for (400 above).")
@@ -80,6 +84,12 @@ class ServerConfig(BaseModel):
             raise ValueError(f"max_prompt_tokens ({self.max_prompt_tokens}) must be < max_seq_len ({self.max_seq_len})")
         if self.default_max_tokens > self.max_tokens:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens ({self.max_tokens})")
+        on_cuda = self.device.startswith("cuda")
+        if self.ray.num_gpus is None:
+            self.ray.num_gpus = 1.0 if on_cuda else 0.0
+        elif self.ray.num_gpus > 0 and not on_cuda:
+            raise ValueError(f"ray.num_gpus is {self.ray.num_gpus} but the engine runs on {self.device}: "
+                             "set device: cuda, or reserve no GPU a replica would not use")
         return self
 
     @property

@@ -1,0 +1,122 @@
+"""The engine is device-generic: an explicit device runs the same code and tokens as the default, all of its
+state lives on the model's device, and a step's forward never waits for the device nor does host work per
+layer (checked on the meta device, where any host read of a device value raises)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import test_engine
+from conftest import tiny_model
+from test_engine import greedy, make_adapter, prompt, reference
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from pedro.engine import Engine, Request
+from pedro.engine.runner import PrefillBatch
+
+KINDS = ["p-last", "p-attn", "lora-qv", "ia3"]
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("device-adapters")
+    return {name: make_adapter(root, name, seed=i) for i, name in enumerate(KINDS)}
+
+
+def _state_tensors(engine: Engine) -> dict[str, torch.Tensor]:
+    tensors = {"cache.k": engine.cache.k, "cache.v": engine.cache.v, "lora_index": engine.rows.lora_index}
+    tensors.update({f"scales{point}": t for point, t in engine.rows.scales.items()})
+    tensors.update({f"lora_a.{m}": t for m, t in engine.rows.lora_a.items()})
+    tensors.update({f"lora_b.{m}": t for m, t in engine.rows.lora_b.items()})
+    for entry in engine.adapters.resident.values():
+        weights = entry.weights
+        for layer, generator in getattr(weights, "generators", {}).items():
+            tensors.update({f"{entry.name}.{layer}.{n}": p for n, p in generator.named_parameters()})
+        tensors.update({f"{entry.name}.{key}": v for key, v in getattr(weights, "vectors", {}).items()})
+    return tensors
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_explicit_device_runs_the_same_tokens_with_every_tensor_there(kinds, device):
+    engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64, max_prefill_tokens=40, device=device)
+    assert engine.device == torch.device("cpu")
+    for name, path in kinds.items():
+        engine.add_adapter(name, path)
+    plan = [("p-last", 9), ("lora-qv", 13), (None, 6), ("p-attn", 11), ("ia3", 7)]
+    requests = [Request(prompt(50 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
+    for r, out in zip(requests, engine.generate(requests)):
+        assert out.token_ids == reference("llama", kinds.get(r.adapter), r.prompt), r.adapter
+    state = _state_tensors(engine)
+    assert {"cache.k", "lora_a.q", "scales('out', 'up')"} <= set(state) and any(".0.down.weight" in k for k in state)
+    assert all(t.device == torch.device("cpu") for t in state.values()), [k for k, t in state.items() if t.device.type != "cpu"]
+    assert all(seq.generator.device == engine.device for seq in engine._seqs.values())
+
+
+def test_a_model_elsewhere_than_the_device_asked_for_is_refused():
+    with pytest.raises(ValueError, match="move the model first"):
+        Engine(tiny_model("llama"), device="meta")
+
+
+UPLOADS = {torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
+
+
+class _HostWork(TorchDispatchMode):
+    """Records every op that makes a host tensor or copies one to the device, and fails any other op that hands
+    a host tensor (other than a 0-d scalar) to an op on the device: on a GPU that is an implicit, synchronous
+    copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host_ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        on_device = [t for t in inputs + outputs if t.device.type == "meta"]
+        if func in UPLOADS:
+            if any(t.device.type == "cpu" for t in inputs):
+                self.host_ops.append(str(func))
+        elif on_device:
+            strays = [t for t in inputs if t.device.type == "cpu" and t.dim() > 0]
+            assert not strays, f"{func} mixes host tensors {[tuple(t.shape) for t in strays]} into a device op"
+        elif any(t.device.type == "cpu" for t in outputs):
+            self.host_ops.append(str(func))
+        return out
+
+
+def _meta_steps(layers: int, root, monkeypatch) -> tuple[list[str], list[str]]:
+    """One prefill of four rows (two PEDRO adapters, LoRA, (IA)3) and one decode step on the meta device of a
+    ``layers``-layer model -> the host ops of each."""
+    with monkeypatch.context() as patch:
+        patch.setattr(test_engine, "backbone", lambda family: tiny_model(family, num_hidden_layers=layers))
+        kinds = {name: make_adapter(root, name, seed=layers) for name in KINDS}
+    # VectorGenerator turns autocast off around its forward; autocast has no meta device type
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())
+    engine = Engine(tiny_model("llama", num_hidden_layers=layers).to("meta"), max_batch=4, max_seq_len=64)
+    assert engine.device.type == "meta"
+    for name, path in kinds.items():
+        engine.add_adapter(name, path)
+    for slot, name in enumerate(kinds):
+        engine.adapters.stage(name, engine.adapters.load(name))
+        engine.rows.assign(slot, engine.adapters.acquire(name))
+    assert all(t.device.type == "meta" for t in _state_tensors(engine).values())
+    prompts = [prompt(i, 5 + 3 * i) for i in range(4)]
+    with _HostWork() as prefill_work:
+        engine.runner.prefill(PrefillBatch([0, 1, 2, 3], prompts))
+    with _HostWork() as decode_work:
+        engine.runner.decode(torch.zeros(4, dtype=torch.long, device="meta"))
+    return prefill_work.host_ops, decode_work.host_ops
+
+
+def test_steps_on_another_device_do_no_host_work_per_layer(tmp_path, monkeypatch):
+    """On the meta device nothing can be read back, so a forward that waited for a device value (``.item()``,
+    ``.tolist()``, a data-dependent shape) would raise; the host work a step does (its input lists made into
+    tensors for upload) is the same for 3 layers as for 6."""
+    few = _meta_steps(3, tmp_path, monkeypatch)
+    many = _meta_steps(6, tmp_path, monkeypatch)
+    assert few == many
+    assert len(many[1]) <= 8, many[1]  # the lengths: a max for the width, one upload, one increment
