@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,6 +38,9 @@ from safetensors.torch import load_file, save_file
 import pedro
 from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import percentile  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # every method at both batch sizes over the tenant counts (hours on a 2-core CPU)
@@ -148,11 +151,6 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> Run:
     # warm-up: make this run's adapters resident (a previous method's may have been evicted)
     engine.generate([Request(p[:2], adapter=a, sampling=SamplingParams(max_new_tokens=1)) for p, a in zip(prompts, adapters)])
@@ -170,7 +168,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | No
         decode_tok_s=rows / sum(steps),
         prefill_tok_s=prefill_tokens / prefill_s,
         step_p50_ms=1e3 * statistics.median(steps),
-        step_p99_ms=1e3 * _percentile(steps, 0.99),
+        step_p99_ms=1e3 * percentile(steps, 99),
         ttft_s=statistics.median(o.metrics["ttft_s"] for o in outs),
         rss_mb=_rss_mb(),
         extra={"prefill_steps": len(engine.stats["prefill"])},
@@ -200,7 +198,7 @@ def run_hf(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, **
         decode_tok_s=len(prompts) * len(steps) / sum(steps),
         prefill_tok_s=ids.numel() / (stamps.times[0] - start),
         step_p50_ms=1e3 * statistics.median(steps),
-        step_p99_ms=1e3 * _percentile(steps, 0.99),
+        step_p99_ms=1e3 * percentile(steps, 99),
         ttft_s=stamps.times[0] - start,
         rss_mb=_rss_mb(),
     )

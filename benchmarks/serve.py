@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -37,9 +36,13 @@ import torch
 import yaml
 
 import pedro
-from pedro.server.process import ServerProcess
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, percentile, use_server_process  # noqa: E402
+
+use_server_process()
+from server_process import ServerProcess, upload  # noqa: E402
+
 METHODS = ("base", "pedro", "lora")
 TENANTS = {f"tenant{i}": f"sk-bench-tenant-{i}" for i in range(4)}
 PRESETS: dict[str, dict[str, Any]] = {
@@ -98,12 +101,6 @@ def make_adapters(backbone: str, directory: Path, n: int) -> dict[str, list[Path
             (path / "README.md").unlink(missing_ok=True)
             made[kind].append(path)
     return made
-
-
-def upload(url: str, key: str, name: str, directory: Path) -> None:
-    files = [("files", (p.name, p.read_bytes())) for p in sorted(directory.iterdir())]
-    response = httpx.post(f"{url}/v1/adapters", headers={"Authorization": f"Bearer {key}"}, data={"name": name}, files=files, timeout=120)
-    response.raise_for_status()
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -174,13 +171,6 @@ async def run_phase(url: str, method: str, models: dict[str, list[tuple[str, str
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
 def summarise(phases: list[Phase]) -> dict[str, dict[str, float]]:
@@ -281,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for kind, paths in adapters.items():
                 for i, path in enumerate(paths):
                     key = keys[i % len(keys)]
-                    upload(server.url, key, path.name, path)
+                    upload(server.url, key, path.name, path, timeout=120).raise_for_status()
                     models[kind].append((key, path.name))
             asyncio.run(run_phase(server.url, "base", models, 2, min(3.0, cfg["seconds"]), cfg["max_tokens"], seed=-1))  # warm-up
             phases = []

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import httpx
 import peft
 import torch
 import yaml
@@ -63,19 +62,6 @@ def write_config(root: Path, backbone: Path, **overrides: Any) -> Path:
     path = root / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def upload(url: str, key: Optional[str], name: Optional[str], directory: Path, files: Optional[dict[str, bytes]] = None, **fields: str) -> httpx.Response:
-    """POST /v1/adapters multipart with the adapter's two files (or ``files``: filename -> bytes)."""
-    if files is None:
-        files = {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-    data = {**({"name": name} if name is not None else {}), **fields}
-    parts = [("files", (filename, content)) for filename, content in files.items()]
-    return httpx.post(f"{url}/v1/adapters", headers=auth(key) if key else {}, data=data, files=parts, timeout=60)
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-from server_kit import ADMIN_KEY, PROMPTS, TENANTS, auth, make_adapter, make_backbone, upload, write_config
+from server_kit import ADMIN_KEY, PROMPTS, TENANTS, make_adapter, make_backbone, write_config
+from server_process import ServerProcess, auth, upload
 
 from pedro.engine import Engine, Request, SamplingParams
-from pedro.server.process import ServerProcess
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]  # every tenant uses the same names, with different weights
 

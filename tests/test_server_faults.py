@@ -19,9 +19,9 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-from server_kit import ADMIN_KEY, TENANTS, auth, make_adapter, make_backbone, upload, write_config
+from server_kit import ADMIN_KEY, TENANTS, make_adapter, make_backbone, write_config
+from server_process import ServerProcess, auth, upload
 
-from pedro.server.process import ServerProcess
 
 ALICE = TENANTS["alice"]
 LONG = 3000  # tokens: ~10 s of decoding here, far longer than any check below waits

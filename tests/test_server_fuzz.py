@@ -45,9 +45,9 @@ from conftest import tiny_model
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save
-from server_kit import TENANTS, auth, make_adapter, make_backbone, upload, write_config
+from server_kit import TENANTS, make_adapter, make_backbone, write_config
+from server_process import ServerProcess, auth, upload
 
-from pedro.server.process import ServerProcess
 
 BUDGET = int(os.environ.get("PEDRO_FUZZ_EXAMPLES", "300"))
 SHARES = {"completions": 0.35, "chat": 0.25, "raw": 0.12, "uploads": 0.28}

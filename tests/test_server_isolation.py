@@ -15,7 +15,8 @@ import httpx
 import pytest
 from conftest import tiny_model, tiny_tokenizer
 from fastapi.testclient import TestClient
-from server_kit import TENANTS, auth, make_backbone, upload, write_config
+from server_kit import TENANTS, make_backbone, write_config
+from server_process import ServerProcess, auth, upload
 from test_engine_isolation import _pedro
 
 from pedro.engine import Engine
@@ -23,7 +24,6 @@ from pedro.server.app import create_app
 from pedro.server.auth import KeyRing
 from pedro.server.backend import LocalBackend
 from pedro.server.config import ServerConfig
-from pedro.server.process import ServerProcess
 
 ALICE, BOB = TENANTS["alice"], TENANTS["bob"]
 BOB_ADAPTER = "bob-private-adapter"

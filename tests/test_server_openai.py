@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-from server_kit import ADMIN_KEY, TENANTS, auth, make_adapter, make_backbone, upload, write_config
+from server_kit import ADMIN_KEY, TENANTS, make_adapter, make_backbone, write_config
+from server_process import ServerProcess, auth, upload
 
 from pedro.engine import Engine, Request, SamplingParams
-from pedro.server.process import ServerProcess
 
 BASE = "acme/tiny-base"  # a served model name with '/', as Hugging Face ids have
 

@@ -20,10 +20,10 @@ import time
 import httpx
 import openai
 import pytest
-from server_kit import ADMIN_KEY, PROMPTS, TENANTS, auth, make_adapter, make_backbone, upload, write_config
+from server_kit import ADMIN_KEY, PROMPTS, TENANTS, make_adapter, make_backbone, write_config
+from server_process import ServerProcess, auth, upload
 
 from pedro.engine import Engine, Request, SamplingParams
-from pedro.server.process import ServerProcess
 
 pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install 'pedro-peft[ray]'")
 from pedro.server import ray_app  # noqa: E402  (needs ray)

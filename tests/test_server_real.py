@@ -8,11 +8,11 @@ import copy
 import openai
 import pytest
 from conftest import randomize
-from server_kit import TENANTS, upload, write_config
+from server_kit import TENANTS, write_config
+from server_process import ServerProcess, upload
 
 import pedro
 from pedro.engine import Engine, Request, SamplingParams
-from pedro.server.process import ServerProcess
 
 pytestmark = pytest.mark.real
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-from server_kit import TENANTS, auth, make_adapter, make_backbone, upload, write_config
+from server_kit import TENANTS, make_adapter, make_backbone, write_config
+from server_process import ServerProcess, auth, upload
 
 from pedro.engine import Engine, Request, SamplingParams
 from pedro.io import read_prompt_format, record_prompt_format
-from pedro.server.process import ServerProcess
 
 ALICE = TENANTS["alice"]
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from server_kit import ADMIN_KEY, TENANTS, auth, make_adapter, make_backbone, snapshot, upload, write_config
+from server_kit import ADMIN_KEY, TENANTS, make_adapter, make_backbone, snapshot, write_config
+from server_process import ServerProcess, auth, upload
 
-from pedro.server.process import ServerProcess
 
 ALICE, BOB = TENANTS["alice"], TENANTS["bob"]
 UPLOAD_LIMIT = 256 * 1024

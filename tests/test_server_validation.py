@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import tiny_model
 from safetensors.torch import load_file, save
-from server_kit import ADMIN_KEY, TENANTS, auth, make_adapter, make_backbone, snapshot, upload, write_config
+from server_kit import ADMIN_KEY, TENANTS, make_adapter, make_backbone, snapshot, write_config
+from server_process import ServerProcess, auth, upload
 
-from pedro.server.process import ServerProcess
 
 ALICE = TENANTS["alice"]
 BODY_LIMIT = 4096  # small, so an adapter upload (~10 KB) is over it and shows that uploads are exempt

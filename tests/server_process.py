@@ -1,7 +1,8 @@
-"""ServerProcess: a real ``pedro serve`` in a child process, started and stopped from Python.
+"""A real ``pedro serve`` in a child process, started and stopped from Python, and the HTTP helpers its clients use.
 
-The tests and ``pedro bench serve`` need exactly what a user runs (a separate process, a TCP port, uvicorn),
-not an in-process test client, so that disconnects, kills and restarts are real.
+The server tests and ``benchmarks/serve.py`` need exactly what a user runs (a separate process, a TCP port,
+uvicorn), not an in-process test client, so that disconnects, kills and restarts are real. Only the standard
+library and httpx: the benchmark imports this module without the test suite's fixtures.
 """
 
 from __future__ import annotations
@@ -80,3 +81,20 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def auth(key: str) -> dict[str, str]:
+    """The Authorization header of an API key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+def upload(
+    url: str, key: Optional[str], name: Optional[str], directory: Path, files: Optional[dict[str, bytes]] = None,
+    timeout: float = 60.0, **fields: str,
+) -> httpx.Response:
+    """POST /v1/adapters multipart with the adapter's files (or ``files``: filename -> bytes)."""
+    if files is None:
+        files = {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    data = {**({"name": name} if name is not None else {}), **fields}
+    parts = [("files", (filename, content)) for filename, content in files.items()]
+    return httpx.post(f"{url}/v1/adapters", headers=auth(key) if key else {}, data=data, files=parts, timeout=timeout)
