@@ -35,7 +35,7 @@ import pedro
 from pedro.data import write_json_atomic
 from pedro.evaluate import evaluate
 from pedro.tasks import get_task
-from pedro.train import TrainConfig, train
+from pedro.train import TrainConfig, resolve_precision, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,6 +99,104 @@ def run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed
                                                              "lora_targets", "ia3_targets")},
         **{k: scores[k] for k in scores if k not in ("task", "split")},
     }
+
+
+# ------------------------------------------------------------------ the dev phase: choices made on dev splits
+# Each variant trains on DEV_SIZES[task].train records of the task's *train* split and is scored on a dev split
+# carved from the same train split (records sharing a prompt kept together), at every epoch: the curves choose
+# the default learning rates, epochs and PEDRO's options. The test split is never read in this phase.
+DEV_SIZES = {
+    "trec": Size(train=400, eval=200, max_length=96),
+    "e2e": Size(train=400, eval=60, max_length=160),
+    "sst2": Size(train=400, eval=200, max_length=128),
+}
+DEV_EPOCHS = 5
+PEDRO_BASE = dict(method="pedro", r=8)
+LORA_MATCHED = dict(method="lora", match_params="pedro", lora_targets=("q", "v"))
+DEV_VARIANTS: dict[str, dict[str, Any]] = {
+    "pedro lr=1e-3": dict(PEDRO_BASE, lr=1e-3),
+    "pedro lr=3e-3": dict(PEDRO_BASE, lr=3e-3),
+    "pedro lr=1e-3 bias_lr=1e-2": dict(PEDRO_BASE, lr=1e-3, bias_lr=1e-2),
+    "lora_matched lr=1e-3": dict(LORA_MATCHED, lr=1e-3),
+    "lora_matched lr=3e-3": dict(LORA_MATCHED, lr=3e-3),
+    "ia3 lr=1e-2": dict(method="ia3", lr=1e-2),
+    "ia3 lr=3e-2": dict(method="ia3", lr=3e-2),
+}
+
+
+def dev_split(examples: list, n_dev: int, n_train: int, seed: int = 1234) -> tuple[list, list]:
+    """(train, dev) from one split's examples: dev holds n_dev distinct prompts (one example each, with all
+    of that prompt's references), train n_train examples whose prompts are not in dev."""
+    pool = list(examples)
+    random.Random(seed).shuffle(pool)
+    key = lambda e: json.dumps(e.prompt, sort_keys=True, default=str)  # noqa: E731
+    dev, held = [], set()
+    for e in pool:
+        if len(dev) == n_dev:
+            break
+        if key(e) not in held:
+            held.add(key(e))
+            dev.append(e)
+    rest = [e for e in pool if key(e) not in held]
+    return rest[:n_train], dev
+
+
+def run_dev(base, tokenizer, task, train_examples, dev_examples, settings, seed, size, work) -> dict[str, Any]:
+    """Train one variant for DEV_EPOCHS with the dev split evaluated every epoch; score the kept (best) epoch
+    on the dev split with the task's own metric."""
+    model = copy.deepcopy(base)
+    out = Path(tempfile.mkdtemp(dir=work))
+    result = train(
+        model=model, tokenizer=tokenizer, examples=train_examples, eval_examples=dev_examples, output_dir=str(out),
+        seed=seed, max_length=size.max_length, overflow=size.overflow, progress=False, epochs=DEV_EPOCHS,
+        batch_size=8, scheduler="cosine", warmup=0.06, logging_steps=10, **settings,
+    )
+    scores = evaluate(model, tokenizer, task, examples=dev_examples, batch_size=16, progress=False)
+    del model
+    summary = result.summary
+    return {
+        "trainable": summary["trainable_parameters"],
+        "train_seconds": summary["train_seconds"],
+        "train_loss": summary["train_loss"],
+        "steps": summary["steps"],
+        "best": summary["best"],
+        "curve": [{k: r[k] for k in ("epoch", "step", "eval_loss", "eval_accuracy", "eval_macro_f1") if k in r}
+                  for r in summary["evaluations"]],
+        **{f"dev_{k}": v for k, v in scores.items() if k not in ("task", "split")},
+    }
+
+
+def dev_phase(args: argparse.Namespace, out: Path) -> None:
+    runs_path = out / "quality_dev_runs.jsonl"
+    done = {(r["task"], r["variant"], r["seed"]): r for r in _records(runs_path)}
+    start = time.perf_counter()
+    # held in bf16 where training runs under bf16 autocast, as `pedro train` does
+    dtype = torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32
+    base, tokenizer = pedro.load_backbone("smollm2-135m", dtype=dtype, quiet=True)
+    work = Path(tempfile.mkdtemp(prefix="pedro-quality-dev-"))
+    variants = [v for v in DEV_VARIANTS if not args.variants or v in args.variants.split(";")]
+    for task_name in args.tasks.split(","):
+        size = DEV_SIZES[task_name]
+        task = get_task(task_name, args.data_dir)
+        if task_name in GEN_TOKENS:
+            task.max_new_tokens = GEN_TOKENS[task_name]
+        train_part, dev_part = dev_split(task.load("train"), size.eval, size.train)
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            for variant in variants:
+                if (task_name, variant, seed) in done:
+                    continue
+                record = run_dev(base, tokenizer, task, train_part, dev_part, DEV_VARIANTS[variant], seed, size, work)
+                record = {"task": task_name, "variant": variant, "seed": seed, "n_train": len(train_part),
+                          "n_dev": len(dev_part), **record}
+                done[(task_name, variant, seed)] = record
+                append(runs_path, record)
+                metric = f"dev_{task.metric}"
+                print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {task_name} {variant} seed {seed}: "
+                      f"{metric} {record[metric]:.3f}, best {record['best']}", flush=True)
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def load_done(path: Path) -> dict[tuple, dict]:
@@ -219,7 +317,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code path in minutes")
     parser.add_argument("--out", default=str(ROOT / "results"), help="folder for quality.{json,md,png}")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--phase", default="test", choices=("dev", "test"),
+                        help="dev: the choices, on dev splits carved from train; test: the study on the test splits")
+    parser.add_argument("--variants", default="", help="dev phase: ';'-separated variant names (default: all)")
     args = parser.parse_args(argv)
+    if args.phase == "dev":
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        dev_phase(args, out)
+        return
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     sizes = {t: (QUICK if args.quick else SIZES)[t] for t in args.tasks.split(",")}
     seeds = [int(s) for s in args.seeds.split(",")]

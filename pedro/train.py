@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -62,6 +63,18 @@ ATTENTIONS = ("auto", "eager", "sdpa")
 # attention="auto" picks eager attention under bf16 while a full batch's attention matrices (kept for the
 # backward pass) stay under this many bytes; beyond it the backbone's own (memory-efficient) kernel is kept
 EAGER_ATTENTION_BYTES = 4 << 30
+# Learning rate per method when none is given. Chosen on dev splits carved from training data (never test data):
+# results/quality_dev.md, made by benchmarks/quality.py --phase dev.
+DEFAULT_LR = {"pedro": 1e-3, "lora": 1e-3, "ia3": 1e-2}
+# epochs=None: enough epochs for about this many optimizer steps, at most MAX_AUTO_EPOCHS (the dev split's
+# best epoch is kept, so a few epochs too many cost time, not quality)
+TARGET_STEPS = 300
+MAX_AUTO_EPOCHS = 10
+# dev_split=None: a dev split is carved from the training records when there are at least this many and no
+# held-out data was given: DEV_FRACTION of them, between DEV_MIN and DEV_MAX records
+DEV_FROM = 200
+DEV_FRACTION = 0.1
+DEV_MIN, DEV_MAX = 32, 500
 
 
 @dataclass
@@ -73,7 +86,10 @@ class TrainConfig:
     backbone: Optional[str] = None  # None: the default backbone, or the model passed to train()
     method: str = "pedro"
     data_dir: Optional[str] = None  # where task data lives when ``data`` is a task name
-    eval_data: Optional[str] = None  # held-out records for periodic evaluation (loss)
+    eval_data: Optional[str] = None  # held-out records for periodic evaluation (loss, and accuracy for choices)
+    # records carved (seeded) from the training data to evaluate every epoch and keep the best epoch's adapter:
+    # None = automatic (see DEV_FROM), 0 = none, a fraction (< 1) or a record count
+    dev_split: Optional[float] = None
     limit: Optional[int] = None  # use the first N training records (after a seeded shuffle)
     # PEDRO
     r: int = 8
@@ -83,6 +99,7 @@ class TrainConfig:
     pool_source: str = "normed"
     share_generator: bool = False
     rational_lr: Optional[float] = None  # learning rate of the rational activation's coefficients
+    bias_lr: Optional[float] = None  # learning rate of the generators' Up bias (the prompt-independent scale part)
     # LoRA / (IA)3
     lora_r: int = 8
     lora_alpha: Optional[int] = None  # default 2 * lora_r
@@ -95,11 +112,11 @@ class TrainConfig:
     overflow: str = "truncate"
     padding_side: str = "right"
     # optimisation
-    epochs: float = 1.0
+    epochs: Optional[float] = None  # None: auto_epochs(training records)
     max_steps: int = -1
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: Optional[float] = None  # None: DEFAULT_LR[method]
     weight_decay: float = 0.0
     scheduler: str = "cosine"
     warmup: float = 0.06  # ratio of the steps (<1) or a step count
@@ -130,8 +147,10 @@ class TrainConfig:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
-        if self.early_stopping and not self.eval_steps:
-            raise ValueError("early_stopping needs eval_steps (and held-out data: eval_data or eval_examples)")
+        if self.dev_split is not None and (self.dev_split < 0 or (self.dev_split >= 1 and self.dev_split != int(self.dev_split))):
+            raise ValueError(f"dev_split must be 0, a fraction below 1 or a whole record count, got {self.dev_split}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.overflow not in OVERFLOW:
             raise ValueError(f"overflow must be one of {OVERFLOW}, got {self.overflow!r}")
         if self.padding_side not in ("left", "right"):
@@ -295,6 +314,10 @@ def size_report(model: nn.Module, cfg: TrainConfig, budget: int | None = None) -
 # ------------------------------------------------------------------------------------------ trainer
 
 
+def _is_up_bias(name: str) -> bool:
+    return ".pedro_generator." in name and name.endswith(".up.bias")
+
+
 def _is_rational(name: str) -> bool:
     return ".act.numerator" in name or ".act.denominator" in name
 
@@ -328,12 +351,14 @@ class PedroTrainer(Trainer):
         self,
         *args: Any,
         rational_lr: float | None = None,
+        bias_lr: float | None = None,
         group_by_length: bool = False,
         response_logits_only: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.rational_lr = rational_lr
+        self.bias_lr = bias_lr
         self.group_by_length = group_by_length
         self.response_logits_only = response_logits_only and accepts_logits_mask(self.model)
 
@@ -361,17 +386,18 @@ class PedroTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, with PEDRO's rational coefficients and Up biases moved to groups of their own
+        learning rate when one is given (the scheduler scales every group alike)."""
         optimizer = super().create_optimizer(model)
-        if self.rational_lr is None or any(g.get("pedro_rational") for g in optimizer.param_groups):
-            return optimizer
-        rational = {id(p) for n, p in self.model.named_parameters() if p.requires_grad and _is_rational(n)}
-        if rational:
-            moved = [p for g in optimizer.param_groups for p in g["params"] if id(p) in rational]
-            for group in optimizer.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in rational]
-            optimizer.add_param_group(
-                {"params": moved, "lr": self.rational_lr, "weight_decay": 0.0, "pedro_rational": True}
-            )
+        for key, lr, belongs in (("pedro_rational", self.rational_lr, _is_rational), ("pedro_bias", self.bias_lr, _is_up_bias)):
+            if lr is None or any(g.get(key) for g in optimizer.param_groups):
+                continue
+            chosen = {id(p) for n, p in self.model.named_parameters() if p.requires_grad and belongs(n)}
+            if chosen:
+                moved = [p for g in optimizer.param_groups for p in g["params"] if id(p) in chosen]
+                for group in optimizer.param_groups:
+                    group["params"] = [p for p in group["params"] if id(p) not in chosen]
+                optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": 0.0, key: True})
         return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -503,6 +529,48 @@ def _attention(cfg: TrainConfig, precision: str, model: nn.Module, longest: int)
     return "eager" if held <= EAGER_ATTENTION_BYTES else None
 
 
+def auto_epochs(records: int, batch: int) -> int:
+    """Epochs for about TARGET_STEPS optimizer steps: one pass over a few hundred records trains nothing useful,
+    while a large data set needs only one (capped at MAX_AUTO_EPOCHS)."""
+    per_epoch = max(1, math.ceil(records / batch))
+    return max(1, min(MAX_AUTO_EPOCHS, math.ceil(TARGET_STEPS / per_epoch)))
+
+
+def carve_dev(records: list[Example], dev_split: float | None, limit: int | None = None) -> tuple[list[Example], list[Example]]:
+    """(dev, train): the first records of the (already shuffled) list held out for choosing the best epoch.
+
+    ``dev_split`` None sizes it automatically from the records that will be trained on (``limit`` or all),
+    0 turns it off, a fraction or a count sets it."""
+    base = min(limit, len(records)) if limit else len(records)
+    if dev_split is None:
+        n = min(DEV_MAX, max(DEV_MIN, round(DEV_FRACTION * base))) if base >= DEV_FROM else 0
+    else:
+        n = round(dev_split * base) if dev_split < 1 else int(dev_split)
+    if n >= len(records):
+        raise ValueError(f"dev_split {dev_split} would hold out {n} of {len(records)} records, leaving none to train on")
+    if n == 0:
+        return [], records
+    # records sharing a prompt (several references of one input) stay on one side, so dev scores are not
+    # inflated by training on the same inputs
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(json.dumps(record.prompt, sort_keys=True, default=str), []).append(i)
+    held: set[int] = set()
+    for members in groups.values():
+        if len(held) >= n:
+            break
+        held.update(members)
+    if len(held) == len(records):
+        raise ValueError(f"the records have too few distinct prompts to hold out a dev split of {n}: pass --dev-split 0")
+    return [r for i, r in enumerate(records) if i in held], [r for i, r in enumerate(records) if i not in held]
+
+
+def _is_choice_data(examples: Sequence[Example] | None) -> bool:
+    from pedro.evaluate import is_choice_data
+
+    return bool(examples) and is_choice_data(examples)
+
+
 def train(
     config: TrainConfig | None = None,
     *,
@@ -549,7 +617,19 @@ def train(
         _print_sizes(sizes, cfg.method, budget)
 
     random.Random(cfg.seed).shuffle(records)
+    dev: list[Example] = []
+    if held_out is None:
+        dev, records = carve_dev(records, cfg.dev_split, cfg.limit)
+        held_out = dev or None
     records = records[: cfg.limit] if cfg.limit else records
+    epochs = cfg.epochs if cfg.epochs is not None else auto_epochs(len(records), cfg.batch_size * cfg.grad_accum)
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
+    if cfg.progress and (cfg.epochs is None or cfg.lr is None or dev):
+        print("defaults: " + ", ".join(
+            ([f"{epochs:g} epochs for {len(records)} records (--epochs)"] if cfg.epochs is None else [])
+            + ([f"lr {lr:g} for {cfg.method} (--lr)"] if cfg.lr is None else [])
+            + ([f"{len(dev)} records held out as a dev split, evaluated every epoch, best epoch kept (--dev-split)"]
+               if dev else [])))
     rows, report = tokenize_examples(records, tokenizer, cfg.max_length, cfg.overflow)
     eval_rows, eval_report = None, None
     if held_out is not None:
@@ -566,29 +646,33 @@ def train(
     trainable, _ = peft_model.get_nb_trainable_parameters()
     peft_model.train()
     checkpoint_dir = output_dir / CHECKPOINTS
-    evaluating = eval_rows is not None and cfg.eval_steps > 0
+    evaluating = eval_rows is not None
     if cfg.early_stopping and not evaluating:
-        raise ValueError("early_stopping needs held-out data (eval_data or eval_examples)")
+        raise ValueError("early_stopping needs held-out data (eval_data, eval_examples or a dev split)")
+    choices = evaluating and _is_choice_data(held_out)
+    # with held-out data: evaluate every eval_steps steps (or every epoch), checkpoint at each evaluation and
+    # end with the best one (accuracy for choice data, else loss)
+    strategy = ("steps" if cfg.eval_steps else "epoch") if evaluating else "no"
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
+        learning_rate=lr,
         weight_decay=cfg.weight_decay,
         lr_scheduler_type=cfg.scheduler,
         warmup_steps=cfg.warmup,
-        num_train_epochs=cfg.epochs,
+        num_train_epochs=epochs,
         max_steps=cfg.max_steps,
         logging_steps=cfg.logging_steps,
-        # early stopping restores the best evaluated adapter, so it checkpoints at every evaluation
-        save_strategy="steps" if cfg.save_steps or cfg.early_stopping else "no",
-        save_steps=cfg.save_steps or cfg.eval_steps or 500,
+        save_strategy=strategy if evaluating else ("steps" if cfg.save_steps else "no"),
+        save_steps=cfg.eval_steps or cfg.save_steps or 500,
         save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if evaluating else "no",
+        eval_strategy=strategy,
         eval_steps=cfg.eval_steps or None,
-        load_best_model_at_end=bool(cfg.early_stopping),
-        metric_for_best_model="eval_loss" if cfg.early_stopping else None,
+        load_best_model_at_end=evaluating,
+        metric_for_best_model=("eval_accuracy" if choices else "eval_loss") if evaluating else None,
+        greater_is_better=choices if evaluating else None,
         seed=cfg.seed,
         remove_unused_columns=False,  # Trainer would drop prompt_lengths, which PEDRO's forward needs
         include_num_input_tokens_seen="non_padding",
@@ -602,11 +686,10 @@ def train(
     collator = Collator(tokenizer.pad_token_id, cfg.padding_side, with_prompt_lengths=cfg.method == "pedro")
     progress = ProgressAndLog(output_dir / LOG_NAME, cfg.progress)
     extra: list[TrainerCallback] = [progress, *callbacks]
-    if held_out is not None:
-        from pedro.evaluate import ChoiceAccuracy, is_choice_data
+    if choices:  # accuracy next to the loss; it fills the log record before it is written
+        from pedro.evaluate import ChoiceAccuracy
 
-        if is_choice_data(held_out):  # accuracy next to the loss; it fills the log record before it is written
-            extra.insert(0, ChoiceAccuracy(held_out, tokenizer, cfg.batch_size))
+        extra.insert(0, ChoiceAccuracy(held_out, tokenizer, cfg.batch_size))
     if cfg.early_stopping:
         from transformers import EarlyStoppingCallback
 
@@ -619,6 +702,7 @@ def train(
         data_collator=collator,
         callbacks=extra,
         rational_lr=cfg.rational_lr,
+        bias_lr=cfg.bias_lr,
         group_by_length=cfg.group_by_length,
         response_logits_only=cfg.response_logits_only,
     )
@@ -635,7 +719,8 @@ def train(
         train_start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume_from)
         train_seconds = time.perf_counter() - train_start
-        final_eval = trainer.evaluate() if eval_rows is not None else {}
+        evaluations = [r for r in trainer.state.log_history if "eval_loss" in r]
+        final_eval = trainer.evaluate() if eval_rows is not None else {}  # of the adapter kept
     finally:
         torch.set_num_threads(threads)
         if attention is not None and previous_attention is not None and attention != previous_attention:
@@ -656,6 +741,12 @@ def train(
         "data": report.as_dict(),
         "eval_data": eval_report.as_dict() if eval_report else None,
         "steps": trainer.state.global_step,
+        "epochs": epochs,
+        "lr": lr,
+        "dev_records": len(dev),
+        "best": {"metric": args.metric_for_best_model, "value": trainer.state.best_metric,
+                 "step": trainer.state.best_global_step} if evaluating else None,
+        "evaluations": evaluations,
         "resumed_from": resume_from,
         "train_loss": output.training_loss,
         "final_metrics": {**output.metrics, **final_eval},
