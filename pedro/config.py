@@ -103,8 +103,12 @@ class PedroConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """Load the config, and check the weights file next to it before anyone builds a model from it."""
-        from pedro.io import check_adapter_dir
+        from pedro.io import AdapterFileError, check_adapter_dir
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        check_adapter_dir(pretrained_model_name_or_path if subfolder is None else f"{pretrained_model_name_or_path}/{subfolder}")
+        directory = pretrained_model_name_or_path if subfolder is None else f"{pretrained_model_name_or_path}/{subfolder}"
+        try:
+            check_adapter_dir(directory)
+        except AdapterFileError as err:
+            raise AdapterFileError(f"{directory}: {err}") from err
         return config

@@ -26,7 +26,8 @@ def check_adapter_dir(path: str | Path) -> None:
     """Validate a local adapter directory's weights file, when it has one (a config-only directory is fine).
 
     Reading every tensor catches a truncated file here, with the file named, instead of deep in PEFT.
-    Pickle checkpoints are refused: loading one can run arbitrary code.
+    Pickle checkpoints are refused: loading one can run arbitrary code. The messages name the files, not
+    ``path``: the caller adds it where it may be shown (a server's staging directory is not).
     """
     directory = Path(path)
     weights = directory / WEIGHTS_NAME
@@ -34,7 +35,7 @@ def check_adapter_dir(path: str | Path) -> None:
         pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
         if pickled:
             raise AdapterFileError(
-                f"{directory} holds {pickled} but no {WEIGHTS_NAME}: pickle checkpoints are not loaded "
+                f"the adapter holds {pickled} but no {WEIGHTS_NAME}: pickle checkpoints are not loaded "
                 "(they can run arbitrary code); convert them to safetensors"
             )
         return
@@ -43,7 +44,7 @@ def check_adapter_dir(path: str | Path) -> None:
             for key in handle.keys():
                 handle.get_slice(key)
     except (SafetensorError, OSError) as err:
-        raise AdapterFileError(f"{weights} is not a valid safetensors file (corrupt or truncated): {err}") from err
+        raise AdapterFileError(f"{WEIGHTS_NAME} is not a valid safetensors file (corrupt or truncated): {err}") from err
 
 
 def record_prompt_format(directory: str | Path, prompt_format: str) -> None:

@@ -12,19 +12,25 @@ An ``adapter_config.json`` is parsed by the config class of its ``peft_type`` (`
 4. the served fields are type-checked (``r`` a positive integer, ``lora_alpha`` a finite number, ...);
 5. the class is constructed from the dict, and whatever its ``__post_init__`` refuses is refused here too.
 
-Every refusal is an AdapterConfigError naming the field. ``pedro.engine.adapters.read_adapter`` (the engine) and
-``pedro.server.validate.check_adapter`` (uploads) both use this module, so they accept exactly the same configs.
+Every refusal is an AdapterConfigError naming the field. ``read_adapter_files`` is the one reading of an adapter
+directory: the engine's registration and dry run (``pedro.engine.adapters.read_adapter``, ``Engine.check_adapter``)
+and the server's upload check (``pedro.server.validate.check_adapter``) all go through it, so they accept exactly
+the same directories.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import peft
+from safetensors import SafetensorError, safe_open
 
 from pedro.config import PedroConfig
+from pedro.io import WEIGHTS_NAME, AdapterFileError, check_adapter_dir
 
 CONFIG_FILE = "adapter_config.json"
 
@@ -244,3 +250,39 @@ def check_dtypes(dtypes: Iterable[tuple[str, str]]) -> None:
                 f"adapter tensor {key} has dtype {dtype}; adapters must hold {', '.join(SERVED_DTYPES.values())} "
                 "weights (float8, integer and bool tensors are refused)"
             )
+
+
+def read_adapter_files(
+    directory: Path, max_config_bytes: int | None = None
+) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    """Read and check an adapter directory without loading a tensor value -> (config object, tensor name -> shape).
+
+    The config must parse and be served (``parse_adapter_config``; at most ``max_config_bytes`` when given); the
+    weights must be a readable safetensors file, never a pickle (``pedro.io.check_adapter_dir``), whose header
+    lists only served dtypes (``check_dtypes``). AdapterConfigError or AdapterFileError say what is wrong; the
+    messages do not name ``directory``, so a caller decides whether its path may be shown (an upload's is not).
+    """
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterFileError(f"not an adapter directory (no {CONFIG_FILE})")
+    if max_config_bytes is not None and config_path.stat().st_size > max_config_bytes:
+        raise AdapterConfigError(f"{CONFIG_FILE} is larger than {max_config_bytes} bytes")
+    try:
+        raw = json.loads(config_path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise AdapterConfigError(f"cannot read the adapter config: {CONFIG_FILE} is not valid JSON: nested too deeply") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise AdapterConfigError(f"cannot read the adapter config: {CONFIG_FILE} is not valid JSON: {err}") from None
+    config = parse_adapter_config(raw)
+    check_adapter_dir(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterFileError(f"the adapter has no {WEIGHTS_NAME}")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            check_dtypes((key, s.get_dtype()) for key, s in slices.items())
+            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+    except SafetensorError as err:
+        raise AdapterFileError(f"{WEIGHTS_NAME} is not a valid safetensors file (corrupt or truncated): {err}") from None
+    return config, shapes

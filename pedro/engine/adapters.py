@@ -8,7 +8,6 @@ use by a running request is pinned and never evicted.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import OrderedDict
@@ -18,15 +17,14 @@ from typing import Any, Callable, Union
 
 import peft
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from pedro.backbones import layer_map
 from pedro.config import PedroConfig
-from pedro.engine.adapter_config import AdapterConfigError, check_dtypes, check_served, parse_adapter_config
+from pedro.engine.adapter_config import AdapterConfigError, check_served, read_adapter_files
 from pedro.generator import VectorGenerator
-from pedro.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, check_adapter_dir, read_prompt_format
+from pedro.io import WEIGHTS_NAME, AdapterFileError, check_adapter_dir, read_prompt_format
 from pedro.model import plan_sites
 
 class AdapterError(ValueError):
@@ -317,24 +315,10 @@ def read_adapter(source: Union[str, Path, nn.Module]) -> tuple[Any, dict[str, tu
     from a directory (only the safetensors header)."""
     if isinstance(source, (str, Path)):
         directory = Path(source).expanduser()
-        if not (directory / CONFIG_NAME).is_file():
-            raise AdapterError(f"{directory} is not an adapter directory (no {CONFIG_NAME})")
         try:
-            raw = json.loads((directory / CONFIG_NAME).read_text())
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-            raise AdapterError(f"cannot read the adapter config in {directory}: {err}") from None
-        try:
-            config = parse_adapter_config(raw)
-        except AdapterConfigError as err:
+            config, shapes = read_adapter_files(directory)
+        except (AdapterConfigError, AdapterFileError) as err:
             raise AdapterError(f"{directory}: {err}") from None
-        check_adapter_dir(directory)
-        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as handle:
-            slices = {key: handle.get_slice(key) for key in handle.keys()}
-            try:
-                check_dtypes((key, s.get_dtype()) for key, s in slices.items())
-            except AdapterConfigError as err:
-                raise AdapterError(str(err)) from None
-            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
         return config, shapes, directory, None
     if isinstance(source, peft.PeftModel):
         name = source.active_adapter

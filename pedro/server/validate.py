@@ -1,26 +1,26 @@
 """Checks an adapter directory completely before the server stores or serves it.
 
-An uploaded adapter is untrusted input. Before it is moved into the store it must be: exactly the two PEFT files
-(safetensors, never a pickle); a JSON config that ``pedro.engine.adapter_config`` accepts (peft_type PEDRO /
-LORA / IA3, parsed by PEFT's / PedroConfig's own classes, no unknown field, only features the engine serves);
-a safetensors file whose header lists only float32 / float16 / bfloat16 / float64 tensors (checked before any
-value is read), that holds every tensor its header promises (not truncated) with finite values; and tensors
-whose names and shapes fit the loaded backbone (the engine's own planner decides that -- Engine.check_adapter,
-a dry run of add_adapter -- so the server can never accept an adapter the engine would refuse later).
+An uploaded adapter is untrusted input. Before it is moved into the store it must be: exactly the two PEFT files;
+what ``pedro.engine.adapter_config.read_adapter_files`` accepts, the reading the engine itself does (a config of
+peft_type PEDRO / LORA / IA3 parsed by PEFT's / PedroConfig's own classes, no unknown field, only features the
+engine serves; safetensors, never a pickle, whose header lists only float32 / float16 / bfloat16 / float64
+tensors, checked before any value is read); a weights file that holds every tensor its header promises (not
+truncated) with finite values; and tensors whose names and shapes fit the loaded backbone (the engine's own
+planner decides that -- Engine.check_adapter, a dry run of add_adapter -- so the server can never accept an
+adapter the engine would refuse later).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pedro.engine import AdapterError
-from pedro.engine.adapter_config import CLASSES, SERVED_DTYPES, AdapterConfigError, check_dtypes, parse_adapter_config
+from pedro.engine.adapter_config import CLASSES, SERVED_DTYPES, AdapterConfigError, read_adapter_files
 from pedro.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
@@ -33,29 +33,6 @@ class InvalidAdapter(ValueError):
     """The adapter is refused; the message says which check failed."""
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise InvalidAdapter(f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON: {err}") from None
-    except RecursionError:
-        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON: nested too deeply") from None
-    if not isinstance(config, dict):
-        raise InvalidAdapter(f"{CONFIG_NAME} must be a JSON object")
-    return config
-
-
-def _check_header(path: Path) -> None:
-    """Every tensor's dtype from the safetensors header, before any tensor value is read."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            check_dtypes((key, handle.get_slice(key).get_dtype()) for key in handle.keys())
-    except SafetensorError as err:
-        raise InvalidAdapter(f"{WEIGHTS_NAME} is not a valid safetensors file (corrupt or truncated): {err}") from None
-
-
 def check_adapter(directory: Path, fits: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """-> ``{"kind", "parameters", "bytes"}`` for a directory holding exactly the two adapter files, or
     InvalidAdapter. ``fits`` is the engine's dry run (Engine.check_adapter). Reads only, never writes."""
@@ -63,8 +40,7 @@ def check_adapter(directory: Path, fits: Callable[[Path], dict[str, Any]]) -> di
     if present != sorted(ADAPTER_FILES):
         raise InvalidAdapter(f"an adapter is exactly {list(ADAPTER_FILES)}; got {present}")
     try:
-        parse_adapter_config(_read_config(directory / CONFIG_NAME))
-        _check_header(directory / WEIGHTS_NAME)
+        read_adapter_files(directory, max_config_bytes=MAX_CONFIG_BYTES)
         tensors = load_file(str(directory / WEIGHTS_NAME))
     except (AdapterConfigError, AdapterFileError) as err:
         raise InvalidAdapter(str(err)) from None
