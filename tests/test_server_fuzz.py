@@ -167,8 +167,6 @@ def bodies(draw, chat: bool) -> dict[str, Any]:
             body["stream"] = True
         if "top_logprobs" in body:
             body["logprobs"] = True
-        if body.get("echo"):
-            body.pop("logprobs", None)
     return body
 
 

@@ -1,8 +1,10 @@
 """The OpenAI sampling and output options through a live server and the official client: n, batched prompts,
 logprobs (both formats), echo, penalties, logit_bias, usage -- each checked against the engine run directly in
-this process (whose sampler is checked against a hand-written reference in test_sampling.py) -- and a table of
-every field of the installed ``openai`` package's request types: honoured, accepted without effect on the
-answer, or refused with a 400 naming it."""
+this process (whose sampler is checked against a hand-written reference in test_sampling.py) -- the prompt's
+logprobs of echo + logprobs (and max_tokens 0, lm-evaluation-harness's loglikelihood request) against the
+prompt run through transformers with the adapter loaded by PEFT, and a table of every field of the installed
+``openai`` package's request types: honoured, accepted without effect on the answer, or refused with a 400
+naming it."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ from types import SimpleNamespace
 
 import httpx
 import openai
+import peft
 import pytest
+import torch
 from server_kit import TENANTS, make_adapter, make_backbone, write_config
 from server_process import ServerProcess, auth, upload
+from transformers import AutoModelForCausalLM
 
 from pedro.engine import Engine, Request, SamplingParams
 from pedro.io import read_prompt_format, record_prompt_format
@@ -30,7 +35,7 @@ def live(tmp_path_factory):
         engine = Engine(str(backbone), max_batch=16, max_seq_len=128)
         engine.add_adapter("p", root / "p")
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ALICE, max_retries=0, timeout=60)
-        yield SimpleNamespace(url=server.url, engine=engine, client=client)
+        yield SimpleNamespace(url=server.url, engine=engine, client=client, root=root, backbone=backbone)
 
 
 def direct(live, prompt, adapter=None, chat=False, **sampling):
@@ -180,8 +185,9 @@ def _text(response: httpx.Response) -> str:
 
 
 @pytest.mark.parametrize("body", [
-    {"prompt": "3 4", "echo": True, "logprobs": 1},
-    {"prompt": [5, 6], "echo": True},
+    {"prompt": "3 4", "max_tokens": 0},
+    {"prompt": "3 4", "max_tokens": -1, "echo": True},
+    {"prompt": "3 4", "echo": True, "logprobs": 1, "prompt_logprobs": 1},
     {"prompt": "3 4", "stream_options": {"include_usage": True}},
     {"prompt": "3 4", "n": 17},
     {"prompt": "3 4", "logit_bias": {"x": 1}},
@@ -216,3 +222,92 @@ def test_a_completion_reaches_an_adapter_as_its_training_encoded_prompts(live, t
 def test_top_p_zero_keeps_only_the_most_likely_token(live):
     out = live.client.completions.create(model="tiny", prompt="3 4 5", max_tokens=6, temperature=1.0, top_p=0, seed=3)
     assert out.choices[0].text == direct(live, "3 4 5", max_new_tokens=6).text  # greedy
+
+
+# ------------------------------------------------------------------------------------------------ prompt logprobs
+
+
+def scored(live, adapter, ids: list[int]) -> torch.Tensor:
+    """log-softmax (T, V) of ``ids`` through transformers, the adapter loaded by PEFT: an independent reference."""
+    model = AutoModelForCausalLM.from_pretrained(live.backbone)
+    if adapter is not None:
+        model = peft.PeftModel.from_pretrained(model, live.root / adapter)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_then_the_completion(live):
+    out = live.client.completions.create(model="p", prompt="3 4 5 6", max_tokens=3, temperature=0, logprobs=2, echo=True)
+    choice, ids = out.choices[0], [3, 4, 5, 6]
+    generated = direct(live, "3 4 5 6", "p", max_new_tokens=3, logprobs=2)
+    assert choice.text == "3 4 5 6" + generated.text
+    lp = choice.logprobs
+    assert lp.tokens[:4] == ["3", " 4", " 5", " 6"] and "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    reference = scored(live, "p", ids)
+    assert lp.token_logprobs[1:4] == pytest.approx([float(reference[i, ids[i + 1]]) for i in range(3)], abs=1e-4)
+    assert lp.token_logprobs[4:] == pytest.approx([e.logprob for e in generated.logprobs], abs=1e-5)
+    for i, (token, value, top) in enumerate(zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]), 1):
+        assert top[token] == value and 2 <= len(top) <= 3  # the 2 most likely, and the token itself
+        if i < 4:
+            best = reference[i - 1].topk(2)
+            assert sorted(top.values(), reverse=True)[:2] == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert out.usage.prompt_tokens == 4 and out.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("model", ["tiny", "p"])
+def test_a_loglikelihood_request_returns_the_prompts_logprobs_only(live, model):
+    """What lm-evaluation-harness sends to score a continuation: token ids, echo, logprobs 1, max_tokens 0."""
+    prompts = [[5, 17, 33, 8, 41, 9], [60, 61, 62]]
+    out = live.client.completions.create(model=model, prompt=prompts, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == 9
+    for choice, ids in zip(out.choices, prompts):
+        assert choice.finish_reason == "length" and choice.text == " ".join(map(str, ids))
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+        reference = scored(live, None if model == "tiny" else model, ids)
+        expected = [float(reference[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+        assert sum(lp.token_logprobs[1:]) == pytest.approx(sum(expected), abs=1e-4)
+        assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+        # lm-evaluation-harness's is_greedy: each token's logprob is the best of its top_logprobs
+        greedy = [int(reference[i].argmax()) == ids[i + 1] for i in range(len(ids) - 1)]
+        assert [value == max(top.values()) for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:])] == greedy
+
+
+def test_echo_of_token_id_prompts_is_their_decoded_text(live):
+    out = live.client.completions.create(model="tiny", prompt=[[5, 6, 7], [2, 9]], max_tokens=2, temperature=0, echo=True)
+    assert [c.text for c in out.choices] == [
+        "5 6 7" + direct(live, [5, 6, 7], max_new_tokens=2).text,
+        "9" + direct(live, [2, 9], max_new_tokens=2).text,  # 2 is the tokenizer's special unknown token: not text
+    ]
+    assert out.choices[0].logprobs is None
+
+
+def test_streamed_echo_with_logprobs_sends_the_prompts_logprobs_first(live):
+    body = dict(model="p", prompt="3 4 5", max_tokens=4, temperature=0, logprobs=1, echo=True, n=2, seed=5)
+    whole = live.client.completions.create(**body)
+    chunks = list(live.client.completions.create(**body, stream=True))
+    for index in (0, 1):
+        mine = [c for chunk in chunks for c in chunk.choices if c.index == index]
+        assert mine[0].text.startswith("3 4 5") and mine[0].logprobs.tokens[:3] == ["3", " 4", " 5"]
+        assert mine[0].logprobs.token_logprobs[0] is None
+        expected = whole.choices[index].logprobs
+        assert "".join(c.text for c in mine) == whole.choices[index].text
+        assert [t for c in mine if c.logprobs for t in c.logprobs.tokens] == expected.tokens
+        assert [o for c in mine if c.logprobs for o in c.logprobs.text_offset] == expected.text_offset
+        assert [v for c in mine if c.logprobs for v in c.logprobs.token_logprobs] == pytest.approx(expected.token_logprobs)
+    # n samples of one prompt: one prefill, the same prompt logprobs
+    assert whole.choices[0].logprobs.token_logprobs[:3] == whole.choices[1].logprobs.token_logprobs[:3]
+    scoring = list(live.client.completions.create(model="tiny", prompt=[7, 8, 9], max_tokens=0, echo=True, logprobs=0, stream=True))
+    pieces = [c for chunk in scoring for c in chunk.choices]
+    assert len(pieces) == 1 and pieces[0].finish_reason == "length" and pieces[0].text == "7 8 9"
+    assert pieces[0].logprobs.tokens == ["7", " 8", " 9"] and pieces[0].logprobs.token_logprobs[0] is None
+
+
+def test_chat_has_no_prompt_logprobs(live):
+    messages = [{"role": "user", "content": "3 4"}]
+    for extra in ({"max_tokens": 0}, {"max_completion_tokens": 0}, {"prompt_logprobs": 1}):
+        response = httpx.post(f"{live.url}/v1/chat/completions", headers=auth(ALICE),
+                              json={"model": "tiny", "messages": messages, **extra}, timeout=30)
+        assert response.status_code == 400 and next(iter(extra)) in response.json()["error"]["message"], response.text

@@ -7,6 +7,8 @@ choice is opened (admitted, first token out) before the caller answers, so a ref
 error and the others are aborted; afterwards their outputs are merged in arrival order.
 
 Logprobs are rendered in both of OpenAI's shapes: the completions' parallel lists and chat's ``content`` list.
+Completions' ``echo`` puts the prompt in front of a choice's text (a text prompt as given, token ids decoded by
+the engine) and, with ``logprobs``, the prompt's tokens in front of its logprobs, scored by the engine's prefill.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Sequence
 
 from pedro.engine import RequestOutput, SamplingParams, TokenLogprob
 from pedro.server.backend import Backend, Prompt
@@ -28,18 +30,27 @@ class Choice:
     prompt_index: int
     prompt: Prompt
     sampling: SamplingParams
-    echo: str = ""  # text put in front of the completion (completions' ``echo``)
+    echo: bool = False  # the prompt goes in front of the completion (completions' ``echo``)
     raw_prompt: Optional[bool] = None  # how a text prompt is encoded (Backend.stream)
+
+    def echo_text(self, out: RequestOutput) -> str:
+        """What goes in front of the completion: nothing, the text prompt as given, or the token ids decoded."""
+        if not self.echo:
+            return ""
+        return self.prompt if isinstance(self.prompt, str) else out.prompt_text or ""
 
 
 def choices(
     prompts: list[Prompt], n: int, sampling: SamplingParams, echo: bool = False, raw_prompt: Optional[bool] = None
 ) -> list[Choice]:
+    """``len(prompts) * n`` choices. With ``echo`` the engine also decodes a token-id prompt and, when the request
+    asks for logprobs, scores the prompt's tokens (the same number of alternatives)."""
     out = []
     for p, prompt in enumerate(prompts):
+        asks = dict(prompt_logprobs=sampling.logprobs, return_prompt_text=not isinstance(prompt, str)) if echo else {}
         for k in range(n):
             seed = None if sampling.seed is None else sampling.seed + k
-            out.append(Choice(p * n + k, p, prompt, dataclasses.replace(sampling, seed=seed), prompt if echo else "", raw_prompt))
+            out.append(Choice(p * n + k, p, prompt, dataclasses.replace(sampling, seed=seed, **asks), echo, raw_prompt))
     return out
 
 
@@ -105,15 +116,23 @@ async def merged(opened: list[Opened]) -> AsyncIterator[tuple[Choice, RequestOut
 # ------------------------------------------------------------------------------------------------ logprobs
 
 
-def completion_logprobs(entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-    """The completions format; ``offset``: where the first token's text starts in the choice's text."""
+def completion_logprobs(entries: list[TokenLogprob], offset: int, prompt: Sequence[TokenLogprob] = ()) -> CompletionLogprobs:
+    """The completions format; ``offset``: where the first token's text starts in the choice's text. ``prompt``:
+    an echoed prompt's entries, put first, their offsets counted from the start of the text. As OpenAI's legacy
+    completions do, each top_logprobs holds the token itself besides the k most likely (so up to k + 1 entries);
+    a prompt's first token has null for both, as nothing predicts it."""
     result = CompletionLogprobs()
-    for entry in entries:
-        result.tokens.append(entry.text)
-        result.token_logprobs.append(entry.logprob)
-        result.top_logprobs.append({text: value for text, (_, value) in zip(entry.top_text, entry.top)})
-        result.text_offset.append(offset)
-        offset += len(entry.text)
+    for part, start in ((prompt, 0), (entries, offset)):
+        for entry in part:
+            top = None
+            if entry.logprob is not None:
+                top = {text: value for text, (_, value) in zip(entry.top_text, entry.top)}
+                top.setdefault(entry.text, entry.logprob)
+            result.tokens.append(entry.text)
+            result.token_logprobs.append(entry.logprob)
+            result.top_logprobs.append(top)
+            result.text_offset.append(start)
+            start += len(entry.text)
     return result
 
 

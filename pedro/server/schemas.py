@@ -36,6 +36,9 @@ REFUSED_UNLESS = {
     "tool_choice": ((None, "none"), "tool calling is not supported"),
     "response_format": ((None, {"type": "text"}), "JSON mode / structured outputs are not supported (no constrained decoding)"),
     "modalities": ((None, ["text"]), "only text output is supported"),
+    "prompt_logprobs": (
+        (None,), "the vLLM extension is not supported: on /v1/completions, echo with logprobs returns the prompt's logprobs",
+    ),
 }
 MAX_N = 16  # choices per prompt
 MAX_LOGPROBS = 20
@@ -110,11 +113,16 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     """``POST /v1/completions``: a raw text prompt (no chat template) or token ids, or a list of either (a
-    batch: choice index = prompt index * n + sample index, as OpenAI numbers them)."""
+    batch: choice index = prompt index * n + sample index, as OpenAI numbers them). ``echo`` with ``logprobs``
+    scores the prompt too, and ``max_tokens`` 0 with ``echo`` scores it without a completion: what
+    lm-evaluation-harness's loglikelihood requests send (vLLM allows 0 only with echo, and so does this server)."""
 
     prompt: Union[str, list[int], list[str], list[list[int]]]
+    max_tokens: Optional[int] = Field(
+        None, ge=0, le=MAX_INT32, description="The server's max_tokens limit also applies; 0 only with echo (score the prompt)."
+    )
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives per token (0: the chosen token's only).")
-    echo: bool = Field(False, description="Prepend the prompt (text prompts) to each choice's text.")
+    echo: bool = Field(False, description="Prepend the prompt (token ids: decoded) to each choice's text; with logprobs, its tokens' logprobs too.")
     raw_prompt: Optional[bool] = Field(
         None, description="Extension: how a text prompt is encoded. Default: as the adapter's training encoded its "
         "prompts (recorded by pedro train; raw for the base model and adapters without a record); true: as-is; "
@@ -127,14 +135,6 @@ class CompletionRequest(_Request):
         if isinstance(prompt, list) and (not prompt or any(isinstance(p, (str, list)) and not p for p in prompt)):
             raise ValueError("the prompt, and each prompt of a batch, must be non-empty")
         return prompt
-
-    @model_validator(mode="after")
-    def _echo(self) -> "CompletionRequest":
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo: with logprobs it would need the prompt's own logprobs, which are not computed")
-        if self.echo and any(not isinstance(p, str) for p in self.prompts()):
-            raise ValueError("echo: supported for text prompts only")
-        return self
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The batch: one prompt, or each element of a list of strings / of token-id lists."""
@@ -245,11 +245,12 @@ FinishReason = Optional[Literal["stop", "length"]]
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions format: parallel lists, one entry per token."""
+    """The legacy completions format: parallel lists, one entry per token (an echoed prompt's tokens first;
+    its first token's logprob and top_logprobs are null, as nothing predicts it)."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
