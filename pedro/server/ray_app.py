@@ -48,7 +48,7 @@ from pedro.server.auth import KeyRing, check_name
 from pedro.server.backend import LocalBackend, Prompt
 from pedro.server.config import ServerConfig
 from pedro.server.errors import APIError
-from pedro.server.registry import AdapterRegistry
+from pedro.server.adapter_registry import AdapterRegistry
 
 log = logging.getLogger("pedro.server")
 ENGINE_GAUGES = ("running", "waiting", "in_flight", "engine_restarts")  # LocalBackend.stats() keys

@@ -1,4 +1,5 @@
-"""The server's adapter registry on disk: which tenant owns which adapter, crash-safe.
+"""The server's adapter registry on disk: which tenant owns which adapter, crash-safe (the engine's in-memory
+set of loaded adapters is pedro.engine.adapters.AdapterStore; PEFT method registration is pedro.peft_method).
 
 Layout under ``adapters_dir``::
 
