@@ -273,6 +273,11 @@ def test_a_loglikelihood_request_returns_the_prompts_logprobs_only(live, model):
         # lm-evaluation-harness's is_greedy: each token's logprob is the best of its top_logprobs
         greedy = [int(reference[i].argmax()) == ids[i + 1] for i in range(len(ids) - 1)]
         assert [value == max(top.values()) for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:])] == greedy
+    # lm-evaluation-harness's local-completions asks for one token and drops it ([ctxlen:-1]): the same numbers
+    one = live.client.completions.create(model=model, prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    for with_token, scored_only in zip(one.choices, out.choices):
+        assert with_token.logprobs.token_logprobs[:-1] == scored_only.logprobs.token_logprobs
+        assert with_token.logprobs.tokens[:-1] == scored_only.logprobs.tokens
 
 
 def test_echo_of_token_id_prompts_is_their_decoded_text(live):
