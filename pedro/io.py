@@ -1,9 +1,14 @@
-"""Adapter files: checks before they are trusted, and the prompt format recorded with the weights."""
+"""Adapter files: checks before they are trusted, the prompt format recorded with the weights, and writing an
+adapter directory atomically."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -64,3 +69,73 @@ def read_prompt_format(directory: str | Path) -> Optional[str]:
     if value is not None and value not in PROMPT_FORMATS:
         raise AdapterFileError(f"{PROMPT_FORMAT_KEY} is {value!r}; expected one of {PROMPT_FORMATS}")
     return value
+
+
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux): swap two paths in one step
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap directories ``a`` and ``b`` in one atomic step where the kernel offers it (Linux renameat2); False
+    where it does not, and the caller renames in two steps."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_cwd = -100  # AT_FDCWD
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot exchange
+        return False
+    raise OSError(error, os.strerror(error), str(a))
+
+
+def _link_or_copy(source: Any, target: Any) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def save_adapter_atomic(
+    model: Any, output_dir: str | Path, backbone: Optional[str] = None, prompts: Optional[str] = None
+) -> None:
+    """``model.save_pretrained(output_dir)``, replacing the directory as a whole: a reader, or a crash at any
+    moment, sees the old adapter or the new one, never a new config beside old weights.
+
+    The adapter is written to a temporary directory beside ``output_dir``, which also receives hard links to
+    everything else ``output_dir`` holds (training logs, checkpoints); then the two directories are swapped
+    (one atomic exchange on Linux, two renames elsewhere) and the old one deleted. ``backbone`` is recorded as
+    the config's base model, so ``pedro eval --adapter DIR`` can load it; ``prompts`` (one of PROMPT_FORMATS)
+    with the weights, so serving encodes prompts as training did.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.new-", dir=output_dir.parent))
+    if backbone is not None:
+        model.peft_config[model.active_adapter].base_model_name_or_path = backbone
+    try:
+        model.save_pretrained(staging, save_embedding_layers=False)  # PEFT would look the backbone up online
+        if prompts is not None:
+            record_prompt_format(staging, prompts)
+        if not output_dir.exists():
+            os.rename(staging, output_dir)
+            return
+        written = {item.name for item in staging.iterdir()}
+        for item in output_dir.iterdir():
+            if item.name not in written:
+                _link_tree_item(item, staging / item.name)
+        if not _exchange(staging, output_dir):
+            aside = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.rename(output_dir, aside / output_dir.name)
+            os.rename(staging, output_dir)
+            staging = aside
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_tree_item(source: Path, target: Path) -> None:
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(source, target)

@@ -1,0 +1,63 @@
+"""pedro.io.save_adapter_atomic: an adapter directory is replaced whole, so a crash never mixes two adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import randomize, tiny_model
+from safetensors.torch import load_file
+
+import pedro
+import pedro.io
+from pedro.io import CONFIG_NAME, WEIGHTS_NAME, read_prompt_format, save_adapter_atomic
+
+
+def _adapter(r: int, seed: int):
+    model = pedro.get_pedro_model(tiny_model("llama"), pedro.PedroConfig(r=r))
+    randomize(model, seed=seed)
+    return model
+
+
+def _state(directory):
+    return json.loads((directory / CONFIG_NAME).read_text())["r"], load_file(str(directory / WEIGHTS_NAME))
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
+def test_a_new_adapter_replaces_the_old_whole_and_keeps_the_other_files(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(pedro.io, "_exchange", lambda a, b: False)
+    out = tmp_path / "run"
+    save_adapter_atomic(_adapter(4, 1), out, backbone="tiny", prompts="raw")
+    (out / "train_log.jsonl").write_text("{}\n")
+    (out / "checkpoints" / "step-2").mkdir(parents=True)
+    (out / "checkpoints" / "step-2" / "state.pt").write_bytes(b"x")
+    save_adapter_atomic(_adapter(2, 2), out, prompts="chat_template")
+    assert _state(out)[0] == 2
+    assert read_prompt_format(out) == "chat_template"
+    assert (out / "train_log.jsonl").read_text() == "{}\n" and (out / "checkpoints" / "step-2" / "state.pt").read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary directory left behind
+    restored = pedro.get_pedro_model(tiny_model("llama"), pedro.PedroConfig(r=2))
+    restored.load_adapter(str(out), adapter_name="check")  # every tensor present, with r = 2's shapes
+
+
+def test_a_crash_while_writing_leaves_the_old_adapter_intact(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    save_adapter_atomic(_adapter(4, 1), out)
+    before = _state(out)
+    new = _adapter(2, 2)
+    original = type(new).save_pretrained
+
+    def crash_after_the_config(self, directory, **kwargs):
+        original(self, directory, **kwargs)
+        (directory / WEIGHTS_NAME).write_bytes(b"half a file")  # the weights were being written when it died
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(new), "save_pretrained", crash_after_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter_atomic(new, out)
+    after = _state(out)
+    assert after[0] == before[0] == 4
+    assert after[1].keys() == before[1].keys() and all(torch.equal(after[1][k], before[1][k]) for k in before[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
