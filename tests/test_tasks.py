@@ -21,12 +21,12 @@ from pedro.tasks import (
     register_task,
     tokenize_for_bleu_eval,
 )
-from pedro.tasks.base import default_data_dirs
+from pedro.tasks.base import DATA_ENV, default_data_dir
 from pedro.tasks.conala import extract_snippet
 
 
 def _data_dir():
-    return next((d for d in default_data_dirs() if (d / "sst2").is_dir()), None)
+    return default_data_dir() if (default_data_dir() / "sst2").is_dir() else None
 
 
 needs_data = pytest.mark.skipif(_data_dir() is None, reason="../shared/data is not present")
@@ -88,6 +88,18 @@ def test_missing_data_says_where_and_what_format(tmp_path):
         task.path("validation")
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         get_task("nope")
+
+
+def test_the_data_folder_is_a_setting_named_when_data_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "mine"))
+    assert default_data_dir() == tmp_path / "mine"
+    with pytest.raises(TaskDataMissing, match=rf"{tmp_path}/mine/sst2/train.tsv \(from \${DATA_ENV}\)"):
+        get_task("sst2").load("train")
+    monkeypatch.delenv(DATA_ENV)
+    monkeypatch.chdir(tmp_path)
+    assert default_data_dir() == tmp_path.parent / "shared" / "data"
+    with pytest.raises(TaskDataMissing, match=rf"the default ../shared/data; set \${DATA_ENV} or pass --data-dir"):
+        get_task("sst2").load("train")
 
 
 def test_generic_jsonl_task_choice_and_exact_match(tmp_path):

@@ -25,15 +25,11 @@ class TaskDataMissing(FileNotFoundError):
     """The task's files are not where they were looked for (the message says where and in what format)."""
 
 
-def default_data_dirs() -> list[Path]:
-    """Where task data is looked for when no ``data_dir`` is given: $PEDRO_DATA_DIR, then ``../shared/data``
-    next to the working directory and next to the source checkout."""
-    candidates = []
-    if os.environ.get(DATA_ENV):
-        candidates.append(Path(os.environ[DATA_ENV]))
-    candidates.append(Path.cwd().parent / "shared" / "data")
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data")
-    return candidates
+def default_data_dir() -> Path:
+    """The task data folder when none is given (``--data-dir``): ``$PEDRO_DATA_DIR``, else ``../shared/data``
+    from the working directory."""
+    configured = os.environ.get(DATA_ENV)
+    return Path(configured) if configured else Path.cwd().parent / "shared" / "data"
 
 
 class Task(ABC):
@@ -58,15 +54,16 @@ class Task(ABC):
         """The file of ``split``, or an error naming every place it was looked for and the expected format."""
         if split not in self.files:
             raise ValueError(f"task {self.name!r} has splits {self.splits}, not {split!r}")
-        roots = [self.data_dir] if self.data_dir is not None else default_data_dirs()
-        for root in roots:
-            candidate = root / self.folder / self.files[split]
-            if candidate.is_file():
-                return candidate
-        looked = ", ".join(str(root / self.folder / self.files[split]) for root in roots)
+        root = self.data_dir if self.data_dir is not None else default_data_dir()
+        candidate = root / self.folder / self.files[split]
+        if candidate.is_file():
+            return candidate
+        source = "--data-dir" if self.data_dir is not None else f"${DATA_ENV}" if os.environ.get(DATA_ENV) else (
+            f"the default ../shared/data; set ${DATA_ENV} or pass --data-dir"
+        )
         raise TaskDataMissing(
-            f"task {self.name!r} needs its {split!r} split at {looked}. Expected format: {self.data_format} "
-            f"Pass --data-dir (or set ${DATA_ENV}) to the folder that holds {self.folder}/."
+            f"task {self.name!r} needs its {split!r} split at {candidate} (from {source}). Expected format: "
+            f"{self.data_format} Point --data-dir or ${DATA_ENV} to the folder that holds {self.folder}/."
         )
 
     def load(self, split: str, limit: int | None = None) -> list[Example]:
