@@ -45,9 +45,9 @@ from pedro.engine.request import (
     TokenLogprob,
 )
 from pedro.engine.rows import RowAdapters
-from pedro.engine.runner import ModelRunner, PrefillBatch, PromptScores, check_supported
+from pedro.engine.runner import LayeredPrefill, ModelRunner, PrefillBatch, PromptScores, check_supported
 from pedro.engine.sampling import sample, token_logprobs
-from pedro.engine.scheduler import Scheduler, Sequence
+from pedro.engine.scheduler import Piece, Scheduler, Sequence
 from pedro.model import plan_sites
 
 # A text prompt longer than this many characters per allowed token is refused before it is tokenised, so a
@@ -87,8 +87,10 @@ class Engine:
 
     ``backbone``: a name/path for :func:`pedro.load_backbone`, or a loaded transformers model (then pass its
     ``tokenizer``; without one, prompts must be token ids and stop strings are unavailable).
-    ``max_batch`` running rows at most, each with ``max_seq_len`` tokens of KV cache; at most
-    ``max_prefill_tokens`` prompt tokens are admitted per step; ``adapter_capacity`` adapters are resident
+    ``max_batch`` running rows at most, each with ``max_seq_len`` tokens of KV cache; each step prefills at
+    most ``max_prefill_tokens`` prompt tokens' worth of work (a token through every layer), a longer prompt
+    being split over steps -- by position, or by layers for a PEDRO row (scheduler.py) -- so that decoding rows
+    keep getting tokens while it is admitted; ``adapter_capacity`` adapters are resident
     at once (the rest stay on disk / CPU and are loaded on demand, least recently used evicted);
     ``max_waiting`` bounds the queue of requests waiting for a free row (beyond it add_request raises QueueFull);
     ``max_per_tenant`` bounds each tenant's running + waiting requests (QueueFull for that tenant alone).
@@ -170,7 +172,7 @@ class Engine:
             spec.n_layers, self.max_batch, config.num_key_value_heads, self.max_seq_len, spec.head_dim, self.dtype, self.device
         )
         self.runner = ModelRunner(self.model, spec, self.cache, self.rows)
-        self.scheduler = Scheduler(self.max_batch, self.max_prefill_tokens, self.adapters)
+        self.scheduler = Scheduler(self.max_batch, self.max_prefill_tokens, self.adapters, spec.n_layers)
         self._seqs: dict[str, Sequence] = {}
         self._per_tenant: Counter[Optional[str]] = Counter()  # running + waiting requests per tenant
         self._loading: dict[str, Future] = {}
@@ -308,6 +310,10 @@ class Engine:
         seed = request.sampling.seed if request.sampling.seed is not None else int(torch.randint(2**62, ()))
         track = self.tokenizer is not None and (track_text or bool(request.sampling.stop))
         seq = Sequence(request, ids, torch.Generator(self.device).manual_seed(seed), track_text=track)
+        # a PEDRO layer's generator and a prompt's scores need all of its positions at once: split by layers
+        seq.whole_prompt = request.sampling.prompt_logprobs is not None or (
+            request.adapter is not None and self.adapters.get(request.adapter).kind == "pedro"
+        )
         self._seqs[request.request_id] = seq
         self._per_tenant[request.tenant] += 1
         self.scheduler.add(seq)
@@ -337,7 +343,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self.scheduler.running)
+        return self.scheduler.num_admitted
 
     @property
     def num_waiting(self) -> int:
@@ -382,43 +388,59 @@ class Engine:
             self._accept(running, logits)
             self.stats["decode"].append((len(running), time.perf_counter() - start))
             progressed += running
-        admitted = self.scheduler.schedule()
-        if admitted:
+        pieces = self.scheduler.schedule()
+        if pieces:
             start = time.perf_counter()
-            for seq in admitted:
-                self.rows.assign(seq.slot, seq.entry)
-            prefilled = self._prefill(admitted)
+            prefilled = self._prefill(pieces)
             self.stats["prefill"].append((prefilled, time.perf_counter() - start))
-            progressed += admitted
+            progressed += [piece.seq for piece in pieces if piece.last or piece.seq.finished]
         outputs = [self._output(seq) for seq in progressed + failed]
         for seq in progressed + failed:
             if seq.finished:
                 if seq.slot is not None:
                     self._retire(seq)
                 self._forget(seq)
-        if not outputs and not self.scheduler.running and self._loading:  # idle until an adapter arrives
+        if not outputs and not self.scheduler.num_admitted and self._loading:  # idle until an adapter arrives
             wait(list(self._loading.values()), timeout=0.05, return_when=FIRST_COMPLETED)
         return outputs
 
-    def _prefill(self, admitted: list[Sequence]) -> int:
-        """Prefill the admitted rows. Rows with the same prompt and adapter (``n`` samples of one prompt) are
-        prefilled once: the others copy its cache slot, vectors and prompt scores, then sample from the same
-        logits with their own generators. A row that asks for no new token finishes here. -> the prompt tokens
-        that ran through the model."""
+    def _prefill(self, pieces: list[Piece]) -> int:
+        """Run this step's prefill pieces (scheduler.py): rows joining the batch get their adapters, pieces by
+        position run in one packed forward, a piece by layers on its own. Rows with the same prompt and adapter
+        (``n`` samples of one prompt) prefilled whole in this step are prefilled once: the others copy its cache
+        slot, vectors and prompt scores, then sample from the same logits with their own generators. A row whose
+        prefill ends here gets its first token; one that asks for no new token finishes. -> the prompt tokens'
+        worth of work that ran through the model."""
+        for src, dst in self.scheduler.moves:
+            self.cache.move(src, dst)
+            self.rows.move(src, dst)
+        self.scheduler.moves.clear()
+        for piece in pieces:
+            if piece.seq.prefilled == 0:
+                self.rows.assign(piece.seq.slot, piece.seq.entry)
         firsts: dict[tuple, Sequence] = {}
         copies: list[tuple[Sequence, Sequence]] = []
-        for seq in admitted:
-            key = (seq.request.adapter, tuple(seq.prompt_ids))
-            if key in firsts:
-                copies.append((seq, firsts[key]))
-            else:
+        runs: list[Piece] = []
+        for piece in pieces:
+            seq = piece.seq
+            if not piece.by_layers and piece.start == 0 and piece.last:
+                key = (seq.request.adapter, tuple(seq.prompt_ids))
+                if key in firsts:
+                    copies.append((seq, firsts[key]))
+                    continue
                 firsts[key] = seq
+            if not piece.by_layers:
+                runs.append(piece)
         scored: dict[int, int] = {}  # id(prefilled seq) -> the most prompt alternatives a row it serves asks for
         for seq, source in [(s, s) for s in firsts.values()] + copies:
             k = seq.request.sampling.prompt_logprobs
             if k is not None:
                 scored[id(source)] = max(k, scored.get(id(source), 0))
-        results = self._prefill_isolated(list(firsts.values()), scored)
+        results = self._prefill_isolated(runs, scored) if runs else {}
+        for piece in pieces:
+            if piece.by_layers:
+                results.update(self._prefill_layers(piece))
+            piece.seq.prefilled = piece.end
         for seq, source in copies:
             if id(source) in results:
                 self.cache.copy(source.slot, seq.slot)
@@ -426,7 +448,7 @@ class Engine:
                 results[id(seq)] = results[id(source)]
             else:
                 seq.finish("error", source.error, source.error_code)
-        done = [seq for seq in admitted if id(seq) in results]
+        done = [piece.seq for piece in pieces if id(piece.seq) in results]
         for seq in done:
             self._describe_prompt(seq, results[id(seq)][1])
             if not seq.finished and seq.request.sampling.max_new_tokens == 0:
@@ -434,23 +456,50 @@ class Engine:
         sampled = [seq for seq in done if not seq.finished]
         if sampled:
             self._accept(sampled, torch.stack([results[id(seq)][0] for seq in sampled]))
-        return sum(len(seq.prompt_ids) for seq in firsts.values())
+        ran = [piece for piece in pieces if not any(piece.seq is seq for seq, _ in copies)]
+        return round(sum(piece.cost for piece in ran) / self.spec.n_layers)
 
     def _prefill_isolated(
-        self, seqs: list[Sequence], scored: dict[int, int]
+        self, pieces: list[Piece], scored: dict[int, int]
     ) -> dict[int, tuple[torch.Tensor, Optional[PromptScores]]]:
-        """Prefill ``seqs`` together, scoring the prompts of those in ``scored`` (id(seq) -> alternatives); if
-        that raises, once more one by one, so that only a request that fails on its own is failed (its adapter's
-        generator, say). -> (next-token logits, prompt scores or None) by id(seq)."""
-        batch = PrefillBatch([s.slot for s in seqs], [s.prompt_ids for s in seqs], [scored.get(id(s)) for s in seqs])
+        """Prefill ``pieces`` (by position) together, scoring the prompts of those in ``scored`` (id(seq) ->
+        alternatives); if that raises, once more one by one, so that only a request that fails on its own is
+        failed (its adapter's generator, say). -> (next-token logits, prompt scores or None) by id(seq), for the
+        sequences whose prefill ends here."""
+        seqs = [piece.seq for piece in pieces]
+        batch = PrefillBatch(
+            [s.slot for s in seqs],
+            [piece.seq.prompt_ids[piece.start : piece.end] for piece in pieces],
+            [scored.get(id(s)) for s in seqs],
+            starts=[piece.start for piece in pieces],
+        )
         try:
             logits = self.runner.prefill(batch)
         except Exception as err:  # attributed to the request when it fails alone
             if len(seqs) == 1:
                 seqs[0].finish("error", f"the request failed at prefill: {err}", REQUEST_FAILED)
                 return {}
-            return {key: row for seq in seqs for key, row in self._prefill_isolated([seq], scored).items()}
-        return {id(seq): (row, batch.scores.get(i)) for i, (seq, row) in enumerate(zip(seqs, logits))}
+            return {key: row for piece in pieces for key, row in self._prefill_isolated([piece], scored).items()}
+        return {id(p.seq): (row, batch.scores.get(i)) for i, (p, row) in enumerate(zip(pieces, logits)) if p.last}
+
+    def _prefill_layers(self, piece: Piece) -> dict[int, tuple[torch.Tensor, Optional[PromptScores]]]:
+        """Run ``piece`` (a whole prompt through a range of layers); a failure fails its request alone. -> as
+        ``_prefill_isolated``."""
+        seq = piece.seq
+        if seq.layered is None:
+            seq.layered = LayeredPrefill(seq.slot, seq.prompt_ids, seq.request.sampling.prompt_logprobs)
+        state = seq.layered
+        state.slot = seq.slot  # it may have moved since its last piece
+        try:
+            logits = self.runner.prefill_layers(state, piece.end)
+        except Exception as err:
+            seq.finish("error", f"the request failed at prefill: {err}", REQUEST_FAILED)
+            seq.layered = None
+            return {}
+        if logits is None:
+            return {}
+        seq.layered = None
+        return {id(seq): (logits[0], state.scores)}
 
     def _describe_prompt(self, seq: Sequence, scores: Optional[PromptScores]) -> None:
         """What a request asked to know about its prompt: its text, and its tokens' log-probabilities (a prompt

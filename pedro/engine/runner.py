@@ -29,8 +29,8 @@ from torch import nn
 from pedro.backbones import LAYER_MAPS, LayerMap, layer_map
 from pedro.compat import check_rotary, mlp_activation, rotary_cos_sin, rotate_half
 from pedro.engine.adapters import ModelSpec, PedroWeights
-from pedro.engine.kv_cache import KVCache
 from pedro.engine.device import upload
+from pedro.engine.kv_cache import KVCache
 from pedro.engine.rows import RowAdapters
 from pedro.engine.sampling import ranked
 from pedro.engine.vectors import generate_vectors, group_rows
@@ -112,7 +112,6 @@ class PrefillBatch:
     prompts: list[list[int]]
     prompt_logprobs: list[int | None] | None = None
     scores: dict[int, PromptScores] = field(default_factory=dict)
-
     starts: list[int] | None = None  # per row, the position of its first token here (None: all 0, whole prompts)
 
 
@@ -129,6 +128,7 @@ class LayeredPrefill:
     done: int = 0
     hidden: torch.Tensor | None = None
     scores: PromptScores | None = None
+
 
 class ModelRunner:
     def __init__(self, model: nn.Module, spec: ModelSpec, cache: KVCache, rows: RowAdapters) -> None:
@@ -149,8 +149,8 @@ class ModelRunner:
         self.ropes = list(dict.fromkeys(layer.rope for layer in self.layers))
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
-
         self.device = self.decoder.embed_tokens.weight.device
+
     # ---------------------------------------------------------------------------------------- shared pieces
 
     def _rope(self, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
@@ -267,10 +267,10 @@ class ModelRunner:
         x = self.decoder.embed_tokens(tokens) if state.done == 0 else state.hidden
         x = self._forward(x, ctx, range(state.done, end))
         state.done, state.hidden = end, None
+        self.cache.lengths[state.slot] = len(state.prompt)  # filled in layers < end: what moving the slot copies
         if end < len(self.layers):
             state.hidden = x
             return None
-        self.cache.lengths[state.slot] = len(state.prompt)
         if state.prompt_logprobs is not None:
             state.scores = self._score_prompt(x[:-1], state.prompt[1:], state.prompt_logprobs)
         return self._logits(x[-1:])

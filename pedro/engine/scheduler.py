@@ -4,10 +4,21 @@ Fair across tenants: each tenant (Request.tenant) has its own FIFO queue and adm
 the tenants, one sequence per tenant per round, the least recently served first -- so a tenant that floods the
 queue delays only its own requests. Within a tenant a sequence that cannot be admitted yet (its adapter is still
 loading, or every resident adapter slot is pinned) does not block the ones behind it. A sequence is admitted
-when a slot is free, its prompt fits the step's prefill-token budget (the first one of a step is always
-admitted, so a long prompt cannot starve), and its adapter is resident or loaded and ready to install.
-Admission pins the adapter; retirement unpins it and compacts the batch so running rows stay in slots 0..B-1
-(see kv_cache.py).
+when a slot is free, the step's prefill budget is not spent, and its adapter is resident or loaded and ready to
+install. Admission pins the adapter; retirement unpins it and compacts the batch so decoding rows stay in slots
+0..B-1 (see kv_cache.py).
+
+Bounded prefill per step. A step prefills at most ``max_prefill_tokens`` tokens' worth of work, counted in
+token-layers (a token through one decoder layer), so that decoding rows keep producing tokens while a long
+prompt is admitted. A prompt that does not fit what is left is split across steps, by position (chunked
+prefill: tokens [a, b) through every layer, the KV cache filled chunk by chunk) or, for a prompt whose every
+layer needs the whole prompt (a PEDRO row: each layer's generator pools that layer's states over the whole
+prompt; a row scoring its prompt), by layers (all its tokens through layers [a, b), the hidden states kept for
+the next step). At most one sequence is part-way through its prefill (``partial``); it gets the budget first,
+and no other sequence is admitted until it finishes. It sits in a slot after the decoding rows, which never
+decode it; when it finishes it moves to the first slot after them (a copy only when a decoding row retired
+meanwhile). The first piece of a step always makes progress (one token, or one layer of a prompt longer than
+the budget), so a long prompt cannot starve.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -38,6 +49,9 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, set at prefill when asked for
     prompt_text: str | None = None  # the prompt's ids decoded, set at prefill when asked for
+    whole_prompt: bool = False  # its prefill splits by layers, never by position (see the module docstring)
+    prefilled: int = 0  # prompt tokens (by position) or layers (whole prompt) prefilled so far
+    layered: Any = None  # the runner's LayeredPrefill while its prefill is split by layers
     text: str = ""
     detokenizer: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)  # text while running
     emitted_tokens: int = 0
@@ -60,12 +74,31 @@ class Sequence:
         self.finished_at = time.perf_counter()
 
 
+@dataclass(frozen=True)
+class Piece:
+    """What a step prefills of ``seq``: prompt tokens [start, end) through every layer, or (``by_layers``) the
+    whole prompt through layers [start, end). ``last``: the sequence's prefill ends with this piece."""
+
+    seq: Sequence
+    start: int
+    end: int
+    by_layers: bool
+    last: bool
+    cost: int  # token-layers
+
+
 class Scheduler:
-    def __init__(self, max_batch: int, max_prefill_tokens: int, store: AdapterStore) -> None:
-        self.max_batch, self.max_prefill_tokens, self.store = max_batch, max_prefill_tokens, store
+    def __init__(self, max_batch: int, max_prefill_tokens: int, store: AdapterStore, n_layers: int) -> None:
+        self.max_batch, self.max_prefill_tokens, self.store, self.n_layers = max_batch, max_prefill_tokens, store, n_layers
         self.queues: OrderedDict[str | None, deque[Sequence]] = OrderedDict()  # tenant -> FIFO; order: whose turn
-        self.running: list[Sequence] = []  # running[i].slot == i
+        self.running: list[Sequence] = []  # decoding rows (and this step's finished prefills): running[i].slot == i
+        self.partial: Sequence | None = None  # the sequence part-way through its prefill, in a slot after them
+        self.moves: list[tuple[int, int]] = []  # (from slot, to slot) the engine must carry out before prefilling
         self.steps = 0  # schedule() calls so far: how long a sequence waited, in engine steps
+
+    @property
+    def num_admitted(self) -> int:
+        return len(self.running) + (self.partial is not None)
 
     @property
     def num_waiting(self) -> int:
@@ -85,24 +118,62 @@ class Scheduler:
         if not self.queues[tenant]:
             del self.queues[tenant]
 
-    def _admissible(self, seq: Sequence, budget: int, first: bool) -> bool:
+    def _admissible(self, seq: Sequence) -> bool:
         name = seq.request.adapter
-        return (first or len(seq.prompt_ids) <= budget) and (name is None or self.store.can_acquire(name))
+        return name is None or self.store.can_acquire(name)
 
-    def schedule(self) -> list[Sequence]:
-        """-> the sequences admitted this step, with slots and pinned adapters."""
+    def _piece(self, seq: Sequence, budget: int, first: bool) -> Piece | None:
+        """The next piece of ``seq``'s prefill that ``budget`` token-layers allow (None: none; the first piece of
+        a step always gets one token or one layer)."""
+        n, layers = len(seq.prompt_ids), self.n_layers
+        if seq.whole_prompt:
+            done = seq.prefilled
+            end = layers if n * (layers - done) <= budget else done + budget // n
+            if end == done:
+                if not first:
+                    return None
+                end = done + 1
+            if done == 0 and end == layers:  # all of it at once: an ordinary prefill by position
+                return Piece(seq, 0, n, False, True, n * layers)
+            return Piece(seq, done, end, True, end == layers, n * (end - done))
+        done = seq.prefilled
+        end = n if (n - done) * layers <= budget else done + budget // layers
+        if end == done:
+            if not first:
+                return None
+            end = done + 1
+        return Piece(seq, done, end, False, end == n, (end - done) * layers)
+
+    def schedule(self) -> list[Piece]:
+        """-> what this step prefills: the partial sequence's next piece, then newly admitted sequences (with
+        slots and pinned adapters), within the step's budget. A sequence whose last piece is here joins
+        ``running``; slot moves to carry out first are in ``moves``."""
         self.steps += 1
-        admitted: list[Sequence] = []
-        budget = self.max_prefill_tokens
+        pieces: list[Piece] = []
+        budget = self.max_prefill_tokens * self.n_layers
+        if self.partial is not None:
+            piece = self._piece(self.partial, budget, first=True)
+            pieces.append(piece)
+            budget -= piece.cost
+            if not piece.last:
+                return pieces
+            seq, self.partial = self.partial, None
+            if seq.slot != len(self.running):  # decoding rows retired meanwhile: first slot after them
+                self.moves.append((seq.slot, len(self.running)))
+                seq.slot = len(self.running)
+            self.running.append(seq)
         progress = True
-        while progress and len(self.running) < self.max_batch:
+        while progress and self.partial is None and self.num_admitted < self.max_batch:
             progress = False
             for tenant in list(self.queues):  # one round: at most one sequence per tenant
-                if len(self.running) >= self.max_batch:
+                if self.partial is not None or self.num_admitted >= self.max_batch:
                     break
-                seq = next((s for s in self.queues[tenant] if self._admissible(s, budget, not admitted)), None)
+                seq = next((s for s in self.queues[tenant] if self._admissible(s)), None)
                 if seq is None:
                     continue
+                piece = self._piece(seq, budget, first=not pieces)
+                if piece is None:  # the budget is spent
+                    return pieces
                 self.remove_waiting(seq)
                 if tenant in self.queues:
                     self.queues.move_to_end(tenant)  # served: the other tenants go first next time
@@ -110,18 +181,24 @@ class Scheduler:
                     seq.entry = self.store.acquire(seq.request.adapter)
                 seq.slot = len(self.running)
                 seq.admitted_at_step = self.steps
-                self.running.append(seq)
-                admitted.append(seq)
-                budget -= len(seq.prompt_ids)
+                if piece.last:
+                    self.running.append(seq)
+                else:
+                    self.partial = seq
+                pieces.append(piece)
+                budget -= piece.cost
                 progress = True
-        return admitted
+        return pieces
 
     def retire(self, seq: Sequence) -> int | None:
         """Take ``seq`` out of the batch, unpin its adapter; -> the slot whose row moved into ``seq.slot``
-        (the last one), or None when ``seq`` was last."""
+        (the last decoding row), or None when ``seq`` was last or the partial sequence."""
         slot, last = seq.slot, len(self.running) - 1
         if seq.entry is not None:
             self.store.release(seq.entry)
+        if seq is self.partial:
+            self.partial, seq.slot = None, None
+            return None
         moved = None
         if slot != last:
             self.running[slot] = self.running[last]
