@@ -1,18 +1,19 @@
-"""The quality study: PEDRO against parameter-matched LoRA and (IA)3, and zero-shot, on SST-2, RTE, GSM8K, E2E.
+"""The quality study: PEDRO against parameter-matched LoRA, (IA)3 and the bare backbone, in two phases.
 
-    python benchmarks/quality.py            # the full study (writes results/quality.{json,md,png})
-    python benchmarks/quality.py --quick    # a minute-scale smoke run of the same code path
-    python benchmarks/quality.py --tasks trec,conala   # the other registered tasks (not in the default study)
+    python benchmarks/quality.py --phase dev   # the choices, on dev splits carved from the *train* splits
+                                               #   -> results/quality_dev.{json,md}
+    python benchmarks/quality.py               # the study on the test splits -> results/quality.{json,md,png}
+    python benchmarks/quality.py --quick       # tiny sizes: the study's code path in minutes
 
-The backbone is the default SmolLM2-135M on CPU, loaded once; each run trains a fresh adapter on a deep copy.
-Sizes (train subset, eval subsample, max length) are in ``SIZES`` and were chosen so that the whole study
-finishes in about 70 minutes on a 2-core machine shared with other work (load ~4-8): these are small-data numbers, with the noise that
-implies (the table reports mean and std over 2 seeds, and the eval n).
+The dev phase trains each variant (learning rates per method, PEDRO's options) for DEV_EPOCHS epochs and scores
+it on a dev split at every epoch; its curves set `pedro train`'s defaults (DEFAULT_LR, auto_epochs). The study
+then trains every method with exactly those defaults (`pedro train` with nothing but the data: epochs sized to
+the data, a dev split carved from the training records choosing the best epoch, the method's learning rate) on
+SIZES[task].train records, three seeds, and scores the test split, which no choice ever looked at.
 
-Before the main runs, a small sweep on SST-2 (train subset vs. a held-out slice of SST-2's *train* split,
-never the test split) picks PEDRO's learning rate / pooler / activation and LoRA's learning rate; the main
-study then uses the winners. Every finished run is appended to ``results/quality_runs.jsonl``, so an
-interrupted study resumes where it stopped and the tables can be rebuilt from partial results.
+The backbone is the default SmolLM2-135M, loaded once (bf16 where the CPU has native bf16, as `pedro train`
+loads it); each run trains a fresh adapter on a deep copy. Every finished run is appended to a JSONL file, so an
+interrupted study resumes where it stopped and the tables are rebuilt from whatever has finished.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import random
 import statistics
 import sys
@@ -35,70 +37,46 @@ import pedro
 from pedro.data import write_json_atomic
 from pedro.evaluate import evaluate
 from pedro.tasks import get_task
-from pedro.train import TrainConfig, resolve_precision, train
+from pedro.train import DEFAULT_LR, resolve_precision, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
 class Size:
-    train: int  # training records (the same subset for every method and seed)
+    train: int  # training records given to `pedro train` (its default dev split is carved from them)
     eval: int  # test examples scored
     max_length: int
     overflow: str = "truncate"
 
 
+# 1,112 records: after the default dev split (10 %, 111 records) at least 1,000 are trained on. Test sets are
+# used whole where they have at most 1,000 items (SST-2's 872, RTE's 277, TREC's 500, CoNaLa's 500); E2E scores
+# its first 500 of 630 test inputs.
 SIZES = {
-    "sst2": Size(train=40, eval=48, max_length=128),
-    "rte": Size(train=24, eval=32, max_length=160, overflow="drop"),
-    "gsm8k": Size(train=8, eval=6, max_length=256),
-    "e2e": Size(train=24, eval=12, max_length=128),
-    # not in the default --tasks: available with e.g. --tasks trec,conala (sizes not yet tuned to the budget)
-    "trec": Size(train=48, eval=48, max_length=96),
-    "conala": Size(train=24, eval=24, max_length=128),
+    "sst2": Size(train=1112, eval=872, max_length=128),
+    "rte": Size(train=1112, eval=277, max_length=256, overflow="drop"),
+    "trec": Size(train=1112, eval=500, max_length=96),
+    "e2e": Size(train=1112, eval=500, max_length=160),
+    "conala": Size(train=1112, eval=500, max_length=160),
+    "gsm8k": Size(train=1112, eval=500, max_length=384),  # not in the default --tasks: a 135M model scores ~0
 }
-QUICK = {name: Size(train=4, eval=4, max_length=s.max_length, overflow=s.overflow) for name, s in SIZES.items()}
-SWEEP_TASK, SWEEP_TRAIN, SWEEP_DEV = "sst2", 32, 32
-COMMON = dict(batch_size=4, epochs=1.0, scheduler="cosine", warmup=0.06, logging_steps=1)
-GEN_TOKENS = {"gsm8k": 80, "e2e": 32, "conala": 48}  # shorter than the tasks' defaults, to fit the time budget
-
-# The methods (lr of PEDRO and LoRA may be replaced by the sweep's winners).
+QUICK = {name: Size(train=16, eval=8, max_length=s.max_length, overflow=s.overflow) for name, s in SIZES.items()}
+GEN_TOKENS = {"gsm8k": 160, "e2e": 64, "conala": 64}
+# Each method as `pedro train --method M` runs it: everything else is the default.
 METHODS: dict[str, dict[str, Any]] = {
-    "pedro": dict(method="pedro", r=8, lr=3e-3),
-    "lora_matched": dict(method="lora", match_params="pedro", lora_targets=("q", "v"), lr=1e-3),
-    "lora_r8_qv": dict(method="lora", lora_r=8, lora_targets=("q", "v"), lr=1e-3),
-    "ia3": dict(method="ia3", lr=1e-2),
+    "pedro": dict(method="pedro"),
+    "lora_matched": dict(method="lora", match_params="pedro", lora_targets=("q", "v")),
+    "ia3": dict(method="ia3"),
 }
-SWEEP = {
-    "pedro lr=1e-3": dict(METHODS["pedro"], lr=1e-3),
-    "pedro lr=3e-3": dict(METHODS["pedro"], lr=3e-3),
-    "pedro attention pooler": dict(METHODS["pedro"], pooler="attention"),
-    "pedro rational act": dict(METHODS["pedro"], activation="rational", rational_lr=1e-4),
-    "lora_matched lr=1e-3": dict(METHODS["lora_matched"], lr=1e-3),
-    "lora_matched lr=3e-3": dict(METHODS["lora_matched"], lr=3e-3),
-}
+BASELINES = ("lora_matched", "ia3")  # PEDRO's paired comparisons
+BOOTSTRAP = 1000
 
 
-def run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed, size, work) -> dict[str, Any]:
-    """Train one adapter on a deep copy of the backbone, score it; the record of the run."""
-    model = copy.deepcopy(base)
-    out = Path(tempfile.mkdtemp(dir=work))
-    result = train(
-        model=model, tokenizer=tokenizer, examples=train_examples, output_dir=str(out), seed=seed,
-        max_length=size.max_length, overflow=size.overflow, progress=False, **COMMON, **settings,
-    )
-    scores = evaluate(model, tokenizer, task, examples=eval_examples, batch_size=16, progress=False)
-    del model
-    return {
-        "trainable": result.summary["trainable_parameters"],
-        "train_seconds": result.summary["train_seconds"],
-        "tokens_per_second": result.summary["tokens_per_second"],
-        "train_loss": result.summary["train_loss"],
-        "steps": result.summary["steps"],
-        "config": {k: result.summary["config"][k] for k in ("method", "r", "pooler", "activation", "lr", "lora_r",
-                                                             "lora_targets", "ia3_targets")},
-        **{k: scores[k] for k in scores if k not in ("task", "split")},
-    }
+def load_base() -> tuple[Any, Any]:
+    """The backbone as `pedro train` holds it: bf16 where training runs under bf16 autocast."""
+    dtype = torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32
+    return pedro.load_backbone("smollm2-135m", dtype=dtype, quiet=True)
 
 
 # ------------------------------------------------------------------ the dev phase: choices made on dev splits
@@ -121,6 +99,9 @@ DEV_VARIANTS: dict[str, dict[str, Any]] = {
     "lora_matched lr=3e-3": dict(LORA_MATCHED, lr=3e-3),
     "ia3 lr=1e-2": dict(method="ia3", lr=1e-2),
     "ia3 lr=3e-2": dict(method="ia3", lr=3e-2),
+    "pedro rational": dict(PEDRO_BASE, lr=1e-3, activation="rational"),
+    "pedro rational bilevel": dict(PEDRO_BASE, lr=1e-3, activation="rational", bilevel=True),
+    "pedro mean pooler": dict(PEDRO_BASE, lr=1e-3, pooler="mean"),
 }
 
 
@@ -170,9 +151,7 @@ def dev_phase(args: argparse.Namespace, out: Path) -> None:
     runs_path = out / "quality_dev_runs.jsonl"
     done = {(r["task"], r["variant"], r["seed"]): r for r in _records(runs_path)}
     start = time.perf_counter()
-    # held in bf16 where training runs under bf16 autocast, as `pedro train` does
-    dtype = torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32
-    base, tokenizer = pedro.load_backbone("smollm2-135m", dtype=dtype, quiet=True)
+    base, tokenizer = load_base()
     work = Path(tempfile.mkdtemp(prefix="pedro-quality-dev-"))
     variants = [v for v in DEV_VARIANTS if not args.variants or v in args.variants.split(";")]
     for task_name in args.tasks.split(","):
@@ -193,20 +172,80 @@ def dev_phase(args: argparse.Namespace, out: Path) -> None:
                 metric = f"dev_{task.metric}"
                 print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {task_name} {variant} seed {seed}: "
                       f"{metric} {record[metric]:.3f}, best {record['best']}", flush=True)
+                dev_report(list(done.values()), out)
+    dev_report(list(done.values()), out)
+
+
+def dev_report(records: list[dict[str, Any]], out: Path) -> None:
+    """results/quality_dev.{json,md}: each variant's dev curve (every epoch) and its kept epoch's score."""
+    write_json_atomic(out / "quality_dev.json", {"sizes": {k: vars(v) for k, v in DEV_SIZES.items()},
+                                                 "epochs": DEV_EPOCHS, "variants": DEV_VARIANTS, "runs": records})
+    lines = ["# Quality study, dev phase: the choices behind `pedro train`'s defaults", "",
+             "Command: `python benchmarks/quality.py --phase dev`", "",
+             f"Each variant trains {DEV_EPOCHS} epochs (cosine schedule, batch 8) on records of the task's *train* split and is "
+             "scored on a dev split carved from the same split (records sharing an input kept on one side), at every "
+             "epoch; the adapter kept is the best epoch's (accuracy for choice tasks, loss otherwise), scored again on "
+             "the dev split with the task's metric. The test splits are not read. One seed (0) per variant.", ""]
+    for task in dict.fromkeys(r["task"] for r in records):
+        runs = [r for r in records if r["task"] == task]
+        metric = get_task(task).metric
+        key = "eval_accuracy" if "eval_accuracy" in runs[0]["curve"][0] else "eval_loss"
+        epochs = max(len(r["curve"]) for r in runs)
+        lines += [f"## {task} ({runs[0]['n_train']} train / {runs[0]['n_dev']} dev records)", "",
+                  f"| variant | trainable | {key.removeprefix('eval_')} by epoch " + " ".join(f"| {e + 1}" for e in range(epochs))
+                  + f" | best epoch | dev {metric} of the kept epoch |", "|---|---:|---" + "|---:" * epochs + "|---:|---:|"]
+        for r in runs:
+            scale = 100.0 if key == "eval_accuracy" else 1.0
+            curve = " | ".join(f"{scale * c[key]:.1f}" if key == "eval_accuracy" else f"{c[key]:.3f}" for c in r["curve"])
+            best_epoch = next((round(c["epoch"]) for c in r["curve"] if c["step"] == r["best"]["step"]), "?")
+            value = r[f"dev_{metric}"] * (100.0 if metric in ("accuracy", "exact_match") else 1.0)
+            lines.append(f"| {r['variant']} | {r['trainable']:,} | | {curve} | {best_epoch} | {value:.1f} |")
+        lines.append("")
+    tmp = out / ".quality_dev.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out / "quality_dev.md")
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def per_item(task: Any, result: dict[str, Any], predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the paired bootstrap needs from one run: correctness per item (choice) or the texts (generation)."""
+    if task.kind == "choice":
+        return {"correct": "".join("1" if p["correct"] else "0" for p in predictions)}
+    return {"predictions": [p["prediction"] for p in predictions]}
+
+
+def run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed, size, work) -> dict[str, Any]:
+    """Train one adapter with `pedro train`'s defaults on a deep copy of the backbone, score the test items."""
+    model = copy.deepcopy(base)
+    out = Path(tempfile.mkdtemp(dir=work))
+    result = train(model=model, tokenizer=tokenizer, examples=train_examples, output_dir=str(out), seed=seed,
+                   max_length=size.max_length, overflow=size.overflow, progress=False, **settings)
+    scores = evaluate(model, tokenizer, task, examples=eval_examples, batch_size=16, progress=False,
+                      predictions_path=out / "predictions.jsonl")
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    del model
+    summary = result.summary
+    return {
+        "trainable": summary["trainable_parameters"],
+        "train_seconds": summary["train_seconds"],
+        "tokens_per_second": summary["tokens_per_second"],
+        "train_loss": summary["train_loss"],
+        "steps": summary["steps"],
+        "epochs": summary["epochs"],
+        "lr": summary["lr"],
+        "n_train": summary["data"]["kept"],
+        "dev_records": summary["dev_records"],
+        "best": summary["best"],
+        **{k: scores[k] for k in scores if k not in ("task", "split")},
+        **per_item(task, scores, predictions),
+    }
+
+
 def load_done(path: Path) -> dict[tuple, dict]:
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[(record["phase"], record["task"], record["method"], record["seed"])] = record
-    return done
+    return {(r["task"], r["method"], r["seed"]): r for r in _records(path)}
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
@@ -215,47 +254,91 @@ def append(path: Path, record: dict[str, Any]) -> None:
 
 
 SECONDARY = {"e2e": ["rougeL"], "trec": ["macro_f1"], "conala": ["exact_match"]}  # reported next to the metric
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # two-sided 95 % t quantiles by number of seeds
 
 
-def aggregate(records: list[dict[str, Any]], sizes: dict[str, Size]) -> dict[str, Any]:
-    """Mean and std per (task, method) of the task's headline metric (and BLEU/ROUGE-L for E2E)."""
+def _metric_of(task: Any, examples: list, run: dict[str, Any], items: list[int]) -> float:
+    """The task's headline metric of one run on a resample of the test items."""
+    if "correct" in run:
+        return sum(run["correct"][i] == "1" for i in items) / len(items)
+    return task.score([run["predictions"][i] for i in items], [examples[i] for i in items])[task.metric]
+
+
+def paired_bootstrap(task: Any, examples: list, a: list[dict], b: list[dict], rounds: int, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of mean-over-seeds(metric of a) minus mean-over-seeds(metric of b), resampling test items
+    (the same resample for every run, so the comparison is paired)."""
+    rng = random.Random(seed)
+    diffs = []
+    n_items = len(examples)
+    for _ in range(rounds):
+        items = [rng.randrange(n_items) for _ in range(n_items)]
+        diffs.append(statistics.mean(_metric_of(task, examples, r, items) for r in a)
+                     - statistics.mean(_metric_of(task, examples, r, items) for r in b))
+    diffs.sort()
+    return diffs[int(0.025 * rounds)], diffs[min(rounds - 1, int(0.975 * rounds))]
+
+
+def aggregate(records: list[dict[str, Any]], tasks: dict[str, tuple[Any, list]], rounds: int) -> dict[str, Any]:
+    """Per task and method: mean, std and a 95 % t-interval over seeds; PEDRO minus each baseline with a paired
+    bootstrap interval over test items."""
     table: dict[str, dict[str, Any]] = {}
-    for task in sizes:
-        metric = get_task(task).metric
-        table[task] = {"metric": metric, "n_eval": sizes[task].eval, "n_train": sizes[task].train, "methods": {}}
+    for name, (task, examples) in tasks.items():
+        metric = task.metric
+        info: dict[str, Any] = {"metric": metric, "methods": {}, "versus": {}}
         for method in ["zero_shot", *METHODS]:
-            runs = [r for r in records if r["phase"] == "main" and r["task"] == task and r["method"] == method]
+            runs = sorted((r for r in records if r["task"] == name and r["method"] == method), key=lambda r: r["seed"])
             if not runs:
                 continue
+            info["n_eval"] = runs[0]["n"]
             entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "trainable": runs[0].get("trainable", 0),
+                                     "n_train": runs[0].get("n_train"), "dev_records": runs[0].get("dev_records"),
+                                     "epochs": runs[0].get("epochs"), "lr": runs[0].get("lr"),
                                      "train_seconds": statistics.mean(r.get("train_seconds", 0.0) for r in runs)}
-            for key in [metric, *SECONDARY.get(task, [])]:
+            for key in [metric, *SECONDARY.get(name, [])]:
                 values = [r[key] for r in runs]
-                entry[key] = {"mean": statistics.mean(values),
-                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
-            table[task]["methods"][method] = entry
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                half = T95.get(len(values), 2.0) * std / math.sqrt(len(values)) if len(values) > 1 else None
+                entry[key] = {"mean": statistics.mean(values), "std": std, "ci95": half, "values": values}
+            info["methods"][method] = entry
+        pedro_runs = [r for r in records if r["task"] == name and r["method"] == "pedro"]
+        for other in BASELINES:
+            other_runs = [r for r in records if r["task"] == name and r["method"] == other]
+            seeds = sorted({r["seed"] for r in pedro_runs} & {r["seed"] for r in other_runs})
+            if not seeds:
+                continue
+            a = [r for r in pedro_runs if r["seed"] in seeds]
+            b = [r for r in other_runs if r["seed"] in seeds]
+            low, high = paired_bootstrap(task, examples, a, b, rounds)
+            info["versus"][other] = {"seeds": seeds, "difference": statistics.mean(r[metric] for r in a)
+                                     - statistics.mean(r[metric] for r in b), "bootstrap95": [low, high]}
+        table[name] = info
     return table
 
 
-def markdown(table: dict[str, Any], sweep: list[dict[str, Any]], command: str, meta: dict[str, Any]) -> str:
-    scale = lambda task: 100.0 if table[task]["metric"] in ("accuracy", "exact_match") else 1.0  # noqa: E731
+def _scale(metric: str) -> float:
+    return 100.0 if metric in ("accuracy", "exact_match") else 1.0
+
+
+def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         "# Quality study: PEDRO vs parameter-matched LoRA and (IA)3 (SmolLM2-135M, CPU)",
         "",
-        f"Command: `{command}`  ",
-        f"Backbone: {meta['backbone']}; {meta['seeds']} seeds; time in runs (train + eval, sweep included) "
-        f"{meta['run_minutes']:.1f} min; this process's wall time {meta['wall_minutes']:.1f} min (an interrupted "
-        f"study resumes from results/quality_runs.jsonl); torch threads {meta['threads']}.",
+        f"Command: `{meta['command']}`  ",
+        f"Backbone: smollm2-135m (SmolLM2-135M-Instruct), {meta['dtype']}; seeds {meta['seeds']}; every method trained "
+        "by `pedro train` with its defaults (epochs sized to the data, a dev split of the training records choosing "
+        f"the best epoch, the method's default learning rate: {meta['default_lr']}); {meta['runs']} runs, "
+        f"{meta['run_minutes']:.0f} min of training and scoring; torch threads {meta['threads']}.",
         "",
-        "Metric per task: SST-2 and RTE accuracy (log-likelihood ranking of the label words), GSM8K final-number "
-        "exact match (greedy), E2E corpus BLEU and ROUGE-L (greedy, sacrebleu / rouge-score, multi-reference), "
-        "TREC accuracy and macro-F1 (6 classes), CoNaLa corpus BLEU over CoNaLa's code tokens and exact match. "
-        "Mean ± std over seeds; accuracy and exact match in %.",
+        "Test splits only here; every choice was made on dev splits of the training data (results/quality_dev.md). "
+        "Metrics: SST-2, RTE accuracy and TREC accuracy (macro-F1) by log-likelihood ranking of the label words; "
+        "E2E corpus BLEU (ROUGE-L), multi-reference; CoNaLa corpus BLEU over CoNaLa's code tokens (exact match); "
+        "greedy decoding. Cells: mean ± std over seeds [95 % t-interval of the mean]; accuracy and exact match in %.",
         "",
-        "| task (metric, n train / n eval) | " + " | ".join(["zero-shot", *METHODS]) + " |",
+        "| task (metric; n train / dev / test) | zero-shot | " + " | ".join(METHODS) + " |",
         "|---|" + "---|" * (len(METHODS) + 1),
     ]
     for task, info in table.items():
+        scale = _scale(info["metric"])
         cells = []
         for method in ["zero_shot", *METHODS]:
             entry = info["methods"].get(method)
@@ -263,26 +346,33 @@ def markdown(table: dict[str, Any], sweep: list[dict[str, Any]], command: str, m
                 cells.append("—")
                 continue
             m = entry[info["metric"]]
-            cell = f"{scale(task) * m['mean']:.1f} ± {scale(task) * m['std']:.1f}"
-            if task == "e2e":
-                cell += f" (R-L {entry['rougeL']['mean']:.1f})"
-            elif task in SECONDARY:
-                key = SECONDARY[task][0]
-                cell += f" ({key} {100 * entry[key]['mean']:.1f})"
+            cell = f"{scale * m['mean']:.1f}"
+            if method != "zero_shot":
+                cell += f" ± {scale * m['std']:.1f}" + (f" [{scale * m['ci95']:.1f}]" if m["ci95"] is not None else "")
+                cell += f" (n={len(m['values'])})"
+            for key in SECONDARY.get(task, []):
+                cell += f"; {key} {_scale(key) * entry[key]['mean'] if key != 'rougeL' else entry[key]['mean']:.1f}"
             cells.append(cell)
-        lines.append(f"| {task} ({info['metric']}, {info['n_train']} / {info['n_eval']}) | " + " | ".join(cells) + " |")
-    lines += ["", "Trainable parameters and mean train time per run:", "",
+        trained = next((e for m, e in info["methods"].items() if m != "zero_shot"), {})
+        sizes = f"{trained.get('n_train', '?')} / {trained.get('dev_records', '?')} / {info.get('n_eval', '?')}"
+        lines.append(f"| {task} ({info['metric']}; {sizes}) | " + " | ".join(cells) + " |")
+    lines += ["", f"PEDRO minus each baseline, same seeds; 95 % paired bootstrap interval over test items ({meta['rounds']} "
+              "resamples, each run re-scored on the same resample):", "",
+              "| task | " + " | ".join(f"PEDRO − {b}" for b in BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
+    for task, info in table.items():
+        scale = _scale(info["metric"])
+        cells = []
+        for b in BASELINES:
+            v = info["versus"].get(b)
+            cells.append(f"{scale * v['difference']:+.1f} [{scale * v['bootstrap95'][0]:+.1f}, {scale * v['bootstrap95'][1]:+.1f}] "
+                         f"(seeds {','.join(map(str, v['seeds']))})" if v else "—")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines += ["", "Trainable parameters, epochs, learning rate and mean train time per run:", "",
               "| task | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
     for task, info in table.items():
-        cells = [f"{e['trainable']:,} ({e['train_seconds']:.0f}s)" if (e := info["methods"].get(m)) else "—"
-                 for m in METHODS]
+        cells = [f"{e['trainable']:,}; {e['epochs']:g} ep; lr {e['lr']:g}; {e['train_seconds'] / 60:.0f} min"
+                 if (e := info["methods"].get(m)) else "—" for m in METHODS]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    if sweep:
-        lines += ["", f"Sweep on {SWEEP_TASK} ({meta['sweep_sizes'][0]} train records, scored on {meta['sweep_sizes'][1]} held-out *train* "
-                  "records, seed 0):", "", "| variant | trainable | dev accuracy % | train loss |", "|---|---|---|---|"]
-        for r in sweep:
-            lines.append(f"| {r['method']} | {r['trainable']:,} | {100 * r['accuracy']:.1f} | {r['train_loss']:.3f} |")
-        lines += ["", f"Chosen: {json.dumps(meta['chosen'])}"]
     return "\n".join(lines) + "\n"
 
 
@@ -293,97 +383,47 @@ def plot(table: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = ["zero_shot", *METHODS]
-    fig, axes = plt.subplots(1, len(table), figsize=(4 * len(table), 3.6))
-    for ax, (task, info) in zip(list(axes) if len(table) > 1 else [axes], table.items()):
+    fig, axes = plt.subplots(1, len(table), figsize=(3.4 * len(table), 3.6), squeeze=False)
+    for ax, (task, info) in zip(axes[0], table.items()):
+        scale = _scale(info["metric"])
         entries = [info["methods"].get(m) for m in methods]
-        means = [e[info["metric"]]["mean"] if e else 0.0 for e in entries]
-        stds = [e[info["metric"]]["std"] if e else 0.0 for e in entries]
-        ax.bar(range(len(methods)), means, yerr=stds, capsize=3,
-               color=["#999999", "#d62728", "#1f77b4", "#6baed6", "#2ca02c"])
+        means = [scale * e[info["metric"]]["mean"] if e else 0.0 for e in entries]
+        errs = [scale * (e[info["metric"]]["ci95"] or 0.0) if e else 0.0 for e in entries]
+        ax.bar(range(len(methods)), means, yerr=errs, capsize=3, color=["#999999", "#d62728", "#1f77b4", "#2ca02c"])
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{task} ({info['metric']})")
-    fig.suptitle("SmolLM2-135M, CPU: mean ± std over seeds")
+    fig.suptitle("SmolLM2-135M, test splits: mean over seeds, 95 % t-interval")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", default="sst2,rte,e2e,gsm8k")
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep, use the defaults in METHODS")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code path in minutes")
-    parser.add_argument("--out", default=str(ROOT / "results"), help="folder for quality.{json,md,png}")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--phase", default="test", choices=("dev", "test"),
-                        help="dev: the choices, on dev splits carved from train; test: the study on the test splits")
-    parser.add_argument("--variants", default="", help="dev phase: ';'-separated variant names (default: all)")
-    args = parser.parse_args(argv)
-    if args.phase == "dev":
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        dev_phase(args, out)
-        return
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
     sizes = {t: (QUICK if args.quick else SIZES)[t] for t in args.tasks.split(",")}
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "quality_quick" if args.quick else "quality"
     runs_path = out / f"{stem}_runs.jsonl"
     done = load_done(runs_path)
     start = time.perf_counter()
-    base, tokenizer = pedro.load_backbone("smollm2-135m")
+    base, tokenizer = load_base()
     work = Path(tempfile.mkdtemp(prefix="pedro-quality-"))
+    tasks: dict[str, Any] = {}
 
     def log(message: str) -> None:
-        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {message}", flush=True)
-
-    chosen = {"pedro": dict(METHODS["pedro"]), "lora_lr": METHODS["lora_matched"]["lr"]}
-    sweep_records = []
-    if not args.no_sweep:
-        task = get_task(SWEEP_TASK, args.data_dir)
-        pool = task.load("train")
-        random.Random(1234).shuffle(pool)
-        n_train, n_dev = (4, 4) if args.quick else (SWEEP_TRAIN, SWEEP_DEV)
-        train_part, dev_part = pool[:n_train], pool[n_train : n_train + n_dev]
-        for variant, settings in SWEEP.items():
-            key = ("sweep", SWEEP_TASK, variant, 0)
-            if key not in done:
-                record = run_one(base, tokenizer, task, train_part, dev_part, settings, 0, sizes.get(SWEEP_TASK, SIZES[SWEEP_TASK]), work)
-                done[key] = {"phase": "sweep", "task": SWEEP_TASK, "method": variant, "seed": 0, **record}
-                append(runs_path, done[key])
-            log(f"sweep {variant}: dev accuracy {done[key]['accuracy']:.3f}")
-            sweep_records.append(done[key])
-        pedro_best = max((r for r in sweep_records if r["method"].startswith("pedro")), key=lambda r: r["accuracy"])
-        lora_best = max((r for r in sweep_records if r["method"].startswith("lora")), key=lambda r: r["accuracy"])
-        chosen = {"pedro": SWEEP[pedro_best["method"]], "lora_lr": SWEEP[lora_best["method"]]["lr"]}
-        log(f"chosen: {chosen}")
-    methods = {
-        "pedro": chosen["pedro"],
-        "lora_matched": dict(METHODS["lora_matched"], lr=chosen["lora_lr"]),
-        "lora_r8_qv": dict(METHODS["lora_r8_qv"], lr=chosen["lora_lr"]),
-        "ia3": METHODS["ia3"],
-    }
-    # match LoRA to the PEDRO variant actually used
-    methods["lora_matched"].update({k: v for k, v in chosen["pedro"].items() if k in ("r", "pooler", "activation")})
+        print(f"[{(time.perf_counter() - start) / 60:6.1f} min] {message}", flush=True)
 
     def write_outputs() -> None:
         records = list(done.values())
-        table = aggregate(records, sizes)
-        meta = {"backbone": "smollm2-135m (SmolLM2-135M-Instruct, GGUF Q4_1 dequantised to fp32)",
-                "seeds": len(seeds), "wall_minutes": (time.perf_counter() - start) / 60,
+        table = aggregate([r for r in records if r["task"] in tasks], tasks, 20 if args.quick else BOOTSTRAP)
+        meta = {"command": command, "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
+                "seeds": ",".join(map(str, seeds)), "default_lr": DEFAULT_LR, "runs": len(records),
                 "run_minutes": sum(r.get("train_seconds", 0.0) + r.get("seconds", 0.0) for r in records) / 60,
-                "threads": torch.get_num_threads(), "chosen": chosen, "sizes": {k: vars(v) for k, v in sizes.items()},
-                "common": COMMON, "methods": methods, "command": command,
-                "sweep_sizes": (4, 4) if args.quick else (SWEEP_TRAIN, SWEEP_DEV)}
-        write_json_atomic(out / f"{stem}.json", {"meta": meta, "table": table, "sweep": sweep_records,
-                                                 "runs": [r for r in records if r["phase"] == "main"]})
-        text = markdown(table, sweep_records, command, meta)
+                "threads": torch.get_num_threads(), "rounds": 20 if args.quick else BOOTSTRAP,
+                "sizes": {k: vars(v) for k, v in sizes.items()}, "methods": METHODS, "gen_tokens": GEN_TOKENS}
+        write_json_atomic(out / f"{stem}.json", {"meta": meta, "table": table})
         tmp = out / f".{stem}.md.tmp"
-        tmp.write_text(text)
+        tmp.write_text(markdown(table, meta))
         tmp.replace(out / f"{stem}.md")
         plot(table, out / f"{stem}.png")
 
@@ -395,26 +435,53 @@ def main(argv: list[str] | None = None) -> None:
         random.Random(0).shuffle(pool)
         train_examples = pool[: size.train]
         eval_examples = task.load("test", size.eval)
-        key = ("main", task_name, "zero_shot", 0)
+        tasks[task_name] = (task, eval_examples)
+        key = (task_name, "zero_shot", 0)
         if key not in done:
-            scores = evaluate(base, tokenizer, task, examples=eval_examples, batch_size=16, progress=False)
-            done[key] = {"phase": "main", "task": task_name, "method": "zero_shot", "seed": 0, "trainable": 0,
-                         **{k: v for k, v in scores.items() if k not in ("task", "split")}}
+            out_dir = Path(tempfile.mkdtemp(dir=work))
+            scores = evaluate(base, tokenizer, task, examples=eval_examples, batch_size=16, progress=False,
+                              predictions_path=out_dir / "p.jsonl")
+            predictions = [json.loads(line) for line in (out_dir / "p.jsonl").read_text().splitlines()]
+            done[key] = {"task": task_name, "method": "zero_shot", "seed": 0, "trainable": 0,
+                         **{k: v for k, v in scores.items() if k not in ("task", "split")},
+                         **per_item(task, scores, predictions)}
             append(runs_path, done[key])
         log(f"{task_name} zero-shot: {done[key][task.metric]:.3f}")
         for seed in seeds:
-            for method, settings in methods.items():
-                key = ("main", task_name, method, seed)
+            for method, settings in METHODS.items():
+                key = (task_name, method, seed)
                 if key not in done:
                     record = run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed, size, work)
-                    done[key] = {"phase": "main", "task": task_name, "method": method, "seed": seed, **record}
+                    done[key] = {"task": task_name, "method": method, "seed": seed, **record}
                     append(runs_path, done[key])
                 r = done[key]
                 log(f"{task_name} {method} seed {seed}: {task.metric} {r[task.metric]:.3f} "
-                    f"({r['trainable']:,} params, {r['train_seconds']:.0f}s train, {r['seconds']:.0f}s eval)")
+                    f"({r['trainable']:,} params, {r['epochs']:g} epochs, {r['train_seconds'] / 60:.1f} min train)")
                 write_outputs()
     write_outputs()
     log(f"done: {out / stem}.md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--phase", default="test", choices=("dev", "test"),
+                        help="dev: the choices, on dev splits carved from train; test: the study on the test splits")
+    parser.add_argument("--tasks", default=None, help="default: sst2,rte,trec,e2e,conala (test), trec,e2e (dev)")
+    parser.add_argument("--seeds", default=None, help="default: 0,1,2 (test), 0 (dev)")
+    parser.add_argument("--variants", default="", help="dev phase: ';'-separated variant names (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the study's code path in minutes")
+    parser.add_argument("--out", default=str(ROOT / "results"), help="folder for the results")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.phase == "dev":
+        args.tasks, args.seeds = args.tasks or "trec,e2e", args.seeds or "0"
+        dev_phase(args, out)
+    else:
+        args.tasks, args.seeds = args.tasks or "sst2,rte,trec,e2e,conala", args.seeds or "0,1,2"
+        test_phase(args, out, command)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,9 @@ def train(
     targets: str = typer.Option("q,v,up", help="PEDRO: projections to scale."),
     rational_lr: Optional[float] = typer.Option(None, help="Own learning rate for rational coefficients."),
     bias_lr: Optional[float] = typer.Option(None, help="PEDRO: own learning rate for the generators' Up bias."),
+    bilevel: bool = typer.Option(
+        False, "--bilevel", help="PEDRO, rational activation: train its coefficients on dev batches, alternating."
+    ),
     lora_r: int = typer.Option(8),
     lora_targets: str = typer.Option("q,v", help="LoRA: projections (q,k,v,o,gate,up,down)."),
     ia3_targets: str = typer.Option("k,v,down", help="(IA)3: projections (down scales its input)."),
@@ -210,7 +213,8 @@ def train(
 
     run_training(
         data=data, output_dir=str(output_dir), backbone=backbone, method=method, match_params=match_params, r=r,
-        pooler=pooler, activation=activation, targets=targets, rational_lr=rational_lr, bias_lr=bias_lr, lora_r=lora_r,
+        pooler=pooler, activation=activation, targets=targets, rational_lr=rational_lr, bias_lr=bias_lr, bilevel=bilevel,
+        lora_r=lora_r,
         lora_targets=lora_targets, ia3_targets=ia3_targets, max_length=max_length, overflow=overflow,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         scheduler=scheduler, warmup=warmup, precision=precision, group_by_length=group_by_length,

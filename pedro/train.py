@@ -66,6 +66,7 @@ EAGER_ATTENTION_BYTES = 4 << 30
 # Learning rate per method when none is given. Chosen on dev splits carved from training data (never test data):
 # results/quality_dev.md, made by benchmarks/quality.py --phase dev.
 DEFAULT_LR = {"pedro": 1e-3, "lora": 1e-3, "ia3": 1e-2}
+RATIONAL_LR = 3e-4  # bilevel: the rational coefficients' own rate when rational_lr is not given
 # epochs=None: enough epochs for about this many optimizer steps, at most MAX_AUTO_EPOCHS (the dev split's
 # best epoch is kept, so a few epochs too many cost time, not quality)
 TARGET_STEPS = 300
@@ -100,6 +101,9 @@ class TrainConfig:
     share_generator: bool = False
     rational_lr: Optional[float] = None  # learning rate of the rational activation's coefficients
     bias_lr: Optional[float] = None  # learning rate of the generators' Up bias (the prompt-independent scale part)
+    # rational coefficients trained on dev-split batches, the generators on training batches, alternating at every
+    # step (first-order DARTS, as the papers do); needs activation="rational" and held-out data
+    bilevel: bool = False
     # LoRA / (IA)3
     lora_r: int = 8
     lora_alpha: Optional[int] = None  # default 2 * lora_r
@@ -160,6 +164,8 @@ class TrainConfig:
             setattr(self, name, tuple(value.split(",")) if isinstance(value, str) else tuple(value))
         if self.method == "pedro":
             _pedro_config(self)  # a bad PEDRO knob is refused now, not after the backbone has loaded
+        if self.bilevel and (self.method != "pedro" or self.activation != "rational"):
+            raise ValueError("bilevel optimises PEDRO's rational activation: it needs method pedro, activation rational")
 
 
 @dataclass
@@ -301,7 +307,7 @@ def size_report(model: nn.Module, cfg: TrainConfig, budget: int | None = None) -
     budget = budget or expected_parameter_count(cfg, model)
     rows = []
     for method in METHODS:
-        other = TrainConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "method": method})
+        other = TrainConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "method": method, "bilevel": False})
         if method != cfg.method:
             other, _ = match_sizes(TrainConfig(**{**asdict(other), "match_params": str(budget)}), model)
         count = expected_parameter_count(other, model)
@@ -352,6 +358,7 @@ class PedroTrainer(Trainer):
         *args: Any,
         rational_lr: float | None = None,
         bias_lr: float | None = None,
+        bilevel_rows: Sequence[dict[str, Any]] | None = None,
         group_by_length: bool = False,
         response_logits_only: bool = False,
         **kwargs: Any,
@@ -359,6 +366,7 @@ class PedroTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.rational_lr = rational_lr
         self.bias_lr = bias_lr
+        self._bilevel = _Bilevel(self, bilevel_rows) if bilevel_rows else None
         self.group_by_length = group_by_length
         self.response_logits_only = response_logits_only and accepts_logits_mask(self.model)
 
@@ -385,19 +393,28 @@ class PedroTrainer(Trainer):
             inputs = {**inputs, "logits_to_keep": keep, "shift_labels": targets}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """With bilevel: first the rational coefficients' step on a dev batch, then the usual step."""
+        if self._bilevel is not None:
+            self._bilevel.step(model)
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Trainer's optimizer, with PEDRO's rational coefficients and Up biases moved to groups of their own
-        learning rate when one is given (the scheduler scales every group alike)."""
+        learning rate when one is given (the scheduler scales every group alike); with bilevel the rational
+        coefficients are left out (their own optimizer steps them on dev batches)."""
         optimizer = super().create_optimizer(model)
-        for key, lr, belongs in (("pedro_rational", self.rational_lr, _is_rational), ("pedro_bias", self.bias_lr, _is_up_bias)):
-            if lr is None or any(g.get(key) for g in optimizer.param_groups):
+        rational_lr = None if self._bilevel is not None else self.rational_lr
+        for key, lr, belongs in (("pedro_rational", rational_lr, _is_rational), ("pedro_bias", self.bias_lr, _is_up_bias)):
+            if (lr is None and not (key == "pedro_rational" and self._bilevel)) or any(g.get(key) for g in optimizer.param_groups):
                 continue
             chosen = {id(p) for n, p in self.model.named_parameters() if p.requires_grad and belongs(n)}
             if chosen:
                 moved = [p for g in optimizer.param_groups for p in g["params"] if id(p) in chosen]
                 for group in optimizer.param_groups:
                     group["params"] = [p for p in group["params"] if id(p) not in chosen]
-                optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": 0.0, key: True})
+                if lr is not None:
+                    optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": 0.0, key: True})
         return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -436,6 +453,46 @@ class PedroTrainer(Trainer):
             save_total_limit=self.args.save_total_limit,
             best_model_checkpoint=self.state.best_model_checkpoint,
         )
+
+
+class _Bilevel:
+    """The alternating update of the papers (first-order DARTS): before each training step, one Adam step on the
+    rational coefficients alone, on the loss of the next dev batch at the current generator weights."""
+
+    def __init__(self, trainer: Trainer, rows: Sequence[dict[str, Any]]) -> None:
+        self.trainer = trainer
+        self.rows = list(rows)
+        self.order = random.Random(trainer.args.seed)
+        self.queue: list[int] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.params: list[nn.Parameter] = []
+
+    def _batch(self) -> dict[str, Any]:
+        size = self.trainer.args.train_batch_size
+        if len(self.queue) < size:
+            fresh = list(range(len(self.rows)))
+            self.order.shuffle(fresh)
+            self.queue += fresh
+        picked, self.queue = self.queue[:size], self.queue[size:]
+        batch = self.trainer.data_collator([self.rows[i] for i in picked])
+        return {k: v.to(self.trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def step(self, model: nn.Module) -> None:
+        if self.optimizer is None:
+            self.params = [p for n, p in model.named_parameters() if p.requires_grad and _is_rational(n)]
+            if not self.params:
+                raise ValueError("bilevel: the model has no rational activation coefficients")
+            lr = self.trainer.rational_lr if self.trainer.rational_lr is not None else RATIONAL_LR
+            # DARTS' architecture optimizer: Adam with beta1 0.5 and a small weight decay
+            self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        with self.trainer.compute_loss_context_manager():
+            loss = self.trainer.compute_loss(model, self._batch())
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        for p, g in zip(self.params, grads):
+            p.grad = None if g is None else g.to(p.dtype)
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None
 
 
 class ProgressAndLog(TrainerCallback):
@@ -649,6 +706,8 @@ def train(
     evaluating = eval_rows is not None
     if cfg.early_stopping and not evaluating:
         raise ValueError("early_stopping needs held-out data (eval_data, eval_examples or a dev split)")
+    if cfg.bilevel and not evaluating:
+        raise ValueError("bilevel needs held-out data for the rational coefficients' steps (a dev split or eval_data)")
     choices = evaluating and _is_choice_data(held_out)
     # with held-out data: evaluate every eval_steps steps (or every epoch), checkpoint at each evaluation and
     # end with the best one (accuracy for choice data, else loss)
@@ -703,6 +762,7 @@ def train(
         callbacks=extra,
         rational_lr=cfg.rational_lr,
         bias_lr=cfg.bias_lr,
+        bilevel_rows=eval_rows if cfg.bilevel else None,
         group_by_length=cfg.group_by_length,
         response_logits_only=cfg.response_logits_only,
     )

@@ -1,5 +1,5 @@
 """pedro.train's defaults: epochs sized to the data, a seeded dev split that keeps the best epoch, a learning rate
-per method, and PEDRO's Up bias in an optimizer group of its own."""
+per method; PEDRO's Up bias in an optimizer group of its own, and the bi-level update of rational activations."""
 
 from __future__ import annotations
 
@@ -92,3 +92,30 @@ def test_bias_lr_puts_the_up_biases_in_their_own_group(tmp_path):
     rest = [n for lr, names, is_bias in groups.groups if not is_bias for n in names]
     assert rest and not any(n.endswith("up.bias") for n in rest)
     assert all(lr == 1e-3 for lr, _, is_bias in groups.groups if not is_bias)
+
+
+def test_bilevel_steps_rational_coefficients_on_dev_batches_only(tmp_path):
+    groups = Groups()
+    model = tiny_model("llama")
+    result = train(model=model, tokenizer=tiny_tokenizer(), examples=CHOICES, output_dir=str(tmp_path), dev_split=10,
+                   max_steps=4, batch_size=6, lr=0.0, activation="rational", bilevel=True, rational_lr=1e-2,
+                   scheduler="constant", progress=False, callbacks=[groups])
+    main = [n for _, names, _ in groups.groups for n in names]
+    assert main and not any(".act." in n for n in main)  # the main optimizer never sees the coefficients
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    rational = {k: v for k, v in weights.items() if ".act." in k}
+    assert rational
+    from pedro.generator import GELU_DENOMINATOR, GELU_NUMERATOR
+
+    init = {"numerator": torch.tensor(GELU_NUMERATOR), "denominator": torch.tensor(GELU_DENOMINATOR)}
+    # lr 0 for everything else: the coefficients moved, so their own optimizer stepped them (on dev batches)
+    assert all(not torch.allclose(v, init[k.rsplit(".", 1)[-1]]) for k, v in rational.items())
+    assert result.summary["dev_records"] == 10
+    with pytest.raises(ValueError, match="activation rational"):
+        train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=CHOICES, output_dir=str(tmp_path / "x"),
+              bilevel=True, progress=False)
+    with pytest.raises(ValueError, match="bilevel needs held-out data"):
+        train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=CHOICES, output_dir=str(tmp_path / "y"),
+              dev_split=0, activation="rational", bilevel=True, max_steps=1, progress=False)
