@@ -283,28 +283,32 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
 
         def chunk(rid: str, choice: Choice, out: RequestOutput) -> list[str]:
             opening = choice.index not in sent
-            text = (choice.echo if opening else "") + out.delta_text
+            echo = choice.echo_text(out) if opening else ""
+            text = echo + out.delta_text
             held.setdefault(choice.index, []).extend(new_logprobs(out))
             if not text and not out.finished:
                 return []
             logprobs = None
-            if body.logprobs is not None:
-                start = sent.get(choice.index, 0) + (len(choice.echo) if opening else 0)
-                logprobs = completion_logprobs(held.pop(choice.index), start)
+            if body.logprobs is not None:  # an echoed prompt's logprobs come with its text, in the first chunk
+                prompt = (out.prompt_logprobs or ()) if opening else ()
+                logprobs = completion_logprobs(held.pop(choice.index), sent.get(choice.index, 0) + len(echo), prompt)
             sent[choice.index] = sent.get(choice.index, 0) + len(text)
             piece = CompletionChoice(index=choice.index, text=text, finish_reason=out.finish_reason if out.finished else None, logprobs=logprobs)
             return [Completion(id=rid, created=now(), model=body.model, choices=[piece]).model_dump_json()]
 
         def final(rid: str, finals: list[tuple[Choice, RequestOutput]]) -> Completion:
-            pieces = [
-                CompletionChoice(
-                    index=choice.index, text=choice.echo + out.text, finish_reason=out.finish_reason,
-                    logprobs=completion_logprobs(out.logprobs, len(choice.echo)) if body.logprobs is not None else None,
-                )
-                for choice, out in finals
-            ]
+            pieces = []
+            for choice, out in finals:
+                echo = choice.echo_text(out)
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = completion_logprobs(out.logprobs, len(echo), out.prompt_logprobs or ())
+                pieces.append(CompletionChoice(index=choice.index, text=echo + out.text, finish_reason=out.finish_reason, logprobs=logprobs))
             return Completion(id=rid, created=now(), model=body.model, choices=pieces, usage=Usage.of(*usage_counts(finals)))
 
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 is only allowed with echo (the prompt, and with logprobs its logprobs, "
+                           "without a completion)", param="max_tokens")
         wanted = choices(body.prompts(), body.n, sampling_of(body, body.logprobs), echo=body.echo, raw_prompt=body.raw_prompt)
         return await generate(request, who, body, wanted, "completions", chunk, final)
 
