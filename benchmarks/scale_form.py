@@ -48,7 +48,7 @@ def main() -> None:
         engine = Engine(model, tokenizer, max_batch=args.batch, max_seq_len=total, max_prefill_tokens=args.batch * args.prompt_len)
         engine.add_adapter("p", tmp)
         g = torch.Generator().manual_seed(0)
-        for i in range(args.batch):
+        for _ in range(args.batch):
             prompt = torch.randint(100, 40000, (args.prompt_len,), generator=g).tolist()
             engine.add_request(Request(prompt, adapter="p", sampling=SamplingParams(max_new_tokens=total, ignore_eos=True)))
         while engine.num_running < args.batch:

@@ -93,7 +93,7 @@ def make_adapters(backbone: str, directory: Path, n: int) -> dict[str, list[Path
             config = pedro.PedroConfig(r=8) if kind == "pedro" else peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
             adapter = peft.get_peft_model(copy.deepcopy(model), config)
             with torch.no_grad():
-                for name, param in adapter.named_parameters():
+                for param in adapter.parameters():
                     if param.requires_grad:
                         param.copy_(torch.randn_like(param) * 0.01)
             path = directory / f"{kind}{i}"

@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -178,7 +179,7 @@ def resolve_dtype(value: str | torch.dtype, device: str | torch.device = "cpu") 
 
 def load_backbone(
     name_or_path: str = DEFAULT_BACKBONE, dtype: str | torch.dtype = torch.float32, quiet: bool = False
-) -> tuple[nn.Module, object]:
+) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer offline, on the CPU. GGUF weights are dequantised to ``dtype`` (a torch
     dtype, its name, or "auto": resolve_dtype for the CPU).
 
@@ -190,9 +191,16 @@ def load_backbone(
     directory, gguf_file, origin = resolve_backbone(name_or_path)
     if not quiet:
         _say(f"[bold]Loading backbone[/bold] {name_or_path} from {origin}")
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **extra)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), **extra)
+    converted = _converted_dir(directory / gguf_file, dtype) if gguf_file else None
+    if converted is not None and (converted / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(converted))
+    else:
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **extra)
+        if converted is not None:
+            _save_converted(model, tokenizer, converted, quiet)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -204,7 +212,47 @@ def load_backbone(
     return model, tokenizer
 
 
-def format_prompt(tokenizer: object, prompt: str) -> str:
+def _converted_dir(gguf: Path, dtype: torch.dtype) -> Path:
+    """Where the dequantised weights of ``gguf`` in ``dtype`` are cached: keyed by the file (path, size, time) and
+    the transformers version that converted it, so a new file or converter never reuses a stale copy."""
+    import hashlib
+
+    import transformers
+
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{dtype}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "converted" / f"{gguf.stem}-{str(dtype).removeprefix('torch.')}-{digest}"
+
+
+def _save_converted(model: nn.Module, tokenizer: Any, target: Path, quiet: bool) -> None:
+    """Save the dequantised model and its tokenizer once (a temporary folder renamed into place, so a reader never
+    sees half a copy): dequantising a GGUF file takes ~20 s at every load, reading safetensors well under one.
+    A cache that cannot be written only costs that time again."""
+    import shutil
+    import tempfile
+
+    from pedro.compat import forget_gguf_quantization
+
+    forget_gguf_quantization(model)  # the weights are plain float tensors: saved and reloaded as such
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as err:
+        if not quiet:
+            _say(f"[yellow]could not cache the converted weights at {target}: {err}[/yellow]")
+        return
+    if not quiet:
+        _say(f"cached the converted weights at {target} (later loads read them; PEDRO_CACHE moves the cache)")
+
+
+def format_prompt(tokenizer: Any, prompt: str) -> str:
     """Apply the chat template when the backbone has one; a base model gets the prompt unchanged."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(

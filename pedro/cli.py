@@ -44,7 +44,8 @@ def info(
     sites = plan_sites(config, model)
     first = min(site.layer for site in sites.values())
     prefix = f"{layer_map(model).layers}.{first}."
-    table = Table(title=f"PEDRO sites in each adapted layer ({prefix}*), {model.config.model_type}")
+    model_type = model.config.model_type  # type: ignore[union-attr]  # a transformers model's config
+    table = Table(title=f"PEDRO sites in each adapted layer ({prefix}*), {model_type}")
     for column in ("module", "role", "slice of z"):
         table.add_column(column)
     for name, site in sorted(sites.items(), key=lambda item: (item[1].layer, item[1].kind != "tap", item[1].start)):
@@ -88,7 +89,7 @@ def generate(
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]  # a transformers / PEFT model's generate
             **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
         )
     for text, row in zip(prompt, out[:, batch["input_ids"].shape[1] :]):
@@ -115,6 +116,10 @@ def serve(
     port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
     max_batch: Optional[int] = typer.Option(None, help="Running requests at once."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache tokens per request."),
+    max_prefill_tokens: Optional[int] = typer.Option(
+        None, help="Prefill per engine step, in prompt tokens (default 256): a longer prompt is split over steps, "
+        "so decoding requests keep streaming while it is admitted."
+    ),
     adapter_capacity: Optional[int] = typer.Option(None, help="Adapters resident in memory (LRU)."),
     dtype: Optional[str] = typer.Option(None, help="float32 (default, exact), bfloat16 (~2x faster decoding on CPUs with native bf16), auto."),
     device: Optional[str] = typer.Option(None, help="Where the engine runs: cpu (default), cuda, cuda:N (Ray replicas then reserve a GPU each)."),
@@ -135,7 +140,7 @@ def serve(
 
     settings = ServerConfig.load(
         config, backbone=backbone, model_name=model_name, adapters_dir=adapters_dir, keys_file=keys_file,
-        host=host, port=port, max_batch=max_batch, max_seq_len=max_seq_len, adapter_capacity=adapter_capacity,
+        host=host, port=port, max_batch=max_batch, max_seq_len=max_seq_len, max_prefill_tokens=max_prefill_tokens, adapter_capacity=adapter_capacity,
         dtype=dtype, device=device, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queued=max_queued,
         max_upload_bytes=max_upload_bytes, max_request_bytes=max_request_bytes,
         max_requests_per_tenant=max_requests_per_tenant, ray_replicas=replicas, ray_min_replicas=min_replicas,

@@ -17,6 +17,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+__all__ = [
+    "TESTED",
+    "IncompatibleLibrary",
+    "adapter_state_dict",
+    "check_rotary",
+    "forget_gguf_quantization",
+    "incompatible",
+    "mlp_activation",
+    "rotary_cos_sin",
+    "rotate_half",
+]
+
 TESTED = {"transformers": ">=5.0,<5.24", "peft": ">=0.21,<0.22"}
 
 

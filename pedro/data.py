@@ -42,7 +42,7 @@ def record_to_example(row: dict[str, Any], where: str) -> Example:
             raise ValueError(f"{where}: \"messages\" must be a list of at least two {{role, content}} objects")
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message must be the assistant's answer, got {messages[-1]['role']!r}")
-        return Example(prompt=messages[:-1], response=messages[-1]["content"])  # type: ignore[arg-type]
+        return Example(prompt=messages[:-1], response=messages[-1]["content"])
     missing = [k for k in ("prompt", "response") if not isinstance(row.get(k), str)]
     if missing:
         raise ValueError(f"{where}: needs string fields \"prompt\" and \"response\" (or \"messages\"); missing {missing}")

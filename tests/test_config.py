@@ -60,9 +60,8 @@ def test_unknown_field_in_saved_config_fails_clearly(tmp_path, tiny_llama):
     data = json.loads(path.read_text())
     data["bottleneck_dropout"] = 0.1
     path.write_text(json.dumps(data))
-    from peft import PeftModel
-
     from conftest import tiny_model
+    from peft import PeftModel
 
     with pytest.raises(ValueError, match="bottleneck_dropout"):
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path)

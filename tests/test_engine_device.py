@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-import torch
 import test_engine
+import torch
 from conftest import tiny_model
 from test_engine import greedy, make_adapter, prompt, reference
 from torch.utils._python_dispatch import TorchDispatchMode

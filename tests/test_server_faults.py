@@ -22,7 +22,6 @@ import pytest
 from server_kit import ADMIN_KEY, TENANTS, make_adapter, make_backbone, write_config
 from server_process import ServerProcess, auth, upload
 
-
 ALICE = TENANTS["alice"]
 LONG = 3000  # tokens: ~10 s of decoding here, far longer than any check below waits
 SIZE = dict(max_position_embeddings=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4)

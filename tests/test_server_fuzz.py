@@ -48,7 +48,6 @@ from safetensors.torch import load_file, save
 from server_kit import TENANTS, make_adapter, make_backbone, write_config
 from server_process import ServerProcess, auth, upload
 
-
 BUDGET = int(os.environ.get("PEDRO_FUZZ_EXAMPLES", "300"))
 SHARES = {"completions": 0.35, "chat": 0.25, "raw": 0.12, "uploads": 0.28}
 ALICE, BOB = TENANTS["alice"], TENANTS["bob"]

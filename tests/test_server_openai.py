@@ -136,4 +136,4 @@ def test_messages_the_template_cannot_render_are_400_naming_the_field(live, mess
         client(live, TENANTS["alice"]).chat.completions.create(
             model="a0", messages=[{"role": "user", "content": "3"}, message], max_tokens=2)
     assert caught.value.body["param"] == "messages"
-    assert caught.value.message.startswith(f"Error code: 400") and where in caught.value.message and why in caught.value.message
+    assert caught.value.message.startswith("Error code: 400") and where in caught.value.message and why in caught.value.message

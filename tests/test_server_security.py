@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from server_kit import ADMIN_KEY, TENANTS, make_adapter, make_backbone, snapshot, write_config
 from server_process import ServerProcess, auth, upload
 
-
 ALICE, BOB = TENANTS["alice"], TENANTS["bob"]
 UPLOAD_LIMIT = 256 * 1024
 

@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save
 from server_kit import ADMIN_KEY, TENANTS, make_adapter, make_backbone, snapshot, write_config
 from server_process import ServerProcess, auth, upload
 
-
 ALICE = TENANTS["alice"]
 BODY_LIMIT = 4096  # small, so an adapter upload (~10 KB) is over it and shows that uploads are exempt
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -27,6 +27,7 @@ from pedro.generator import VectorGenerator
 from pedro.io import WEIGHTS_NAME, AdapterFileError, check_adapter_dir, read_prompt_format
 from pedro.model import plan_sites
 
+
 class AdapterError(ValueError):
     """An adapter the engine cannot register or load (format, backbone mismatch, unsupported feature)."""
 
@@ -235,7 +236,7 @@ def _lora_plan(config: peft.LoraConfig, shapes: dict[str, tuple[int, ...]], spec
         _check_shape(key, shape, (config.r, d_in) if part.startswith("lora_A") else (d_out, config.r))
         roles[key] = (layer, module, part[5])
     pairs = {}
-    for key, (layer, module, ab) in roles.items():
+    for layer, module, ab in roles.values():
         pairs.setdefault((layer, module), set()).add(ab)
     if any(v != {"A", "B"} for v in pairs.values()):
         raise AdapterError("LoRA adapter has an A matrix without its B (or the reverse)")

@@ -186,6 +186,7 @@ class AsyncEngine:
         last = None
         async for out in self.stream(request):
             last = out
+        assert last is not None, "a request's stream ends with its final output"
         return last
 
     async def abort(self, request_id: str) -> None:

@@ -22,12 +22,22 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from pedro.engine import RequestOutput, SamplingParams
+from pedro.server.adapter_registry import AdapterRecord, AdapterRegistry
 from pedro.server.auth import KeyRing, Principal
 from pedro.server.backend import Backend
 from pedro.server.config import ServerConfig
 from pedro.server.errors import APIError, internal_error
+from pedro.server.generation import (
+    Choice,
+    chat_logprobs,
+    choices,
+    completion_logprobs,
+    merged,
+    new_logprobs,
+    open_all,
+    usage_counts,
+)
 from pedro.server.metrics import CountResponses, ServerMetrics
-from pedro.server.adapter_registry import AdapterRecord, AdapterRegistry
 from pedro.server.schemas import (
     AdapterInfo,
     AdapterList,
@@ -47,16 +57,6 @@ from pedro.server.schemas import (
     Usage,
     new_id,
     now,
-)
-from pedro.server.generation import (
-    Choice,
-    chat_logprobs,
-    choices,
-    completion_logprobs,
-    merged,
-    new_logprobs,
-    open_all,
-    usage_counts,
 )
 from pedro.server.tenancy import TenantAdapters
 from pedro.server.uploads import BodyLimit, receive_upload

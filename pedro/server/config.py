@@ -33,7 +33,11 @@ class RayConfig(BaseModel):
     def _bounds(self) -> "RayConfig":
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("set both ray.min_replicas and ray.max_replicas (autoscaling) or neither")
-        if self.min_replicas is not None and not self.min_replicas <= self.replicas <= self.max_replicas:
+        if (
+            self.min_replicas is not None
+            and self.max_replicas is not None
+            and not self.min_replicas <= self.replicas <= self.max_replicas
+        ):
             raise ValueError("ray.replicas must lie within [ray.min_replicas, ray.max_replicas]")
         return self
 
@@ -52,7 +56,9 @@ class ServerConfig(BaseModel):
     # engine budgets
     max_batch: int = Field(16, ge=1, description="Running requests (engine rows) at once.")
     max_seq_len: int = Field(1024, ge=2, description="KV cache length per row (prompt + new tokens).")
-    max_prefill_tokens: int = Field(2048, ge=1, description="Prompt tokens admitted per engine step.")
+    max_prefill_tokens: int = Field(
+        256, ge=1, description="Prompt tokens' worth of prefill per engine step; a longer prompt is split over steps."
+    )
     adapter_capacity: int = Field(32, ge=1, description="Adapters resident in memory at once (LRU).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Backbone dtype: float32 (exact), bfloat16 (~2x faster decoding on CPUs with native bf16), "
@@ -117,7 +123,7 @@ class ServerConfig(BaseModel):
             else:
                 data[key] = value
         try:
-            return cls(**data, ray=ray)
+            return cls.model_validate({**data, "ray": ray})
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
             raise ValueError(f"invalid server config: {problems}") from None

@@ -67,7 +67,11 @@ class ServerMetrics:
         )
         self._window: deque[tuple[float, int]] = deque()
         for name, doc, key in ENGINE_GAUGES:
-            Gauge(name, doc, registry=self.registry).set_function(lambda key=key: stats().get(key, 0))
+
+            def value(key: str = key) -> float:
+                return stats().get(key, 0)
+
+            Gauge(name, doc, registry=self.registry).set_function(value)
         self.registry.register(PerReplica(stats))
         Gauge("pedro_tokens_per_second", f"Generated tokens/s over the last {TOKENS_PER_SECOND_WINDOW_S:.0f} s.", registry=self.registry).set_function(self.tokens_per_second)
 

@@ -43,12 +43,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from pedro.engine import RequestOutput, SamplingParams
+from pedro.server.adapter_registry import AdapterRegistry
 from pedro.server.app import create_app
 from pedro.server.auth import KeyRing, check_name
 from pedro.server.backend import LocalBackend, Prompt
 from pedro.server.config import ServerConfig
 from pedro.server.errors import APIError
-from pedro.server.adapter_registry import AdapterRegistry
 
 log = logging.getLogger("pedro.server")
 ENGINE_GAUGES = ("running", "waiting", "in_flight", "engine_restarts")  # LocalBackend.stats() keys
@@ -98,7 +98,7 @@ class RayBackend:
         finished = False
         with _queue_full_is_429():  # outside the finally: a refused call's cancel() raises the refusal again
             try:
-                async for replica, out in responses:
+                async for replica, out in responses:  # type: ignore[union-attr]  # a stream=True handle's response
                     if out.token_ids == out.delta_token_ids:  # the first output: count where it was routed
                         self.routing[adapter or "<base>"][replica] += 1
                     finished = out.finished
@@ -252,7 +252,7 @@ def build(config: ServerConfig) -> serve.Application:
             self.backend.record_replica(replica, stats)
 
     config_json = config.model_dump_json()
-    return PedroIngress.bind(config_json, PedroEngine.bind(config_json))
+    return PedroIngress.bind(config_json, PedroEngine.bind(config_json))  # type: ignore[attr-defined]  # added by @serve.deployment
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -14,11 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from pedro.server.adapter_registry import AdapterRecord, AdapterRegistry
 from pedro.server.auth import Principal, check_name
 from pedro.server.backend import Backend
 from pedro.server.config import ServerConfig
 from pedro.server.errors import APIError, not_found
-from pedro.server.adapter_registry import AdapterRecord, AdapterRegistry
 from pedro.server.validate import ADAPTER_FILES
 
 log = logging.getLogger("pedro.server")

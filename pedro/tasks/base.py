@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import cast
 
 from pedro.records import Example
 
@@ -101,7 +102,7 @@ def macro_f1(predicted: list[int], examples: list[Example]) -> dict[str, float]:
         raise ValueError(f"{len(predicted)} predictions for {len(examples)} examples")
     if not examples or any(e.options != examples[0].options for e in examples):
         return {}
-    gold = [e.label for e in examples]
+    gold = cast(list[int], [e.label for e in examples])  # choice examples always carry a label
     scores = []
     for cls in sorted(set(gold) | set(predicted)):
         true_pos = sum(int(p == g == cls) for p, g in zip(predicted, gold))

@@ -19,7 +19,7 @@ def bleu_rouge(predictions: list[str], references: list[list[str]]) -> dict[str,
         raise ValueError("every prediction needs at least one reference")
     width = max(len(refs) for refs in references)
     streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
-    bleu = sacrebleu.corpus_bleu(predictions, streams).score
+    bleu = sacrebleu.corpus_bleu(predictions, streams).score  # type: ignore[arg-type]  # None: no reference in that stream
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score_multi(refs, pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references)]
     return {"bleu": bleu, "rougeL": 100.0 * sum(rouge) / len(rouge) if rouge else 0.0}
