@@ -225,7 +225,7 @@ def _converted_dir(gguf: Path, dtype: torch.dtype) -> Path:
     return cache_dir() / "converted" / f"{gguf.stem}-{str(dtype).removeprefix('torch.')}-{digest}"
 
 
-def _save_converted(model: nn.Module, tokenizer: Any, target: Path, quiet: bool) -> None:
+def _save_converted(model: Any, tokenizer: Any, target: Path, quiet: bool) -> None:
     """Save the dequantised model and its tokenizer once (a temporary folder renamed into place, so a reader never
     sees half a copy): dequantising a GGUF file takes ~20 s at every load, reading safetensors well under one.
     A cache that cannot be written only costs that time again."""

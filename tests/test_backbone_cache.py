@@ -1,0 +1,30 @@
+"""The dequantised GGUF backbone is cached once and later loads read the copy: same weights, same tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.mark.real
+def test_second_load_reads_the_converted_copy(tmp_path, monkeypatch):
+    import pedro
+    from pedro import backbones
+
+    monkeypatch.setenv("PEDRO_CACHE", str(tmp_path))
+    first, tokenizer = pedro.load_backbone("smollm2-135m", dtype=torch.bfloat16, quiet=True)
+    copies = list((tmp_path / "converted").iterdir())
+    assert len(copies) == 1 and (copies[0] / "config.json").is_file() and "bfloat16" in copies[0].name
+    converted_from_gguf = []
+    monkeypatch.setattr(backbones, "_save_converted", lambda *a: converted_from_gguf.append(a))
+    second, tokenizer2 = pedro.load_backbone("smollm2-135m", dtype=torch.bfloat16, quiet=True)
+    assert not converted_from_gguf  # read from the copy, not converted again
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == tokenizer2.apply_chat_template(messages, tokenize=False)
+    assert tokenizer("héllo wörld")["input_ids"] == tokenizer2("héllo wörld")["input_ids"]
+    assert (tokenizer2.padding_side, tokenizer2.pad_token) == ("left", tokenizer.pad_token)
+    x = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(first(x).logits, second(x).logits)
