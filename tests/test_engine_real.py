@@ -4,6 +4,7 @@ generate per request with its PEFT model, and the main job's serve_mixed() serve
 from __future__ import annotations
 
 import importlib.util
+import statistics
 
 import peft
 import pytest
@@ -54,10 +55,13 @@ def test_smollm2_mixed_batch_matches_peft_generate_and_serve_mixed(tmp_path):
         assert out.token_ids == expected, tenant
 
     served = serve_mixed({"pedro-a": dirs["pedro-a"], "pedro-b": dirs["pedro-b"]}, PROMPTS[:2], max_new_tokens=NEW,
-                         measure_tokens=3, repeats=1, engine=engine)
+                         measure_tokens=16, repeats=3, engine=engine)
     assert [a["answer"] for a in served["answers"]] == [outs[0].text, engine.generate(
         [Request(PROMPTS[1], adapter="pedro-b", sampling=SamplingParams(max_new_tokens=NEW))])[0].text]
-    assert served["ratio"] > 0
+    # PEDRO decodes at the bare backbone's cost (three element-wise multiplies per layer): the same batch with and
+    # without its adapters, measured in this process, runs at the same speed within a shared machine's noise
+    assert len(served["ratios"]) == 3 and served["ratio"] == statistics.median(served["ratios"])
+    assert 0.6 < served["ratio"] < 1.6, served["ratios"]
 
 
 def test_gemma3_mixed_batch_matches_peft_generate(tmp_path):

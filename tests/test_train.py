@@ -12,13 +12,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from pedro.data import Example
+from pedro.data import Collator, Example
 from pedro.generator import VectorGenerator
 from pedro.train import TrainConfig, expected_parameter_count, match_sizes, train
 
@@ -191,10 +192,10 @@ def test_early_stopping_stops_when_eval_loss_stalls(tmp_path):
 @pytest.mark.real
 def test_real_smollm2_boundary_and_a_short_run(tmp_path):
     """On the real backbone and its chat template: the prompt part of a row is what inference encodes, the
-    supervised part decodes to the response + the template's end-of-turn, and a short run trains and scores."""
+    supervised part decodes to the response + the template's end-of-turn, and a short run lowers the loss on its
+    rows below the backbone's (the adapter starts as the identity)."""
     import pedro
     from pedro.data import tokenize_examples
-    from pedro.evaluate import evaluate
     from pedro.train import tenant_datasets
 
     model, tokenizer = pedro.load_backbone("smollm2-135m", quiet=True)
@@ -206,15 +207,16 @@ def test_real_smollm2_boundary_and_a_short_run(tmp_path):
         assert row["input_ids"][: row["prompt_length"]] == prompt
         supervised = [t for t in row["labels"] if t != -100]
         assert tokenizer.decode(supervised) == example.response + "<|im_end|>"
+    batch = Collator(tokenizer.pad_token_id, "right")(rows)
+    with torch.no_grad():
+        bare_loss = model(**{k: v for k, v in batch.items() if k != "prompt_lengths"}).loss.item()
     result = train(model=model, tokenizer=tokenizer, examples=examples, output_dir=str(tmp_path), max_steps=2,
                    batch_size=4, lr=2e-3, logging_steps=1, progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
-    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
-    test = [Example(r["prompt"], r["response"], options=r["options"], label=r["options"].index(r["response"]))
-            for r in data["test"][:8]]
-    from pedro.tasks import get_task
-
-    scores = evaluate(model, tokenizer, get_task("sst2"), examples=test, progress=False)  # a choice task scorer
-    assert scores["n"] == 8 and 0.0 <= scores["accuracy"] <= 1.0
+    assert len(losses) == 2
+    trained = peft.PeftModel.from_pretrained(pedro.load_backbone("smollm2-135m", quiet=True)[0], str(tmp_path))
+    with torch.no_grad():
+        trained_loss = trained(**batch).loss.item()
+    assert trained_loss < bare_loss  # two steps on these eight rows already fit them better than the backbone
     assert result.summary["trainable_parameters"] == 760_560
