@@ -13,7 +13,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Union, cast
 
 import peft
 import torch
@@ -48,14 +48,15 @@ class ModelSpec:
     @classmethod
     def of(cls, model: nn.Module) -> "ModelSpec":
         lmap = layer_map(model)
-        layers = model.get_submodule(lmap.layers)
+        layers = cast(nn.ModuleList, model.get_submodule(lmap.layers))
+        config: Any = model.config
         paths = lmap.linears
         shapes = {}
         for name, path in paths.items():
-            linear = layers[0].get_submodule(path)
+            linear = cast(nn.Linear, layers[0].get_submodule(path))
             shapes[name] = (linear.in_features, linear.out_features)
-        head_dim = shapes["k"][1] // model.config.num_key_value_heads
-        return cls(len(layers), model.config.hidden_size, paths, shapes, lmap.layers, head_dim)
+        head_dim = shapes["k"][1] // config.num_key_value_heads
+        return cls(len(layers), config.hidden_size, paths, shapes, lmap.layers, head_dim)
 
     def module_of(self, path: str) -> str | None:
         return next((name for name, p in self.module_paths.items() if p == path), None)
@@ -180,14 +181,14 @@ def _pedro_plan(config: PedroConfig, shapes: dict[str, tuple[int, ...]], spec: M
         prefix, rest = key.split(marker, 1)
         if rest not in param_names:  # PEFT may keep the adapter name as one extra segment
             rest = rest.split(".", 1)[-1]
-        layer = None
+        owner: int | None = None  # the generator's layer; None for the shared generator
         if not config.share_generator:
             match = re.search(re.escape(lmap.layers) + r"\.(\d+)\." + re.escape(lmap.norm) + r"\.$", prefix)
-            layer = int(match.group(1)) if match else -1
-        if (layer, rest) not in expected:
+            owner = int(match.group(1)) if match else -1
+        if (owner, rest) not in expected:
             raise AdapterError(f"PEDRO adapter tensor {key!r} does not belong to this config on this backbone")
-        _check_shape(key, shape, expected[(layer, rest)])
-        roles[key] = (layer, rest)
+        _check_shape(key, shape, expected[(owner, rest)])
+        roles[key] = (owner, rest)
     missing = sorted(set(expected) - set(roles.values()), key=str)
     if missing:
         raise AdapterError(f"PEDRO adapter is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
@@ -217,7 +218,9 @@ def _pedro_weights(
             generators[site.layer] = shared = gen.to(device).eval().requires_grad_(False)
         else:
             path = name.split(f"{lmap.layers}.{site.layer}.", 1)[1]
-            slices.setdefault(site.layer, []).append((spec.module_of(path), site.start, site.end))
+            module = spec.module_of(path)
+            assert module is not None, f"{path} is a projection of the layer map, so the spec names it"
+            slices.setdefault(site.layer, []).append((module, site.start, site.end))
     return PedroWeights(config, generators, slices)
 
 
@@ -235,7 +238,7 @@ def _lora_plan(config: peft.LoraConfig, shapes: dict[str, tuple[int, ...]], spec
         d_in, d_out = spec.shapes[module]
         _check_shape(key, shape, (config.r, d_in) if part.startswith("lora_A") else (d_out, config.r))
         roles[key] = (layer, module, part[5])
-    pairs = {}
+    pairs: dict[tuple[int, str], set[str]] = {}
     for layer, module, ab in roles.values():
         pairs.setdefault((layer, module), set()).add(ab)
     if any(v != {"A", "B"} for v in pairs.values()):
@@ -307,6 +310,7 @@ class Registered:
     def load_tensors(self) -> dict[str, torch.Tensor]:
         if self.state is not None:
             return self.state
+        assert self.directory is not None, "a registered adapter has a directory or a state dict"
         check_adapter_dir(self.directory)
         return load_file(str(self.directory / WEIGHTS_NAME))
 
@@ -448,6 +452,7 @@ class AdapterStore:
 
     def _evict(self, entry: Registered) -> None:
         del self.resident[entry.name]
+        assert entry.slot is not None, "a resident adapter holds a slot"
         self.free_slots.append(entry.slot)
         entry.slot, entry.weights = None, None
         self.evictions += 1
