@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -39,13 +40,13 @@ class Site:
 
 def _out_features(module: nn.Module) -> int:
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-    return base.out_features
+    return cast(nn.Linear, base).out_features
 
 
 def plan_sites(config: PedroConfig, model: nn.Module) -> dict[str, Site]:
     """Module name -> Site for every module this config wraps in ``model``."""
     lmap = layer_map(model)
-    n_layers = len(model.get_submodule(lmap.layers))
+    n_layers = len(cast(nn.ModuleList, model.get_submodule(lmap.layers)))
     indices = config.layers if config.layers is not None else list(range(n_layers))
     out_of_range = [i for i in indices if i >= n_layers]
     if out_of_range:
@@ -68,8 +69,13 @@ def plan_sites(config: PedroConfig, model: nn.Module) -> dict[str, Site]:
 def _hidden_size(model: nn.Module, sites: dict[str, Site]) -> int:
     tap = next(name for name, site in sites.items() if site.kind == "tap")
     norm = model.get_submodule(tap)
-    norm = norm.get_base_layer() if isinstance(norm, BaseTunerLayer) else norm
-    return norm.weight.shape[-1]
+    return _norm_weight(norm).shape[-1]
+
+
+def _norm_weight(norm: nn.Module) -> torch.Tensor:
+    """The weight of a (possibly wrapped) norm: its width is the model's hidden size."""
+    base = norm.get_base_layer() if isinstance(norm, BaseTunerLayer) else norm
+    return cast(torch.Tensor, base.weight)
 
 
 def count_trainable_parameters(config: PedroConfig, model: nn.Module) -> int:
@@ -136,6 +142,14 @@ def build_prompt_mask(
     return mask
 
 
+def _reference(input_ids: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+    """The tensor whose first two dimensions are the call's (batch, tokens): the ids, else the embeddings."""
+    reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if reference is None:
+        raise ValueError("PEDRO needs input_ids or inputs_embeds to find the prompt")
+    return reference
+
+
 @dataclass
 class _Call:
     """What the current top-level call knows about its prompt boundary."""
@@ -152,27 +166,29 @@ class PedroModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
     uses_shared_state = True
 
-    def _pre_injection_hook(self, model: nn.Module, config: PedroConfig, adapter_name: str) -> None:
+    # PEFT calls each of these hooks with this tuner's own config (a PedroConfig); BaseTuner declares the base
+    # PeftConfig, hence the override markers.
+    def _pre_injection_hook(self, model: nn.Module, config: PedroConfig, adapter_name: str) -> None:  # type: ignore[override]
         layer_map(model)  # unsupported architecture: fail before touching the model
         self.pedro_state = PedroState()
         self._call = _Call()
         self._sites: dict[str, Site] = {}
 
-    def _post_injection_hook(self, model: nn.Module, config: PedroConfig, adapter_name: str) -> None:
+    def _post_injection_hook(self, model: nn.Module, config: PedroConfig, adapter_name: str) -> None:  # type: ignore[override]
         stack = model.get_submodule(layer_map(model).stack)
         self._stack_hook = stack.register_forward_pre_hook(self._on_stack_forward, with_kwargs=True)
 
-    def _prepare_adapter_config(self, peft_config: PedroConfig, model_config: dict) -> PedroConfig:
+    def _prepare_adapter_config(self, peft_config: PedroConfig, model_config: dict) -> PedroConfig:  # type: ignore[override]
         return peft_config  # the sites come from the layer map in _prepare_model, not from target_modules
 
-    def _prepare_model(self, peft_config: PedroConfig, model: nn.Module) -> None:
+    def _prepare_model(self, peft_config: PedroConfig, model: nn.Module) -> None:  # type: ignore[override]
         self._sites = plan_sites(peft_config, model)
         peft_config.target_modules = sorted(self._sites)
 
-    def _check_target_module_exists(self, peft_config: PedroConfig, key: str) -> bool:
+    def _check_target_module_exists(self, peft_config: PedroConfig, key: str) -> bool:  # type: ignore[override]
         return key in self._sites
 
-    def _create_and_replace(
+    def _create_and_replace(  # type: ignore[override]
         self,
         peft_config: PedroConfig,
         adapter_name: str,
@@ -186,16 +202,16 @@ class PedroModel(BaseTuner):
         if site.kind == "tap":
             generator = self._make_generator(peft_config, adapter_name, target, site.end)
             if not isinstance(target, PedroTap):
-                new = PedroTap(target, site.layer, self.pedro_state)
-                new.update_layer(adapter_name, generator, peft_config.pool_source)
-                self._replace_module(parent, target_name, new, target)
+                tap = PedroTap(target, site.layer, self.pedro_state)
+                tap.update_layer(adapter_name, generator, peft_config.pool_source)
+                self._replace_module(parent, target_name, tap, target)
             else:
                 target.update_layer(adapter_name, generator, peft_config.pool_source)
         else:
             if not isinstance(target, PedroLinear):
-                new = PedroLinear(target, site.layer, self.pedro_state)
-                new.update_layer(adapter_name, site.start, site.end)
-                self._replace_module(parent, target_name, new, target)
+                linear = PedroLinear(target, site.layer, self.pedro_state)
+                linear.update_layer(adapter_name, site.start, site.end)
+                self._replace_module(parent, target_name, linear, target)
             else:
                 target.update_layer(adapter_name, site.start, site.end)
 
@@ -203,12 +219,12 @@ class PedroModel(BaseTuner):
         self, config: PedroConfig, adapter_name: str, norm: nn.Module, width: int
     ) -> VectorGenerator | None:
         """A fresh fp32 generator on the norm's device; None (and one shared generator) when sharing."""
-        norm = norm.get_base_layer() if isinstance(norm, BaseTunerLayer) else norm
-        d_model = norm.weight.shape[-1]
+        weight = _norm_weight(norm)
+        d_model = weight.shape[-1]
 
         def build() -> VectorGenerator:
             generator = VectorGenerator(d_model, config.r, width, config.pooler, config.activation, config.generator_bias)
-            return generator.to(device=norm.weight.device, dtype=torch.float32)
+            return generator.to(device=weight.device, dtype=torch.float32)
 
         if not config.share_generator:
             return build()
@@ -225,7 +241,7 @@ class PedroModel(BaseTuner):
 
     def _on_stack_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        reference = _reference(input_ids, kwargs)
         past = kwargs.get("past_key_values")
         if past is not None and past.get_seq_length() > 0:
             self.pedro_state.prompt_mask = None  # decoding step: keep the prefill's vectors
@@ -233,7 +249,7 @@ class PedroModel(BaseTuner):
         self.pedro_state.vectors.clear()
         self.pedro_state.prompt_mask = build_prompt_mask(
             kwargs.get("attention_mask"),
-            tuple(reference.shape[:2]),
+            (reference.shape[0], reference.shape[1]),
             reference.device,
             prompt_lengths=self._call.prompt_lengths,
             width=self._call.width,
@@ -253,7 +269,7 @@ class PedroModel(BaseTuner):
     def generate(self, *args, prompt_lengths: torch.Tensor | None = None, **kwargs):
         """transformers' generate(); the input given here is the prompt (narrowed by ``prompt_lengths``)."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        reference = _reference(input_ids, kwargs)
         self._call = _Call(prompt_lengths=prompt_lengths, width=reference.shape[1])
         try:
             return self.model.generate(*args, **kwargs)
@@ -265,8 +281,8 @@ class PedroModel(BaseTuner):
     def _check_merge_allowed(self) -> None:
         raise ValueError("PEDRO's scales depend on each prompt, so the adapter cannot be merged into the weights")
 
-    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
-        model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:  # type: ignore[override]
+        model = cast(nn.Module, super()._unload_and_optionally_merge(merge=merge, **kwargs))
         self._stack_hook.remove()
         return model
 
@@ -284,7 +300,7 @@ class PedroModel(BaseTuner):
         return re.sub(rf"(pedro_[a-z_]+)\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key, count=1)
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(
+    def _remap_adapter_state_dict_for_load(  # type: ignore[override]
         cls, model: nn.Module, config: PedroConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """PEFT loads non-strictly and only warns on missing keys; a PEDRO adapter must match exactly, and a
