@@ -300,7 +300,7 @@ class Registered:
     state: dict[str, torch.Tensor] | None = None
     prompt_format: str | None = None  # how training encoded prompts (pedro.io), when it was recorded
     pins: int = 0
-    slot: int | None = None  # index in the resident set (1..capacity) while resident
+    resident_index: int | None = None  # its place in the resident set (1..capacity) while resident
     weights: Weights | None = field(default=None, repr=False)
 
     @property
@@ -341,9 +341,10 @@ class AdapterStore:
 
     Loading is split so that disk reads never run inside an engine step: ``load`` (pure: read the tensors and
     materialise them; the engine runs it on a background thread) -> ``stage`` (the weights wait, ready) ->
-    ``acquire`` (between steps: install them in a resident slot, which is a memory copy, and pin).
-    ``on_load(entry)`` lets the runner copy an adapter into its stacked per-slot tensors when it becomes
-    resident (rows.py); resident slots are 1..capacity (0 means "no adapter").
+    ``acquire`` (between steps: install them at a free resident index, which is a memory copy, and pin).
+    ``on_load(entry)`` lets the runner copy an adapter into its stacked tensors, at its resident index, when it
+    becomes resident (rows.py); resident indices are 1..capacity (0 means "no adapter"). A resident index is
+    neither a batch row nor a KV-cache slot (those are one and the same: rows.py).
     """
 
     def __init__(self, spec: ModelSpec, model: nn.Module, capacity: int, dtype: torch.dtype) -> None:
@@ -362,10 +363,10 @@ class AdapterStore:
         """Forget every resident and staged adapter and every pin (the engine rebuilding after a failure);
         registrations stay."""
         self.resident: OrderedDict[str, Registered] = OrderedDict()  # LRU order, oldest first
-        self.free_slots = list(range(self.capacity, 0, -1))
+        self.free_indices = list(range(self.capacity, 0, -1))
         self.ready.clear()
         for entry in self.registered.values():
-            entry.pins, entry.slot, entry.weights = 0, None, None
+            entry.pins, entry.resident_index, entry.weights = 0, None, None
 
     def add(self, name: str, source: Union[str, Path, nn.Module]) -> Registered:
         if not isinstance(name, str) or not name:
@@ -425,7 +426,7 @@ class AdapterStore:
         """True when ``name`` is resident, or loaded and installable without evicting a pinned adapter."""
         if name in self.resident:
             return True
-        return name in self.ready and (bool(self.free_slots) or any(e.pins == 0 for e in self.resident.values()))
+        return name in self.ready and (bool(self.free_indices) or any(e.pins == 0 for e in self.resident.values()))
 
     def acquire(self, name: str) -> Registered:
         """Make a resident or staged ``name`` resident (evicting the least recently used unpinned adapter) and
@@ -434,13 +435,13 @@ class AdapterStore:
         if name in self.resident:
             self.resident.move_to_end(name)
         else:
-            if not self.free_slots:
+            if not self.free_indices:
                 victim = next((e for e in self.resident.values() if e.pins == 0), None)
                 if victim is None:
                     raise AdapterError("every resident adapter is in use; raise the adapter capacity")
                 self._evict(victim)
             entry.weights = self.ready.pop(name)
-            entry.slot = self.free_slots.pop()
+            entry.resident_index = self.free_indices.pop()
             self.resident[name] = entry
             self.loads += 1
             self.on_load(entry)
@@ -452,9 +453,9 @@ class AdapterStore:
 
     def _evict(self, entry: Registered) -> None:
         del self.resident[entry.name]
-        assert entry.slot is not None, "a resident adapter holds a slot"
-        self.free_slots.append(entry.slot)
-        entry.slot, entry.weights = None, None
+        assert entry.resident_index is not None, "a resident adapter holds a resident index"
+        self.free_indices.append(entry.resident_index)
+        entry.resident_index, entry.weights = None, None
         self.evictions += 1
 
     def describe(self) -> list[dict[str, Any]]:

@@ -91,7 +91,7 @@ class RowAdapters:
                 self.scales[(side, module)][layer, slot] = vector
         for module in self._lora_modules(entry):
             self.lora_users[module] += 1
-        self._set_lora(slot, entry.slot if self._lora_modules(entry) else 0)
+        self._set_lora(slot, entry.resident_index if self._lora_modules(entry) else 0)
 
     def _set_lora(self, slot: int, index: int) -> None:
         self.lora_index[slot] = index
@@ -130,18 +130,18 @@ class RowAdapters:
     # ------------------------------------------------------------------ LoRA stacks
 
     def load_lora(self, entry: Registered) -> None:
-        """Copy a LoRA adapter that just became resident into the stacks at its resident slot."""
+        """Copy a LoRA adapter that just became resident into the stacks at its resident index."""
         weights = entry.weights
         if not isinstance(weights, LoraWeights):
             return
         for module in {m for _, m in weights.weights}:
             self._ensure_lora(module, weights.rank)
-        for module in self.lora_a:  # every stack: the slot's previous occupant may have adapted other modules
-            self.lora_a[module][:, entry.slot] = 0
-            self.lora_b[module][:, entry.slot] = 0
+        for module in self.lora_a:  # every stack: the index's previous occupant may have adapted other modules
+            self.lora_a[module][:, entry.resident_index] = 0
+            self.lora_b[module][:, entry.resident_index] = 0
         for (layer, module), (a, b) in weights.weights.items():
-            self.lora_a[module][layer, entry.slot, : a.shape[0]] = a
-            self.lora_b[module][layer, entry.slot, :, : b.shape[1]] = b
+            self.lora_a[module][layer, entry.resident_index, : a.shape[0]] = a
+            self.lora_b[module][layer, entry.resident_index, :, : b.shape[1]] = b
 
     def _ensure_lora(self, module: str, rank: int) -> None:
         """Create the stacks for ``module``, or widen them when an adapter of a larger rank arrives
