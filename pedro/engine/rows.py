@@ -86,12 +86,15 @@ class RowAdapters:
         for point in self._points(entry):
             self._scale(point)
             self.point_users[point] += 1
-        if isinstance(entry.weights if entry else None, VectorWeights):
-            for (layer, side, module), vector in entry.weights.vectors.items():
+        weights = entry.weights if entry is not None else None
+        if isinstance(weights, VectorWeights):
+            for (layer, side, module), vector in weights.vectors.items():
                 self.scales[(side, module)][layer, slot] = vector
-        for module in self._lora_modules(entry):
+        lora = self._lora_modules(entry)
+        for module in lora:
             self.lora_users[module] += 1
-        self._set_lora(slot, entry.resident_index if self._lora_modules(entry) else 0)
+        # 0 is "no LoRA"; a resident adapter's index is 1..capacity
+        self._set_lora(slot, (entry.resident_index or 0) if entry is not None and lora else 0)
 
     def _set_lora(self, slot: int, index: int) -> None:
         self.lora_index[slot] = index
