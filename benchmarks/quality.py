@@ -91,13 +91,13 @@ DEV_SIZES = {
 DEV_EPOCHS = 5
 PEDRO_BASE = dict(method="pedro", r=8)
 LORA_MATCHED = dict(method="lora", match_params="pedro", lora_targets=("q", "v"))
-DEV_VARIANTS: dict[str, dict[str, Any]] = {
+DEV_VARIANTS: dict[str, dict[str, Any]] = {  # in the order they run: the defaults' comparison first
     "pedro lr=1e-3": dict(PEDRO_BASE, lr=1e-3),
-    "pedro lr=3e-3": dict(PEDRO_BASE, lr=3e-3),
-    "pedro lr=1e-3 bias_lr=1e-2": dict(PEDRO_BASE, lr=1e-3, bias_lr=1e-2),
     "lora_matched lr=1e-3": dict(LORA_MATCHED, lr=1e-3),
-    "lora_matched lr=3e-3": dict(LORA_MATCHED, lr=3e-3),
     "ia3 lr=1e-2": dict(method="ia3", lr=1e-2),
+    "pedro lr=1e-3 bias_lr=1e-2": dict(PEDRO_BASE, lr=1e-3, bias_lr=1e-2),
+    "pedro lr=3e-3": dict(PEDRO_BASE, lr=3e-3),
+    "lora_matched lr=3e-3": dict(LORA_MATCHED, lr=3e-3),
     "ia3 lr=3e-2": dict(method="ia3", lr=3e-2),
     "pedro rational": dict(PEDRO_BASE, lr=1e-3, activation="rational"),
     "pedro rational bilevel": dict(PEDRO_BASE, lr=1e-3, activation="rational", bilevel=True),
@@ -347,8 +347,9 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
                 continue
             m = entry[info["metric"]]
             cell = f"{scale * m['mean']:.1f}"
+            if method != "zero_shot" and m["ci95"] is not None:
+                cell += f" ± {scale * m['std']:.1f} [±{scale * m['ci95']:.1f}]"
             if method != "zero_shot":
-                cell += f" ± {scale * m['std']:.1f}" + (f" [{scale * m['ci95']:.1f}]" if m["ci95"] is not None else "")
                 cell += f" (n={len(m['values'])})"
             for key in SECONDARY.get(task, []):
                 cell += f"; {key} {_scale(key) * entry[key]['mean'] if key != 'rougeL' else entry[key]['mean']:.1f}"

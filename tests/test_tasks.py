@@ -221,13 +221,13 @@ def test_trec_strict_train_split_labels_and_options(tmp_path):
     task = get_task("trec", tmp_path)
     assert task.kind == "choice" and task.metric == "accuracy"
     train, test = task.load("train"), task.load("test")
-    assert [e.response for e in train] == ["description", "entity", "acronym", "place"]
-    assert [e.response for e in test] == ["number", "person"]
-    options = ["acronym", "description", "entity", "person", "place", "number"]
+    assert [e.response for e in train] == ["definition", "object", "meaning", "location"]
+    assert [e.response for e in test] == ["amount", "person"]
+    options = ["meaning", "definition", "object", "person", "location", "amount"]
     assert all(e.options == options and e.options[e.label] == e.response for e in train + test)
     assert [e.label for e in train] == [1, 2, 0, 4]
     assert train[0].prompt.startswith("Question: How did serfdom develop ?\n")
-    assert train[0].prompt.endswith("acronym, description, entity, person, place or number.")
+    assert train[0].prompt.endswith("meaning, definition, object, person, location or amount.")
     (tmp_path / "trec" / "TREC_10.label").write_text("what is this ?\n")
     with pytest.raises(ValueError, match=r"TREC_10.label:1: expected 'COARSE:fine question'"):
         task.load("test")
