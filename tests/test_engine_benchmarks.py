@@ -28,6 +28,6 @@ def test_the_long_prompt_benchmark_runs(tiny_llama_dir, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "long_prompt.py"), "--preset", "smoke",
                     "--backbone", str(tiny_llama_dir), "--out", str(out)], check=True, capture_output=True, timeout=600)
     summary = json.loads(out.with_suffix(".json").read_text())["summary"]
-    assert set(summary) == {"bare/off", "bare/on", "pedro/off", "pedro/on"}
-    assert summary["bare/off"]["steps_to_first_token"] == 1 and summary["bare/on"]["steps_to_first_token"] > 1
+    assert set(summary) == {"bare/off", "bare/on 16", "pedro/off", "pedro/on 16"}
+    assert summary["bare/off"]["steps_to_first_token"] == 1 and summary["bare/on 16"]["steps_to_first_token"] > 1
     assert all(m["worst_gap_ms"] > 0 for m in summary.values())
