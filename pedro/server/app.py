@@ -195,9 +195,9 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens}", param="max_tokens")
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-            stop=tuple(body.stop), seed=body.seed, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+            stop=tuple(body.stop or ()), seed=body.seed, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-            logit_bias=body.logit_bias_ids(), logprobs=logprobs,
+            logit_bias=tuple(body.logit_bias_ids().items()), logprobs=logprobs,
         )
 
     async def generate(
@@ -302,7 +302,7 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
                 echo = choice.echo_text(out)
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = completion_logprobs(out.logprobs, len(echo), out.prompt_logprobs or ())
+                    logprobs = completion_logprobs(out.logprobs or [], len(echo), out.prompt_logprobs or ())
                 pieces.append(CompletionChoice(index=choice.index, text=echo + out.text, finish_reason=out.finish_reason, logprobs=logprobs))
             return Completion(id=rid, created=now(), model=body.model, choices=pieces, usage=Usage.of(*usage_counts(finals)))
 
@@ -338,7 +338,7 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
             pieces = [
                 ChatChoice(
                     index=choice.index, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
-                    logprobs=chat_logprobs(out.logprobs) if logprobs is not None else None,
+                    logprobs=chat_logprobs(out.logprobs or []) if logprobs is not None else None,
                 )
                 for choice, out in finals
             ]

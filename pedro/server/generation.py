@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Sequence
+from typing import AsyncGenerator, AsyncIterator, Optional, Sequence
 
 from pedro.engine import RequestOutput, SamplingParams, TokenLogprob
 from pedro.server.backend import Backend, Prompt
@@ -41,7 +41,7 @@ class Choice:
 
 
 def choices(
-    prompts: list[Prompt], n: int, sampling: SamplingParams, echo: bool = False, raw_prompt: Optional[bool] = None
+    prompts: Sequence[Prompt], n: int, sampling: SamplingParams, echo: bool = False, raw_prompt: Optional[bool] = None
 ) -> list[Choice]:
     """``len(prompts) * n`` choices. With ``echo`` the engine also decodes a token-id prompt and, when the request
     asks for logprobs, scores the prompt's tokens (the same number of alternatives)."""
@@ -79,7 +79,7 @@ async def close_all(streams: list[AsyncIterator[RequestOutput]]) -> None:
             await stream.aclose()
 
 
-async def merged(opened: list[Opened]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+async def merged(opened: list[Opened]) -> AsyncGenerator[tuple[Choice, RequestOutput], None]:
     """Every choice's outputs, first outputs first, then as they arrive; an error of any one is raised."""
     for o in opened:
         yield o.choice, o.first
