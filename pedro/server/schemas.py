@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -140,7 +140,7 @@ class CompletionRequest(_Request):
         """The batch: one prompt, or each element of a list of strings / of token-id lists."""
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
             return [self.prompt]
-        return list(self.prompt)
+        return cast(list[Union[str, list[int]]], list(self.prompt))  # a list of strings or of token-id lists
 
 
 class TextPart(BaseModel):
