@@ -12,8 +12,8 @@ import torch
 
 import pedro
 from pedro.data import encode_prompt
+from pedro.demo import serve_mixed
 from pedro.engine import Engine, Request, SamplingParams
-from pedro.engine.demo import serve_mixed
 
 pytestmark = pytest.mark.real
 PROMPTS = ["What is the capital of France?", "Name a primary color.", "Write one word for happy."]

@@ -11,8 +11,7 @@ from safetensors.torch import load_file, save_file
 import pedro
 from pedro.data import prompt_format
 from pedro.engine import AdapterError, Engine
-from pedro.io import PROMPT_FORMAT_KEY, WEIGHTS_NAME, read_prompt_format, record_prompt_format
-from pedro.train import save_adapter_atomic
+from pedro.io import PROMPT_FORMAT_KEY, WEIGHTS_NAME, read_prompt_format, record_prompt_format, save_adapter_atomic
 
 
 def _adapter():

@@ -196,7 +196,7 @@ def test_real_smollm2_boundary_and_a_short_run(tmp_path):
     rows below the backbone's (the adapter starts as the identity)."""
     import pedro
     from pedro.data import tokenize_examples
-    from pedro.train import tenant_datasets
+    from pedro.demo import tenant_datasets
 
     model, tokenizer = pedro.load_backbone("smollm2-135m", quiet=True)
     data = tenant_datasets()["acme"]

@@ -1,0 +1,147 @@
+"""What a training run depends on (``TrainConfig``, saved in ``training_summary.json``), what it returns, and the
+defaults ``pedro train`` applies when a setting is not given."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pedro.config import PedroConfig
+from pedro.data import OVERFLOW
+
+METHODS = ("pedro", "lora", "ia3")
+# peft's own (IA)3 placement for LLaMA-like models (the original paper's): keys, values, and the input of
+# the FFN down-projection
+IA3_DEFAULT_TARGETS = ("k", "v", "down")
+IA3_FEEDFORWARD = ("down",)
+SUMMARY_NAME = "training_summary.json"
+LOG_NAME = "train_log.jsonl"
+CHECKPOINTS = "checkpoints"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ATTENTIONS = ("auto", "eager", "sdpa")
+# attention="auto" picks eager attention under bf16 while a full batch's attention matrices (kept for the
+# backward pass) stay under this many bytes; beyond it the backbone's own (memory-efficient) kernel is kept
+EAGER_ATTENTION_BYTES = 4 << 30
+# Learning rate per method when none is given. Chosen on dev splits carved from training data (never test data):
+# results/quality_dev.md, made by benchmarks/quality.py --phase dev.
+DEFAULT_LR = {"pedro": 1e-3, "lora": 1e-3, "ia3": 1e-2}
+RATIONAL_LR = 3e-4  # bilevel: the rational coefficients' own rate when rational_lr is not given
+# epochs=None: enough epochs for about this many optimizer steps, at most MAX_AUTO_EPOCHS (the dev split's
+# best epoch is kept, so a few epochs too many cost time, not quality)
+TARGET_STEPS = 300
+MAX_AUTO_EPOCHS = 10
+# dev_split=None: a dev split is carved from the training records when there are at least this many and no
+# held-out data was given: DEV_FRACTION of them, between DEV_MIN and DEV_MAX records
+DEV_FROM = 200
+DEV_FRACTION = 0.1
+DEV_MIN, DEV_MAX = 32, 500
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in ``training_summary.json``."""
+
+    data: str = ""
+    output_dir: str = ""
+    backbone: Optional[str] = None  # None: the default backbone, or the model passed to train()
+    method: str = "pedro"
+    data_dir: Optional[str] = None  # where task data lives when ``data`` is a task name
+    eval_data: Optional[str] = None  # held-out records for periodic evaluation (loss, and accuracy for choices)
+    # records carved (seeded) from the training data to evaluate every epoch and keep the best epoch's adapter:
+    # None = automatic (see DEV_FROM), 0 = none, a fraction (< 1) or a record count
+    dev_split: Optional[float] = None
+    limit: Optional[int] = None  # use the first N training records (after a seeded shuffle)
+    # PEDRO
+    r: int = 8
+    pooler: str = "last"
+    activation: str = "gelu"
+    targets: tuple[str, ...] = ("q", "v", "up")
+    pool_source: str = "normed"
+    share_generator: bool = False
+    rational_lr: Optional[float] = None  # learning rate of the rational activation's coefficients
+    bias_lr: Optional[float] = None  # learning rate of the generators' Up bias (the prompt-independent scale part)
+    # rational coefficients trained on dev-split batches, the generators on training batches, alternating at every
+    # step (first-order DARTS, as the papers do); needs activation="rational" and held-out data
+    bilevel: bool = False
+    # LoRA / (IA)3
+    lora_r: int = 8
+    lora_alpha: Optional[int] = None  # default 2 * lora_r
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q", "v")
+    ia3_targets: tuple[str, ...] = IA3_DEFAULT_TARGETS
+    match_params: Optional[str] = None  # "pedro" or a parameter count: size this method to it
+    # data
+    max_length: int = 512
+    overflow: str = "truncate"
+    padding_side: str = "right"
+    # optimisation
+    epochs: Optional[float] = None  # None: auto_epochs(training records)
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: Optional[float] = None  # None: DEFAULT_LR[method]
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup: float = 0.06  # ratio of the steps (<1) or a step count
+    precision: str = "auto"  # auto (bf16 where the hardware has it natively, else fp32) | fp32 | bf16 | fp16
+    seed: int = 0
+    # speed (none of these changes what is learned beyond floating-point rounding, except group_by_length,
+    # which changes which rows share a batch)
+    group_by_length: bool = True  # batches of similar-length rows (little padding), in a random batch order
+    response_logits_only: bool = True  # the LM head runs only at the positions the loss reads
+    attention: str = "auto"  # auto (eager under bf16 when it fits, else the backbone's) | eager | sdpa
+    threads: Optional[int] = None  # torch CPU threads during training (None: torch's default)
+    # logging, evaluation, checkpoints
+    logging_steps: int = 10
+    eval_steps: int = 0
+    early_stopping: int = 0  # patience in evaluations; 0 = off
+    save_steps: int = 0
+    save_total_limit: int = 2
+    resume: bool = False
+    report_to: tuple[str, ...] = ()
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.dev_split is not None and (self.dev_split < 0 or (self.dev_split >= 1 and self.dev_split != int(self.dev_split))):
+            raise ValueError(f"dev_split must be 0, a fraction below 1 or a whole record count, got {self.dev_split}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.overflow not in OVERFLOW:
+            raise ValueError(f"overflow must be one of {OVERFLOW}, got {self.overflow!r}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        for name in ("targets", "lora_targets", "ia3_targets", "report_to"):
+            value = getattr(self, name)
+            setattr(self, name, tuple(value.split(",")) if isinstance(value, str) else tuple(value))
+        if self.method == "pedro":
+            _pedro_config(self)  # a bad PEDRO knob is refused now, not after the backbone has loaded
+        if self.bilevel and (self.method != "pedro" or self.activation != "rational"):
+            raise ValueError("bilevel optimises PEDRO's rational activation: it needs method pedro, activation rational")
+
+
+@dataclass
+class TrainResult:
+    """Where the adapter was written and what the run measured."""
+
+    output_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _pedro_config(cfg: TrainConfig, r: int | None = None) -> PedroConfig:
+    return PedroConfig(
+        r=cfg.r if r is None else r,
+        pooler=cfg.pooler,
+        activation=cfg.activation,
+        targets=list(cfg.targets),
+        pool_source=cfg.pool_source,
+        share_generator=cfg.share_generator,
+    )

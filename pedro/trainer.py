@@ -1,0 +1,237 @@
+"""transformers' Trainer as ``pedro train`` uses it: length-grouped batches, the LM head only where the loss reads
+it, PEDRO's rational coefficients and Up biases at learning rates of their own (or the rational coefficients
+trained bi-level, on dev batches), atomic checkpoints, and a progress bar with a JSONL log."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import peft
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from pedro.data import LengthGroupedSampler
+from pedro.model import IGNORE_INDEX
+from pedro.train_config import RATIONAL_LR
+
+
+def _is_up_bias(name: str) -> bool:
+    return ".pedro_generator." in name and name.endswith(".up.bias")
+
+
+def _is_rational(name: str) -> bool:
+    return ".act.numerator" in name or ".act.denominator" in name
+
+
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) bool: the positions whose logits the causal-LM loss reads (position t predicts label t + 1), and
+    the (N,) targets at those positions, in the row-major order of ``hidden[mask]``."""
+    targets = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets != IGNORE_INDEX
+    return keep, targets[keep[:, :-1]]
+
+
+def accepts_logits_mask(model: nn.Module) -> bool:
+    """Whether the causal LM under ``model`` (PEFT-wrapped or not) slices its LM-head input with a boolean
+    ``logits_to_keep`` mask (transformers' ``slice_logits_to_keep``, used by every architecture PEDRO supports)."""
+    import inspect
+
+    base = model.get_base_model() if isinstance(model, peft.PeftModel) else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class PedroTrainer(Trainer):
+    """Trainer with a separate learning rate for rational-activation coefficients, atomic checkpoints,
+    length-grouped batches, and the LM head run only where the loss reads it."""
+
+    def __init__(
+        self,
+        *args: Any,
+        rational_lr: float | None = None,
+        bias_lr: float | None = None,
+        bilevel_rows: Sequence[dict[str, Any]] | None = None,
+        group_by_length: bool = False,
+        response_logits_only: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.rational_lr = rational_lr
+        self.bias_lr = bias_lr
+        self._bilevel = _Bilevel(self, bilevel_rows) if bilevel_rows else None
+        self.group_by_length = group_by_length
+        self.response_logits_only = response_logits_only and accepts_logits_mask(self.model)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler([len(row["input_ids"]) for row in dataset], self.args.train_batch_size,
+                                    seed=self.args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        """The usual causal-LM loss, with logits computed only at the positions that predict a supervised
+        token: with prompt-masked labels (SFT) that is a few positions per row, and the LM head (vocab x d) plus
+        its softmax over every prompt position was about a quarter of a SmolLM2 training step."""
+        fast = (
+            self.response_logits_only
+            and "labels" in inputs
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+            and (not return_outputs or self.args.prediction_loss_only)
+        )
+        if fast:
+            keep, targets = supervised_positions(inputs["labels"])
+            inputs = {**inputs, "logits_to_keep": keep, "shift_labels": targets}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """With bilevel: first the rational coefficients' step on a dev batch, then the usual step."""
+        if self._bilevel is not None:
+            self._bilevel.step(model)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, with PEDRO's rational coefficients and Up biases moved to groups of their own
+        learning rate when one is given (the scheduler scales every group alike); with bilevel the rational
+        coefficients are left out (their own optimizer steps them on dev batches)."""
+        optimizer = super().create_optimizer(model)
+        rational_lr = None if self._bilevel is not None else self.rational_lr
+        for key, lr, belongs in (("pedro_rational", rational_lr, _is_rational), ("pedro_bias", self.bias_lr, _is_up_bias)):
+            if (lr is None and not (key == "pedro_rational" and self._bilevel)) or any(g.get(key) for g in optimizer.param_groups):
+                continue
+            chosen = {id(p) for n, p in self.model.named_parameters() if p.requires_grad and belongs(n)}
+            if chosen:
+                moved = [p for g in optimizer.param_groups for p in g["params"] if id(p) in chosen]
+                for group in optimizer.param_groups:
+                    group["params"] = [p for p in group["params"] if id(p) not in chosen]
+                if lr is not None:
+                    optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": 0.0, key: True})
+        return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter only: the backbone is frozen, so its embeddings are never saved (which also stops
+        PEFT from looking the backbone up online to decide whether they changed)."""
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.save_pretrained(output_dir, save_embedding_layers=False)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return getattr(self, "_staging", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write checkpoint-N into a hidden staging folder, then rename it into place: a kill at any moment
+        leaves either the previous checkpoints or the complete new one, never a partial one."""
+        run_dir = self.args.output_dir
+        self._staging = tempfile.mkdtemp(prefix=".staging-", dir=run_dir)
+        try:
+            super()._save_checkpoint(model, trial)
+            name = f"checkpoint-{self.state.global_step}"
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(self._staging, name), final)
+        finally:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        if self.state.best_global_step:
+            best = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
+            self.state.best_model_checkpoint = best if os.path.isdir(best) else self.state.best_model_checkpoint
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+        )
+
+
+class _Bilevel:
+    """The alternating update of the papers (first-order DARTS): before each training step, one Adam step on the
+    rational coefficients alone, on the loss of the next dev batch at the current generator weights."""
+
+    def __init__(self, trainer: Trainer, rows: Sequence[dict[str, Any]]) -> None:
+        self.trainer = trainer
+        self.rows = list(rows)
+        self.order = random.Random(trainer.args.seed)
+        self.queue: list[int] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.params: list[nn.Parameter] = []
+
+    def _batch(self) -> dict[str, Any]:
+        size = self.trainer.args.train_batch_size
+        if len(self.queue) < size:
+            fresh = list(range(len(self.rows)))
+            self.order.shuffle(fresh)
+            self.queue += fresh
+        picked, self.queue = self.queue[:size], self.queue[size:]
+        batch = self.trainer.data_collator([self.rows[i] for i in picked])
+        return {k: v.to(self.trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def step(self, model: nn.Module) -> None:
+        if self.optimizer is None:
+            self.params = [p for n, p in model.named_parameters() if p.requires_grad and _is_rational(n)]
+            if not self.params:
+                raise ValueError("bilevel: the model has no rational activation coefficients")
+            lr = self.trainer.rational_lr if self.trainer.rational_lr is not None else RATIONAL_LR
+            # DARTS' architecture optimizer: Adam with beta1 0.5 and a small weight decay
+            self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        with self.trainer.compute_loss_context_manager():
+            loss = self.trainer.compute_loss(model, self._batch())
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        for p, g in zip(self.params, grads):
+            p.grad = None if g is None else g.to(p.dtype)
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+
+
+class ProgressAndLog(TrainerCallback):
+    """A tqdm bar with loss, tokens/s and ETA, and every log record appended to a JSONL file."""
+
+    def __init__(self, log_path: Path, show: bool) -> None:
+        self.log_path = log_path
+        self.show = show
+        self.bar = None
+        self.start = 0.0
+        self.tokens0 = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
+        from tqdm.auto import tqdm
+
+        self.start = time.perf_counter()
+        self.tokens0 = state.num_input_tokens_seen
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, disable=not self.show, desc="train")
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def tokens_per_second(self, state: Any) -> float:
+        elapsed = time.perf_counter() - self.start
+        return (state.num_input_tokens_seen - self.tokens0) / elapsed if elapsed > 0 else 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        record = {"step": state.global_step, "epoch": state.epoch, **(logs or {}),
+                  "tokens_per_s": round(self.tokens_per_second(state), 1)}
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.bar is not None and "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.bar is not None:
+            self.bar.close()
