@@ -22,7 +22,6 @@ import peft
 import torch
 from torch import nn
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from pedro.backbones import DEFAULT_BACKBONE, layer_map, load_backbone, resolve_dtype
 from pedro.compat import forget_gguf_quantization
@@ -54,7 +53,13 @@ from pedro.train_config import (
     TrainResult,
     _pedro_config,
 )
-from pedro.trainer import PedroTrainer, ProgressAndLog, supervised_positions
+from pedro.trainer import (
+    MarkCompleteCheckpoints,
+    PedroTrainer,
+    ProgressAndLog,
+    last_complete_checkpoint,
+    supervised_positions,
+)
 
 
 def attach_adapter(model: nn.Module, cfg: TrainConfig) -> peft.PeftModel:
@@ -279,7 +284,7 @@ def train(
     )
     collator = Collator(tokenizer.pad_token_id, cfg.padding_side, with_prompt_lengths=cfg.method == "pedro")
     progress = ProgressAndLog(output_dir / LOG_NAME, cfg.progress)
-    extra: list[TrainerCallback] = [progress, *callbacks]
+    extra: list[TrainerCallback] = [progress, MarkCompleteCheckpoints(), *callbacks]
     if choices:  # accuracy next to the loss; it fills the log record before it is written
         from pedro.evaluate import ChoiceAccuracy
 
@@ -304,7 +309,7 @@ def train(
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressAndLog shows and records them
     resume_from = None
     if cfg.resume:
-        resume_from = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+        resume_from = last_complete_checkpoint(checkpoint_dir)
         if cfg.progress:
             print(f"resuming from {resume_from}" if resume_from else "no checkpoint to resume from: starting fresh")
     threads = torch.get_num_threads()

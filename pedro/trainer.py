@@ -1,14 +1,15 @@
 """transformers' Trainer as ``pedro train`` uses it: length-grouped batches, the LM head only where the loss reads
 it, PEDRO's rational coefficients and Up biases at learning rates of their own (or the rational coefficients
-trained bi-level, on dev batches), atomic checkpoints, and a progress bar with a JSONL log."""
+trained bi-level, on dev batches), checkpoints that resume never takes half-written, and a progress bar with a
+JSONL log. Trainer is customised through its public surface: overridden public methods and callbacks."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from pedro.data import LengthGroupedSampler
 from pedro.model import IGNORE_INDEX
@@ -121,7 +123,7 @@ class PedroTrainer(Trainer):
                     optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": 0.0, key: True})
         return optimizer
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The adapter only: the backbone is frozen, so its embeddings are never saved (which also stops
         PEFT from looking the backbone up online to decide whether they changed)."""
         output_dir = output_dir or self.args.output_dir
@@ -129,34 +131,36 @@ class PedroTrainer(Trainer):
         self.model.save_pretrained(output_dir, save_embedding_layers=False)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
-    def _get_output_dir(self, trial: Any) -> str:
-        return getattr(self, "_staging", None) or super()._get_output_dir(trial)
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Write checkpoint-N into a hidden staging folder, then rename it into place: a kill at any moment
-        leaves either the previous checkpoints or the complete new one, never a partial one."""
-        run_dir = self.args.output_dir
-        self._staging = tempfile.mkdtemp(prefix=".staging-", dir=run_dir)
-        try:
-            super()._save_checkpoint(model, trial)
-            name = f"checkpoint-{self.state.global_step}"
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(self._staging, name), final)
-        finally:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = None
-        if self.state.best_global_step:
-            best = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
-            self.state.best_model_checkpoint = best if os.path.isdir(best) else self.state.best_model_checkpoint
-        from transformers.trainer_utils import rotate_checkpoints
+# Trainer writes checkpoint-N in place, so a kill during the write leaves a partial one; this file, written once
+# Trainer has finished, tells a complete checkpoint from a partial one
+COMPLETE = "pedro-checkpoint-complete"
 
-        rotate_checkpoints(
-            output_dir=run_dir,
-            save_total_limit=self.args.save_total_limit,
-            best_model_checkpoint=self.state.best_model_checkpoint,
-        )
+
+class MarkCompleteCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete once Trainer has written all of it (``on_save`` runs after the write)."""
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
+        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if path.is_dir():
+            (path / COMPLETE).touch()
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint in ``folder`` that Trainer finished writing; newer partial ones (a kill during the
+    write) are deleted, so ``resume`` never starts from half a checkpoint."""
+    if not folder.is_dir():
+        return None
+    steps = []
+    for path in folder.iterdir():
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
+        if match and path.is_dir():
+            steps.append((int(match.group(1)), path))
+    for _, path in sorted(steps, reverse=True):
+        if (path / COMPLETE).is_file():
+            return str(path)
+        shutil.rmtree(path)
+    return None
 
 
 class _Bilevel:

@@ -161,6 +161,10 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path):
     assert not (killed / "adapter_model.safetensors").exists()
     checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
     assert checkpoints == [f"checkpoint-{n}"]
+    # what a kill during a checkpoint's write leaves: a newer checkpoint folder Trainer never finished
+    partial = killed / "checkpoints" / f"checkpoint-{n + 1}"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"half a file")
     resumed = _child(killed, 2 * n, n, stall=False, resume=True)
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     a = load_file(straight / "adapter_model.safetensors")
@@ -170,6 +174,7 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path):
         assert torch.equal(a[key], b[key]), key
     summary = json.loads((killed / "training_summary.json").read_text())
     assert summary["steps"] == 2 * n and summary["resumed_from"].endswith(f"checkpoint-{n}")
+    assert not partial.exists()  # the partial checkpoint was skipped and removed
     # and the weights did change between the checkpoint and the end (the test could not pass by accident)
     mid = load_file(killed / "checkpoints" / f"checkpoint-{n}" / "adapter_model.safetensors")
     assert any(not torch.equal(mid[k], b[k]) for k in b)
