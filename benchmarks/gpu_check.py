@@ -46,8 +46,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ci": dict(batch=4, tenants=4, prompt_len=8, new_tokens=4, repeats=1, identity_new_tokens=4),
 }
 # (method, tenant, prompt length) of the identity check's requests; None: the bare backbone
-IDENTITY_PLAN = [(None, 0, 9), ("pedro", 0, 17), ("lora_r8_qv", 1, 5), ("ia3", 2, 12), ("lora_matched", 3, 21),
-                 ("pedro", 1, 7), (None, 0, 14), ("ia3", 0, 3)]
+IDENTITY_PLAN = [
+    (None, 0, 9),
+    ("pedro", 0, 17),
+    ("lora_r8_qv", 1, 5),
+    ("ia3", 2, 12),
+    ("lora_matched", 3, 21),
+    ("pedro", 1, 7),
+    (None, 0, 14),
+    ("ia3", 0, 3),
+]
 
 
 def device_name(device: torch.device) -> str:
@@ -56,8 +64,9 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
-def identity(model: torch.nn.Module, tokenizer: Any, paths: dict[str, list[Path]], new_tokens: int,
-             rng: random.Random) -> dict[str, Any]:
+def identity(
+    model: torch.nn.Module, tokenizer: Any, paths: dict[str, list[Path]], new_tokens: int, rng: random.Random
+) -> dict[str, Any]:
     """The mixed batch through the engine vs each request alone through PEFT generate on the same device."""
     vocab = model.config.vocab_size
     plan = [(m, t, [rng.randrange(3, vocab) for _ in range(n)]) for m, t, n in IDENTITY_PLAN]
@@ -74,24 +83,55 @@ def identity(model: torch.nn.Module, tokenizer: Any, paths: dict[str, list[Path]
         ids = torch.tensor([prompt], device=next(model.parameters()).device)
         with torch.inference_mode():
             # no EOS, as the engine's ignore_eos (min_new_tokens would instead forbid EOS, changing the tokens)
-            expected = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                    do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            expected = ref.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
         if method:
             reference = ref.unload()  # the plain backbone modules back, for the next adapter
         same = out.token_ids == expected
-        diverges = None if same else next((i for i, (a, b) in enumerate(zip(out.token_ids, expected)) if a != b),
-                                          min(len(out.token_ids), len(expected)))
-        rows.append({"adapter": method, "prompt_len": len(prompt), "identical": same, "first_difference": diverges,
-                     "error": out.error})
+        diverges = (
+            None
+            if same
+            else next(
+                (i for i, (a, b) in enumerate(zip(out.token_ids, expected)) if a != b),
+                min(len(out.token_ids), len(expected)),
+            )
+        )
+        rows.append(
+            {
+                "adapter": method,
+                "prompt_len": len(prompt),
+                "identical": same,
+                "first_difference": diverges,
+                "error": out.error,
+            }
+        )
     return {"requests": rows, "identical": sum(r["identical"] for r in rows), "total": len(rows)}
 
 
-def throughput(model: torch.nn.Module, tokenizer: Any, paths: dict[str, list[Path]], preset: dict[str, Any],
-               rng: random.Random, log: Callable[[str], None]) -> dict[str, Any]:
+def throughput(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    paths: dict[str, list[Path]],
+    preset: dict[str, Any],
+    rng: random.Random,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """The batch / tenants point: each core method interleaved over repeats, ratios to bare per repeat."""
     batch, tenants, P, N = preset["batch"], preset["tenants"], preset["prompt_len"], preset["new_tokens"]
-    engine = Engine(model, tokenizer, max_batch=batch, max_seq_len=P + N + 1, max_prefill_tokens=batch * P,
-                    adapter_capacity=2 * tenants)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=batch,
+        max_seq_len=P + N + 1,
+        max_prefill_tokens=batch * P,
+        adapter_capacity=2 * tenants,
+    )
     for method in CORE_METHODS[1:]:
         for i in range(tenants):
             engine.add_adapter(f"{method}-{i}", paths[method][i])
@@ -102,10 +142,13 @@ def throughput(model: torch.nn.Module, tokenizer: Any, paths: dict[str, list[Pat
         for method in CORE_METHODS:
             adapters = [None] * batch if method == "bare" else [f"{method}-{i % tenants}" for i in range(batch)]
             run = run_engine(engine, prompts, adapters, N)
-            runs.setdefault(method, []).append({"decode_tok_s": run.decode_tok_s, "prefill_tok_s": run.prefill_tok_s,
-                                                "step_p50_ms": run.step_p50_ms})
-            log(f"[rep {rep}] b{batch}-t{tenants} {method:<11} decode {run.decode_tok_s:8.1f} tok/s  "
-                f"prefill {run.prefill_tok_s:8.1f} tok/s  step p50 {run.step_p50_ms:6.2f} ms")
+            runs.setdefault(method, []).append(
+                {"decode_tok_s": run.decode_tok_s, "prefill_tok_s": run.prefill_tok_s, "step_p50_ms": run.step_p50_ms}
+            )
+            log(
+                f"[rep {rep}] b{batch}-t{tenants} {method:<11} decode {run.decode_tok_s:8.1f} tok/s  "
+                f"prefill {run.prefill_tok_s:8.1f} tok/s  step p50 {run.step_p50_ms:6.2f} ms"
+            )
     summary = {}
     for method, rs in runs.items():
         summary[method] = {key: statistics.median(r[key] for r in rs) for key in rs[0]}
@@ -116,19 +159,35 @@ def throughput(model: torch.nn.Module, tokenizer: Any, paths: dict[str, list[Pat
 
 def markdown(result: dict[str, Any]) -> str:
     ident, point = result["identity"], result["throughput"]
-    lines = [f"# The engine on {result['device_name']} ({result['backbone']})", "",
-             f"`{result['command']}`  ", f"torch {result['torch']}; wall time {result['wall_s']:.0f} s.", "",
-             f"## Token identity against PEFT generate (float32): {ident['identical']} / {ident['total']} requests", "",
-             "| adapter | prompt tokens | identical | first different token |", "|---|---:|---|---:|"]
+    lines = [
+        f"# The engine on {result['device_name']} ({result['backbone']})",
+        "",
+        f"`{result['command']}`  ",
+        f"torch {result['torch']}; wall time {result['wall_s']:.0f} s.",
+        "",
+        f"## Token identity against PEFT generate (float32): {ident['identical']} / {ident['total']} requests",
+        "",
+        "| adapter | prompt tokens | identical | first different token |",
+        "|---|---:|---|---:|",
+    ]
     for r in ident["requests"]:
-        lines.append(f"| {r['adapter'] or 'bare'} | {r['prompt_len']} | {'yes' if r['identical'] else 'no'} | "
-                     f"{'' if r['first_difference'] is None else r['first_difference']} |")
-    lines += ["", f"## Batch {point['batch']}, {point['tenants']} distinct adapters, {point['prompt_len']}-token prompts, "
-              f"{point['new_tokens']} new tokens ({result['dtype']})", "",
-              "| method | decode tok/s | ×bare | prefill tok/s | ×bare | step p50 ms |", "|---|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['adapter'] or 'bare'} | {r['prompt_len']} | {'yes' if r['identical'] else 'no'} | "
+            f"{'' if r['first_difference'] is None else r['first_difference']} |"
+        )
+    lines += [
+        "",
+        f"## Batch {point['batch']}, {point['tenants']} distinct adapters, {point['prompt_len']}-token prompts, "
+        f"{point['new_tokens']} new tokens ({result['dtype']})",
+        "",
+        "| method | decode tok/s | ×bare | prefill tok/s | ×bare | step p50 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for method, m in point["summary"].items():
-        lines.append(f"| {method} | {m['decode_tok_s']:.1f} | {m['decode_tok_s_vs_bare']:.3f} | {m['prefill_tok_s']:.1f} | "
-                     f"{m['prefill_tok_s_vs_bare']:.3f} | {m['step_p50_ms']:.2f} |")
+        lines.append(
+            f"| {method} | {m['decode_tok_s']:.1f} | {m['decode_tok_s_vs_bare']:.3f} | {m['prefill_tok_s']:.1f} | "
+            f"{m['prefill_tok_s_vs_bare']:.3f} | {m['step_p50_ms']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -156,9 +215,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = pedro.load_backbone(args.backbone, dtype=dtype, quiet=True)[0].to(device)
     result = {
         "command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": str(device), "device_name": device_name(device), "backbone": args.backbone,
-        "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "preset": preset,
-        "identity": ident, "throughput": throughput(model, tokenizer, paths, preset, rng, log),
+        "device": str(device),
+        "device_name": device_name(device),
+        "backbone": args.backbone,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "preset": preset,
+        "identity": ident,
+        "throughput": throughput(model, tokenizer, paths, preset, rng, log),
     }
     result["wall_s"] = time.perf_counter() - started
     out = Path(args.out)

@@ -43,15 +43,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_case(engine: Engine, prompts: list[list[int]], adapters: list[str], long: list[int], long_adapter: str | None,
-             warm_steps: int, after_steps: int) -> dict[str, float]:
+def run_case(
+    engine: Engine,
+    prompts: list[list[int]],
+    adapters: list[str],
+    long: list[int],
+    long_adapter: str | None,
+    warm_steps: int,
+    after_steps: int,
+) -> dict[str, float]:
     """Rows ``prompts`` decode; after ``warm_steps`` steps of all of them decoding, ``long`` arrives; the run
     ends ``after_steps`` steps after its first token. -> the worst gap (ms) from its arrival to its first token
     and before its arrival;
     the median step (ms) before its arrival (only the decoding rows: the step time the gap is compared with) and
     over the whole measured run; steps to its first token."""
     budget = 10**9  # tokens enough for every row: they all keep decoding through the run
-    rows = [Request(p, adapter=a, sampling=SamplingParams(max_new_tokens=budget, ignore_eos=True)) for p, a in zip(prompts, adapters)]
+    rows = [
+        Request(p, adapter=a, sampling=SamplingParams(max_new_tokens=budget, ignore_eos=True))
+        for p, a in zip(prompts, adapters)
+    ]
     for r in rows:
         engine.add_request(r)
     ids = {r.request_id for r in rows}
@@ -86,13 +96,18 @@ def run_case(engine: Engine, prompts: list[list[int]], adapters: list[str], long
         engine.abort(r.request_id)
     while engine.has_unfinished():
         engine.step()
-    return {"worst_gap_ms": 1e3 * max(gaps), "worst_gap_before_ms": 1e3 * max(quiet),
-            "median_step_ms": 1e3 * statistics.median(steps[:before]),
-            "median_step_all_ms": 1e3 * statistics.median(steps), "steps_to_first_token": first - arrival}
+    return {
+        "worst_gap_ms": 1e3 * max(gaps),
+        "worst_gap_before_ms": 1e3 * max(quiet),
+        "median_step_ms": 1e3 * statistics.median(steps[:before]),
+        "median_step_all_ms": 1e3 * statistics.median(steps),
+        "steps_to_first_token": first - arrival,
+    }
 
 
-def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, on: list[int], device: str,
-              log: Callable[[str], None]) -> dict[str, Any]:
+def benchmark(
+    preset: dict[str, Any], backbone: str, dtype: torch.dtype, on: list[int], device: str, log: Callable[[str], None]
+) -> dict[str, Any]:
     rng = random.Random(0)
     model, tokenizer = pedro.load_backbone(backbone, dtype=dtype, quiet=True)
     model.to(device)
@@ -106,8 +121,14 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, on: lis
     budgets = {"off": (batch - 1) * prompt_len + long_len, **{f"on {n}": n for n in on}}
     engines = {}
     for name, tokens in budgets.items():
-        engines[name] = Engine(model, tokenizer, max_batch=batch, max_seq_len=long_len + 64,
-                               max_prefill_tokens=tokens, adapter_capacity=batch)
+        engines[name] = Engine(
+            model,
+            tokenizer,
+            max_batch=batch,
+            max_seq_len=long_len + 64,
+            max_prefill_tokens=tokens,
+            adapter_capacity=batch,
+        )
         for i, path in enumerate(paths["pedro"]):
             engines[name].add_adapter(f"pedro-{i}", path)
     cases = [(kind, name) for kind in ("bare", "pedro") for name in budgets]
@@ -115,40 +136,66 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, on: lis
     started = time.perf_counter()
     for rep in range(preset["repeats"] + 1):  # repeat 0 warms up (the OS commits the caches' pages) and is dropped
         for kind, name in cases:
-            run = run_case(engines[name], prompts, adapters, long, f"pedro-{batch - 1}" if kind == "pedro" else None,
-                           preset["warm_steps"], preset["after_steps"])
+            run = run_case(
+                engines[name],
+                prompts,
+                adapters,
+                long,
+                f"pedro-{batch - 1}" if kind == "pedro" else None,
+                preset["warm_steps"],
+                preset["after_steps"],
+            )
             run["gap_over_median_step"] = run["worst_gap_ms"] / run["median_step_ms"]
             if rep:
                 runs.setdefault(f"{kind}/{name}", []).append(run)
-            log(f"[rep {rep}] long prompt {kind:<5} budget {name:<7} worst gap {run['worst_gap_ms']:7.1f} ms  "
+            log(
+                f"[rep {rep}] long prompt {kind:<5} budget {name:<7} worst gap {run['worst_gap_ms']:7.1f} ms  "
                 f"median step {run['median_step_ms']:6.1f} ms  ratio {run['gap_over_median_step']:5.2f}  "
-                f"steps to its first token {run['steps_to_first_token']}  ({time.perf_counter() - started:.0f}s)")
+                f"steps to its first token {run['steps_to_first_token']}  ({time.perf_counter() - started:.0f}s)"
+            )
     summary = {case: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for case, rs in runs.items()}
     return {
-        "preset": preset, "backbone": backbone, "dtype": str(dtype).removeprefix("torch."), "device": device,
+        "preset": preset,
+        "backbone": backbone,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
         "budgets": budgets,
-        "machine": {"cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "torch": torch.__version__, "load_average": os.getloadavg()},
-        "wall_s": time.perf_counter() - started, "runs": runs, "summary": summary,
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_average": os.getloadavg(),
+        },
+        "wall_s": time.perf_counter() - started,
+        "runs": runs,
+        "summary": summary,
     }
 
 
 def markdown(result: dict[str, Any], command: str) -> str:
     p = result["preset"]
-    lines = [f"# Decoding rows while a long prompt arrives ({result['backbone']}, {result['dtype']}, {result['device']})", "",
-             f"`{command}`  ", f"{p['batch'] - 1} rows with PEDRO adapters ({p['prompt_len']}-token prompts) decoding when one "
-             f"{p['long_len']}-token prompt arrives; budget off = {result['budgets']['off']} tokens per step (the whole "
-             f"prompt in one step), on N = N tokens per step. Medians over {p['repeats']} interleaved repeats; machine: "
-             f"{result['machine']['platform']}, {result['machine']['cpu_threads']} torch threads, load average "
-             f"{', '.join(f'{x:.1f}' for x in result['machine']['load_average'])} at the end.", "",
-             "| long prompt | budget | worst inter-token gap ms | median step ms (before it) | gap / median step | "
-             "worst gap ms before it | median step ms (whole run) | steps to its first token |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Decoding rows while a long prompt arrives ({result['backbone']}, {result['dtype']}, {result['device']})",
+        "",
+        f"`{command}`  ",
+        f"{p['batch'] - 1} rows with PEDRO adapters ({p['prompt_len']}-token prompts) decoding when one "
+        f"{p['long_len']}-token prompt arrives; budget off = {result['budgets']['off']} tokens per step (the whole "
+        f"prompt in one step), on N = N tokens per step. Medians over {p['repeats']} interleaved repeats; machine: "
+        f"{result['machine']['platform']}, {result['machine']['cpu_threads']} torch threads, load average "
+        f"{', '.join(f'{x:.1f}' for x in result['machine']['load_average'])} at the end.",
+        "",
+        "| long prompt | budget | worst inter-token gap ms | median step ms (before it) | gap / median step | "
+        "worst gap ms before it | median step ms (whole run) | steps to its first token |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for case, m in result["summary"].items():
         kind, name = case.split("/")
-        lines.append(f"| {kind} | {name} | {m['worst_gap_ms']:.0f} | {m['median_step_ms']:.1f} | "
-                     f"{m['gap_over_median_step']:.2f} | {m['worst_gap_before_ms']:.0f} | {m['median_step_all_ms']:.1f} | "
-                     f"{m['steps_to_first_token']:.0f} |")
+        lines.append(
+            f"| {kind} | {name} | {m['worst_gap_ms']:.0f} | {m['median_step_ms']:.1f} | "
+            f"{m['gap_over_median_step']:.2f} | {m['worst_gap_before_ms']:.0f} | {m['median_step_all_ms']:.1f} | "
+            f"{m['steps_to_first_token']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -158,8 +205,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbone", default="smollm2-135m")
     parser.add_argument("--dtype", default="auto", help="auto (decided for the device), bfloat16, float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--budget", type=int, nargs="+", default=None,
-                        help="max_prefill_tokens of the 'on' cases (default: the engine's)")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        nargs="+",
+        default=None,
+        help="max_prefill_tokens of the 'on' cases (default: the engine's)",
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/long_prompt", help="path prefix for .json / .md")
@@ -169,8 +221,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.repeats is not None:
         preset["repeats"] = args.repeats
     on = args.budget or [preset.get("budget") or Engine.__init__.__kwdefaults__["max_prefill_tokens"]]
-    result = benchmark(preset, args.backbone, resolve_dtype(args.dtype, args.device), on, args.device,
-                       log=lambda s: print(s, flush=True))
+    result = benchmark(
+        preset,
+        args.backbone,
+        resolve_dtype(args.dtype, args.device),
+        on,
+        args.device,
+        log=lambda s: print(s, flush=True),
+    )
     command = "python benchmarks/long_prompt.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

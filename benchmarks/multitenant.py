@@ -44,19 +44,55 @@ from common import percentile  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # every method at both batch sizes over the tenant counts (hours on a 2-core CPU)
-    "full": dict(sweep={32: [1, 4, 16, 32], 64: [1, 4, 16, 32, 64]}, all_methods_at=[32, 64], prompt_len=128,
-                 new_tokens=128, repeats=3, hf_new_tokens=128, long_prompt=512, long_batch=8, hf_tenants=[1, 4, 16, 32]),
+    "full": dict(
+        sweep={32: [1, 4, 16, 32], 64: [1, 4, 16, 32, 64]},
+        all_methods_at=[32, 64],
+        prompt_len=128,
+        new_tokens=128,
+        repeats=3,
+        hf_new_tokens=128,
+        long_prompt=512,
+        long_batch=8,
+        hf_tenants=[1, 4, 16, 32],
+    ),
     # sized to finish in ~25 minutes on a shared 2-core CPU (see docs/engine.md): short prompts and 16 decode
     # steps (decode throughput is per step, so fewer steps cost precision, not meaning); at batch 64 only
     # bare / PEDRO / LoRA r=8
-    "cpu": dict(sweep={32: [1, 4, 16, 32], 64: [1, 16, 64]}, all_methods_at=[32], prompt_len=32, new_tokens=16,
-                repeats=3, hf_new_tokens=8, long_prompt=256, long_batch=8, hf_tenants=[4, 32]),
+    "cpu": dict(
+        sweep={32: [1, 4, 16, 32], 64: [1, 16, 64]},
+        all_methods_at=[32],
+        prompt_len=32,
+        new_tokens=16,
+        repeats=3,
+        hf_new_tokens=8,
+        long_prompt=256,
+        long_batch=8,
+        hf_tenants=[4, 32],
+    ),
     # the four targets only (batch 32 at 1 and 32 tenants, 32 decode steps): ~15 minutes, to re-check a change
-    "targets": dict(sweep={32: [1, 32]}, all_methods_at=[32], prompt_len=128, new_tokens=32, repeats=3,
-                    hf_new_tokens=32, long_prompt=512, long_batch=8, hf_tenants=[32]),
+    "targets": dict(
+        sweep={32: [1, 32]},
+        all_methods_at=[32],
+        prompt_len=128,
+        new_tokens=32,
+        repeats=3,
+        hf_new_tokens=32,
+        long_prompt=512,
+        long_batch=8,
+        hf_tenants=[32],
+    ),
     # seconds, for a smoke test of the script itself
-    "smoke": dict(sweep={4: [1, 4]}, all_methods_at=[4], prompt_len=8, new_tokens=4, repeats=1, hf_new_tokens=3,
-                  long_prompt=16, long_batch=2, hf_tenants=[4]),
+    "smoke": dict(
+        sweep={4: [1, 4]},
+        all_methods_at=[4],
+        prompt_len=8,
+        new_tokens=4,
+        repeats=1,
+        hf_new_tokens=3,
+        long_prompt=16,
+        long_batch=2,
+        hf_tenants=[4],
+    ),
 }
 POPULARITY = ("distinct", "uniform16", "zipf", "identical")
 ENGINE_METHODS = ("bare", "pedro", "lora_r8_qv", "lora_matched", "ia3")
@@ -86,8 +122,10 @@ def _clone_adapter(template: Path, target: Path, seed: int, scale: float, offset
     (target / "adapter_config.json").write_text((template / "adapter_config.json").read_text())
     g = torch.Generator().manual_seed(seed)
     tensors = load_file(str(template / "adapter_model.safetensors"))
-    save_file({k: (torch.randn(v.shape, generator=g) * scale + offset).contiguous() for k, v in tensors.items()},
-              str(target / "adapter_model.safetensors"))
+    save_file(
+        {k: (torch.randn(v.shape, generator=g) * scale + offset).contiguous() for k, v in tensors.items()},
+        str(target / "adapter_model.safetensors"),
+    )
 
 
 def make_adapters(model: torch.nn.Module, root: Path, n: int) -> tuple[dict[str, list[Path]], dict[str, int]]:
@@ -101,9 +139,15 @@ def make_adapters(model: torch.nn.Module, root: Path, n: int) -> tuple[dict[str,
     configs = {
         "pedro": pedro_config,
         "lora_r8_qv": peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-        "lora_matched": peft.LoraConfig(r=matched_rank, lora_alpha=2 * matched_rank,
-                                        target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM"),
-        "ia3": peft.IA3Config(target_modules=["q_proj", "k_proj", "up_proj"], feedforward_modules=[], task_type="CAUSAL_LM"),
+        "lora_matched": peft.LoraConfig(
+            r=matched_rank,
+            lora_alpha=2 * matched_rank,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            task_type="CAUSAL_LM",
+        ),
+        "ia3": peft.IA3Config(
+            target_modules=["q_proj", "k_proj", "up_proj"], feedforward_modules=[], task_type="CAUSAL_LM"
+        ),
     }
     paths: dict[str, list[Path]] = {}
     params: dict[str, int] = {}
@@ -153,7 +197,9 @@ class Run:
 
 def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> Run:
     # warm-up: make this run's adapters resident (a previous method's may have been evicted)
-    engine.generate([Request(p[:2], adapter=a, sampling=SamplingParams(max_new_tokens=1)) for p, a in zip(prompts, adapters)])
+    engine.generate(
+        [Request(p[:2], adapter=a, sampling=SamplingParams(max_new_tokens=1)) for p, a in zip(prompts, adapters)]
+    )
     engine.reset_stats()
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     outs = engine.generate([Request(p, adapter=a, sampling=sampling) for p, a in zip(prompts, adapters)])
@@ -191,8 +237,16 @@ def run_hf(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, **
     stamps = _Stamps()
     with torch.inference_mode():
         start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0, stopping_criteria=[stamps], **kwargs)
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=[stamps],
+            **kwargs,
+        )
     steps = [b - a for a, b in zip(stamps.times, stamps.times[1:])]
     return Run(
         decode_tok_s=len(prompts) * len(steps) / sum(steps),
@@ -240,16 +294,29 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Ca
     popularity_batch = 32 if 32 in preset["sweep"] else next(iter(preset["sweep"]))
     for pattern in ("uniform16", "zipf"):  # "distinct" and "identical" are the sweep's t=batch and t=1 points
         points.append((f"b{popularity_batch}-{pattern}", popularity_batch, 0, pattern, P))
-    points.append((f"long-b{preset['long_batch']}-p{preset['long_prompt']}", preset["long_batch"],
-                   preset["long_batch"], "distinct", preset["long_prompt"]))
+    points.append(
+        (
+            f"long-b{preset['long_batch']}-p{preset['long_prompt']}",
+            preset["long_batch"],
+            preset["long_batch"],
+            "distinct",
+            preset["long_prompt"],
+        )
+    )
 
     engines: dict[tuple[int, int], Engine] = {}
 
     def engine_for(batch: int, prompt_len: int, on: torch.nn.Module = model) -> Engine:
         key = (batch, prompt_len, next(on.parameters()).dtype)
         if key not in engines:
-            engines[key] = Engine(on, tokenizer, max_batch=batch, max_seq_len=prompt_len + N + 1,
-                                  max_prefill_tokens=batch * prompt_len, adapter_capacity=64)
+            engines[key] = Engine(
+                on,
+                tokenizer,
+                max_batch=batch,
+                max_seq_len=prompt_len + N + 1,
+                max_prefill_tokens=batch * prompt_len,
+                adapter_capacity=64,
+            )
             for method in ENGINE_METHODS[1:]:
                 for i, path in enumerate(paths[method]):
                     engines[key].add_adapter(f"{method}-{i}", path)
@@ -264,8 +331,12 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Ca
 
     # HF baselines on separate copies of the backbone (PEFT wraps modules in place)
     hf_model, _ = pedro.load_backbone(backbone, dtype=dtype, quiet=True)
-    hf_pedro = peft.PeftModel.from_pretrained(pedro.load_backbone(backbone, dtype=dtype, quiet=True)[0], str(paths["pedro"][0]))
-    hf_lora = peft.PeftModel.from_pretrained(pedro.load_backbone(backbone, dtype=dtype, quiet=True)[0], str(paths["lora_r8_qv"][0]), adapter_name="t0")
+    hf_pedro = peft.PeftModel.from_pretrained(
+        pedro.load_backbone(backbone, dtype=dtype, quiet=True)[0], str(paths["pedro"][0])
+    )
+    hf_lora = peft.PeftModel.from_pretrained(
+        pedro.load_backbone(backbone, dtype=dtype, quiet=True)[0], str(paths["lora_r8_qv"][0]), adapter_name="t0"
+    )
     # float32 side by side (the exact default): the bare engine and transformers generate on one fp32 copy
     fp32_model = pedro.load_backbone(backbone, quiet=True)[0] if dtype != torch.float32 else None
     for i in range(1, max(preset["hf_tenants"])):
@@ -284,9 +355,11 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Ca
                 results.setdefault(label, {}).setdefault(f"engine:{method}", []).append((rep, run))
                 if method == "bare":
                     bare_by_batch.setdefault((label, 0), {})[rep] = run
-                log(f"[rep {rep}] {label:>18} engine:{method:<13} decode {run.decode_tok_s:7.1f} tok/s  "
+                log(
+                    f"[rep {rep}] {label:>18} engine:{method:<13} decode {run.decode_tok_s:7.1f} tok/s  "
                     f"prefill {run.prefill_tok_s:7.1f} tok/s  step p50 {run.step_p50_ms:6.1f} ms  "
-                    f"({time.perf_counter() - started:.0f}s)")
+                    f"({time.perf_counter() - started:.0f}s)"
+                )
             if pattern == "distinct" and prompt_len == P and batch == popularity_batch:
                 hf_runs = []
                 if tenants == 1:
@@ -294,23 +367,31 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Ca
                     hf_runs.append(("hf:generate_pedro_single", lambda: run_hf(hf_pedro, prompts, N_hf)))
                     if fp32_model is not None:
                         fp32_engine = engine_for(batch, prompt_len, fp32_model)
-                        hf_runs.append(("engine:bare_fp32", lambda: run_engine(fp32_engine, prompts, [None] * batch, N)))
+                        hf_runs.append(
+                            ("engine:bare_fp32", lambda: run_engine(fp32_engine, prompts, [None] * batch, N))
+                        )
                         hf_runs.append(("hf:generate_bare_fp32", lambda: run_hf(fp32_model, prompts, N_hf)))
                 if tenants in preset["hf_tenants"]:
                     names = [f"t{t}" for t in rows]
-                    hf_runs.append(("hf:peft_mixed_lora_r8_qv", lambda: run_hf(hf_lora, prompts, N_hf, adapter_names=names)))
+                    hf_runs.append(
+                        ("hf:peft_mixed_lora_r8_qv", lambda: run_hf(hf_lora, prompts, N_hf, adapter_names=names))
+                    )
                 for name, fn in hf_runs:
                     run = fn()
                     results[label].setdefault(name, []).append((rep, run))
-                    log(f"[rep {rep}] {label:>18} {name:<20} decode {run.decode_tok_s:7.1f} tok/s  "
-                        f"prefill {run.prefill_tok_s:7.1f} tok/s  ({time.perf_counter() - started:.0f}s)")
+                    log(
+                        f"[rep {rep}] {label:>18} {name:<20} decode {run.decode_tok_s:7.1f} tok/s  "
+                        f"prefill {run.prefill_tok_s:7.1f} tok/s  ({time.perf_counter() - started:.0f}s)"
+                    )
             gc.collect()
 
     table: dict[str, dict[str, Any]] = {}
     for label, batch, tenants, pattern, prompt_len in points:
         bare = bare_by_batch[(label, 0)]
         table[label] = {
-            "batch": batch, "tenants": tenants if pattern == "distinct" else None, "pattern": pattern,
+            "batch": batch,
+            "tenants": tenants if pattern == "distinct" else None,
+            "pattern": pattern,
             "prompt_len": prompt_len,
             "methods": {m: summarise(r, bare) for m, r in results[label].items()},
         }
@@ -319,8 +400,13 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Ca
         "preset": preset,
         "backbone": backbone,
         "dtype": str(dtype).removeprefix("torch."),
-        "machine": {"cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "torch": torch.__version__, "processor": platform.processor()},
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "processor": platform.processor(),
+        },
         "adapter_parameters": params,
         "adapter_bytes_fp32": {k: 4 * v for k, v in params.items()},
         "pedro_state_bytes_per_request": some_engine.pedro_state_bytes("pedro-0"),
@@ -347,11 +433,21 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float | None, float, bool
     ratio = get(t32, "engine:pedro", "decode_tok_s_vs_bare")
     checks.append(("PEDRO decode >= 0.97x bare backbone at 32 tenants (batch 32)", ratio, 0.97))
     pedro_tps, hf_lora = get(t32, "engine:pedro", "decode_tok_s"), get(t32, "hf:peft_mixed_lora_r8_qv", "decode_tok_s")
-    checks.append(("PEDRO decode >= 2.5x HF PEFT mixed-batch LoRA at 32 tenants",
-                   pedro_tps / hf_lora if pedro_tps and hf_lora else None, 2.5))
+    checks.append(
+        (
+            "PEDRO decode >= 2.5x HF PEFT mixed-batch LoRA at 32 tenants",
+            pedro_tps / hf_lora if pedro_tps and hf_lora else None,
+            2.5,
+        )
+    )
     bare_tps, hf_bare = get(t1, "engine:bare", "decode_tok_s"), get(t1, "hf:generate_bare", "decode_tok_s")
-    checks.append((f"engine bare decode >= 2x transformers generate at batch 32 (both {result['dtype']})",
-                   bare_tps / hf_bare if bare_tps and hf_bare else None, 2.0))
+    checks.append(
+        (
+            f"engine bare decode >= 2x transformers generate at batch 32 (both {result['dtype']})",
+            bare_tps / hf_bare if bare_tps and hf_bare else None,
+            2.0,
+        )
+    )
     bare32, hf32 = get(t1, "engine:bare_fp32", "decode_tok_s"), get(t1, "hf:generate_bare_fp32", "decode_tok_s")
     if bare32 and hf32:
         checks.append(("engine bare decode >= 2x transformers generate at batch 32 (both float32)", bare32 / hf32, 2.0))
@@ -361,29 +457,43 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float | None, float, bool
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"# Multi-tenant serving benchmark ({result['backbone']}, {result['dtype']})", "",
-             f"Preset: `{json.dumps(result['preset'])}`  ",
-             f"Machine: {result['machine']['platform']}, {result['machine']['cpu_threads']} torch threads, "
-             f"torch {result['machine']['torch']}. Wall time {result['wall_s'] / 60:.1f} min, peak RSS "
-             f"{result['peak_rss_mb']:.0f} MB.", "",
-             "Ratios are to the engine's bare backbone in the same repeat (median over repeats).", "",
-             "| point | method | decode tok/s | ×bare | prefill tok/s | ×bare | step p50 ms | step p99 ms | TTFT s | RSS MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Multi-tenant serving benchmark ({result['backbone']}, {result['dtype']})",
+        "",
+        f"Preset: `{json.dumps(result['preset'])}`  ",
+        f"Machine: {result['machine']['platform']}, {result['machine']['cpu_threads']} torch threads, "
+        f"torch {result['machine']['torch']}. Wall time {result['wall_s'] / 60:.1f} min, peak RSS "
+        f"{result['peak_rss_mb']:.0f} MB.",
+        "",
+        "Ratios are to the engine's bare backbone in the same repeat (median over repeats).",
+        "",
+        "| point | method | decode tok/s | ×bare | prefill tok/s | ×bare | step p50 ms | step p99 ms | TTFT s | RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, point in result["points"].items():
         for method, m in point["methods"].items():
+
             def f(x: float | None, fmt: str) -> str:
                 return "" if x is None else format(x, fmt)
-            lines.append(f"| {label} | {method} | {m['decode_tok_s']:.1f} | {f(m['decode_tok_s_vs_bare'], '.3f')} | "
-                         f"{m['prefill_tok_s']:.1f} | {f(m['prefill_tok_s_vs_bare'], '.3f')} | {m['step_p50_ms']:.1f} | "
-                         f"{m['step_p99_ms']:.1f} | {m['ttft_s']:.2f} | {m['rss_mb']:.0f} |")
+
+            lines.append(
+                f"| {label} | {method} | {m['decode_tok_s']:.1f} | {f(m['decode_tok_s_vs_bare'], '.3f')} | "
+                f"{m['prefill_tok_s']:.1f} | {f(m['prefill_tok_s_vs_bare'], '.3f')} | {m['step_p50_ms']:.1f} | "
+                f"{m['step_p99_ms']:.1f} | {m['ttft_s']:.2f} | {m['rss_mb']:.0f} |"
+            )
     lines += ["", "## Targets", ""]
     for desc, measured, threshold, ok in targets(result):
         value = "n/a" if measured is None else f"{measured:.3f}"
         lines.append(f"- **{'PASS' if ok else 'MISS'}** {desc}: measured {value} (target {threshold})")
-    lines += ["", "## Memory", "",
-              f"- per-request PEDRO state (its vectors, all layers): {result['pedro_state_bytes_per_request'] / 1024:.1f} KiB",
-              f"- KV cache per token: {result['kv_cache_bytes_per_token'] / 1024:.1f} KiB",
-              "- per-adapter memory (fp32): " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in result["adapter_bytes_fp32"].items())]
+    lines += [
+        "",
+        "## Memory",
+        "",
+        f"- per-request PEDRO state (its vectors, all layers): {result['pedro_state_bytes_per_request'] / 1024:.1f} KiB",
+        f"- KV cache per token: {result['kv_cache_bytes_per_token'] / 1024:.1f} KiB",
+        "- per-adapter memory (fp32): "
+        + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in result["adapter_bytes_fp32"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -397,8 +507,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     batches = [b for b in batches if sum(1 for p in result["points"].values() if p["batch"] == b and p["tenants"]) > 1]
     fig, axes = plt.subplots(1, max(1, len(batches)), figsize=(6 * max(1, len(batches)), 4.5), squeeze=False)
     for ax, batch in zip(axes[0], batches):
-        sweep = sorted((p["tenants"], p) for label, p in result["points"].items()
-                       if p["batch"] == batch and p["pattern"] == "distinct" and p["tenants"] and not label.startswith("long"))
+        sweep = sorted(
+            (p["tenants"], p)
+            for label, p in result["points"].items()
+            if p["batch"] == batch and p["pattern"] == "distinct" and p["tenants"] and not label.startswith("long")
+        )
         methods = sorted({m for _, p in sweep for m in p["methods"]})
         for method in methods:
             xs = [t for t, p in sweep if method in p["methods"]]
@@ -421,9 +534,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="results/multitenant", help="path prefix for .json / .md / .png")
     parser.add_argument("--repeats", type=int, default=None, help="override the preset's repeats")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CPUs with native bf16), bfloat16, float32")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a CPU shared with other jobs, 2-thread GEMMs stall on each other "
-                             "and timings swing 2x; see docs/engine.md)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a CPU shared with other jobs, 2-thread GEMMs stall on each other "
+        "and timings swing 2x; see docs/engine.md)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     preset = dict(PRESETS[args.preset], name=args.preset)

@@ -128,9 +128,21 @@ def run_dev(base, tokenizer, task, train_examples, dev_examples, settings, seed,
     model = copy.deepcopy(base)
     out = Path(tempfile.mkdtemp(dir=work))
     result = train(
-        model=model, tokenizer=tokenizer, examples=train_examples, eval_examples=dev_examples, output_dir=str(out),
-        seed=seed, max_length=size.max_length, overflow=size.overflow, progress=False, epochs=DEV_EPOCHS,
-        batch_size=8, scheduler="cosine", warmup=0.06, logging_steps=10, **settings,
+        model=model,
+        tokenizer=tokenizer,
+        examples=train_examples,
+        eval_examples=dev_examples,
+        output_dir=str(out),
+        seed=seed,
+        max_length=size.max_length,
+        overflow=size.overflow,
+        progress=False,
+        epochs=DEV_EPOCHS,
+        batch_size=8,
+        scheduler="cosine",
+        warmup=0.06,
+        logging_steps=10,
+        **settings,
     )
     scores = evaluate(model, tokenizer, task, examples=dev_examples, batch_size=16, progress=False)
     del model
@@ -141,8 +153,10 @@ def run_dev(base, tokenizer, task, train_examples, dev_examples, settings, seed,
         "train_loss": summary["train_loss"],
         "steps": summary["steps"],
         "best": summary["best"],
-        "curve": [{k: r[k] for k in ("epoch", "step", "eval_loss", "eval_accuracy", "eval_macro_f1") if k in r}
-                  for r in summary["evaluations"]],
+        "curve": [
+            {k: r[k] for k in ("epoch", "step", "eval_loss", "eval_accuracy", "eval_macro_f1") if k in r}
+            for r in summary["evaluations"]
+        ],
         **{f"dev_{k}": v for k, v in scores.items() if k not in ("task", "split")},
     }
 
@@ -165,38 +179,66 @@ def dev_phase(args: argparse.Namespace, out: Path) -> None:
                 if (task_name, variant, seed) in done:
                     continue
                 record = run_dev(base, tokenizer, task, train_part, dev_part, DEV_VARIANTS[variant], seed, size, work)
-                record = {"task": task_name, "variant": variant, "seed": seed, "n_train": len(train_part),
-                          "n_dev": len(dev_part), **record}
+                record = {
+                    "task": task_name,
+                    "variant": variant,
+                    "seed": seed,
+                    "n_train": len(train_part),
+                    "n_dev": len(dev_part),
+                    **record,
+                }
                 done[(task_name, variant, seed)] = record
                 append(runs_path, record)
                 metric = f"dev_{task.metric}"
-                print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {task_name} {variant} seed {seed}: "
-                      f"{metric} {record[metric]:.3f}, best {record['best']}", flush=True)
+                print(
+                    f"[{(time.perf_counter() - start) / 60:5.1f} min] {task_name} {variant} seed {seed}: "
+                    f"{metric} {record[metric]:.3f}, best {record['best']}",
+                    flush=True,
+                )
                 dev_report(list(done.values()), out)
     dev_report(list(done.values()), out)
 
 
 def dev_report(records: list[dict[str, Any]], out: Path) -> None:
     """results/quality_dev.{json,md}: each variant's dev curve (every epoch) and its kept epoch's score."""
-    write_json_atomic(out / "quality_dev.json", {"sizes": {k: vars(v) for k, v in DEV_SIZES.items()},
-                                                 "epochs": DEV_EPOCHS, "variants": DEV_VARIANTS, "runs": records})
-    lines = ["# Quality study, dev phase: the choices behind `pedro train`'s defaults", "",
-             "Command: `python benchmarks/quality.py --phase dev`", "",
-             f"Each variant trains {DEV_EPOCHS} epochs (cosine schedule, batch 8) on records of the task's *train* split and is "
-             "scored on a dev split carved from the same split (records sharing an input kept on one side), at every "
-             "epoch; the adapter kept is the best epoch's (accuracy for choice tasks, loss otherwise), scored again on "
-             "the dev split with the task's metric. The test splits are not read. One seed (0) per variant.", ""]
+    write_json_atomic(
+        out / "quality_dev.json",
+        {
+            "sizes": {k: vars(v) for k, v in DEV_SIZES.items()},
+            "epochs": DEV_EPOCHS,
+            "variants": DEV_VARIANTS,
+            "runs": records,
+        },
+    )
+    lines = [
+        "# Quality study, dev phase: the choices behind `pedro train`'s defaults",
+        "",
+        "Command: `python benchmarks/quality.py --phase dev`",
+        "",
+        f"Each variant trains {DEV_EPOCHS} epochs (cosine schedule, batch 8) on records of the task's *train* split and is "
+        "scored on a dev split carved from the same split (records sharing an input kept on one side), at every "
+        "epoch; the adapter kept is the best epoch's (accuracy for choice tasks, loss otherwise), scored again on "
+        "the dev split with the task's metric. The test splits are not read. One seed (0) per variant.",
+        "",
+    ]
     for task in dict.fromkeys(r["task"] for r in records):
         runs = [r for r in records if r["task"] == task]
         metric = get_task(task).metric
         key = "eval_accuracy" if "eval_accuracy" in runs[0]["curve"][0] else "eval_loss"
         epochs = max(len(r["curve"]) for r in runs)
-        lines += [f"## {task} ({runs[0]['n_train']} train / {runs[0]['n_dev']} dev records)", "",
-                  f"| variant | trainable | {key.removeprefix('eval_')} by epoch " + " ".join(f"| {e + 1}" for e in range(epochs))
-                  + f" | best epoch | dev {metric} of the kept epoch |", "|---|---:|---" + "|---:" * epochs + "|---:|---:|"]
+        lines += [
+            f"## {task} ({runs[0]['n_train']} train / {runs[0]['n_dev']} dev records)",
+            "",
+            f"| variant | trainable | {key.removeprefix('eval_')} by epoch "
+            + " ".join(f"| {e + 1}" for e in range(epochs))
+            + f" | best epoch | dev {metric} of the kept epoch |",
+            "|---|---:|---" + "|---:" * epochs + "|---:|---:|",
+        ]
         for r in runs:
             scale = 100.0 if key == "eval_accuracy" else 1.0
-            curve = " | ".join(f"{scale * c[key]:.1f}" if key == "eval_accuracy" else f"{c[key]:.3f}" for c in r["curve"])
+            curve = " | ".join(
+                f"{scale * c[key]:.1f}" if key == "eval_accuracy" else f"{c[key]:.3f}" for c in r["curve"]
+            )
             best_epoch = next((round(c["epoch"]) for c in r["curve"] if c["step"] == r["best"]["step"]), "?")
             value = r[f"dev_{metric}"] * (100.0 if metric in ("accuracy", "exact_match") else 1.0)
             lines.append(f"| {r['variant']} | {r['trainable']:,} | | {curve} | {best_epoch} | {value:.1f} |")
@@ -221,10 +263,26 @@ def run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed
     """Train one adapter with `pedro train`'s defaults on a deep copy of the backbone, score the test items."""
     model = copy.deepcopy(base)
     out = Path(tempfile.mkdtemp(dir=work))
-    result = train(model=model, tokenizer=tokenizer, examples=train_examples, output_dir=str(out), seed=seed,
-                   max_length=size.max_length, overflow=size.overflow, progress=False, **settings)
-    scores = evaluate(model, tokenizer, task, examples=eval_examples, batch_size=16, progress=False,
-                      predictions_path=out / "predictions.jsonl")
+    result = train(
+        model=model,
+        tokenizer=tokenizer,
+        examples=train_examples,
+        output_dir=str(out),
+        seed=seed,
+        max_length=size.max_length,
+        overflow=size.overflow,
+        progress=False,
+        **settings,
+    )
+    scores = evaluate(
+        model,
+        tokenizer,
+        task,
+        examples=eval_examples,
+        batch_size=16,
+        progress=False,
+        predictions_path=out / "predictions.jsonl",
+    )
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     del model
     summary = result.summary
@@ -264,7 +322,9 @@ def _metric_of(task: Any, examples: list, run: dict[str, Any], items: list[int])
     return task.score([run["predictions"][i] for i in items], [examples[i] for i in items])[task.metric]
 
 
-def paired_bootstrap(task: Any, examples: list, a: list[dict], b: list[dict], rounds: int, seed: int = 0) -> tuple[float, float]:
+def paired_bootstrap(
+    task: Any, examples: list, a: list[dict], b: list[dict], rounds: int, seed: int = 0
+) -> tuple[float, float]:
     """95 % interval of mean-over-seeds(metric of a) minus mean-over-seeds(metric of b), resampling test items
     (the same resample for every run, so the comparison is paired)."""
     rng = random.Random(seed)
@@ -272,8 +332,10 @@ def paired_bootstrap(task: Any, examples: list, a: list[dict], b: list[dict], ro
     n_items = len(examples)
     for _ in range(rounds):
         items = [rng.randrange(n_items) for _ in range(n_items)]
-        diffs.append(statistics.mean(_metric_of(task, examples, r, items) for r in a)
-                     - statistics.mean(_metric_of(task, examples, r, items) for r in b))
+        diffs.append(
+            statistics.mean(_metric_of(task, examples, r, items) for r in a)
+            - statistics.mean(_metric_of(task, examples, r, items) for r in b)
+        )
     diffs.sort()
     return diffs[int(0.025 * rounds)], diffs[min(rounds - 1, int(0.975 * rounds))]
 
@@ -290,10 +352,15 @@ def aggregate(records: list[dict[str, Any]], tasks: dict[str, tuple[Any, list]],
             if not runs:
                 continue
             info["n_eval"] = runs[0]["n"]
-            entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "trainable": runs[0].get("trainable", 0),
-                                     "n_train": runs[0].get("n_train"), "dev_records": runs[0].get("dev_records"),
-                                     "epochs": runs[0].get("epochs"), "lr": runs[0].get("lr"),
-                                     "train_seconds": statistics.mean(r.get("train_seconds", 0.0) for r in runs)}
+            entry: dict[str, Any] = {
+                "seeds": [r["seed"] for r in runs],
+                "trainable": runs[0].get("trainable", 0),
+                "n_train": runs[0].get("n_train"),
+                "dev_records": runs[0].get("dev_records"),
+                "epochs": runs[0].get("epochs"),
+                "lr": runs[0].get("lr"),
+                "train_seconds": statistics.mean(r.get("train_seconds", 0.0) for r in runs),
+            }
             for key in [metric, *SECONDARY.get(name, [])]:
                 values = [r[key] for r in runs]
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -309,8 +376,11 @@ def aggregate(records: list[dict[str, Any]], tasks: dict[str, tuple[Any, list]],
             a = [r for r in pedro_runs if r["seed"] in seeds]
             b = [r for r in other_runs if r["seed"] in seeds]
             low, high = paired_bootstrap(task, examples, a, b, rounds)
-            info["versus"][other] = {"seeds": seeds, "difference": statistics.mean(r[metric] for r in a)
-                                     - statistics.mean(r[metric] for r in b), "bootstrap95": [low, high]}
+            info["versus"][other] = {
+                "seeds": seeds,
+                "difference": statistics.mean(r[metric] for r in a) - statistics.mean(r[metric] for r in b),
+                "bootstrap95": [low, high],
+            }
         table[name] = info
     return table
 
@@ -357,22 +427,40 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
         trained = next((e for m, e in info["methods"].items() if m != "zero_shot"), {})
         sizes = f"{trained.get('n_train', '?')} / {trained.get('dev_records', '?')} / {info.get('n_eval', '?')}"
         lines.append(f"| {task} ({info['metric']}; {sizes}) | " + " | ".join(cells) + " |")
-    lines += ["", f"PEDRO minus each baseline, same seeds; 95 % paired bootstrap interval over test items ({meta['rounds']} "
-              "resamples, each run re-scored on the same resample):", "",
-              "| task | " + " | ".join(f"PEDRO − {b}" for b in BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
+    lines += [
+        "",
+        f"PEDRO minus each baseline, same seeds; 95 % paired bootstrap interval over test items ({meta['rounds']} "
+        "resamples, each run re-scored on the same resample):",
+        "",
+        "| task | " + " | ".join(f"PEDRO − {b}" for b in BASELINES) + " |",
+        "|---|" + "---|" * len(BASELINES),
+    ]
     for task, info in table.items():
         scale = _scale(info["metric"])
         cells = []
         for b in BASELINES:
             v = info["versus"].get(b)
-            cells.append(f"{scale * v['difference']:+.1f} [{scale * v['bootstrap95'][0]:+.1f}, {scale * v['bootstrap95'][1]:+.1f}] "
-                         f"(seeds {','.join(map(str, v['seeds']))})" if v else "—")
+            cells.append(
+                f"{scale * v['difference']:+.1f} [{scale * v['bootstrap95'][0]:+.1f}, {scale * v['bootstrap95'][1]:+.1f}] "
+                f"(seeds {','.join(map(str, v['seeds']))})"
+                if v
+                else "—"
+            )
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    lines += ["", "Trainable parameters, epochs, learning rate and mean train time per run:", "",
-              "| task | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    lines += [
+        "",
+        "Trainable parameters, epochs, learning rate and mean train time per run:",
+        "",
+        "| task | " + " | ".join(METHODS) + " |",
+        "|---|" + "---|" * len(METHODS),
+    ]
     for task, info in table.items():
-        cells = [f"{e['trainable']:,}; {e['epochs']:g} ep; lr {e['lr']:g}; {e['train_seconds'] / 60:.0f} min"
-                 if (e := info["methods"].get(m)) else "—" for m in METHODS]
+        cells = [
+            f"{e['trainable']:,}; {e['epochs']:g} ep; lr {e['lr']:g}; {e['train_seconds'] / 60:.0f} min"
+            if (e := info["methods"].get(m))
+            else "—"
+            for m in METHODS
+        ]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -417,11 +505,19 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
     def write_outputs() -> None:
         records = list(done.values())
         table = aggregate([r for r in records if r["task"] in tasks], tasks, 20 if args.quick else BOOTSTRAP)
-        meta = {"command": command, "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
-                "seeds": ",".join(map(str, seeds)), "default_lr": DEFAULT_LR, "runs": len(records),
-                "run_minutes": sum(r.get("train_seconds", 0.0) + r.get("seconds", 0.0) for r in records) / 60,
-                "threads": torch.get_num_threads(), "rounds": 20 if args.quick else BOOTSTRAP,
-                "sizes": {k: vars(v) for k, v in sizes.items()}, "methods": METHODS, "gen_tokens": GEN_TOKENS}
+        meta = {
+            "command": command,
+            "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
+            "seeds": ",".join(map(str, seeds)),
+            "default_lr": DEFAULT_LR,
+            "runs": len(records),
+            "run_minutes": sum(r.get("train_seconds", 0.0) + r.get("seconds", 0.0) for r in records) / 60,
+            "threads": torch.get_num_threads(),
+            "rounds": 20 if args.quick else BOOTSTRAP,
+            "sizes": {k: vars(v) for k, v in sizes.items()},
+            "methods": METHODS,
+            "gen_tokens": GEN_TOKENS,
+        }
         write_json_atomic(out / f"{stem}.json", {"meta": meta, "table": table})
         tmp = out / f".{stem}.md.tmp"
         tmp.write_text(markdown(table, meta))
@@ -440,12 +536,24 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
         key = (task_name, "zero_shot", 0)
         if key not in done:
             out_dir = Path(tempfile.mkdtemp(dir=work))
-            scores = evaluate(base, tokenizer, task, examples=eval_examples, batch_size=16, progress=False,
-                              predictions_path=out_dir / "p.jsonl")
+            scores = evaluate(
+                base,
+                tokenizer,
+                task,
+                examples=eval_examples,
+                batch_size=16,
+                progress=False,
+                predictions_path=out_dir / "p.jsonl",
+            )
             predictions = [json.loads(line) for line in (out_dir / "p.jsonl").read_text().splitlines()]
-            done[key] = {"task": task_name, "method": "zero_shot", "seed": 0, "trainable": 0,
-                         **{k: v for k, v in scores.items() if k not in ("task", "split")},
-                         **per_item(task, scores, predictions)}
+            done[key] = {
+                "task": task_name,
+                "method": "zero_shot",
+                "seed": 0,
+                "trainable": 0,
+                **{k: v for k, v in scores.items() if k not in ("task", "split")},
+                **per_item(task, scores, predictions),
+            }
             append(runs_path, done[key])
         log(f"{task_name} zero-shot: {done[key][task.metric]:.3f}")
         for seed in seeds:
@@ -456,8 +564,10 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
                     done[key] = {"task": task_name, "method": method, "seed": seed, **record}
                     append(runs_path, done[key])
                 r = done[key]
-                log(f"{task_name} {method} seed {seed}: {task.metric} {r[task.metric]:.3f} "
-                    f"({r['trainable']:,} params, {r['epochs']:g} epochs, {r['train_seconds'] / 60:.1f} min train)")
+                log(
+                    f"{task_name} {method} seed {seed}: {task.metric} {r[task.metric]:.3f} "
+                    f"({r['trainable']:,} params, {r['epochs']:g} epochs, {r['train_seconds'] / 60:.1f} min train)"
+                )
                 write_outputs()
     write_outputs()
     log(f"done: {out / stem}.md")
@@ -465,8 +575,12 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", default="test", choices=("dev", "test"),
-                        help="dev: the choices, on dev splits carved from train; test: the study on the test splits")
+    parser.add_argument(
+        "--phase",
+        default="test",
+        choices=("dev", "test"),
+        help="dev: the choices, on dev splits carved from train; test: the study on the test splits",
+    )
     parser.add_argument("--tasks", default=None, help="default: sst2,rte,trec,e2e,conala (test), trec,e2e (dev)")
     parser.add_argument("--seeds", default=None, help="default: 0,1,2 (test), 0 (dev)")
     parser.add_argument("--variants", default="", help="dev phase: ';'-separated variant names (default: all)")

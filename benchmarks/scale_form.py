@@ -45,12 +45,16 @@ def main() -> None:
         adapter.save_pretrained(tmp)
         del base, adapter
         total = args.prompt_len + 2 * args.blocks * args.steps + 8
-        engine = Engine(model, tokenizer, max_batch=args.batch, max_seq_len=total, max_prefill_tokens=args.batch * args.prompt_len)
+        engine = Engine(
+            model, tokenizer, max_batch=args.batch, max_seq_len=total, max_prefill_tokens=args.batch * args.prompt_len
+        )
         engine.add_adapter("p", tmp)
         g = torch.Generator().manual_seed(0)
         for _ in range(args.batch):
             prompt = torch.randint(100, 40000, (args.prompt_len,), generator=g).tolist()
-            engine.add_request(Request(prompt, adapter="p", sampling=SamplingParams(max_new_tokens=total, ignore_eos=True)))
+            engine.add_request(
+                Request(prompt, adapter="p", sampling=SamplingParams(max_new_tokens=total, ignore_eos=True))
+            )
         while engine.num_running < args.batch:
             engine.step()  # prefill (the adapter loads on a background thread first)
 
@@ -89,11 +93,15 @@ def main() -> None:
     engine_runner._Context.scale = current
     medians = {name: statistics.median(t) for name, t in times.items()}
     points = sorted(f"{side}:{module}" for side, module in rows.live_points())
-    print(f"{args.backbone} {args.dtype}, batch {args.batch} PEDRO rows (points {', '.join(points)}), "
-          f"prompt {args.prompt_len}, {args.threads} thread(s), {len(times['current x + x * z'])} steps per form")
+    print(
+        f"{args.backbone} {args.dtype}, batch {args.batch} PEDRO rows (points {', '.join(points)}), "
+        f"prompt {args.prompt_len}, {args.threads} thread(s), {len(times['current x + x * z'])} steps per form"
+    )
     for name, median in medians.items():
-        print(f"  {name:20s} decode step median {median * 1e3:7.2f} ms, of which scaling "
-              f"{statistics.median(scale_times[name]) * 1e3:5.2f} ms")
+        print(
+            f"  {name:20s} decode step median {median * 1e3:7.2f} ms, of which scaling "
+            f"{statistics.median(scale_times[name]) * 1e3:5.2f} ms"
+        )
     ratio = medians["current x + x * z"] / medians["former x * (1 + z)"]
     print(f"  current / former: {ratio:.3f}")
 

@@ -46,7 +46,9 @@ from server_process import ServerProcess, upload  # noqa: E402
 METHODS = ("base", "pedro", "lora")
 TENANTS = {f"tenant{i}": f"sk-bench-tenant-{i}" for i in range(4)}
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(backbone="smollm2-135m", adapters=8, clients=8, seconds=20.0, rounds=2, max_tokens=32, max_batch=16),
+    "default": dict(
+        backbone="smollm2-135m", adapters=8, clients=8, seconds=20.0, rounds=2, max_tokens=32, max_batch=16
+    ),
     "smoke": dict(backbone="tiny", adapters=2, clients=2, seconds=2.0, rounds=1, max_tokens=8, max_batch=4),
 }
 QUESTIONS = [
@@ -69,14 +71,30 @@ def tiny_backbone(path: Path) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *sorted({w for q in QUESTIONS for w in q.split()}), "user", "assistant"])}
+    vocab = {
+        w: i
+        for i, w in enumerate(
+            ["<pad>", "<eos>", "<unk>", *sorted({w for q in QUESTIONS for w in q.split()}), "user", "assistant"]
+        )
+    }
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant "
     tokenizer.save_pretrained(path)
     return str(path)
@@ -90,7 +108,9 @@ def make_adapters(backbone: str, directory: Path, n: int) -> dict[str, list[Path
     for kind in ("pedro", "lora"):
         for i in range(n):
             torch.manual_seed(1000 * (kind == "lora") + i)
-            config = pedro.PedroConfig(r=8) if kind == "pedro" else peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+            config = (
+                pedro.PedroConfig(r=8) if kind == "pedro" else peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+            )
             adapter = peft.get_peft_model(copy.deepcopy(model), config)
             with torch.no_grad():
                 for param in adapter.parameters():
@@ -122,14 +142,25 @@ class Phase:
     samples: list[Sample] = field(default_factory=list)
 
 
-async def one_request(client: httpx.AsyncClient, url: str, key: str, model: str, question: str, max_tokens: int) -> Sample:
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+async def one_request(
+    client: httpx.AsyncClient, url: str, key: str, model: str, question: str, max_tokens: int
+) -> Sample:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first = last = None
     tokens = 0
     try:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as response:
+        async with client.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as response:
             if response.status_code != 200:
                 return Sample(False, error=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
             async for line in response.aiter_lines():
@@ -150,7 +181,15 @@ async def one_request(client: httpx.AsyncClient, url: str, key: str, model: str,
     return Sample(True, first - start, (last - first) / max(1, tokens - 1), tokens)
 
 
-async def run_phase(url: str, method: str, models: dict[str, list[tuple[str, str]]], clients: int, seconds: float, max_tokens: int, seed: int) -> Phase:
+async def run_phase(
+    url: str,
+    method: str,
+    models: dict[str, list[tuple[str, str]]],
+    clients: int,
+    seconds: float,
+    max_tokens: int,
+    seed: int,
+) -> Phase:
     """``clients`` closed-loop clients for ``seconds``; -> every finished request's sample."""
     phase = Phase(method, seconds)
     rng = random.Random(seed)
@@ -191,13 +230,17 @@ def summarise(phases: list[Phase]) -> dict[str, dict[str, float]]:
             "tpot_p99_ms": 1000 * percentile([s.tpot for s in good], 99),
         }
     for method in METHODS:
-        summary[method]["requests_per_s_vs_base"] = summary[method]["requests_per_s"] / summary["base"]["requests_per_s"]
+        summary[method]["requests_per_s_vs_base"] = (
+            summary[method]["requests_per_s"] / summary["base"]["requests_per_s"]
+        )
     return summary
 
 
 def markdown(summary: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
-    head = ("| method | requests | errors | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) | req/s vs base |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| method | requests | errors | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) | req/s vs base |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     rows = "".join(
         f"| {m} | {s['requests']} | {s['errors']} | {s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.1f} | {s['ttft_p50_ms']:.0f} | "
         f"{s['ttft_p99_ms']:.0f} | {s['tpot_p50_ms']:.1f} | {s['tpot_p99_ms']:.1f} | {s['requests_per_s_vs_base']:.2f}x |\n"
@@ -224,10 +267,20 @@ def plot(summary: dict[str, dict[str, float]], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     axes[0].bar(methods, [summary[m]["requests_per_s"] for m in methods], color=colours)
     axes[0].set_title("requests / s")
-    for ax, metric, title in ((axes[1], "ttft", "time to first token (ms)"), (axes[2], "tpot", "time per output token (ms)")):
+    for ax, metric, title in (
+        (axes[1], "ttft", "time to first token (ms)"),
+        (axes[2], "tpot", "time per output token (ms)"),
+    ):
         x = range(len(methods))
         ax.bar([i - 0.2 for i in x], [summary[m][f"{metric}_p50_ms"] for m in methods], 0.4, label="p50", color=colours)
-        ax.bar([i + 0.2 for i in x], [summary[m][f"{metric}_p99_ms"] for m in methods], 0.4, label="p99", color=colours, alpha=0.45)
+        ax.bar(
+            [i + 0.2 for i in x],
+            [summary[m][f"{metric}_p99_ms"] for m in methods],
+            0.4,
+            label="p99",
+            color=colours,
+            alpha=0.45,
+        )
         ax.set_xticks(list(x), methods)
         ax.set_title(title)
         ax.legend()
@@ -248,7 +301,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, help="Rounds of base -> PEDRO -> LoRA.")
     parser.add_argument("--out", type=Path, default=RESULTS, help="Where serve.json / .md / .png go.")
     args = parser.parse_args(argv)
-    cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k in ("backbone", "clients", "seconds", "rounds") and v is not None}}
+    cfg = {
+        **PRESETS[args.preset],
+        **{k: v for k, v in vars(args).items() if k in ("backbone", "clients", "seconds", "rounds") and v is not None},
+    }
     if not 1 <= cfg["clients"] <= 32 or not 0 < cfg["seconds"] <= 120:
         parser.error("--clients must be in 1..32 and --seconds in (0, 120]: this benchmark stays bounded")
 
@@ -256,13 +312,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pedro-bench-serve-") as tmp:
         root = Path(tmp)
         backbone = tiny_backbone(root / "tiny") if cfg["backbone"] == "tiny" else cfg["backbone"]
-        print(f"making {cfg['adapters']} PEDRO and {cfg['adapters']} LoRA adapters on {cfg['backbone']} ...", flush=True)
+        print(
+            f"making {cfg['adapters']} PEDRO and {cfg['adapters']} LoRA adapters on {cfg['backbone']} ...", flush=True
+        )
         adapters = make_adapters(backbone, root / "adapters-src", cfg["adapters"])
         (root / "keys.yaml").write_text(yaml.safe_dump({"tenants": {t: [k] for t, k in TENANTS.items()}}))
         server_config = {
-            "backbone": backbone, "model_name": "base", "adapters_dir": str(root / "store"), "keys_file": str(root / "keys.yaml"),
-            "max_batch": cfg["max_batch"], "max_seq_len": 512, "max_prompt_tokens": 256, "max_tokens": cfg["max_tokens"],
-            "default_max_tokens": cfg["max_tokens"], "max_queued": 64, "adapter_capacity": 2 * cfg["adapters"], "max_upload_bytes": 2**26,
+            "backbone": backbone,
+            "model_name": "base",
+            "adapters_dir": str(root / "store"),
+            "keys_file": str(root / "keys.yaml"),
+            "max_batch": cfg["max_batch"],
+            "max_seq_len": 512,
+            "max_prompt_tokens": 256,
+            "max_tokens": cfg["max_tokens"],
+            "default_max_tokens": cfg["max_tokens"],
+            "max_queued": 64,
+            "adapter_capacity": 2 * cfg["adapters"],
+            "max_upload_bytes": 2**26,
         }
         (root / "serve.yaml").write_text(yaml.safe_dump(server_config))
         with ServerProcess(root / "serve.yaml", root / "server.log") as server:
@@ -273,21 +340,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     key = keys[i % len(keys)]
                     upload(server.url, key, path.name, path, timeout=120).raise_for_status()
                     models[kind].append((key, path.name))
-            asyncio.run(run_phase(server.url, "base", models, 2, min(3.0, cfg["seconds"]), cfg["max_tokens"], seed=-1))  # warm-up
+            asyncio.run(
+                run_phase(server.url, "base", models, 2, min(3.0, cfg["seconds"]), cfg["max_tokens"], seed=-1)
+            )  # warm-up
             phases = []
             for round_ in range(cfg["rounds"]):
                 for method in METHODS:
-                    phase = asyncio.run(run_phase(server.url, method, models, cfg["clients"], cfg["seconds"], cfg["max_tokens"], seed=round_))
-                    print(f"round {round_ + 1}/{cfg['rounds']} {method}: {sum(s.ok for s in phase.samples)} ok, "
-                          f"{sum(not s.ok for s in phase.samples)} errors in {phase.seconds:.1f} s", flush=True)
+                    phase = asyncio.run(
+                        run_phase(
+                            server.url, method, models, cfg["clients"], cfg["seconds"], cfg["max_tokens"], seed=round_
+                        )
+                    )
+                    print(
+                        f"round {round_ + 1}/{cfg['rounds']} {method}: {sum(s.ok for s in phase.samples)} ok, "
+                        f"{sum(not s.ok for s in phase.samples)} errors in {phase.seconds:.1f} s",
+                        flush=True,
+                    )
                     phases.append(phase)
 
     summary = summarise(phases)
     errors = sorted({s.error for p in phases for s in p.samples if not s.ok})
     meta = {
-        "command": "python benchmarks/serve.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])),
-        **cfg, "machine": f"{platform.machine()} CPU x{torch.get_num_threads()} threads, torch {torch.__version__}",
-        "errors": errors[:10], "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "command": "python benchmarks/serve.py"
+        + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])),
+        **cfg,
+        "machine": f"{platform.machine()} CPU x{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "errors": errors[:10],
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))

@@ -101,19 +101,39 @@ def run_one(backbones, tokenizer, examples, method: str, mode: str, opts: argpar
     model = copy.deepcopy(backbone)
     clock = StepClock(opts.warmup)
     with tempfile.TemporaryDirectory(prefix="train-speed-") as out:
-        result = train(model=model, tokenizer=tokenizer, examples=examples, output_dir=out, progress=False,
-                       max_steps=opts.warmup + opts.steps, batch_size=opts.batch_size, max_length=opts.max_length,
-                       lr=1e-3, warmup=0, logging_steps=10_000, seed=0, threads=opts.threads, callbacks=[clock],
-                       **settings)
+        result = train(
+            model=model,
+            tokenizer=tokenizer,
+            examples=examples,
+            output_dir=out,
+            progress=False,
+            max_steps=opts.warmup + opts.steps,
+            batch_size=opts.batch_size,
+            max_length=opts.max_length,
+            lr=1e-3,
+            warmup=0,
+            logging_steps=10_000,
+            seed=0,
+            threads=opts.threads,
+            callbacks=[clock],
+            **settings,
+        )
     del model
     summary = result.summary
     return {
-        "method": method, "mode": mode, "tokens_per_s": clock.tokens_per_second(),
-        "tokens_per_cpu_s": clock.tokens_per_second(clock=2), "measured_tokens": clock.end[1] - clock.start[1],
-        "seconds": clock.end[0] - clock.start[0], "cpu_seconds": clock.end[2] - clock.start[2],
-        "step_seconds": [round(s, 3) for s in clock.step_seconds], "train_loss": summary["train_loss"],
-        "precision": summary["precision"], "backbone_dtype": summary["backbone_dtype"],
-        "attention": summary["attention"], "trainable_parameters": summary["trainable_parameters"],
+        "method": method,
+        "mode": mode,
+        "tokens_per_s": clock.tokens_per_second(),
+        "tokens_per_cpu_s": clock.tokens_per_second(clock=2),
+        "measured_tokens": clock.end[1] - clock.start[1],
+        "seconds": clock.end[0] - clock.start[0],
+        "cpu_seconds": clock.end[2] - clock.start[2],
+        "step_seconds": [round(s, 3) for s in clock.step_seconds],
+        "train_loss": summary["train_loss"],
+        "precision": summary["precision"],
+        "backbone_dtype": summary["backbone_dtype"],
+        "attention": summary["attention"],
+        "trainable_parameters": summary["trainable_parameters"],
     }
 
 
@@ -167,13 +187,29 @@ def profile_step(backbones, tokenizer, examples, mode: str, opts: argparse.Names
     clock = StepClock(opts.warmup)
     probe = ProfileStep(opts.warmup)
     with tempfile.TemporaryDirectory(prefix="train-speed-") as out:
-        train(model=model, tokenizer=tokenizer, examples=examples, output_dir=out, progress=False,
-              max_steps=opts.warmup + 1, batch_size=opts.batch_size, max_length=opts.max_length, lr=1e-3, warmup=0,
-              logging_steps=10_000, seed=0, threads=opts.threads, callbacks=[clock, probe], **settings)
+        train(
+            model=model,
+            tokenizer=tokenizer,
+            examples=examples,
+            output_dir=out,
+            progress=False,
+            max_steps=opts.warmup + 1,
+            batch_size=opts.batch_size,
+            max_length=opts.max_length,
+            lr=1e-3,
+            warmup=0,
+            logging_steps=10_000,
+            seed=0,
+            threads=opts.threads,
+            callbacks=[clock, probe],
+            **settings,
+        )
     events = probe.profiler.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"\n=== one {method} training step, {mode}: {total / 1e6:.2f} s of operator time "
-          f"(step wall time {clock.step_seconds[-1]:.2f} s)")
+    print(
+        f"\n=== one {method} training step, {mode}: {total / 1e6:.2f} s of operator time "
+        f"(step wall time {clock.step_seconds[-1]:.2f} s)"
+    )
     by_shape = probe.profiler.key_averages(group_by_input_shape=True)
     print(by_shape.table(sort_by="self_cpu_time_total", row_limit=20))
     vocab = model.config.vocab_size
@@ -184,7 +220,11 @@ def profile_step(backbones, tokenizer, examples, mode: str, opts: argparse.Names
             kind = "LM head + loss (ops on vocab-wide tensors)"
         elif event.key in ("aten::mm", "aten::addmm"):
             kind = "projection GEMMs"
-        elif "scaled_dot_product" in event.key or event.key in ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data"):
+        elif "scaled_dot_product" in event.key or event.key in (
+            "aten::bmm",
+            "aten::_softmax",
+            "aten::_softmax_backward_data",
+        ):
             kind = "attention (sdpa, or eager bmm + softmax)"
         else:
             kind = "everything else (norms, RoPE, SiLU, adds, casts, PEDRO scales, optimizer)"
@@ -193,8 +233,10 @@ def profile_step(backbones, tokenizer, examples, mode: str, opts: argparse.Names
         print(f"{kind:75s} {value / 1e3:8.1f} ms ({100 * value / total:4.1f} %)")
     for event in events:
         if event.key.startswith("pedro:") or "Scale" in event.key or event.key.endswith("AddcmulBackward0"):
-            print(f"{event.key:45s} {event.cpu_time_total / 1e3:8.1f} ms ({100 * event.cpu_time_total / total:4.1f} %)"
-                  f" in {event.count} calls")
+            print(
+                f"{event.key:45s} {event.cpu_time_total / 1e3:8.1f} ms ({100 * event.cpu_time_total / total:4.1f} %)"
+                f" in {event.count} calls"
+            )
 
 
 def paired_ratios(
@@ -210,8 +252,12 @@ def paired_ratios(
             if a and b:
                 values.append(a[0][key] / b[0][key])
         if values:
-            out[f"{m1} {d1} / {m2} {d2}"] = {"median": statistics.median(values), "min": min(values),
-                                            "max": max(values), "per_repeat": [round(v, 3) for v in values]}
+            out[f"{m1} {d1} / {m2} {d2}"] = {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "per_repeat": [round(v, 3) for v in values],
+            }
     return out
 
 
@@ -253,11 +299,13 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         "",
     ]
     for task, block in report["tasks"].items():
-        lines += [f"## {task} ({block['records']} records, {block['tokens']:,} tokens, "
-                  f"longest {block['longest']})", "",
-                  "| configuration | PEDRO tokens/s (wall) | LoRA tokens/s (wall) | PEDRO / LoRA | PEDRO / PEDRO fp32 before "
-                  "| LoRA / LoRA fp32 before |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {task} ({block['records']} records, {block['tokens']:,} tokens, longest {block['longest']})",
+            "",
+            "| configuration | PEDRO tokens/s (wall) | LoRA tokens/s (wall) | PEDRO / LoRA | PEDRO / PEDRO fp32 before "
+            "| LoRA / LoRA fp32 before |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
 
         def ratio(name: str) -> str:
             value = block["ratios"].get(name)
@@ -271,8 +319,13 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
                 f"| {ratio(f'pedro {mode} / pedro fp32 before')} | {ratio(f'lora {mode} / lora fp32 before')} |"
             )
         wall_ratios = block["wall_ratios"]
-        lines += ["", "The same ratios on wall time (noisier): " + "; ".join(
-            f"{name} {value['median']:.2f}" for name, value in wall_ratios.items()) + ".", ""]
+        lines += [
+            "",
+            "The same ratios on wall time (noisier): "
+            + "; ".join(f"{name} {value['median']:.2f}" for name, value in wall_ratios.items())
+            + ".",
+            "",
+        ]
     lines += [
         "Configurations: `fp32 before` = the previous defaults (fp32, random batches, logits at every position, "
         "sdpa attention); `fp32` = fp32 with length-grouped batches and logits only where the loss reads them; "
@@ -295,14 +348,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=2, help="steps run before the clock starts")
     parser.add_argument("--steps", type=int, default=6, help="measured steps per run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared 2-core machine a second thread waits on busy cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core machine a second thread waits on busy cores)",
+    )
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help="subset of: " + ", ".join(MODES))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="1 repeat, 1 + 2 steps, 48 records: a smoke run")
     parser.add_argument("--out", default=str(ROOT / "results" / "train_speed"), help="path prefix for .json/.md")
-    parser.add_argument("--profile", default=None,
-                        help="instead of the benchmark: profile one step of each listed mode on the first task")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="instead of the benchmark: profile one step of each listed mode on the first task",
+    )
     parser.add_argument("--profile-methods", default="pedro", help="methods --profile runs: pedro, lora or both")
     opts = parser.parse_args(argv)
     if opts.quick:
@@ -320,9 +380,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(MODES[m]["backbone"] == "bfloat16" for m in modes):
         backbones["bfloat16"] = copy.deepcopy(base).to(torch.bfloat16)
     report: dict[str, Any] = {
-        "command": command, "backbone": opts.backbone, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-        "torch": torch.__version__, "auto_precision": resolve_precision("auto"), "options": vars(opts),
-        "load_before": load_before, "tasks": {},
+        "command": command,
+        "backbone": opts.backbone,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "auto_precision": resolve_precision("auto"),
+        "options": vars(opts),
+        "load_before": load_before,
+        "tasks": {},
     }
     if opts.profile:
         task = opts.tasks.split(",")[0].strip()
@@ -344,12 +410,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run = run_one(backbones, tokenizer, records, method, mode, opts)
                 run["repeat"] = repeat
                 runs.append(run)
-                print(f"[{task} repeat {repeat}] {method:5s} {mode:13s} {run['tokens_per_cpu_s']:7.1f} tokens/cpu-s "
-                      f"{run['tokens_per_s']:7.1f} tokens/s "
-                      f"(steps {run['step_seconds']}, load {load_average()})", flush=True)
+                print(
+                    f"[{task} repeat {repeat}] {method:5s} {mode:13s} {run['tokens_per_cpu_s']:7.1f} tokens/cpu-s "
+                    f"{run['tokens_per_s']:7.1f} tokens/s "
+                    f"(steps {run['step_seconds']}, load {load_average()})",
+                    flush=True,
+                )
+
         def median(key: str) -> dict[str, float]:
-            return {f"{m} {d}": statistics.median(r[key] for r in runs if (r["method"], r["mode"]) == (m, d))
-                    for m, d in configs}
+            return {
+                f"{m} {d}": statistics.median(r[key] for r in runs if (r["method"], r["mode"]) == (m, d))
+                for m, d in configs
+            }
 
         pairs = [(("pedro", d), ("lora", d)) for d in modes]
         if "fp32 before" in modes:
@@ -358,9 +430,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         rows, data_report = tokenize_examples(records, tokenizer, opts.max_length, "truncate")
         report["tasks"][task] = {
-            "records": len(records), "tokens": data_report.tokens, "longest": max(len(r["input_ids"]) for r in rows),
-            "median_tokens_per_s": median("tokens_per_s"), "median_tokens_per_cpu_s": median("tokens_per_cpu_s"),
-            "ratios": paired_ratios(runs, pairs), "wall_ratios": paired_ratios(runs, pairs, "tokens_per_s"),
+            "records": len(records),
+            "tokens": data_report.tokens,
+            "longest": max(len(r["input_ids"]) for r in rows),
+            "median_tokens_per_s": median("tokens_per_s"),
+            "median_tokens_per_cpu_s": median("tokens_per_cpu_s"),
+            "ratios": paired_ratios(runs, pairs),
+            "wall_ratios": paired_ratios(runs, pairs, "tokens_per_s"),
             "runs": runs,
         }
         first = {r["method"]: r["trainable_parameters"] for r in runs}

@@ -56,8 +56,10 @@ def dev_questions(per_class: int, seed: int, data_dir: str | None) -> list[tuple
 
 def score(model, tokenizer, questions: list[tuple[str, str]], words: list[str]) -> dict[str, float]:
     labels = list(CLASSES)
-    examples = [Example(TREC.prompt(q, words), words[labels.index(c)], options=words, label=labels.index(c))
-                for c, q in questions]
+    examples = [
+        Example(TREC.prompt(q, words), words[labels.index(c)], options=words, label=labels.index(c))
+        for c, q in questions
+    ]
     scores = option_logprobs(model, tokenizer, examples, batch_size=16, progress=False)
     predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]
     return choice_metrics(predicted, examples)
@@ -90,26 +92,42 @@ def main(argv: list[str] | None = None) -> None:
     for i, coarse in enumerate(classes):
         best = words[i]
         for word in CANDIDATES[coarse]:
-            trial = words[:i] + [word] + words[i + 1:]
+            trial = words[:i] + [word] + words[i + 1 :]
             if word == best:
                 continue
-            a, b = measure(trial), measure(words[:i] + [best] + words[i + 1:])
+            a, b = measure(trial), measure(words[:i] + [best] + words[i + 1 :])
             if (a["macro_f1"], a["accuracy"]) > (b["macro_f1"], b["accuracy"]):
                 best = word
         words[i] = best
     final = measure(words)
     out = Path(args.out)
-    result = {"command": "python benchmarks/trec_label_words.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "dev": {"per_class": args.per_class, "seed": args.seed, "questions": len(questions),
-                      "source": "train_5500.label (training questions only)"},
-              "candidates": CANDIDATES, "chosen": dict(zip(classes, words)), "chosen_scores": final,
-              "tried": tried, "minutes": (time.perf_counter() - start) / 60}
+    result = {
+        "command": "python benchmarks/trec_label_words.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "dev": {
+            "per_class": args.per_class,
+            "seed": args.seed,
+            "questions": len(questions),
+            "source": "train_5500.label (training questions only)",
+        },
+        "candidates": CANDIDATES,
+        "chosen": dict(zip(classes, words)),
+        "chosen_scores": final,
+        "tried": tried,
+        "minutes": (time.perf_counter() - start) / 60,
+    }
     write_json_atomic(out / "trec_label_words.json", result)
-    lines = ["# TREC label words, chosen on training questions", "", f"Command: `{result['command']}`", "",
-             f"Dev: {len(questions)} questions of TREC's training file ({args.per_class} per coarse class, seed "
-             f"{args.seed}); the bare SmolLM2-135M-Instruct ({str(dtype).removeprefix('torch.')}) ranks the six words "
-             "by log-likelihood, each candidate set with its own prompt. Coordinate search from the classes' names.",
-             "", "| label words (ABBR, DESC, ENTY, HUM, LOC, NUM) | dev accuracy % | dev macro-F1 % |", "|---|---:|---:|"]
+    lines = [
+        "# TREC label words, chosen on training questions",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Dev: {len(questions)} questions of TREC's training file ({args.per_class} per coarse class, seed "
+        f"{args.seed}); the bare SmolLM2-135M-Instruct ({str(dtype).removeprefix('torch.')}) ranks the six words "
+        "by log-likelihood, each candidate set with its own prompt. Coordinate search from the classes' names.",
+        "",
+        "| label words (ABBR, DESC, ENTY, HUM, LOC, NUM) | dev accuracy % | dev macro-F1 % |",
+        "|---|---:|---:|",
+    ]
     for key, m in tried.items():
         mark = " **(chosen)**" if key == ",".join(words) else ""
         lines.append(f"| {key.replace(',', ', ')}{mark} | {100 * m['accuracy']:.1f} | {100 * m['macro_f1']:.1f} |")

@@ -66,7 +66,11 @@ class _Package(types.ModuleType):
     then call a module); the package keeps the function and the submodule stays reachable in ``sys.modules``."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}" and _LAZY.get(name) == value.__name__:
+        if (
+            isinstance(value, types.ModuleType)
+            and value.__name__ == f"{__name__}.{name}"
+            and _LAZY.get(name) == value.__name__
+        ):
             return
         super().__setattr__(name, value)
 

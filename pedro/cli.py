@@ -117,18 +117,27 @@ def serve(
     max_batch: Optional[int] = typer.Option(None, help="Running requests at once."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache tokens per request."),
     max_prefill_tokens: Optional[int] = typer.Option(
-        None, help="Prefill per engine step, in prompt tokens (default 64): a longer prompt is split over steps, "
-        "so decoding requests keep streaming while it is admitted."
+        None,
+        help="Prefill per engine step, in prompt tokens (default 64): a longer prompt is split over steps, "
+        "so decoding requests keep streaming while it is admitted.",
     ),
     adapter_capacity: Optional[int] = typer.Option(None, help="Adapters resident in memory (LRU)."),
-    dtype: Optional[str] = typer.Option(None, help="float32 (default, exact), bfloat16 (~2x faster decoding on CPUs with native bf16), auto."),
-    device: Optional[str] = typer.Option(None, help="Where the engine runs: cpu (default), cuda, cuda:N (Ray replicas then reserve a GPU each)."),
+    dtype: Optional[str] = typer.Option(
+        None, help="float32 (default, exact), bfloat16 (~2x faster decoding on CPUs with native bf16), auto."
+    ),
+    device: Optional[str] = typer.Option(
+        None, help="Where the engine runs: cpu (default), cuda, cuda:N (Ray replicas then reserve a GPU each)."
+    ),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longer prompts get 400."),
     max_tokens: Optional[int] = typer.Option(None, help="Largest max_tokens a request may ask for."),
     max_queued: Optional[int] = typer.Option(None, help="Waiting requests beyond max_batch; more get 429."),
     max_upload_bytes: Optional[int] = typer.Option(None, help="Largest adapter upload (413 above)."),
-    max_request_bytes: Optional[int] = typer.Option(None, help="Largest request body other than an upload (413 above)."),
-    max_requests_per_tenant: Optional[int] = typer.Option(None, help="Running + waiting requests per tenant (429 above)."),
+    max_request_bytes: Optional[int] = typer.Option(
+        None, help="Largest request body other than an upload (413 above)."
+    ),
+    max_requests_per_tenant: Optional[int] = typer.Option(
+        None, help="Running + waiting requests per tenant (429 above)."
+    ),
     ray: bool = typer.Option(False, "--ray", help="Scale out as a Ray Serve application (needs pedro-peft[ray])."),
     replicas: Optional[int] = typer.Option(None, help="Ray: engine replicas."),
     min_replicas: Optional[int] = typer.Option(None, help="Ray: autoscaling lower bound."),
@@ -139,12 +148,29 @@ def serve(
     from pedro.server.config import ServerConfig
 
     settings = ServerConfig.load(
-        config, backbone=backbone, model_name=model_name, adapters_dir=adapters_dir, keys_file=keys_file,
-        host=host, port=port, max_batch=max_batch, max_seq_len=max_seq_len, max_prefill_tokens=max_prefill_tokens, adapter_capacity=adapter_capacity,
-        dtype=dtype, device=device, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queued=max_queued,
-        max_upload_bytes=max_upload_bytes, max_request_bytes=max_request_bytes,
-        max_requests_per_tenant=max_requests_per_tenant, ray_replicas=replicas, ray_min_replicas=min_replicas,
-        ray_max_replicas=max_replicas, ray_address=ray_address,
+        config,
+        backbone=backbone,
+        model_name=model_name,
+        adapters_dir=adapters_dir,
+        keys_file=keys_file,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        max_prefill_tokens=max_prefill_tokens,
+        adapter_capacity=adapter_capacity,
+        dtype=dtype,
+        device=device,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens=max_tokens,
+        max_queued=max_queued,
+        max_upload_bytes=max_upload_bytes,
+        max_request_bytes=max_request_bytes,
+        max_requests_per_tenant=max_requests_per_tenant,
+        ray_replicas=replicas,
+        ray_min_replicas=min_replicas,
+        ray_max_replicas=max_replicas,
+        ray_address=ray_address,
     )
     if ray:
         from pedro.server.ray_app import serve_on_ray
@@ -183,7 +209,9 @@ def train(
     max_steps: int = typer.Option(-1, help="Stop after this many steps (overrides epochs)."),
     batch_size: int = typer.Option(8),
     grad_accum: int = typer.Option(1),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default per method: pedro 1e-3, lora 1e-3, ia3 1e-2)."),
+    lr: Optional[float] = typer.Option(
+        None, help="Learning rate (default per method: pedro 1e-3, lora 1e-3, ia3 1e-2)."
+    ),
     scheduler: str = typer.Option("cosine", help="cosine | linear | constant_with_warmup ..."),
     warmup: float = typer.Option(0.06, help="Warm-up: a ratio of the steps (<1) or a step count."),
     precision: str = typer.Option(
@@ -196,14 +224,18 @@ def train(
     seed: int = typer.Option(0),
     limit: Optional[int] = typer.Option(None, help="Train on N records (after a seeded shuffle)."),
     eval_data: Optional[str] = typer.Option(
-        None, help="Held-out records for periodic eval loss (and accuracy when they are choice examples: "
-        "jsonl:DIR with options, or a task name, whose test split is then used)."
+        None,
+        help="Held-out records for periodic eval loss (and accuracy when they are choice examples: "
+        "jsonl:DIR with options, or a task name, whose test split is then used).",
     ),
     dev_split: Optional[float] = typer.Option(
-        None, help="Training records held out to pick the best epoch: a fraction, a count, or 0 for none "
-        "(default: 10%, 32 to 500, when there are 200+ records and no --eval-data)."
+        None,
+        help="Training records held out to pick the best epoch: a fraction, a count, or 0 for none "
+        "(default: 10%, 32 to 500, when there are 200+ records and no --eval-data).",
     ),
-    eval_steps: int = typer.Option(0, help="Evaluate every N steps (default: every epoch, when there is held-out data)."),
+    eval_steps: int = typer.Option(
+        0, help="Evaluate every N steps (default: every epoch, when there is held-out data)."
+    ),
     early_stopping: int = typer.Option(0, help="Patience in evaluations (0 = off)."),
     save_steps: int = typer.Option(0, help="Checkpoint every N steps (0 = none)."),
     save_total_limit: int = typer.Option(2, help="Checkpoints kept (oldest deleted)."),
@@ -217,17 +249,48 @@ def train(
     from pedro.train import train as run_training
 
     run_training(
-        data=data, output_dir=str(output_dir), backbone=backbone, method=method, match_params=match_params, r=r,
-        pooler=pooler, activation=activation, targets=targets, rational_lr=rational_lr, bias_lr=bias_lr, bilevel=bilevel,
+        data=data,
+        output_dir=str(output_dir),
+        backbone=backbone,
+        method=method,
+        match_params=match_params,
+        r=r,
+        pooler=pooler,
+        activation=activation,
+        targets=targets,
+        rational_lr=rational_lr,
+        bias_lr=bias_lr,
+        bilevel=bilevel,
         lora_r=lora_r,
-        lora_targets=lora_targets, ia3_targets=ia3_targets, max_length=max_length, overflow=overflow,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-        scheduler=scheduler, warmup=warmup, precision=precision, group_by_length=group_by_length,
-        response_logits_only=response_logits_only, attention=attention, threads=threads, seed=seed, limit=limit,
-        eval_data=eval_data, dev_split=dev_split,
-        eval_steps=eval_steps, early_stopping=early_stopping, save_steps=save_steps, resume=resume,
-        save_total_limit=save_total_limit, logging_steps=logging_steps, padding_side=padding_side,
-        data_dir=data_dir, report_to=[x for x in report_to.split(",") if x],
+        lora_targets=lora_targets,
+        ia3_targets=ia3_targets,
+        max_length=max_length,
+        overflow=overflow,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        scheduler=scheduler,
+        warmup=warmup,
+        precision=precision,
+        group_by_length=group_by_length,
+        response_logits_only=response_logits_only,
+        attention=attention,
+        threads=threads,
+        seed=seed,
+        limit=limit,
+        eval_data=eval_data,
+        dev_split=dev_split,
+        eval_steps=eval_steps,
+        early_stopping=early_stopping,
+        save_steps=save_steps,
+        resume=resume,
+        save_total_limit=save_total_limit,
+        logging_steps=logging_steps,
+        padding_side=padding_side,
+        data_dir=data_dir,
+        report_to=[x for x in report_to.split(",") if x],
     )
 
 
@@ -242,8 +305,9 @@ def evaluate_command(
     batch_size: int = typer.Option(16),
     data_dir: Optional[str] = typer.Option(None, help="Folder with task data (default ../shared/data)."),
     output: Optional[Path] = typer.Option(
-        None, help="JSON result file (predictions go next to it); default ADAPTER/ or outputs/eval/BACKBONE-base/ "
-        "+ eval_TASK_SPLIT.json."
+        None,
+        help="JSON result file (predictions go next to it); default ADAPTER/ or outputs/eval/BACKBONE-base/ "
+        "+ eval_TASK_SPLIT.json.",
     ),
 ) -> None:
     """Score a backbone or an adapter on a task; prints and writes the metrics JSON and per-example predictions."""

@@ -56,7 +56,9 @@ try:  # the keys a tuner's adapter owns in a model's state dict
         _get_tuner_state_dict_key_prefixes,
     )
 except ImportError as err:
-    raise incompatible("peft", "peft.tuners.tuners_utils._filter_state_dict_by_key_prefixes / _get_tuner_state_dict_key_prefixes") from err
+    raise incompatible(
+        "peft", "peft.tuners.tuners_utils._filter_state_dict_by_key_prefixes / _get_tuner_state_dict_key_prefixes"
+    ) from err
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -72,7 +74,9 @@ def check_rotary(rotary_emb: nn.Module, per_layer_type: bool) -> None:
     params = list(inspect.signature(rotary_emb.forward).parameters)
     wanted = ["x", "position_ids", *(["layer_type"] if per_layer_type else [])]
     if params[: len(wanted)] != wanted:
-        raise incompatible("transformers", f"{type(rotary_emb).__name__}.forward's signature (expected {wanted}, got {params})")
+        raise incompatible(
+            "transformers", f"{type(rotary_emb).__name__}.forward's signature (expected {wanted}, got {params})"
+        )
 
 
 def rotary_cos_sin(

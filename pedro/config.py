@@ -81,7 +81,9 @@ class PedroConfig(PeftConfig):
                 or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
                 or len(set(layers)) != len(layers)
             ):
-                _refuse("layers", "None (all layers) or a non-empty list of distinct non-negative integers", self.layers)
+                _refuse(
+                    "layers", "None (all layers) or a non-empty list of distinct non-negative integers", self.layers
+                )
             self.layers = sorted(layers)
         for flag in ("share_generator", "generator_bias"):
             if not isinstance(getattr(self, flag), bool):
@@ -106,7 +108,9 @@ class PedroConfig(PeftConfig):
         from pedro.io import AdapterFileError, check_adapter_dir
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        directory = pretrained_model_name_or_path if subfolder is None else f"{pretrained_model_name_or_path}/{subfolder}"
+        directory = (
+            pretrained_model_name_or_path if subfolder is None else f"{pretrained_model_name_or_path}/{subfolder}"
+        )
         try:
             check_adapter_dir(directory)
         except AdapterFileError as err:

@@ -39,13 +39,13 @@ def record_to_example(row: dict[str, Any], where: str) -> Example:
             or len(messages) < 2
             or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in messages)
         ):
-            raise ValueError(f"{where}: \"messages\" must be a list of at least two {{role, content}} objects")
+            raise ValueError(f'{where}: "messages" must be a list of at least two {{role, content}} objects')
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message must be the assistant's answer, got {messages[-1]['role']!r}")
         return Example(prompt=messages[:-1], response=messages[-1]["content"])
     missing = [k for k in ("prompt", "response") if not isinstance(row.get(k), str)]
     if missing:
-        raise ValueError(f"{where}: needs string fields \"prompt\" and \"response\" (or \"messages\"); missing {missing}")
+        raise ValueError(f'{where}: needs string fields "prompt" and "response" (or "messages"); missing {missing}')
     return Example(prompt=row["prompt"], response=row["response"])
 
 
@@ -161,7 +161,9 @@ class DataReport:
     def __str__(self) -> str:
         text = f"{self.kept}/{self.total} records kept ({self.tokens:,} tokens, max length {self.max_length})"
         if self.truncated:
-            text += f"; {self.truncated} truncated (response cut at max length; e.g. records {self.examples_truncated[:5]})"
+            text += (
+                f"; {self.truncated} truncated (response cut at max length; e.g. records {self.examples_truncated[:5]})"
+            )
         if self.dropped:
             text += f"; {self.dropped} dropped (prompt alone too long; e.g. records {self.examples_dropped[:5]})"
         return text
@@ -197,14 +199,21 @@ def tokenize_examples(
                 report.dropped += 1
                 report.examples_dropped.append(index)
                 continue
-        rows.append({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response,
-                     "prompt_length": len(prompt)})
+        rows.append(
+            {
+                "input_ids": prompt + response,
+                "labels": [IGNORE_INDEX] * len(prompt) + response,
+                "prompt_length": len(prompt),
+            }
+        )
         report.tokens += len(prompt) + len(response)
     report.kept = len(rows)
     over = report.truncated + report.dropped
     if overflow == "error" and over:
-        raise ValueError(f"{over} of {len(examples)} records exceed max_length={max_length} "
-                         f"(e.g. records {report.examples_dropped[:5]}); raise --max-length or use --overflow truncate|drop")
+        raise ValueError(
+            f"{over} of {len(examples)} records exceed max_length={max_length} "
+            f"(e.g. records {report.examples_dropped[:5]}); raise --max-length or use --overflow truncate|drop"
+        )
     if not rows:
         raise ValueError(f"no record fits max_length={max_length}: {report}")
     return rows, report

@@ -22,25 +22,65 @@ from pedro.backbones import DEFAULT_BACKBONE, load_backbone
 from pedro.engine import Engine, Request, SamplingParams
 
 _TEAMS = {
-    "billing": ["I was charged twice for my subscription", "my invoice shows the wrong amount",
-                "please refund the extra fee on my card", "why did my monthly price go up",
-                "the payment failed but money left my account", "I need a copy of last month's receipt"],
-    "shipping": ["my parcel has not arrived after two weeks", "the tracking number does not work",
-                 "the box came damaged and wet", "can you deliver to my office instead",
-                 "the courier left my package at the wrong house", "how long does delivery to Spain take"],
-    "account": ["I cannot log in after changing my password", "please delete my account and data",
-                "how do I change the email on my profile", "my account was locked after three attempts",
-                "I want to add a second user to my plan", "the verification code never reaches my phone"],
-    "technical": ["the app crashes when I open settings", "the website shows an error 500",
-                  "the sync between my laptop and phone stopped", "the export to PDF produces empty pages",
-                  "notifications stopped working after the update", "the search returns nothing for any query"],
+    "billing": [
+        "I was charged twice for my subscription",
+        "my invoice shows the wrong amount",
+        "please refund the extra fee on my card",
+        "why did my monthly price go up",
+        "the payment failed but money left my account",
+        "I need a copy of last month's receipt",
+    ],
+    "shipping": [
+        "my parcel has not arrived after two weeks",
+        "the tracking number does not work",
+        "the box came damaged and wet",
+        "can you deliver to my office instead",
+        "the courier left my package at the wrong house",
+        "how long does delivery to Spain take",
+    ],
+    "account": [
+        "I cannot log in after changing my password",
+        "please delete my account and data",
+        "how do I change the email on my profile",
+        "my account was locked after three attempts",
+        "I want to add a second user to my plan",
+        "the verification code never reaches my phone",
+    ],
+    "technical": [
+        "the app crashes when I open settings",
+        "the website shows an error 500",
+        "the sync between my laptop and phone stopped",
+        "the export to PDF produces empty pages",
+        "notifications stopped working after the update",
+        "the search returns nothing for any query",
+    ],
 }
 _OPENERS = ["Hello,", "Hi team,", "Urgent:", "Good morning.", "Dear support,", "Hey,"]
 _CLOSERS = ["Thanks.", "Please help.", "Regards, Sam", "This is the second time I write.", "", "Cheers"]
-_CITIES = ["Lyon", "Porto", "Munich", "Denver", "Osaka", "Dublin", "Krakow", "Seville", "Bergen", "Austin",
-           "Leeds", "Turin"]
-_ITEMS = ["3 boxes of printer paper", "a standing desk", "12 coffee mugs", "two office chairs", "a laptop stand",
-          "500 envelopes", "a whiteboard", "6 monitor cables"]
+_CITIES = [
+    "Lyon",
+    "Porto",
+    "Munich",
+    "Denver",
+    "Osaka",
+    "Dublin",
+    "Krakow",
+    "Seville",
+    "Bergen",
+    "Austin",
+    "Leeds",
+    "Turin",
+]
+_ITEMS = [
+    "3 boxes of printer paper",
+    "a standing desk",
+    "12 coffee mugs",
+    "two office chairs",
+    "a laptop stand",
+    "500 envelopes",
+    "a whiteboard",
+    "6 monitor cables",
+]
 _ORDER_TEMPLATES = [
     "Order #{n}: {item}, ship to {city} before Friday.",
     "Please send {item} to our {city} branch (ref {n}).",
@@ -55,21 +95,31 @@ def tenant_datasets(seed: int = 0, n_train: int = 48, n_test: int = 24) -> dict[
     match). Test records are other combinations (of opener, ticket and closer; of template, city and item)
     than the training records."""
     rng = random.Random(seed)
-    tickets = [(team, f"{o} {text}. {c}".strip()) for team, texts in _TEAMS.items() for text in texts
-               for o, c in zip(_OPENERS, _CLOSERS)]
+    tickets = [
+        (team, f"{o} {text}. {c}".strip())
+        for team, texts in _TEAMS.items()
+        for text in texts
+        for o, c in zip(_OPENERS, _CLOSERS)
+    ]
     rng.shuffle(tickets)
     route = "Route this support ticket to one team: billing, shipping, account or technical.\nTicket: {}"
     acme = [{"prompt": route.format(text), "response": team, "options": list(_TEAMS)} for team, text in tickets]
     orders = []
     for template, city, _ in itertools.product(_ORDER_TEMPLATES, _CITIES, range(2)):
         text = template.format(n=rng.randint(1000, 9999), item=rng.choice(_ITEMS), city=city)
-        orders.append({"prompt": f"Extract the destination city of this order, in capital letters.\nOrder: {text}",
-                       "response": city.upper()})
+        orders.append(
+            {
+                "prompt": f"Extract the destination city of this order, in capital letters.\nOrder: {text}",
+                "response": city.upper(),
+            }
+        )
     rng.shuffle(orders)
     return {
         "acme": {"train": acme[:n_train], "test": acme[n_train : n_train + n_test]},
-        "globex": {"train": [{k: r[k] for k in ("prompt", "response")} for r in orders[:n_train]],
-                   "test": orders[n_train : n_train + n_test]},
+        "globex": {
+            "train": [{k: r[k] for k in ("prompt", "response")} for r in orders[:n_train]],
+            "test": orders[n_train : n_train + n_test],
+        },
     }
 
 
@@ -103,11 +153,23 @@ def demo_tenants(
         before = evaluate(base, tokenizer, task, "test", progress=False)
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        result = train(model=model, tokenizer=tokenizer, data=str(data_dir / "train.jsonl"), backbone=backbone,
-                       output_dir=str(root / tenant / "adapter"), method="pedro", epochs=epochs, batch_size=4,
-                       lr=2e-3, max_length=128, logging_steps=4, progress=False,
-                       # the settings the README's recorded demo output was produced with
-                       precision="fp32", group_by_length=False)
+        result = train(
+            model=model,
+            tokenizer=tokenizer,
+            data=str(data_dir / "train.jsonl"),
+            backbone=backbone,
+            output_dir=str(root / tenant / "adapter"),
+            method="pedro",
+            epochs=epochs,
+            batch_size=4,
+            lr=2e-3,
+            max_length=128,
+            logging_steps=4,
+            progress=False,
+            # the settings the README's recorded demo output was produced with
+            precision="fp32",
+            group_by_length=False,
+        )
         after = evaluate(model, tokenizer, task, "test", progress=False)
         prompt = splits["test"][0]["prompt"]
         text = generate_texts(model, tokenizer, [prompt], max_new_tokens=8, progress=False)[0]
@@ -167,7 +229,10 @@ def serve_mixed(
             engine.add_adapter(name, directory)
     tenants = [list(named)[i % len(named)] for i in range(len(prompts))]
     outputs = engine.generate(
-        [Request(p, adapter=t, sampling=SamplingParams(max_new_tokens=max_new_tokens)) for p, t in zip(prompts, tenants)]
+        [
+            Request(p, adapter=t, sampling=SamplingParams(max_new_tokens=max_new_tokens))
+            for p, t in zip(prompts, tenants)
+        ]
     )
     answers = []
     for prompt, tenant, out in zip(prompts, tenants, outputs):
@@ -192,7 +257,9 @@ def serve_mixed(
 REQUESTS_PER_TENANT = 4
 
 
-def run(backbone: str = DEFAULT_BACKBONE, output_dir: str | Path = "outputs/demo", console: Console | None = None) -> None:
+def run(
+    backbone: str = DEFAULT_BACKBONE, output_dir: str | Path = "outputs/demo", console: Console | None = None
+) -> None:
     """Train (before/after metric and a generation per tenant), then serve the adapters side by side and
     report the measured PEDRO/bare decode-throughput ratio of that mixed batch."""
     console = console or Console()
@@ -202,6 +269,8 @@ def run(backbone: str = DEFAULT_BACKBONE, output_dir: str | Path = "outputs/demo
     console.rule("2. serve both tenants in one mixed batch")
     tests = {tenant: splits["test"] for tenant, splits in tenant_datasets().items()}
     tenants = list(tests)
-    prompts = [tests[tenants[i % len(tenants)]][i // len(tenants)]["prompt"] for i in range(REQUESTS_PER_TENANT * len(tenants))]
+    prompts = [
+        tests[tenants[i % len(tenants)]][i // len(tenants)]["prompt"] for i in range(REQUESTS_PER_TENANT * len(tenants))
+    ]
     serve_mixed(dict(zip(tenants, adapter_dirs)), prompts, backbone=backbone, max_new_tokens=8)
     console.print(f"main job done in {time.perf_counter() - start:.0f}s; adapters in {Path(output_dir).resolve()}")

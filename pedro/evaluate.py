@@ -61,10 +61,12 @@ def option_logprobs(
         bar = _bar(len(examples), "score", progress)
         collate = Collator(tokenizer.pad_token_id, "left", with_prompt_lengths=False)
         for chunk in _batches(order, batch_size):
-            batch = collate([{"input_ids": prompts[i], "labels": prompts[i], "prompt_length": len(prompts[i])}
-                             for i in chunk])
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits[:, -1]
+            batch = collate(
+                [{"input_ids": prompts[i], "labels": prompts[i], "prompt_length": len(prompts[i])} for i in chunk]
+            )
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits[:, -1]
             logp = logits.float().log_softmax(-1)
             for row, i in enumerate(chunk):
                 scores[i] = [logp[row, o[0]].item() for o in options[i]]
@@ -72,8 +74,14 @@ def option_logprobs(
         bar.close()
         return scores
     pairs = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
-    rows: list[dict[str, Any]] = [{"input_ids": prompts[i] + options[i][j], "labels": [IGNORE_INDEX] * len(prompts[i]) + options[i][j],
-             "prompt_length": len(prompts[i])} for i, j in pairs]
+    rows: list[dict[str, Any]] = [
+        {
+            "input_ids": prompts[i] + options[i][j],
+            "labels": [IGNORE_INDEX] * len(prompts[i]) + options[i][j],
+            "prompt_length": len(prompts[i]),
+        }
+        for i, j in pairs
+    ]
     order = sorted(range(len(rows)), key=lambda k: len(rows[k]["input_ids"]))
     collate = Collator(tokenizer.pad_token_id, "right", with_prompt_lengths=is_pedro(model))
     flat = [0.0] * len(rows)
@@ -158,8 +166,9 @@ def generate_texts(
     texts = [""] * len(encoded)
     bar = _bar(len(encoded), "generate", progress)
     for chunk in _batches(order, batch_size):
-        batch = collate([{"input_ids": encoded[i], "labels": encoded[i], "prompt_length": len(encoded[i])}
-                         for i in chunk])
+        batch = collate(
+            [{"input_ids": encoded[i], "labels": encoded[i], "prompt_length": len(encoded[i])} for i in chunk]
+        )
         out = model.generate(  # type: ignore[operator]  # a transformers / PEFT model's generate
             input_ids=batch["input_ids"].to(_device(model)),
             attention_mask=batch["attention_mask"].to(_device(model)),
@@ -202,18 +211,35 @@ def evaluate(
             scores = option_logprobs(model, tokenizer, examples, batch_size, progress)
             predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]
             metrics: dict[str, float] = choice_metrics(predicted, examples)
-            records = [{"prompt": e.prompt, "prediction": e.options[p], "expected": e.options[e.label],  # type: ignore[index]
-                        "correct": p == e.label, "scores": s} for e, p, s in zip(examples, predicted, scores)]
+            records = [
+                {
+                    "prompt": e.prompt,
+                    "prediction": e.options[p],  # type: ignore[index]
+                    "expected": e.options[e.label],  # type: ignore[index]
+                    "correct": p == e.label,
+                    "scores": s,
+                }
+                for e, p, s in zip(examples, predicted, scores)
+            ]
         else:
-            texts = generate_texts(model, tokenizer, [e.prompt for e in examples], task.max_new_tokens, batch_size,
-                                   progress)
+            texts = generate_texts(
+                model, tokenizer, [e.prompt for e in examples], task.max_new_tokens, batch_size, progress
+            )
             metrics = task.score(texts, examples)
-            records = [{"prompt": e.prompt, "prediction": t, "expected": e.references or [e.response]}
-                       for e, t in zip(examples, texts)]
+            records = [
+                {"prompt": e.prompt, "prediction": t, "expected": e.references or [e.response]}
+                for e, t in zip(examples, texts)
+            ]
     finally:
         model.train(was_training)
-    result = {"task": task.name, "split": split, "n": len(examples), "metric": task.metric, **metrics,
-              "seconds": time.perf_counter() - start}
+    result = {
+        "task": task.name,
+        "split": split,
+        "n": len(examples),
+        "metric": task.metric,
+        **metrics,
+        "seconds": time.perf_counter() - start,
+    }
     if predictions_path is not None:
         write_jsonl_atomic(Path(predictions_path), records)
     return result

@@ -50,7 +50,9 @@ def plan_sites(config: PedroConfig, model: nn.Module) -> dict[str, Site]:
     indices = config.layers if config.layers is not None else list(range(n_layers))
     out_of_range = [i for i in indices if i >= n_layers]
     if out_of_range:
-        raise ValueError(f"PedroConfig.layers has {out_of_range}, but the model has {n_layers} layers (0..{n_layers - 1})")
+        raise ValueError(
+            f"PedroConfig.layers has {out_of_range}, but the model has {n_layers} layers (0..{n_layers - 1})"
+        )
     sites: dict[str, Site] = {}
     for i in indices:
         prefix = f"{lmap.layers}.{i}"
@@ -223,7 +225,9 @@ class PedroModel(BaseTuner):
         d_model = weight.shape[-1]
 
         def build() -> VectorGenerator:
-            generator = VectorGenerator(d_model, config.r, width, config.pooler, config.activation, config.generator_bias)
+            generator = VectorGenerator(
+                d_model, config.r, width, config.pooler, config.activation, config.generator_bias
+            )
             return generator.to(device=weight.device, dtype=torch.float32)
 
         if not config.share_generator:
@@ -315,7 +319,9 @@ class PedroModel(BaseTuner):
                 f"{len(missing)} missing tensor(s) (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                 f"(e.g. {unexpected[:3]})"
             )
-        wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in remapped.items() if v.shape != expected[k].shape]
+        wrong = [
+            (k, tuple(v.shape), tuple(expected[k].shape)) for k, v in remapped.items() if v.shape != expected[k].shape
+        ]
         if wrong:
             key, got, want = wrong[0]
             raise ValueError(

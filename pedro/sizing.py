@@ -27,7 +27,9 @@ def _linear_shapes(model: nn.Module, suffix: str) -> list[tuple[int, int]]:
 
 def lora_parameter_count(model: nn.Module, targets: Sequence[str], r: int) -> int:
     """Closed form: r * (in + out) per adapted linear module."""
-    return sum(r * (i + o) for suffix in layer_map(model).module_names(targets) for i, o in _linear_shapes(model, suffix))
+    return sum(
+        r * (i + o) for suffix in layer_map(model).module_names(targets) for i, o in _linear_shapes(model, suffix)
+    )
 
 
 def ia3_parameter_count(model: nn.Module, targets: Sequence[str]) -> int:
@@ -84,12 +86,17 @@ def size_report(model: nn.Module, cfg: TrainConfig, budget: int | None = None) -
     budget = budget or expected_parameter_count(cfg, model)
     rows = []
     for method in METHODS:
-        other = TrainConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "method": method, "bilevel": False})
+        other = TrainConfig(
+            **{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "method": method, "bilevel": False}
+        )
         if method != cfg.method:
             other, _ = match_sizes(TrainConfig(**{**asdict(other), "match_params": str(budget)}), model)
         count = expected_parameter_count(other, model)
-        size = {"pedro": f"r={other.r}", "lora": f"r={other.lora_r} on {','.join(other.lora_targets)}",
-                "ia3": f"on {','.join(other.ia3_targets)}"}[method]
+        size = {
+            "pedro": f"r={other.r}",
+            "lora": f"r={other.lora_r} on {','.join(other.lora_targets)}",
+            "ia3": f"on {','.join(other.ia3_targets)}",
+        }[method]
         rows.append({"method": method, "size": size, "trainable": count, "vs_budget": count / budget - 1})
     return rows
 

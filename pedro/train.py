@@ -133,7 +133,9 @@ def auto_epochs(records: int, batch: int) -> int:
     return max(1, min(MAX_AUTO_EPOCHS, math.ceil(TARGET_STEPS / per_epoch)))
 
 
-def carve_dev(records: list[Example], dev_split: float | None, limit: int | None = None) -> tuple[list[Example], list[Example]]:
+def carve_dev(
+    records: list[Example], dev_split: float | None, limit: int | None = None
+) -> tuple[list[Example], list[Example]]:
     """(dev, train): the first records of the (already shuffled) list held out for choosing the best epoch.
 
     ``dev_split`` None sizes it automatically from the records that will be trained on (``limit`` or all),
@@ -144,7 +146,9 @@ def carve_dev(records: list[Example], dev_split: float | None, limit: int | None
     else:
         n = round(dev_split * base) if dev_split < 1 else int(dev_split)
     if n >= len(records):
-        raise ValueError(f"dev_split {dev_split} would hold out {n} of {len(records)} records, leaving none to train on")
+        raise ValueError(
+            f"dev_split {dev_split} would hold out {n} of {len(records)} records, leaving none to train on"
+        )
     if n == 0:
         return [], records
     # records sharing a prompt (several references of one input) stay on one side, so dev scores are not
@@ -158,7 +162,9 @@ def carve_dev(records: list[Example], dev_split: float | None, limit: int | None
             break
         held.update(members)
     if len(held) == len(records):
-        raise ValueError(f"the records have too few distinct prompts to hold out a dev split of {n}: pass --dev-split 0")
+        raise ValueError(
+            f"the records have too few distinct prompts to hold out a dev split of {n}: pass --dev-split 0"
+        )
     return [r for i, r in enumerate(records) if i in held], [r for i, r in enumerate(records) if i not in held]
 
 
@@ -222,11 +228,20 @@ def train(
     epochs = cfg.epochs if cfg.epochs is not None else auto_epochs(len(records), cfg.batch_size * cfg.grad_accum)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
     if cfg.progress and (cfg.epochs is None or cfg.lr is None or dev):
-        print("defaults: " + ", ".join(
-            ([f"{epochs:g} epochs for {len(records)} records (--epochs)"] if cfg.epochs is None else [])
-            + ([f"lr {lr:g} for {cfg.method} (--lr)"] if cfg.lr is None else [])
-            + ([f"{len(dev)} records held out as a dev split, evaluated every epoch, best epoch kept (--dev-split)"]
-               if dev else [])))
+        print(
+            "defaults: "
+            + ", ".join(
+                ([f"{epochs:g} epochs for {len(records)} records (--epochs)"] if cfg.epochs is None else [])
+                + ([f"lr {lr:g} for {cfg.method} (--lr)"] if cfg.lr is None else [])
+                + (
+                    [
+                        f"{len(dev)} records held out as a dev split, evaluated every epoch, best epoch kept (--dev-split)"
+                    ]
+                    if dev
+                    else []
+                )
+            )
+        )
     rows, report = tokenize_examples(records, tokenizer, cfg.max_length, cfg.overflow)
     eval_rows, eval_report = None, None
     if held_out is not None:
@@ -326,7 +341,9 @@ def train(
         if attention is not None and previous_attention is not None and attention != previous_attention:
             model.set_attn_implementation(previous_attention)  # the model passed in is handed back as it was
 
-    save_adapter_atomic(peft_model, output_dir, cfg.backbone or (DEFAULT_BACKBONE if loaded_here else None), prompt_format(tokenizer))
+    save_adapter_atomic(
+        peft_model, output_dir, cfg.backbone or (DEFAULT_BACKBONE if loaded_here else None), prompt_format(tokenizer)
+    )
     summary = {
         "config": asdict(cfg),
         "requested": asdict(requested) if requested is not cfg else None,
@@ -344,8 +361,13 @@ def train(
         "epochs": epochs,
         "lr": lr,
         "dev_records": len(dev),
-        "best": {"metric": args.metric_for_best_model, "value": trainer.state.best_metric,
-                 "step": trainer.state.best_global_step} if evaluating else None,
+        "best": {
+            "metric": args.metric_for_best_model,
+            "value": trainer.state.best_metric,
+            "step": trainer.state.best_global_step,
+        }
+        if evaluating
+        else None,
         "evaluations": evaluations,
         "resumed_from": resume_from,
         "train_loss": output.training_loss,
@@ -356,8 +378,10 @@ def train(
     }
     write_json_atomic(output_dir / SUMMARY_NAME, summary)
     if cfg.progress:
-        print(f"adapter written to {output_dir} ({trainer.state.global_step} steps, {train_seconds:.0f}s, "
-              f"{summary['tokens_per_second']:.0f} tokens/s)")
+        print(
+            f"adapter written to {output_dir} ({trainer.state.global_step} steps, {train_seconds:.0f}s, "
+            f"{summary['tokens_per_second']:.0f} tokens/s)"
+        )
     return TrainResult(output_dir=output_dir, summary=summary)
 
 

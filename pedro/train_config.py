@@ -111,7 +111,9 @@ class TrainConfig:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
-        if self.dev_split is not None and (self.dev_split < 0 or (self.dev_split >= 1 and self.dev_split != int(self.dev_split))):
+        if self.dev_split is not None and (
+            self.dev_split < 0 or (self.dev_split >= 1 and self.dev_split != int(self.dev_split))
+        ):
             raise ValueError(f"dev_split must be 0, a fraction below 1 or a whole record count, got {self.dev_split}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
@@ -125,7 +127,9 @@ class TrainConfig:
         if self.method == "pedro":
             _pedro_config(self)  # a bad PEDRO knob is refused now, not after the backbone has loaded
         if self.bilevel and (self.method != "pedro" or self.activation != "rational"):
-            raise ValueError("bilevel optimises PEDRO's rational activation: it needs method pedro, activation rational")
+            raise ValueError(
+                "bilevel optimises PEDRO's rational activation: it needs method pedro, activation rational"
+            )
 
 
 @dataclass

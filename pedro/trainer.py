@@ -80,8 +80,9 @@ class PedroTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length or dataset is None:
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedSampler([len(row["input_ids"]) for row in dataset], self.args.train_batch_size,
-                                    seed=self.args.seed)
+        return LengthGroupedSampler(
+            [len(row["input_ids"]) for row in dataset], self.args.train_batch_size, seed=self.args.seed
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         """The usual causal-LM loss, with logits computed only at the positions that predict a supervised
@@ -111,8 +112,13 @@ class PedroTrainer(Trainer):
         coefficients are left out (their own optimizer steps them on dev batches)."""
         optimizer = super().create_optimizer(model)
         rational_lr = None if self._bilevel is not None else self.rational_lr
-        for key, lr, belongs in (("pedro_rational", rational_lr, _is_rational), ("pedro_bias", self.bias_lr, _is_up_bias)):
-            if (lr is None and not (key == "pedro_rational" and self._bilevel)) or any(g.get(key) for g in optimizer.param_groups):
+        for key, lr, belongs in (
+            ("pedro_rational", rational_lr, _is_rational),
+            ("pedro_bias", self.bias_lr, _is_up_bias),
+        ):
+            if (lr is None and not (key == "pedro_rational" and self._bilevel)) or any(
+                g.get(key) for g in optimizer.param_groups
+            ):
                 continue
             chosen = {id(p) for n, p in self.model.named_parameters() if p.requires_grad and belongs(n)}
             if chosen:
@@ -229,8 +235,12 @@ class ProgressAndLog(TrainerCallback):
         return (state.num_input_tokens_seen - self.tokens0) / elapsed if elapsed > 0 else 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-        record = {"step": state.global_step, "epoch": state.epoch, **(logs or {}),
-                  "tokens_per_s": round(self.tokens_per_second(state), 1)}
+        record = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            **(logs or {}),
+            "tokens_per_s": round(self.tokens_per_second(state), 1),
+        }
         with open(self.log_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.bar is not None and "loss" in record:

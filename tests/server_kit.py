@@ -45,7 +45,9 @@ def make_adapter(path: Path, kind: str, seed: int, **model_overrides: Any) -> Pa
         model = pedro.get_pedro_model(base, pedro.PedroConfig(r=4))
         randomize(model, seed=seed, scale=0.3)
     else:
-        model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model = peft.get_peft_model(
+            base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
     model.save_pretrained(path)
     (path / "README.md").unlink(missing_ok=True)
     return path
@@ -55,9 +57,18 @@ def write_config(root: Path, backbone: Path, **overrides: Any) -> Path:
     keys = root / "keys.yaml"
     keys.write_text(yaml.safe_dump({"tenants": {t: [k] for t, k in TENANTS.items()}, "admin": [ADMIN_KEY]}))
     config = {
-        "backbone": str(backbone), "model_name": "tiny", "adapters_dir": str(root / "adapters"), "keys_file": str(keys),
-        "max_batch": 16, "max_seq_len": 128, "max_prompt_tokens": 64, "max_tokens": 48, "default_max_tokens": 8,
-        "max_queued": 64, "max_upload_bytes": 256 * 1024, **overrides,
+        "backbone": str(backbone),
+        "model_name": "tiny",
+        "adapters_dir": str(root / "adapters"),
+        "keys_file": str(keys),
+        "max_batch": 16,
+        "max_seq_len": 128,
+        "max_prompt_tokens": 64,
+        "max_tokens": 48,
+        "default_max_tokens": 8,
+        "max_queued": 64,
+        "max_upload_bytes": 256 * 1024,
+        **overrides,
     }
     path = root / "serve.yaml"
     path.write_text(yaml.safe_dump(config))

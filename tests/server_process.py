@@ -27,8 +27,15 @@ def free_port() -> int:
 class ServerProcess:
     """``pedro serve --config <config> --port <free port>`` on 127.0.0.1; output goes to ``log``."""
 
-    def __init__(self, config: Path, log: Path, extra_args: tuple[str, ...] = (), startup_timeout: float = 180.0) -> None:
-        self.config, self.log, self.extra_args, self.startup_timeout = Path(config), Path(log), extra_args, startup_timeout
+    def __init__(
+        self, config: Path, log: Path, extra_args: tuple[str, ...] = (), startup_timeout: float = 180.0
+    ) -> None:
+        self.config, self.log, self.extra_args, self.startup_timeout = (
+            Path(config),
+            Path(log),
+            extra_args,
+            startup_timeout,
+        )
         self.port = free_port()
         self.proc: Optional[subprocess.Popen] = None
 
@@ -41,7 +48,19 @@ class ServerProcess:
         if self.proc is not None:
             raise RuntimeError("this ServerProcess was already started")
         timeout = self.startup_timeout
-        command = [sys.executable, "-m", "pedro.cli", "serve", "--config", str(self.config), "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+        command = [
+            sys.executable,
+            "-m",
+            "pedro.cli",
+            "serve",
+            "--config",
+            str(self.config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.extra_args,
+        ]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -89,8 +108,13 @@ def auth(key: str) -> dict[str, str]:
 
 
 def upload(
-    url: str, key: Optional[str], name: Optional[str], directory: Path, files: Optional[dict[str, bytes]] = None,
-    timeout: float = 60.0, **fields: str,
+    url: str,
+    key: Optional[str],
+    name: Optional[str],
+    directory: Path,
+    files: Optional[dict[str, bytes]] = None,
+    timeout: float = 60.0,
+    **fields: str,
 ) -> httpx.Response:
     """POST /v1/adapters multipart with the adapter's files (or ``files``: filename -> bytes)."""
     if files is None:

@@ -40,18 +40,30 @@ def saved(tmp_path_factory, name, model) -> dict:
 def adapters(tmp_path_factory):
     lora = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     lora_rich = peft.LoraConfig(
-        r=2, lora_alpha=3.5, lora_dropout=0.1, use_rslora=True, init_lora_weights="gaussian",
-        target_modules=["q_proj", "up_proj"], layers_to_transform=[0, 2], layers_pattern="layers", task_type="CAUSAL_LM",
+        r=2,
+        lora_alpha=3.5,
+        lora_dropout=0.1,
+        use_rslora=True,
+        init_lora_weights="gaussian",
+        target_modules=["q_proj", "up_proj"],
+        layers_to_transform=[0, 2],
+        layers_pattern="layers",
+        task_type="CAUSAL_LM",
     )
-    ia3 = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
+    ia3 = peft.IA3Config(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+    )
     return {
         "lora": saved(tmp_path_factory, "lora", peft.get_peft_model(tiny_model("llama"), lora)),
         "lora_rich": saved(tmp_path_factory, "lora_rich", peft.get_peft_model(tiny_model("llama"), lora_rich)),
         "ia3": saved(tmp_path_factory, "ia3", peft.get_peft_model(tiny_model("llama"), ia3)),
         "pedro": saved(tmp_path_factory, "pedro", pedro.get_pedro_model(tiny_model("llama"), pedro.PedroConfig(r=4))),
         "pedro_shared": saved(
-            tmp_path_factory, "pedro_shared",
-            pedro.get_pedro_model(tiny_model("llama"), pedro.PedroConfig(r=2, share_generator=True, targets=["k", "o"], layers=[1])),
+            tmp_path_factory,
+            "pedro_shared",
+            pedro.get_pedro_model(
+                tiny_model("llama"), pedro.PedroConfig(r=2, share_generator=True, targets=["k", "o"], layers=[1])
+            ),
         ),
     }
 
@@ -59,8 +71,16 @@ def adapters(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------ accepted
 
 
-@pytest.mark.parametrize("name,cls", [("lora", peft.LoraConfig), ("lora_rich", peft.LoraConfig), ("ia3", peft.IA3Config),
-                                      ("pedro", pedro.PedroConfig), ("pedro_shared", pedro.PedroConfig)])
+@pytest.mark.parametrize(
+    "name,cls",
+    [
+        ("lora", peft.LoraConfig),
+        ("lora_rich", peft.LoraConfig),
+        ("ia3", peft.IA3Config),
+        ("pedro", pedro.PedroConfig),
+        ("pedro_shared", pedro.PedroConfig),
+    ],
+)
 def test_configs_saved_by_peft_and_pedro_are_accepted(adapters, name, cls):
     raw = adapters[name]["config"]
     config = parse_adapter_config(raw)
@@ -78,8 +98,11 @@ def test_in_memory_peft_models_are_checked_too():
     dora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(AdapterError, match="use_dora"):
         read_adapter(dora)
-    for kwargs, named in ((dict(bias="lora_only"), "bias"), (dict(modules_to_save=["lm_head"]), "modules_to_save"),
-                          (dict(rank_pattern={"q_proj": 2}), "rank_pattern")):
+    for kwargs, named in (
+        (dict(bias="lora_only"), "bias"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(rank_pattern={"q_proj": 2}), "rank_pattern"),
+    ):
         with pytest.raises(AdapterConfigError, match=named):
             check_served(peft.LoraConfig(r=4, **kwargs))
     check_served(peft.LoraConfig(r=4, use_rslora=True, lora_alpha=7))
@@ -195,19 +218,32 @@ def test_peft_own_validation_runs(adapters):
         parse_adapter_config({**adapters["ia3"]["config"], "feedforward_modules": ["up_proj"]})
 
 
-@pytest.mark.parametrize("field,value", [("pooler", "median"), ("r", "4"), ("r", 0), ("targets", ["q", "zz"]),
-                                         ("layers", [-1]), ("share_generator", "no"), ("task_type", "SEQ_CLS")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("pooler", "median"),
+        ("r", "4"),
+        ("r", 0),
+        ("targets", ["q", "zz"]),
+        ("layers", [-1]),
+        ("share_generator", "no"),
+        ("task_type", "SEQ_CLS"),
+    ],
+)
 def test_pedro_config_validation_names_the_field(adapters, field, value):
     with pytest.raises(AdapterConfigError, match=f"not a valid PEDRO config.*{field}"):
         parse_adapter_config({**adapters["pedro"]["config"], field: value})
 
 
-@pytest.mark.parametrize("raw,message", [
-    ([1, 2], "must be a JSON object"),
-    ({"r": 4}, "peft_type must be one of"),
-    ({"peft_type": "PROMPT_TUNING"}, "peft_type must be one of"),
-    ({"peft_type": ["LORA"]}, "peft_type must be one of"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ([1, 2], "must be a JSON object"),
+        ({"r": 4}, "peft_type must be one of"),
+        ({"peft_type": "PROMPT_TUNING"}, "peft_type must be one of"),
+        ({"peft_type": ["LORA"]}, "peft_type must be one of"),
+    ],
+)
 def test_peft_type_must_be_served(raw, message):
     with pytest.raises(AdapterConfigError, match=message):
         parse_adapter_config(raw)
@@ -215,8 +251,16 @@ def test_peft_type_must_be_served(raw, message):
 
 def test_inert_and_off_values_are_accepted(adapters):
     """Fields that only matter with a refused feature, and "off" written as null / {} / false, are fine."""
-    raw = {**adapters["lora"]["config"], "megatron_core": "other.core", "qalora_group_size": 32, "ensure_weight_tying": True,
-           "use_dora": None, "rank_pattern": None, "loftq_config": None, "layer_replication": []}
+    raw = {
+        **adapters["lora"]["config"],
+        "megatron_core": "other.core",
+        "qalora_group_size": 32,
+        "ensure_weight_tying": True,
+        "use_dora": None,
+        "rank_pattern": None,
+        "loftq_config": None,
+        "layer_replication": [],
+    }
     assert isinstance(parse_adapter_config(raw), peft.LoraConfig)
 
 
@@ -226,8 +270,14 @@ def test_inert_and_off_values_are_accepted(adapters):
 def test_read_adapter_refuses_with_adapter_error(adapters, tmp_path):
     directory = tmp_path / "bad"
     directory.mkdir()
-    (directory / "adapter_model.safetensors").write_bytes((adapters["lora"]["dir"] / "adapter_model.safetensors").read_bytes())
-    for change, named in (({"layer_replication": [[0, 1]]}, "layer_replication"), ({"r": "4"}, "r must be"), ({"x": 1}, "'x'")):
+    (directory / "adapter_model.safetensors").write_bytes(
+        (adapters["lora"]["dir"] / "adapter_model.safetensors").read_bytes()
+    )
+    for change, named in (
+        ({"layer_replication": [[0, 1]]}, "layer_replication"),
+        ({"r": "4"}, "r must be"),
+        ({"x": 1}, "'x'"),
+    ):
         (directory / "adapter_config.json").write_text(json.dumps({**adapters["lora"]["config"], **change}))
         with pytest.raises(AdapterError, match=named):
             read_adapter(directory)
@@ -249,7 +299,10 @@ def test_non_float_tensor_dtypes_are_refused_from_the_header(adapters, tmp_path,
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_float_tensor_dtypes_are_served(adapters, tmp_path, dtype):
-    tensors = {k: v.to(getattr(torch, dtype)) for k, v in load_file(str(adapters["lora"]["dir"] / "adapter_model.safetensors")).items()}
+    tensors = {
+        k: v.to(getattr(torch, dtype))
+        for k, v in load_file(str(adapters["lora"]["dir"] / "adapter_model.safetensors")).items()
+    }
     (tmp_path / "adapter_config.json").write_text(json.dumps(adapters["lora"]["config"]))
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
     assert isinstance(read_adapter(tmp_path)[0], peft.LoraConfig)

@@ -36,7 +36,9 @@ def test_a_new_adapter_replaces_the_old_whole_and_keeps_the_other_files(tmp_path
     save_adapter_atomic(_adapter(2, 2), out, prompts="chat_template")
     assert _state(out)[0] == 2
     assert read_prompt_format(out) == "chat_template"
-    assert (out / "train_log.jsonl").read_text() == "{}\n" and (out / "checkpoints" / "step-2" / "state.pt").read_bytes() == b"x"
+    assert (out / "train_log.jsonl").read_text() == "{}\n" and (
+        out / "checkpoints" / "step-2" / "state.pt"
+    ).read_bytes() == b"x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary directory left behind
     restored = pedro.get_pedro_model(tiny_model("llama"), pedro.PedroConfig(r=2))
     restored.load_adapter(str(out), adapter_name="check")  # every tensor present, with r = 2's shapes

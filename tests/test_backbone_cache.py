@@ -22,7 +22,9 @@ def test_second_load_reads_the_converted_copy(tmp_path, monkeypatch):
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     messages = [{"role": "user", "content": "Name a colour."}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False) == tokenizer2.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == tokenizer2.apply_chat_template(
+        messages, tokenize=False
+    )
     assert tokenizer("héllo wörld")["input_ids"] == tokenizer2("héllo wörld")["input_ids"]
     assert (tokenizer2.padding_side, tokenizer2.pad_token) == ("left", tokenizer.pad_token)
     x = torch.tensor([tokenizer("The capital of France is")["input_ids"]])

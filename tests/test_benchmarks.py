@@ -18,9 +18,15 @@ from common import percentile  # noqa: E402
 
 @pytest.mark.parametrize(
     "values, q, expected",
-    [([5.0], 99, 5.0), ([3.0, 1.0, 2.0], 50, 2.0), (list(map(float, range(1, 101))), 99, 99.0),
-     (list(map(float, range(1, 101))), 100, 100.0), ([1.0, 2.0, 3.0, 4.0], 0, 1.0), ([1.0, 2.0, 3.0, 4.0], 25, 1.0),
-     ([1.0, 2.0, 3.0, 4.0], 26, 2.0)],
+    [
+        ([5.0], 99, 5.0),
+        ([3.0, 1.0, 2.0], 50, 2.0),
+        (list(map(float, range(1, 101))), 99, 99.0),
+        (list(map(float, range(1, 101))), 100, 100.0),
+        ([1.0, 2.0, 3.0, 4.0], 0, 1.0),
+        ([1.0, 2.0, 3.0, 4.0], 25, 1.0),
+        ([1.0, 2.0, 3.0, 4.0], 26, 2.0),
+    ],
 )
 def test_percentile_is_the_nearest_rank(values, q, expected):
     assert percentile(values, q) == expected
@@ -31,8 +37,12 @@ def test_percentile_of_nothing_is_nan():
 
 
 def test_the_serve_benchmark_runs_end_to_end(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--preset", "smoke", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--preset", "smoke", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     summary = json.loads((tmp_path / "serve.json").read_text())["summary"]
     assert set(summary) == {"base", "pedro", "lora"}
     assert all(s["requests"] > 0 and s["errors"] == 0 for s in summary.values())

@@ -45,8 +45,11 @@ def _pedro_with_small_z(model: torch.nn.Module) -> peft.PeftModel:
     config = pedro.PedroConfig(r=4, targets=["q", "v", "up"])
     peft_model = pedro.get_pedro_model(model, config)
     sites = pedro.model.plan_sites(config, peft_model.base_model.model)
-    widths = [site.end - site.start for name, site in sorted(sites.items(), key=lambda kv: (kv[1].layer, kv[1].start))
-              if site.kind == "proj" and site.layer == 0]
+    widths = [
+        site.end - site.start
+        for name, site in sorted(sites.items(), key=lambda kv: (kv[1].layer, kv[1].start))
+        if site.kind == "proj" and site.layer == 0
+    ]
     bias = torch.cat([small_z(w) for w in widths])
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -62,8 +65,9 @@ def _pedro_with_small_z(model: torch.nn.Module) -> peft.PeftModel:
 
 def _ia3_with_small_z(model: torch.nn.Module) -> peft.PeftModel:
     """(IA)3 on q, v (outputs) and down (input), with l = 1 + small_z(width)."""
-    config = peft.IA3Config(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"],
-                            feedforward_modules=["down_proj"])
+    config = peft.IA3Config(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+    )
     peft_model = peft.get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -78,7 +82,9 @@ def _record_pedro_linears(peft_model: peft.PeftModel, ids: torch.Tensor) -> dict
     hooks = []
     for name, module in peft_model.named_modules():
         if isinstance(module, PedroLinear):
-            hooks.append(module.base_layer.register_forward_hook(lambda m, a, out, n=name: seen.setdefault(n, []).append(out)))
+            hooks.append(
+                module.base_layer.register_forward_hook(lambda m, a, out, n=name: seen.setdefault(n, []).append(out))
+            )
             hooks.append(module.register_forward_hook(lambda m, a, out, n=name: seen[n].append(out)))
     with torch.inference_mode():
         peft_model(input_ids=ids)
@@ -103,8 +109,12 @@ def test_small_pedro_scales_in_the_bf16_peft_model_match_fp32(tmp_path):
         before32, after32, _ = records[torch.float32][name]
         effect16 = after.double() - before.double()
         effect32 = after32.double() - before32.double()
-        tolerance = (half_ulp(after, torch.bfloat16) + before.double().abs() * z.abs() * 2.0**-8
-                     + (before.double() - before32.double()).abs() * z.abs() + after32.double().abs() * 2.0**-22)
+        tolerance = (
+            half_ulp(after, torch.bfloat16)
+            + before.double().abs() * z.abs() * 2.0**-8
+            + (before.double() - before32.double()).abs() * z.abs()
+            + after32.double().abs() * 2.0**-22
+        )
         worst = ((effect16 - effect32).abs() / tolerance).max().item()
         assert worst <= 1, f"{name}: bf16 effect vs fp32 effect off by {worst:.2f}x the tolerance"
 
@@ -128,15 +138,21 @@ def test_small_pedro_and_ia3_scales_in_the_bf16_engine_are_exact(tmp_path, monke
     engine.add_adapter("p", str(tmp_path / "p"))
     engine.add_adapter("i", str(tmp_path / "i"))
     sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    outs = engine.generate([Request([5, 17, 33, 8, 61], adapter="p", sampling=sampling),
-                            Request([12, 90, 44, 7], adapter="i", sampling=sampling),
-                            Request([23, 9, 71], sampling=sampling)])
+    outs = engine.generate(
+        [
+            Request([5, 17, 33, 8, 61], adapter="p", sampling=sampling),
+            Request([12, 90, 44, 7], adapter="i", sampling=sampling),
+            Request([23, 9, 71], sampling=sampling),
+        ]
+    )
     assert all(out.error is None for out in outs)
     kinds = {(point, prefill) for _, point, before, _, _ in records for prefill in [before.shape[0] > 3]}
     assert kinds == {(p, pre) for p in points["p"] | points["i"] for pre in (True, False)}  # prefill and decode
     for layer, point, before, after, adapters in records:
         width = before.shape[-1]
-        z = torch.stack([small_z(width) if a is not None and point in points[a] else torch.zeros(width) for a in adapters])
+        z = torch.stack(
+            [small_z(width) if a is not None and point in points[a] else torch.zeros(width) for a in adapters]
+        )
         assert after.dtype is torch.bfloat16
         assert_correctly_rounded(before, after, z, f"layer {layer} {point}")
 

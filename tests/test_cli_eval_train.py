@@ -46,8 +46,9 @@ def test_a_data_folder_without_a_train_file_is_refused_naming_its_files(tmp_path
     _write(folder / "extra.jsonl", [{"prompt": "5", "response": "6"}])
     with pytest.raises(FileNotFoundError, match=r"no 'train' split.*\['extra.jsonl', 'test.jsonl'\]"):
         load_records(folder)
-    result = CliRunner().invoke(app, ["train", "--backbone", str(tiny_llama_dir), "--data", str(folder),
-                                      "-o", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app, ["train", "--backbone", str(tiny_llama_dir), "--data", str(folder), "-o", str(tmp_path / "out")]
+    )
     assert result.exit_code != 0 and isinstance(result.exception, FileNotFoundError)
     assert "test.jsonl" in str(result.exception)
     assert not (tmp_path / "out" / "adapter_config.json").exists()
@@ -56,7 +57,9 @@ def test_a_data_folder_without_a_train_file_is_refused_naming_its_files(tmp_path
 def test_eval_base_writes_under_outputs_eval_and_says_where(tmp_path, tiny_llama_dir, monkeypatch):
     task = tmp_path / "task"
     task.mkdir()
-    _write(task / "test.jsonl", [{"prompt": f"{5 + i} 6", "response": "43", "options": ["43", "44 45"]} for i in range(3)])
+    _write(
+        task / "test.jsonl", [{"prompt": f"{5 + i} 6", "response": "43", "options": ["43", "44 45"]} for i in range(3)]
+    )
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -87,7 +90,9 @@ def test_size_printout_compares_methods_only_when_matching(tmp_path, tiny_llama_
     assert result.exit_code == 0, result.output
     budget = expected_parameter_count(TrainConfig(method="pedro"), tiny_model("llama"))
     assert f"trainable parameters at this budget (--match-params: {budget:,})" in " ".join(result.output.split())
-    sizes = {r["method"]: r for r in json.loads((tmp_path / "m" / "training_summary.json").read_text())["parameter_sizes"]}
+    sizes = {
+        r["method"]: r for r in json.loads((tmp_path / "m" / "training_summary.json").read_text())["parameter_sizes"]
+    }
     # PEDRO is the budget itself (r=8), not PEDRO shrunk to what (IA)3 reached
     assert sizes["pedro"]["size"] == "r=8" and sizes["pedro"]["vs_budget"] == 0.0
     assert sizes["ia3"]["trainable"] == pytest.approx((1 + sizes["ia3"]["vs_budget"]) * budget)

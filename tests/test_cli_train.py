@@ -18,15 +18,34 @@ def _write(path, rows):
 def test_train_then_eval(tmp_path, tiny_llama_dir):
     data = tmp_path / "task"
     data.mkdir()
-    rows = [{"prompt": f"{5 + i % 4} {6 + i % 3}", "response": ["43", "44"][i % 2], "options": ["43", "44"]}
-            for i in range(8)]
+    rows = [
+        {"prompt": f"{5 + i % 4} {6 + i % 3}", "response": ["43", "44"][i % 2], "options": ["43", "44"]}
+        for i in range(8)
+    ]
     _write(data / "train.jsonl", [{"prompt": r["prompt"], "response": r["response"]} for r in rows])
     _write(data / "test.jsonl", rows)
     out = tmp_path / "adapter"
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--backbone", str(tiny_llama_dir), "--data", str(data / "train.jsonl"),
-                                 "-o", str(out), "--max-steps", "3", "--batch-size", "4", "--match-params", "2300",
-                                 "--logging-steps", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--backbone",
+            str(tiny_llama_dir),
+            "--data",
+            str(data / "train.jsonl"),
+            "-o",
+            str(out),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--match-params",
+            "2300",
+            "--logging-steps",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "trainable parameters at this budget" in result.output and "8/8 records kept" in result.output
     summary = json.loads((out / "training_summary.json").read_text())
@@ -50,8 +69,23 @@ def test_train_then_eval(tmp_path, tiny_llama_dir):
 def test_bad_data_is_a_clear_error(tmp_path, tiny_llama_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "5", "response": "6"}\n{"prompt": "5", "response": 6\n')
-    run = subprocess.run([sys.executable, "-m", "pedro.cli", "train", "--backbone", str(tiny_llama_dir), "--data",
-                          str(bad), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pedro.cli",
+            "train",
+            "--backbone",
+            str(tiny_llama_dir),
+            "--data",
+            str(bad),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     stderr = " ".join(run.stderr.split())  # rich wraps long lines
     assert run.returncode == 2
     assert "bad.jsonl:2: not valid JSON" in stderr and "Traceback" not in stderr

@@ -34,7 +34,11 @@ def test_chat_template_boundary_is_after_the_generation_prompt():
     assert rows[0]["labels"] == [-100] * 5 + [8, 9, 1]
     assert rows[0]["prompt_length"] == 5
     # a chat record: every turn before the last assistant turn is the prompt
-    messages = [{"role": "user", "content": "5"}, {"role": "assistant", "content": "6"}, {"role": "user", "content": "7"}]
+    messages = [
+        {"role": "user", "content": "5"},
+        {"role": "assistant", "content": "6"},
+        {"role": "user", "content": "7"},
+    ]
     rows, _ = tokenize_examples([Example(messages, "9")], tokenizer, max_length=32)
     assert rows[0]["input_ids"] == [33, 5, 34, 33, 6, 34, 33, 7, 34, 35, 9, 1]
     assert rows[0]["prompt_length"] == 10
@@ -46,7 +50,9 @@ def test_prompt_tokens_at_training_equal_inference_tokens():
     rows, _ = tokenize_examples([Example("5 6 7", "8")], tokenizer, max_length=16)
     assert rows[0]["input_ids"][: rows[0]["prompt_length"]] == encode_prompt(tokenizer, "5 6 7")
     formatted = pedro.format_prompt(tokenizer, "5 6 7")
-    assert rows[0]["input_ids"][: rows[0]["prompt_length"]] == tokenizer(formatted, add_special_tokens=False)["input_ids"]
+    assert (
+        rows[0]["input_ids"][: rows[0]["prompt_length"]] == tokenizer(formatted, add_special_tokens=False)["input_ids"]
+    )
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -96,7 +102,9 @@ def test_jsonl_errors_name_the_line(tmp_path):
     path.write_text('{"prompt": "5", "response": "6"}\n{"prompt": "5"}\n')
     with pytest.raises(ValueError, match=r"data.jsonl:2: needs string fields"):
         load_records(path)
-    path.write_text('{"prompt": "5", "response": "6"}\n{"prompt": " ", "response": "6"}\n{"prompt": "5", "response": ""}\n')
+    path.write_text(
+        '{"prompt": "5", "response": "6"}\n{"prompt": " ", "response": "6"}\n{"prompt": "5", "response": ""}\n'
+    )
     with pytest.raises(ValueError, match=r"2 record\(s\) have an empty prompt or response \(e.g. .*:2, .*:3\)"):
         load_records(path)
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "5"}, {"role": "user", "content": "6"}]}))
@@ -109,8 +117,10 @@ def test_jsonl_errors_name_the_line(tmp_path):
 def test_records_from_jsonl_and_a_datasets_folder_agree(tmp_path):
     import datasets
 
-    rows = [{"prompt": "5 6", "response": "7"}, {"messages": [{"role": "user", "content": "8"},
-                                                              {"role": "assistant", "content": "9"}]}]
+    rows = [
+        {"prompt": "5 6", "response": "7"},
+        {"messages": [{"role": "user", "content": "8"}, {"role": "assistant", "content": "9"}]},
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     from_jsonl = load_records(path)

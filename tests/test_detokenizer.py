@@ -112,7 +112,9 @@ def test_streamed_text_is_the_tokenizers_decode_and_the_deltas_add_up(tokenizer,
             sampling = SamplingParams(max_new_tokens=k, ignore_eos=True)
             requests.append(Request([7, len(scripted) - 1], sampling=sampling, request_id=f"{name}-{k}"))
     results = _stream(engine, requests)
-    offline = engine.generate([Request(r.prompt, sampling=r.sampling, request_id=r.request_id + "-offline") for r in requests])
+    offline = engine.generate(
+        [Request(r.prompt, sampling=r.sampling, request_id=r.request_id + "-offline") for r in requests]
+    )
     for request, off in zip(requests, offline):
         deltas, out = results[request.request_id]
         k = request.sampling.max_new_tokens
@@ -148,7 +150,9 @@ def test_decoding_never_waits_for_an_encode(tokenizer, scripted):
     engine = _engine(tokenizer)
     ids = _ids(tokenizer, TEXTS[1])
     scripted.append(ids)
-    engine.add_request(Request([7, 0], sampling=SamplingParams(max_new_tokens=len(ids), ignore_eos=True)), track_text=True)
+    engine.add_request(
+        Request([7, 0], sampling=SamplingParams(max_new_tokens=len(ids), ignore_eos=True)), track_text=True
+    )
     finished = threading.Event()
     outputs = []
 

@@ -46,11 +46,25 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 ADAPTERS = {
     "p-last": ("pedro", dict(r=4)),
     "p-last-b": ("pedro", dict(r=4)),  # same shape as p-last: batched together at prefill
-    "p-attn": ("pedro", dict(r=4, pooler="attention", activation="rational", targets=["q", "k", "v", "o", "gate", "up"])),
+    "p-attn": (
+        "pedro",
+        dict(r=4, pooler="attention", activation="rational", targets=["q", "k", "v", "o", "gate", "up"]),
+    ),
     "p-shared": ("pedro", dict(r=3, share_generator=True, pooler="mean", pool_source="raw", layers=[0, 2])),
     "lora-qv": ("lora", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
-    "lora-all": ("lora", dict(r=6, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])),
-    "ia3": ("ia3", dict(target_modules=["q_proj", "k_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "lora-all": (
+        "lora",
+        dict(
+            r=6,
+            lora_alpha=3,
+            use_rslora=True,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    ),
+    "ia3": (
+        "ia3",
+        dict(target_modules=["q_proj", "k_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    ),
 }
 
 
@@ -76,9 +90,15 @@ def reference(family: str, adapter_dir: str | None, prompt: list[int], new_token
         model = peft.PeftModel.from_pretrained(model, adapter_dir)
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -99,8 +119,18 @@ def test_mixed_batch_token_identical_to_each_request_alone(dirs):
     engine = Engine(tiny_model("llama"), max_batch=6, max_seq_len=64, max_prefill_tokens=40, adapter_capacity=8)
     for name, path in dirs.items():
         engine.add_adapter(name, path)
-    plan = [("p-last", 5), ("lora-qv", 17), (None, 9), ("p-attn", 3), ("p-last-b", 12), ("lora-all", 7),
-            ("ia3", 14), ("p-shared", 11), ("p-last", 20), (None, 2)]
+    plan = [
+        ("p-last", 5),
+        ("lora-qv", 17),
+        (None, 9),
+        ("p-attn", 3),
+        ("p-last-b", 12),
+        ("lora-all", 7),
+        ("ia3", 14),
+        ("p-shared", 11),
+        ("p-last", 20),
+        (None, 2),
+    ]
     requests = [Request(prompt(i, n), adapter=a, sampling=greedy(NEW + i % 3)) for i, (a, n) in enumerate(plan)]
     results: dict[str, list[int]] = {}
     # arrivals at different steps: 4 now, 3 after two steps, the rest after two more
@@ -198,7 +228,9 @@ def test_stop_strings_cut_correctly(dirs):
     full = engine.generate([Request("hello", adapter="p", sampling=greedy(20))])[0]
     stop = full.text[6:8]
     cut = full.text.index(stop)
-    out = engine.generate([Request("hello", adapter="p", sampling=SamplingParams(max_new_tokens=20, stop=[stop, "zzzz"]))])[0]
+    out = engine.generate(
+        [Request("hello", adapter="p", sampling=SamplingParams(max_new_tokens=20, stop=[stop, "zzzz"]))]
+    )[0]
     assert out.finish_reason == "stop"
     assert out.text == full.text[:cut] and stop not in out.text
     assert out.token_ids == full.token_ids[: len(out.token_ids)] and len(out.token_ids) == cut + len(stop)
@@ -208,8 +240,10 @@ def test_streaming_yields_exactly_the_offline_result(dirs):
     engine = Engine(tiny_model("llama"), CharTokenizer(), max_batch=4, max_seq_len=64)
     engine.add_adapter("p", dirs["p-attn"])
     engine.add_adapter("l", dirs["lora-qv"])
-    requests = lambda: [Request("abcdef", adapter="p", sampling=greedy(12)),  # noqa: E731
-                        Request("xyz", adapter="l", sampling=SamplingParams(max_new_tokens=12, stop=["q"]))]
+    requests = lambda: [
+        Request("abcdef", adapter="p", sampling=greedy(12)),  # noqa: E731
+        Request("xyz", adapter="l", sampling=SamplingParams(max_new_tokens=12, stop=["q"])),
+    ]
     offline = engine.generate(requests())
     async_engine = AsyncEngine(engine)
 
@@ -299,8 +333,13 @@ def test_bad_requests_fail_alone(dirs, tmp_path):
     engine = Engine(tiny_model("llama"), CharTokenizer(), max_batch=4, max_seq_len=32)
     engine.add_adapter("p", dirs["p-last"])
     good = Request(prompt(5, 6), adapter="p", sampling=greedy())
-    bad = [Request(prompt(6, 4), adapter="nope"), Request(""), Request(prompt(7, 40)), Request([], adapter="p"),
-           Request(prompt(8, 4), sampling="greedy")]
+    bad = [
+        Request(prompt(6, 4), adapter="nope"),
+        Request(""),
+        Request(prompt(7, 40)),
+        Request([], adapter="p"),
+        Request(prompt(8, 4), sampling="greedy"),
+    ]
     outs = engine.generate([bad[0], good, *bad[1:]])
     assert outs[1].error is None and outs[1].token_ids == reference("llama", dirs["p-last"], good.prompt)
     errors = [o.error for o in outs[:1] + outs[2:]]
@@ -332,9 +371,15 @@ def test_sampling_filters_match_transformers_and_seeds_are_per_request(dirs):
     engine.add_adapter("p", dirs["p-last"])
     sampled = SamplingParams(max_new_tokens=10, temperature=1.3, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
     alone = engine.generate([Request(prompt(9, 5), adapter="p", sampling=sampled)])[0].token_ids
-    crowd = engine.generate([Request(prompt(10, 7), sampling=greedy()), Request(prompt(9, 5), adapter="p", sampling=sampled),
-                             Request(prompt(11, 3), adapter="p", sampling=SamplingParams(temperature=1.0, seed=1))])
+    crowd = engine.generate(
+        [
+            Request(prompt(10, 7), sampling=greedy()),
+            Request(prompt(9, 5), adapter="p", sampling=sampled),
+            Request(prompt(11, 3), adapter="p", sampling=SamplingParams(temperature=1.0, seed=1)),
+        ]
+    )
     assert crowd[1].token_ids == alone
     top1 = SamplingParams(max_new_tokens=NEW, temperature=2.0, top_k=1, seed=3, ignore_eos=True)
     assert engine.generate([Request(prompt(12, 5), adapter="p", sampling=top1)])[0].token_ids == reference(
-        "llama", dirs["p-last"], prompt(12, 5))
+        "llama", dirs["p-last"], prompt(12, 5)
+    )

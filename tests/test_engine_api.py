@@ -40,12 +40,19 @@ def test_encode_matches_the_tokenizer_and_refuses_bad_prompts():
     messages = [{"role": "user", "content": "5 6"}, {"role": "user", "content": "7"}]
     assert engine.encode(messages) == encode_prompt(tokenizer, messages) == [5, 6, 7]  # as training encodes it
     tokenizer.chat_template = CHAT
-    expected = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": "5 6"}], tokenize=False,
-                                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    expected = tokenizer(
+        tokenizer.apply_chat_template([{"role": "user", "content": "5 6"}], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"]
     assert engine.encode([{"role": "user", "content": "5 6"}]) == expected
     assert engine.encode("5 6") == expected and engine.encode("5 6", raw_prompt=True) == [5, 6]
-    for bad, message in (("", "empty"), ([], "empty"), ([5, 10**6], r"in \[0, "), ({"x": 1}, "must be a string"),
-                         (" ".join(["5"] * 16), r"16 tokens; at most 15 are allowed \(the context is 16")):
+    for bad, message in (
+        ("", "empty"),
+        ([], "empty"),
+        ([5, 10**6], r"in \[0, "),
+        ({"x": 1}, "must be a string"),
+        (" ".join(["5"] * 16), r"16 tokens; at most 15 are allowed \(the context is 16"),
+    ):
         with pytest.raises(RequestError, match=message):
             engine.encode(bad, raw_prompt=True)
 
@@ -54,7 +61,10 @@ def test_check_adapter_is_a_dry_run(tmp_path):
     engine = Engine(tiny_model("llama"), max_batch=2, max_seq_len=16)
     good = _pedro_dir(tmp_path)
     described = engine.check_adapter(good)
-    assert described == {"kind": "pedro", "parameters": pedro.count_trainable_parameters(pedro.PedroConfig(r=4), tiny_model("llama"))}
+    assert described == {
+        "kind": "pedro",
+        "parameters": pedro.count_trainable_parameters(pedro.PedroConfig(r=4), tiny_model("llama")),
+    }
     assert engine.list_adapters() == []  # nothing registered
     wide = _pedro_dir(tmp_path, tiny_model("llama", hidden_size=48), seed=2)
     with pytest.raises(AdapterError, match=r"needs \(4, 32\)"):
@@ -100,7 +110,7 @@ def test_dtype_names_and_the_loaded_model_is_never_cast_in_place():
 @pytest.mark.parametrize("cuda", [False, True])
 @pytest.mark.parametrize("native_cpu_bf16", [False, True])
 def test_auto_dtype_follows_the_device_the_model_runs_on(monkeypatch, tiny_llama_dir, cuda, native_cpu_bf16):
-    """"auto" is bf16 on the CPU only when the CPU has native bf16 matmuls, whatever GPU the machine has: the
+    """ "auto" is bf16 on the CPU only when the CPU has native bf16 matmuls, whatever GPU the machine has: the
     engine runs on the CPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -108,7 +118,9 @@ def test_auto_dtype_follows_the_device_the_model_runs_on(monkeypatch, tiny_llama
     cpu = torch.bfloat16 if native_cpu_bf16 else torch.float32
     assert resolve_dtype("auto") is cpu and resolve_dtype("auto", "cpu") is cpu
     assert resolve_dtype("auto", "cuda") is (torch.bfloat16 if cuda else torch.float32)
-    assert resolve_dtype("auto", "cuda:0") is resolve_dtype("auto", torch.device("cuda")) is resolve_dtype("auto", "cuda")
+    assert (
+        resolve_dtype("auto", "cuda:0") is resolve_dtype("auto", torch.device("cuda")) is resolve_dtype("auto", "cuda")
+    )
     engine = Engine(str(tiny_llama_dir), max_batch=1, max_seq_len=8, dtype="auto")
     assert engine.dtype is cpu and next(engine.model.parameters()).device.type == "cpu"
 
@@ -128,8 +140,14 @@ def test_bfloat16_engine_follows_transformers_bf16_forward(tmp_path):
     for name, path in dirs.items():
         if name:
             engine.add_adapter(name, path)
-    requests = [Request([3 + i, 7, 11 + 2 * i, 5][: 2 + i % 3], adapter=a, sampling=SamplingParams(max_new_tokens=10, ignore_eos=True))
-                for i, a in enumerate([*dirs, *dirs])]
+    requests = [
+        Request(
+            [3 + i, 7, 11 + 2 * i, 5][: 2 + i % 3],
+            adapter=a,
+            sampling=SamplingParams(max_new_tokens=10, ignore_eos=True),
+        )
+        for i, a in enumerate([*dirs, *dirs])
+    ]
     outs = engine.generate(requests)
     for request, out in zip(requests, outs):
         model = _sharp_model(torch.bfloat16)

@@ -59,8 +59,17 @@ def test_chunked_and_layer_range_prefill_are_token_identical(kinds, monkeypatch)
     """A budget of 6 tokens (18 token-layers): every prompt of 7+ tokens is split, by position or by layers,
     while the rows already admitted decode; each request's tokens equal PEFT generate's and the unbounded
     engine's."""
-    plan = [("p-last", 13), (None, 20), ("lora-all", 17), ("p-attn", 9), ("ia3", 15), ("p-shared", 7),
-            ("p-last", 4), (None, 3), ("lora-all", 11)]
+    plan = [
+        ("p-last", 13),
+        (None, 20),
+        ("lora-all", 17),
+        ("p-attn", 9),
+        ("ia3", 15),
+        ("p-shared", 7),
+        ("p-last", 4),
+        (None, 3),
+        ("lora-all", 11),
+    ]
     requests = [Request(prompt(60 + i, n), adapter=a, sampling=greedy(6 + i % 3)) for i, (a, n) in enumerate(plan)]
     seen = _pieces(monkeypatch)
     outputs = {}
@@ -85,7 +94,9 @@ def test_decoding_rows_get_a_token_every_step_while_a_long_prompt_is_admitted(ki
     engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=96, max_prefill_tokens=8)
     for name, path in kinds.items():
         engine.add_adapter(name, path)
-    decoding = [Request(prompt(80 + i, 5), adapter=a, sampling=greedy(40)) for i, a in enumerate(["p-last", None, "ia3"])]
+    decoding = [
+        Request(prompt(80 + i, 5), adapter=a, sampling=greedy(40)) for i, a in enumerate(["p-last", None, "ia3"])
+    ]
     for r in decoding:
         engine.add_request(r)
     while engine.num_running < 3 or any(len(engine._seqs[r.request_id].output_ids) == 0 for r in decoding):

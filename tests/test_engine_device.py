@@ -51,7 +51,9 @@ def test_explicit_device_runs_the_same_tokens_with_every_tensor_there(kinds, dev
         assert out.token_ids == reference("llama", kinds.get(r.adapter), r.prompt), r.adapter
     state = _state_tensors(engine)
     assert {"cache.k", "lora_a.q", "scales('out', 'up')"} <= set(state) and any(".0.down.weight" in k for k in state)
-    assert all(t.device == torch.device("cpu") for t in state.values()), [k for k, t in state.items() if t.device.type != "cpu"]
+    assert all(t.device == torch.device("cpu") for t in state.values()), [
+        k for k, t in state.items() if t.device.type != "cpu"
+    ]
     assert all(seq.generator.device == engine.device for seq in engine._seqs.values())
 
 

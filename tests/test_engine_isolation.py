@@ -60,13 +60,24 @@ def _solo(dirs) -> list[int]:
     return out.token_ids
 
 
-@pytest.mark.parametrize("sampling", [
-    dict(temperature=1e-300), dict(temperature=5e-324), dict(temperature=1e-6), dict(temperature=1e308),
-    dict(top_k=2**63), dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, top_p=5e-324), dict(temperature=1.0, top_p=0.0),
-    dict(temperature=1.0, seed=2**63 - 1), dict(temperature=1.0, seed=-(2**63)),
-    dict(temperature=1.0, repetition_penalty=5e-324), dict(temperature=1e-5, repetition_penalty=1e-300),
-    dict(temperature=1.0, logit_bias={5: 100.0, 6: -100.0}, frequency_penalty=-2.0),
-])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        dict(temperature=1e-300),
+        dict(temperature=5e-324),
+        dict(temperature=1e-6),
+        dict(temperature=1e308),
+        dict(top_k=2**63),
+        dict(temperature=1.0, top_p=1e-300),
+        dict(temperature=1.0, top_p=5e-324),
+        dict(temperature=1.0, top_p=0.0),
+        dict(temperature=1.0, seed=2**63 - 1),
+        dict(temperature=1.0, seed=-(2**63)),
+        dict(temperature=1.0, repetition_penalty=5e-324),
+        dict(temperature=1e-5, repetition_penalty=1e-300),
+        dict(temperature=1.0, logit_bias={5: 100.0, 6: -100.0}, frequency_penalty=-2.0),
+    ],
+)
 def test_extreme_sampling_values_run_and_leave_the_bystander_exact(dirs, sampling):
     solo = _solo(dirs)
     engine = _engine(dirs)
@@ -131,7 +142,9 @@ def test_a_prefill_failure_is_attributed_to_its_request(dirs, monkeypatch):
     real = engine.runner.prefill
 
     def prefill(batch):
-        if any(engine.rows.row_entry[s] is not None and engine.rows.row_entry[s].name == "fragile" for s in batch.slots):
+        if any(
+            engine.rows.row_entry[s] is not None and engine.rows.row_entry[s].name == "fragile" for s in batch.slots
+        ):
             raise RuntimeError("generator exploded")
         return real(batch)
 

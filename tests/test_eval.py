@@ -40,7 +40,9 @@ def test_option_logprobs_match_step_by_step_decoding(options):
     scores = option_logprobs(model, tokenizer, examples, batch_size=2, progress=False)
     for example, row in zip(examples, scores):
         prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
-        expected = [reference_logprob(model, prompt, tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options]
+        expected = [
+            reference_logprob(model, prompt, tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options
+        ]
         assert row == pytest.approx(expected, abs=1e-4)
 
 
@@ -51,21 +53,26 @@ def test_generate_texts_equal_one_prompt_at_a_time():
     for prompt, text in zip(prompts, batched):
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                                 pad_token_id=0)
-        assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0
+            )
+        assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_evaluate_choice_task_accuracy_and_predictions(tmp_path):
     model, tokenizer = _adapted(), tiny_tokenizer()
     task_dir = tmp_path / "task"
     task_dir.mkdir()
-    rows = [{"prompt": f"{5 + i % 4} 6", "response": "43" if i % 2 else "44", "options": ["43", "44"]} for i in range(6)]
+    rows = [
+        {"prompt": f"{5 + i % 4} 6", "response": "43" if i % 2 else "44", "options": ["43", "44"]} for i in range(6)
+    ]
     (task_dir / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     result = evaluate(model, tokenizer, f"jsonl:{task_dir}", predictions_path=tmp_path / "p.jsonl", progress=False)
     predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     # independent recount from the written scores
-    expected = sum(max(range(2), key=lambda k: p["scores"][k]) == ["43", "44"].index(p["expected"]) for p in predictions)
+    expected = sum(
+        max(range(2), key=lambda k: p["scores"][k]) == ["43", "44"].index(p["expected"]) for p in predictions
+    )
     assert result["n"] == 6 and result["accuracy"] == pytest.approx(expected / 6)
     assert [p["correct"] for p in predictions] == [p["prediction"] == p["expected"] for p in predictions]
     assert model.training is False
@@ -92,8 +99,10 @@ def test_choice_evaluation_reports_macro_f1_for_a_fixed_label_set(tmp_path):
     model, tokenizer = _adapted(), tiny_tokenizer()
     task_dir = tmp_path / "task"
     task_dir.mkdir()
-    rows = [{"prompt": f"{5 + i % 4} {6 + i % 3}", "response": ["43", "44", "45"][i % 3], "options": ["43", "44", "45"]}
-            for i in range(9)]
+    rows = [
+        {"prompt": f"{5 + i % 4} {6 + i % 3}", "response": ["43", "44", "45"][i % 3], "options": ["43", "44", "45"]}
+        for i in range(9)
+    ]
     (task_dir / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     result = evaluate(model, tokenizer, f"jsonl:{task_dir}", predictions_path=tmp_path / "p.jsonl", progress=False)
     predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -145,9 +154,20 @@ def test_training_reports_accuracy_on_held_out_choice_examples(tmp_path):
     options = ["43", "44"]
     examples = [Example(f"{3 + i % 5} {4 + i % 3}", options[i % 2], options=options, label=i % 2) for i in range(8)]
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    result = train(model=model, tokenizer=tokenizer, examples=examples, eval_examples=examples[:6],
-                   output_dir=str(tmp_path), max_steps=4, eval_steps=2, batch_size=4, lr=1e-2, logging_steps=1,
-                   precision="fp32", progress=False)
+    result = train(
+        model=model,
+        tokenizer=tokenizer,
+        examples=examples,
+        eval_examples=examples[:6],
+        output_dir=str(tmp_path),
+        max_steps=4,
+        eval_steps=2,
+        batch_size=4,
+        lr=1e-2,
+        logging_steps=1,
+        precision="fp32",
+        progress=False,
+    )
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     evals = [r for r in log if "eval_loss" in r]
     assert len(evals) == 3 and all(0.0 <= r["eval_accuracy"] <= 1.0 and "eval_macro_f1" in r for r in evals)
@@ -156,8 +176,9 @@ def test_training_reports_accuracy_on_held_out_choice_examples(tmp_path):
 
     task_dir = tmp_path / "held_out"
     task_dir.mkdir()
-    (task_dir / "test.jsonl").write_text("\n".join(json.dumps({"prompt": e.prompt, "response": e.response,
-                                                               "options": options}) for e in examples[:6]))
+    (task_dir / "test.jsonl").write_text(
+        "\n".join(json.dumps({"prompt": e.prompt, "response": e.response, "options": options}) for e in examples[:6])
+    )
     direct = evaluate(model, tokenizer, JsonlTask(task_dir), progress=False)
     assert final["eval_accuracy"] == pytest.approx(direct["accuracy"])
     assert final["eval_macro_f1"] == pytest.approx(direct["macro_f1"])

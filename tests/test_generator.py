@@ -40,9 +40,7 @@ def _padded_batch():
     torch.manual_seed(0)
     states = torch.randn(3, 6, 4)
     # row 0: left padded (2 pads), row 1: right padded (1 pad), row 2: no padding
-    mask = torch.tensor(
-        [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool
-    )
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     states[~mask] = float("inf")  # pads hold garbage: any leak shows up
     return states, mask
 

@@ -159,13 +159,23 @@ def test_left_padded_batch_equals_each_row_alone(family):
     rows = ids_for(4, 10, 7)
     ids, mask = left_pad(rows)
     batch = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     for i, row in enumerate(rows):
         alone = model.generate(
-            input_ids=row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long), max_new_tokens=6,
-            do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+            input_ids=row[None],
+            attention_mask=torch.ones(1, len(row), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
         assert torch.equal(batch.sequences[i, ids.shape[1] :], alone.sequences[0, len(row) :])
         for step in range(6):
@@ -177,11 +187,17 @@ def test_beam_search_and_sampling_use_each_rows_vectors():
     randomize(model)
     rows = ids_for(5, 8)
     ids, mask = left_pad(rows)
-    beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    beams = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0
+    )
     for i, row in enumerate(rows):
         alone = model.generate(
-            input_ids=row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long), max_new_tokens=5,
-            num_beams=3, do_sample=False, pad_token_id=0,
+            input_ids=row[None],
+            attention_mask=torch.ones(1, len(row), dtype=torch.long),
+            max_new_tokens=5,
+            num_beams=3,
+            do_sample=False,
+            pad_token_id=0,
         )
         assert torch.equal(beams[i, ids.shape[1] :], alone[0, len(row) :])
     greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -308,7 +324,9 @@ def test_training_moves_only_the_adapter_and_lowers_the_loss():
     for name, param in model.base_model.model.named_parameters():
         if "pedro_" not in name:
             assert not param.requires_grad and param.grad is None, name
-    current = {k.replace(".base_layer", ""): v for k, v in model.base_model.model.state_dict().items() if "pedro_" not in k}
+    current = {
+        k.replace(".base_layer", ""): v for k, v in model.base_model.model.state_dict().items() if "pedro_" not in k
+    }
     assert current.keys() == frozen.keys()
     assert all(torch.equal(current[k], frozen[k]) for k in frozen)
 

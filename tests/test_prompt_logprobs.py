@@ -21,7 +21,9 @@ def _adapter(root, kind: str, seed: int) -> str:
         wrapped = pedro.get_pedro_model(model, pedro.PedroConfig(r=4))
         randomize(wrapped, seed=seed, scale=0.3)
     else:
-        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
+        wrapped = peft.get_peft_model(
+            model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+        )
     path = root / f"{kind}-{seed}"
     wrapped.save_pretrained(str(path))
     return str(path)
@@ -118,7 +120,11 @@ def test_n_samples_share_the_prefill_and_its_prompt_logprobs(adapters):
     prompt = _prompt(10, 10)
     ks = [1, None, 4]  # the same prompt with different asks: one prefill, each row gets its own k
     requests = [
-        Request(prompt, adapter="pedro", sampling=SamplingParams(max_new_tokens=3, temperature=1.0, seed=s, prompt_logprobs=k))
+        Request(
+            prompt,
+            adapter="pedro",
+            sampling=SamplingParams(max_new_tokens=3, temperature=1.0, seed=s, prompt_logprobs=k),
+        )
         for s, k in enumerate(ks)
     ]
     outs = engine.generate(requests)
@@ -136,7 +142,9 @@ def test_prompt_logprobs_in_bfloat16_within_its_precision(adapters):
     engine.add_adapter("pedro", adapters["pedro"])
     prompt = _prompt(11, 12)
     for adapter in (None, "pedro"):
-        out = engine.generate([Request(prompt, adapter=adapter, sampling=SamplingParams(max_new_tokens=0, prompt_logprobs=0))])[0]
+        out = engine.generate(
+            [Request(prompt, adapter=adapter, sampling=SamplingParams(max_new_tokens=0, prompt_logprobs=0))]
+        )[0]
         reference = _reference(adapters.get(adapter), prompt)
         expected = [float(reference[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
         # bf16 keeps 8 bits of mantissa: logits of size ~1 are off by ~1e-2 after three layers
@@ -148,7 +156,12 @@ def test_prompt_text_and_the_bounds_of_the_new_options():
     out = engine.generate([Request([2, 30, 31], sampling=SamplingParams(max_new_tokens=0, return_prompt_text=True))])[0]
     assert out.prompt_text == "30 31" and out.token_ids == [] and out.prompt_logprobs is None  # BOS (2) is special
     assert engine.generate([Request([30, 31], sampling=SamplingParams(max_new_tokens=2))])[0].prompt_text is None
-    for bad in (dict(prompt_logprobs=21), dict(prompt_logprobs=-1), dict(prompt_logprobs=True), dict(max_new_tokens=-1),
-                dict(return_prompt_text=1)):
+    for bad in (
+        dict(prompt_logprobs=21),
+        dict(prompt_logprobs=-1),
+        dict(prompt_logprobs=True),
+        dict(max_new_tokens=-1),
+        dict(return_prompt_text=1),
+    ):
         with pytest.raises(RequestError, match=next(iter(bad))):
             SamplingParams(**bad)

@@ -23,16 +23,18 @@ def _reference(params: dict, new_tokens: int = 10) -> tuple[list[int], list[torc
             logits = model(torch.tensor([ids])).logits[0, -1].float()
         raw.append(logits.log_softmax(-1))
         adjusted = logits.clone()
-        output = ids[len(PROMPT):]
+        output = ids[len(PROMPT) :]
         for token, bias in params.get("logit_bias", {}).items():
             adjusted[token] += bias
         penalty = params.get("repetition_penalty", 1.0)
         for token in set(ids):
             adjusted[token] = adjusted[token] / penalty if adjusted[token] > 0 else adjusted[token] * penalty
         for token in set(output):
-            adjusted[token] -= output.count(token) * params.get("frequency_penalty", 0.0) + params.get("presence_penalty", 0.0)
+            adjusted[token] -= output.count(token) * params.get("frequency_penalty", 0.0) + params.get(
+                "presence_penalty", 0.0
+            )
         ids.append(int(adjusted.argmax()))
-    return ids[len(PROMPT):], raw
+    return ids[len(PROMPT) :], raw
 
 
 def _engine_run(params: dict, new_tokens: int = 10, **extra):
@@ -45,15 +47,18 @@ def _engine_run(params: dict, new_tokens: int = 10, **extra):
     return out
 
 
-@pytest.mark.parametrize("params", [
-    {"frequency_penalty": 2.0},
-    {"presence_penalty": 2.0},
-    {"frequency_penalty": -0.5, "presence_penalty": 1.5},
-    {"repetition_penalty": 1.8},
-    {"repetition_penalty": 0.5},
-    {"logit_bias": {11: 100.0}},
-    {"logit_bias": {11: 5.0, 12: -100.0}, "frequency_penalty": 1.0},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": -0.5, "presence_penalty": 1.5},
+        {"repetition_penalty": 1.8},
+        {"repetition_penalty": 0.5},
+        {"logit_bias": {11: 100.0}},
+        {"logit_bias": {11: 5.0, 12: -100.0}, "frequency_penalty": 1.0},
+    ],
+)
 def test_logit_adjustments_match_a_hand_computed_reference(params):
     expected, _ = _reference(params)
     plain, _ = _reference({})
@@ -85,8 +90,16 @@ def test_logprobs_are_the_backbones_own_log_softmax():
 def test_logprobs_are_absent_unless_asked_and_bad_values_are_refused():
     assert _engine_run({}).logprobs is None
     assert all(e.top == () for e in _engine_run({}, logprobs=0).logprobs)
-    for bad in (dict(logprobs=21), dict(logprobs=-1), dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")),
-                dict(repetition_penalty=0), dict(logit_bias={5: 101}), dict(logit_bias={-1: 1.0}), dict(logit_bias={True: 1.0})):
+    for bad in (
+        dict(logprobs=21),
+        dict(logprobs=-1),
+        dict(presence_penalty=2.5),
+        dict(frequency_penalty=float("nan")),
+        dict(repetition_penalty=0),
+        dict(logit_bias={5: 101}),
+        dict(logit_bias={-1: 1.0}),
+        dict(logit_bias={True: 1.0}),
+    ):
         with pytest.raises(RequestError, match=next(iter(bad))):
             SamplingParams(**bad)
     engine = Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=2, max_seq_len=64)

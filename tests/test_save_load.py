@@ -38,10 +38,10 @@ def test_save_writes_peft_files_and_reloads_bit_exactly_in_a_fresh_process(tmp_p
         import torch, pedro
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
-        base = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r})
+        base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
         model = PeftModel.from_pretrained(base, {str(adapter)!r})
         with torch.no_grad():
-            torch.save(model(input_ids=torch.tensor({IDS.tolist()})).logits, {str(tmp_path / 'out.pt')!r})
+            torch.save(model(input_ids=torch.tensor({IDS.tolist()})).logits, {str(tmp_path / "out.pt")!r})
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)

@@ -46,7 +46,9 @@ def client(live, tenant: str) -> openai.OpenAI:
 
 def reference(live, prompt, adapter, chat=False, **sampling):
     """The engine's direct answer: a completion prompt is raw text, a chat prompt gets the chat template."""
-    request = Request(prompt, adapter=adapter, raw_prompt=not chat, sampling=SamplingParams(**{"max_new_tokens": 12, **sampling}))
+    request = Request(
+        prompt, adapter=adapter, raw_prompt=not chat, sampling=SamplingParams(**{"max_new_tokens": 12, **sampling})
+    )
     return live.engine.generate([request])[0]
 
 
@@ -54,7 +56,9 @@ def test_models_lists_the_base_model_and_only_the_callers_adapters(live):
     ids = [m.id for m in client(live, "alice").models.list().data]
     assert ids == ["tiny", *ADAPTERS]
     admin = openai.OpenAI(base_url=f"{live.server.url}/v1", api_key=ADMIN_KEY, max_retries=0)
-    assert sorted(m.id for m in admin.models.list().data) == sorted(["tiny"] + [f"{t}:{a}" for t in TENANTS for a in ADAPTERS])
+    assert sorted(m.id for m in admin.models.list().data) == sorted(
+        ["tiny"] + [f"{t}:{a}" for t in TENANTS for a in ADAPTERS]
+    )
 
 
 @pytest.mark.parametrize("model", ["tiny", "a0", "a1"])
@@ -68,7 +72,11 @@ def test_completion_equals_the_engine(live, model):
 
 
 def test_streamed_completion_concatenates_to_the_engine_answer(live):
-    chunks = list(client(live, "carol").completions.create(model="a2", prompt=PROMPTS[2], max_tokens=12, temperature=0, stream=True))
+    chunks = list(
+        client(live, "carol").completions.create(
+            model="a2", prompt=PROMPTS[2], max_tokens=12, temperature=0, stream=True
+        )
+    )
     ref = reference(live, PROMPTS[2], "carol:a2")
     assert "".join(c.choices[0].text for c in chunks) == ref.text
     assert [c.choices[0].finish_reason for c in chunks][-1] == ref.finish_reason
@@ -81,9 +89,16 @@ def test_chat_completion_streaming_and_not_equal_the_engine(live):
     whole = client(live, "dave").chat.completions.create(model="a3", messages=messages, max_tokens=12, temperature=0)
     assert whole.choices[0].message.content == ref.text and whole.choices[0].message.role == "assistant"
     assert whole.usage.completion_tokens == len(ref.token_ids) and whole.usage.prompt_tokens == ref.prompt_tokens
-    chunks = list(client(live, "dave").chat.completions.create(
-        model="a3", messages=messages, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
-    ))
+    chunks = list(
+        client(live, "dave").chat.completions.create(
+            model="a3",
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason
@@ -94,7 +109,9 @@ def test_stop_string_cuts_the_answer_like_the_engine(live):
     full = reference(live, PROMPTS[0], "alice:a0").text.split()
     stop = f" {full[3]}"
     ref = reference(live, PROMPTS[0], "alice:a0", stop=(stop,))
-    out = client(live, "alice").completions.create(model="a0", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
+    out = client(live, "alice").completions.create(
+        model="a0", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop]
+    )
     assert out.choices[0].text == ref.text and stop not in ref.text
     assert out.choices[0].finish_reason == "stop"
 
@@ -110,14 +127,19 @@ def test_seeded_sampling_is_reproducible_and_equals_the_engine(live):
 def test_64_concurrent_streams_over_16_adapters_of_4_tenants(live):
     jobs = [(list(TENANTS)[i % 4], ADAPTERS[(i // 4) % 4], PROMPTS[(i // 16) % 4]) for i in range(64)]
     refs = live.engine.generate(
-        [Request(p, adapter=f"{t}:{a}", raw_prompt=True, sampling=SamplingParams(max_new_tokens=10)) for t, a, p in jobs]
+        [
+            Request(p, adapter=f"{t}:{a}", raw_prompt=True, sampling=SamplingParams(max_new_tokens=10))
+            for t, a, p in jobs
+        ]
     )
     expected = {job: ref.text for job, ref in zip(jobs, refs)}
     # the check can see cross-tenant mixing: the same adapter name gives different answers per tenant
     assert len({expected[(t, "a0", PROMPTS[0])] for t in TENANTS}) > 1
 
     async def one(tenant: str, adapter: str, prompt: str) -> str:
-        async with openai.AsyncOpenAI(base_url=f"{live.server.url}/v1", api_key=TENANTS[tenant], max_retries=0, timeout=120) as c:
+        async with openai.AsyncOpenAI(
+            base_url=f"{live.server.url}/v1", api_key=TENANTS[tenant], max_retries=0, timeout=120
+        ) as c:
             stream = await c.completions.create(model=adapter, prompt=prompt, max_tokens=10, temperature=0, stream=True)
             return "".join([chunk.choices[0].text async for chunk in stream])
 
@@ -160,5 +182,10 @@ def test_health_and_metrics(live):
     assert httpx.get(f"{url}/metrics", headers=auth(TENANTS["alice"])).status_code == 403
     text = httpx.get(f"{url}/metrics", headers=auth(ADMIN_KEY)).text
     assert 'pedro_requests_total{endpoint="completions",model="a2",outcome="length",tenant="carol"}' in text
-    for name in ("pedro_queue_length", "pedro_running_requests", "pedro_tokens_per_second", "pedro_generated_tokens_total"):
+    for name in (
+        "pedro_queue_length",
+        "pedro_running_requests",
+        "pedro_tokens_per_second",
+        "pedro_generated_tokens_total",
+    ):
         assert f"\n{name} " in text

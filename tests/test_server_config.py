@@ -48,11 +48,17 @@ def test_replicas_reserve_a_gpu_only_when_the_engine_runs_on_one():
 def test_keys_from_file_and_environment(tmp_path):
     keys = tmp_path / "keys.yaml"
     keys.write_text("tenants:\n  alice: [sk-alice-123]\n  bob: sk-bob-12345\nadmin: [sk-admin-123]\n")
-    ring = KeyRing.load(keys, environ={"PEDRO_API_KEYS": "carol=sk-carol-123, alice=sk-alice-456", "PEDRO_ADMIN_KEYS": "sk-root-1234"})
+    ring = KeyRing.load(
+        keys, environ={"PEDRO_API_KEYS": "carol=sk-carol-123, alice=sk-alice-456", "PEDRO_ADMIN_KEYS": "sk-root-1234"}
+    )
     assert not ring.open
     for key, who in [
-        ("sk-alice-123", Principal("alice")), ("sk-alice-456", Principal("alice")), ("sk-bob-12345", Principal("bob")),
-        ("sk-carol-123", Principal("carol")), ("sk-admin-123", Principal(ADMIN_TENANT, True)), ("sk-root-1234", Principal(ADMIN_TENANT, True)),
+        ("sk-alice-123", Principal("alice")),
+        ("sk-alice-456", Principal("alice")),
+        ("sk-bob-12345", Principal("bob")),
+        ("sk-carol-123", Principal("carol")),
+        ("sk-admin-123", Principal(ADMIN_TENANT, True)),
+        ("sk-root-1234", Principal(ADMIN_TENANT, True)),
     ]:
         assert ring.resolve(f"Bearer {key}") == who
     for header in (None, "", "Bearer ", "Bearer sk-nobody-123", "sk-alice-123", "Basic sk-alice-123"):
@@ -83,7 +89,9 @@ def test_safe_names(name):
     assert check_name("adapter", name) == name
 
 
-@pytest.mark.parametrize("name", ["", "..", "../x", "a/b", "/abs", "a:b", ".hidden", "-x", "a..b", "A" * 65, "é", "a b", "x\n"])
+@pytest.mark.parametrize(
+    "name", ["", "..", "../x", "a/b", "/abs", "a:b", ".hidden", "-x", "a..b", "A" * 65, "é", "a b", "x\n"]
+)
 def test_unsafe_names(name):
     with pytest.raises(ValueError, match="invalid adapter name"):
         check_name("adapter", name)

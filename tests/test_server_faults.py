@@ -31,10 +31,19 @@ SIZE = dict(max_position_embeddings=4096, hidden_size=256, intermediate_size=512
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("server-faults")
     backbone = make_backbone(root / "backbone", endless=True, **SIZE)
+
     def config_in(directory):
         directory.mkdir()
         # one tenant may fill the whole queue here: these tests are about the engine's bound, not fairness
-        return write_config(directory, backbone, max_batch=2, max_queued=2, max_seq_len=4096, max_tokens=LONG, max_requests_per_tenant=100)
+        return write_config(
+            directory,
+            backbone,
+            max_batch=2,
+            max_queued=2,
+            max_seq_len=4096,
+            max_tokens=LONG,
+            max_requests_per_tenant=100,
+        )
 
     return SimpleNamespace(root=root, config_in=config_in, adapter=make_adapter(root / "keep", "pedro", seed=5, **SIZE))
 
@@ -89,8 +98,12 @@ def test_killed_client_cancels_its_request_and_frees_the_slot(server):
 def test_a_client_gone_before_its_first_token_is_cancelled_too(server):
     tokens, cancelled = metric(server.url, "pedro_generated_tokens_total"), cancellations(server.url)
     with pytest.raises(httpx.ReadTimeout):  # hangs up while its (non-streaming) request is still running
-        httpx.post(f"{server.url}/v1/completions", headers=auth(ALICE), timeout=1.0,
-                   json={"model": "tiny", "prompt": "3 4", "max_tokens": LONG, "temperature": 0})
+        httpx.post(
+            f"{server.url}/v1/completions",
+            headers=auth(ALICE),
+            timeout=1.0,
+            json={"model": "tiny", "prompt": "3 4", "max_tokens": LONG, "temperature": 0},
+        )
     wait_idle(server.url)
     assert metric(server.url, "pedro_generated_tokens_total") - tokens < LONG / 2
     assert cancellations(server.url) == cancelled + 1
@@ -131,7 +144,9 @@ def test_restart_keeps_adapters_and_never_shows_a_half_written_upload(setup):
 
         # an upload that stalls half-way, then the server dies (SIGKILL) under it
         files = [("files", (p.name, p.read_bytes())) for p in sorted(setup.adapter.iterdir())]
-        request = httpx.Request("POST", f"{first.url}/v1/adapters", headers=auth(ALICE), data={"name": "half"}, files=files)
+        request = httpx.Request(
+            "POST", f"{first.url}/v1/adapters", headers=auth(ALICE), data={"name": "half"}, files=files
+        )
         body = request.read()
         stalled = threading.Event()
 
@@ -142,7 +157,9 @@ def test_restart_keeps_adapters_and_never_shows_a_half_written_upload(setup):
             yield body[len(body) // 2 :]
 
         sender = threading.Thread(
-            target=lambda: pytest.raises(httpx.HTTPError, httpx.post, request.url, headers=request.headers, content=stall(), timeout=60),
+            target=lambda: pytest.raises(
+                httpx.HTTPError, httpx.post, request.url, headers=request.headers, content=stall(), timeout=60
+            ),
             daemon=True,
         )
         sender.start()

@@ -54,13 +54,47 @@ ALICE, BOB = TENANTS["alice"], TENANTS["bob"]
 BOB_ADAPTER = "bob-private-7f3a"
 MINE = {"mine-pedro": "pedro", "mine-lora": "lora", "mine-ia3": "ia3"}
 SIZE = dict(max_position_embeddings=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
-LIMITS = dict(max_batch=4, max_queued=16, max_seq_len=1024, max_prompt_tokens=128, max_tokens=1000, default_max_tokens=8, max_upload_bytes=2**20)
+LIMITS = dict(
+    max_batch=4,
+    max_queued=16,
+    max_seq_len=1024,
+    max_prompt_tokens=128,
+    max_tokens=1000,
+    default_max_tokens=8,
+    max_upload_bytes=2**20,
+)
 BYSTANDER = {"model": BOB_ADAPTER, "prompt": "5 6 7 8", "max_tokens": 1000, "temperature": 0, "stream": True}
 TIMEOUT = 60.0
 
 NAN, INF = float("nan"), float("inf")
-EXTREMES = [0, -0.0, 1e-300, 5e-324, 1e-45, 1e308, -1, 2**31, 2**63, 2**64, 2**70, -(2**63), -(10**40), 0.5, 2.5,
-            NAN, INF, -INF, "1", "", True, False, None, [], {}, [1]]
+EXTREMES = [
+    0,
+    -0.0,
+    1e-300,
+    5e-324,
+    1e-45,
+    1e308,
+    -1,
+    2**31,
+    2**63,
+    2**64,
+    2**70,
+    -(2**63),
+    -(10**40),
+    0.5,
+    2.5,
+    NAN,
+    INF,
+    -INF,
+    "1",
+    "",
+    True,
+    False,
+    None,
+    [],
+    {},
+    [1],
+]
 
 
 def pick(*weighted: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
@@ -85,13 +119,27 @@ def edged(valid: st.SearchStrategy, *edges: Any) -> st.SearchStrategy:
 
 
 words = st.lists(st.integers(0, 96).map(str), min_size=1, max_size=12).map(" ".join)
-long_text = st.builds(lambda unit, n: unit * n, st.sampled_from(["7 ", "a", "é", "\x00", "🙂 ", "\ud800"]), st.sampled_from([1000, 30000, 150000]))
-soup = st.lists(st.sampled_from(["\ud800", "\udfff", "\x00", "\u202e", "\ufeff", "\U0010ffff", "é", "🙂", "7", " ", "\n"]), max_size=12).map("".join)
+long_text = st.builds(
+    lambda unit, n: unit * n,
+    st.sampled_from(["7 ", "a", "é", "\x00", "🙂 ", "\ud800"]),
+    st.sampled_from([1000, 30000, 150000]),
+)
+soup = st.lists(
+    st.sampled_from(["\ud800", "\udfff", "\x00", "\u202e", "\ufeff", "\U0010ffff", "é", "🙂", "7", " ", "\n"]),
+    max_size=12,
+).map("".join)
 text = pick((4, words), (1, st.text(max_size=40)), (1, soup), (1, long_text))
-token_ids = st.lists(pick((4, st.integers(0, 96)), (1, st.sampled_from([-1, 97, 2**31, 2**63, 2**64, -(2**63), 10**30]))), max_size=20)
+token_ids = st.lists(
+    pick((4, st.integers(0, 96)), (1, st.sampled_from([-1, 97, 2**31, 2**63, 2**64, -(2**63), 10**30]))), max_size=20
+)
 model = pick(
     (6, st.sampled_from(["tiny", *MINE])),
-    (1, st.sampled_from([BOB_ADAPTER, f"bob:{BOB_ADAPTER}", "alice:mine-pedro", "", "nobody", "tiny:", ":", "../tiny", " tiny"])),
+    (
+        1,
+        st.sampled_from(
+            [BOB_ADAPTER, f"bob:{BOB_ADAPTER}", "alice:mine-pedro", "", "nobody", "tiny:", ":", "../tiny", " tiny"]
+        ),
+    ),
 )
 EDGES = {  # values at or just past the ends of a sampling field's range: each one swept alone, then drawn at random
     "temperature": [0, -0.0, 5e-324, 1e-300, 1e-45, 1e-38, 2],
@@ -126,25 +174,42 @@ SAMPLING = {
 SAMPLING.update({name: edged(SAMPLING[name], *values) for name, values in EDGES.items()})
 ONLY = {  # fields of one endpoint: completions (False) or chat (True)
     False: {"logprobs": edged(st.integers(0, 5), 20, 21), "echo": st.booleans(), "raw_prompt": st.booleans()},
-    True: {"max_completion_tokens": SAMPLING["max_tokens"], "logprobs": st.booleans(), "top_logprobs": edged(st.integers(0, 5), 20, 21)},
+    True: {
+        "max_completion_tokens": SAMPLING["max_tokens"],
+        "logprobs": st.booleans(),
+        "top_logprobs": edged(st.integers(0, 5), 20, 21),
+    },
 }
-message = st.fixed_dictionaries({
-    "role": st.sampled_from(["system", "developer", "user", "assistant"]),
-    "content": text | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}), min_size=1, max_size=3),
-})
-bad_message = st.fixed_dictionaries({}, optional={
-    "role": st.sampled_from(["wizard", "", "tool", "function", None, 1]),
-    "content": st.none() | garbage | st.just([{"type": "image_url", "image_url": {"url": "x"}}]),
-    "name": st.text(max_size=5),
-})
-messages = pick((4, st.lists(message, min_size=1, max_size=4)), (1, st.lists(message | bad_message | garbage, max_size=4)), (1, garbage))
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["system", "developer", "user", "assistant"]),
+        "content": text
+        | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}), min_size=1, max_size=3),
+    }
+)
+bad_message = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.sampled_from(["wizard", "", "tool", "function", None, 1]),
+        "content": st.none() | garbage | st.just([{"type": "image_url", "image_url": {"url": "x"}}]),
+        "name": st.text(max_size=5),
+    },
+)
+messages = pick(
+    (4, st.lists(message, min_size=1, max_size=4)),
+    (1, st.lists(message | bad_message | garbage, max_size=4)),
+    (1, garbage),
+)
 
 
 def sweep(chat: bool) -> list[dict[str, Any]]:
     """A plain request with one edge value, for every edge value of every field (models in turn)."""
     plain = {"messages": [{"role": "user", "content": "3 4 5"}]} if chat else {"prompt": "3 4 5"}
     edges = [(name, value) for name, values in EDGES.items() for value in values]
-    return [{"model": ["tiny", *MINE][i % 4], **plain, "max_tokens": 2, name: value} for i, (name, value) in enumerate(edges)]
+    return [
+        {"model": ["tiny", *MINE][i % 4], **plain, "max_tokens": 2, name: value}
+        for i, (name, value) in enumerate(edges)
+    ]
 
 
 @st.composite
@@ -156,7 +221,15 @@ def bodies(draw, chat: bool) -> dict[str, Any]:
     if chat:
         body["messages"] = draw(messages)
     else:
-        body["prompt"] = draw(pick((5, text), (3, token_ids), (1, st.lists(text, max_size=3)), (1, st.lists(token_ids, max_size=3)), (1, garbage)))
+        body["prompt"] = draw(
+            pick(
+                (5, text),
+                (3, token_ids),
+                (1, st.lists(text, max_size=3)),
+                (1, st.lists(token_ids, max_size=3)),
+                (1, garbage),
+            )
+        )
     fields = {**SAMPLING, **ONLY[chat]}
     for name in sorted(fields):
         if draw(st.sampled_from([True, False, False])):
@@ -169,57 +242,135 @@ def bodies(draw, chat: bool) -> dict[str, Any]:
     return body
 
 
-HUGE = [b'{"model": "tiny", "prompt": "' + b"7 " * 2_500_000 + b'"}', b"[" * 3_000_000, b'{"model": "tiny", "x": "' + b"\xff" * 4_000_000 + b'"}']
-raw_bodies = st.fixed_dictionaries({
-    "path": st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/adapters"]),
-    "content": pick(
-        (3, st.binary(max_size=200)),
-        (3, garbage.map(lambda g: json.dumps(g).encode())),
-        (2, bodies(chat=False).map(lambda b: json.dumps(b).encode()).flatmap(lambda b: st.integers(0, len(b)).map(lambda n: b[:n]))),
-        (1, bodies(chat=True).map(lambda b: json.dumps(b).encode("utf-16"))),
-        (1, st.integers(1, 5000).map(lambda n: b"[" * n + b"]" * n)),
-        (1, st.sampled_from(range(len(HUGE))).map(HUGE.__getitem__)),
-    ),
-    "content_type": st.sampled_from(["application/json", "application/json; charset=utf-16", "text/plain", "",
-                                     "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]),
-})
+HUGE = [
+    b'{"model": "tiny", "prompt": "' + b"7 " * 2_500_000 + b'"}',
+    b"[" * 3_000_000,
+    b'{"model": "tiny", "x": "' + b"\xff" * 4_000_000 + b'"}',
+]
+raw_bodies = st.fixed_dictionaries(
+    {
+        "path": st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/adapters"]),
+        "content": pick(
+            (3, st.binary(max_size=200)),
+            (3, garbage.map(lambda g: json.dumps(g).encode())),
+            (
+                2,
+                bodies(chat=False)
+                .map(lambda b: json.dumps(b).encode())
+                .flatmap(lambda b: st.integers(0, len(b)).map(lambda n: b[:n])),
+            ),
+            (1, bodies(chat=True).map(lambda b: json.dumps(b).encode("utf-16"))),
+            (1, st.integers(1, 5000).map(lambda n: b"[" * n + b"]" * n)),
+            (1, st.sampled_from(range(len(HUGE))).map(HUGE.__getitem__)),
+        ),
+        "content_type": st.sampled_from(
+            [
+                "application/json",
+                "application/json; charset=utf-16",
+                "text/plain",
+                "",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data; boundary=x",
+            ]
+        ),
+    }
+)
 
 DROP = "<dropped>"
-CONFIG_KEYS = ["r", "lora_alpha", "target_modules", "layers_to_transform", "layer_replication", "use_dora", "bias",
-               "rank_pattern", "alpha_pattern", "fan_in_fan_out", "modules_to_save", "feedforward_modules", "peft_type",
-               "task_type", "use_rslora", "lora_dropout", "init_lora_weights", "target_parameters", "layers_pattern",
-               "trainable_token_indices", "pooler", "activation", "targets", "layers", "share_generator",
-               "pool_source", "generator_bias"]
+CONFIG_KEYS = [
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "layers_to_transform",
+    "layer_replication",
+    "use_dora",
+    "bias",
+    "rank_pattern",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "feedforward_modules",
+    "peft_type",
+    "task_type",
+    "use_rslora",
+    "lora_dropout",
+    "init_lora_weights",
+    "target_parameters",
+    "layers_pattern",
+    "trainable_token_indices",
+    "pooler",
+    "activation",
+    "targets",
+    "layers",
+    "share_generator",
+    "pool_source",
+    "generator_bias",
+]
 CONFIG_VALUES = EXTREMES + [
-    [[0, 2]], [[0, 1], [1, 2]], "all", "lora_only", {"q_proj": 8}, {"model.layers.0.self_attn.q_proj": 0}, ["q_proj"],
-    ["no_such_module"], ".*", "PEDRO", "LORA", "IA3", "PROMPT_TUNING", "mean", "relu", ["q", "v"], [0], [99], 4, "CAUSAL_LM", DROP,
+    [[0, 2]],
+    [[0, 1], [1, 2]],
+    "all",
+    "lora_only",
+    {"q_proj": 8},
+    {"model.layers.0.self_attn.q_proj": 0},
+    ["q_proj"],
+    ["no_such_module"],
+    ".*",
+    "PEDRO",
+    "LORA",
+    "IA3",
+    "PROMPT_TUNING",
+    "mean",
+    "relu",
+    ["q", "v"],
+    [0],
+    [99],
+    4,
+    "CAUSAL_LM",
+    DROP,
 ]
 tensor_op = st.one_of(  # (what, which tensor, how)
-    st.tuples(st.just("dtype"), st.integers(0, 99), st.sampled_from(["float8_e4m3fn", "float8_e5m2", "float64", "float16", "int8", "bool"])),
+    st.tuples(
+        st.just("dtype"),
+        st.integers(0, 99),
+        st.sampled_from(["float8_e4m3fn", "float8_e5m2", "float64", "float16", "int8", "bool"]),
+    ),
     st.tuples(st.just("fill"), st.integers(0, 99), st.sampled_from([1e30, 3e38, -3e38, 65504.0, 1e-45, 0.0])),
-    st.tuples(st.just("shape"), st.integers(0, 99), st.sampled_from(["transpose", "drop_row", "add_row", "flatten", "scalar", "empty"])),
+    st.tuples(
+        st.just("shape"),
+        st.integers(0, 99),
+        st.sampled_from(["transpose", "drop_row", "add_row", "flatten", "scalar", "empty"]),
+    ),
     st.tuples(st.sampled_from(["drop", "extra", "rename"]), st.integers(0, 99), st.none()),
 )
-config_change = st.tuples(pick((4, st.sampled_from(CONFIG_KEYS)), (1, st.text(max_size=12))), pick((3, st.sampled_from(CONFIG_VALUES)), (1, garbage)))
-uploads = st.fixed_dictionaries({
-    "kind": st.sampled_from(sorted(set(MINE.values()))),
-    "changes": pick(  # (config changes, tensor changes): mostly one kind of change, so one flaw is not hidden by another
-        (3, st.tuples(st.just([]), st.lists(tensor_op, min_size=1, max_size=1))),
-        (3, st.tuples(st.lists(config_change, min_size=1, max_size=2), st.just([]))),
-        (2, st.tuples(st.lists(config_change, max_size=3), st.lists(tensor_op, max_size=3))),
-    ),
-    "cut": pick((12, st.none()), (1, st.floats(0, 1))),
-    "stream": st.booleans(),
-    "temperature": st.sampled_from([0, 1.0]),
-})
+config_change = st.tuples(
+    pick((4, st.sampled_from(CONFIG_KEYS)), (1, st.text(max_size=12))),
+    pick((3, st.sampled_from(CONFIG_VALUES)), (1, garbage)),
+)
+uploads = st.fixed_dictionaries(
+    {
+        "kind": st.sampled_from(sorted(set(MINE.values()))),
+        "changes": pick(  # (config changes, tensor changes): mostly one kind of change, so one flaw is not hidden by another
+            (3, st.tuples(st.just([]), st.lists(tensor_op, min_size=1, max_size=1))),
+            (3, st.tuples(st.lists(config_change, min_size=1, max_size=2), st.just([]))),
+            (2, st.tuples(st.lists(config_change, max_size=3), st.lists(tensor_op, max_size=3))),
+        ),
+        "cut": pick((12, st.none()), (1, st.floats(0, 1))),
+        "stream": st.booleans(),
+        "temperature": st.sampled_from([0, 1.0]),
+    }
+)
 
 
 def reshaped(tensor: torch.Tensor, how: str) -> torch.Tensor:
     t = tensor.reshape(-1) if tensor.dim() == 0 else tensor
     return {
         "transpose": lambda: t.T if t.dim() == 2 else t[None],
-        "drop_row": lambda: t[:-1], "add_row": lambda: torch.cat([t, t[:1]]), "flatten": lambda: t.reshape(-1),
-        "scalar": lambda: t.reshape(-1)[0] if t.numel() else t.new_zeros(()), "empty": lambda: t[:0],
+        "drop_row": lambda: t[:-1],
+        "add_row": lambda: torch.cat([t, t[:1]]),
+        "flatten": lambda: t.reshape(-1),
+        "scalar": lambda: t.reshape(-1)[0] if t.numel() else t.new_zeros(()),
+        "empty": lambda: t[:0],
     }[how]()
 
 
@@ -327,10 +478,15 @@ class Fuzz:
 
     def send(self, method: str, path: str, sent: str, **kwargs: Any) -> Optional[httpx.Response]:
         """One request of alice's, checked against invariants 1 and 4; ``sent`` is the request as text."""
-        where, request = re.sub(r"/adapters/.+", "/adapters/{name}", f"{method} {path}"), abbreviated(f"{method} {path} {sent}")
+        where, request = (
+            re.sub(r"/adapters/.+", "/adapters/{name}", f"{method} {path}"),
+            abbreviated(f"{method} {path} {sent}"),
+        )
         logged = self.log.stat().st_size
         try:
-            response = httpx.request(method, self.url + path, headers={**auth(ALICE), **kwargs.pop("headers", {})}, timeout=TIMEOUT, **kwargs)
+            response = httpx.request(
+                method, self.url + path, headers={**auth(ALICE), **kwargs.pop("headers", {})}, timeout=TIMEOUT, **kwargs
+            )
         except httpx.HTTPError as err:
             self.fail(f"{where}: {type(err).__name__}", request, str(err))
             return None
@@ -375,8 +531,12 @@ class Fuzz:
             self.fail(f"GET /health: {health} after a case", request, "")
         if self.case_failed or health != 200:
             try:
-                probe = httpx.post(f"{self.url}/v1/completions", headers=auth(ALICE), timeout=TIMEOUT,
-                                   json={"model": "tiny", "prompt": "3 4", "max_tokens": 1, "temperature": 0})
+                probe = httpx.post(
+                    f"{self.url}/v1/completions",
+                    headers=auth(ALICE),
+                    timeout=TIMEOUT,
+                    json={"model": "tiny", "prompt": "3 4", "max_tokens": 1, "temperature": 0},
+                )
                 alive = probe.status_code == 200
             except httpx.HTTPError:
                 alive = False
@@ -433,7 +593,9 @@ def fuzz(tmp_path_factory):
     backbone = make_backbone(root / "backbone", endless=True, **SIZE)
     bases = {kind: make_adapter(root / kind, kind, seed=11, **SIZE) for kind in ("pedro", "lora")}
     bases["ia3"] = root / "ia3"
-    ia3 = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
+    ia3 = peft.IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+    )
     peft.get_peft_model(tiny_model("llama", **SIZE), ia3).save_pretrained(bases["ia3"])
     (bases["ia3"] / "README.md").unlink(missing_ok=True)
     bob = make_adapter(root / "bob", "pedro", seed=12, **SIZE)
@@ -462,8 +624,13 @@ def run_cases(fuzz: Fuzz, share: str, strategy: st.SearchStrategy, case, example
     meanwhile."""
     fuzz.failures.clear()
 
-    @settings(max_examples=math.ceil(BUDGET * SHARES[share]), derandomize=True, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+    @settings(
+        max_examples=math.ceil(BUDGET * SHARES[share]),
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )
     @given(strategy)
     def each(value: Any) -> None:
         fuzz.after_case(case(fuzz, value))
@@ -479,6 +646,7 @@ def send_body(path: str):
         sent = json.dumps(body)  # NaN / Infinity written raw, as a client bug would
         fuzz.send("POST", path, sent, content=sent.encode(), headers={"Content-Type": "application/json"})
         return sent
+
     return case
 
 
@@ -510,12 +678,22 @@ def test_adapter_uploads(fuzz):
         files = [("files", item) for item in mutated_files(fuzz.bases[mutation["kind"]], mutation).items()]
         response = fuzz.send("POST", "/v1/adapters", sent, data={"name": name}, files=files)
         if response is not None and response.status_code == 201:
-            body = {"model": name, "prompt": "3 4 5", "max_tokens": 4, "temperature": mutation["temperature"], "stream": mutation["stream"]}
+            body = {
+                "model": name,
+                "prompt": "3 4 5",
+                "max_tokens": 4,
+                "temperature": mutation["temperature"],
+                "stream": mutation["stream"],
+            }
             fuzz.send("POST", "/v1/completions", f"{json.dumps(body)} after uploading {sent}", json=body)
             fuzz.send("GET", "/v1/models", sent)
             deleted = fuzz.send("DELETE", f"/v1/adapters/{name}", sent)
             if deleted is not None and 400 <= deleted.status_code < 500:
-                fuzz.fail(f"DELETE /v1/adapters/{{name}}: {deleted.status_code} {first_line(deleted.text)}", sent, deleted.text)
+                fuzz.fail(
+                    f"DELETE /v1/adapters/{{name}}: {deleted.status_code} {first_line(deleted.text)}",
+                    sent,
+                    deleted.text,
+                )
         return sent
 
     run_cases(fuzz, "uploads", uploads, case)

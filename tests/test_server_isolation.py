@@ -73,7 +73,9 @@ class Bystander:
 def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("server-isolation")
     backbone = make_backbone(root / "backbone", endless=True)
-    config = write_config(root, backbone, max_batch=3, max_queued=4, max_seq_len=256, max_prompt_tokens=64, max_tokens=200)
+    config = write_config(
+        root, backbone, max_batch=3, max_queued=4, max_seq_len=256, max_prompt_tokens=64, max_tokens=200
+    )
     with ServerProcess(config, root / "server.log") as server:
         assert upload(server.url, BOB, BOB_ADAPTER, pedro_adapter(root, "bob", 0.3, seed=3)).status_code == 201
         solo = stream_tokens(server.url, BYSTANDER)
@@ -98,11 +100,18 @@ def healthy(live) -> bool:
     return httpx.get(f"{live.url}/health").status_code == 200
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 1e-300}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300}])
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 1e-300}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300}]
+)
 def test_extreme_sampling_values_are_served_and_the_bystander_is_exact(live, sampling):
     with Bystander(live.url) as bob:
         for stream in (False, True):
-            response = alice(live, "POST", "/v1/completions", json={"model": "tiny", "prompt": "5 6", "max_tokens": 8, "stream": stream, **sampling})
+            response = alice(
+                live,
+                "POST",
+                "/v1/completions",
+                json={"model": "tiny", "prompt": "5 6", "max_tokens": 8, "stream": stream, **sampling},
+            )
             assert response.status_code == 200, response.text
     assert bob.text == live.solo and healthy(live)
 
@@ -111,7 +120,12 @@ def test_an_adapter_that_overflows_fails_alone_with_a_400(live):
     assert upload(live.url, ALICE, "huge", pedro_adapter(live.root, "huge", 1e20, seed=4)).status_code == 201
     with Bystander(live.url) as bob:
         for stream in (False, True):
-            response = alice(live, "POST", "/v1/completions", json={"model": "huge", "prompt": "5 6", "max_tokens": 8, "stream": stream})
+            response = alice(
+                live,
+                "POST",
+                "/v1/completions",
+                json={"model": "huge", "prompt": "5 6", "max_tokens": 8, "stream": stream},
+            )
             assert response.status_code == 400 and response.json()["error"]["code"] == "numeric_overflow", response.text
     assert bob.text == live.solo and healthy(live)
     # the failed rows' cache slots are reused by the next requests: the bystander alone again is still exact
@@ -126,8 +140,16 @@ def test_deleting_an_adapter_a_queued_request_uses_is_409(live):
         filler.thread.start()
     wait_for(live, lambda health: health["running"] == 3)
     queued: list[httpx.Response] = []
-    waiter = threading.Thread(target=lambda: queued.append(alice(
-        live, "POST", "/v1/completions", json={"model": "mine", "prompt": "5 6", "max_tokens": 4, "temperature": 0})))
+    waiter = threading.Thread(
+        target=lambda: queued.append(
+            alice(
+                live,
+                "POST",
+                "/v1/completions",
+                json={"model": "mine", "prompt": "5 6", "max_tokens": 4, "temperature": 0},
+            )
+        )
+    )
     waiter.start()
     wait_for(live, lambda health: health["waiting"] == 1)
     refused = alice(live, "DELETE", "/v1/adapters/mine")
@@ -145,7 +167,11 @@ def test_over_long_prompts_are_refused_with_context_length_exceeded(live):
         for prompt in (" ".join(["7"] * 65), "7 " * 100_000):  # over the token limit; over it by far (200 kB)
             response = alice(live, "POST", "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 4})
             error = response.json()["error"]
-            assert response.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+            assert (
+                response.status_code == 400
+                and error["code"] == "context_length_exceeded"
+                and error["param"] == "prompt"
+            )
         assert "without tokenising" in error["message"]
     assert bob.text == live.solo and healthy(live)
 
@@ -164,7 +190,14 @@ def test_a_tenant_over_its_request_cap_gets_429_and_others_are_still_admitted(li
 
 def test_a_dead_engine_thread_turns_health_503_and_requests_get_a_clean_503(tmp_path, monkeypatch):
     engine = Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=2, max_seq_len=64)
-    config = ServerConfig(backbone="tiny", adapters_dir=tmp_path / "adapters", max_seq_len=64, max_prompt_tokens=32, max_tokens=16, default_max_tokens=4)
+    config = ServerConfig(
+        backbone="tiny",
+        adapters_dir=tmp_path / "adapters",
+        max_seq_len=64,
+        max_prompt_tokens=32,
+        max_tokens=16,
+        default_max_tokens=4,
+    )
     backend = LocalBackend(engine, config)
     monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("step bug")))
     monkeypatch.setattr(engine, "reset", lambda reason: (_ for _ in ()).throw(RuntimeError("reset bug")))

@@ -43,7 +43,9 @@ def test_models_retrieve_the_base_model_and_the_callers_adapters(live):
     alice = client(live, TENANTS["alice"])
     base = alice.models.retrieve(BASE)  # the client sends acme%2Ftiny-base
     assert (base.id, base.object, base.owned_by) == (BASE, "model", "pedro")
-    assert httpx.get(f"{live.url}/v1/models/{BASE}", headers=auth(TENANTS["alice"])).json()["id"] == BASE  # unencoded '/'
+    assert (
+        httpx.get(f"{live.url}/v1/models/{BASE}", headers=auth(TENANTS["alice"])).json()["id"] == BASE
+    )  # unencoded '/'
     own = alice.models.retrieve("a0")
     assert (own.id, own.owned_by) == ("a0", "alice") and own.created > 0
     assert [m.id for m in alice.models.list().data] == [BASE, "a0"]
@@ -80,7 +82,10 @@ def test_the_authorization_scheme_is_case_insensitive(live, scheme):
         assert [m["id"] for m in response.json()["data"]] == [BASE, "a0"]
 
 
-@pytest.mark.parametrize("header", [f"Basic {TENANTS['alice']}", f"Bearer{TENANTS['alice']}", "Bearer", TENANTS["alice"], f"Token {TENANTS['alice']}"])
+@pytest.mark.parametrize(
+    "header",
+    [f"Basic {TENANTS['alice']}", f"Bearer{TENANTS['alice']}", "Bearer", TENANTS["alice"], f"Token {TENANTS['alice']}"],
+)
 def test_other_authorization_schemes_are_401(live, header):
     response = httpx.get(f"{live.url}/v1/models", headers={"Authorization": header})
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
@@ -89,15 +94,26 @@ def test_other_authorization_schemes_are_401(live, header):
 # ---------------------------------------------------------------------------------------- no redirects
 
 
-@pytest.mark.parametrize("method, path", [
-    ("DELETE", "/v1/adapters/"), ("GET", "/v1/adapters/"), ("POST", "/v1/completions/"), ("POST", "/v1/chat/completions/"),
-    ("GET", "/v1/models/"), ("GET", "/health/"), ("GET", "/metrics/"),
-])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("DELETE", "/v1/adapters/"),
+        ("GET", "/v1/adapters/"),
+        ("POST", "/v1/completions/"),
+        ("POST", "/v1/chat/completions/"),
+        ("GET", "/v1/models/"),
+        ("GET", "/health/"),
+        ("GET", "/metrics/"),
+    ],
+)
 def test_a_trailing_slash_is_an_openai_error_never_a_redirect(live, method, path):
     response = httpx.request(method, f"{live.url}{path}", headers=auth(ADMIN_KEY), json={}, follow_redirects=False)
     assert response.status_code in (404, 405), (response.status_code, response.headers)
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["type"] in ("not_found_error", "invalid_request_error")
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] in (
+        "not_found_error",
+        "invalid_request_error",
+    )
 
 
 def test_an_adapter_survives_a_delete_without_a_name(live):
@@ -109,31 +125,57 @@ def test_an_adapter_survives_a_delete_without_a_name(live):
 
 
 def test_an_assistant_message_with_null_content_is_an_empty_turn(live):
-    messages = [{"role": "user", "content": "3 4"}, {"role": "assistant", "content": None}, {"role": "user", "content": "5 6"}]
-    reply = client(live, TENANTS["alice"]).chat.completions.create(model="a0", messages=messages, max_tokens=8, temperature=0)
+    messages = [
+        {"role": "user", "content": "3 4"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "5 6"},
+    ]
+    reply = client(live, TENANTS["alice"]).chat.completions.create(
+        model="a0", messages=messages, max_tokens=8, temperature=0
+    )
     engine = Engine(str(live.backbone), max_batch=2, max_seq_len=128)
     engine.add_adapter("a0", live.adapter)
     rendered = [{**m, "content": m["content"] or ""} for m in messages]
     ref = engine.generate([Request(rendered, adapter="a0", sampling=SamplingParams(max_new_tokens=8))])[0]
     assert reply.choices[0].message.content == ref.text and reply.usage.prompt_tokens == ref.prompt_tokens
     no_content = client(live, TENANTS["alice"]).chat.completions.create(
-        model=BASE, messages=[{"role": "user", "content": "3"}, {"role": "assistant"}], max_tokens=2)
+        model=BASE, messages=[{"role": "user", "content": "3"}, {"role": "assistant"}], max_tokens=2
+    )
     assert no_content.usage.completion_tokens >= 1
 
 
-@pytest.mark.parametrize("message, where, why", [
-    ({"role": "tool", "tool_call_id": "call_1", "content": "42"}, "messages.1.role", "tool calling"),
-    ({"role": "function", "name": "f", "content": "42"}, "messages.1.role", "tool calling"),
-    ({"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-     "messages.1.tool_calls", "tool calling"),
-    ({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}, "messages.1.function_call", "tool calling"),
-    ({"role": "user", "content": None}, "messages.1.content", "only an assistant message"),
-    ({"role": "system"}, "messages.1.content", "only an assistant message"),
-    ({"role": "wizard", "content": "3"}, "messages.1.role", "'system', 'developer', 'user' or 'assistant'"),
-])
+@pytest.mark.parametrize(
+    "message, where, why",
+    [
+        ({"role": "tool", "tool_call_id": "call_1", "content": "42"}, "messages.1.role", "tool calling"),
+        ({"role": "function", "name": "f", "content": "42"}, "messages.1.role", "tool calling"),
+        (
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
+            "messages.1.tool_calls",
+            "tool calling",
+        ),
+        (
+            {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+            "messages.1.function_call",
+            "tool calling",
+        ),
+        ({"role": "user", "content": None}, "messages.1.content", "only an assistant message"),
+        ({"role": "system"}, "messages.1.content", "only an assistant message"),
+        ({"role": "wizard", "content": "3"}, "messages.1.role", "'system', 'developer', 'user' or 'assistant'"),
+    ],
+)
 def test_messages_the_template_cannot_render_are_400_naming_the_field(live, message, where, why):
     with pytest.raises(openai.BadRequestError) as caught:
         client(live, TENANTS["alice"]).chat.completions.create(
-            model="a0", messages=[{"role": "user", "content": "3"}, message], max_tokens=2)
+            model="a0", messages=[{"role": "user", "content": "3"}, message], max_tokens=2
+        )
     assert caught.value.body["param"] == "messages"
-    assert caught.value.message.startswith("Error code: 400") and where in caught.value.message and why in caught.value.message
+    assert (
+        caught.value.message.startswith("Error code: 400")
+        and where in caught.value.message
+        and why in caught.value.message
+    )

@@ -40,8 +40,13 @@ def ray_address():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from a test cluster
-    ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=256 * 1024**2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -78,7 +83,9 @@ def gauge(url: str, name: str) -> float:
 
 def test_ray_backend_sums_the_replicas_reports_and_forgets_silent_ones():
     backend = ray_app.RayBackend(engine=None, replicas=2)
-    assert {key: backend.stats()[key] for key in GAUGES} == dict.fromkeys(GAUGES, 0) and backend.stats()["per_replica"] == {}
+    assert {key: backend.stats()[key] for key in GAUGES} == dict.fromkeys(GAUGES, 0) and backend.stats()[
+        "per_replica"
+    ] == {}
     backend.record_replica("a", {"running": 2, "waiting": 1, "in_flight": 3, "engine_restarts": 1})
     backend.record_replica("b", {"running": 1, "waiting": 0, "in_flight": 1, "engine_restarts": 0, "other": 9})
     stats = backend.stats()
@@ -92,11 +99,18 @@ def test_ray_backend_sums_the_replicas_reports_and_forgets_silent_ones():
 
 def test_two_replicas_serve_eight_multiplexed_adapters(tmp_path, ray_address):
     backbone = make_backbone(tmp_path / "backbone")
-    sources = {name: make_adapter(tmp_path / "src" / name, "pedro" if i % 2 == 0 else "lora", seed=i + 1) for i, name in enumerate(ADAPTERS)}
+    sources = {
+        name: make_adapter(tmp_path / "src" / name, "pedro" if i % 2 == 0 else "lora", seed=i + 1)
+        for i, name in enumerate(ADAPTERS)
+    }
     # max_batch 64: either replica has a free row for every request of the burst, so where a request runs is decided
     # by adapter affinity alone (with a full replica, Ray sends the overflow to another one: load balancing)
-    config = write_config(tmp_path, backbone, max_batch=64,
-                          ray={"replicas": 2, "num_cpus": 0.5, "max_adapters_per_replica": 8, "address": ray_address})
+    config = write_config(
+        tmp_path,
+        backbone,
+        max_batch=64,
+        ray={"replicas": 2, "num_cpus": 0.5, "max_adapters_per_replica": 8, "address": ray_address},
+    )
     jobs = [(name, prompt) for name in ADAPTERS for prompt in PROMPTS * 2]
 
     with ServerProcess(config, tmp_path / "server.log", extra_args=("--ray",), startup_timeout=300) as server:
@@ -108,7 +122,9 @@ def test_two_replicas_serve_eight_multiplexed_adapters(tmp_path, ray_address):
             return "".join([chunk.choices[0].text async for chunk in stream])
 
         async def everyone() -> list[str]:
-            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=TENANTS["alice"], max_retries=0, timeout=120) as c:
+            async with openai.AsyncOpenAI(
+                base_url=f"{server.url}/v1", api_key=TENANTS["alice"], max_retries=0, timeout=120
+            ) as c:
                 # first use of each adapter one at a time: a replica loads it and reports it to Ray Serve's router
                 # (a cold burst is spread before any replica has reported the adapter)
                 for name in ADAPTERS:
@@ -133,7 +149,9 @@ def test_two_replicas_serve_eight_multiplexed_adapters(tmp_path, ray_address):
     engine = Engine(str(backbone), max_batch=16, max_seq_len=128)
     for name, directory in sources.items():
         engine.add_adapter(name, directory)
-    refs = engine.generate([Request(p, adapter=n, raw_prompt=True, sampling=SamplingParams(max_new_tokens=8)) for n, p in jobs])
+    refs = engine.generate(
+        [Request(p, adapter=n, raw_prompt=True, sampling=SamplingParams(max_new_tokens=8)) for n, p in jobs]
+    )
     assert answers == [r.text for r in refs]
 
     print("routing counts (adapter -> replica -> requests):", json.dumps(routing, indent=1))
@@ -153,8 +171,15 @@ def small(tmp_path_factory, ray_address):
     a backbone with no EOS, so every request runs exactly to its max_tokens."""
     root = tmp_path_factory.mktemp("ray-small")
     backbone = make_backbone(root / "backbone", endless=True, **SIZE)
-    config = write_config(root, backbone, max_batch=2, max_queued=2, max_seq_len=4096, max_tokens=LONG,
-                          ray={"replicas": 1, "num_cpus": 1, "address": ray_address})
+    config = write_config(
+        root,
+        backbone,
+        max_batch=2,
+        max_queued=2,
+        max_seq_len=4096,
+        max_tokens=LONG,
+        ray={"replicas": 1, "num_cpus": 1, "address": ray_address},
+    )
     with ServerProcess(config, root / "server.log", extra_args=("--ray",), startup_timeout=300) as server:
         yield server
 
@@ -191,8 +216,14 @@ def test_full_queue_answers_429_with_retry_after_then_recovers(small):
             if not stream:
                 reply = await c.completions.create(model="tiny", prompt="3 4 5", max_tokens=max_tokens, temperature=0)
                 return reply.usage.completion_tokens
-            chunks = await c.completions.create(model="tiny", prompt="3 4 5", max_tokens=max_tokens, temperature=0,
-                                                stream=True, stream_options={"include_usage": True})
+            chunks = await c.completions.create(
+                model="tiny",
+                prompt="3 4 5",
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
             return [chunk async for chunk in chunks][-1].usage.completion_tokens
         except openai.RateLimitError as err:
             return err  # any other error fails the test
@@ -239,7 +270,9 @@ def test_a_dropped_stream_is_aborted_in_its_engine_replica(small):
     assert during["running"] == 1, during
     freed = wait_idle()
     health_until(small.url, lambda h: h["running"] == h["in_flight"] == 0)
-    print(f"dropped stream: replica idle {freed:.2f} s after the disconnect (the request had ~{LONG * per_token:.0f} s to go)")
+    print(
+        f"dropped stream: replica idle {freed:.2f} s after the disconnect (the request had ~{LONG * per_token:.0f} s to go)"
+    )
     assert freed < LONG * per_token / 4
 
     # the same while a non-streaming client waits for its answer
@@ -248,7 +281,9 @@ def test_a_dropped_stream_is_aborted_in_its_engine_replica(small):
     wait_idle()
 
     c = openai.OpenAI(base_url=f"{small.url}/v1", api_key=ALICE, max_retries=0, timeout=60)
-    stream = c.completions.create(model="tiny", prompt="3 4 5", max_tokens=5, stream=True, stream_options={"include_usage": True})
+    stream = c.completions.create(
+        model="tiny", prompt="3 4 5", max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
     assert [chunk for chunk in stream][-1].usage.completion_tokens == 5
 
 

@@ -40,7 +40,9 @@ def live(tmp_path_factory):
 
 def direct(live, prompt, adapter=None, chat=False, **sampling):
     """The engine's own answer (a completion prompt is raw text, a chat prompt gets the chat template)."""
-    request = Request(prompt, adapter=adapter, raw_prompt=not chat, sampling=SamplingParams(**{"max_new_tokens": 8, **sampling}))
+    request = Request(
+        prompt, adapter=adapter, raw_prompt=not chat, sampling=SamplingParams(**{"max_new_tokens": 8, **sampling})
+    )
     return live.engine.generate([request])[0]
 
 
@@ -57,10 +59,16 @@ def test_n_samples_share_one_prefill():
     from conftest import tiny_model, tiny_tokenizer
 
     engine = Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=4, max_seq_len=64)
-    requests = [Request([3, 4, 5, 6], sampling=SamplingParams(max_new_tokens=4, temperature=1.0, seed=s, ignore_eos=True)) for s in range(3)]
+    requests = [
+        Request([3, 4, 5, 6], sampling=SamplingParams(max_new_tokens=4, temperature=1.0, seed=s, ignore_eos=True))
+        for s in range(3)
+    ]
     outs = engine.generate(requests)
     assert [n for n, _ in engine.stats["prefill"]] == [4]  # three rows admitted, one prompt's tokens prefilled
-    alone = [Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=4, max_seq_len=64).generate([r])[0].token_ids for r in requests]
+    alone = [
+        Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=4, max_seq_len=64).generate([r])[0].token_ids
+        for r in requests
+    ]
     assert [o.token_ids for o in outs] == alone
 
 
@@ -83,7 +91,9 @@ def test_completion_logprobs_match_the_engine_and_stream_the_same(live):
     assert lp.token_logprobs == pytest.approx([e.logprob for e in reference.logprobs], abs=1e-5)
     assert all(len(top) == 2 for top in lp.top_logprobs)
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
-    streamed = list(live.client.completions.create(model="p", prompt="3 4 5", max_tokens=6, temperature=0, logprobs=2, stream=True))
+    streamed = list(
+        live.client.completions.create(model="p", prompt="3 4 5", max_tokens=6, temperature=0, logprobs=2, stream=True)
+    )
     tokens = [t for chunk in streamed for c in chunk.choices if c.logprobs for t in c.logprobs.tokens]
     offsets = [o for chunk in streamed for c in chunk.choices if c.logprobs for o in c.logprobs.text_offset]
     assert tokens == lp.tokens and offsets == lp.text_offset
@@ -91,7 +101,9 @@ def test_completion_logprobs_match_the_engine_and_stream_the_same(live):
 
 def test_chat_logprobs_in_chats_format(live):
     messages = [{"role": "user", "content": "3 4 5"}]
-    out = live.client.chat.completions.create(model="p", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    out = live.client.chat.completions.create(
+        model="p", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
     reference = direct(live, messages, "p", chat=True, max_new_tokens=6, logprobs=3)
     content = out.choices[0].logprobs.content
     assert "".join(e.token for e in content) == out.choices[0].message.content
@@ -107,19 +119,35 @@ def test_echo_penalties_and_logit_bias_are_honoured(live):
     # a bias makes "11" repeat; the frequency penalty then pushes it out
     biased = {"model": "tiny", "prompt": "3 4 5", "max_tokens": 8, "temperature": 0, "logit_bias": {"11": 4.0}}
     penalised = live.client.completions.create(**biased, frequency_penalty=2.0, presence_penalty=0.5)
-    assert penalised.choices[0].text == direct(live, "3 4 5", logit_bias={11: 4.0}, frequency_penalty=2.0, presence_penalty=0.5).text
+    assert (
+        penalised.choices[0].text
+        == direct(live, "3 4 5", logit_bias={11: 4.0}, frequency_penalty=2.0, presence_penalty=0.5).text
+    )
     assert penalised.choices[0].text != live.client.completions.create(**biased).choices[0].text
-    biased = live.client.completions.create(model="tiny", prompt="3 4 5", max_tokens=4, temperature=0, logit_bias={"11": 100})
+    biased = live.client.completions.create(
+        model="tiny", prompt="3 4 5", max_tokens=4, temperature=0, logit_bias={"11": 100}
+    )
     assert biased.choices[0].text.split() == ["11"] * 4
-    repeat = httpx.post(f"{live.url}/v1/completions", headers=auth(ALICE),
-                        json={"model": "p", "prompt": "3 4 5", "max_tokens": 8, "temperature": 0, "repetition_penalty": 1.5})
+    repeat = httpx.post(
+        f"{live.url}/v1/completions",
+        headers=auth(ALICE),
+        json={"model": "p", "prompt": "3 4 5", "max_tokens": 8, "temperature": 0, "repetition_penalty": 1.5},
+    )
     assert repeat.json()["choices"][0]["text"] == direct(live, "3 4 5", "p", repetition_penalty=1.5).text
 
 
 def test_streamed_n_with_usage(live):
-    chunks = list(live.client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "3 4"}], n=2, max_tokens=5, temperature=0,
-        stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        live.client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "3 4"}],
+            n=2,
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = {0: "", 1: ""}
     for chunk in chunks[:-1]:
         for c in chunk.choices:
@@ -132,26 +160,61 @@ def test_streamed_n_with_usage(live):
 HONOURED, NO_EFFECT, REFUSED = "honoured", "no effect on the answer", "refused"
 FIELDS = {
     "completions": {
-        "model": HONOURED, "prompt": HONOURED, "max_tokens": HONOURED, "temperature": HONOURED, "top_p": HONOURED,
-        "n": HONOURED, "stop": HONOURED, "seed": HONOURED, "logprobs": HONOURED, "echo": HONOURED, "logit_bias": HONOURED,
-        "presence_penalty": HONOURED, "frequency_penalty": HONOURED, "stream_options": HONOURED, "user": NO_EFFECT,
-        "best_of": (REFUSED, 2), "suffix": (REFUSED, "x"),
+        "model": HONOURED,
+        "prompt": HONOURED,
+        "max_tokens": HONOURED,
+        "temperature": HONOURED,
+        "top_p": HONOURED,
+        "n": HONOURED,
+        "stop": HONOURED,
+        "seed": HONOURED,
+        "logprobs": HONOURED,
+        "echo": HONOURED,
+        "logit_bias": HONOURED,
+        "presence_penalty": HONOURED,
+        "frequency_penalty": HONOURED,
+        "stream_options": HONOURED,
+        "user": NO_EFFECT,
+        "best_of": (REFUSED, 2),
+        "suffix": (REFUSED, "x"),
     },
     "chat": {
-        "model": HONOURED, "messages": HONOURED, "max_tokens": HONOURED, "max_completion_tokens": HONOURED,
-        "temperature": HONOURED, "top_p": HONOURED, "n": HONOURED, "stop": HONOURED, "seed": HONOURED,
-        "logprobs": HONOURED, "top_logprobs": HONOURED, "logit_bias": HONOURED, "presence_penalty": HONOURED,
-        "frequency_penalty": HONOURED, "stream_options": HONOURED,
-        "user": (NO_EFFECT, "u1"), "metadata": (NO_EFFECT, {"k": "v"}), "store": (NO_EFFECT, True),
-        "service_tier": (NO_EFFECT, "default"), "safety_identifier": (NO_EFFECT, "s"), "prompt_cache_key": (NO_EFFECT, "k"),
-        "prompt_cache_retention": (NO_EFFECT, "24h"), "prompt_cache_options": (NO_EFFECT, {}),
+        "model": HONOURED,
+        "messages": HONOURED,
+        "max_tokens": HONOURED,
+        "max_completion_tokens": HONOURED,
+        "temperature": HONOURED,
+        "top_p": HONOURED,
+        "n": HONOURED,
+        "stop": HONOURED,
+        "seed": HONOURED,
+        "logprobs": HONOURED,
+        "top_logprobs": HONOURED,
+        "logit_bias": HONOURED,
+        "presence_penalty": HONOURED,
+        "frequency_penalty": HONOURED,
+        "stream_options": HONOURED,
+        "user": (NO_EFFECT, "u1"),
+        "metadata": (NO_EFFECT, {"k": "v"}),
+        "store": (NO_EFFECT, True),
+        "service_tier": (NO_EFFECT, "default"),
+        "safety_identifier": (NO_EFFECT, "s"),
+        "prompt_cache_key": (NO_EFFECT, "k"),
+        "prompt_cache_retention": (NO_EFFECT, "24h"),
+        "prompt_cache_options": (NO_EFFECT, {}),
         "parallel_tool_calls": (NO_EFFECT, False),
-        "tools": (REFUSED, [{"type": "function", "function": {"name": "f"}}]), "tool_choice": (REFUSED, "required"),
-        "functions": (REFUSED, [{"name": "f"}]), "function_call": (REFUSED, "auto"),
-        "response_format": (REFUSED, {"type": "json_object"}), "audio": (REFUSED, {"voice": "alloy", "format": "wav"}),
-        "modalities": (REFUSED, ["text", "audio"]), "prediction": (REFUSED, {"type": "content", "content": "x"}),
-        "web_search_options": (REFUSED, {"search_context_size": "low"}), "moderation": (REFUSED, {"policy": {}}),
-        "verbosity": (REFUSED, "high"), "reasoning_effort": (REFUSED, "high"),
+        "tools": (REFUSED, [{"type": "function", "function": {"name": "f"}}]),
+        "tool_choice": (REFUSED, "required"),
+        "functions": (REFUSED, [{"name": "f"}]),
+        "function_call": (REFUSED, "auto"),
+        "response_format": (REFUSED, {"type": "json_object"}),
+        "audio": (REFUSED, {"voice": "alloy", "format": "wav"}),
+        "modalities": (REFUSED, ["text", "audio"]),
+        "prediction": (REFUSED, {"type": "content", "content": "x"}),
+        "web_search_options": (REFUSED, {"search_context_size": "low"}),
+        "moderation": (REFUSED, {"policy": {}}),
+        "verbosity": (REFUSED, "high"),
+        "reasoning_effort": (REFUSED, "high"),
     },
 }
 
@@ -164,12 +227,17 @@ def test_every_field_of_the_openai_request_types_is_classified():
     assert set(chat_params.CompletionCreateParamsBase.__annotations__) == set(FIELDS["chat"])
 
 
-@pytest.mark.parametrize("endpoint,field", [(e, f) for e, fields in FIELDS.items() for f, v in fields.items() if isinstance(v, tuple)])
+@pytest.mark.parametrize(
+    "endpoint,field", [(e, f) for e, fields in FIELDS.items() for f, v in fields.items() if isinstance(v, tuple)]
+)
 def test_fields_without_effect_are_accepted_and_the_rest_refused_by_name(live, endpoint, field):
     kind, value = FIELDS[endpoint][field]
     base = {"model": "tiny", "max_tokens": 4, "temperature": 0}
-    body, path = ({**base, "prompt": "3 4"}, "/v1/completions") if endpoint == "completions" else (
-        {**base, "messages": [{"role": "user", "content": "3 4"}]}, "/v1/chat/completions")
+    body, path = (
+        ({**base, "prompt": "3 4"}, "/v1/completions")
+        if endpoint == "completions"
+        else ({**base, "messages": [{"role": "user", "content": "3 4"}]}, "/v1/chat/completions")
+    )
     response = httpx.post(f"{live.url}{path}", headers=auth(ALICE), json={**body, field: value}, timeout=30)
     if kind == REFUSED:
         assert response.status_code == 400 and field in response.json()["error"]["message"], response.text
@@ -184,19 +252,24 @@ def _text(response: httpx.Response) -> str:
     return choice.get("text") or choice["message"]["content"]
 
 
-@pytest.mark.parametrize("body", [
-    {"prompt": "3 4", "max_tokens": 0},
-    {"prompt": "3 4", "max_tokens": -1, "echo": True},
-    {"prompt": "3 4", "echo": True, "logprobs": 1, "prompt_logprobs": 1},
-    {"prompt": "3 4", "stream_options": {"include_usage": True}},
-    {"prompt": "3 4", "n": 17},
-    {"prompt": "3 4", "logit_bias": {"x": 1}},
-    {"prompt": "3 4", "logprobs": 21},
-    {"prompt": []},
-    {"prompt": ["3 4", ""]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "3 4", "max_tokens": 0},
+        {"prompt": "3 4", "max_tokens": -1, "echo": True},
+        {"prompt": "3 4", "echo": True, "logprobs": 1, "prompt_logprobs": 1},
+        {"prompt": "3 4", "stream_options": {"include_usage": True}},
+        {"prompt": "3 4", "n": 17},
+        {"prompt": "3 4", "logit_bias": {"x": 1}},
+        {"prompt": "3 4", "logprobs": 21},
+        {"prompt": []},
+        {"prompt": ["3 4", ""]},
+    ],
+)
 def test_inconsistent_options_are_400s_naming_the_field(live, body):
-    response = httpx.post(f"{live.url}/v1/completions", headers=auth(ALICE), json={"model": "tiny", "max_tokens": 4, **body}, timeout=30)
+    response = httpx.post(
+        f"{live.url}/v1/completions", headers=auth(ALICE), json={"model": "tiny", "max_tokens": 4, **body}, timeout=30
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     named = [k for k in body if k != "model"]
@@ -213,7 +286,9 @@ def test_a_completion_reaches_an_adapter_as_its_training_encoded_prompts(live, t
     templated = live.client.completions.create(model="pc", prompt="3 4 5", max_tokens=6, temperature=0)
     assert templated.choices[0].text == direct(live, "3 4 5", "p", chat=True, max_new_tokens=6).text
     assert templated.usage.prompt_tokens > 3  # the template's tokens are there
-    raw = live.client.completions.create(model="pc", prompt="3 4 5", max_tokens=6, temperature=0, extra_body={"raw_prompt": True})
+    raw = live.client.completions.create(
+        model="pc", prompt="3 4 5", max_tokens=6, temperature=0, extra_body={"raw_prompt": True}
+    )
     assert raw.choices[0].text == direct(live, "3 4 5", "p", max_new_tokens=6).text != templated.choices[0].text
     unrecorded = live.client.completions.create(model="p", prompt="3 4 5", max_tokens=6, temperature=0)
     assert unrecorded.choices[0].text == raw.choices[0].text
@@ -237,7 +312,9 @@ def scored(live, adapter, ids: list[int]) -> torch.Tensor:
 
 
 def test_echo_with_logprobs_scores_the_prompt_then_the_completion(live):
-    out = live.client.completions.create(model="p", prompt="3 4 5 6", max_tokens=3, temperature=0, logprobs=2, echo=True)
+    out = live.client.completions.create(
+        model="p", prompt="3 4 5 6", max_tokens=3, temperature=0, logprobs=2, echo=True
+    )
     choice, ids = out.choices[0], [3, 4, 5, 6]
     generated = direct(live, "3 4 5 6", "p", max_new_tokens=3, logprobs=2)
     assert choice.text == "3 4 5 6" + generated.text
@@ -260,7 +337,9 @@ def test_echo_with_logprobs_scores_the_prompt_then_the_completion(live):
 def test_a_loglikelihood_request_returns_the_prompts_logprobs_only(live, model):
     """What lm-evaluation-harness sends to score a continuation: token ids, echo, logprobs 1, max_tokens 0."""
     prompts = [[5, 17, 33, 8, 41, 9], [60, 61, 62]]
-    out = live.client.completions.create(model=model, prompt=prompts, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    out = live.client.completions.create(
+        model=model, prompt=prompts, max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
     assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == 9
     for choice, ids in zip(out.choices, prompts):
         assert choice.finish_reason == "length" and choice.text == " ".join(map(str, ids))
@@ -274,14 +353,18 @@ def test_a_loglikelihood_request_returns_the_prompts_logprobs_only(live, model):
         greedy = [int(reference[i].argmax()) == ids[i + 1] for i in range(len(ids) - 1)]
         assert [value == max(top.values()) for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:])] == greedy
     # lm-evaluation-harness's local-completions asks for one token and drops it ([ctxlen:-1]): the same numbers
-    one = live.client.completions.create(model=model, prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    one = live.client.completions.create(
+        model=model, prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
     for with_token, scored_only in zip(one.choices, out.choices):
         assert with_token.logprobs.token_logprobs[:-1] == scored_only.logprobs.token_logprobs
         assert with_token.logprobs.tokens[:-1] == scored_only.logprobs.tokens
 
 
 def test_echo_of_token_id_prompts_is_their_decoded_text(live):
-    out = live.client.completions.create(model="tiny", prompt=[[5, 6, 7], [2, 9]], max_tokens=2, temperature=0, echo=True)
+    out = live.client.completions.create(
+        model="tiny", prompt=[[5, 6, 7], [2, 9]], max_tokens=2, temperature=0, echo=True
+    )
     assert [c.text for c in out.choices] == [
         "5 6 7" + direct(live, [5, 6, 7], max_new_tokens=2).text,
         "9" + direct(live, [2, 9], max_new_tokens=2).text,  # 2 is the tokenizer's special unknown token: not text
@@ -301,10 +384,14 @@ def test_streamed_echo_with_logprobs_sends_the_prompts_logprobs_first(live):
         assert "".join(c.text for c in mine) == whole.choices[index].text
         assert [t for c in mine if c.logprobs for t in c.logprobs.tokens] == expected.tokens
         assert [o for c in mine if c.logprobs for o in c.logprobs.text_offset] == expected.text_offset
-        assert [v for c in mine if c.logprobs for v in c.logprobs.token_logprobs] == pytest.approx(expected.token_logprobs)
+        assert [v for c in mine if c.logprobs for v in c.logprobs.token_logprobs] == pytest.approx(
+            expected.token_logprobs
+        )
     # n samples of one prompt: one prefill, the same prompt logprobs
     assert whole.choices[0].logprobs.token_logprobs[:3] == whole.choices[1].logprobs.token_logprobs[:3]
-    scoring = list(live.client.completions.create(model="tiny", prompt=[7, 8, 9], max_tokens=0, echo=True, logprobs=0, stream=True))
+    scoring = list(
+        live.client.completions.create(model="tiny", prompt=[7, 8, 9], max_tokens=0, echo=True, logprobs=0, stream=True)
+    )
     pieces = [c for chunk in scoring for c in chunk.choices]
     assert len(pieces) == 1 and pieces[0].finish_reason == "length" and pieces[0].text == "7 8 9"
     assert pieces[0].logprobs.tokens == ["7", " 8", " 9"] and pieces[0].logprobs.token_logprobs[0] is None
@@ -313,6 +400,10 @@ def test_streamed_echo_with_logprobs_sends_the_prompts_logprobs_first(live):
 def test_chat_has_no_prompt_logprobs(live):
     messages = [{"role": "user", "content": "3 4"}]
     for extra in ({"max_tokens": 0}, {"max_completion_tokens": 0}, {"prompt_logprobs": 1}):
-        response = httpx.post(f"{live.url}/v1/chat/completions", headers=auth(ALICE),
-                              json={"model": "tiny", "messages": messages, **extra}, timeout=30)
+        response = httpx.post(
+            f"{live.url}/v1/chat/completions",
+            headers=auth(ALICE),
+            json={"model": "tiny", "messages": messages, **extra},
+            timeout=30,
+        )
         assert response.status_code == 400 and next(iter(extra)) in response.json()["error"]["message"], response.text

@@ -78,10 +78,22 @@ CASES = {
     # other tenants' adapters: not found, never forbidden (names do not leak)
     "use another tenant's adapter": (lambda lv: complete(lv, key=BOB), 404, "does not exist"),
     "use it by qualified name": (lambda lv: complete(lv, key=BOB, model="alice:mine"), 404, "does not exist"),
-    "delete another tenant's adapter": (lambda lv: httpx.delete(f"{lv.url}/v1/adapters/mine", headers=auth(BOB)), 404, "does not exist"),
-    "delete it by qualified name": (lambda lv: httpx.delete(f"{lv.url}/v1/adapters/alice:mine", headers=auth(BOB)), 404, "does not exist"),
+    "delete another tenant's adapter": (
+        lambda lv: httpx.delete(f"{lv.url}/v1/adapters/mine", headers=auth(BOB)),
+        404,
+        "does not exist",
+    ),
+    "delete it by qualified name": (
+        lambda lv: httpx.delete(f"{lv.url}/v1/adapters/alice:mine", headers=auth(BOB)),
+        404,
+        "does not exist",
+    ),
     "overwrite via tenant field": (lambda lv: upload(lv.url, BOB, "mine", lv.good, tenant="alice"), 403, "admin key"),
-    "overwrite via qualified name": (lambda lv: upload(lv.url, BOB, "alice:mine", lv.good), 400, "invalid adapter name"),
+    "overwrite via qualified name": (
+        lambda lv: upload(lv.url, BOB, "alice:mine", lv.good),
+        400,
+        "invalid adapter name",
+    ),
     "overwrite own without delete": (lambda lv: upload(lv.url, ALICE, "mine", lv.good), 409, "already exists"),
     # names and paths
     "traversal name": (lambda lv: upload(lv.url, ALICE, "../x", lv.good), 400, "invalid adapter name"),
@@ -90,46 +102,129 @@ CASES = {
     "slash name": (lambda lv: upload(lv.url, ALICE, "a/b", lv.good), 400, "invalid adapter name"),
     "no name": (lambda lv: upload(lv.url, ALICE, None, lv.good), 400, "give the adapter a name"),
     "base model's name": (lambda lv: upload(lv.url, ALICE, "tiny", lv.good), 400, "base model"),
-    "traversal tenant": (lambda lv: upload(lv.url, ADMIN_KEY, "x", lv.good, tenant="../alice"), 400, "invalid tenant name"),
-    "encoded traversal delete": (lambda lv: httpx.delete(f"{lv.url}/v1/adapters/..%2F..%2Fregistry.json", headers=auth(ALICE)), 404, ""),
-    "server path as a tenant": (lambda lv: post(lv, "/v1/adapters", json={"name": "x", "path": str(lv.good)}), 403, "admin key"),
-    "relative server path": (lambda lv: post(lv, "/v1/adapters", ADMIN_KEY, json={"name": "x", "path": "../good"}), 400, "absolute path"),
-    "server path without adapter": (lambda lv: post(lv, "/v1/adapters", ADMIN_KEY, json={"name": "x", "path": "/etc"}), 400, "has no adapter_config.json"),
+    "traversal tenant": (
+        lambda lv: upload(lv.url, ADMIN_KEY, "x", lv.good, tenant="../alice"),
+        400,
+        "invalid tenant name",
+    ),
+    "encoded traversal delete": (
+        lambda lv: httpx.delete(f"{lv.url}/v1/adapters/..%2F..%2Fregistry.json", headers=auth(ALICE)),
+        404,
+        "",
+    ),
+    "server path as a tenant": (
+        lambda lv: post(lv, "/v1/adapters", json={"name": "x", "path": str(lv.good)}),
+        403,
+        "admin key",
+    ),
+    "relative server path": (
+        lambda lv: post(lv, "/v1/adapters", ADMIN_KEY, json={"name": "x", "path": "../good"}),
+        400,
+        "absolute path",
+    ),
+    "server path without adapter": (
+        lambda lv: post(lv, "/v1/adapters", ADMIN_KEY, json={"name": "x", "path": "/etc"}),
+        400,
+        "has no adapter_config.json",
+    ),
     # file contents
     "pickle .bin upload": (
-        lambda lv: upload(lv.url, ALICE, "x", lv.good, files={"adapter_config.json": config_with(lv), "adapter_model.bin": pickled(lv)}),
-        400, "pickle",
+        lambda lv: upload(
+            lv.url,
+            ALICE,
+            "x",
+            lv.good,
+            files={"adapter_config.json": config_with(lv), "adapter_model.bin": pickled(lv)},
+        ),
+        400,
+        "pickle",
     ),
     "pickle named .safetensors": (
-        lambda lv: upload(lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_model.safetensors": pickled(lv)})),
-        400, "safetensors",
+        lambda lv: upload(
+            lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_model.safetensors": pickled(lv)})
+        ),
+        400,
+        "safetensors",
     ),
     "truncated safetensors": (
-        lambda lv: upload(lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_model.safetensors": (lv.good / "adapter_model.safetensors").read_bytes()[:-100]})),
-        400, "truncated",
+        lambda lv: upload(
+            lv.url,
+            ALICE,
+            "x",
+            lv.good,
+            files=files_of(
+                lv.good, **{"adapter_model.safetensors": (lv.good / "adapter_model.safetensors").read_bytes()[:-100]}
+            ),
+        ),
+        400,
+        "truncated",
     ),
-    "missing weights": (lambda lv: upload(lv.url, ALICE, "x", lv.good, files={"adapter_config.json": config_with(lv)}), 400, "lacks"),
+    "missing weights": (
+        lambda lv: upload(lv.url, ALICE, "x", lv.good, files={"adapter_config.json": config_with(lv)}),
+        400,
+        "lacks",
+    ),
     "shapes of another backbone": (lambda lv: upload(lv.url, ALICE, "x", lv.other), 400, "different backbone"),
-    "NaN weights": (lambda lv: upload(lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_model.safetensors": weights_with(lv, nan)})), 400, "NaN"),
-    "oversized upload": (
-        lambda lv: upload(lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_model.safetensors": b"\0" * (UPLOAD_LIMIT + 1)})),
-        413, "limit",
+    "NaN weights": (
+        lambda lv: upload(
+            lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_model.safetensors": weights_with(lv, nan)})
+        ),
+        400,
+        "NaN",
     ),
-    "config not JSON": (lambda lv: upload(lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_config.json": b"{nope"})), 400, "not valid JSON"),
+    "oversized upload": (
+        lambda lv: upload(
+            lv.url,
+            ALICE,
+            "x",
+            lv.good,
+            files=files_of(lv.good, **{"adapter_model.safetensors": b"\0" * (UPLOAD_LIMIT + 1)}),
+        ),
+        413,
+        "limit",
+    ),
+    "config not JSON": (
+        lambda lv: upload(lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_config.json": b"{nope"})),
+        400,
+        "not valid JSON",
+    ),
     "config of an unserved type": (
-        lambda lv: upload(lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_config.json": config_with(lv, peft_type="PROMPT_TUNING")})),
-        400, "peft_type",
+        lambda lv: upload(
+            lv.url,
+            ALICE,
+            "x",
+            lv.good,
+            files=files_of(lv.good, **{"adapter_config.json": config_with(lv, peft_type="PROMPT_TUNING")}),
+        ),
+        400,
+        "peft_type",
     ),
     "config with an unknown field": (
-        lambda lv: upload(lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_config.json": config_with(lv, surprise=1)})),
-        400, "surprise",
+        lambda lv: upload(
+            lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_config.json": config_with(lv, surprise=1)})
+        ),
+        400,
+        "surprise",
     ),
     "config with a bad value": (
-        lambda lv: upload(lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"adapter_config.json": config_with(lv, pooler="median")})),
-        400, "pooler",
+        lambda lv: upload(
+            lv.url,
+            ALICE,
+            "x",
+            lv.good,
+            files=files_of(lv.good, **{"adapter_config.json": config_with(lv, pooler="median")}),
+        ),
+        400,
+        "pooler",
     ),
     # request bodies
-    "malformed JSON": (lambda lv: post(lv, "/v1/completions", content=b'{"model": "mine",', headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    "malformed JSON": (
+        lambda lv: post(
+            lv, "/v1/completions", content=b'{"model": "mine",', headers={"content-type": "application/json"}
+        ),
+        400,
+        "not valid JSON",
+    ),
     "body not an object": (lambda lv: post(lv, "/v1/completions", json=[1, 2]), 400, "JSON object"),
     "string max_tokens": (lambda lv: complete(lv, max_tokens="5"), 400, "max_tokens"),
     "string temperature": (lambda lv: complete(lv, temperature="hot"), 400, "temperature"),
@@ -140,8 +235,18 @@ CASES = {
     "empty token list": (lambda lv: complete(lv, prompt=[]), 400, "empty"),
     "token id out of vocabulary": (lambda lv: complete(lv, prompt=[5, 100000]), 400, "token ids"),
     "prompt over the limit": (lambda lv: complete(lv, prompt=" ".join(["7"] * 65)), 400, "at most 64"),
-    "no messages": (lambda lv: post(lv, "/v1/chat/completions", json={"model": "mine", "messages": []}), 400, "messages"),
-    "bad role": (lambda lv: post(lv, "/v1/chat/completions", json={"model": "mine", "messages": [{"role": "wizard", "content": "3"}]}), 400, "role"),
+    "no messages": (
+        lambda lv: post(lv, "/v1/chat/completions", json={"model": "mine", "messages": []}),
+        400,
+        "messages",
+    ),
+    "bad role": (
+        lambda lv: post(
+            lv, "/v1/chat/completions", json={"model": "mine", "messages": [{"role": "wizard", "content": "3"}]}
+        ),
+        400,
+        "role",
+    ),
     "n over the limit": (lambda lv: complete(lv, n=17), 400, "n"),
     "best_of": (lambda lv: complete(lv, best_of=2), 400, "best_of"),
     "logprobs over the limit": (lambda lv: complete(lv, logprobs=21), 400, "logprobs"),

@@ -29,7 +29,9 @@ def live(tmp_path_factory):
     mine = make_adapter(root / "mine", "pedro", seed=3)
     lora = make_adapter(root / "lora", "lora", seed=5)
     ia3 = root / "ia3"
-    ia3_config = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
+    ia3_config = peft.IA3Config(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+    )
     peft.get_peft_model(tiny_model("llama"), ia3_config).save_pretrained(ia3)
     (ia3 / "README.md").unlink(missing_ok=True)
     config = write_config(root, backbone, max_request_bytes=BODY_LIMIT, max_upload_bytes=256 * 1024)
@@ -53,7 +55,11 @@ def complete(live, **fields) -> httpx.Response:
 
 
 def chat(live, **fields) -> httpx.Response:
-    return post(live, "/v1/chat/completions", {"model": "mine", "messages": [{"role": "user", "content": "3 4"}], "max_tokens": 2, **fields})
+    return post(
+        live,
+        "/v1/chat/completions",
+        {"model": "mine", "messages": [{"role": "user", "content": "3 4"}], "max_tokens": 2, **fields},
+    )
 
 
 def refused(response: httpx.Response, status: int, fragment: str, param=None) -> dict:
@@ -78,11 +84,22 @@ def responses_by_status(live) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ request fields
 
 OUT_OF_RANGE = [
-    ("seed", 2**63), ("seed", -(2**63) - 1), ("seed", 10**30), ("seed", 1.5),
-    ("top_k", 2**31), ("top_k", -1), ("top_k", 10**30),
-    ("max_tokens", 2**31), ("max_tokens", 0), ("max_tokens", 10**30),
-    ("temperature", 2.5), ("temperature", -0.1), ("temperature", 10**400),
-    ("top_p", -0.1), ("top_p", 1.5), ("top_p", -1e308),
+    ("seed", 2**63),
+    ("seed", -(2**63) - 1),
+    ("seed", 10**30),
+    ("seed", 1.5),
+    ("top_k", 2**31),
+    ("top_k", -1),
+    ("top_k", 10**30),
+    ("max_tokens", 2**31),
+    ("max_tokens", 0),
+    ("max_tokens", 10**30),
+    ("temperature", 2.5),
+    ("temperature", -0.1),
+    ("temperature", 10**400),
+    ("top_p", -0.1),
+    ("top_p", 1.5),
+    ("top_p", -1e308),
 ]
 
 
@@ -94,9 +111,18 @@ def test_out_of_range_fields_are_400_naming_the_field(live, field, value):
 def test_chat_limits_name_the_field(live):
     refused(chat(live, max_completion_tokens=2**31), 400, "max_completion_tokens", param="max_completion_tokens")
     refused(chat(live, max_completion_tokens=0), 400, "max_completion_tokens", param="max_completion_tokens")
-    error = refused(post(live, "/v1/chat/completions", {"model": "mine", "messages": [{"role": "wizard", "content": "3"}]}), 400, "messages.0.role")
+    error = refused(
+        post(live, "/v1/chat/completions", {"model": "mine", "messages": [{"role": "wizard", "content": "3"}]}),
+        400,
+        "messages.0.role",
+    )
     assert error["param"] == "messages"
-    refused(chat(live, stream=True, stream_options={"include_usage": "yes"}), 400, "stream_options.include_usage", param="stream_options")
+    refused(
+        chat(live, stream=True, stream_options={"include_usage": "yes"}),
+        400,
+        "stream_options.include_usage",
+        param="stream_options",
+    )
 
 
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
@@ -104,7 +130,12 @@ def test_chat_limits_name_the_field(live):
 def test_non_finite_json_numbers_are_400(live, field, token):
     """Python's json module writes NaN / Infinity for float('nan') / float('inf'): refused by name."""
     body = f'{{"model": "mine", "prompt": "3 4", "max_tokens": 2, "{field}": {token}}}'.encode()
-    error = refused(post(live, "/v1/completions", content=body, headers={"content-type": "application/json"}), 400, field, param=field)
+    error = refused(
+        post(live, "/v1/completions", content=body, headers={"content-type": "application/json"}),
+        400,
+        field,
+        param=field,
+    )
     assert "finite" in error["message"]
 
 
@@ -130,6 +161,7 @@ def retyped(dtype):
     def change(tensors):
         key = sorted(tensors)[0]
         return {**tensors, key: tensors[key].to(dtype)}
+
     return change
 
 
@@ -180,7 +212,13 @@ def test_json_infinity_in_an_uploaded_config_is_refused(live):
 def test_served_adapters_and_float_dtypes_are_accepted(live, source, dtype):
     directory = getattr(live, source)
     name = f"ok-{source}-{str(dtype).split('.')[-1]}"
-    response = upload(live.url, ALICE, name, directory, files=files(directory, tensors=lambda t: {k: v.to(dtype) for k, v in t.items()}))
+    response = upload(
+        live.url,
+        ALICE,
+        name,
+        directory,
+        files=files(directory, tensors=lambda t: {k: v.to(dtype) for k, v in t.items()}),
+    )
     assert response.status_code == 201, response.text
     assert response.json()["kind"] == {"lora": "lora", "ia3": "ia3"}[source]
     assert complete(live, model=name).status_code == 200
@@ -199,13 +237,27 @@ def test_bodies_over_the_cap_are_413_before_parsing(live):
     response = post(live, "/v1/completions", content=iter(chunks), headers={"content-type": "application/json"})
     assert refused(response, 413, f"limit of {BODY_LIMIT} bytes")["code"] == "request_too_large"
     # an invalid body over the cap is still 413, never parsed
-    refused(post(live, "/v1/chat/completions", content=b"[" * (BODY_LIMIT + 1), headers={"content-type": "application/json"}), 413, "limit")
+    refused(
+        post(
+            live, "/v1/chat/completions", content=b"[" * (BODY_LIMIT + 1), headers={"content-type": "application/json"}
+        ),
+        413,
+        "limit",
+    )
     refused(post(live, "/v1/adapters", {"name": "x", "path": "/" + "a" * BODY_LIMIT}, key=ADMIN_KEY), 413, "limit")
 
 
 def test_bodies_within_the_cap_are_served_chunked_or_not(live):
     small = json.dumps({"model": "mine", "prompt": "3 4 5", "max_tokens": 2}).encode()
-    assert post(live, "/v1/completions", content=iter([small[:10], small[10:]]), headers={"content-type": "application/json"}).status_code == 200
+    assert (
+        post(
+            live,
+            "/v1/completions",
+            content=iter([small[:10], small[10:]]),
+            headers={"content-type": "application/json"},
+        ).status_code
+        == 200
+    )
     assert post(live, "/v1/completions", content=small, headers={"content-type": "application/json"}).status_code == 200
 
 
@@ -232,7 +284,12 @@ def test_every_response_is_counted_by_status(live):
     before = responses_by_status(live)
     assert complete(live, top_k=-1).status_code == 400
     assert httpx.get(f"{live.url}/v1/no-such-endpoint/alice-secret", headers=auth(ALICE)).status_code == 404
-    assert post(live, "/v1/completions", content=b"x" * (BODY_LIMIT + 1), headers={"content-type": "application/json"}).status_code == 413
+    assert (
+        post(
+            live, "/v1/completions", content=b"x" * (BODY_LIMIT + 1), headers={"content-type": "application/json"}
+        ).status_code
+        == 413
+    )
     assert complete(live).status_code == 200
     after = responses_by_status(live)
     for status in ("400", "404", "413"):

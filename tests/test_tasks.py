@@ -51,7 +51,11 @@ def test_gsm8k_final_number(text, number):
 
 def test_gsm8k_score_is_exact_match_of_final_numbers():
     task = TASKS["gsm8k"]()
-    examples = [Example("q", "a", references=["7"]), Example("q", "a", references=["1000"]), Example("q", "a", references=["3"])]
+    examples = [
+        Example("q", "a", references=["7"]),
+        Example("q", "a", references=["1000"]),
+        Example("q", "a", references=["3"]),
+    ]
     assert task.score(["... #### 7", "it is 1,000", "#### 4"], examples) == {"exact_match": pytest.approx(2 / 3)}
 
 
@@ -105,8 +109,10 @@ def test_the_data_folder_is_a_setting_named_when_data_is_missing(tmp_path, monke
 def test_generic_jsonl_task_choice_and_exact_match(tmp_path):
     choice = tmp_path / "choice"
     choice.mkdir()
-    rows = [{"prompt": "2+2?", "response": "4", "options": ["3", "4"]}, {"prompt": "1+1?", "options": ["2", "5"], "label": 0,
-                                                                          "response": "2"}]
+    rows = [
+        {"prompt": "2+2?", "response": "4", "options": ["3", "4"]},
+        {"prompt": "1+1?", "options": ["2", "5"], "label": 0, "response": "2"},
+    ]
     (choice / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     task = get_task(f"jsonl:{choice}")
     assert task.kind == "choice" and task.metric == "accuracy" and task.splits == ["test"]
@@ -139,8 +145,10 @@ def test_a_user_task_is_a_small_class(tmp_path):
 
         def read(self, path, split):
             words = path.read_text().split()
-            return [Example(f"opposite of {w}?", o, options=["up", "down"], label=["up", "down"].index(o))
-                    for w, o in zip(words, reversed(words))]
+            return [
+                Example(f"opposite of {w}?", o, options=["up", "down"], label=["up", "down"].index(o))
+                for w, o in zip(words, reversed(words))
+            ]
 
     try:
         assert [e.response for e in get_task("flip-test", tmp_path).load("test")] == ["down", "up"]
@@ -151,8 +159,14 @@ def test_a_user_task_is_a_small_class(tmp_path):
 @needs_data
 @pytest.mark.parametrize(
     "name, n_train, n_test",
-    [("sst2", 67349, 872), ("rte", 2490, 277), ("gsm8k", 7473, 1319), ("e2e", 4672, 630),
-     ("trec", 5452 - 70 - 11, 500), ("conala", 2379 - 12, 500)],
+    [
+        ("sst2", 67349, 872),
+        ("rte", 2490, 277),
+        ("gsm8k", 7473, 1319),
+        ("e2e", 4672, 630),
+        ("trec", 5452 - 70 - 11, 500),
+        ("conala", 2379 - 12, 500),
+    ],
 )
 def test_real_tasks_load_with_readme_counts(name, n_train, n_test):
     task = get_task(name)
@@ -212,7 +226,9 @@ def _trec_files(root):
         b"LOC:other What is the sister\xf0city of Lyon ?\n"  # the official file's stray non-UTF-8 byte
         b"\n"
     )
-    (folder / "TREC_10.label").write_text("NUM:count How many Hearts does an octopus have ?\nHUM:desc Who was Galileo ?\n")
+    (folder / "TREC_10.label").write_text(
+        "NUM:count How many Hearts does an octopus have ?\nHUM:desc Who was Galileo ?\n"
+    )
     return folder
 
 
@@ -260,28 +276,74 @@ def reference_conala_bleu(hyps: list[list[str]], refs: list[list[str]], max_orde
 
 def test_conala_tokenizer_as_the_official_evaluation():
     assert tokenize_for_bleu_eval("sum(d * 10 ** i for i, d in enumerate(x[::-1]))") == [
-        "sum", "(", "d", "*", "10", "*", "*", "i", "for", "i", ",", "d", "in", "enumerate", "(", "x", "[", ":", ":",
-        "-", "1", "]", ")", ")"]
+        "sum",
+        "(",
+        "d",
+        "*",
+        "10",
+        "*",
+        "*",
+        "i",
+        "for",
+        "i",
+        ",",
+        "d",
+        "in",
+        "enumerate",
+        "(",
+        "x",
+        "[",
+        ":",
+        ":",
+        "-",
+        "1",
+        "]",
+        ")",
+        ")",
+    ]
     # camelCase split, both quote styles become a backtick, whitespace does not matter
-    assert tokenize_for_bleu_eval("df['myCol'].apply(str)") == ["df", "[", "`", "my", "Col", "`", "]", ".", "apply",
-                                                              "(", "str", ")"]
+    assert tokenize_for_bleu_eval("df['myCol'].apply(str)") == [
+        "df",
+        "[",
+        "`",
+        "my",
+        "Col",
+        "`",
+        "]",
+        ".",
+        "apply",
+        "(",
+        "str",
+        ")",
+    ]
     assert tokenize_for_bleu_eval('df[ "myCol" ].apply( str )') == tokenize_for_bleu_eval("df['myCol'].apply(str)")
     assert tokenize_for_bleu_eval("snake_case_name") == ["snake_case_name"]
 
 
 def test_conala_bleu_equals_the_official_formula_and_exact_match():
-    refs = ["os.kill(os.getpid(), signal.SIGUSR1)", "sorted(d.items(), key=lambda x: x[1])",
-            "df['col'].apply(lambda v: v * 2)", "print(' '.join(map(str, lst)))"]
-    hyps = ["os.kill(os.getpid(), signal.SIGKILL)", "sorted(d.items(), key=lambda x: x[1], reverse=True)",
-            'df["col"].apply(lambda v: v * 2)', "print(lst)"]
+    refs = [
+        "os.kill(os.getpid(), signal.SIGUSR1)",
+        "sorted(d.items(), key=lambda x: x[1])",
+        "df['col'].apply(lambda v: v * 2)",
+        "print(' '.join(map(str, lst)))",
+    ]
+    hyps = [
+        "os.kill(os.getpid(), signal.SIGKILL)",
+        "sorted(d.items(), key=lambda x: x[1], reverse=True)",
+        'df["col"].apply(lambda v: v * 2)',
+        "print(lst)",
+    ]
     scores = conala_bleu(hyps, refs)
-    expected = reference_conala_bleu([tokenize_for_bleu_eval(h) for h in hyps], [tokenize_for_bleu_eval(r) for r in refs])
+    expected = reference_conala_bleu(
+        [tokenize_for_bleu_eval(h) for h in hyps], [tokenize_for_bleu_eval(r) for r in refs]
+    )
     assert 0 < expected < 100 and scores["bleu"] == pytest.approx(expected, abs=1e-9)
     assert scores["exact_match"] == 0.25  # the third: only the quote style differs
     # shorter than the references: the brevity penalty applies
     short = conala_bleu(["os.kill(os.getpid())"], [refs[0]])["bleu"]
-    assert short == pytest.approx(reference_conala_bleu([tokenize_for_bleu_eval("os.kill(os.getpid())")],
-                                                        [tokenize_for_bleu_eval(refs[0])]))
+    assert short == pytest.approx(
+        reference_conala_bleu([tokenize_for_bleu_eval("os.kill(os.getpid())")], [tokenize_for_bleu_eval(refs[0])])
+    )
     assert conala_bleu(refs, refs) == {"bleu": pytest.approx(100.0), "exact_match": 1.0}
     assert conala_bleu(["x"], ["y = 1"])["bleu"] == 0.0  # no 4-gram match, no smoothing
     with pytest.raises(ValueError):

@@ -25,8 +25,9 @@ from pedro.train import TrainConfig, expected_parameter_count, match_sizes, trai
 
 TESTS = Path(__file__).parent
 # prompt words 3..9, response words 43..49 (the tiny tokenizer's 0/1/2 are pad/eos/unk)
-EXAMPLES = [Example(" ".join(str(3 + (i + j) % 7) for j in range(2 + i % 4)), f"{43 + i % 7} {44 + i % 5}")
-            for i in range(8)]
+EXAMPLES = [
+    Example(" ".join(str(3 + (i + j) % 7) for j in range(2 + i % 4)), f"{43 + i % 7} {44 + i % 5}") for i in range(8)
+]
 
 
 class CaptureGeneratorInputs(TrainerCallback):
@@ -49,8 +50,17 @@ class CaptureGeneratorInputs(TrainerCallback):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_pooler_sees_only_prompt_tokens_in_trainer_steps(tmp_path, side):
     capture = CaptureGeneratorInputs()
-    result = train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path),
-                   max_steps=3, batch_size=4, padding_side=side, progress=False, callbacks=[capture])
+    result = train(
+        model=tiny_model("llama"),
+        tokenizer=tiny_tokenizer(),
+        examples=EXAMPLES,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        batch_size=4,
+        padding_side=side,
+        progress=False,
+        callbacks=[capture],
+    )
     assert result.summary["steps"] == 3
     assert len(capture.seen) == 3 * 3  # 3 steps x 3 layers
     for ids, mask in capture.seen:
@@ -62,8 +72,17 @@ def test_pooler_sees_only_prompt_tokens_in_trainer_steps(tmp_path, side):
 def test_summary_log_and_adapter_round_trip(tmp_path):
     import peft
 
-    result = train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path),
-                   max_steps=4, batch_size=2, lr=5e-3, logging_steps=1, progress=False)
+    result = train(
+        model=tiny_model("llama"),
+        tokenizer=tiny_tokenizer(),
+        examples=EXAMPLES,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        batch_size=2,
+        lr=5e-3,
+        logging_steps=1,
+        progress=False,
+    )
     summary = json.loads((tmp_path / "training_summary.json").read_text())
     assert summary["steps"] == 4 and summary["data"]["kept"] == 8 and summary["trainable_parameters"] == 3384
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -90,7 +109,9 @@ def test_match_params_within_5_percent_of_pedro():
     built = attach_adapter(tiny_model("llama"), lora).get_nb_trainable_parameters()[0]
     assert built == expected_parameter_count(lora, model)
     ia3 = TrainConfig(method="ia3", ia3_targets=("q", "k", "down"))
-    assert attach_adapter(tiny_model("llama"), ia3).get_nb_trainable_parameters()[0] == expected_parameter_count(ia3, model)
+    assert attach_adapter(tiny_model("llama"), ia3).get_nb_trainable_parameters()[0] == expected_parameter_count(
+        ia3, model
+    )
     # PEDRO sized to a LoRA budget, and (IA)3 to the closest module subset it can reach
     pedro_matched, _ = match_sizes(TrainConfig(method="pedro", match_params=str(20 * 336)), model)
     assert abs(expected_parameter_count(pedro_matched, model) / (20 * 336) - 1) <= 0.05
@@ -103,11 +124,25 @@ def test_rational_coefficients_get_their_own_learning_rate(tmp_path):
 
     class Peek(TrainerCallback):
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            seen["groups"] = [(g["lr"], len(g["params"]), g.get("pedro_rational", False)) for g in optimizer.param_groups]
+            seen["groups"] = [
+                (g["lr"], len(g["params"]), g.get("pedro_rational", False)) for g in optimizer.param_groups
+            ]
 
-    train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path),
-          max_steps=1, batch_size=2, activation="rational", rational_lr=1e-6, lr=1e-3, scheduler="constant",
-          warmup=0, progress=False, callbacks=[Peek()])
+    train(
+        model=tiny_model("llama"),
+        tokenizer=tiny_tokenizer(),
+        examples=EXAMPLES,
+        output_dir=str(tmp_path),
+        max_steps=1,
+        batch_size=2,
+        activation="rational",
+        rational_lr=1e-6,
+        lr=1e-3,
+        scheduler="constant",
+        warmup=0,
+        progress=False,
+        callbacks=[Peek()],
+    )
     rational = [g for g in seen["groups"] if g[2]]
     assert rational == [(1e-6, 3 * 2, True)]  # numerator and denominator of each of 3 layers
     assert all(lr == 1e-3 for lr, _, flag in seen["groups"] if not flag)
@@ -182,14 +217,31 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path):
 
 def test_early_stopping_stops_when_eval_loss_stalls(tmp_path):
     # lr 0: the eval loss never improves, so patience 1 stops training at the second evaluation
-    result = train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, eval_examples=EXAMPLES[:4],
-                   output_dir=str(tmp_path), max_steps=10, batch_size=2, lr=0.0, eval_steps=1, early_stopping=1,
-                   progress=False)
+    result = train(
+        model=tiny_model("llama"),
+        tokenizer=tiny_tokenizer(),
+        examples=EXAMPLES,
+        eval_examples=EXAMPLES[:4],
+        output_dir=str(tmp_path),
+        max_steps=10,
+        batch_size=2,
+        lr=0.0,
+        eval_steps=1,
+        early_stopping=1,
+        progress=False,
+    )
     assert result.summary["steps"] == 2
     assert "eval_loss" in result.summary["final_metrics"]
     with pytest.raises(ValueError, match="early_stopping needs held-out data"):
-        train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path / "x"),
-              eval_steps=1, early_stopping=1, progress=False)
+        train(
+            model=tiny_model("llama"),
+            tokenizer=tiny_tokenizer(),
+            examples=EXAMPLES,
+            output_dir=str(tmp_path / "x"),
+            eval_steps=1,
+            early_stopping=1,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="PedroConfig.pooler"):
         TrainConfig(pooler="median")
 
@@ -215,10 +267,22 @@ def test_real_smollm2_boundary_and_a_short_run(tmp_path):
     batch = Collator(tokenizer.pad_token_id, "right")(rows)
     with torch.no_grad():
         bare_loss = model(**{k: v for k, v in batch.items() if k != "prompt_lengths"}).loss.item()
-    result = train(model=model, tokenizer=tokenizer, examples=examples, output_dir=str(tmp_path), max_steps=2,
-                   batch_size=4, lr=2e-3, logging_steps=1, progress=False)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    result = train(
+        model=model,
+        tokenizer=tokenizer,
+        examples=examples,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        batch_size=4,
+        lr=2e-3,
+        logging_steps=1,
+        progress=False,
+    )
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert len(losses) == 2
     trained = peft.PeftModel.from_pretrained(pedro.load_backbone("smollm2-135m", quiet=True)[0], str(tmp_path))
     with torch.no_grad():

@@ -17,8 +17,10 @@ from pedro.train import DEFAULT_LR, MAX_AUTO_EPOCHS, auto_epochs, carve_dev, tra
 # a learnable choice task for the tiny tokenizer, 40 distinct prompts (i's base-7 digits as words 3..9): the
 # answer is 43 when the first word is odd, else 44
 _DIGITS = [[3 + i // 49 % 7, 3 + i // 7 % 7, 3 + i % 7] for i in range(7, 47)]
-CHOICES = [Example(" ".join(map(str, d)), "43" if d[0] % 2 else "44", options=["43", "44"], label=0 if d[0] % 2 else 1)
-           for d in _DIGITS]
+CHOICES = [
+    Example(" ".join(map(str, d)), "43" if d[0] % 2 else "44", options=["43", "44"], label=0 if d[0] % 2 else 1)
+    for d in _DIGITS
+]
 
 
 def test_auto_epochs_aims_at_a_step_budget_within_bounds():
@@ -43,8 +45,17 @@ def test_carve_dev_sizes_and_keeps_prompts_together():
 
 
 def test_dev_split_evaluates_every_epoch_and_keeps_the_best(tmp_path):
-    result = train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=CHOICES, output_dir=str(tmp_path),
-                   dev_split=10, epochs=3, batch_size=6, lr=5e-2, progress=False)
+    result = train(
+        model=tiny_model("llama"),
+        tokenizer=tiny_tokenizer(),
+        examples=CHOICES,
+        output_dir=str(tmp_path),
+        dev_split=10,
+        epochs=3,
+        batch_size=6,
+        lr=5e-2,
+        progress=False,
+    )
     summary = result.summary
     assert summary["dev_records"] == 10 and summary["data"]["kept"] == 30
     assert [round(e["epoch"]) for e in summary["evaluations"]] == [1, 2, 3]
@@ -60,16 +71,32 @@ def test_dev_split_evaluates_every_epoch_and_keeps_the_best(tmp_path):
 
 
 def test_explicit_held_out_data_replaces_the_dev_split(tmp_path):
-    result = train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=CHOICES, eval_examples=CHOICES[:4],
-                   output_dir=str(tmp_path), dev_split=10, epochs=1, batch_size=8, progress=False)
+    result = train(
+        model=tiny_model("llama"),
+        tokenizer=tiny_tokenizer(),
+        examples=CHOICES,
+        eval_examples=CHOICES[:4],
+        output_dir=str(tmp_path),
+        dev_split=10,
+        epochs=1,
+        batch_size=8,
+        progress=False,
+    )
     assert result.summary["dev_records"] == 0 and result.summary["data"]["kept"] == 40
     assert len(result.summary["evaluations"]) == 1
 
 
 @pytest.mark.parametrize("method", ["pedro", "lora", "ia3"])
 def test_learning_rate_and_epochs_default_per_method(tmp_path, method):
-    result = train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=CHOICES[:8], output_dir=str(tmp_path),
-                   method=method, batch_size=8, progress=False)
+    result = train(
+        model=tiny_model("llama"),
+        tokenizer=tiny_tokenizer(),
+        examples=CHOICES[:8],
+        output_dir=str(tmp_path),
+        method=method,
+        batch_size=8,
+        progress=False,
+    )
     assert result.summary["lr"] == DEFAULT_LR[method]
     assert result.summary["epochs"] == MAX_AUTO_EPOCHS and result.summary["steps"] == MAX_AUTO_EPOCHS
     assert result.summary["dev_records"] == 0  # 8 records: too few to hold any out
@@ -78,14 +105,28 @@ def test_learning_rate_and_epochs_default_per_method(tmp_path, method):
 class Groups(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         names = {id(p): n for n, p in model.named_parameters()}
-        self.groups = [(g["lr"], sorted(names[id(p)] for p in g["params"]), bool(g.get("pedro_bias")))
-                       for g in optimizer.param_groups if g["params"]]
+        self.groups = [
+            (g["lr"], sorted(names[id(p)] for p in g["params"]), bool(g.get("pedro_bias")))
+            for g in optimizer.param_groups
+            if g["params"]
+        ]
 
 
 def test_bias_lr_puts_the_up_biases_in_their_own_group(tmp_path):
     groups = Groups()
-    train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=CHOICES[:8], output_dir=str(tmp_path),
-          max_steps=1, batch_size=8, lr=1e-3, bias_lr=3e-2, scheduler="constant", progress=False, callbacks=[groups])
+    train(
+        model=tiny_model("llama"),
+        tokenizer=tiny_tokenizer(),
+        examples=CHOICES[:8],
+        output_dir=str(tmp_path),
+        max_steps=1,
+        batch_size=8,
+        lr=1e-3,
+        bias_lr=3e-2,
+        scheduler="constant",
+        progress=False,
+        callbacks=[groups],
+    )
     own = [g for g in groups.groups if g[2]]
     assert len(own) == 1 and own[0][0] == 3e-2
     assert len(own[0][1]) == 3 and all(n.endswith("pedro_generator.default.up.bias") for n in own[0][1])
@@ -97,9 +138,22 @@ def test_bias_lr_puts_the_up_biases_in_their_own_group(tmp_path):
 def test_bilevel_steps_rational_coefficients_on_dev_batches_only(tmp_path):
     groups = Groups()
     model = tiny_model("llama")
-    result = train(model=model, tokenizer=tiny_tokenizer(), examples=CHOICES, output_dir=str(tmp_path), dev_split=10,
-                   max_steps=4, batch_size=6, lr=0.0, activation="rational", bilevel=True, rational_lr=1e-2,
-                   scheduler="constant", progress=False, callbacks=[groups])
+    result = train(
+        model=model,
+        tokenizer=tiny_tokenizer(),
+        examples=CHOICES,
+        output_dir=str(tmp_path),
+        dev_split=10,
+        max_steps=4,
+        batch_size=6,
+        lr=0.0,
+        activation="rational",
+        bilevel=True,
+        rational_lr=1e-2,
+        scheduler="constant",
+        progress=False,
+        callbacks=[groups],
+    )
     main = [n for _, names, _ in groups.groups for n in names]
     assert main and not any(".act." in n for n in main)  # the main optimizer never sees the coefficients
     from safetensors.torch import load_file
@@ -114,8 +168,23 @@ def test_bilevel_steps_rational_coefficients_on_dev_batches_only(tmp_path):
     assert all(not torch.allclose(v, init[k.rsplit(".", 1)[-1]]) for k, v in rational.items())
     assert result.summary["dev_records"] == 10
     with pytest.raises(ValueError, match="activation rational"):
-        train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=CHOICES, output_dir=str(tmp_path / "x"),
-              bilevel=True, progress=False)
+        train(
+            model=tiny_model("llama"),
+            tokenizer=tiny_tokenizer(),
+            examples=CHOICES,
+            output_dir=str(tmp_path / "x"),
+            bilevel=True,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="bilevel needs held-out data"):
-        train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=CHOICES, output_dir=str(tmp_path / "y"),
-              dev_split=0, activation="rational", bilevel=True, max_steps=1, progress=False)
+        train(
+            model=tiny_model("llama"),
+            tokenizer=tiny_tokenizer(),
+            examples=CHOICES,
+            output_dir=str(tmp_path / "y"),
+            dev_split=0,
+            activation="rational",
+            bilevel=True,
+            max_steps=1,
+            progress=False,
+        )

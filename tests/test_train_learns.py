@@ -18,8 +18,11 @@ OPTIONS = ["50", "60"]
 
 def _examples(prefixes: list[list[int]]) -> list[Example]:
     """The answer is decided by the prompt's last token alone: 30 -> "50", 31 -> "60" (both options every time)."""
-    return [Example(" ".join(map(str, [*prefix, cue])), OPTIONS[cue - 30], options=OPTIONS, label=cue - 30)
-            for prefix in prefixes for cue in (30, 31)]
+    return [
+        Example(" ".join(map(str, [*prefix, cue])), OPTIONS[cue - 30], options=OPTIONS, label=cue - 30)
+        for prefix in prefixes
+        for cue in (30, 31)
+    ]
 
 
 def test_a_trained_adapter_beats_the_bare_backbone_on_a_learnable_task(tmp_path):
@@ -27,9 +30,12 @@ def test_a_trained_adapter_beats_the_bare_backbone_on_a_learnable_task(tmp_path)
     test_set = _examples([[40 + i, 70 + i] for i in range(6)])  # prefixes never seen in training
     data = tmp_path / "toy"
     data.mkdir()
-    (data / "test.jsonl").write_text("".join(
-        json.dumps({"prompt": e.prompt, "response": e.response, "options": e.options, "label": e.label}) + "\n"
-        for e in test_set))
+    (data / "test.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": e.prompt, "response": e.response, "options": e.options, "label": e.label}) + "\n"
+            for e in test_set
+        )
+    )
     task = get_task(f"jsonl:{data}")
     assert task.kind == "choice" and task.load("test") == test_set
     tokenizer = tiny_tokenizer()
@@ -37,8 +43,20 @@ def test_a_trained_adapter_beats_the_bare_backbone_on_a_learnable_task(tmp_path)
     before = evaluate(model, tokenizer, task, progress=False)
     assert before["accuracy"] == 0.5  # a backbone that ignores the cue ranks the same option first every time
 
-    result = train(model=model, tokenizer=tokenizer, examples=train_set, output_dir=str(tmp_path / "run"),
-                   r=4, lr=2e-2, max_steps=40, batch_size=8, warmup=0, logging_steps=40, progress=False, seed=0)
+    result = train(
+        model=model,
+        tokenizer=tokenizer,
+        examples=train_set,
+        output_dir=str(tmp_path / "run"),
+        r=4,
+        lr=2e-2,
+        max_steps=40,
+        batch_size=8,
+        warmup=0,
+        logging_steps=40,
+        progress=False,
+        seed=0,
+    )
     trained = peft.PeftModel.from_pretrained(tiny_model("llama"), str(result.output_dir))
     after = evaluate(trained, tokenizer, task, progress=False)
     assert after["n"] == before["n"] == len(test_set)

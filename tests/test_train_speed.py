@@ -22,8 +22,13 @@ from pedro.train import TrainConfig, attach_adapter, resolve_precision, supervis
 
 ROOT = Path(__file__).resolve().parents[1]
 # prompts of 2..12 words (3..9), responses of 1..3 words (43..49): rows of very different lengths
-EXAMPLES = [Example(" ".join(str(3 + (i * 7 + j) % 7) for j in range(2 + i % 11)),
-                    " ".join(str(43 + (i + j) % 7) for j in range(1 + i % 3))) for i in range(24)]
+EXAMPLES = [
+    Example(
+        " ".join(str(3 + (i * 7 + j) % 7) for j in range(2 + i % 11)),
+        " ".join(str(43 + (i + j) % 7) for j in range(1 + i % 3)),
+    )
+    for i in range(24)
+]
 
 
 # ------------------------------------------------------------------------------------------ sampler
@@ -81,8 +86,16 @@ def test_trainer_groups_batches_and_advances_the_epoch(tmp_path, monkeypatch):
             return batch
 
     monkeypatch.setattr(sys.modules["pedro.train"], "Collator", Capture)
-    train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path),
-          epochs=2, batch_size=4, precision="fp32", progress=False)
+    train(
+        model=tiny_model("llama"),
+        tokenizer=tiny_tokenizer(),
+        examples=EXAMPLES,
+        output_dir=str(tmp_path),
+        epochs=2,
+        batch_size=4,
+        precision="fp32",
+        progress=False,
+    )
     assert epochs == [0, 1]
     assert len(seen) == 2 * len(EXAMPLES)
     for width, lengths in widths:
@@ -131,9 +144,20 @@ def test_training_losses_match_with_and_without_the_full_lm_head(tmp_path):
                 if logs and "loss" in logs:
                     log.append(logs["loss"])
 
-        train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path / str(kw)),
-              max_steps=4, batch_size=4, lr=5e-3, logging_steps=1, precision="fp32", progress=False,
-              callbacks=[Log()], **kw)
+        train(
+            model=tiny_model("llama"),
+            tokenizer=tiny_tokenizer(),
+            examples=EXAMPLES,
+            output_dir=str(tmp_path / str(kw)),
+            max_steps=4,
+            batch_size=4,
+            lr=5e-3,
+            logging_steps=1,
+            precision="fp32",
+            progress=False,
+            callbacks=[Log()],
+            **kw,
+        )
         return log
 
     fast, full = losses(response_logits_only=True), losses(response_logits_only=False)
@@ -168,8 +192,18 @@ def test_bf16_training_keeps_fp32_adapter_weights_and_hands_the_model_back(tmp_p
             dtypes["adapter"] = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
             dtypes["attention"] = model.get_base_model().config._attn_implementation
 
-    result = train(model=model, tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path),
-                   max_steps=3, batch_size=4, lr=5e-3, precision="bf16", progress=False, callbacks=[Peek()])
+    result = train(
+        model=model,
+        tokenizer=tiny_tokenizer(),
+        examples=EXAMPLES,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        batch_size=4,
+        lr=5e-3,
+        precision="bf16",
+        progress=False,
+        callbacks=[Peek()],
+    )
     summary = result.summary
     assert summary["precision"] == "bf16" and summary["attention"] == "eager"
     assert summary["backbone_dtype"] == str(backbone_dtype).removeprefix("torch.")
@@ -186,9 +220,16 @@ def test_bf16_training_keeps_fp32_adapter_weights_and_hands_the_model_back(tmp_p
 
 def test_first_step_loss_in_bf16_is_close_to_fp32(tmp_path):
     def first_loss(precision):
-        result = train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES,
-                       output_dir=str(tmp_path / precision), max_steps=1, batch_size=8, precision=precision,
-                       progress=False)
+        result = train(
+            model=tiny_model("llama"),
+            tokenizer=tiny_tokenizer(),
+            examples=EXAMPLES,
+            output_dir=str(tmp_path / precision),
+            max_steps=1,
+            batch_size=8,
+            precision=precision,
+            progress=False,
+        )
         return result.summary["train_loss"]
 
     assert first_loss("bf16") == pytest.approx(first_loss("fp32"), rel=2e-2)
@@ -218,15 +259,40 @@ def test_cli_passes_the_speed_options(tmp_path, tiny_llama_dir):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES))
     out = tmp_path / "adapter"
-    result = CliRunner().invoke(app, [
-        "train", "--backbone", str(tiny_llama_dir), "--data", str(data), "-o", str(out), "--max-steps", "2",
-        "--batch-size", "4", "--precision", "bf16", "--no-group-by-length", "--no-response-logits-only",
-        "--attention", "sdpa", "--threads", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--backbone",
+            str(tiny_llama_dir),
+            "--data",
+            str(data),
+            "-o",
+            str(out),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--precision",
+            "bf16",
+            "--no-group-by-length",
+            "--no-response-logits-only",
+            "--attention",
+            "sdpa",
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "training_summary.json").read_text())
     config = summary["config"]
-    assert (config["precision"], config["group_by_length"], config["response_logits_only"], config["attention"],
-            config["threads"]) == ("bf16", False, False, "sdpa", 1)
+    assert (
+        config["precision"],
+        config["group_by_length"],
+        config["response_logits_only"],
+        config["attention"],
+        config["threads"],
+    ) == ("bf16", False, False, "sdpa", 1)
     assert summary["backbone_dtype"] == "bfloat16" and summary["attention"] == "sdpa" and summary["threads"] == 1
 
 
@@ -238,8 +304,21 @@ def test_bench_train_quick_writes_results(tmp_path, tiny_llama_dir):
         import train_speed
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    report = train_speed.main(["--quick", "--tasks", str(data), "--backbone", str(tiny_llama_dir), "--records", "24",
-                               "--batch-size", "4", "--out", str(tmp_path / "speed")])
+    report = train_speed.main(
+        [
+            "--quick",
+            "--tasks",
+            str(data),
+            "--backbone",
+            str(tiny_llama_dir),
+            "--records",
+            "24",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "speed"),
+        ]
+    )
     block = report["tasks"][str(data)]
     assert len(block["runs"]) == 2 * len(train_speed.DEFAULT_MODES)
     assert all(run["tokens_per_s"] > 0 for run in block["runs"])

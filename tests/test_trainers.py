@@ -41,8 +41,15 @@ def test_transformers_trainer_trains_only_the_adapter(tmp_path):
         lambda module, args, kwargs: seen_lengths.append(kwargs.get("prompt_lengths")), with_kwargs=True
     )
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-        remove_unused_columns=False, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        remove_unused_columns=False,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
     )
     result = Trainer(model=model, args=args, train_dataset=data, data_collator=_collate).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
@@ -57,16 +64,23 @@ def test_trl_sft_trainer_accepts_a_pedro_config(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     tokenizer = tiny_tokenizer()
-    rows = [
-        {"prompt": " ".join(map(str, p)), "completion": " " + " ".join(map(str, a))} for p, a in _examples()
-    ]
+    rows = [{"prompt": " ".join(map(str, p)), "completion": " " + " ".join(map(str, a))} for p, a in _examples()]
     config = trl.SFTConfig(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to=[], save_strategy="no", use_cpu=True, completion_only_loss=True,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        completion_only_loss=True,
     )
     trainer = trl.SFTTrainer(
-        model=tiny_model("llama"), args=config, train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tokenizer, peft_config=PedroConfig(r=4),
+        model=tiny_model("llama"),
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=PedroConfig(r=4),
     )
     assert type(trainer.model.peft_config["default"]) is PedroConfig
     trainable, _ = trainer.model.get_nb_trainable_parameters()

@@ -18,7 +18,19 @@ from pedro.engine.request import (
 )
 
 __all__ = [
-    "ADAPTER_LOAD_FAILED", "ENGINE_FAILURE", "NUMERIC_OVERFLOW", "REQUEST_FAILED", "AdapterError", "AsyncEngine",
-    "Engine", "EngineDead", "PromptTooLong", "QueueFull", "Request", "RequestError", "RequestOutput", "SamplingParams",
+    "ADAPTER_LOAD_FAILED",
+    "ENGINE_FAILURE",
+    "NUMERIC_OVERFLOW",
+    "REQUEST_FAILED",
+    "AdapterError",
+    "AsyncEngine",
+    "Engine",
+    "EngineDead",
+    "PromptTooLong",
+    "QueueFull",
+    "Request",
+    "RequestError",
+    "RequestOutput",
+    "SamplingParams",
     "TokenLogprob",
 ]

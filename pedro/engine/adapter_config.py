@@ -35,15 +35,33 @@ from pedro.io import WEIGHTS_NAME, AdapterFileError, check_adapter_dir
 CONFIG_FILE = "adapter_config.json"
 
 # Bookkeeping fields of every PeftConfig: they describe the adapter, they do not change what it computes.
-METADATA = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode")
+METADATA = (
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+)
 
 # LoRA: what the engine computes is x @ A.T @ B.T * scaling on decoder-layer linear modules, with
 # scaling = lora_alpha / r (or / sqrt(r) with use_rslora). Which modules and layers are adapted is read from the
 # tensors' names, so the selection fields (target_modules, exclude_modules, layers_to_transform,
 # layers_pattern) are served whatever their value. lora_dropout acts only in training. init_lora_weights only
 # says how training started; the values listed in LORA_INITS leave the base weights untouched.
-LORA_SERVED = ("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "target_modules",
-               "exclude_modules", "layers_to_transform", "layers_pattern", "eva_config")
+LORA_SERVED = (
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "init_lora_weights",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "eva_config",
+)
 # Fields that only matter together with a refused feature (megatron_config, use_qalora, modules_to_save /
 # trainable_token_indices), so their value alone changes nothing.
 LORA_INERT = ("megatron_core", "qalora_group_size", "ensure_weight_tying")
@@ -252,9 +270,7 @@ def check_dtypes(dtypes: Iterable[tuple[str, str]]) -> None:
             )
 
 
-def read_adapter_files(
-    directory: Path, max_config_bytes: int | None = None
-) -> tuple[Any, dict[str, tuple[int, ...]]]:
+def read_adapter_files(directory: Path, max_config_bytes: int | None = None) -> tuple[Any, dict[str, tuple[int, ...]]]:
     """Read and check an adapter directory without loading a tensor value -> (config object, tensor name -> shape).
 
     The config must parse and be served (``parse_adapter_config``; at most ``max_config_bytes`` when given); the
@@ -270,7 +286,9 @@ def read_adapter_files(
     try:
         raw = json.loads(config_path.read_bytes().decode("utf-8"))
     except RecursionError:
-        raise AdapterConfigError(f"cannot read the adapter config: {CONFIG_FILE} is not valid JSON: nested too deeply") from None
+        raise AdapterConfigError(
+            f"cannot read the adapter config: {CONFIG_FILE} is not valid JSON: nested too deeply"
+        ) from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise AdapterConfigError(f"cannot read the adapter config: {CONFIG_FILE} is not valid JSON: {err}") from None
     config = parse_adapter_config(raw)
@@ -284,5 +302,7 @@ def read_adapter_files(
             check_dtypes((key, s.get_dtype()) for key, s in slices.items())
             shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
     except SafetensorError as err:
-        raise AdapterFileError(f"{WEIGHTS_NAME} is not a valid safetensors file (corrupt or truncated): {err}") from None
+        raise AdapterFileError(
+            f"{WEIGHTS_NAME} is not a valid safetensors file (corrupt or truncated): {err}"
+        ) from None
     return config, shapes

@@ -105,7 +105,9 @@ def _layer_and_module(key: str, spec: ModelSpec, suffix: str) -> tuple[int, str]
     match = re.search(re.escape(spec.layers_path) + r"\.(\d+)\.(.+)\." + re.escape(suffix) + "$", _strip(key))
     module = spec.module_of(match.group(2)) if match else None
     if match is None or module is None:
-        raise AdapterError(f"tensor {key!r} is not on a decoder-layer linear module the engine serves ({list(spec.module_paths)})")
+        raise AdapterError(
+            f"tensor {key!r} is not on a decoder-layer linear module the engine serves ({list(spec.module_paths)})"
+        )
     layer = int(match.group(1))
     if layer >= spec.n_layers:
         raise AdapterError(f"tensor {key!r} is for layer {layer}, but the backbone has {spec.n_layers} layers")
@@ -136,7 +138,12 @@ class AdapterPlan:
         return resident.itemsize
 
     def materialise(
-        self, tensors: dict[str, torch.Tensor], spec: ModelSpec, model: nn.Module, dtype: torch.dtype, device: torch.device
+        self,
+        tensors: dict[str, torch.Tensor],
+        spec: ModelSpec,
+        model: nn.Module,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> Weights:
         """The weights a row of this adapter runs with, where it runs them: PEDRO generators and (IA)3 vectors on
         ``device`` (they are read in the forward), LoRA weights on the host (they are copied into the runner's
@@ -160,7 +167,9 @@ def _shell(config: PedroConfig, spec: ModelSpec, width: int) -> VectorGenerator:
         return VectorGenerator(spec.d_model, config.r, width, config.pooler, config.activation, config.generator_bias)
 
 
-def _pedro_plan(config: PedroConfig, shapes: dict[str, tuple[int, ...]], spec: ModelSpec, model: nn.Module) -> AdapterPlan:
+def _pedro_plan(
+    config: PedroConfig, shapes: dict[str, tuple[int, ...]], spec: ModelSpec, model: nn.Module
+) -> AdapterPlan:
     try:
         sites = plan_sites(config, model)
     except ValueError as err:
@@ -231,7 +240,13 @@ def _lora_plan(config: peft.LoraConfig, shapes: dict[str, tuple[int, ...]], spec
         raise AdapterError(str(err)) from None
     roles: dict[str, Any] = {}
     for key, shape in shapes.items():
-        part = "lora_A.weight" if key.endswith("lora_A.weight") else "lora_B.weight" if key.endswith("lora_B.weight") else None
+        part = (
+            "lora_A.weight"
+            if key.endswith("lora_A.weight")
+            else "lora_B.weight"
+            if key.endswith("lora_B.weight")
+            else None
+        )
         if part is None:
             raise AdapterError(f"LoRA adapter has a tensor the engine does not serve: {key!r}")
         layer, module = _layer_and_module(key, spec, part)
@@ -315,7 +330,9 @@ class Registered:
         return load_file(str(self.directory / WEIGHTS_NAME))
 
 
-def read_adapter(source: Union[str, Path, nn.Module]) -> tuple[Any, dict[str, tuple[int, ...]], Path | None, dict | None]:
+def read_adapter(
+    source: Union[str, Path, nn.Module],
+) -> tuple[Any, dict[str, tuple[int, ...]], Path | None, dict | None]:
     """-> (peft config, tensor shapes, directory or None, CPU state dict or None) without loading weights
     from a directory (only the safetensors header)."""
     if isinstance(source, (str, Path)):
@@ -331,7 +348,10 @@ def read_adapter(source: Union[str, Path, nn.Module]) -> tuple[Any, dict[str, tu
             check_served(source.peft_config[name])
         except AdapterConfigError as err:
             raise AdapterError(str(err)) from None
-        state = {k: v.detach().to("cpu", copy=True) for k, v in peft.get_peft_model_state_dict(source, adapter_name=name).items()}
+        state = {
+            k: v.detach().to("cpu", copy=True)
+            for k, v in peft.get_peft_model_state_dict(source, adapter_name=name).items()
+        }
         return source.peft_config[name], {k: tuple(v.shape) for k, v in state.items()}, None, state
     raise AdapterError(f"an adapter must be a directory or a peft.PeftModel, got {type(source).__name__}")
 

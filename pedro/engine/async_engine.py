@@ -87,7 +87,9 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as err:
             log.exception("an engine step failed; failing the requests it held and rebuilding the engine")
-            outputs = self.engine.reset(f"the engine failed while serving this request ({type(err).__name__}) and was restarted; retry")
+            outputs = self.engine.reset(
+                f"the engine failed while serving this request ({type(err).__name__}) and was restarted; retry"
+            )
         for out in outputs:
             self._deliver(out.request_id, out)
 

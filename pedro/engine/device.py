@@ -25,7 +25,9 @@ def canonical(device: DeviceLike) -> torch.device:
     return device
 
 
-def upload(values: Union[Sequence[int], Sequence[float], torch.Tensor], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+def upload(
+    values: Union[Sequence[int], Sequence[float], torch.Tensor], device: torch.device, dtype: torch.dtype = torch.long
+) -> torch.Tensor:
     """A host list (or host tensor) as a tensor on ``device``: pinned and non-blocking on CUDA."""
     tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type == "cuda":

@@ -119,21 +119,30 @@ class Engine:
     ) -> None:
         if isinstance(backbone, str):
             device = canonical(device or "cpu")
-            backbone, tokenizer = load_backbone(backbone, dtype=resolve_dtype(dtype or torch.float32, device), quiet=True)
+            backbone, tokenizer = load_backbone(
+                backbone, dtype=resolve_dtype(dtype or torch.float32, device), quiet=True
+            )
             backbone.to(device)
         elif device is not None and canonical(device) != next(backbone.parameters()).device:
             raise ValueError(
                 f"the backbone is on {next(backbone.parameters()).device} but device={str(device)!r} was asked for; "
                 "move the model first (model.to(...)) or pass the backbone's name"
             )
-        elif dtype is not None and resolve_dtype(dtype, next(backbone.parameters()).device) != next(backbone.parameters()).dtype:
+        elif (
+            dtype is not None
+            and resolve_dtype(dtype, next(backbone.parameters()).device) != next(backbone.parameters()).dtype
+        ):
             raise ValueError(
                 f"the backbone is {next(backbone.parameters()).dtype} but dtype={dtype!r} was asked for; "
                 "cast the model first (model.to(...)) or pass the backbone's name"
             )
         if hasattr(backbone, "peft_config"):
             raise ValueError("pass the bare backbone to Engine and register adapters with add_adapter()")
-        for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("max_prefill_tokens", max_prefill_tokens)):
+        for name, value in (
+            ("max_batch", max_batch),
+            ("max_seq_len", max_seq_len),
+            ("max_prefill_tokens", max_prefill_tokens),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine {name} must be a positive integer, got {value!r}")
         if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
@@ -169,7 +178,13 @@ class Engine:
         self.rows = RowAdapters(spec, self.max_batch, self.adapters.capacity, self.dtype, self.device)
         self.adapters.on_load = self.rows.load_lora
         self.cache = KVCache(
-            spec.n_layers, self.max_batch, config.num_key_value_heads, self.max_seq_len, spec.head_dim, self.dtype, self.device
+            spec.n_layers,
+            self.max_batch,
+            config.num_key_value_heads,
+            self.max_seq_len,
+            spec.head_dim,
+            self.dtype,
+            self.device,
         )
         self.runner = ModelRunner(self.model, spec, self.cache, self.rows)
         self.scheduler = Scheduler(self.max_batch, self.max_prefill_tokens, self.adapters, spec.n_layers)
@@ -243,7 +258,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------ requests
 
     def encode(
-        self, prompt: Union[str, list[int], list[dict[str, str]]], raw_prompt: bool = False, max_tokens: Optional[int] = None
+        self,
+        prompt: Union[str, list[int], list[dict[str, str]]],
+        raw_prompt: bool = False,
+        max_tokens: Optional[int] = None,
     ) -> list[int]:
         """The token ids the engine will run for ``prompt``: token ids as given; a string or chat messages
         encoded exactly as training encodes prompts (pedro.data.encode_prompt: the chat template when the
@@ -276,11 +294,17 @@ class Engine:
                 else:  # exactly the tokens training saw for this prompt
                     ids = encode_prompt(self.tokenizer, prompt)
         else:
-            raise RequestError("a prompt must be a string, a list of chat messages {role, content}, or a list of token ids")
+            raise RequestError(
+                "a prompt must be a string, a list of chat messages {role, content}, or a list of token ids"
+            )
         if not ids:
             raise RequestError("the prompt is empty")
         if len(ids) > limit:
-            room = "" if limit < self.max_seq_len - 1 else f" (the context is {self.max_seq_len}, with room for one new token)"
+            room = (
+                ""
+                if limit < self.max_seq_len - 1
+                else f" (the context is {self.max_seq_len}, with room for one new token)"
+            )
             raise PromptTooLong(f"the prompt has {len(ids)} tokens; at most {limit} are allowed{room}")
         return ids
 
@@ -302,7 +326,9 @@ class Engine:
         if any(t >= vocab for t, _ in request.sampling.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
         if self.max_per_tenant is not None and self._per_tenant[request.tenant] >= self.max_per_tenant:
-            raise QueueFull(f"this tenant already has {self.max_per_tenant} requests running or waiting (its limit); retry shortly")
+            raise QueueFull(
+                f"this tenant already has {self.max_per_tenant} requests running or waiting (its limit); retry shortly"
+            )
         free_rows = self.max_batch - self.num_running  # requests the next step can admit are not queued
         if self.max_waiting is not None and self.num_waiting >= self.max_waiting + free_rows:
             raise QueueFull(f"the engine's queue is full ({self.max_waiting} requests waiting); retry shortly")
@@ -511,7 +537,9 @@ class Engine:
             return
         if not torch.isfinite(scores.logprobs).all() or not torch.isfinite(scores.top_logprobs).all():
             adapter = f"its adapter {seq.request.adapter!r}" if seq.request.adapter else "the model"
-            seq.finish("error", f"numeric overflow: {adapter} produced non-finite logits for this prompt", NUMERIC_OVERFLOW)
+            seq.finish(
+                "error", f"numeric overflow: {adapter} produced non-finite logits for this prompt", NUMERIC_OVERFLOW
+            )
             return
         k, prompt = params.prompt_logprobs, seq.prompt_ids
         entries = [TokenLogprob(prompt[0], None)] + [
@@ -520,7 +548,9 @@ class Engine:
                 prompt[1:], scores.logprobs.tolist(), scores.top_ids.tolist(), scores.top_logprobs.tolist()
             )
         ]
-        seq.prompt_logprobs = self._with_texts(entries, [prompt[max(0, i - LOGPROB_CONTEXT) : i] for i in range(len(prompt))])
+        seq.prompt_logprobs = self._with_texts(
+            entries, [prompt[max(0, i - LOGPROB_CONTEXT) : i] for i in range(len(prompt))]
+        )
 
     def _retire(self, seq: Sequence) -> None:
         slot = seq.slot
@@ -547,7 +577,11 @@ class Engine:
         for seq, token in zip(seqs, tokens):
             if token is None:
                 adapter = f"its adapter {seq.request.adapter!r}" if seq.request.adapter else "the model"
-                seq.finish("error", f"numeric overflow: {adapter} produced non-finite logits for this request", NUMERIC_OVERFLOW)
+                seq.finish(
+                    "error",
+                    f"numeric overflow: {adapter} produced non-finite logits for this request",
+                    NUMERIC_OVERFLOW,
+                )
                 continue
             if seq.first_token is None:
                 seq.first_token = now
@@ -555,7 +589,10 @@ class Engine:
             params = seq.request.sampling
             if token in self.eos_ids and not params.ignore_eos:
                 seq.finish("stop")
-            elif len(seq.output_ids) >= params.max_new_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
+            elif (
+                len(seq.output_ids) >= params.max_new_tokens
+                or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len
+            ):
                 seq.finish("length")
             if seq.track_text:
                 self._update_text(seq)
@@ -592,7 +629,9 @@ class Engine:
         out = []
         for logprob, tokens in zip(logprobs, ids):
             before = next(after)
-            texts = [a[len(before):] if a.startswith(before) else x for a, x in ((next(after), next(alone)) for _ in tokens)]
+            texts = [
+                a[len(before) :] if a.startswith(before) else x for a, x in ((next(after), next(alone)) for _ in tokens)
+            ]
             out.append(dataclasses.replace(logprob, text=texts[0], top_text=tuple(texts[1:])))
         return out
 

@@ -56,7 +56,9 @@ class KVCache:
         self.k[layer, slot, :, start:end] = k
         self.v[layer, slot, :, start:end] = v
 
-    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+    def write_step(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+    ) -> None:
         """k, v: (B, kv_heads, head_dim), one new token for each of rows 0..B-1 at its own length; ``rows``
         (arange(B)) and ``positions`` (the rows' lengths) are on the cache's device, made once per step."""
         self.k[layer, rows, :, positions] = k

@@ -108,7 +108,9 @@ class SamplingParams:
             _refuse("stop", "a list of non-empty strings", self.stop)
         object.__setattr__(self, "stop", stop)
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
         ):
             _refuse("seed", "None or a signed 64-bit integer", self.seed)
         for name in ("presence_penalty", "frequency_penalty"):
@@ -118,15 +120,21 @@ class SamplingParams:
             _refuse("repetition_penalty", "a number in (0, 100] (1 = off)", self.repetition_penalty)
         bias = tuple(sorted((self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias) or ()))
         if any(
-            len(pair) != 2 or isinstance(pair[0], bool) or not isinstance(pair[0], int) or pair[0] < 0
-            or not _number(pair[1]) or not -100 <= pair[1] <= 100
+            len(pair) != 2
+            or isinstance(pair[0], bool)
+            or not isinstance(pair[0], int)
+            or pair[0] < 0
+            or not _number(pair[1])
+            or not -100 <= pair[1] <= 100
             for pair in bias
         ):
             _refuse("logit_bias", "a mapping of token ids >= 0 to numbers in [-100, 100]", self.logit_bias)
         object.__setattr__(self, "logit_bias", bias)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS
+            ):
                 _refuse(name, f"None or an integer in [0, {MAX_LOGPROBS}]", value)
         if not isinstance(self.return_prompt_text, bool):
             _refuse("return_prompt_text", "True or False", self.return_prompt_text)

@@ -75,7 +75,9 @@ class RowAdapters:
         if point not in self.scales:
             d_in, d_out = self.spec.shapes[point[1]]
             width = d_out if point[0] == "out" else d_in
-            self.scales[point] = torch.zeros(self.spec.n_layers, self.slots, width, dtype=self.dtype, device=self.device)
+            self.scales[point] = torch.zeros(
+                self.spec.n_layers, self.slots, width, dtype=self.dtype, device=self.device
+            )
         return self.scales[point]
 
     # ------------------------------------------------------------------ rows joining / leaving / moving

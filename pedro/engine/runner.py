@@ -56,9 +56,7 @@ def check_supported(model: nn.Module, max_seq_len: int) -> None:
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError("bidirectional attention is not supported: the engine generates causally")
     window = getattr(config, "sliding_window", None)  # per-layer windows (a family's layer_types) are served
-    uses_window = not family.layer_types and getattr(
-        config, "use_sliding_window", config.model_type == "mistral"
-    )
+    uses_window = not family.layer_types and getattr(config, "use_sliding_window", config.model_type == "mistral")
     if uses_window and window is not None and window < max_seq_len:
         raise ValueError(f"sliding-window attention ({window}) shorter than max_seq_len {max_seq_len} is not supported")
 
@@ -138,7 +136,9 @@ class ModelRunner:
         layers = list(self.decoder.layers)
         family = layer_map(model)
         self.layers = [_Layer.of(layer, i, family, self.config) for i, layer in enumerate(layers)]
-        self.linears = [{name: layer.get_submodule(path) for name, path in spec.module_paths.items()} for layer in layers]
+        self.linears = [
+            {name: layer.get_submodule(path) for name, path in spec.module_paths.items()} for layer in layers
+        ]
         attn = layers[0].self_attn
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
@@ -206,7 +206,9 @@ class ModelRunner:
                 z = generate_vectors(group, layer, raw, normed, ctx.pad_index, ctx.pad_mask)
                 self.rows.write_pedro(layer, group.slots, z, group.weights.slices[layer])
 
-    def _prefill_context(self, slots: list[int], prompts: list[list[int]], starts: list[int]) -> tuple["_Context", torch.Tensor, list[int]]:
+    def _prefill_context(
+        self, slots: list[int], prompts: list[list[int]], starts: list[int]
+    ) -> tuple["_Context", torch.Tensor, list[int]]:
         """A prefill forward's context for rows ``slots`` running ``prompts`` (their tokens from positions
         ``starts``), every index tensor built on the host and uploaded once -> (context, tokens, segment ends)."""
         lengths = [len(p) for p in prompts]
@@ -217,7 +219,11 @@ class ModelRunner:
         segments = list(zip([0] + ends[:-1], ends))
         token_slots = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
         ctx = _Context(self.rows, token_slots, PrefillBatch(slots, prompts, starts=starts), segments)
-        ctx.lora_groups = [(index, upload(where, self.device)) for index, where in self.rows.lora_groups(token_slots)] if ctx.lora else []
+        ctx.lora_groups = (
+            [(index, upload(where, self.device)) for index, where in self.rows.lora_groups(token_slots)]
+            if ctx.lora
+            else []
+        )
         pedro_rows = []
         for row, slot in enumerate(slots):
             entry = self.rows.row_entry[slot]
@@ -228,10 +234,14 @@ class ModelRunner:
         steps = torch.arange(width)
         pad_mask = steps[None, :] < torch.tensor(lengths)[:, None]
         ctx.pad_mask = upload(pad_mask, self.device)
-        ctx.pad_index = upload(torch.where(pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0), self.device)
+        ctx.pad_index = upload(
+            torch.where(pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0), self.device
+        )
         ctx.rope = self._rope(upload([start + i for start, n in zip(starts, lengths) for i in range(n)], self.device))
         if self.window is not None and width > self.window:  # the sliding layers' causal band, any prompt's top-left
-            ctx.band = upload((steps[None, :] <= steps[:, None]) & (steps[None, :] > steps[:, None] - self.window), self.device)
+            ctx.band = upload(
+                (steps[None, :] <= steps[:, None]) & (steps[None, :] > steps[:, None] - self.window), self.device
+            )
         for row, (start, n) in enumerate(zip(starts, lengths)):
             if start:  # a chunk after cached positions: queries start..start+n-1 see keys 0..their own position
                 query, key = torch.arange(start, start + n)[:, None], torch.arange(start + n)[None, :]
@@ -284,11 +294,17 @@ class ModelRunner:
             for a in range(0, len(targets), PROMPT_LOGPROB_CHUNK)
         ]
         if not parts:  # a one-token prompt: nothing to score
-            return PromptScores(*(torch.empty(0, *shape, dtype=dtype, device=self.device)
-                                  for shape, dtype in (((), torch.float32), ((k,), torch.float32), ((k,), torch.long))))
+            return PromptScores(
+                *(
+                    torch.empty(0, *shape, dtype=dtype, device=self.device)
+                    for shape, dtype in (((), torch.float32), ((k,), torch.float32), ((k,), torch.long))
+                )
+            )
         return PromptScores(*(torch.cat(p) for p in zip(*parts)))
 
-    def _attend_prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Context") -> torch.Tensor:
+    def _attend_prefill(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Context"
+    ) -> torch.Tensor:
         parts = self.layers[layer]
         cos, sin = ctx.rope[parts.rope]
         q = q.view(-1, self.n_kv * self.group, self.head_dim).transpose(0, 1)  # (H, N, hd)
@@ -309,7 +325,12 @@ class ModelRunner:
             else:
                 band = ctx.band[:n, :n] if parts.window is not None and n > parts.window else None
             out[:, start:end] = F.scaled_dot_product_attention(
-                q[None, :, start:end], ks[None], vs[None], attn_mask=band, is_causal=band is None, scale=self.scaling,
+                q[None, :, start:end],
+                ks[None],
+                vs[None],
+                attn_mask=band,
+                is_causal=band is None,
+                scale=self.scaling,
                 enable_gqa=True,
             )[0]
         return out.transpose(0, 1).reshape(q.shape[1], -1)
@@ -337,7 +358,9 @@ class ModelRunner:
         self.cache.lengths[:batch] += 1
         return self._logits(hidden)
 
-    def _attend_decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Context") -> torch.Tensor:
+    def _attend_decode(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Context"
+    ) -> torch.Tensor:
         batch = q.shape[0]
         parts = self.layers[layer]
         cos, sin = ctx.rope[parts.rope]
@@ -359,9 +382,18 @@ class _Context:
     """What one forward needs besides the tokens: which rows each token belongs to, live adapter points."""
 
     def __init__(
-        self, rows: RowAdapters, token_slots: list[int] | range, prefill: PrefillBatch | None, segments: list[tuple[int, int]] | None
+        self,
+        rows: RowAdapters,
+        token_slots: list[int] | range,
+        prefill: PrefillBatch | None,
+        segments: list[tuple[int, int]] | None,
     ) -> None:
-        self.rows, self.token_slots, self.prefill, self.segments = rows, token_slots, prefill, segments  # slots on the host
+        self.rows, self.token_slots, self.prefill, self.segments = (
+            rows,
+            token_slots,
+            prefill,
+            segments,
+        )  # slots on the host
         self.points = rows.live_points()
         self.lora = rows.live_lora()
         self.contiguous = prefill is None  # decode: token i is slot i, the per-row gather is a slice
@@ -397,4 +429,3 @@ class _Context:
         if self.prefill is not None:
             return self.rows.lora_delta_grouped(layer, module, x, self.lora_groups)
         return self.rows.lora_delta(layer, module, x, self.lora_rows)
-

@@ -30,20 +30,26 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, history: History
     prompt, output = history
     if params.logit_bias:
         ids = torch.tensor([t for t, _ in params.logit_bias if t < vocab], dtype=torch.long, device=logits.device)
-        logits[ids] += torch.tensor([b for t, b in params.logit_bias if t < vocab], dtype=logits.dtype, device=logits.device)
+        logits[ids] += torch.tensor(
+            [b for t, b in params.logit_bias if t < vocab], dtype=logits.dtype, device=logits.device
+        )
     if params.repetition_penalty != 1:
         seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=logits.device)
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if (params.frequency_penalty or params.presence_penalty) and output:
-        counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=logits.device), minlength=vocab)[:vocab].to(logits.dtype)
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=logits.device), minlength=vocab)[
+            :vocab
+        ].to(logits.dtype)
         logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
     # a penalty near 0 divides logits towards infinity, which softmax turns into NaN; no model's logits come
     # anywhere near this bound, so it changes nothing else
     return logits.clamp(-ADJUSTED_LOGIT_BOUND, ADJUSTED_LOGIT_BOUND)
 
 
-def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """logits (N, V) -> log-probabilities after temperature, top-k (0 = off) and top-p (1 = off) per row."""
     logits = logits / temperature[:, None]
     sorted_logits, order = logits.sort(dim=-1, descending=True)

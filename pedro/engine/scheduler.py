@@ -89,7 +89,12 @@ class Piece:
 
 class Scheduler:
     def __init__(self, max_batch: int, max_prefill_tokens: int, store: AdapterStore, n_layers: int) -> None:
-        self.max_batch, self.max_prefill_tokens, self.store, self.n_layers = max_batch, max_prefill_tokens, store, n_layers
+        self.max_batch, self.max_prefill_tokens, self.store, self.n_layers = (
+            max_batch,
+            max_prefill_tokens,
+            store,
+            n_layers,
+        )
         self.queues: OrderedDict[str | None, deque[Sequence]] = OrderedDict()  # tenant -> FIFO; order: whose turn
         self.running: list[Sequence] = []  # decoding rows (and this step's finished prefills): running[i].slot == i
         self.partial: Sequence | None = None  # the sequence part-way through its prefill, in a slot after them

@@ -108,7 +108,9 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         restored = await adapters.restore()
         if keys.open:
-            log.warning("no API keys configured: the server is OPEN (every caller is tenant 'default' with admin rights)")
+            log.warning(
+                "no API keys configured: the server is OPEN (every caller is tenant 'default' with admin rights)"
+            )
         log.info("serving %s with %d registered adapter(s)", config.served_model_name, restored)
         yield
 
@@ -142,7 +144,9 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
 
     # Request bodies are capped before anything parses them (adapter uploads have their own limit), and every
     # response is counted by status (pedro_http_responses_total), 5xx included: CountResponses is outermost.
-    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes, on_refuse=lambda: metrics.rejections.labels("413").inc())
+    app.add_middleware(
+        BodyLimit, max_bytes=config.max_request_bytes, on_refuse=lambda: metrics.rejections.labels("413").inc()
+    )
     app.add_middleware(CountResponses, counter=metrics.responses, routes=lambda: app.routes)
 
     # ---------------------------------------------------------------------------------------- auth
@@ -150,7 +154,9 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
     def principal(request: Request) -> Principal:
         who = keys.resolve(request.headers.get("authorization"))
         if who is None:
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            raise APIError(
+                401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
         return who
 
     def admin(who: Principal = Depends(principal)) -> Principal:
@@ -192,12 +198,22 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
     def sampling_of(body: Union[CompletionRequest, ChatCompletionRequest], logprobs: Optional[int]) -> SamplingParams:
         max_tokens = body.max_tokens if body.max_tokens is not None else config.default_max_tokens
         if max_tokens > config.max_tokens:
-            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens}", param="max_tokens")
+            raise APIError(
+                400, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens}", param="max_tokens"
+            )
         return SamplingParams(
-            max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-            stop=tuple(body.stop or ()), seed=body.seed, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-            logit_bias=tuple(body.logit_bias_ids().items()), logprobs=logprobs,
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            stop=tuple(body.stop or ()),
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            logit_bias=tuple(body.logit_bias_ids().items()),
+            logprobs=logprobs,
         )
 
     async def generate(
@@ -227,6 +243,7 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
                 metrics.requests.labels(*labels, "cancelled").inc(count)
 
         if not body.stream:
+
             async def run() -> list[tuple[Choice, RequestOutput]]:
                 last: dict[int, tuple[Choice, RequestOutput]] = {}
                 stream = merged(await open_all(backend, wanted, adapter, who.tenant))
@@ -293,7 +310,12 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
                 prompt = (out.prompt_logprobs or ()) if opening else ()
                 logprobs = completion_logprobs(held.pop(choice.index), sent.get(choice.index, 0) + len(echo), prompt)
             sent[choice.index] = sent.get(choice.index, 0) + len(text)
-            piece = CompletionChoice(index=choice.index, text=text, finish_reason=out.finish_reason if out.finished else None, logprobs=logprobs)
+            piece = CompletionChoice(
+                index=choice.index,
+                text=text,
+                finish_reason=out.finish_reason if out.finished else None,
+                logprobs=logprobs,
+            )
             return [Completion(id=rid, created=now(), model=body.model, choices=[piece]).model_dump_json()]
 
         def final(rid: str, finals: list[tuple[Choice, RequestOutput]]) -> Completion:
@@ -303,17 +325,31 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = completion_logprobs(out.logprobs or [], len(echo), out.prompt_logprobs or ())
-                pieces.append(CompletionChoice(index=choice.index, text=echo + out.text, finish_reason=out.finish_reason, logprobs=logprobs))
-            return Completion(id=rid, created=now(), model=body.model, choices=pieces, usage=Usage.of(*usage_counts(finals)))
+                pieces.append(
+                    CompletionChoice(
+                        index=choice.index, text=echo + out.text, finish_reason=out.finish_reason, logprobs=logprobs
+                    )
+                )
+            return Completion(
+                id=rid, created=now(), model=body.model, choices=pieces, usage=Usage.of(*usage_counts(finals))
+            )
 
         if body.max_tokens == 0 and not body.echo:
-            raise APIError(400, "max_tokens: 0 is only allowed with echo (the prompt, and with logprobs its logprobs, "
-                           "without a completion)", param="max_tokens")
-        wanted = choices(body.prompts(), body.n, sampling_of(body, body.logprobs), echo=body.echo, raw_prompt=body.raw_prompt)
+            raise APIError(
+                400,
+                "max_tokens: 0 is only allowed with echo (the prompt, and with logprobs its logprobs, "
+                "without a completion)",
+                param="max_tokens",
+            )
+        wanted = choices(
+            body.prompts(), body.n, sampling_of(body, body.logprobs), echo=body.echo, raw_prompt=body.raw_prompt
+        )
         return await generate(request, who, body, wanted, "completions", chunk, final)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)) -> Any:
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)
+    ) -> Any:
         opened: set[int] = set()
         held: dict[int, list] = {}
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -326,23 +362,33 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
             held.setdefault(choice.index, []).extend(new_logprobs(out))
             if out.delta_text or (out.finished and held[choice.index]):
                 entries = held.pop(choice.index)
-                pieces.append(ChunkChoice(
-                    index=choice.index, delta=Delta(content=out.delta_text),
-                    logprobs=chat_logprobs(entries) if logprobs is not None else None,
-                ))
+                pieces.append(
+                    ChunkChoice(
+                        index=choice.index,
+                        delta=Delta(content=out.delta_text),
+                        logprobs=chat_logprobs(entries) if logprobs is not None else None,
+                    )
+                )
             if out.finished:
                 pieces.append(ChunkChoice(index=choice.index, delta=Delta(), finish_reason=out.finish_reason))
-            return [ChatCompletionChunk(id=rid, created=now(), model=body.model, choices=[p]).model_dump_json() for p in pieces]
+            return [
+                ChatCompletionChunk(id=rid, created=now(), model=body.model, choices=[p]).model_dump_json()
+                for p in pieces
+            ]
 
         def final(rid: str, finals: list[tuple[Choice, RequestOutput]]) -> ChatCompletion:
             pieces = [
                 ChatChoice(
-                    index=choice.index, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
+                    index=choice.index,
+                    message=AssistantMessage(content=out.text),
+                    finish_reason=out.finish_reason,
                     logprobs=chat_logprobs(out.logprobs or []) if logprobs is not None else None,
                 )
                 for choice, out in finals
             ]
-            return ChatCompletion(id=rid, created=now(), model=body.model, choices=pieces, usage=Usage.of(*usage_counts(finals)))
+            return ChatCompletion(
+                id=rid, created=now(), model=body.model, choices=pieces, usage=Usage.of(*usage_counts(finals))
+            )
 
         messages = [m.as_dict() for m in body.messages]
         wanted = choices([messages], body.n, sampling_of(body, logprobs))
@@ -352,8 +398,13 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
 
     def info(who: Principal, record: AdapterRecord) -> AdapterInfo:
         return AdapterInfo(
-            id=adapters.display_name(who, record), name=record.name, tenant=record.tenant, kind=record.kind,
-            parameters=record.parameters, bytes=record.bytes, created=record.created,
+            id=adapters.display_name(who, record),
+            name=record.name,
+            tenant=record.tenant,
+            kind=record.kind,
+            parameters=record.parameters,
+            bytes=record.bytes,
+            created=record.created,
         )
 
     @app.get("/v1/adapters")

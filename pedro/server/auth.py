@@ -71,7 +71,9 @@ class KeyRing:
             raise ValueError(f"API keys must be strings of at least 8 characters (tenant {principal.tenant!r})")
         digest = _digest(key)
         if digest in self._principals and self._principals[digest] != principal:
-            raise ValueError(f"an API key is given to two tenants ({self._principals[digest].tenant!r}, {principal.tenant!r})")
+            raise ValueError(
+                f"an API key is given to two tenants ({self._principals[digest].tenant!r}, {principal.tenant!r})"
+            )
         self._principals[digest] = principal
 
     @property

@@ -43,7 +43,11 @@ class Backend(Protocol):
     """What app.py and tenancy.py call: LocalBackend here, RayBackend (ray_app.py) in front of Ray replicas."""
 
     def stream(
-        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None,
+        self,
+        prompt: Prompt,
+        adapter: Optional[str],
+        sampling: SamplingParams,
+        tenant: Optional[str] = None,
         raw_prompt: Optional[bool] = None,
     ) -> AsyncIterator[RequestOutput]: ...
 
@@ -101,7 +105,11 @@ class LocalBackend:
         return adapter is None or self.engine.prompt_format(adapter) != "chat_template"
 
     async def stream(
-        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None,
+        self,
+        prompt: Prompt,
+        adapter: Optional[str],
+        sampling: SamplingParams,
+        tenant: Optional[str] = None,
         raw_prompt: Optional[bool] = None,
     ) -> AsyncIterator[RequestOutput]:
         """Encode, admit, run; yields the engine's outputs. Leaving early aborts the request and frees its slot.
@@ -128,7 +136,9 @@ class LocalBackend:
     def stats(self) -> dict[str, float]:
         """Cheap, approximate reads of engine state for /health and /metrics (no lock: they are gauges)."""
         return {
-            "running": self.engine.num_running, "waiting": self.engine.num_waiting, "in_flight": self.in_flight,
+            "running": self.engine.num_running,
+            "waiting": self.engine.num_waiting,
+            "in_flight": self.in_flight,
             "engine_restarts": self.async_engine.restarts,
         }
 

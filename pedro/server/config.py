@@ -61,17 +61,21 @@ class ServerConfig(BaseModel):
     )
     adapter_capacity: int = Field(32, ge=1, description="Adapters resident in memory at once (LRU).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="Backbone dtype: float32 (exact), bfloat16 (~2x faster decoding on CPUs with native bf16), "
-        "auto (decided for the device)."
+        "float32",
+        description="Backbone dtype: float32 (exact), bfloat16 (~2x faster decoding on CPUs with native bf16), "
+        "auto (decided for the device).",
     )
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="Where the engine runs: cpu, cuda or cuda:N.")
+    device: str = Field(
+        "cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="Where the engine runs: cpu, cuda or cuda:N."
+    )
     # request limits
     max_prompt_tokens: int = Field(768, ge=1, description="Longer prompts get 400.")
     max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may ask for (400 above).")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none.")
     max_queued: int = Field(64, ge=0, description="Requests waiting beyond max_batch; more get 429.")
     max_requests_per_tenant: Optional[int] = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Running + waiting requests per tenant; more get 429 for that tenant alone "
         "(default: half of max_batch + max_queued, so one tenant can never take all the room).",
     )
@@ -89,13 +93,17 @@ class ServerConfig(BaseModel):
         if self.max_prompt_tokens + 1 > self.max_seq_len:
             raise ValueError(f"max_prompt_tokens ({self.max_prompt_tokens}) must be < max_seq_len ({self.max_seq_len})")
         if self.default_max_tokens > self.max_tokens:
-            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens ({self.max_tokens})"
+            )
         on_cuda = self.device.startswith("cuda")
         if self.ray.num_gpus is None:
             self.ray.num_gpus = 1.0 if on_cuda else 0.0
         elif self.ray.num_gpus > 0 and not on_cuda:
-            raise ValueError(f"ray.num_gpus is {self.ray.num_gpus} but the engine runs on {self.device}: "
-                             "set device: cuda, or reserve no GPU a replica would not use")
+            raise ValueError(
+                f"ray.num_gpus is {self.ray.num_gpus} but the engine runs on {self.device}: "
+                "set device: cuda, or reserve no GPU a replica would not use"
+            )
         return self
 
     @property

@@ -60,7 +60,9 @@ class APIError(Exception):
 
     @property
     def body(self) -> ErrorResponse:
-        return ErrorResponse(error=ErrorBody(message=self.message, type=error_type(self.status), param=self.param, code=self.code))
+        return ErrorResponse(
+            error=ErrorBody(message=self.message, type=error_type(self.status), param=self.param, code=self.code)
+        )
 
     def response(self) -> JSONResponse:
         headers = dict(self.headers)
@@ -70,7 +72,12 @@ class APIError(Exception):
 
 
 def _rebuild(
-    status: int, message: str, code: Optional[str], param: Optional[str], retry_after: Optional[int], headers: Optional[dict] = None
+    status: int,
+    message: str,
+    code: Optional[str],
+    param: Optional[str],
+    retry_after: Optional[int],
+    headers: Optional[dict] = None,
 ) -> APIError:
     return APIError(status, message, code=code, param=param, retry_after=retry_after, headers=headers)
 

@@ -116,7 +116,9 @@ async def merged(opened: list[Opened]) -> AsyncGenerator[tuple[Choice, RequestOu
 # ------------------------------------------------------------------------------------------------ logprobs
 
 
-def completion_logprobs(entries: list[TokenLogprob], offset: int, prompt: Sequence[TokenLogprob] = ()) -> CompletionLogprobs:
+def completion_logprobs(
+    entries: list[TokenLogprob], offset: int, prompt: Sequence[TokenLogprob] = ()
+) -> CompletionLogprobs:
     """The completions format; ``offset``: where the first token's text starts in the choice's text. ``prompt``:
     an echoed prompt's entries, put first, their offsets counted from the start of the text. As OpenAI's legacy
     completions do, each top_logprobs holds the token itself besides the k most likely (so up to k + 1 entries);
@@ -140,20 +142,24 @@ def chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
     def top(text: str, value: float) -> TopLogprob:
         return TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
 
-    return ChatLogprobs(content=[
-        TokenLogprobEntry(
-            token=e.text, logprob=e.logprob, bytes=list(e.text.encode()),
-            top_logprobs=[top(text, value) for text, (_, value) in zip(e.top_text, e.top)],
-        )
-        for e in entries
-    ])
+    return ChatLogprobs(
+        content=[
+            TokenLogprobEntry(
+                token=e.text,
+                logprob=e.logprob,
+                bytes=list(e.text.encode()),
+                top_logprobs=[top(text, value) for text, (_, value) in zip(e.top_text, e.top)],
+            )
+            for e in entries
+        ]
+    )
 
 
 def new_logprobs(out: RequestOutput) -> list[TokenLogprob]:
     """The logprobs of the tokens this output added."""
     if not out.logprobs or not out.delta_token_ids:
         return []
-    return out.logprobs[len(out.logprobs) - len(out.delta_token_ids):]
+    return out.logprobs[len(out.logprobs) - len(out.delta_token_ids) :]
 
 
 def usage_counts(finals: list[tuple[Choice, RequestOutput]]) -> tuple[int, int]:

@@ -41,7 +41,9 @@ class PerReplica:
         if not per_replica:
             return
         for name, doc, key in ENGINE_GAUGES:
-            family = GaugeMetricFamily(name.replace("pedro_", "pedro_replica_", 1), f"{doc} Per engine replica.", labels=["replica"])
+            family = GaugeMetricFamily(
+                name.replace("pedro_", "pedro_replica_", 1), f"{doc} Per engine replica.", labels=["replica"]
+            )
             for replica, gauges in per_replica.items():
                 family.add_metric([replica], gauges.get(key, 0))
             yield family
@@ -51,19 +53,30 @@ class ServerMetrics:
     def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "pedro_requests", "Finished API requests by tenant, model (adapter) and outcome.",
-            ["tenant", "model", "endpoint", "outcome"], registry=self.registry,
+            "pedro_requests",
+            "Finished API requests by tenant, model (adapter) and outcome.",
+            ["tenant", "model", "endpoint", "outcome"],
+            registry=self.registry,
         )
-        self.rejections = Counter("pedro_rejections", "Requests refused before generation, by HTTP status.", ["status"], registry=self.registry)
+        self.rejections = Counter(
+            "pedro_rejections",
+            "Requests refused before generation, by HTTP status.",
+            ["status"],
+            registry=self.registry,
+        )
         self.responses = Counter(
-            "pedro_http_responses", "HTTP responses by status code and route template (never the raw path).",
-            ["status", "route"], registry=self.registry,
+            "pedro_http_responses",
+            "HTTP responses by status code and route template (never the raw path).",
+            ["status", "route"],
+            registry=self.registry,
         )
         self.prompt_tokens = Counter("pedro_prompt_tokens", "Prompt tokens of served requests.", registry=self.registry)
         self.generated_tokens = Counter("pedro_generated_tokens", "Tokens generated.", registry=self.registry)
         self.ttft = Histogram(
-            "pedro_time_to_first_token_seconds", "Time from request arrival to its first token.",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry,
+            "pedro_time_to_first_token_seconds",
+            "Time from request arrival to its first token.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
         )
         self._window: deque[tuple[float, int]] = deque()
         for name, doc, key in ENGINE_GAUGES:
@@ -73,7 +86,11 @@ class ServerMetrics:
 
             Gauge(name, doc, registry=self.registry).set_function(value)
         self.registry.register(PerReplica(stats))
-        Gauge("pedro_tokens_per_second", f"Generated tokens/s over the last {TOKENS_PER_SECOND_WINDOW_S:.0f} s.", registry=self.registry).set_function(self.tokens_per_second)
+        Gauge(
+            "pedro_tokens_per_second",
+            f"Generated tokens/s over the last {TOKENS_PER_SECOND_WINDOW_S:.0f} s.",
+            registry=self.registry,
+        ).set_function(self.tokens_per_second)
 
     def add_tokens(self, n: int) -> None:
         self.generated_tokens.inc(n)

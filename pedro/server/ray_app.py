@@ -72,8 +72,12 @@ def _queue_full_is_429() -> Iterator[None]:
     try:
         yield
     except BackPressureError:
-        raise APIError(429, "the server is at capacity (every engine replica is busy and the queue is full); retry shortly",
-                       code="queue_full", retry_after=1) from None
+        raise APIError(
+            429,
+            "the server is at capacity (every engine replica is busy and the queue is full); retry shortly",
+            code="queue_full",
+            retry_after=1,
+        ) from None
 
 
 class RayBackend:
@@ -90,7 +94,11 @@ class RayBackend:
         self.replica_stats[replica] = (time.monotonic(), {key: stats.get(key, 0) for key in ENGINE_GAUGES})
 
     async def stream(
-        self, prompt: Prompt, adapter: Optional[str], sampling: SamplingParams, tenant: Optional[str] = None,
+        self,
+        prompt: Prompt,
+        adapter: Optional[str],
+        sampling: SamplingParams,
+        tenant: Optional[str] = None,
         raw_prompt: Optional[bool] = None,
     ) -> AsyncIterator[RequestOutput]:
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "")
@@ -207,7 +215,11 @@ def build(config: ServerConfig) -> serve.Application:
             return engine_name
 
         async def stream(
-            self, prompt: Prompt, sampling: SamplingParams, tenant: Optional[str] = None, raw_prompt: Optional[bool] = None
+            self,
+            prompt: Prompt,
+            sampling: SamplingParams,
+            tenant: Optional[str] = None,
+            raw_prompt: Optional[bool] = None,
         ) -> AsyncIterator[tuple[str, RequestOutput]]:
             adapter = serve.get_multiplexed_model_id() or None
             if adapter is not None:
@@ -235,7 +247,10 @@ def build(config: ServerConfig) -> serve.Application:
     capacity = (ray_cfg.max_replicas or ray_cfg.replicas) * config.max_batch + config.max_queued
 
     @serve.deployment(
-        name="PedroIngress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max(1024, 2 * capacity)
+        name="PedroIngress",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=max(1024, 2 * capacity),
     )
     @serve.ingress()
     class PedroIngress:
@@ -280,7 +295,9 @@ def serve_on_ray(config: ServerConfig) -> None:
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build(config), name="pedro", route_prefix="/", blocking=False)
-        log.info("pedro on Ray Serve: http://%s:%d (%d engine replica(s))", config.host, config.port, config.ray.replicas)
+        log.info(
+            "pedro on Ray Serve: http://%s:%d (%d engine replica(s))", config.host, config.port, config.ray.replicas
+        )
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -34,10 +34,14 @@ REFUSED = {
 REFUSED_UNLESS = {
     "best_of": ((None, 1), "best_of > 1 is not supported: use n and rank the choices yourself"),
     "tool_choice": ((None, "none"), "tool calling is not supported"),
-    "response_format": ((None, {"type": "text"}), "JSON mode / structured outputs are not supported (no constrained decoding)"),
+    "response_format": (
+        (None, {"type": "text"}),
+        "JSON mode / structured outputs are not supported (no constrained decoding)",
+    ),
     "modalities": ((None, ["text"]), "only text output is supported"),
     "prompt_logprobs": (
-        (None,), "the vLLM extension is not supported: on /v1/completions, echo with logprobs returns the prompt's logprobs",
+        (None,),
+        "the vLLM extension is not supported: on /v1/completions, echo with logprobs returns the prompt's logprobs",
     ),
 }
 MAX_N = 16  # choices per prompt
@@ -57,7 +61,9 @@ class _Request(BaseModel):
     model_config = STRICT
 
     model: str = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1, le=MAX_INT32, description="The server's max_tokens limit also applies.")
+    max_tokens: Optional[int] = Field(
+        None, ge=1, le=MAX_INT32, description="The server's max_tokens limit also applies."
+    )
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1, description="0 keeps only the most likely token, as OpenAI allows.")
     top_k: int = Field(0, ge=0, le=MAX_INT32, description="Extension: 0 = off; beyond the vocabulary = off.")
@@ -119,12 +125,21 @@ class CompletionRequest(_Request):
 
     prompt: Union[str, list[int], list[str], list[list[int]]]
     max_tokens: Optional[int] = Field(
-        None, ge=0, le=MAX_INT32, description="The server's max_tokens limit also applies; 0 only with echo (score the prompt)."
+        None,
+        ge=0,
+        le=MAX_INT32,
+        description="The server's max_tokens limit also applies; 0 only with echo (score the prompt).",
     )
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives per token (0: the chosen token's only).")
-    echo: bool = Field(False, description="Prepend the prompt (token ids: decoded) to each choice's text; with logprobs, its tokens' logprobs too.")
+    logprobs: Optional[int] = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Top alternatives per token (0: the chosen token's only)."
+    )
+    echo: bool = Field(
+        False,
+        description="Prepend the prompt (token ids: decoded) to each choice's text; with logprobs, its tokens' logprobs too.",
+    )
     raw_prompt: Optional[bool] = Field(
-        None, description="Extension: how a text prompt is encoded. Default: as the adapter's training encoded its "
+        None,
+        description="Extension: how a text prompt is encoded. Default: as the adapter's training encoded its "
         "prompts (recorded by pedro train; raw for the base model and adapters without a record); true: as-is; "
         "false: through the chat template.",
     )
@@ -181,7 +196,9 @@ class ChatMessage(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _content(cls, content: Optional[Union[str, list[TextPart]]], info: ValidationInfo) -> Optional[Union[str, list[TextPart]]]:
+    def _content(
+        cls, content: Optional[Union[str, list[TextPart]]], info: ValidationInfo
+    ) -> Optional[Union[str, list[TextPart]]]:
         if content is None and info.data.get("role", "assistant") != "assistant":
             raise ValueError("only an assistant message may have null or no content")
         return content
@@ -190,7 +207,9 @@ class ChatMessage(BaseModel):
     @classmethod
     def _no_calls(cls, calls: Any, info: ValidationInfo) -> Any:
         if calls:
-            raise ValueError(f"an assistant's {info.field_name} cannot be rendered: this server does no tool calling (tools is refused)")
+            raise ValueError(
+                f"an assistant's {info.field_name} cannot be rendered: this server does no tool calling (tools is refused)"
+            )
         return calls
 
     def as_dict(self) -> dict[str, str]:
@@ -238,7 +257,11 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 FinishReason = Optional[Literal["stop", "length"]]

@@ -67,8 +67,11 @@ class TenantAdapters:
         record = self.resolve(principal, model)
         if record is not None and record.engine_name in self.unavailable:
             raise APIError(
-                409, f"adapter {model!r} failed its checks when the server started ({self.unavailable[record.engine_name]}); "
-                "delete it and upload it again", code="adapter_unavailable", param="model",
+                409,
+                f"adapter {model!r} failed its checks when the server started ({self.unavailable[record.engine_name]}); "
+                "delete it and upload it again",
+                code="adapter_unavailable",
+                param="model",
             )
         return record
 
@@ -102,15 +105,23 @@ class TenantAdapters:
             raise APIError(400, f"{name!r} is the base model's name; choose another", param="name")
         return name
 
-    async def register(self, principal: Principal, name: Optional[str], tenant: Optional[str], staged: Path) -> AdapterRecord:
+    async def register(
+        self, principal: Principal, name: Optional[str], tenant: Optional[str], staged: Path
+    ) -> AdapterRecord:
         """Check the adapter files in ``staged`` and, only if every check passes, store and serve them."""
         owner = self._owner(principal, tenant)
         name = self._check_new_name(name)
         async with self._lock:
             if self.registry.get(owner, name) is not None:
-                raise APIError(409, f"adapter {name!r} already exists; delete it first", code="adapter_exists", param="name")
+                raise APIError(
+                    409, f"adapter {name!r} already exists; delete it first", code="adapter_exists", param="name"
+                )
             if len(self.registry.records(owner)) >= self.config.max_adapters_per_tenant:
-                raise APIError(429, f"tenant {owner!r} has reached its limit of {self.config.max_adapters_per_tenant} adapters", code="adapter_quota")
+                raise APIError(
+                    429,
+                    f"tenant {owner!r} has reached its limit of {self.config.max_adapters_per_tenant} adapters",
+                    code="adapter_quota",
+                )
             info = await self.backend.check(staged)
             record = self.registry.commit(staged, owner, name, info["kind"], info["parameters"], info["bytes"])
             try:
@@ -124,16 +135,26 @@ class TenantAdapters:
     def stage_from_path(self, principal: Principal, source: str, staged: Path) -> None:
         """Copy a server-side adapter directory into ``staged`` (admin only: a path reads the server's disk)."""
         if not principal.admin:
-            raise APIError(403, "registering from a server-side path needs an admin key; tenants upload files", param="path")
+            raise APIError(
+                403, "registering from a server-side path needs an admin key; tenants upload files", param="path"
+            )
         directory = Path(source)
         if not directory.is_absolute() or not directory.is_dir():
             raise APIError(400, f"path {source!r} is not an absolute path to a directory on the server", param="path")
         for file in ADAPTER_FILES:
             path = directory / file
             if not path.is_file():
-                raise APIError(400, f"{directory} has no {file} (safetensors only; pickle checkpoints are never loaded)", param="path")
+                raise APIError(
+                    400,
+                    f"{directory} has no {file} (safetensors only; pickle checkpoints are never loaded)",
+                    param="path",
+                )
             if path.stat().st_size > self.config.max_upload_bytes:
-                raise APIError(413, f"{path} is larger than the limit of {self.config.max_upload_bytes} bytes", code="upload_too_large")
+                raise APIError(
+                    413,
+                    f"{path} is larger than the limit of {self.config.max_upload_bytes} bytes",
+                    code="upload_too_large",
+                )
             shutil.copyfile(path, staged / file)
 
     async def delete(self, principal: Principal, ref: str) -> AdapterRecord:

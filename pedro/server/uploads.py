@@ -38,7 +38,9 @@ async def receive_upload(request: Request, staging: Path, max_bytes: int) -> dic
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise APIError(413, f"the upload is {declared} bytes; the limit is {max_bytes}", code="upload_too_large")
-    parser = MultiPartParser(request.headers, _limited(request, max_bytes), max_files=len(ADAPTER_FILES), max_fields=len(FORM_FIELDS))
+    parser = MultiPartParser(
+        request.headers, _limited(request, max_bytes), max_files=len(ADAPTER_FILES), max_fields=len(FORM_FIELDS)
+    )
     try:
         form = await parser.parse()
     except MultiPartException as err:
@@ -84,7 +86,11 @@ def _header(scope: Scope, name: bytes) -> Optional[str]:
 def is_adapter_upload(scope: Scope) -> bool:
     """POST /v1/adapters as multipart/form-data: receive_upload applies ``max_upload_bytes`` to it instead."""
     content_type = (_header(scope, b"content-type") or "").lower()
-    return scope.get("method") == "POST" and scope.get("path") == "/v1/adapters" and content_type.startswith("multipart/form-data")
+    return (
+        scope.get("method") == "POST"
+        and scope.get("path") == "/v1/adapters"
+        and content_type.startswith("multipart/form-data")
+    )
 
 
 class BodyLimit:
@@ -94,7 +100,11 @@ class BodyLimit:
     ``exempt(scope)`` holds pass through untouched. ``on_refuse()`` is called for every 413 (metrics)."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, exempt: Callable[[Scope], bool] = is_adapter_upload, on_refuse: Callable[[], None] = lambda: None
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        exempt: Callable[[Scope], bool] = is_adapter_upload,
+        on_refuse: Callable[[], None] = lambda: None,
     ) -> None:
         self.app, self.max_bytes, self.exempt, self.on_refuse = app, max_bytes, exempt, on_refuse
 
@@ -104,7 +114,9 @@ class BodyLimit:
             return
         declared = _header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send, f"the request body is {int(declared)} bytes; the limit is {self.max_bytes}")
+            await self._refuse(
+                scope, receive, send, f"the request body is {int(declared)} bytes; the limit is {self.max_bytes}"
+            )
             return
         chunks, size = [], 0
         while True:
@@ -114,7 +126,9 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(scope, receive, send, f"the request body is larger than the limit of {self.max_bytes} bytes")
+                await self._refuse(
+                    scope, receive, send, f"the request body is larger than the limit of {self.max_bytes} bytes"
+                )
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -48,7 +48,9 @@ def check_adapter(directory: Path, fits: Callable[[Path], dict[str, Any]]) -> di
         raise InvalidAdapter(f"{WEIGHTS_NAME} is not a valid safetensors file (corrupt or truncated): {err}") from None
     for key, tensor in tensors.items():
         if tensor.dtype not in _TORCH_DTYPES:  # the header said otherwise: never trust one check alone
-            raise InvalidAdapter(f"adapter tensor {key} has dtype {tensor.dtype}; adapters hold {', '.join(SERVED_DTYPES.values())} weights")
+            raise InvalidAdapter(
+                f"adapter tensor {key} has dtype {tensor.dtype}; adapters hold {', '.join(SERVED_DTYPES.values())} weights"
+            )
         if not torch.isfinite(tensor).all():
             raise InvalidAdapter(f"adapter tensor {key} holds NaN or infinite values")
     try:
@@ -59,4 +61,3 @@ def check_adapter(directory: Path, fits: Callable[[Path], dict[str, Any]]) -> di
         raise InvalidAdapter(f"the engine cannot load this adapter: {err}") from None
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     return {**fit, "bytes": size}
-

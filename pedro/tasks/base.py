@@ -59,8 +59,12 @@ class Task(ABC):
         candidate = root / self.folder / self.files[split]
         if candidate.is_file():
             return candidate
-        source = "--data-dir" if self.data_dir is not None else f"${DATA_ENV}" if os.environ.get(DATA_ENV) else (
-            f"the default ../shared/data; set ${DATA_ENV} or pass --data-dir"
+        source = (
+            "--data-dir"
+            if self.data_dir is not None
+            else f"${DATA_ENV}"
+            if os.environ.get(DATA_ENV)
+            else (f"the default ../shared/data; set ${DATA_ENV} or pass --data-dir")
         )
         raise TaskDataMissing(
             f"task {self.name!r} needs its {split!r} split at {candidate} (from {source}). Expected format: "

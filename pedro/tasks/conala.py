@@ -77,10 +77,10 @@ class CoNaLa(Task):
         examples, seen = [], set()
         for number, record in enumerate(records):
             if not isinstance(record, dict) or not isinstance(record.get("snippet"), str):
-                raise ValueError(f"{path}: record {number} has no \"snippet\" string")
+                raise ValueError(f'{path}: record {number} has no "snippet" string')
             intent = record.get("rewritten_intent") or record.get("intent")
             if not isinstance(intent, str) or not intent.strip():
-                raise ValueError(f"{path}: record {number} has neither \"rewritten_intent\" nor \"intent\"")
+                raise ValueError(f'{path}: record {number} has neither "rewritten_intent" nor "intent"')
             key = json.dumps(record, sort_keys=True)
             if split == "train" and key in seen:
                 continue  # an exact duplicate record

@@ -48,15 +48,16 @@ class JsonlTask(Task):
                 examples.append(Example(row["prompt"], row["response"], references=refs))
                 continue
             if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
-                raise ValueError(f"{path}:{number}: \"options\" must be a list of at least two strings")
+                raise ValueError(f'{path}:{number}: "options" must be a list of at least two strings')
             label = row.get("label", options.index(row["response"]) if row["response"] in options else None)
             if not isinstance(label, int) or not 0 <= label < len(options):
-                raise ValueError(f"{path}:{number}: give \"label\" (an option index) or a response that is an option")
+                raise ValueError(f'{path}:{number}: give "label" (an option index) or a response that is an option')
             examples.append(Example(row["prompt"], options[label], options=options, label=label))
         return examples
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         hits = sum(
-            int(normalize(p) in {normalize(r) for r in e.references}) for p, e in zip(predictions, examples, strict=True)
+            int(normalize(p) in {normalize(r) for r in e.references})
+            for p, e in zip(predictions, examples, strict=True)
         )
         return {"exact_match": hits / len(examples) if examples else 0.0}
