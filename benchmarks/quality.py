@@ -195,8 +195,8 @@ def dev_phase(args: argparse.Namespace, out: Path) -> None:
                     f"{metric} {record[metric]:.3f}, best {record['best']}",
                     flush=True,
                 )
-                dev_report(list(done.values()), out)
-    dev_report(list(done.values()), out)
+                dev_report(_records(runs_path), out)  # the file: other processes may run other tasks
+    dev_report(_records(runs_path), out)
 
 
 def dev_report(records: list[dict[str, Any]], out: Path) -> None:
@@ -225,7 +225,7 @@ def dev_report(records: list[dict[str, Any]], out: Path) -> None:
         runs = [r for r in records if r["task"] == task]
         metric = get_task(task).metric
         key = "eval_accuracy" if "eval_accuracy" in runs[0]["curve"][0] else "eval_loss"
-        epochs = max(len(r["curve"]) for r in runs)
+        epochs = max(len({c["step"] for c in r["curve"]}) for r in runs)
         lines += [
             f"## {task} ({runs[0]['n_train']} train / {runs[0]['n_dev']} dev records)",
             "",
@@ -235,6 +235,7 @@ def dev_report(records: list[dict[str, Any]], out: Path) -> None:
             "|---|---:|---" + "|---:" * epochs + "|---:|---:|",
         ]
         for r in runs:
+            r["curve"] = list({c["step"]: c for c in reversed(r["curve"])}.values())[::-1]  # one entry per step
             scale = 100.0 if key == "eval_accuracy" else 1.0
             curve = " | ".join(
                 f"{scale * c[key]:.1f}" if key == "eval_accuracy" else f"{c[key]:.3f}" for c in r["curve"]

@@ -386,8 +386,8 @@ def bench_train(ctx: typer.Context) -> None:
 
 @bench_app.command("quality", context_settings=PASS_THROUGH)
 def bench_quality(ctx: typer.Context) -> None:
-    """PEDRO vs parameter-matched LoRA and (IA)3 on the four tasks -> results/quality.*
-    (options pass through to benchmarks/quality.py, e.g. --quick; see its --help)."""
+    """PEDRO vs parameter-matched LoRA and (IA)3: --phase dev (the defaults' choices) or the study on five tasks
+    -> results/quality*.{json,md} (options pass through to benchmarks/quality.py, e.g. --quick; see its --help)."""
     _run_benchmark("quality", ctx.args)
 
 
