@@ -122,21 +122,43 @@ def dev_split(examples: list, n_dev: int, n_train: int, seed: int = 1234) -> tup
     return rest[:n_train], dev
 
 
-def run_dev(base, tokenizer, task, train_examples, dev_examples, settings, seed, size, work) -> dict[str, Any]:
-    """Train one variant for DEV_EPOCHS with the dev split evaluated every epoch; score the kept (best) epoch
-    on the dev split with the task's own metric."""
+def train_and_score(base, tokenizer, task, train_examples, scored, seed, size, work, **train_args) -> tuple:
+    """Train one adapter on a deep copy of the backbone and score ``scored`` with the task's metric
+    -> (training summary, scores, per-item predictions)."""
     model = copy.deepcopy(base)
     out = Path(tempfile.mkdtemp(dir=work))
     result = train(
         model=model,
         tokenizer=tokenizer,
         examples=train_examples,
-        eval_examples=dev_examples,
         output_dir=str(out),
         seed=seed,
         max_length=size.max_length,
         overflow=size.overflow,
         progress=False,
+        **train_args,
+    )
+    predictions_path = out / "predictions.jsonl"
+    scores = evaluate(
+        model, tokenizer, task, examples=scored, batch_size=16, progress=False, predictions_path=predictions_path
+    )
+    predictions = [json.loads(line) for line in predictions_path.read_text().splitlines()]
+    return result.summary, scores, predictions
+
+
+def run_dev(base, tokenizer, task, train_examples, dev_examples, settings, seed, size, work) -> dict[str, Any]:
+    """Train one variant for DEV_EPOCHS with the dev split evaluated every epoch; score the kept (best) epoch
+    on the dev split with the task's own metric."""
+    summary, scores, _ = train_and_score(
+        base,
+        tokenizer,
+        task,
+        train_examples,
+        dev_examples,
+        seed,
+        size,
+        work,
+        eval_examples=dev_examples,
         epochs=DEV_EPOCHS,
         batch_size=8,
         scheduler="cosine",
@@ -144,9 +166,6 @@ def run_dev(base, tokenizer, task, train_examples, dev_examples, settings, seed,
         logging_steps=10,
         **settings,
     )
-    scores = evaluate(model, tokenizer, task, examples=dev_examples, batch_size=16, progress=False)
-    del model
-    summary = result.summary
     return {
         "trainable": summary["trainable_parameters"],
         "train_seconds": summary["train_seconds"],
@@ -253,7 +272,7 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def per_item(task: Any, result: dict[str, Any], predictions: list[dict[str, Any]]) -> dict[str, Any]:
+def per_item(task: Any, predictions: list[dict[str, Any]]) -> dict[str, Any]:
     """What the paired bootstrap needs from one run: correctness per item (choice) or the texts (generation)."""
     if task.kind == "choice":
         return {"correct": "".join("1" if p["correct"] else "0" for p in predictions)}
@@ -262,31 +281,9 @@ def per_item(task: Any, result: dict[str, Any], predictions: list[dict[str, Any]
 
 def run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed, size, work) -> dict[str, Any]:
     """Train one adapter with `pedro train`'s defaults on a deep copy of the backbone, score the test items."""
-    model = copy.deepcopy(base)
-    out = Path(tempfile.mkdtemp(dir=work))
-    result = train(
-        model=model,
-        tokenizer=tokenizer,
-        examples=train_examples,
-        output_dir=str(out),
-        seed=seed,
-        max_length=size.max_length,
-        overflow=size.overflow,
-        progress=False,
-        **settings,
+    summary, scores, predictions = train_and_score(
+        base, tokenizer, task, train_examples, eval_examples, seed, size, work, **settings
     )
-    scores = evaluate(
-        model,
-        tokenizer,
-        task,
-        examples=eval_examples,
-        batch_size=16,
-        progress=False,
-        predictions_path=out / "predictions.jsonl",
-    )
-    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    del model
-    summary = result.summary
     return {
         "trainable": summary["trainable_parameters"],
         "train_seconds": summary["train_seconds"],
@@ -299,7 +296,7 @@ def run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed
         "dev_records": summary["dev_records"],
         "best": summary["best"],
         **{k: scores[k] for k in scores if k not in ("task", "split")},
-        **per_item(task, scores, predictions),
+        **per_item(task, predictions),
     }
 
 
@@ -553,7 +550,7 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
                 "seed": 0,
                 "trainable": 0,
                 **{k: v for k, v in scores.items() if k not in ("task", "split")},
-                **per_item(task, scores, predictions),
+                **per_item(task, predictions),
             }
             append(runs_path, done[key])
         log(f"{task_name} zero-shot: {done[key][task.metric]:.3f}")
