@@ -39,6 +39,26 @@ def _pieces(monkeypatch) -> dict[str, list]:
     return seen
 
 
+def _start_decoding(engine: Engine) -> None:
+    """One row decoding (for 40 tokens) before the test's requests arrive: the prefill budget applies while rows
+    decode (an idle engine prefills whatever it admits whole)."""
+    engine.add_request(Request(prompt(58, 3), sampling=greedy(40)))
+    while not engine.num_running:
+        engine.step()
+
+
+def test_an_idle_engine_prefills_a_long_prompt_whole_and_a_busy_one_splits_it(monkeypatch):
+    seen = _pieces(monkeypatch)
+    engine = Engine(tiny_model("llama"), max_batch=2, max_seq_len=64, max_prefill_tokens=6)
+    whole = engine.generate([Request(prompt(57, 20), sampling=greedy(2))])[0]
+    assert not any(start > 0 for start, _ in seen["starts"])  # nothing decoding: one piece
+    _start_decoding(engine)
+    seen["starts"].clear()
+    split = engine.generate([Request(prompt(57, 20), sampling=greedy(2))])[0]
+    assert any(start > 0 for start, _ in seen["starts"]) and max(n for _, n in seen["starts"]) <= 6
+    assert split.token_ids == whole.token_ids == reference("llama", None, prompt(57, 20), 2)
+
+
 def _run(engine: Engine, requests: list[Request], arrivals: dict[int, list[Request]]) -> dict[str, list[int]]:
     results: dict[str, list[int]] = {}
     for r in requests:
@@ -78,7 +98,10 @@ def test_chunked_and_layer_range_prefill_are_token_identical(kinds, monkeypatch)
         for name, path in kinds.items():
             engine.add_adapter(name, path)
         fresh = [Request(r.prompt, adapter=r.adapter, sampling=r.sampling) for r in requests]
-        got = _run(engine, fresh[:3], {2: fresh[3:6], 5: fresh[6:]})
+        # a row decoding from the first step on: the budget bounds the steps it waits through (an idle engine
+        # prefills whatever it admits whole)
+        keeper = Request(prompt(59, 2), sampling=greedy(50))
+        got = _run(engine, [keeper], {1: fresh[:3], 3: fresh[3:6], 6: fresh[6:]})
         outputs[budget] = [got[r.request_id] for r in fresh]
         assert engine.num_running == 0
         if budget == 6:
@@ -134,21 +157,25 @@ def test_a_retirement_or_an_abort_during_a_split_prefill(kinds, adapter):
     stays = Request(prompt(102, 5), sampling=greedy(30))
     long = Request(prompt(103, 40), adapter=adapter, sampling=greedy(6))
     aborted = Request(prompt(104, 40), adapter=adapter, sampling=greedy(6))
+    # both adapters resident first: a background load finishing at an arbitrary step would shift the timing
+    engine.generate([Request(prompt(100, 2), adapter=a, sampling=greedy(1)) for a in ("ia3", adapter)])
     moves = []
     move = engine.cache.move
     engine.cache.move = lambda src, dst: (moves.append((src, dst)), move(src, dst))
     results = _run(engine, [short, stays], {3: [long]})
     assert (2, 1) in moves  # the finished long prompt moved from its slot into the hole the retirement left
+    _start_decoding(engine)  # the engine is idle again: a decoding row makes the next prompt split
     engine.add_request(aborted)
     engine.step()
     engine.step()
-    assert engine.scheduler.partial is not None and engine.num_running == 1
+    assert engine.scheduler.partial is not None and engine.num_running == 2
     engine.abort(aborted.request_id)
-    assert engine.scheduler.partial is None and engine.num_running == 0
+    assert engine.scheduler.partial is None and engine.num_running == 1
     for r in (short, stays, long):
         assert results[r.request_id] == reference("llama", kinds.get(r.adapter), r.prompt, r.sampling.max_new_tokens)
-    again = _run(engine, [Request(aborted.prompt, adapter=adapter, sampling=greedy(6))], {})
-    assert list(again.values()) == [reference("llama", kinds[adapter], aborted.prompt, 6)]
+    retry = Request(aborted.prompt, adapter=adapter, sampling=greedy(6))
+    again = _run(engine, [retry], {})
+    assert again[retry.request_id] == reference("llama", kinds[adapter], aborted.prompt, 6)
 
 
 def test_gemma3_chunks_across_its_sliding_window(tmp_path):
@@ -157,6 +184,7 @@ def test_gemma3_chunks_across_its_sliding_window(tmp_path):
     path = make_adapter(tmp_path, "lora-all", "gemma3")
     engine = Engine(backbone("gemma3"), max_batch=3, max_seq_len=64, max_prefill_tokens=5)
     engine.add_adapter("l", path)
+    _start_decoding(engine)
     cases = [(None, prompt(111, 30)), ("l", prompt(112, 23))]
     outs = engine.generate([Request(p, adapter=a, sampling=greedy(8)) for a, p in cases])
     for (adapter, p), out in zip(cases, outs):
@@ -169,6 +197,7 @@ def test_prompt_logprobs_split_by_layers_equal_the_whole_prefill(kinds):
     for budget in (4, 2048):
         engine = Engine(tiny_model("llama"), max_batch=2, max_seq_len=64, max_prefill_tokens=budget)
         engine.add_adapter("l", kinds["lora-all"])
+        _start_decoding(engine)
         results.append(engine.generate([Request(prompt(120, 21), adapter="l", sampling=scored)])[0])
     split, whole = results
     assert split.token_ids == whole.token_ids

@@ -87,8 +87,8 @@ class Engine:
 
     ``backbone``: a name/path for :func:`pedro.load_backbone`, or a loaded transformers model (then pass its
     ``tokenizer``; without one, prompts must be token ids and stop strings are unavailable).
-    ``max_batch`` running rows at most, each with ``max_seq_len`` tokens of KV cache; each step prefills at
-    most ``max_prefill_tokens`` prompt tokens' worth of work (a token through every layer), a longer prompt
+    ``max_batch`` running rows at most, each with ``max_seq_len`` tokens of KV cache; while rows decode, each step
+    prefills at most ``max_prefill_tokens`` prompt tokens' worth of work (a token through every layer), a longer prompt
     being split over steps -- by position, or by layers for a PEDRO row (scheduler.py) -- so that decoding rows
     keep getting tokens while it is admitted; ``adapter_capacity`` adapters are resident
     at once (the rest stay on disk / CPU and are loaded on demand, least recently used evicted);

@@ -18,11 +18,14 @@ the next step). At most one sequence is part-way through its prefill (``partial`
 and no other sequence is admitted until it finishes. It sits in a slot after the decoding rows, which never
 decode it; when it finishes it moves to the first slot after them (a copy only when a decoding row retired
 meanwhile). The first piece of a step always makes progress (one token, or one layer of a prompt longer than
-the budget), so a long prompt cannot starve.
+the budget), so a long prompt cannot starve. The budget bounds how long decoding rows wait; a step with no row
+decoding has nobody to make wait, so it prefills whatever it admits whole (a burst of prompts reaching an idle
+engine starts in one step).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -33,6 +36,9 @@ import torch
 from pedro.engine.adapters import AdapterStore, Registered
 from pedro.engine.detokenizer import IncrementalDetokenizer
 from pedro.engine.request import Request, TokenLogprob
+
+# the prefill budget of a step with no decoding row (a sys.maxsize of token-layers: never reached)
+UNBOUNDED = sys.maxsize
 
 
 @dataclass
@@ -155,7 +161,8 @@ class Scheduler:
         ``running``; slot moves to carry out first are in ``moves``."""
         self.steps += 1
         pieces: list[Piece] = []
-        budget = self.max_prefill_tokens * self.n_layers
+        # no row decoding: nobody waits for this step, so nothing needs splitting
+        budget = self.max_prefill_tokens * self.n_layers if self.running else UNBOUNDED
         if self.partial is not None:
             piece = self._piece(self.partial, budget, first=True)
             pieces.append(piece)
