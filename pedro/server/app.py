@@ -281,7 +281,10 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
                     yield f"data: {usage_chunk(response_id, [finals[i] for i in sorted(finals)])}\n\n"
                 yield "data: [DONE]\n\n"
             except APIError as err:
+                # an error found after the 200 went out (an adapter whose logits overflow a few tokens in): an
+                # OpenAI error event, then [DONE] so that every client's stream ends as streams do
                 yield f"data: {err.body.model_dump_json()}\n\n"
+                yield "data: [DONE]\n\n"
             finally:
                 cancelled(len(wanted) - len(finals))
                 await stream.aclose()
