@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Protocol, Union
+from typing import Any, AsyncGenerator, Optional, Protocol, Union
 
 from pedro.engine import (
     ADAPTER_LOAD_FAILED,
@@ -49,7 +49,8 @@ class Backend(Protocol):
         sampling: SamplingParams,
         tenant: Optional[str] = None,
         raw_prompt: Optional[bool] = None,
-    ) -> AsyncIterator[RequestOutput]: ...
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """A generator, not just an iterator: closing it early (``aclose``) aborts the engine request."""
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -111,7 +112,7 @@ class LocalBackend:
         sampling: SamplingParams,
         tenant: Optional[str] = None,
         raw_prompt: Optional[bool] = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Encode, admit, run; yields the engine's outputs. Leaving early aborts the request and frees its slot.
         ``tenant`` is the engine's fairness key and per-tenant limit; ``raw_prompt`` overrides how a text
         prompt is encoded (None: as the adapter was trained, see ``raw_text``)."""

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import AsyncGenerator, AsyncIterator, Optional, Sequence
+from typing import AsyncGenerator, Optional, Sequence
 
 from pedro.engine import RequestOutput, SamplingParams, TokenLogprob
 from pedro.server.backend import Backend, Prompt
@@ -47,10 +47,15 @@ def choices(
     asks for logprobs, scores the prompt's tokens (the same number of alternatives)."""
     out = []
     for p, prompt in enumerate(prompts):
-        asks = dict(prompt_logprobs=sampling.logprobs, return_prompt_text=not isinstance(prompt, str)) if echo else {}
+        prompt_logprobs, prompt_text = sampling.prompt_logprobs, sampling.return_prompt_text
+        if echo:
+            prompt_logprobs, prompt_text = sampling.logprobs, not isinstance(prompt, str)
         for k in range(n):
             seed = None if sampling.seed is None else sampling.seed + k
-            out.append(Choice(p * n + k, p, prompt, dataclasses.replace(sampling, seed=seed, **asks), echo, raw_prompt))
+            params = dataclasses.replace(
+                sampling, seed=seed, prompt_logprobs=prompt_logprobs, return_prompt_text=prompt_text
+            )
+            out.append(Choice(p * n + k, p, prompt, params, echo, raw_prompt))
     return out
 
 
@@ -58,22 +63,23 @@ def choices(
 class Opened:
     choice: Choice
     first: RequestOutput
-    rest: AsyncIterator[RequestOutput]
+    rest: AsyncGenerator[RequestOutput, None]
 
 
 async def open_all(backend: Backend, wanted: list[Choice], adapter: Optional[str], tenant: str) -> list[Opened]:
     """Start every choice and wait for each one's first output; if any fails, close the others (their engine
     requests are aborted) and raise its error."""
     streams = [backend.stream(c.prompt, adapter, c.sampling, tenant=tenant, raw_prompt=c.raw_prompt) for c in wanted]
-    firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
-    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
-    if failed is not None:
-        await close_all(streams)
-        raise failed
+    firsts: list[RequestOutput] = []
+    for first in await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True):
+        if isinstance(first, BaseException):
+            await close_all(streams)
+            raise first
+        firsts.append(first)
     return [Opened(c, f, s) for c, f, s in zip(wanted, firsts, streams)]
 
 
-async def close_all(streams: list[AsyncIterator[RequestOutput]]) -> None:
+async def close_all(streams: list[AsyncGenerator[RequestOutput, None]]) -> None:
     for stream in streams:
         with contextlib.suppress(Exception):
             await stream.aclose()

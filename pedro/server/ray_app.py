@@ -36,7 +36,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Iterator, Optional
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -100,7 +100,7 @@ class RayBackend:
         sampling: SamplingParams,
         tenant: Optional[str] = None,
         raw_prompt: Optional[bool] = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "")
         responses = handle.stream.remote(prompt, sampling, tenant, raw_prompt)
         finished = False
