@@ -75,6 +75,13 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def admitted_slot(self) -> int:
+        """``slot`` of a sequence in the batch, where the engine indexes its cache and adapter rows; ``slot`` is
+        None only while the sequence waits and once it has retired."""
+        assert self.slot is not None, f"request {self.request.request_id!r} is not in the batch"
+        return self.slot
+
     def finish(self, reason: str, error: str | None = None, code: str | None = None) -> None:
         self.finish_reason, self.error, self.error_code = reason, error, code
         self.finished_at = time.perf_counter()
@@ -164,16 +171,18 @@ class Scheduler:
         # no row decoding: nobody waits for this step, so nothing needs splitting
         budget = self.max_prefill_tokens * self.n_layers if self.running else UNBOUNDED
         if self.partial is not None:
-            piece = self._piece(self.partial, budget, first=True)
+            partial = self.partial
+            piece = self._piece(partial, budget, first=True)
+            assert piece is not None  # a step's first piece always makes progress
             pieces.append(piece)
             budget -= piece.cost
             if not piece.last:
                 return pieces
-            seq, self.partial = self.partial, None
-            if seq.slot != len(self.running):  # decoding rows retired meanwhile: first slot after them
-                self.moves.append((seq.slot, len(self.running)))
-                seq.slot = len(self.running)
-            self.running.append(seq)
+            self.partial = None
+            if partial.admitted_slot != len(self.running):  # decoding rows retired meanwhile: first slot after them
+                self.moves.append((partial.admitted_slot, len(self.running)))
+                partial.slot = len(self.running)
+            self.running.append(partial)
         progress = True
         while progress and self.partial is None and self.num_admitted < self.max_batch:
             progress = False
@@ -205,7 +214,7 @@ class Scheduler:
     def retire(self, seq: Sequence) -> int | None:
         """Take ``seq`` out of the batch, unpin its adapter; -> the slot whose row moved into ``seq.slot``
         (the last decoding row), or None when ``seq`` was last or the partial sequence."""
-        slot, last = seq.slot, len(self.running) - 1
+        slot, last = seq.admitted_slot, len(self.running) - 1
         if seq.entry is not None:
             self.store.release(seq.entry)
         if seq is self.partial:
