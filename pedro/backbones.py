@@ -9,10 +9,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -179,13 +182,15 @@ def resolve_dtype(value: str | torch.dtype, device: str | torch.device = "cpu") 
 
 def load_backbone(
     name_or_path: str = DEFAULT_BACKBONE, dtype: str | torch.dtype = torch.float32, quiet: bool = False
-) -> tuple[nn.Module, Any]:
+) -> tuple[PreTrainedModel, Any]:
     """Load a causal LM and its tokenizer offline, on the CPU. GGUF weights are dequantised to ``dtype`` (a torch
     dtype, its name, or "auto": resolve_dtype for the CPU).
 
     The tokenizer pads on the left (what batched generation needs) and always has a pad token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pedro.compat import forget_gguf_quantization
 
     dtype = resolve_dtype(dtype)
     directory, gguf_file, origin = resolve_backbone(name_or_path)
@@ -200,6 +205,7 @@ def load_backbone(
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(str(directory), **extra)
         if converted is not None:
+            forget_gguf_quantization(model)  # the weights are plain float tensors: saved and reloaded as such
             _save_converted(model, tokenizer, converted, quiet)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -212,6 +218,9 @@ def load_backbone(
     return model, tokenizer
 
 
+_CONVERTED_FORMAT = 2  # 2: saved without the GGUF quantization_config (1 reloaded through the GGUF quantizer)
+
+
 def _converted_dir(gguf: Path, dtype: torch.dtype) -> Path:
     """Where the dequantised weights of ``gguf`` in ``dtype`` are cached: keyed by the file (path, size, time) and
     the transformers version that converted it, so a new file or converter never reuses a stale copy."""
@@ -220,7 +229,7 @@ def _converted_dir(gguf: Path, dtype: torch.dtype) -> Path:
     import transformers
 
     stat = gguf.stat()
-    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{dtype}"
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{dtype}|{_CONVERTED_FORMAT}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "converted" / f"{gguf.stem}-{str(dtype).removeprefix('torch.')}-{digest}"
 
@@ -232,9 +241,6 @@ def _save_converted(model: Any, tokenizer: Any, target: Path, quiet: bool) -> No
     import shutil
     import tempfile
 
-    from pedro.compat import forget_gguf_quantization
-
-    forget_gguf_quantization(model)  # the weights are plain float tensors: saved and reloaded as such
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))

@@ -44,7 +44,7 @@ def info(
     sites = plan_sites(config, model)
     first = min(site.layer for site in sites.values())
     prefix = f"{layer_map(model).layers}.{first}."
-    model_type = model.config.model_type  # type: ignore[union-attr]  # a transformers model's config
+    model_type = model.config.model_type
     table = Table(title=f"PEDRO sites in each adapted layer ({prefix}*), {model_type}")
     for column in ("module", "role", "slice of z"):
         table.add_column(column)
@@ -79,9 +79,8 @@ def generate(
 
     import pedro
 
-    model, tokenizer = pedro.load_backbone(backbone)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
+    base, tokenizer = pedro.load_backbone(backbone)
+    model = base if adapter is None else PeftModel.from_pretrained(base, adapter)
     from pedro.data import encode_prompt
 
     # the same prompt tokens training used (chat template, or the tokenizer's own BOS without one)

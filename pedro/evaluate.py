@@ -254,8 +254,7 @@ def load_for_eval(backbone: str | None, adapter: str | None, quiet: bool = False
     if backbone is None:
         backbone = PeftConfig.from_pretrained(adapter).base_model_name_or_path if adapter else None
         backbone = backbone or DEFAULT_BACKBONE
-    model, tokenizer = load_backbone(backbone, quiet=quiet)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
+    base, tokenizer = load_backbone(backbone, quiet=quiet)
+    model: nn.Module = base if adapter is None else PeftModel.from_pretrained(base, adapter)
     model.eval()
     return model, tokenizer

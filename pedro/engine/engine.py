@@ -21,7 +21,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, TypeGuard, Union
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ from pedro.engine.runner import LayeredPrefill, ModelRunner, PrefillBatch, Promp
 from pedro.engine.sampling import sample, token_logprobs
 from pedro.engine.scheduler import Piece, Scheduler, Sequence
 from pedro.model import plan_sites
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # A text prompt longer than this many characters per allowed token is refused before it is tokenised, so a
 # multi-megabyte prompt costs nothing (tokenising 5 MB takes seconds). No tokenizer of a supported backbone
@@ -78,7 +81,11 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _is_messages(prompt: Any) -> bool:
+def _is_token_ids(prompt: Any) -> TypeGuard[list[int]]:
+    return isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+
+
+def _is_messages(prompt: Any) -> TypeGuard[list[dict[str, str]]]:
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
 
 
@@ -105,7 +112,7 @@ class Engine:
 
     def __init__(
         self,
-        backbone: Union[str, nn.Module] = "smollm2-135m",
+        backbone: Union[str, PreTrainedModel] = "smollm2-135m",
         tokenizer: Any = None,
         *,
         max_batch: int = 32,
@@ -122,7 +129,7 @@ class Engine:
             backbone, tokenizer = load_backbone(
                 backbone, dtype=resolve_dtype(dtype or torch.float32, device), quiet=True
             )
-            backbone.to(device)
+            backbone.to(device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) types self as an argument
         elif device is not None and canonical(device) != next(backbone.parameters()).device:
             raise ValueError(
                 f"the backbone is on {next(backbone.parameters()).device} but device={str(device)!r} was asked for; "
@@ -150,8 +157,12 @@ class Engine:
         if max_per_tenant is not None and (not isinstance(max_per_tenant, int) or max_per_tenant < 1):
             raise ValueError(f"Engine max_per_tenant must be a positive integer or None, got {max_per_tenant!r}")
         self.max_waiting, self.max_per_tenant = max_waiting, max_per_tenant
-        max_seq_len = min(max_seq_len, backbone.config.max_position_embeddings)
+        config = backbone.config  # a family's fields are untyped on PreTrainedConfig: each is read once, here
+        max_positions: int = config.max_position_embeddings
+        max_seq_len = min(max_seq_len, max_positions)
         check_supported(backbone, max_seq_len)
+        self.vocab_size: int = config.vocab_size
+        self.n_kv_heads: int = config.num_key_value_heads
         self.model = backbone.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         # Callers encode prompts on their own threads while the engine thread decodes outputs, and a fast
@@ -174,13 +185,13 @@ class Engine:
     def _build_state(self) -> None:
         """The per-request state: batch rows, KV cache, scheduler, in-flight adapter loads. Registrations are
         kept; this is all ``reset()`` rebuilds."""
-        config, spec = self.model.config, self.spec
+        spec = self.spec
         self.rows = RowAdapters(spec, self.max_batch, self.adapters.capacity, self.dtype, self.device)
         self.adapters.on_load = self.rows.load_lora
         self.cache = KVCache(
             spec.n_layers,
             self.max_batch,
-            config.num_key_value_heads,
+            self.n_kv_heads,
             self.max_seq_len,
             spec.head_dim,
             self.dtype,
@@ -269,11 +280,10 @@ class Engine:
         or malformed prompt, PromptTooLong for one over ``max_tokens`` (default: what the context leaves room
         for) -- text far too long for that is refused by its length in characters, before tokenising."""
         limit = min(max_tokens or self.max_seq_len, self.max_seq_len - 1)
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if _is_token_ids(prompt):
             ids = list(prompt)
-            vocab = self.model.config.vocab_size
-            if any(t < 0 or t >= vocab for t in ids):
-                raise RequestError(f"prompt token ids must be in [0, {vocab})")
+            if any(t < 0 or t >= self.vocab_size for t in ids):
+                raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})")
         elif self.tokenizer is None:
             raise RequestError("this engine has no tokenizer: give the prompt as a list of token ids")
         elif isinstance(prompt, str) or _is_messages(prompt):
@@ -322,9 +332,8 @@ class Engine:
                 raise RequestError(str(err)) from None
         if request.sampling.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer")
-        vocab = self.model.config.vocab_size
-        if any(t >= vocab for t, _ in request.sampling.logit_bias):
-            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
+        if any(t >= self.vocab_size for t, _ in request.sampling.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         if self.max_per_tenant is not None and self._per_tenant[request.tenant] >= self.max_per_tenant:
             raise QueueFull(
                 f"this tenant already has {self.max_per_tenant} requests running or waiting (its limit); retry shortly"
@@ -443,7 +452,7 @@ class Engine:
         self.scheduler.moves.clear()
         for piece in pieces:
             if piece.seq.prefilled == 0:
-                self.rows.assign(piece.seq.slot, piece.seq.entry)
+                self.rows.assign(piece.seq.admitted_slot, piece.seq.entry)
         firsts: dict[tuple, Sequence] = {}
         copies: list[tuple[Sequence, Sequence]] = []
         runs: list[Piece] = []
@@ -469,8 +478,8 @@ class Engine:
             piece.seq.prefilled = piece.end
         for seq, source in copies:
             if id(source) in results:
-                self.cache.copy(source.slot, seq.slot)
-                self.rows.copy_vectors(source.slot, seq.slot)
+                self.cache.copy(source.admitted_slot, seq.admitted_slot)
+                self.rows.copy_vectors(source.admitted_slot, seq.admitted_slot)
                 results[id(seq)] = results[id(source)]
             else:
                 seq.finish("error", source.error, source.error_code)
@@ -494,7 +503,7 @@ class Engine:
         sequences whose prefill ends here."""
         seqs = [piece.seq for piece in pieces]
         batch = PrefillBatch(
-            [s.slot for s in seqs],
+            [s.admitted_slot for s in seqs],
             [piece.seq.prompt_ids[piece.start : piece.end] for piece in pieces],
             [scored.get(id(s)) for s in seqs],
             starts=[piece.start for piece in pieces],
@@ -513,9 +522,9 @@ class Engine:
         ``_prefill_isolated``."""
         seq = piece.seq
         if seq.layered is None:
-            seq.layered = LayeredPrefill(seq.slot, seq.prompt_ids, seq.request.sampling.prompt_logprobs)
+            seq.layered = LayeredPrefill(seq.admitted_slot, seq.prompt_ids, seq.request.sampling.prompt_logprobs)
         state = seq.layered
-        state.slot = seq.slot  # it may have moved since its last piece
+        state.slot = seq.admitted_slot  # it may have moved since its last piece
         try:
             logits = self.runner.prefill_layers(state, piece.end)
         except Exception as err:
@@ -553,7 +562,7 @@ class Engine:
         )
 
     def _retire(self, seq: Sequence) -> None:
-        slot = seq.slot
+        slot = seq.admitted_slot
         if seq.error is not None:  # its cache may hold inf/NaN, which masked attention would still multiply
             self.cache.clear(slot, len(seq.prompt_ids) + len(seq.output_ids))
         self.rows.release(slot)
@@ -567,11 +576,17 @@ class Engine:
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [s.request.sampling for s in seqs]
         tokens = sample(logits, params, [s.generator for s in seqs], [(s.prompt_ids, s.output_ids) for s in seqs])
-        wanted = [i for i, (p, t) in enumerate(zip(params, tokens)) if p.logprobs is not None and t is not None]
+        # (row, its token, its alternatives) of each row asking for logprobs
+        wanted = [
+            (i, t, p.logprobs)
+            for i, (p, t) in enumerate(zip(params, tokens))
+            if p.logprobs is not None and t is not None
+        ]
         if wanted:
-            chosen = token_logprobs(logits[wanted], [tokens[i] for i in wanted], [params[i].logprobs for i in wanted])
-            contexts = [seqs[i].output_ids[-LOGPROB_CONTEXT:] for i in wanted]
-            for i, logprob in zip(wanted, self._with_texts(chosen, contexts)):
+            asking = [i for i, _, _ in wanted]
+            chosen = token_logprobs(logits[asking], [t for _, t, _ in wanted], [k for _, _, k in wanted])
+            contexts = [seqs[i].output_ids[-LOGPROB_CONTEXT:] for i in asking]
+            for i, logprob in zip(asking, self._with_texts(chosen, contexts)):
                 seqs[i].logprobs.append(logprob)
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens):
@@ -586,11 +601,11 @@ class Engine:
             if seq.first_token is None:
                 seq.first_token = now
             seq.output_ids.append(token)
-            params = seq.request.sampling
-            if token in self.eos_ids and not params.ignore_eos:
+            sampling = seq.request.sampling
+            if token in self.eos_ids and not sampling.ignore_eos:
                 seq.finish("stop")
             elif (
-                len(seq.output_ids) >= params.max_new_tokens
+                len(seq.output_ids) >= sampling.max_new_tokens
                 or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len
             ):
                 seq.finish("length")
