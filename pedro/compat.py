@@ -1,25 +1,36 @@
 """Every private or version-specific piece of transformers and PEFT that pedro relies on, in one place.
 
 The engine's runner re-implements the decoder forward with the backbone's own modules, the PEFT tuner checks
-adapter files with PEFT's own key filters, and training drops a stale GGUF marker. Each of those touches an
-internal that a library release may rename or reshape; here each one is imported or checked once, and a
-release that changes it fails with a message naming the symbol, the installed version and the tested range,
-instead of a model that computes something else. (PEFT's method tables are handled the same way in
-``pedro.peft_method``.)
+adapter files with PEFT's own key filters, and training drops a stale GGUF marker and orders its batches through
+Trainer's private sampler hook. Each of those touches an internal that a library release may rename or reshape;
+here each one is imported or checked once, and a release that changes it fails with a message naming the
+symbol, the installed version and the tested range, instead of a model that computes something else. (PEFT's
+method tables are handled the same way in ``pedro.peft_method``.)
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import inspect
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset, Sampler
+    from transformers import Trainer
+
+    # the mixin below is checked as the Trainer subclass it becomes; at run time it must not import the training
+    # stack (the engine imports this module)
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
 __all__ = [
     "TESTED",
     "IncompatibleLibrary",
+    "OwnTrainSampler",
     "adapter_state_dict",
     "check_rotary",
     "forget_gguf_quantization",
@@ -66,6 +77,27 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     expects in a loaded file: what a saved adapter must match exactly."""
     prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
     return _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+
+
+class OwnTrainSampler(_TrainerBase):
+    """Mixin for a ``transformers.Trainer`` subclass whose ``train_sampler`` picks the training batches' order:
+    no public argument of Trainer takes a sampler, it asks its private ``_get_train_sampler`` for one. Put it
+    before Trainer in the bases; defining the subclass fails if that hook is gone or reshaped."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hook = getattr(super(OwnTrainSampler, cls), "_get_train_sampler", None)
+        if hook is None or list(inspect.signature(hook).parameters)[1:2] != ["train_dataset"]:
+            raise incompatible("transformers", "Trainer._get_train_sampler(train_dataset), where it takes its sampler")
+
+    def train_sampler(self, dataset: Any) -> Sampler[int] | None:
+        """The sampler over ``dataset`` (the training set as Trainer was given it); None keeps Trainer's own."""
+        return None
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        sampler = self.train_sampler(dataset) if dataset is not None else None
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
 
 
 def check_rotary(rotary_emb: nn.Module, per_layer_type: bool) -> None:

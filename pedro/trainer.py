@@ -1,7 +1,8 @@
 """transformers' Trainer as ``pedro train`` uses it: length-grouped batches, the LM head only where the loss reads
 it, PEDRO's rational coefficients and Up biases at learning rates of their own (or the rational coefficients
 trained bi-level, on dev batches), checkpoints that resume never takes half-written, and a progress bar with a
-JSONL log. Trainer is customised through its public surface: overridden public methods and callbacks."""
+JSONL log. Trainer is customised through its public surface (overridden public methods and callbacks), and its
+batch order through ``pedro.compat.OwnTrainSampler``, the one private hook it has for that."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import peft
 import torch
@@ -21,6 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from pedro.compat import OwnTrainSampler
 from pedro.data import LengthGroupedSampler
 from pedro.model import IGNORE_INDEX
 from pedro.train_config import RATIONAL_LR
@@ -55,12 +57,15 @@ def accepts_logits_mask(model: nn.Module) -> bool:
         return False
 
 
-class PedroTrainer(Trainer):
-    """Trainer with a separate learning rate for rational-activation coefficients, atomic checkpoints,
-    length-grouped batches, and the LM head run only where the loss reads it."""
+class PedroTrainer(OwnTrainSampler, Trainer):
+    """Trainer of a PEFT adapter with a separate learning rate for rational-activation coefficients, atomic
+    checkpoints, length-grouped batches, and the LM head run only where the loss reads it."""
+
+    model: peft.PeftModel  # Trainer types it as any model or None; this trainer is given a PeftModel
 
     def __init__(
         self,
+        model: peft.PeftModel,
         *args: Any,
         rational_lr: float | None = None,
         bias_lr: float | None = None,
@@ -69,17 +74,19 @@ class PedroTrainer(Trainer):
         response_logits_only: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(model, *args, **kwargs)
         self.rational_lr = rational_lr
         self.bias_lr = bias_lr
         self._bilevel = _Bilevel(self, bilevel_rows) if bilevel_rows else None
         self.group_by_length = group_by_length
         self.response_logits_only = response_logits_only and accepts_logits_mask(self.model)
 
-    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if not self.group_by_length or dataset is None:
-            return super()._get_train_sampler(train_dataset)
+    def train_sampler(self, dataset: Sequence[Mapping[str, Any]]) -> LengthGroupedSampler | None:
+        """With ``group_by_length``, pedro's own length-grouped order: Trainer's (train_sampling_strategy
+        "group_by_length") serves each group longest batch first in torch's global random order, so batch length
+        follows a schedule and a resumed run does not see the batches of a straight one."""
+        if not self.group_by_length:
+            return None
         return LengthGroupedSampler(
             [len(row["input_ids"]) for row in dataset], self.args.train_batch_size, seed=self.args.seed
         )
@@ -133,6 +140,7 @@ class PedroTrainer(Trainer):
         """The adapter only: the backbone is frozen, so its embeddings are never saved (which also stops
         PEFT from looking the backbone up online to decide whether they changed)."""
         output_dir = output_dir or self.args.output_dir
+        assert output_dir is not None  # TrainingArguments fills in a default
         os.makedirs(output_dir, exist_ok=True)
         self.model.save_pretrained(output_dir, save_embedding_layers=False)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -173,7 +181,7 @@ class _Bilevel:
     """The alternating update of the papers (first-order DARTS): before each training step, one Adam step on the
     rational coefficients alone, on the loss of the next dev batch at the current generator weights."""
 
-    def __init__(self, trainer: Trainer, rows: Sequence[dict[str, Any]]) -> None:
+    def __init__(self, trainer: PedroTrainer, rows: Sequence[dict[str, Any]]) -> None:
         self.trainer = trainer
         self.rows = list(rows)
         self.order = random.Random(trainer.args.seed)

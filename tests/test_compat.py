@@ -47,6 +47,43 @@ def test_mlp_activation_is_the_backbones_own_and_its_absence_is_refused():
         compat.mlp_activation(nn.Linear(2, 2))
 
 
+def test_own_train_sampler_orders_trainers_batches_and_none_keeps_trainers(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    class Reversed(compat.OwnTrainSampler, Trainer):
+        reverse = True
+
+        def train_sampler(self, dataset):  # noqa: ANN001, ANN202
+            return list(reversed(range(len(dataset)))) if self.reverse else None
+
+    rows = [{"input_ids": [i]} for i in range(6)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, use_cpu=True, report_to="none")
+    trainer = Reversed(
+        model=tiny_model("llama"), args=args, train_dataset=rows, data_collator=lambda b: [r["input_ids"][0] for r in b]
+    )
+    assert list(trainer.get_train_dataloader()) == [[5, 4], [3, 2], [1, 0]]
+    trainer.reverse = False
+    assert sorted(i for batch in trainer.get_train_dataloader() for i in batch) == list(range(6))
+
+
+def test_a_trainer_without_the_sampler_hook_is_refused_by_name():
+    class Reshaped:
+        def _get_train_sampler(self, dataset=None):  # noqa: ANN001, ANN202
+            return None
+
+    with pytest.raises(
+        compat.IncompatibleLibrary, match=r"_get_train_sampler\(train_dataset\).*transformers>=5.0,<5.24"
+    ):
+
+        class Subclass(compat.OwnTrainSampler, Reshaped):
+            pass
+
+    with pytest.raises(compat.IncompatibleLibrary, match="_get_train_sampler"):
+
+        class Bare(compat.OwnTrainSampler):
+            pass
+
+
 def test_adapter_state_dict_is_what_a_saved_adapter_holds(tmp_path):
     model = pedro.get_pedro_model(tiny_model("llama"), pedro.PedroConfig(r=2, layers=[0, 2]))
     model.save_pretrained(tmp_path)
