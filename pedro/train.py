@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import peft
 import torch
@@ -61,6 +61,9 @@ from pedro.trainer import (
     supervised_positions,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 def attach_adapter(model: nn.Module, cfg: TrainConfig) -> peft.PeftModel:
     """Wrap the backbone in the chosen PEFT method (the backbone is frozen by peft)."""
@@ -102,10 +105,6 @@ def resolve_precision(precision: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
-
-
-def _precision(precision: str) -> dict[str, bool]:
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
 def _attention(cfg: TrainConfig, precision: str, model: nn.Module, longest: int) -> str | None:
@@ -168,16 +167,10 @@ def carve_dev(
     return [r for i, r in enumerate(records) if i in held], [r for i, r in enumerate(records) if i not in held]
 
 
-def _is_choice_data(examples: Sequence[Example] | None) -> bool:
-    from pedro.evaluate import is_choice_data
-
-    return bool(examples) and is_choice_data(examples)
-
-
 def train(
     config: TrainConfig | None = None,
     *,
-    model: nn.Module | None = None,
+    model: PreTrainedModel | None = None,
     tokenizer: Any = None,
     examples: Sequence[Example] | None = None,
     eval_examples: Sequence[Example] | None = None,
@@ -204,7 +197,7 @@ def train(
         held_out = load_records(cfg.eval_data, "test", cfg.data_dir)
     loaded_here = model is None
     precision = resolve_precision(cfg.precision)
-    if loaded_here:
+    if model is None:
         # the frozen backbone is held in bf16 under bf16 autocast: autocast would otherwise cast every frozen
         # weight again at every step (the adapter's weights stay fp32 either way)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -263,7 +256,13 @@ def train(
         raise ValueError("early_stopping needs held-out data (eval_data, eval_examples or a dev split)")
     if cfg.bilevel and not evaluating:
         raise ValueError("bilevel needs held-out data for the rational coefficients' steps (a dev split or eval_data)")
-    choices = evaluating and _is_choice_data(held_out)
+    accuracy = None  # for choice data: accuracy next to the loss, which also picks the best checkpoint
+    if held_out is not None:
+        from pedro.evaluate import ChoiceAccuracy, is_choice_data
+
+        if is_choice_data(held_out):
+            accuracy = ChoiceAccuracy(held_out, tokenizer, cfg.batch_size)
+    choices = accuracy is not None
     # with held-out data: evaluate every eval_steps steps (or every epoch), checkpoint at each evaluation and
     # end with the best one (accuracy for choice data, else loss)
     strategy = ("steps" if cfg.eval_steps else "epoch") if evaluating else "no"
@@ -295,15 +294,14 @@ def train(
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         prediction_loss_only=True,  # evaluation reports the loss; keeping every batch's logits is wasted memory
-        **_precision(precision),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
     )
     collator = Collator(tokenizer.pad_token_id, cfg.padding_side, with_prompt_lengths=cfg.method == "pedro")
     progress = ProgressAndLog(output_dir / LOG_NAME, cfg.progress)
     extra: list[TrainerCallback] = [progress, MarkCompleteCheckpoints(), *callbacks]
-    if choices:  # accuracy next to the loss; it fills the log record before it is written
-        from pedro.evaluate import ChoiceAccuracy
-
-        extra.insert(0, ChoiceAccuracy(held_out, tokenizer, cfg.batch_size))
+    if accuracy is not None:  # first: it fills the log record before it is written
+        extra.insert(0, accuracy)
     if cfg.early_stopping:
         from transformers import EarlyStoppingCallback
 
