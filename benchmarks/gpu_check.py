@@ -37,6 +37,7 @@ import torch
 import pedro
 from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
+from pedro.evaluate import greedy_continuation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multitenant import CORE_METHODS, make_adapters, run_engine  # noqa: E402
@@ -80,17 +81,7 @@ def identity(
     rows = []
     for (method, tenant, prompt), out in zip(plan, outs):
         ref = peft.PeftModel.from_pretrained(reference, str(paths[method][tenant])) if method else reference
-        ids = torch.tensor([prompt], device=next(model.parameters()).device)
-        with torch.inference_mode():
-            # no EOS, as the engine's ignore_eos (min_new_tokens would instead forbid EOS, changing the tokens)
-            expected = ref.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(prompt) :].tolist()
+        expected = greedy_continuation(ref, prompt, new_tokens)
         if method:
             reference = ref.unload()  # the plain backbone modules back, for the next adapter
         same = out.token_ids == expected

@@ -183,6 +183,24 @@ def generate_texts(
     return texts
 
 
+@torch.inference_mode()
+def greedy_continuation(model: nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The greedy continuation of the token ids ``prompt`` by transformers ``generate`` (on a PEFT model: with its
+    adapter), always ``max_new_tokens`` long: EOS does not end it, as with the engine's ``ignore_eos``
+    (``min_new_tokens`` would instead forbid EOS, changing the tokens). The reference the engine is checked
+    against, one request alone."""
+    ids = torch.tensor([prompt], device=_device(model))
+    out = model.generate(  # type: ignore[operator]  # a transformers / PEFT model's generate
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,

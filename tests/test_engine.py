@@ -15,6 +15,7 @@ import pedro
 from pedro.engine import AdapterError, AsyncEngine, Engine, Request, RequestError, SamplingParams
 from pedro.engine.runner import PrefillBatch
 from pedro.engine.sampling import filter_logits
+from pedro.evaluate import greedy_continuation
 
 NEW = 8
 WINDOW = 16  # conftest's tiny Gemma 3 sliding window
@@ -88,17 +89,7 @@ def reference(family: str, adapter_dir: str | None, prompt: list[int], new_token
     model = backbone(family, **overrides)
     if adapter_dir is not None:
         model = peft.PeftModel.from_pretrained(model, adapter_dir)
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
+    return greedy_continuation(model, prompt, new_tokens)
 
 
 def prompt(seed: int, length: int) -> list[int]:
