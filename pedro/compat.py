@@ -128,9 +128,17 @@ def mlp_activation(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def forget_gguf_quantization(model: Any) -> None:
-    """Drop transformers' GGUF "quantizer" marker from a model whose GGUF weights were dequantised to float at
-    load: Trainer refuses to train a model that carries it, though its weights are plain float tensors."""
+    """Drop transformers' GGUF "quantizer" markers from a model whose GGUF weights were dequantised to float at
+    load: Trainer refuses to train a model that carries one, ``save_pretrained`` refuses to save it, and a config
+    saved with its ``quantization_config`` reloads through the GGUF quantizer, though the weights are plain
+    float tensors."""
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and str(quantizer.quantization_config.quant_method).lower().endswith("gguf"):
         model.hf_quantizer = None
         model.is_quantized = False
+    config = getattr(model, "config", None)
+    marker = getattr(config, "quantization_config", None)
+    if marker is not None:
+        method = marker.get("quant_method") if isinstance(marker, dict) else getattr(marker, "quant_method", None)
+        if str(method).lower().endswith("gguf"):
+            delattr(config, "quantization_config")

@@ -15,10 +15,15 @@ def test_second_load_reads_the_converted_copy(tmp_path, monkeypatch):
     first, tokenizer = pedro.load_backbone("smollm2-135m", dtype=torch.bfloat16, quiet=True)
     copies = list((tmp_path / "converted").iterdir())
     assert len(copies) == 1 and (copies[0] / "config.json").is_file() and "bfloat16" in copies[0].name
+    assert "quantization_config" not in (copies[0] / "config.json").read_text()  # reloads as a plain model
     converted_from_gguf = []
     monkeypatch.setattr(backbones, "_save_converted", lambda *a: converted_from_gguf.append(a))
     second, tokenizer2 = pedro.load_backbone("smollm2-135m", dtype=torch.bfloat16, quiet=True)
     assert not converted_from_gguf  # read from the copy, not converted again
+    for model in (first, second):  # plain float models: another engine can load what they save
+        assert getattr(model, "hf_quantizer", None) is None
+        assert getattr(model.config, "quantization_config", None) is None
+    second.save_pretrained(tmp_path / "saved")
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     messages = [{"role": "user", "content": "Name a colour."}]

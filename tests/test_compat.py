@@ -103,10 +103,17 @@ def test_forget_gguf_quantization_drops_only_a_gguf_marker():
         def __init__(self, method: str) -> None:
             self.quantization_config = Config(method)
 
+    class ModelConfig:
+        def __init__(self, method: str) -> None:
+            self.quantization_config = {"quant_method": method}
+
     gguf, other = nn.Linear(1, 1), nn.Linear(1, 1)
     gguf.hf_quantizer, gguf.is_quantized = Quantizer("QuantizationMethod.GGUF"), True
     other.hf_quantizer, other.is_quantized = Quantizer("bitsandbytes"), True
+    gguf.config, other.config = ModelConfig("gguf"), ModelConfig("bitsandbytes")
     compat.forget_gguf_quantization(gguf)
     compat.forget_gguf_quantization(other)
     assert gguf.hf_quantizer is None and gguf.is_quantized is False
+    assert not hasattr(gguf.config, "quantization_config")
     assert other.hf_quantizer is not None and other.is_quantized is True
+    assert other.config.quantization_config == {"quant_method": "bitsandbytes"}
