@@ -13,6 +13,7 @@ reported in both dtypes, each side by side.
 
     python benchmarks/multitenant.py            # or: pedro bench multitenant
     python benchmarks/multitenant.py --preset full   # the full sweep (hours on a 2-core CPU)
+    python benchmarks/multitenant.py --peer vllm --vllm-python V  # next to vLLM (benchmarks/peer.py)
 """
 
 from __future__ import annotations
@@ -527,7 +528,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--peer" or a.startswith("--peer=") for a in argv):  # another engine side by side: peer.py
+        from peer import run
+
+        return run(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--backbone", default="smollm2-135m")

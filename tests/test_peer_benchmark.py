@@ -1,0 +1,128 @@
+"""`pedro bench multitenant --peer vllm` (benchmarks/peer.py): skipped with a message naming what is missing when
+there is no vLLM environment, and, driven against a stand-in ``vllm`` package on a tiny model, the whole protocol:
+one child process per vLLM configuration, each fed the same token-id prompts and LoRA directories as pedro's
+engine, interleaved repeats, and the report's ratios and token agreement computed from what each side returned."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# a stand-in for vLLM's offline API: greedy "generation" that repeats each prompt's first token, and records
+# what it was asked (LoRA configuration, adapters per request) where the test can read it
+FAKE_VLLM = """
+import json, os
+__version__ = "0.0-test"
+
+class SamplingParams:
+    def __init__(self, max_tokens, temperature, ignore_eos):
+        assert temperature == 0.0 and ignore_eos
+        self.max_tokens = max_tokens
+
+class _Completion:
+    def __init__(self, ids):
+        self.token_ids = ids
+
+class _Output:
+    def __init__(self, ids):
+        self.outputs = [_Completion(ids)]
+
+class LLM:
+    def __init__(self, model, dtype, max_num_seqs, max_model_len, seed, **lora):
+        assert os.path.isfile(os.path.join(model, "config.json")) and dtype == "bfloat16"
+        self.lora = lora
+
+    def generate(self, prompts, sampling, lora_request=None, use_tqdm=True):
+        with open(os.environ["FAKE_VLLM_LOG"], "a") as log:
+            log.write(json.dumps({"lora": self.lora, "requests": [r and r.lora_path for r in lora_request or []],
+                                  "max_tokens": sampling.max_tokens}) + "\\n")
+        return [_Output([p["prompt_token_ids"][0]] * sampling.max_tokens) for p in prompts]
+"""
+
+
+def _fake_vllm(root: Path) -> Path:
+    package = root / "vllm"
+    (package / "lora").mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_VLLM)
+    (package / "inputs.py").write_text(
+        "def TokensPrompt(prompt_token_ids):\n    return {'prompt_token_ids': prompt_token_ids}\n"
+    )
+    (package / "lora" / "__init__.py").write_text("")
+    (package / "lora" / "request.py").write_text(
+        "class LoRARequest:\n    def __init__(self, name, id, path):\n        self.lora_path = path\n"
+    )
+    return root
+
+
+def test_skipped_with_a_message_when_vllm_is_missing(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "multitenant.py"), "--peer", "vllm", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PEDRO_VLLM_PYTHON"},
+    )
+    assert done.returncode == 0
+    assert "skipped: no vLLM environment given (--vllm-python or $PEDRO_VLLM_PYTHON)" in done.stderr
+    assert not list(tmp_path.iterdir())  # no report from a run that did not happen
+
+
+def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
+    log = tmp_path / "requests.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(_fake_vllm(tmp_path / "fake")), FAKE_VLLM_LOG=str(log))
+    out = tmp_path / "peer"
+    args = ["--peer", "vllm", "--vllm-python", sys.executable, "--backbone", str(tiny_llama_dir)]
+    args += ["--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "2", "--threads", "1"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "multitenant.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["machine"]["vllm"] == "0.0-test"
+    names = ["pedro:bare", "vllm:bare", "pedro:lora", "vllm:lora", "pedro:pedro"]
+    assert list(result["summary"]) == names and all(len(result["runs"][n]) == 2 for n in names)
+    for name in names:
+        for run in result["runs"][name]:
+            assert run["end_to_end_tok_s"] == 3 * 4 / run["total_s"]
+    vllm_bare = result["summary"]["vllm:bare"]
+    assert vllm_bare["end_to_end_tok_s_vs_vllm_bare"] == 1.0
+    # the stand-in repeats each prompt's first token: a real model's greedy tokens agree with it only by chance
+    assert 0.0 <= result["bare_token_agreement"] < 1.0
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    bare = [c for c in calls if not c["lora"]]
+    lora = [c for c in calls if c["lora"]]
+    # warm-up + (full, one-token) per repeat, for each configuration, each in its own vLLM instance
+    assert len(bare) == len(lora) == 1 + 2 * 2
+    assert {c["max_tokens"] for c in calls} == {4, 1}
+    assert all(c["requests"] == [] for c in bare)
+    assert lora[0]["lora"] == {
+        "enable_lora": True,
+        "max_loras": 3,
+        "max_cpu_loras": 3,
+        "max_lora_rank": 8,
+        "lora_target_modules": ["qkv_proj"],
+    }
+    adapters = lora[0]["requests"]
+    assert len(set(adapters)) == 3 and all((Path(a) / "adapter_config.json").is_file() for a in adapters)
+    assert json.loads((Path(adapters[0]) / "adapter_config.json").read_text())["target_modules"] in (
+        ["q_proj", "v_proj"],
+        ["v_proj", "q_proj"],
+    )
+    assert "pedro:pedro" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
+
+
+def test_agreement_is_the_shared_share_of_each_stream():
+    from peer import agreement
+
+    assert agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == 1.0
+    assert agreement([[1, 2, 9, 4], [5, 6, 7, 8]], [[1, 2, 3, 4], [0, 6, 7, 8]]) == (0.5 + 0.0) / 2
