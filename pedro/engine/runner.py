@@ -20,7 +20,7 @@ resolved once at construction, so a LLaMA step pays only a few ``is None`` check
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +33,19 @@ from pedro.engine.device import upload
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.rows import RowAdapters
 from pedro.engine.sampling import ranked
-from pedro.engine.vectors import generate_vectors, group_rows
+from pedro.engine.vectors import PedroGroup, generate_vectors, group_rows
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PROMPT_LOGPROB_CHUNK = 256  # prompt positions per log-softmax: bounds the (positions, vocab) float32 temporary
 
 
 SLIDING = "sliding_attention"
+_Ropes = dict[str | None, tuple[torch.Tensor, torch.Tensor]]  # layer type (None: the one RoPE) -> (cos, sin)
 
 
-def check_supported(model: nn.Module, max_seq_len: int) -> None:
+def check_supported(model: PreTrainedModel, max_seq_len: int) -> None:
     """The runner implements the forwards of the families whose LayerMap has ``engine``; refuse anything else."""
     config = model.config
     family = LAYER_MAPS.get(config.model_type)
@@ -66,8 +70,7 @@ class _Layer:
     """One decoder layer as the forward runs it: its norms (None where the family has none) and attention type."""
 
     input_norm: nn.Module
-    q_norm: nn.Module | None
-    k_norm: nn.Module | None
+    qk_norms: tuple[nn.Module, nn.Module] | None  # on the query and key heads
     attn_out_norm: nn.Module | None
     mlp_in_norm: nn.Module
     mlp_out_norm: nn.Module | None
@@ -76,18 +79,18 @@ class _Layer:
 
     @classmethod
     def of(cls, layer: nn.Module, index: int, family: LayerMap, config: Any) -> "_Layer":
-        attn = layer.self_attn
-        kind = config.layer_types[index] if family.layer_types else None
+        kind: str | None = config.layer_types[index] if family.layer_types else None
+        window: int | None = config.sliding_window if kind == SLIDING else None
+        norm = layer.get_submodule
         sandwich = family.sandwich_norms
         return cls(
-            input_norm=layer.input_layernorm,
-            q_norm=attn.q_norm if family.qk_norm else None,
-            k_norm=attn.k_norm if family.qk_norm else None,
-            attn_out_norm=layer.post_attention_layernorm if sandwich else None,
-            mlp_in_norm=layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm,
-            mlp_out_norm=layer.post_feedforward_layernorm if sandwich else None,
+            input_norm=norm("input_layernorm"),
+            qk_norms=(norm("self_attn.q_norm"), norm("self_attn.k_norm")) if family.qk_norm else None,
+            attn_out_norm=norm("post_attention_layernorm") if sandwich else None,
+            mlp_in_norm=norm("pre_feedforward_layernorm") if sandwich else norm("post_attention_layernorm"),
+            mlp_out_norm=norm("post_feedforward_layernorm") if sandwich else None,
             rope=kind,
-            window=config.sliding_window if kind == SLIDING else None,
+            window=window,
         )
 
 
@@ -129,36 +132,41 @@ class LayeredPrefill:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, spec: ModelSpec, cache: KVCache, rows: RowAdapters) -> None:
-        self.model, self.spec, self.cache, self.rows = model, spec, cache, rows
-        self.config = model.config
-        self.decoder = model.model
-        layers = list(self.decoder.layers)
+    def __init__(self, model: PreTrainedModel, spec: ModelSpec, cache: KVCache, rows: RowAdapters) -> None:
+        self.spec, self.cache, self.rows = spec, cache, rows
+        # transformers types a model's own modules and config fields as Any: each is read once, here
+        config, decoder = model.config, model.model
+        layers = list(decoder.layers)
         family = layer_map(model)
-        self.layers = [_Layer.of(layer, i, family, self.config) for i, layer in enumerate(layers)]
-        self.linears = [
+        self.layers = [_Layer.of(layer, i, family, config) for i, layer in enumerate(layers)]
+        self.linears: list[dict[str, nn.Linear]] = [
             {name: layer.get_submodule(path) for name, path in spec.module_paths.items()} for layer in layers
         ]
+        self.embed_tokens: nn.Embedding = decoder.embed_tokens  # Gemma's embedding scales by sqrt(hidden_size) itself
+        self.final_norm: nn.Module = decoder.norm
+        self.rotary_emb: nn.Module = decoder.rotary_emb
+        self.lm_head: nn.Linear = model.lm_head
         attn = layers[0].self_attn
-        self.head_dim = attn.head_dim
-        self.scaling = attn.scaling
-        self.n_kv = self.config.num_key_value_heads
-        self.group = self.config.num_attention_heads // self.n_kv
+        self.head_dim: int = attn.head_dim
+        self.scaling: float = attn.scaling
+        self.n_kv: int = config.num_key_value_heads
+        heads: int = config.num_attention_heads
+        self.group = heads // self.n_kv
         self.act = mlp_activation(layers[0].mlp)
-        check_rotary(self.decoder.rotary_emb, family.layer_types)
+        check_rotary(self.rotary_emb, family.layer_types)
         self.ropes = list(dict.fromkeys(layer.rope for layer in self.layers))
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
-        self.softcap = getattr(self.config, "final_logit_softcapping", None)
-        self.device = self.decoder.embed_tokens.weight.device
+        self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
+        self.device = self.embed_tokens.weight.device
 
     # ---------------------------------------------------------------------------------------- shared pieces
 
-    def _rope(self, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+    def _rope(self, positions: torch.Tensor) -> _Ropes:
         """(cos, sin) (N, head_dim) of each layer type (one entry, None, for a single RoPE)."""
-        x = self.decoder.embed_tokens.weight[:1]  # only its dtype and device matter
+        x = self.embed_tokens.weight[:1]  # only its dtype and device matter
         ropes = {}
         for kind in self.ropes:
-            cos, sin = rotary_cos_sin(self.decoder.rotary_emb, x, positions.unsqueeze(0), kind)
+            cos, sin = rotary_cos_sin(self.rotary_emb, x, positions.unsqueeze(0), kind)
             ropes[kind] = cos[0], sin[0]
         return ropes
 
@@ -175,16 +183,20 @@ class ModelRunner:
 
     def _forward(self, x: torch.Tensor, ctx: "_Context", layers: range) -> torch.Tensor:
         """The hidden states ``x`` entering the first of ``layers`` -> those leaving the last."""
-        attend = self._attend_prefill if ctx.prefill is not None else self._attend_decode
+        step = ctx.step
         for i in layers:
             layer = self.layers[i]
             normed = layer.input_norm(x)
-            if ctx.prefill is not None:
-                self._run_generators(i, x, normed, ctx)
+            if isinstance(step, _Prefill):
+                self._run_generators(i, x, normed, step)
             q = self._linear(i, "q", normed, ctx)
             k = self._linear(i, "k", normed, ctx)
             v = self._linear(i, "v", normed, ctx)
-            a = self._linear(i, "o", attend(i, q, k, v, ctx), ctx)
+            if isinstance(step, _Prefill):
+                attended = self._attend_prefill(i, q, k, v, ctx.rope, step)
+            else:
+                attended = self._attend_decode(i, q, k, v, ctx.rope, step)
+            a = self._linear(i, "o", attended, ctx)
             x = x + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
             h = layer.mlp_in_norm(x)
             m = self._linear(i, "down", self.act(self._linear(i, "gate", h, ctx)) * self._linear(i, "up", h, ctx), ctx)
@@ -192,25 +204,26 @@ class ModelRunner:
         return x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(self.decoder.norm(hidden))
+        logits = self.lm_head(self.final_norm(hidden))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
 
     # ---------------------------------------------------------------------------------------- prefill
 
-    def _run_generators(self, layer: int, raw: torch.Tensor, normed: torch.Tensor, ctx: "_Context") -> None:
+    def _run_generators(self, layer: int, raw: torch.Tensor, normed: torch.Tensor, prefill: "_Prefill") -> None:
         """Each PEDRO row's generator for this layer pools that row's prompt states (prefill only)."""
-        for group in ctx.pedro_groups:
+        for group in prefill.pedro_groups:
             if layer in group.weights.generators:
-                z = generate_vectors(group, layer, raw, normed, ctx.pad_index, ctx.pad_mask)
+                z = generate_vectors(group, layer, raw, normed, prefill.pad_index, prefill.pad_mask)
                 self.rows.write_pedro(layer, group.slots, z, group.weights.slices[layer])
 
     def _prefill_context(
         self, slots: list[int], prompts: list[list[int]], starts: list[int]
-    ) -> tuple["_Context", torch.Tensor, list[int]]:
+    ) -> tuple["_Context", torch.Tensor, list[tuple[int, int]]]:
         """A prefill forward's context for rows ``slots`` running ``prompts`` (their tokens from positions
-        ``starts``), every index tensor built on the host and uploaded once -> (context, tokens, segment ends)."""
+        ``starts``), every index tensor built on the host and uploaded once -> (context, packed tokens, each
+        row's [start, end) among them)."""
         lengths = [len(p) for p in prompts]
         ends, total = [], 0
         for n in lengths:
@@ -218,10 +231,9 @@ class ModelRunner:
             ends.append(total)
         segments = list(zip([0] + ends[:-1], ends))
         token_slots = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
-        ctx = _Context(self.rows, token_slots, PrefillBatch(slots, prompts, starts=starts), segments)
-        ctx.lora_groups = (
+        lora_groups = (
             [(index, upload(where, self.device)) for index, where in self.rows.lora_groups(token_slots)]
-            if ctx.lora
+            if self.rows.live_lora()
             else []
         )
         pedro_rows = []
@@ -229,27 +241,34 @@ class ModelRunner:
             entry = self.rows.row_entry[slot]
             if entry is not None and isinstance(entry.weights, PedroWeights):
                 pedro_rows.append((row, slot, entry.weights))
-        ctx.pedro_groups = group_rows(pedro_rows, self.device)
         width = max(lengths)
         steps = torch.arange(width)
         pad_mask = steps[None, :] < torch.tensor(lengths)[:, None]
-        ctx.pad_mask = upload(pad_mask, self.device)
-        ctx.pad_index = upload(
-            torch.where(pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0), self.device
+        prefill = _Prefill(
+            slots,
+            starts,
+            segments,
+            lora_groups,
+            group_rows(pedro_rows, self.device),
+            pad_index=upload(
+                torch.where(pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0), self.device
+            ),
+            pad_mask=upload(pad_mask, self.device),
         )
-        ctx.rope = self._rope(upload([start + i for start, n in zip(starts, lengths) for i in range(n)], self.device))
+        rope = self._rope(upload([start + i for start, n in zip(starts, lengths) for i in range(n)], self.device))
         if self.window is not None and width > self.window:  # the sliding layers' causal band, any prompt's top-left
-            ctx.band = upload(
+            prefill.band = upload(
                 (steps[None, :] <= steps[:, None]) & (steps[None, :] > steps[:, None] - self.window), self.device
             )
         for row, (start, n) in enumerate(zip(starts, lengths)):
             if start:  # a chunk after cached positions: queries start..start+n-1 see keys 0..their own position
                 query, key = torch.arange(start, start + n)[:, None], torch.arange(start + n)[None, :]
                 causal = key <= query
-                ctx.chunk_masks[row] = {None: upload(causal, self.device)}
+                prefill.chunk_masks[row] = {None: upload(causal, self.device)}
                 if self.window is not None:
-                    ctx.chunk_masks[row][self.window] = upload(causal & (key > query - self.window), self.device)
-        return ctx, upload([t for p in prompts for t in p], self.device), ends
+                    prefill.chunk_masks[row][self.window] = upload(causal & (key > query - self.window), self.device)
+        ctx = _Context(self.rows, token_slots, prefill, rope)
+        return ctx, upload([t for p in prompts for t in p], self.device), segments
 
     @torch.inference_mode()
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
@@ -257,16 +276,15 @@ class ModelRunner:
         last token here (n_rows, vocab). A row with a start > 0 is a chunk of its prompt after the positions its
         slot already holds (chunked prefill); such a row's prompt logprobs are not scored here."""
         starts = batch.starts or [0] * len(batch.slots)
-        ctx, tokens, ends = self._prefill_context(batch.slots, batch.prompts, starts)
-        # Gemma's embedding module scales by sqrt(hidden_size) itself
-        hidden = self._forward(self.decoder.embed_tokens(tokens), ctx, range(len(self.layers)))
+        ctx, tokens, segments = self._prefill_context(batch.slots, batch.prompts, starts)
+        hidden = self._forward(self.embed_tokens(tokens), ctx, range(len(self.layers)))
         for slot, start, prompt in zip(batch.slots, starts, batch.prompts):
             self.cache.lengths[slot] = start + len(prompt)
         for row, k in enumerate(batch.prompt_logprobs or ()):
             if k is not None:
-                start, end = ctx.segments[row]
+                start, end = segments[row]
                 batch.scores[row] = self._score_prompt(hidden[start : end - 1], batch.prompts[row][1:], k)
-        return self._logits(hidden.index_select(0, upload([end - 1 for end in ends], self.device)))
+        return self._logits(hidden.index_select(0, upload([end - 1 for _, end in segments], self.device)))
 
     @torch.inference_mode()
     def prefill_layers(self, state: LayeredPrefill, end: int) -> torch.Tensor | None:
@@ -274,7 +292,11 @@ class ModelRunner:
         -> None, or at the last layer the logits after its last token (1, vocab) (and ``state.scores`` when it
         asks for prompt logprobs)."""
         ctx, tokens, _ = self._prefill_context([state.slot], [state.prompt], [0])
-        x = self.decoder.embed_tokens(tokens) if state.done == 0 else state.hidden
+        if state.done == 0:
+            x = self.embed_tokens(tokens)
+        else:
+            assert state.hidden is not None  # kept by the call that ran layers [0, done)
+            x = state.hidden
         x = self._forward(x, ctx, range(state.done, end))
         state.done, state.hidden = end, None
         self.cache.lengths[state.slot] = len(state.prompt)  # filled in layers < end: what moving the slot copies
@@ -303,27 +325,29 @@ class ModelRunner:
         return PromptScores(*(torch.cat(p) for p in zip(*parts)))
 
     def _attend_prefill(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Context"
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: _Ropes, prefill: "_Prefill"
     ) -> torch.Tensor:
         parts = self.layers[layer]
-        cos, sin = ctx.rope[parts.rope]
+        cos, sin = rope[parts.rope]
         q = q.view(-1, self.n_kv * self.group, self.head_dim).transpose(0, 1)  # (H, N, hd)
         k = k.view(-1, self.n_kv, self.head_dim).transpose(0, 1)
         v = v.view(-1, self.n_kv, self.head_dim).transpose(0, 1)
-        if parts.q_norm is not None:
-            q, k = parts.q_norm(q), parts.k_norm(k)
+        if parts.qk_norms is not None:
+            q_norm, k_norm = parts.qk_norms
+            q, k = q_norm(q), k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         out = torch.empty_like(q)
-        for row, (slot, offset, (start, end)) in enumerate(zip(ctx.prefill.slots, ctx.prefill.starts, ctx.segments)):
+        for row, (slot, offset, (start, end)) in enumerate(zip(prefill.slots, prefill.starts, prefill.segments)):
             ks, vs = k[:, start:end], v[:, start:end]
             self.cache.write_prompt(layer, slot, ks, vs, offset)
             n = end - start
+            band: torch.Tensor | None = None  # None: causal
             if offset:  # a later chunk: its queries attend every cached position up to their own
                 ks, vs = self.cache.k[layer, slot, :, : offset + n], self.cache.v[layer, slot, :, : offset + n]
-                band = ctx.chunk_masks[row][parts.window]
-            else:
-                band = ctx.band[:n, :n] if parts.window is not None and n > parts.window else None
+                band = prefill.chunk_masks[row][parts.window]
+            elif prefill.band is not None and parts.window is not None and n > parts.window:
+                band = prefill.band[:n, :n]
             out[:, start:end] = F.scaled_dot_product_attention(
                 q[None, :, start:end],
                 ks[None],
@@ -344,72 +368,76 @@ class ModelRunner:
         host_lengths = self.cache.lengths[:batch]
         width = int(host_lengths.max()) + 1  # host bookkeeping: no wait for the device
         lengths = upload(host_lengths, self.device)
-        ctx = _Context(self.rows, range(batch), None, None)
-        ctx.rows_index = torch.arange(batch, device=self.device)
-        ctx.positions = lengths
-        if ctx.lora:
-            ctx.lora_rows = self.rows.lora_index[:batch]
-        ctx.rope = self._rope(lengths)
+        rows_index = torch.arange(batch, device=self.device)
+        rope = self._rope(lengths)
         steps = torch.arange(width, device=self.device)
-        ctx.masks = {None: (steps <= lengths[:, None]).view(batch, 1, 1, width)}
+        masks: dict[int | None, torch.Tensor] = {None: (steps <= lengths[:, None]).view(batch, 1, 1, width)}
         if self.window is not None:
-            ctx.masks[self.window] = ctx.masks[None] & (steps > lengths[:, None] - self.window).view(batch, 1, 1, width)
-        hidden = self._forward(self.decoder.embed_tokens(tokens), ctx, range(len(self.layers)))
+            masks[self.window] = masks[None] & (steps > lengths[:, None] - self.window).view(batch, 1, 1, width)
+        decode = _Decode(rows_index, lengths, masks, self.rows.lora_index[:batch])
+        ctx = _Context(self.rows, range(batch), decode, rope)
+        hidden = self._forward(self.embed_tokens(tokens), ctx, range(len(self.layers)))
         self.cache.lengths[:batch] += 1
         return self._logits(hidden)
 
     def _attend_decode(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Context"
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: _Ropes, decode: "_Decode"
     ) -> torch.Tensor:
         batch = q.shape[0]
         parts = self.layers[layer]
-        cos, sin = ctx.rope[parts.rope]
+        cos, sin = rope[parts.rope]
         # query heads grouped onto their KV head: (B, kv_heads, group, hd) attends (B, kv_heads, W, hd)
         q = q.view(batch, self.n_kv, self.group, self.head_dim)
         k = k.view(batch, self.n_kv, self.head_dim)
-        if parts.q_norm is not None:
-            q, k = parts.q_norm(q), parts.k_norm(k)
+        if parts.qk_norms is not None:
+            q_norm, k_norm = parts.qk_norms
+            q, k = q_norm(q), k_norm(k)
         q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-        self.cache.write_step(layer, k, v.view(batch, self.n_kv, self.head_dim), ctx.rows_index, ctx.positions)
-        mask = ctx.masks[parts.window]
+        self.cache.write_step(layer, k, v.view(batch, self.n_kv, self.head_dim), decode.rows_index, decode.positions)
+        mask = decode.masks[parts.window]
         keys, values = self.cache.view(layer, batch, mask.shape[-1])
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
         return out.reshape(batch, -1)
 
 
+@dataclass
+class _Prefill:
+    """A prefill forward's rows: slots ``slots``, their tokens packed in that order (``segments``: each row's
+    [start, end) among them), each row's first token at position ``starts[row]`` of its prompt; and the index
+    tensors built for them on the host and uploaded once."""
+
+    slots: list[int]
+    starts: list[int]
+    segments: list[tuple[int, int]]
+    lora_groups: list[tuple[int, torch.Tensor]]  # (resident LoRA index, its token positions)
+    pedro_groups: list[PedroGroup]  # one per PEDRO adapter among the rows
+    pad_index: torch.Tensor  # (rows, T_max) packed-token index of each prompt
+    pad_mask: torch.Tensor
+    band: torch.Tensor | None = None  # sliding layers' (T_max, T_max) causal-and-window mask, if a prompt needs it
+    chunk_masks: dict[int, dict[int | None, torch.Tensor]] = field(default_factory=dict)  # row -> window -> mask
+
+
+@dataclass
+class _Decode:
+    """A decode step's rows: row i is slot i, one token each."""
+
+    rows_index: torch.Tensor  # arange(B) and the rows' lengths: where the step's K/V go
+    positions: torch.Tensor
+    masks: dict[int | None, torch.Tensor]  # window (None: global) -> (B, 1, 1, W) mask
+    lora_rows: torch.Tensor  # (B,) resident LoRA index of each row
+
+
 class _Context:
-    """What one forward needs besides the tokens: which rows each token belongs to, live adapter points."""
+    """What one forward needs besides the tokens: which rows each token belongs to, live adapter points, each
+    layer type's RoPE, and what its prefill or decode step reads."""
 
     def __init__(
-        self,
-        rows: RowAdapters,
-        token_slots: list[int] | range,
-        prefill: PrefillBatch | None,
-        segments: list[tuple[int, int]] | None,
+        self, rows: RowAdapters, token_slots: list[int] | range, step: _Prefill | _Decode, rope: _Ropes
     ) -> None:
-        self.rows, self.token_slots, self.prefill, self.segments = (
-            rows,
-            token_slots,
-            prefill,
-            segments,
-        )  # slots on the host
+        self.rows, self.token_slots, self.step, self.rope = rows, token_slots, step, rope  # slots on the host
         self.points = rows.live_points()
         self.lora = rows.live_lora()
-        self.contiguous = prefill is None  # decode: token i is slot i, the per-row gather is a slice
-        self.rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}  # layer type -> (cos, sin)
-        # decode
-        self.lora_rows: torch.Tensor | None = None  # (B,) resident LoRA index of each row
-        self.rows_index: torch.Tensor | None = None  # arange(B) and the rows' lengths: where the step's K/V go
-        self.positions: torch.Tensor | None = None
-        self.masks: dict[int | None, torch.Tensor] = {}  # window (None: global) -> (B, 1, 1, W) mask
-        # prefill
-        self.lora_groups: list[tuple[int, torch.Tensor]] = []  # (resident LoRA index, its token positions)
-        self.pedro_groups: list = []  # vectors.PedroGroup of each PEDRO adapter among the rows
-        self.band: torch.Tensor | None = None  # sliding layers' (T_max, T_max) causal-and-window mask
-        self.chunk_masks: dict[int, dict[int | None, torch.Tensor]] = {}  # row -> window -> (n, start + n) mask
-        self.pad_index: torch.Tensor | None = None  # (rows, T_max) packed-token index of each prompt
-        self.pad_mask: torch.Tensor | None = None
 
     def scale(self, layer: int, point: tuple[str, str], x: torch.Tensor, inplace: bool) -> torch.Tensor:
         """``x`` scaled by each row's 1 + z at ``point``, as x + x * z in one kernel (pedro.layer.apply_scale: exact
@@ -419,13 +447,13 @@ class _Context:
         ``x`` may be overwritten (it is no other computation's input)."""
         table = self.rows.scales[point][layer]
         out = x if inplace else torch.empty_like(x)
-        if self.contiguous:
+        if isinstance(self.step, _Decode):
             return torch.addcmul(x, x, table[: x.shape[0]], out=out)
-        for slot, (start, end) in zip(self.prefill.slots, self.segments):
+        for slot, (start, end) in zip(self.step.slots, self.step.segments):
             torch.addcmul(x[start:end], x[start:end], table[slot], out=out[start:end])
         return out
 
     def lora_delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
-        if self.prefill is not None:
-            return self.rows.lora_delta_grouped(layer, module, x, self.lora_groups)
-        return self.rows.lora_delta(layer, module, x, self.lora_rows)
+        if isinstance(self.step, _Prefill):
+            return self.rows.lora_delta_grouped(layer, module, x, self.step.lora_groups)
+        return self.rows.lora_delta(layer, module, x, self.step.lora_rows)
