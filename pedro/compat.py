@@ -32,10 +32,12 @@ __all__ = [
     "IncompatibleLibrary",
     "OwnTrainSampler",
     "adapter_state_dict",
+    "can_pack_linear",
     "check_rotary",
     "forget_gguf_quantization",
     "incompatible",
     "mlp_activation",
+    "packed_linear",
     "rotary_cos_sin",
     "rotate_half",
 ]
@@ -142,3 +144,29 @@ def forget_gguf_quantization(model: Any) -> None:
         method = marker.get("quant_method") if isinstance(marker, dict) else getattr(marker, "quant_method", None)
         if str(method).lower().endswith("gguf"):
             delattr(config, "quantization_config")
+
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``F.linear(x, weight, bias)`` through oneDNN with the weight reordered once into the layout its bf16 GEMM
+    kernel reads (what torch.compile's CPU weight-prepacking pass does, by the same two ``torch.ops.mkldnn``
+    ops): on a CPU with native bf16, 1.3-2.2x faster than ``F.linear`` at decode-sized inputs and bit for bit
+    equal to it (tests/test_compat.py). ``rows``: the number of input rows to lay the weight out for (any
+    number is computed correctly). The packed copy is made now: later changes to ``weight`` are not seen.
+    Only for bf16 weights on the CPU (in fp32 it is neither faster nor bit-equal); check ``can_pack_linear``."""
+    ops = torch.ops.mkldnn
+    packed = ops._reorder_linear_weight(weight.detach(), rows)
+    bias = None if bias is None else bias.detach()
+    return lambda x: ops._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def can_pack_linear(weight: torch.Tensor) -> bool:
+    """Whether ``packed_linear`` serves ``weight``: a bf16 CPU tensor, and a torch built with oneDNN that still
+    has the two ops (a release without them falls back to ``F.linear``: slower, the same numbers)."""
+    ops = torch.ops.mkldnn
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )

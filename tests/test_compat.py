@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 from torch import nn
 
@@ -117,3 +118,19 @@ def test_forget_gguf_quantization_drops_only_a_gguf_marker():
     assert not hasattr(gguf.config, "quantization_config")
     assert other.hf_quantizer is not None and other.is_quantized is True
     assert other.config.quantization_config == {"quant_method": "bitsandbytes"}
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 32, 100])
+def test_packed_linear_is_f_linear_bit_for_bit(rows):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 24, dtype=torch.bfloat16)
+    bias = torch.randn(48, dtype=torch.bfloat16)
+    assert compat.can_pack_linear(weight)  # this CPU build of torch has the ops: a release without them fails here
+    assert not compat.can_pack_linear(weight.float())
+    x = torch.randn(rows, 24, dtype=torch.bfloat16)
+    strided = torch.randn(rows, 48, dtype=torch.bfloat16)[:, ::2]  # a view, as the runner's scaled inputs can be
+    with torch.inference_mode():
+        for b in (None, bias):
+            layer = compat.packed_linear(weight, b, rows=32)
+            assert torch.equal(layer(x), F.linear(x, weight, b))
+            assert torch.equal(layer(strided), F.linear(strided, weight, b))

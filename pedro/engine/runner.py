@@ -20,14 +20,14 @@ resolved once at construction, so a LLaMA step pays only a few ``is None`` check
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pedro.backbones import LAYER_MAPS, LayerMap, layer_map
-from pedro.compat import check_rotary, mlp_activation, rotary_cos_sin, rotate_half
+from pedro.compat import can_pack_linear, check_rotary, mlp_activation, packed_linear, rotary_cos_sin, rotate_half
 from pedro.engine.adapters import ModelSpec, PedroWeights
 from pedro.engine.device import upload
 from pedro.engine.kv_cache import KVCache
@@ -131,6 +131,15 @@ class LayeredPrefill:
     scores: PromptScores | None = None
 
 
+def _gemm(linear: nn.Linear, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``linear``'s product as the runner computes it: bf16 weights on the CPU through oneDNN with the weight
+    packed once (1.3-2.2x faster GEMMs, the same numbers: pedro.compat.packed_linear), anything else as
+    ``F.linear`` on the module's own weights."""
+    if can_pack_linear(linear.weight):
+        return packed_linear(linear.weight, linear.bias, rows)
+    return lambda x: F.linear(x, linear.weight, linear.bias)
+
+
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, spec: ModelSpec, cache: KVCache, rows: RowAdapters) -> None:
         self.spec, self.cache, self.rows = spec, cache, rows
@@ -158,6 +167,9 @@ class ModelRunner:
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         self.device = self.embed_tokens.weight.device
+        rows_hint = len(cache.lengths)  # a decode step's rows: what the packed weights are laid out for
+        self.gemms = [{name: _gemm(linear, rows_hint) for name, linear in layer.items()} for layer in self.linears]
+        self.head_gemm = _gemm(self.lm_head, rows_hint)
 
     # ---------------------------------------------------------------------------------------- shared pieces
 
@@ -173,8 +185,7 @@ class ModelRunner:
     def _linear(self, layer: int, module: str, x: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         if ("in", module) in ctx.points:
             x = ctx.scale(layer, ("in", module), x, inplace=False)  # x may be another module's input too
-        linear = self.linears[layer][module]
-        y = F.linear(x, linear.weight, linear.bias)
+        y = self.gemms[layer][module](x)
         if module in ctx.lora:
             y = y + ctx.lora_delta(layer, module, x)
         if ("out", module) in ctx.points:
@@ -204,7 +215,7 @@ class ModelRunner:
         return x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.final_norm(hidden))
+        logits = self.head_gemm(self.final_norm(hidden))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
