@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from pedro.engine import Engine, Request, RequestError, SamplingParams
-from pedro.engine.sampling import adjust_logits
+from pedro.engine.sampling import adjust_logits, finite_rows, sample
 
 PROMPT = [3, 4, 5, 6, 5]
 
@@ -105,3 +105,17 @@ def test_logprobs_are_absent_unless_asked_and_bad_values_are_refused():
     engine = Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=2, max_seq_len=64)
     out = engine.generate([Request(PROMPT, sampling=SamplingParams(logit_bias={10_000: 1.0}))])[0]
     assert out.finish_reason == "error" and "logit_bias token ids must be in [0, 97)" in out.error
+
+
+def test_non_finite_rows_are_found_and_finite_extremes_kept():
+    logits = torch.randn(6, 50)
+    logits[1, 3] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3, 0] = float("-inf")
+    logits[4, :2] = 3e38  # finite, but its sum overflows: checked element by element, kept
+    logits[5, 10] = logits[5, 20] = 100.0  # a tie for the maximum: the first index wins, as argmax's
+    assert finite_rows(logits) == [True, False, False, False, True, True]
+    greedy = [SamplingParams()] * 6
+    tokens = sample(logits, greedy, [torch.Generator()] * 6, [None] * 6)
+    assert tokens[1:4] == [None, None, None]
+    assert tokens[0] == int(logits[0].argmax()) and tokens[4] == 0 and tokens[5] == 10

@@ -65,17 +65,29 @@ def filter_logits(
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits).log_softmax(-1)
 
 
+def finite_rows(logits: torch.Tensor) -> list[bool]:
+    """Whether each row of ``logits`` (N, V) is all finite. A row's sum is finite when all of it is (a NaN or inf
+    makes it NaN or inf), one pass ~20x cheaper than ``isfinite().all()`` over the vocabulary; only a row whose
+    sum is not finite (which finite logits near float32's limit can also give) is checked element by element."""
+    finite = torch.isfinite(logits.sum(-1)).tolist()
+    for i, ok in enumerate(finite):
+        if not ok:
+            finite[i] = bool(torch.isfinite(logits[i]).all())
+    return finite
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator], histories: list[History]
 ) -> list[int | None]:
     """One next token per row of ``logits`` (N, V); None for a row whose logits are not all finite."""
-    finite = torch.isfinite(logits).all(-1).tolist()
+    finite = finite_rows(logits)
     adjusted = [i for i, p in enumerate(params) if p.adjusts_logits and finite[i]]
     if adjusted:
         logits = logits.float().clone()
         for i in adjusted:
             logits[i] = adjust_logits(logits[i], params[i], histories[i])
-    tokens: list[int | None] = [t if ok else None for t, ok in zip(logits.argmax(-1).tolist(), finite)]
+    # max's indices are argmax's (the first maximum) in about half argmax's time on the CPU
+    tokens: list[int | None] = [t if ok else None for t, ok in zip(logits.max(-1).indices.tolist(), finite)]
     sampled = [i for i, p in enumerate(params) if not p.greedy and finite[i]]
     if sampled:
         vocab = logits.shape[-1]
