@@ -384,7 +384,7 @@ def aggregate(records: list[dict[str, Any]], tasks: dict[str, tuple[Any, list]],
 
 
 def _scale(metric: str) -> float:
-    return 100.0 if metric in ("accuracy", "exact_match") else 1.0
+    return 100.0 if metric in ("accuracy", "exact_match", "macro_f1") else 1.0
 
 
 def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
