@@ -1,10 +1,13 @@
-"""What more than one benchmark script needs: the repository paths, and one definition of a percentile."""
+"""What more than one benchmark script needs: the repository paths, one definition of a percentile, and how a
+report is written."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -24,3 +27,15 @@ def use_server_process() -> None:
     load benchmark drives the server exactly as the server tests do."""
     if str(ROOT / "tests") not in sys.path:
         sys.path.insert(0, str(ROOT / "tests"))
+
+
+def write_report(
+    out: Path, result: dict[str, Any], markdown: str, plot: Callable[[dict[str, Any], Path], None] | None = None
+) -> None:
+    """``out``.json (the result), ``out``.md (``markdown``, also printed) and, given a plot, ``out``.png."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown)
+    if plot is not None:
+        plot(result, out.with_suffix(".png"))
+    print(markdown)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import random
 import statistics
@@ -40,6 +39,7 @@ from pedro.engine import Engine, Request, SamplingParams
 from pedro.evaluate import greedy_continuation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_report  # noqa: E402
 from multitenant import CORE_METHODS, make_adapters, run_engine  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -216,11 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "throughput": throughput(model, tokenizer, paths, preset, rng, log),
     }
     result["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(Path(args.out), result, markdown(result))
     return result
 
 

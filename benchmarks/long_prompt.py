@@ -17,7 +17,6 @@ interleaved, repeat by repeat, and each ratio (gap / median step) is taken withi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -35,6 +34,7 @@ from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_report  # noqa: E402
 from multitenant import make_adapters  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -230,11 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log=lambda s: print(s, flush=True),
     )
     command = "python benchmarks/long_prompt.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result, command.strip()))
-    print(markdown(result, command.strip()))
+    write_report(Path(args.out), result, markdown(result, command.strip()))
     return result
 
 

@@ -41,7 +41,7 @@ from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentile  # noqa: E402
+from common import percentile, write_report  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # every method at both batch sizes over the tenant counts (hours on a 2-core CPU)
@@ -553,12 +553,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.repeats is not None:
         preset["repeats"] = args.repeats
     result = benchmark(preset, args.backbone, resolve_dtype(args.dtype), log=lambda s: print(s, flush=True))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
-    plot(result, out.with_suffix(".png"))
-    print(markdown(result))
+    write_report(Path(args.out), result, markdown(result), plot)
     return result
 
 

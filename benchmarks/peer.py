@@ -36,6 +36,7 @@ import pedro
 from pedro.engine import Engine, Request, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_report  # noqa: E402
 from multitenant import make_adapters  # noqa: E402
 
 VLLM_PYTHON_ENV = "PEDRO_VLLM_PYTHON"
@@ -282,10 +283,5 @@ def run(argv: list[str]) -> dict[str, Any] | None:
         )
         return None
     result = benchmark(args, log=lambda s: print(s, flush=True))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
-    plot(result, out.with_suffix(".png"))
-    print(markdown(result))
+    write_report(Path(args.out), result, markdown(result), plot)
     return result
