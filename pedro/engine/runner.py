@@ -148,13 +148,9 @@ class ModelRunner:
         layers = list(decoder.layers)
         family = layer_map(model)
         self.layers = [_Layer.of(layer, i, family, config) for i, layer in enumerate(layers)]
-        self.linears: list[dict[str, nn.Linear]] = [
-            {name: layer.get_submodule(path) for name, path in spec.module_paths.items()} for layer in layers
-        ]
         self.embed_tokens: nn.Embedding = decoder.embed_tokens  # Gemma's embedding scales by sqrt(hidden_size) itself
         self.final_norm: nn.Module = decoder.norm
         self.rotary_emb: nn.Module = decoder.rotary_emb
-        self.lm_head: nn.Linear = model.lm_head
         attn = layers[0].self_attn
         self.head_dim: int = attn.head_dim
         self.scaling: float = attn.scaling
@@ -167,9 +163,13 @@ class ModelRunner:
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         self.device = self.embed_tokens.weight.device
-        rows_hint = len(cache.lengths)  # a decode step's rows: what the packed weights are laid out for
-        self.gemms = [{name: _gemm(linear, rows_hint) for name, linear in layer.items()} for layer in self.linears]
-        self.head_gemm = _gemm(self.lm_head, rows_hint)
+        # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays
+        rows_hint = len(cache.lengths)
+        self.gemms = [
+            {name: _gemm(layer.get_submodule(path), rows_hint) for name, path in spec.module_paths.items()}
+            for layer in layers
+        ]
+        self.head_gemm = _gemm(model.lm_head, rows_hint)
 
     # ---------------------------------------------------------------------------------------- shared pieces
 
