@@ -1,8 +1,8 @@
-"""Every private or version-specific piece of transformers and PEFT that pedro relies on, in one place.
+"""Every private or version-specific piece of transformers, PEFT and torch that pedro relies on, in one place.
 
-The engine's runner re-implements the decoder forward with the backbone's own modules, the PEFT tuner checks
-adapter files with PEFT's own key filters, and training drops a stale GGUF marker and orders its batches through
-Trainer's private sampler hook. Each of those touches an internal that a library release may rename or reshape;
+The engine's runner re-implements the decoder forward with the backbone's own modules and computes its bf16 GEMMs
+through torch's oneDNN ops, the PEFT tuner checks adapter files with PEFT's own key filters, and training drops a
+stale GGUF marker and orders its batches through Trainer's private sampler hook. Each of those touches an internal that a library release may rename or reshape;
 here each one is imported or checked once, and a release that changes it fails with a message naming the
 symbol, the installed version and the tested range, instead of a model that computes something else. (PEFT's
 method tables are handled the same way in ``pedro.peft_method``.)
