@@ -95,11 +95,12 @@ class StepClock(TrainerCallback):
         return (self.end[1] - self.start[1]) / (self.end[clock] - self.start[clock])
 
 
-def run_one(backbones, tokenizer, examples, method: str, mode: str, opts: argparse.Namespace) -> dict[str, Any]:
+def _train(
+    backbones, tokenizer, examples, method: str, mode: str, opts: argparse.Namespace, steps: int, callbacks: list
+):
+    """``steps`` training steps of ``method`` in ``mode`` on a copy of its backbone -> (the copy, the result)."""
     settings = {**METHODS[method], **MODES[mode]}
-    backbone = backbones[settings.pop("backbone")]
-    model = copy.deepcopy(backbone)
-    clock = StepClock(opts.warmup)
+    model = copy.deepcopy(backbones[settings.pop("backbone")])
     with tempfile.TemporaryDirectory(prefix="train-speed-") as out:
         result = train(
             model=model,
@@ -107,7 +108,7 @@ def run_one(backbones, tokenizer, examples, method: str, mode: str, opts: argpar
             examples=examples,
             output_dir=out,
             progress=False,
-            max_steps=opts.warmup + opts.steps,
+            max_steps=steps,
             batch_size=opts.batch_size,
             max_length=opts.max_length,
             lr=1e-3,
@@ -115,9 +116,15 @@ def run_one(backbones, tokenizer, examples, method: str, mode: str, opts: argpar
             logging_steps=10_000,
             seed=0,
             threads=opts.threads,
-            callbacks=[clock],
+            callbacks=callbacks,
             **settings,
         )
+    return model, result
+
+
+def run_one(backbones, tokenizer, examples, method: str, mode: str, opts: argparse.Namespace) -> dict[str, Any]:
+    clock = StepClock(opts.warmup)
+    model, result = _train(backbones, tokenizer, examples, method, mode, opts, opts.warmup + opts.steps, [clock])
     del model
     summary = result.summary
     return {
@@ -182,28 +189,9 @@ def profile_step(backbones, tokenizer, examples, mode: str, opts: argparse.Names
     _labelled(pedro.generator.VectorGenerator, "forward", "pedro: generator (pool + Down/act/Up)")
     _labelled(pedro.layer, "apply_scale", "pedro: scale out + out*z")
     _labelled(pedro.model, "build_prompt_mask", "pedro: prompt mask")
-    settings = {**METHODS[method], **MODES[mode]}
-    model = copy.deepcopy(backbones[settings.pop("backbone")])
     clock = StepClock(opts.warmup)
     probe = ProfileStep(opts.warmup)
-    with tempfile.TemporaryDirectory(prefix="train-speed-") as out:
-        train(
-            model=model,
-            tokenizer=tokenizer,
-            examples=examples,
-            output_dir=out,
-            progress=False,
-            max_steps=opts.warmup + 1,
-            batch_size=opts.batch_size,
-            max_length=opts.max_length,
-            lr=1e-3,
-            warmup=0,
-            logging_steps=10_000,
-            seed=0,
-            threads=opts.threads,
-            callbacks=[clock, probe],
-            **settings,
-        )
+    model, _ = _train(backbones, tokenizer, examples, method, mode, opts, opts.warmup + 1, [clock, probe])
     events = probe.profiler.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     print(
