@@ -12,25 +12,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run(script: str, *args: str) -> None:
+    """benchmarks/``script`` with ``args`` in a child process, as a user runs it; fails the test if it fails."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, capture_output=True, timeout=600
+    )
+
+
 def test_the_gpu_check_runs_on_the_cpu(tiny_llama_dir, tmp_path):
     out = tmp_path / "gpu"
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "gpu_check.py"),
-            "--device",
-            "cpu",
-            "--preset",
-            "ci",
-            "--backbone",
-            str(tiny_llama_dir),
-            "--out",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    _run("gpu_check.py", "--device", "cpu", "--preset", "ci", "--backbone", str(tiny_llama_dir), "--out", str(out))
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["identity"]["identical"] == result["identity"]["total"] == 8
     assert {r["adapter"] for r in result["identity"]["requests"]} == {
@@ -46,21 +37,7 @@ def test_the_gpu_check_runs_on_the_cpu(tiny_llama_dir, tmp_path):
 
 def test_the_long_prompt_benchmark_runs(tiny_llama_dir, tmp_path):
     out = tmp_path / "long"
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "long_prompt.py"),
-            "--preset",
-            "smoke",
-            "--backbone",
-            str(tiny_llama_dir),
-            "--out",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    _run("long_prompt.py", "--preset", "smoke", "--backbone", str(tiny_llama_dir), "--out", str(out))
     summary = json.loads(out.with_suffix(".json").read_text())["summary"]
     assert set(summary) == {"bare/off", "bare/on 16", "pedro/off", "pedro/on 16"}
     assert summary["bare/off"]["steps_to_first_token"] == 1 and summary["bare/on 16"]["steps_to_first_token"] > 1
