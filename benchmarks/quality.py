@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -304,6 +305,43 @@ def load_done(path: Path) -> dict[tuple, dict]:
     return {(r["task"], r["method"], r["seed"]): r for r in _records(path)}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(folder: Path, key: tuple) -> bool:
+    """Lets several study processes share one results folder, each training the runs it claims first. A claim
+    whose process has died is taken over, so a killed study resumes where it stopped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "-".join(map(str, key))
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                text, age = path.read_text().strip(), time.time() - path.stat().st_mtime
+            except OSError:
+                continue
+            if (text.isdigit() and _alive(int(text))) or (not text and age < 60):  # empty: being written
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(folder: Path, key: tuple) -> None:
+    (folder / "-".join(map(str, key))).unlink(missing_ok=True)
+
+
 def append(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, default=str) + "\n")
@@ -486,11 +524,23 @@ def plot(table: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
+def load_task(task_name: str, size: Size, data_dir: str | None) -> tuple[Any, list, list]:
+    """The task, its training records (a fixed shuffle of the train split) and its scored test items."""
+    task = get_task(task_name, data_dir)
+    if task_name in GEN_TOKENS:
+        task.max_new_tokens = GEN_TOKENS[task_name]
+    pool = task.load("train")
+    random.Random(0).shuffle(pool)
+    return task, pool[: size.train], task.load("test", size.eval)
+
+
 def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
-    sizes = {t: (QUICK if args.quick else SIZES)[t] for t in args.tasks.split(",")}
+    all_sizes = QUICK if args.quick else SIZES
+    sizes = {t: all_sizes[t] for t in args.tasks.split(",")}
     seeds = [int(s) for s in args.seeds.split(",")]
     stem = "quality_quick" if args.quick else "quality"
     runs_path = out / f"{stem}_runs.jsonl"
+    claims = out / f".{stem}_claims"
     done = load_done(runs_path)
     start = time.perf_counter()
     base, tokenizer = load_base()
@@ -501,18 +551,24 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
         print(f"[{(time.perf_counter() - start) / 60:6.1f} min] {message}", flush=True)
 
     def write_outputs() -> None:
+        # Other study processes may share the folder: the report covers every run on record, not just ours.
+        done.update(load_done(runs_path))
         records = list(done.values())
+        for name in sorted({r["task"] for r in records} - set(tasks)):
+            if name in all_sizes:
+                task, _, items = load_task(name, all_sizes[name], args.data_dir)
+                tasks[name] = (task, items)
         table = aggregate([r for r in records if r["task"] in tasks], tasks, 20 if args.quick else BOOTSTRAP)
         meta = {
             "command": command,
             "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
-            "seeds": ",".join(map(str, seeds)),
+            "seeds": ",".join(map(str, sorted({r["seed"] for r in records if r["method"] != "zero_shot"}))),
             "default_lr": DEFAULT_LR,
             "runs": len(records),
             "run_minutes": sum(r.get("train_seconds", 0.0) + r.get("seconds", 0.0) for r in records) / 60,
             "threads": torch.get_num_threads(),
             "rounds": 20 if args.quick else BOOTSTRAP,
-            "sizes": {k: vars(v) for k, v in sizes.items()},
+            "sizes": {k: vars(all_sizes[k]) for k in tasks},
             "methods": METHODS,
             "gen_tokens": GEN_TOKENS,
         }
@@ -522,17 +578,26 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
         tmp.replace(out / f"{stem}.md")
         plot(table, out / f"{stem}.png")
 
+    def run_claimed(key: tuple, make: Any) -> bool:
+        """Run `make` for `key` unless it is on record or another process holds it; False if skipped."""
+        done.update(load_done(runs_path))
+        if key in done:
+            return True
+        if not claim(claims, key):
+            log(f"{' '.join(map(str, key))}: another study process is running it")
+            return False
+        try:
+            done[key] = make()
+            append(runs_path, done[key])
+        finally:
+            release(claims, key)
+        return True
+
     for task_name, size in sizes.items():
-        task = get_task(task_name, args.data_dir)
-        if task_name in GEN_TOKENS:
-            task.max_new_tokens = GEN_TOKENS[task_name]
-        pool = task.load("train")
-        random.Random(0).shuffle(pool)
-        train_examples = pool[: size.train]
-        eval_examples = task.load("test", size.eval)
+        task, train_examples, eval_examples = load_task(task_name, size, args.data_dir)
         tasks[task_name] = (task, eval_examples)
-        key = (task_name, "zero_shot", 0)
-        if key not in done:
+
+        def zero_shot() -> dict[str, Any]:
             out_dir = Path(tempfile.mkdtemp(dir=work))
             scores = evaluate(
                 base,
@@ -544,7 +609,7 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
                 predictions_path=out_dir / "p.jsonl",
             )
             predictions = [json.loads(line) for line in (out_dir / "p.jsonl").read_text().splitlines()]
-            done[key] = {
+            return {
                 "task": task_name,
                 "method": "zero_shot",
                 "seed": 0,
@@ -552,15 +617,20 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
                 **{k: v for k, v in scores.items() if k not in ("task", "split")},
                 **per_item(task, predictions),
             }
-            append(runs_path, done[key])
-        log(f"{task_name} zero-shot: {done[key][task.metric]:.3f}")
+
+        key = (task_name, "zero_shot", 0)
+        if run_claimed(key, zero_shot):
+            log(f"{task_name} zero-shot: {done[key][task.metric]:.3f}")
         for seed in seeds:
             for method, settings in METHODS.items():
                 key = (task_name, method, seed)
-                if key not in done:
+
+                def trained(method: str = method, settings: dict = settings, seed: int = seed) -> dict[str, Any]:
                     record = run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed, size, work)
-                    done[key] = {"task": task_name, "method": method, "seed": seed, **record}
-                    append(runs_path, done[key])
+                    return {"task": task_name, "method": method, "seed": seed, **record}
+
+                if not run_claimed(key, trained):
+                    continue
                 r = done[key]
                 log(
                     f"{task_name} {method} seed {seed}: {task.metric} {r[task.metric]:.3f} "

@@ -47,3 +47,20 @@ def test_the_serve_benchmark_runs_end_to_end(tmp_path):
     assert set(summary) == {"base", "pedro", "lora"}
     assert all(s["requests"] > 0 and s["errors"] == 0 for s in summary.values())
     assert (tmp_path / "serve.md").is_file() and (tmp_path / "serve.png").is_file()
+
+
+def test_study_claims_let_processes_share_a_folder_and_resume_after_a_crash(tmp_path: Path) -> None:
+    import os
+
+    import quality
+
+    key = ("trec", "pedro", 1)
+    assert quality.claim(tmp_path, key)
+    assert not quality.claim(tmp_path, key)  # held by a live process (this one)
+    assert quality.claim(tmp_path, ("trec", "pedro", 2))  # another run is free
+    quality.release(tmp_path, key)
+    assert quality.claim(tmp_path, key)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "trec-lora_matched-0").write_text(dead.stdout.strip())  # its process has exited
+    assert quality.claim(tmp_path, ("trec", "lora_matched", 0))
+    assert (tmp_path / "trec-lora_matched-0").read_text() == str(os.getpid())
