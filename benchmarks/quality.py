@@ -64,13 +64,20 @@ SIZES = {
 }
 QUICK = {name: Size(train=16, eval=8, max_length=s.max_length, overflow=s.overflow) for name, s in SIZES.items()}
 GEN_TOKENS = {"gsm8k": 160, "e2e": 64, "conala": 64}
-# Each method as `pedro train --method M` runs it: everything else is the default.
+# Each method as `pedro train --method M` runs it: everything else is the default. The first three are the
+# study's core (--methods' default); the others add LoRA's own default and a second budget (PEDRO at half the
+# generator rank against LoRA matched to that), run once the core has finished.
 METHODS: dict[str, dict[str, Any]] = {
     "pedro": dict(method="pedro"),
     "lora_matched": dict(method="lora", match_params="pedro", lora_targets=("q", "v")),
     "ia3": dict(method="ia3"),
+    "lora_r8_qv": dict(method="lora", lora_r=8, lora_targets=("q", "v")),
+    "pedro_r4": dict(method="pedro", r=4),
+    "lora_matched_r4": dict(method="lora", match_params="pedro", r=4, lora_targets=("q", "v")),
 }
-BASELINES = ("lora_matched", "ia3")  # PEDRO's paired comparisons
+CORE = ("pedro", "lora_matched", "ia3")
+# paired comparisons: (PEDRO configuration, baseline)
+PAIRS = (("pedro", "lora_matched"), ("pedro", "ia3"), ("pedro", "lora_r8_qv"), ("pedro_r4", "lora_matched_r4"))
 BOOTSTRAP = 1000
 
 
@@ -403,8 +410,8 @@ def aggregate(records: list[dict[str, Any]], tasks: dict[str, tuple[Any, list]],
                 half = T95.get(len(values), 2.0) * std / math.sqrt(len(values)) if len(values) > 1 else None
                 entry[key] = {"mean": statistics.mean(values), "std": std, "ci95": half, "values": values}
             info["methods"][method] = entry
-        pedro_runs = [r for r in records if r["task"] == name and r["method"] == "pedro"]
-        for other in BASELINES:
+        for ours, other in PAIRS:
+            pedro_runs = [r for r in records if r["task"] == name and r["method"] == ours]
             other_runs = [r for r in records if r["task"] == name and r["method"] == other]
             seeds = sorted({r["seed"] for r in pedro_runs} & {r["seed"] for r in other_runs})
             if not seeds:
@@ -412,7 +419,7 @@ def aggregate(records: list[dict[str, Any]], tasks: dict[str, tuple[Any, list]],
             a = [r for r in pedro_runs if r["seed"] in seeds]
             b = [r for r in other_runs if r["seed"] in seeds]
             low, high = paired_bootstrap(task, examples, a, b, rounds)
-            info["versus"][other] = {
+            info["versus"][f"{ours} - {other}"] = {
                 "seeds": seeds,
                 "difference": statistics.mean(r[metric] for r in a) - statistics.mean(r[metric] for r in b),
                 "bootstrap95": [low, high],
@@ -425,7 +432,14 @@ def _scale(metric: str) -> float:
     return 100.0 if metric in ("accuracy", "exact_match", "macro_f1") else 1.0
 
 
+def _shown(table: dict[str, Any]) -> list[str]:
+    """The methods with at least one run on record, in METHODS' order."""
+    return [m for m in METHODS if any(m in info["methods"] for info in table.values())]
+
+
 def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
+    methods = _shown(table)
+    pairs = [f"{a} - {b}" for a, b in PAIRS if any(f"{a} - {b}" in info["versus"] for info in table.values())]
     lines = [
         "# Quality study: PEDRO vs parameter-matched LoRA and (IA)3 (SmolLM2-135M, CPU)",
         "",
@@ -440,13 +454,13 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
         "E2E corpus BLEU (ROUGE-L), multi-reference; CoNaLa corpus BLEU over CoNaLa's code tokens (exact match); "
         "greedy decoding. Cells: mean ± std over seeds [95 % t-interval of the mean]; accuracy and exact match in %.",
         "",
-        "| task (metric; n train / dev / test) | zero-shot | " + " | ".join(METHODS) + " |",
-        "|---|" + "---|" * (len(METHODS) + 1),
+        "| task (metric; n train / dev / test) | zero-shot | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * (len(methods) + 1),
     ]
     for task, info in table.items():
         scale = _scale(info["metric"])
         cells = []
-        for method in ["zero_shot", *METHODS]:
+        for method in ["zero_shot", *methods]:
             entry = info["methods"].get(method)
             if entry is None:
                 cells.append("—")
@@ -468,14 +482,14 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
         f"PEDRO minus each baseline, same seeds; 95 % paired bootstrap interval over test items ({meta['rounds']} "
         "resamples, each run re-scored on the same resample):",
         "",
-        "| task | " + " | ".join(f"PEDRO − {b}" for b in BASELINES) + " |",
-        "|---|" + "---|" * len(BASELINES),
+        "| task | " + " | ".join(pair.replace(" - ", " − ") for pair in pairs) + " |",
+        "|---|" + "---|" * len(pairs),
     ]
     for task, info in table.items():
         scale = _scale(info["metric"])
         cells = []
-        for b in BASELINES:
-            v = info["versus"].get(b)
+        for pair in pairs:
+            v = info["versus"].get(pair)
             cells.append(
                 f"{scale * v['difference']:+.1f} [{scale * v['bootstrap95'][0]:+.1f}, {scale * v['bootstrap95'][1]:+.1f}] "
                 f"(seeds {','.join(map(str, v['seeds']))})"
@@ -487,15 +501,15 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "Trainable parameters, epochs, learning rate and mean train time per run:",
         "",
-        "| task | " + " | ".join(METHODS) + " |",
-        "|---|" + "---|" * len(METHODS),
+        "| task | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
     ]
     for task, info in table.items():
         cells = [
             f"{e['trainable']:,}; {e['epochs']:g} ep; lr {e['lr']:g}; {e['train_seconds'] / 60:.0f} min"
             if (e := info["methods"].get(m))
             else "—"
-            for m in METHODS
+            for m in methods
         ]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -507,14 +521,15 @@ def plot(table: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = ["zero_shot", *METHODS]
+    methods = ["zero_shot", *_shown(table)]
     fig, axes = plt.subplots(1, len(table), figsize=(3.4 * len(table), 3.6), squeeze=False)
     for ax, (task, info) in zip(axes[0], table.items()):
         scale = _scale(info["metric"])
         entries = [info["methods"].get(m) for m in methods]
         means = [scale * e[info["metric"]]["mean"] if e else 0.0 for e in entries]
         errs = [scale * (e[info["metric"]]["ci95"] or 0.0) if e else 0.0 for e in entries]
-        ax.bar(range(len(methods)), means, yerr=errs, capsize=3, color=["#999999", "#d62728", "#1f77b4", "#2ca02c"])
+        colors = ["#999999", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"]
+        ax.bar(range(len(methods)), means, yerr=errs, capsize=3, color=colors[: len(methods)])
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{task} ({info['metric']})")
     fig.suptitle("SmolLM2-135M, test splits: mean over seeds, 95 % t-interval")
@@ -538,6 +553,10 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
     all_sizes = QUICK if args.quick else SIZES
     sizes = {t: all_sizes[t] for t in args.tasks.split(",")}
     seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     stem = "quality_quick" if args.quick else "quality"
     runs_path = out / f"{stem}_runs.jsonl"
     claims = out / f".{stem}_claims"
@@ -622,7 +641,8 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
         if run_claimed(key, zero_shot):
             log(f"{task_name} zero-shot: {done[key][task.metric]:.3f}")
         for seed in seeds:
-            for method, settings in METHODS.items():
+            for method in methods:
+                settings = METHODS[method]
                 key = (task_name, method, seed)
 
                 def trained(method: str = method, settings: dict = settings, seed: int = seed) -> dict[str, Any]:
@@ -651,6 +671,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--tasks", default=None, help="default: sst2,rte,trec,e2e,conala (test), trec,e2e (dev)")
     parser.add_argument("--seeds", default=None, help="default: 0,1,2 (test), 0 (dev)")
+    parser.add_argument(
+        "--methods", default=",".join(CORE), help=f"test phase, from {', '.join(METHODS)} (default: %(default)s)"
+    )
     parser.add_argument("--variants", default="", help="dev phase: ';'-separated variant names (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the study's code path in minutes")
     parser.add_argument("--out", default=str(ROOT / "results"), help="folder for the results")
