@@ -10,7 +10,6 @@ from conftest import randomize, tiny_model, tiny_tokenizer
 
 import pedro
 from pedro.backbones import resolve_dtype
-from pedro.compat import can_pack_linear
 from pedro.data import encode_prompt
 from pedro.engine import AdapterError, Engine, QueueFull, Request, RequestError, SamplingParams
 
@@ -190,51 +189,3 @@ def test_families_the_runner_does_not_implement_are_refused_by_name(family):
     """The PEFT model serves them through transformers' forward (test_pedro_model.py); the engine says so."""
     with pytest.raises(ValueError, match=rf"runner supports \['llama'.*not '{family}'; use transformers generate"):
         Engine(tiny_model(family), max_batch=1, max_seq_len=16)
-
-
-def _perturb(peft_model, seed: int) -> None:
-    """Every trainable (adapter) parameter moved off its identity initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
-
-
-@pytest.mark.skipif(not can_pack_linear(torch.zeros(1, dtype=torch.bfloat16)), reason="no packed bf16 GEMMs here")
-def test_fused_projections_give_what_separate_gemms_give(tmp_path):
-    """q|k|v and gate|up as one packed GEMM each, their slices then taking LoRA deltas (on q, v, up) and output
-    scales (PEDRO on q, v, up; (IA)3 on k, v), or (an (IA)3 scaling up's input) falling back to separate GEMMs:
-    every chosen token and its log-probability equal an engine that never fuses, bit for bit."""
-    lora = peft.get_peft_model(
-        _sharp_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
-    )
-    _perturb(lora, seed=3)
-    lora.save_pretrained(str(tmp_path / "lora"))
-    ia3 = peft.get_peft_model(
-        _sharp_model(),
-        peft.IA3Config(target_modules=["k_proj", "v_proj", "up_proj"], feedforward_modules=["up_proj"]),
-    )
-    _perturb(ia3, seed=4)
-    ia3.save_pretrained(str(tmp_path / "ia3"))
-    dirs = {"pedro": _pedro_dir(tmp_path), "lora": str(tmp_path / "lora"), "ia3": str(tmp_path / "ia3"), None: None}
-
-    def run(fused: bool, adapters: list) -> list:
-        engine = Engine(_sharp_model(torch.bfloat16), max_batch=8, max_seq_len=40)
-        assert all(len(groups) == 2 for groups in engine.runner.fused)
-        if not fused:
-            engine.runner.fused = [{} for _ in engine.runner.fused]
-        for name, path in dirs.items():
-            if name:
-                engine.add_adapter(name, path)
-        sampling = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=0)
-        requests = [
-            Request([3 + i, 7, 11 + 2 * i, 5][: 2 + i % 3], adapter=a, sampling=sampling)
-            for i, a in enumerate(adapters)
-        ]
-        return [[(t.token, t.logprob) for t in out.logprobs] for out in engine.generate(requests)]
-
-    without_input_scale = ["pedro", "lora", None, "pedro", "lora", None]
-    assert run(True, without_input_scale) == run(False, without_input_scale)
-    everything = [*dirs, *dirs]
-    assert run(True, everything) == run(False, everything)

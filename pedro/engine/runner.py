@@ -140,25 +140,6 @@ def _gemm(linear: nn.Linear, rows: int) -> Callable[[torch.Tensor], torch.Tensor
     return lambda x: F.linear(x, linear.weight, linear.bias)
 
 
-# Projections that read the same input, run as one GEMM over their stacked weights where the GEMMs are packed:
-# at a decode step's 32 rows on SmolLM2, q|k|v in one call takes 43 us against 104 us for three, gate|up 118
-# against 141, with each output bit for bit what its own GEMM gives at a decode step's row counts.
-FUSED = (("q", "k", "v"), ("gate", "up"))
-
-
-def _fused_gemm(linears: list[nn.Linear], rows: int) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
-    """One packed GEMM over ``linears``' stacked weights -> each module's output as a column slice of it; None
-    where the weights do not pack or only some of the modules have a bias."""
-    biases = [linear.bias for linear in linears]
-    if not all(can_pack_linear(linear.weight) for linear in linears) or len({b is None for b in biases}) > 1:
-        return None
-    weight = torch.cat([linear.weight.detach() for linear in linears])
-    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases if b is not None])
-    gemm = packed_linear(weight, bias, rows)
-    widths = [linear.out_features for linear in linears]
-    return lambda x: list(gemm(x).split(widths, dim=-1))
-
-
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, spec: ModelSpec, cache: KVCache, rows: RowAdapters) -> None:
         self.spec, self.cache, self.rows = spec, cache, rows
@@ -189,14 +170,6 @@ class ModelRunner:
             for layer in layers
         ]
         self.head_gemm = _gemm(model.lm_head, rows_hint)
-        self.fused: list[dict[tuple[str, ...], Callable[[torch.Tensor], list[torch.Tensor]]]] = []
-        for layer in layers:
-            groups: dict[tuple[str, ...], Callable[[torch.Tensor], list[torch.Tensor]]] = {}
-            for members in FUSED:
-                gemm = _fused_gemm([layer.get_submodule(spec.module_paths[m]) for m in members], rows_hint)
-                if gemm is not None:
-                    groups[members] = gemm
-            self.fused.append(groups)
 
     # ---------------------------------------------------------------------------------------- shared pieces
 
@@ -219,21 +192,6 @@ class ModelRunner:
             y = ctx.scale(layer, ("out", module), y, inplace=True)  # y is this call's own tensor
         return y
 
-    def _project(self, layer: int, members: tuple[str, ...], x: torch.Tensor, ctx: "_Context") -> list[torch.Tensor]:
-        """``members``' outputs for the same input ``x``: one fused GEMM whose column slices then take each
-        module's LoRA delta and output scale in place, or, where a member scales its input (the fused GEMM would
-        need a different input per member) or no fused GEMM exists, each module on its own."""
-        fused = self.fused[layer].get(members)
-        if fused is None or any(("in", m) in ctx.points for m in members):
-            return [self._linear(layer, m, x, ctx) for m in members]
-        outs = fused(x)
-        for module, y in zip(members, outs):
-            if module in ctx.lora:
-                y += ctx.lora_delta(layer, module, x)
-            if ("out", module) in ctx.points:
-                ctx.scale(layer, ("out", module), y, inplace=True)
-        return outs
-
     def _forward(self, x: torch.Tensor, ctx: "_Context", layers: range) -> torch.Tensor:
         """The hidden states ``x`` entering the first of ``layers`` -> those leaving the last."""
         step = ctx.step
@@ -242,7 +200,9 @@ class ModelRunner:
             normed = layer.input_norm(x)
             if isinstance(step, _Prefill):
                 self._run_generators(i, x, normed, step)
-            q, k, v = self._project(i, ("q", "k", "v"), normed, ctx)
+            q = self._linear(i, "q", normed, ctx)
+            k = self._linear(i, "k", normed, ctx)
+            v = self._linear(i, "v", normed, ctx)
             if isinstance(step, _Prefill):
                 attended = self._attend_prefill(i, q, k, v, ctx.rope, step)
             else:
@@ -250,8 +210,7 @@ class ModelRunner:
             a = self._linear(i, "o", attended, ctx)
             x = x + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
             h = layer.mlp_in_norm(x)
-            gate, up = self._project(i, ("gate", "up"), h, ctx)
-            m = self._linear(i, "down", self.act(gate) * up, ctx)
+            m = self._linear(i, "down", self.act(self._linear(i, "gate", h, ctx)) * self._linear(i, "up", h, ctx), ctx)
             x = x + (m if layer.mlp_out_norm is None else layer.mlp_out_norm(m))
         return x
 
