@@ -110,6 +110,11 @@ DEV_VARIANTS: dict[str, dict[str, Any]] = {  # in the order they run: the defaul
     "pedro rational": dict(PEDRO_BASE, lr=1e-3, activation="rational"),
     "pedro rational bilevel": dict(PEDRO_BASE, lr=1e-3, activation="rational", bilevel=True),
     "pedro mean pooler": dict(PEDRO_BASE, lr=1e-3, pooler="mean"),
+    "pedro attention pooler": dict(PEDRO_BASE, lr=1e-3, pooler="attention"),
+    "pedro raw pool source": dict(PEDRO_BASE, lr=1e-3, pool_source="raw"),
+    "pedro shared generator": dict(PEDRO_BASE, lr=1e-3, share_generator=True),
+    "pedro targets q,k,v,o,gate,up": dict(PEDRO_BASE, lr=1e-3, targets=("q", "k", "v", "o", "gate", "up")),
+    "pedro r=16": dict(PEDRO_BASE, lr=1e-3, r=16),
 }
 
 
