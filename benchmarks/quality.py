@@ -115,6 +115,8 @@ DEV_VARIANTS: dict[str, dict[str, Any]] = {  # in the order they run: the defaul
     "pedro shared generator": dict(PEDRO_BASE, lr=1e-3, share_generator=True),
     "pedro targets q,k,v,o,gate,up": dict(PEDRO_BASE, lr=1e-3, targets=("q", "k", "v", "o", "gate", "up")),
     "pedro r=16": dict(PEDRO_BASE, lr=1e-3, r=16),
+    "pedro normalized pooled": dict(PEDRO_BASE, lr=1e-3, normalize_pooled=True),
+    "pedro scale bound 1": dict(PEDRO_BASE, lr=1e-3, scale_bound=1.0),
 }
 
 

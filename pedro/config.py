@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -48,6 +49,13 @@ class PedroConfig(PeftConfig):
         },
     )
     generator_bias: bool = field(default=True, metadata={"help": "Biases in the generator's Down/Up projections."})
+    normalize_pooled: bool = field(
+        default=False, metadata={"help": "Divide the pooled vector by its root mean square before Down."}
+    )
+    scale_bound: Optional[float] = field(
+        default=None,
+        metadata={"help": "None, or c > 0: z becomes c * tanh(z / c), so every scale 1 + z stays within c of 1."},
+    )
     target_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Filled in by the tuner: the module names PEDRO wrapped."}
     )
@@ -85,9 +93,27 @@ class PedroConfig(PeftConfig):
                     "layers", "None (all layers) or a non-empty list of distinct non-negative integers", self.layers
                 )
             self.layers = sorted(layers)
-        for flag in ("share_generator", "generator_bias"):
+        for flag in ("share_generator", "generator_bias", "normalize_pooled"):
             if not isinstance(getattr(self, flag), bool):
                 _refuse(flag, "a bool", getattr(self, flag))
+        bound = self.scale_bound
+        if bound is not None and (
+            isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0
+        ):
+            _refuse("scale_bound", "None or a finite number > 0", bound)
+        if bound is not None:
+            self.scale_bound = float(bound)
+
+    def generator_args(self) -> dict[str, Any]:
+        """What pedro.generator.VectorGenerator takes from this config besides d_model and its output width."""
+        return dict(
+            r=self.r,
+            pooler=self.pooler,
+            activation=self.activation,
+            bias=self.generator_bias,
+            normalize=self.normalize_pooled,
+            scale_bound=self.scale_bound,
+        )
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:

@@ -86,12 +86,32 @@ def pool(states: torch.Tensor, mask: torch.Tensor, how: str, scorer: nn.Linear |
     raise ValueError(f"unknown pooler {how!r}")
 
 
-class VectorGenerator(nn.Module):
-    """z = Up(act(Down(Pool(h)))) with Up zero-initialised, so the scales 1 + z start exactly at 1."""
+NORMALIZE_EPS = 1e-6
 
-    def __init__(self, d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> None:
+
+class VectorGenerator(nn.Module):
+    """z = Up(act(Down(Pool(h)))) with Up zero-initialised, so the scales 1 + z start exactly at 1.
+
+    Two optional forms, both the identity at initialisation and free of parameters: ``normalize`` divides the
+    pooled vector by its root mean square before Down (the raw residual stream's norms grow from layer to layer
+    and reach the tens of thousands, which a fixed Down must otherwise absorb), and ``scale_bound`` = c maps z to
+    c * tanh(z / c), so every scale 1 + z stays within c of 1 whatever the prompt (slope 1 at z = 0)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        r: int,
+        out_features: int,
+        pooler: str,
+        activation: str,
+        bias: bool,
+        normalize: bool = False,
+        scale_bound: float | None = None,
+    ) -> None:
         super().__init__()
         self.pooler = pooler
+        self.normalize = normalize
+        self.scale_bound = scale_bound
         self.scorer = nn.Linear(d_model, 1, bias=False) if pooler == "attention" else None
         if self.scorer is not None:
             nn.init.zeros_(self.scorer.weight)  # uniform attention (= mean pooling) at init
@@ -115,7 +135,12 @@ class VectorGenerator(nn.Module):
                 pooled = pool(states, mask, "last").to(dtype)
             else:
                 pooled = pool(states.to(dtype), mask, self.pooler, self.scorer)
-            return self.up(self.act(self.down(pooled)))
+            if self.normalize:
+                pooled = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + NORMALIZE_EPS)
+            z = self.up(self.act(self.down(pooled)))
+            if self.scale_bound is not None:
+                z = self.scale_bound * torch.tanh(z / self.scale_bound)
+            return z
 
 
 def generator_parameter_count(d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> int:

@@ -225,9 +225,7 @@ class PedroModel(BaseTuner):
         d_model = weight.shape[-1]
 
         def build() -> VectorGenerator:
-            generator = VectorGenerator(
-                d_model, config.r, width, config.pooler, config.activation, config.generator_bias
-            )
+            generator = VectorGenerator(d_model, out_features=width, **config.generator_args())
             return generator.to(device=weight.device, dtype=torch.float32)
 
         if not config.share_generator:

@@ -59,6 +59,8 @@ class TrainConfig:
     targets: tuple[str, ...] = ("q", "v", "up")
     pool_source: str = "normed"
     share_generator: bool = False
+    normalize_pooled: bool = False
+    scale_bound: Optional[float] = None
     rational_lr: Optional[float] = None  # learning rate of the rational activation's coefficients
     bias_lr: Optional[float] = None  # learning rate of the generators' Up bias (the prompt-independent scale part)
     # rational coefficients trained on dev-split batches, the generators on training batches, alternating at every
@@ -148,4 +150,6 @@ def _pedro_config(cfg: TrainConfig, r: int | None = None) -> PedroConfig:
         targets=list(cfg.targets),
         pool_source=cfg.pool_source,
         share_generator=cfg.share_generator,
+        normalize_pooled=cfg.normalize_pooled,
+        scale_bound=cfg.scale_bound,
     )

@@ -41,6 +41,12 @@ def test_json_round_trip(tmp_path):
         ("layers", [], "non-empty list"),
         ("pool_source", "embeddings", "one of ['normed', 'raw']"),
         ("share_generator", "yes", "a bool"),
+        ("normalize_pooled", 1, "a bool"),
+        ("scale_bound", 0, "None or a finite number > 0"),
+        ("scale_bound", -0.5, "None or a finite number > 0"),
+        ("scale_bound", float("inf"), "None or a finite number > 0"),
+        ("scale_bound", True, "None or a finite number > 0"),
+        ("scale_bound", "0.5", "None or a finite number > 0"),
         ("task_type", "SEQ_CLS", "CAUSAL_LM"),
     ],
 )

@@ -49,9 +49,18 @@ ADAPTERS = {
     "p-last-b": ("pedro", dict(r=4)),  # same shape as p-last: batched together at prefill
     "p-attn": (
         "pedro",
-        dict(r=4, pooler="attention", activation="rational", targets=["q", "k", "v", "o", "gate", "up"]),
+        dict(
+            r=4,
+            pooler="attention",
+            activation="rational",
+            targets=["q", "k", "v", "o", "gate", "up"],
+            scale_bound=0.3,
+        ),
     ),
-    "p-shared": ("pedro", dict(r=3, share_generator=True, pooler="mean", pool_source="raw", layers=[0, 2])),
+    "p-shared": (
+        "pedro",
+        dict(r=3, share_generator=True, pooler="mean", pool_source="raw", normalize_pooled=True, layers=[0, 2]),
+    ),
     "lora-qv": ("lora", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
     "lora-all": (
         "lora",

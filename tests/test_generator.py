@@ -74,3 +74,29 @@ def test_generator_starts_at_zero_and_is_prompt_dependent_once_trained():
     torch.nn.init.normal_(gen.up.weight)
     z = gen(states, mask)
     assert not torch.allclose(z[0], z[1])
+
+
+def test_normalized_pooling_and_bounded_scales():
+    """normalize_pooled: Down reads the pooled vector divided by its RMS, so scaling the prompt's states leaves
+    z unchanged; scale_bound c: z = c * tanh(u / c) of the unbounded output u, within c of 0, and the identity
+    at initialisation like the plain form."""
+    states, mask = _padded_batch()
+    plain = VectorGenerator(d_model=4, r=3, out_features=5, pooler="mean", activation="gelu", bias=True)
+    normed = VectorGenerator(4, 3, 5, "mean", "gelu", True, normalize=True)
+    bounded = VectorGenerator(4, 3, 5, "mean", "gelu", True, scale_bound=0.2)
+    assert torch.equal(normed(states, mask), torch.zeros(3, 5)) and torch.equal(
+        bounded(states, mask), torch.zeros(3, 5)
+    )
+    torch.nn.init.normal_(plain.up.weight, std=1.0)
+    normed.load_state_dict(plain.state_dict())
+    bounded.load_state_dict(plain.state_dict())
+    pooled = pool(states, mask, "mean")
+    unit = pooled / pooled.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    torch.testing.assert_close(normed(states, mask), plain.up(plain.act(plain.down(unit))))
+    torch.testing.assert_close(normed(states * 1000.0, mask), normed(states, mask), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain(states * 1000.0, mask), plain(states, mask))
+    u = plain(states, mask)
+    z = bounded(states, mask)
+    assert u.abs().max() > 0.2  # the bound is active somewhere, so the check below is not vacuous
+    torch.testing.assert_close(z, 0.2 * torch.tanh(u / 0.2))
+    assert z.abs().max() <= 0.2  # tanh rounds to exactly 1 in float32 far out: within c, never beyond

@@ -64,9 +64,13 @@ def _reference_by_weight_scaling(base, config, adapter_model, ids, prompt_len):
             pooled = h[-1]
         else:
             pooled = h.mean(0)
+        if config.normalize_pooled:
+            pooled = pooled / torch.sqrt((pooled**2).mean() + 1e-6)
         hidden = F.linear(pooled, gen.down.weight, gen.down.bias)
         hidden = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[config.activation](hidden)
         z = F.linear(hidden, gen.up.weight, gen.up.bias)
+        if config.scale_bound is not None:
+            z = config.scale_bound * torch.tanh(z / config.scale_bound)
         offset = 0
         for target in config.targets:
             proj = layer.get_submodule(lmap.projections[target])
@@ -81,10 +85,13 @@ def _reference_by_weight_scaling(base, config, adapter_model, ids, prompt_len):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-@pytest.mark.parametrize("pooler, activation", [("last", "gelu"), ("mean", "silu")])
-def test_outputs_equal_hand_written_reference(family, pooler, activation):
+@pytest.mark.parametrize(
+    "pooler, activation, forms",
+    [("last", "gelu", {}), ("mean", "silu", {}), ("mean", "gelu", dict(normalize_pooled=True, scale_bound=0.1))],
+)
+def test_outputs_equal_hand_written_reference(family, pooler, activation, forms):
     base = tiny_model(family)
-    config = PedroConfig(r=4, pooler=pooler, activation=activation, targets=["q", "v", "up", "o"])
+    config = PedroConfig(r=4, pooler=pooler, activation=activation, targets=["q", "v", "up", "o"], **forms)
     model = pedro.get_pedro_model(copy.deepcopy(base), config)
     randomize(model)
     (seq,) = ids_for(11)

@@ -306,6 +306,8 @@ CONFIG_KEYS = [
     "share_generator",
     "pool_source",
     "generator_bias",
+    "normalize_pooled",
+    "scale_bound",
 ]
 CONFIG_VALUES = EXTREMES + [
     [[0, 2]],

@@ -164,7 +164,7 @@ def _shell(config: PedroConfig, spec: ModelSpec, width: int) -> VectorGenerator:
     initialisation, so loading on the engine's loader thread never draws from the global RNG that other
     threads (a user seeding torch and building a model) rely on."""
     with torch.device("meta"):
-        return VectorGenerator(spec.d_model, config.r, width, config.pooler, config.activation, config.generator_bias)
+        return VectorGenerator(spec.d_model, out_features=width, **config.generator_args())
 
 
 def _pedro_plan(
