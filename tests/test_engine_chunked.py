@@ -22,19 +22,23 @@ def kinds(tmp_path_factory):
 
 
 def _pieces(monkeypatch) -> dict[str, list]:
-    """Record what each prefill forward ran: rows' starts (by position) and layer ranges (by layers)."""
-    seen: dict[str, list] = {"starts": [], "layers": []}
-    prefill, prefill_layers = ModelRunner.prefill, ModelRunner.prefill_layers
+    """Record what each prefill forward ran (alone, or in one forward with a decode step): rows' starts (by
+    position) and layer ranges (by layers); and how many forwards decoded and prefilled together."""
+    seen: dict[str, list] = {"starts": [], "layers": [], "mixed": []}
+    run, prefill_layers = ModelRunner.run, ModelRunner.prefill_layers
 
-    def by_position(self, batch):
-        seen["starts"] += [(s, len(p)) for s, p in zip(batch.starts or [0] * len(batch.prompts), batch.prompts)]
-        return prefill(self, batch)
+    def by_position(self, tokens, batch):
+        if batch is not None:
+            seen["starts"] += [(s, len(p)) for s, p in zip(batch.starts or [0] * len(batch.prompts), batch.prompts)]
+            if tokens is not None:
+                seen["mixed"].append(len(tokens))
+        return run(self, tokens, batch)
 
     def by_layers(self, state, end):
         seen["layers"].append((state.done, end, len(state.prompt)))
         return prefill_layers(self, state, end)
 
-    monkeypatch.setattr(ModelRunner, "prefill", by_position)
+    monkeypatch.setattr(ModelRunner, "run", by_position)
     monkeypatch.setattr(ModelRunner, "prefill_layers", by_layers)
     return seen
 
@@ -56,6 +60,7 @@ def test_an_idle_engine_prefills_a_long_prompt_whole_and_a_busy_one_splits_it(mo
     seen["starts"].clear()
     split = engine.generate([Request(prompt(57, 20), sampling=greedy(2))])[0]
     assert any(start > 0 for start, _ in seen["starts"]) and max(n for _, n in seen["starts"]) <= 6
+    assert seen["mixed"]  # its chunks ran in the decoding row's forwards
     assert split.token_ids == whole.token_ids == reference("llama", None, prompt(57, 20), 2)
 
 
@@ -134,7 +139,9 @@ def test_decoding_rows_get_a_token_every_step_while_a_long_prompt_is_admitted(ki
             after = [len(engine._seqs[r.request_id].output_ids) for r in decoding]
             assert after == [n + 1 for n in before]
             if engine._seqs[long.request_id].admitted_at_step is not None:  # its adapter may be loading first
-                assert engine.stats["prefill"][-1][0] <= 8
+                # chunks by position share the decoding rows' forward; a PEDRO prompt's layer ranges run on their own
+                prefilled = engine.stats["mixed"][-1][1] if adapter == "lora-all" else engine.stats["prefill"][-1][0]
+                assert prefilled <= 8
                 steps += 1
         assert steps == (7 if adapter == "lora-all" else 3)
         while long.request_id in engine._seqs:

@@ -154,6 +154,33 @@ def test_a_prefill_failure_is_attributed_to_its_request(dirs, monkeypatch):
     assert outs[1].token_ids == solo
 
 
+def test_a_prefill_failure_in_a_decoding_step_is_attributed_to_its_request(dirs, monkeypatch):
+    """A prompt admitted while a row decodes runs in the decoding row's forward; when that forward raises, the
+    step is rerun the usual way (the decoding row alone, then the prompt alone), so the failure stays with the
+    request that fails on its own and the decoding row's tokens do not change."""
+    solo = _solo(dirs)
+    engine = _engine(dirs)
+    engine.add_adapter("fragile", dirs["good"])
+    real, mixed = engine.runner.run, []
+
+    def run(tokens, batch):
+        if batch is not None and any(engine.rows.row_entry[s].name == "fragile" for s in batch.slots):
+            mixed.append(tokens is not None)
+            raise RuntimeError("generator exploded")
+        return real(tokens, batch)
+
+    monkeypatch.setattr(engine.runner, "run", run)
+    bystander = engine.add_request(_bystander())
+    engine.step()  # the bystander is prefilled and decoding
+    fragile = engine.add_request(Request([7, 8], adapter="fragile", sampling=GREEDY))
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert mixed == [True, False]  # its prompt failed with the decoding row, then alone
+    assert outs[fragile].error_code == REQUEST_FAILED and "generator exploded" in outs[fragile].error
+    assert outs[bystander].error is None and outs[bystander].token_ids == solo
+
+
 def test_a_flooding_tenant_waits_behind_nobody_but_itself(dirs):
     """A submits 200 requests at once, B one: A's cap refuses A's excess, B is admitted within two steps
     (first come, first served would put it behind A's four waiting requests, one row freeing per step), and

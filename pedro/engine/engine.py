@@ -204,8 +204,10 @@ class Engine:
         self._loading: dict[str, Future] = {}
 
     def reset_stats(self) -> None:
-        """Start ``stats`` afresh: per step, (rows or prompt tokens, seconds), the last STATS_WINDOW steps."""
-        self.stats: dict[str, deque] = {"decode": deque(maxlen=STATS_WINDOW), "prefill": deque(maxlen=STATS_WINDOW)}
+        """Start ``stats`` afresh, the last STATS_WINDOW steps of each kind: "decode" (rows, seconds) for a step
+        that only decodes, "prefill" (prompt tokens, seconds) for one that only prefills, "mixed" (rows, prompt
+        tokens, seconds) for one that did both in one forward."""
+        self.stats: dict[str, deque] = {kind: deque(maxlen=STATS_WINDOW) for kind in ("decode", "prefill", "mixed")}
 
     def reset(self, reason: str) -> list[RequestOutput]:
         """Fail every request the engine holds (``error_code`` ENGINE_FAILURE, ``error`` = ``reason``) and
@@ -416,19 +418,24 @@ class Engine:
         failed = self._finish_loads()
         progressed: list[Sequence] = []
         running = list(self.scheduler.running)
-        if running:
-            start = time.perf_counter()
-            tokens = upload([seq.output_ids[-1] for seq in running], self.device)
-            logits = self.runner.decode(tokens)
-            self._accept(running, logits)
-            self.stats["decode"].append((len(running), time.perf_counter() - start))
-            progressed += running
-        pieces = self.scheduler.schedule()
+        tokens = upload([seq.output_ids[-1] for seq in running], self.device) if running else None
+        pieces = self.scheduler.schedule()  # new rows take slots after the running ones: decoding is unaffected
+        start = time.perf_counter()
+        logits: torch.Tensor | None = None
         if pieces:
-            start = time.perf_counter()
-            prefilled = self._prefill(pieces)
-            self.stats["prefill"].append((prefilled, time.perf_counter() - start))
+            prefilled, logits = self._prefill(pieces, tokens)
             progressed += [piece.seq for piece in pieces if piece.last or piece.seq.finished]
+            if logits is not None:
+                self.stats["mixed"].append((len(running), prefilled, time.perf_counter() - start))
+            else:
+                self.stats["prefill"].append((prefilled, time.perf_counter() - start))
+        if tokens is not None:
+            if logits is None:
+                start = time.perf_counter()
+                logits = self.runner.decode(tokens)
+                self.stats["decode"].append((len(running), time.perf_counter() - start))
+            self._accept(running, logits)
+            progressed = running + progressed
         outputs = [self._output(seq) for seq in progressed + failed]
         for seq in progressed + failed:
             if seq.finished:
@@ -439,13 +446,14 @@ class Engine:
             wait(list(self._loading.values()), timeout=0.05, return_when=FIRST_COMPLETED)
         return outputs
 
-    def _prefill(self, pieces: list[Piece]) -> int:
+    def _prefill(self, pieces: list[Piece], tokens: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
         """Run this step's prefill pieces (scheduler.py): rows joining the batch get their adapters, pieces by
         position run in one packed forward, a piece by layers on its own. Rows with the same prompt and adapter
         (``n`` samples of one prompt) prefilled whole in this step are prefilled once: the others copy its cache
         slot, vectors and prompt scores, then sample from the same logits with their own generators. A row whose
-        prefill ends here gets its first token; one that asks for no new token finishes. -> the prompt tokens'
-        worth of work that ran through the model."""
+        prefill ends here gets its first token; one that asks for no new token finishes. ``tokens``: the running
+        rows' last tokens, decoded in the same forward as the pieces by position when there are any. -> (the
+        prompt tokens' worth of work that ran through the model, the decoding rows' logits or None)."""
         for src, dst in self.scheduler.moves:
             self.cache.move(src, dst)
             self.rows.move(src, dst)
@@ -471,7 +479,11 @@ class Engine:
             k = seq.request.sampling.prompt_logprobs
             if k is not None:
                 scored[id(source)] = max(k, scored.get(id(source), 0))
-        results = self._prefill_isolated(runs, scored) if runs else {}
+        logits: torch.Tensor | None = None
+        if runs and tokens is not None:
+            results, logits = self._prefill_with_decode(runs, scored, tokens)
+        else:
+            results = self._prefill_isolated(runs, scored) if runs else {}
         for piece in pieces:
             if piece.by_layers:
                 results.update(self._prefill_layers(piece))
@@ -492,7 +504,39 @@ class Engine:
         if sampled:
             self._accept(sampled, torch.stack([results[id(seq)][0] for seq in sampled]))
         ran = [piece for piece in pieces if not any(piece.seq is seq for seq, _ in copies)]
-        return round(sum(piece.cost for piece in ran) / self.spec.n_layers)
+        return round(sum(piece.cost for piece in ran) / self.spec.n_layers), logits
+
+    def _prefill_with_decode(
+        self, pieces: list[Piece], scored: dict[int, int], tokens: torch.Tensor
+    ) -> tuple[dict[int, tuple[torch.Tensor, Optional[PromptScores]]], torch.Tensor]:
+        """``_prefill_isolated`` and the decoding rows' step in one forward, which reads the weights once for
+        both. If that forward raises, nothing says whose row caused it: the step is run the usual way, the
+        decoding rows alone (their cache writes at their current lengths are simply redone) and then the prompts
+        with the one-by-one fallback, so a failure stays with the request that fails on its own. -> (as
+        ``_prefill_isolated``, the decoding rows' logits)."""
+        batch = self._prefill_batch(pieces, scored)
+        try:
+            logits, prefill_logits = self.runner.run(tokens, batch)
+        except Exception:
+            return self._prefill_isolated(pieces, scored), self.runner.decode(tokens)
+        assert logits is not None and prefill_logits is not None
+        return self._prefill_results(pieces, batch, prefill_logits), logits
+
+    def _prefill_batch(self, pieces: list[Piece], scored: dict[int, int]) -> PrefillBatch:
+        seqs = [piece.seq for piece in pieces]
+        return PrefillBatch(
+            [s.admitted_slot for s in seqs],
+            [piece.seq.prompt_ids[piece.start : piece.end] for piece in pieces],
+            [scored.get(id(s)) for s in seqs],
+            starts=[piece.start for piece in pieces],
+        )
+
+    @staticmethod
+    def _prefill_results(
+        pieces: list[Piece], batch: PrefillBatch, logits: torch.Tensor
+    ) -> dict[int, tuple[torch.Tensor, Optional[PromptScores]]]:
+        """(next-token logits, prompt scores or None) by id(seq), for the pieces whose prompt ends here."""
+        return {id(p.seq): (row, batch.scores.get(i)) for i, (p, row) in enumerate(zip(pieces, logits)) if p.last}
 
     def _prefill_isolated(
         self, pieces: list[Piece], scored: dict[int, int]
@@ -501,21 +545,15 @@ class Engine:
         alternatives); if that raises, once more one by one, so that only a request that fails on its own is
         failed (its adapter's generator, say). -> (next-token logits, prompt scores or None) by id(seq), for the
         sequences whose prefill ends here."""
-        seqs = [piece.seq for piece in pieces]
-        batch = PrefillBatch(
-            [s.admitted_slot for s in seqs],
-            [piece.seq.prompt_ids[piece.start : piece.end] for piece in pieces],
-            [scored.get(id(s)) for s in seqs],
-            starts=[piece.start for piece in pieces],
-        )
+        batch = self._prefill_batch(pieces, scored)
         try:
             logits = self.runner.prefill(batch)
         except Exception as err:  # attributed to the request when it fails alone
-            if len(seqs) == 1:
-                seqs[0].finish("error", f"the request failed at prefill: {err}", REQUEST_FAILED)
+            if len(pieces) == 1:
+                pieces[0].seq.finish("error", f"the request failed at prefill: {err}", REQUEST_FAILED)
                 return {}
             return {key: row for piece in pieces for key, row in self._prefill_isolated([piece], scored).items()}
-        return {id(p.seq): (row, batch.scores.get(i)) for i, (p, row) in enumerate(zip(pieces, logits)) if p.last}
+        return self._prefill_results(pieces, batch, logits)
 
     def _prefill_layers(self, piece: Piece) -> dict[int, tuple[torch.Tensor, Optional[PromptScores]]]:
         """Run ``piece`` (a whole prompt through a range of layers); a failure fails its request alone. -> as

@@ -43,6 +43,7 @@ PROMPT_LOGPROB_CHUNK = 256  # prompt positions per log-softmax: bounds the (posi
 
 SLIDING = "sliding_attention"
 _Ropes = dict[str | None, tuple[torch.Tensor, torch.Tensor]]  # layer type (None: the one RoPE) -> (cos, sin)
+_Parts = list[tuple[slice, "_Context"]]  # a forward's rows: a decode step's and/or a prefill's, each with its context
 
 
 def check_supported(model: PreTrainedModel, max_seq_len: int) -> None:
@@ -182,35 +183,52 @@ class ModelRunner:
             ropes[kind] = cos[0], sin[0]
         return ropes
 
-    def _linear(self, layer: int, module: str, x: torch.Tensor, ctx: "_Context") -> torch.Tensor:
-        if ("in", module) in ctx.points:
-            x = ctx.scale(layer, ("in", module), x, inplace=False)  # x may be another module's input too
+    def _linear(self, layer: int, module: str, x: torch.Tensor, parts: "_Parts") -> torch.Tensor:
+        """One GEMM over every row of the forward; each part's adapters then act on its own rows."""
+        point = ("in", module)
+        if any(point in ctx.points for _, ctx in parts):
+            scaled = torch.empty_like(x)  # x may be another module's input too
+            for rows, ctx in parts:
+                if point in ctx.points:
+                    ctx.scale(layer, point, x[rows], out=scaled[rows])
+                else:
+                    scaled[rows] = x[rows]
+            x = scaled
         y = self.gemms[layer][module](x)
-        if module in ctx.lora:
-            y = y + ctx.lora_delta(layer, module, x)
-        if ("out", module) in ctx.points:
-            y = ctx.scale(layer, ("out", module), y, inplace=True)  # y is this call's own tensor
+        for rows, ctx in parts:
+            if module in ctx.lora:
+                y[rows] += ctx.lora_delta(layer, module, x[rows])
+            if ("out", module) in ctx.points:
+                ctx.scale(layer, ("out", module), y[rows], out=y[rows])  # y is this call's own tensor
         return y
 
-    def _forward(self, x: torch.Tensor, ctx: "_Context", layers: range) -> torch.Tensor:
-        """The hidden states ``x`` entering the first of ``layers`` -> those leaving the last."""
-        step = ctx.step
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: "_Parts") -> torch.Tensor:
+        outs = []
+        for rows, ctx in parts:
+            if isinstance(ctx.step, _Prefill):
+                outs.append(self._attend_prefill(layer, q[rows], k[rows], v[rows], ctx.rope, ctx.step))
+            else:
+                outs.append(self._attend_decode(layer, q[rows], k[rows], v[rows], ctx.rope, ctx.step))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _forward(self, x: torch.Tensor, parts: "_Parts", layers: range) -> torch.Tensor:
+        """The hidden states ``x`` entering the first of ``layers`` -> those leaving the last. ``parts``: which
+        rows of ``x`` are a decode step's and which a prefill's, each with its context; every linear layer reads
+        the weights once for all of them."""
         for i in layers:
             layer = self.layers[i]
             normed = layer.input_norm(x)
-            if isinstance(step, _Prefill):
-                self._run_generators(i, x, normed, step)
-            q = self._linear(i, "q", normed, ctx)
-            k = self._linear(i, "k", normed, ctx)
-            v = self._linear(i, "v", normed, ctx)
-            if isinstance(step, _Prefill):
-                attended = self._attend_prefill(i, q, k, v, ctx.rope, step)
-            else:
-                attended = self._attend_decode(i, q, k, v, ctx.rope, step)
-            a = self._linear(i, "o", attended, ctx)
+            for rows, ctx in parts:
+                if isinstance(ctx.step, _Prefill):
+                    self._run_generators(i, x[rows], normed[rows], ctx.step)
+            q = self._linear(i, "q", normed, parts)
+            k = self._linear(i, "k", normed, parts)
+            v = self._linear(i, "v", normed, parts)
+            a = self._linear(i, "o", self._attend(i, q, k, v, parts), parts)
             x = x + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
             h = layer.mlp_in_norm(x)
-            m = self._linear(i, "down", self.act(self._linear(i, "gate", h, ctx)) * self._linear(i, "up", h, ctx), ctx)
+            up = self._linear(i, "up", h, parts)
+            m = self._linear(i, "down", self.act(self._linear(i, "gate", h, parts)) * up, parts)
             x = x + (m if layer.mlp_out_norm is None else layer.mlp_out_norm(m))
         return x
 
@@ -281,21 +299,59 @@ class ModelRunner:
         ctx = _Context(self.rows, token_slots, prefill, rope)
         return ctx, upload([t for p in prompts for t in p], self.device), segments
 
-    @torch.inference_mode()
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
         """Run the prompts of new rows through every layer, fill their cache slots -> the logits after each row's
         last token here (n_rows, vocab). A row with a start > 0 is a chunk of its prompt after the positions its
         slot already holds (chunked prefill); such a row's prompt logprobs are not scored here."""
-        starts = batch.starts or [0] * len(batch.slots)
-        ctx, tokens, segments = self._prefill_context(batch.slots, batch.prompts, starts)
-        hidden = self._forward(self.embed_tokens(tokens), ctx, range(len(self.layers)))
+        logits = self.run(None, batch)[1]
+        assert logits is not None
+        return logits
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each of rows 0..B-1 (``tokens`` (B,)) -> next-token logits (B, vocab)."""
+        logits = self.run(tokens, None)[0]
+        assert logits is not None
+        return logits
+
+    @torch.inference_mode()
+    def run(
+        self, tokens: torch.Tensor | None, batch: PrefillBatch | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A decode step for rows 0..B-1 (``tokens`` (B,), or None) and a prefill of ``batch`` (or None) in one
+        forward: each linear layer is one GEMM over the decoding rows and the prompt tokens together, so a step
+        that admits or continues a prompt while rows decode reads the weights once, not twice. -> (decode
+        logits (B, vocab) or None, prefill logits as ``prefill`` returns them or None)."""
+        parts: _Parts = []
+        embedded = []
+        width = 0
+        if tokens is not None:
+            width = tokens.shape[0]
+            parts.append((slice(0, width), self._decode_context(width)))
+            embedded.append(self.embed_tokens(tokens))
+        segments: list[tuple[int, int]] = []
+        if batch is not None:
+            starts = batch.starts or [0] * len(batch.slots)
+            ctx, prompt_tokens, segments = self._prefill_context(batch.slots, batch.prompts, starts)
+            parts.append((slice(width, None), ctx))
+            embedded.append(self.embed_tokens(prompt_tokens))
+        hidden = self._forward(
+            embedded[0] if len(embedded) == 1 else torch.cat(embedded), parts, range(len(self.layers))
+        )
+        if tokens is not None:
+            self.cache.lengths[:width] += 1
+        if batch is None:
+            return self._logits(hidden), None
         for slot, start, prompt in zip(batch.slots, starts, batch.prompts):
             self.cache.lengths[slot] = start + len(prompt)
         for row, k in enumerate(batch.prompt_logprobs or ()):
             if k is not None:
                 start, end = segments[row]
-                batch.scores[row] = self._score_prompt(hidden[start : end - 1], batch.prompts[row][1:], k)
-        return self._logits(hidden.index_select(0, upload([end - 1 for _, end in segments], self.device)))
+                batch.scores[row] = self._score_prompt(
+                    hidden[width + start : width + end - 1], batch.prompts[row][1:], k
+                )
+        last = list(range(width)) + [width + end - 1 for _, end in segments]
+        logits = self._logits(hidden.index_select(0, upload(last, self.device)))
+        return (logits[:width] if tokens is not None else None), logits[width:]
 
     @torch.inference_mode()
     def prefill_layers(self, state: LayeredPrefill, end: int) -> torch.Tensor | None:
@@ -308,7 +364,7 @@ class ModelRunner:
         else:
             assert state.hidden is not None  # kept by the call that ran layers [0, done)
             x = state.hidden
-        x = self._forward(x, ctx, range(state.done, end))
+        x = self._forward(x, [(slice(0, None), ctx)], range(state.done, end))
         state.done, state.hidden = end, None
         self.cache.lengths[state.slot] = len(state.prompt)  # filled in layers < end: what moving the slot copies
         if end < len(self.layers):
@@ -372,24 +428,18 @@ class ModelRunner:
 
     # ---------------------------------------------------------------------------------------- decode
 
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token for each of rows 0..B-1 (``tokens`` (B,)) -> next-token logits (B, vocab)."""
-        batch = tokens.shape[0]
+    def _decode_context(self, batch: int) -> "_Context":
+        """A decode step's context for rows 0..batch-1, each at its own length."""
         host_lengths = self.cache.lengths[:batch]
         width = int(host_lengths.max()) + 1  # host bookkeeping: no wait for the device
         lengths = upload(host_lengths, self.device)
         rows_index = torch.arange(batch, device=self.device)
-        rope = self._rope(lengths)
         steps = torch.arange(width, device=self.device)
         masks: dict[int | None, torch.Tensor] = {None: (steps <= lengths[:, None]).view(batch, 1, 1, width)}
         if self.window is not None:
             masks[self.window] = masks[None] & (steps > lengths[:, None] - self.window).view(batch, 1, 1, width)
         decode = _Decode(rows_index, lengths, masks, self.rows.lora_index[:batch])
-        ctx = _Context(self.rows, range(batch), decode, rope)
-        hidden = self._forward(self.embed_tokens(tokens), ctx, range(len(self.layers)))
-        self.cache.lengths[:batch] += 1
-        return self._logits(hidden)
+        return _Context(self.rows, range(batch), decode, self._rope(lengths))
 
     def _attend_decode(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: _Ropes, decode: "_Decode"
@@ -450,19 +500,18 @@ class _Context:
         self.points = rows.live_points()
         self.lora = rows.live_lora()
 
-    def scale(self, layer: int, point: tuple[str, str], x: torch.Tensor, inplace: bool) -> torch.Tensor:
-        """``x`` scaled by each row's 1 + z at ``point``, as x + x * z in one kernel (pedro.layer.apply_scale: exact
-        in bf16 for small z, where 1 + z would not be). Decode: one addcmul with a slice of the table (row i is
-        slot i). Prefill: one per prompt segment with its row's vector -- a per-token gather of the table would
-        copy a (tokens, width) tensor per point per layer, which cost ~15 % of a 32-prompt prefill. ``inplace``:
-        ``x`` may be overwritten (it is no other computation's input)."""
+    def scale(self, layer: int, point: tuple[str, str], x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` = ``x`` scaled by each row's 1 + z at ``point``, as x + x * z in one kernel
+        (pedro.layer.apply_scale: exact in bf16 for small z, where 1 + z would not be); ``out`` may be ``x``.
+        Decode: one addcmul with a slice of the table (row i is slot i). Prefill: one per prompt segment with
+        its row's vector -- a per-token gather of the table would copy a (tokens, width) tensor per point per
+        layer, which cost ~15 % of a 32-prompt prefill."""
         table = self.rows.scales[point][layer]
-        out = x if inplace else torch.empty_like(x)
         if isinstance(self.step, _Decode):
-            return torch.addcmul(x, x, table[: x.shape[0]], out=out)
+            torch.addcmul(x, x, table[: x.shape[0]], out=out)
+            return
         for slot, (start, end) in zip(self.step.slots, self.step.segments):
             torch.addcmul(x[start:end], x[start:end], table[slot], out=out[start:end])
-        return out
 
     def lora_delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.step, _Prefill):
