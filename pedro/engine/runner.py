@@ -227,8 +227,8 @@ class ModelRunner:
             a = self._linear(i, "o", self._attend(i, q, k, v, parts), parts)
             x = x + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
             h = layer.mlp_in_norm(x)
-            up = self._linear(i, "up", h, parts)
-            m = self._linear(i, "down", self.act(self._linear(i, "gate", h, parts)) * up, parts)
+            gate, up = self._linear(i, "gate", h, parts), self._linear(i, "up", h, parts)
+            m = self._linear(i, "down", self.act(gate) * up, parts)
             x = x + (m if layer.mlp_out_norm is None else layer.mlp_out_norm(m))
         return x
 
