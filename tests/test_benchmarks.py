@@ -64,3 +64,52 @@ def test_study_claims_let_processes_share_a_folder_and_resume_after_a_crash(tmp_
     (tmp_path / "trec-lora_matched-0").write_text(dead.stdout.strip())  # its process has exited
     assert quality.claim(tmp_path, ("trec", "lora_matched", 0))
     assert (tmp_path / "trec-lora_matched-0").read_text() == str(os.getpid())
+
+
+def test_quality_report_pairs_each_pedro_configuration_with_its_baselines_on_record() -> None:
+    """Only methods with runs appear; each PEDRO configuration is compared with the baselines it is paired with
+    (the default with matched LoRA, the half budget with LoRA matched to it), on the seeds both have."""
+    from types import SimpleNamespace
+
+    import quality
+
+    task = SimpleNamespace(metric="accuracy", kind="choice")
+    items = list(range(10))
+
+    def run(method: str, seed: int, correct: str) -> dict:
+        return {
+            "task": "toy",
+            "method": method,
+            "seed": seed,
+            "n": 10,
+            "trainable": 100,
+            "epochs": 1,
+            "lr": 1e-3,
+            "train_seconds": 60.0,
+            "correct": correct,
+            "accuracy": correct.count("1") / 10,
+        }
+
+    records = [
+        run("zero_shot", 0, "1000000000"),
+        run("pedro", 0, "1111111100"),
+        run("pedro", 1, "1111111110"),
+        run("lora_matched", 0, "1111110000"),
+        run("lora_matched", 1, "1111111000"),
+        run("lora_matched", 2, "1111111111"),  # no PEDRO run of seed 2: left out of the pairing
+        run("pedro_r4", 0, "1111100000"),
+        run("lora_matched_r4", 0, "1111111000"),
+    ]
+    table = quality.aggregate(records, {"toy": (task, items)}, rounds=200)
+    versus = table["toy"]["versus"]
+    assert set(versus) == {"pedro - lora_matched", "pedro_r4 - lora_matched_r4"}
+    assert versus["pedro - lora_matched"]["seeds"] == [0, 1]
+    assert math.isclose(versus["pedro - lora_matched"]["difference"], (0.8 + 0.9) / 2 - (0.6 + 0.7) / 2)
+    assert math.isclose(versus["pedro_r4 - lora_matched_r4"]["difference"], 0.5 - 0.7)
+    low, high = versus["pedro - lora_matched"]["bootstrap95"]
+    assert low <= 0.2 <= high
+    meta = dict(command="c", dtype="bf16", seeds="0,1", default_lr={}, runs=8, run_minutes=8, threads=1, rounds=200)
+    text = quality.markdown(table, meta)
+    header = next(line for line in text.splitlines() if line.startswith("| task (metric"))
+    assert header.split(" | ")[2:] == ["pedro", "lora_matched", "pedro_r4", "lora_matched_r4 |"]
+    assert "| toy | +20.0 [" in text and "pedro_r4 − lora_matched_r4" in text and "ia3" not in text
