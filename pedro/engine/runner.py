@@ -322,21 +322,19 @@ class ModelRunner:
         that admits or continues a prompt while rows decode reads the weights once, not twice. -> (decode
         logits (B, vocab) or None, prefill logits as ``prefill`` returns them or None)."""
         parts: _Parts = []
-        embedded = []
+        ids = []
         width = 0
         if tokens is not None:
             width = tokens.shape[0]
             parts.append((slice(0, width), self._decode_context(width)))
-            embedded.append(self.embed_tokens(tokens))
+            ids.append(tokens)
         segments: list[tuple[int, int]] = []
         if batch is not None:
             starts = batch.starts or [0] * len(batch.slots)
             ctx, prompt_tokens, segments = self._prefill_context(batch.slots, batch.prompts, starts)
             parts.append((slice(width, None), ctx))
-            embedded.append(self.embed_tokens(prompt_tokens))
-        hidden = self._forward(
-            embedded[0] if len(embedded) == 1 else torch.cat(embedded), parts, range(len(self.layers))
-        )
+            ids.append(prompt_tokens)
+        hidden = self._forward(self.embed_tokens(torch.cat(ids)), parts, range(len(self.layers)))
         if tokens is not None:
             self.cache.lengths[:width] += 1
         if batch is None:
