@@ -20,7 +20,7 @@ from server_kit import TENANTS, make_adapter, make_backbone, write_config
 from server_process import ServerProcess, auth, upload
 from transformers import AutoModelForCausalLM
 
-from pedro.engine import Engine, Request, SamplingParams
+from pedro.engine import Engine, Request, SamplingParams, nth_seed
 from pedro.io import read_prompt_format, record_prompt_format
 
 ALICE = TENANTS["alice"]
@@ -53,6 +53,16 @@ def test_n_samples_are_reproducible_one_by_one_with_seed_plus_index(live):
     assert texts == [direct(live, "3 4 5", "p", temperature=1.0, seed=11 + i).text for i in range(3)]
     assert len(set(texts)) > 1  # independent samples, not one answer three times
     assert out.usage.prompt_tokens == 3 and out.usage.completion_tokens == 24
+
+
+def test_n_samples_seeds_wrap_around_the_64_bit_range(live):
+    """The largest seed a request may carry: sample 1 runs with the smallest (int64 wrap-around), not a 500."""
+    top = 2**63 - 1
+    out = live.client.completions.create(model="p", prompt="3 4 5", n=2, max_tokens=8, temperature=1.0, seed=top)
+    texts = [c.text for c in out.choices]
+    assert texts == [direct(live, "3 4 5", "p", temperature=1.0, seed=s).text for s in (top, -(2**63))]
+    assert [nth_seed(top, k) for k in range(3)] == [top, -(2**63), -(2**63) + 1]
+    assert nth_seed(-(2**63), 2) == -(2**63) + 2 and nth_seed(5, 0) == 5
 
 
 def test_n_samples_share_one_prefill():

@@ -17,6 +17,9 @@ from safetensors.torch import load_file, save
 from server_kit import ADMIN_KEY, TENANTS, make_adapter, make_backbone, snapshot, write_config
 from server_process import ServerProcess, auth, upload
 
+from pedro.engine import PromptTooLong, QueueFull, RequestError, SamplingParams
+from pedro.server import backend
+
 ALICE = TENANTS["alice"]
 BODY_LIMIT = 4096  # small, so an adapter upload (~10 KB) is over it and shows that uploads are exempt
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -140,9 +143,30 @@ def test_non_finite_json_numbers_are_400(live, field, token):
 
 
 def test_extreme_but_valid_values_are_served(live):
-    for fields in ({"seed": 2**63 - 1}, {"seed": -(2**63)}, {"top_k": 2**31 - 1}, {"temperature": 2, "top_p": 1e-6}):
+    for fields in (
+        {"seed": 2**63 - 1},
+        {"seed": 2**63 - 1, "n": 4, "temperature": 1},  # samples 1-3 wrap around to the lowest seeds
+        {"seed": -(2**63)},
+        {"top_k": 2**31 - 1},
+        {"temperature": 2, "top_p": 1e-6},
+    ):
         response = complete(live, **fields)
         assert response.status_code == 200, (fields, response.text)
+
+
+def test_engine_refusals_map_to_4xx_naming_the_field():
+    """Whatever the engine refuses, wherever the server meets it, is a 4xx naming its field in the API's terms."""
+    with pytest.raises(RequestError) as caught:
+        SamplingParams(max_new_tokens=-1)
+    error = backend.refused(caught.value)
+    assert (error.status, error.param) == (400, "max_tokens")
+    assert "max_new_tokens" in error.message
+    error = backend.refused(RequestError("the prompt is empty"), param="prompt")
+    assert (error.status, error.param, error.code) == (400, "prompt", None)
+    error = backend.refused(PromptTooLong("too long"), param="messages")
+    assert (error.status, error.param, error.code) == (400, "messages", "context_length_exceeded")
+    error = backend.refused(QueueFull("busy"))
+    assert (error.status, error.code, error.retry_after) == (429, "queue_full", 1)
 
 
 # ------------------------------------------------------------------------------------------------ adapter uploads

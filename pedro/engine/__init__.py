@@ -15,6 +15,7 @@ from pedro.engine.request import (
     RequestOutput,
     SamplingParams,
     TokenLogprob,
+    nth_seed,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "TokenLogprob",
+    "nth_seed",
 ]

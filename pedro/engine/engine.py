@@ -333,9 +333,9 @@ class Engine:
             except AdapterError as err:
                 raise RequestError(str(err)) from None
         if request.sampling.stop and self.tokenizer is None:
-            raise RequestError("stop strings need a tokenizer")
+            raise RequestError("stop strings need a tokenizer", field="stop")
         if any(t >= self.vocab_size for t, _ in request.sampling.logit_bias):
-            raise RequestError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+            raise RequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", field="logit_bias")
         if self.max_per_tenant is not None and self._per_tenant[request.tenant] >= self.max_per_tenant:
             raise QueueFull(
                 f"this tenant already has {self.max_per_tenant} requests running or waiting (its limit); retry shortly"

@@ -15,8 +15,13 @@ from typing import Any, Optional, Union
 class RequestError(ValueError):
     """A request the engine refuses (bad sampling values, unknown adapter, prompt too long, ...).
 
-    Raised for that request only: the rest of the batch is not affected.
+    Raised for that request only: the rest of the batch is not affected. ``field``: the SamplingParams field at
+    fault, when one is, so that a server can name it to its client.
     """
+
+    def __init__(self, message: str, field: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class QueueFull(RequestError):
@@ -45,7 +50,14 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 def _refuse(name: str, allowed: str, got: Any) -> None:
-    raise RequestError(f"SamplingParams.{name} must be {allowed}, got {got!r}")
+    raise RequestError(f"SamplingParams.{name} must be {allowed}, got {got!r}", field=name)
+
+
+def nth_seed(seed: int, k: int) -> int:
+    """The seed of sample ``k`` of a seeded request: ``seed + k``, wrapped around the signed 64-bit range (as
+    int64 arithmetic would), so that every seed a request may carry gives valid seeds to all its samples."""
+    low, high = SEED_RANGE
+    return (seed + k - low) % (high - low + 1) + low
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows

@@ -21,10 +21,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from pedro.engine import RequestOutput, SamplingParams
+from pedro.engine import RequestError, RequestOutput, SamplingParams
 from pedro.server.adapter_registry import AdapterRecord, AdapterRegistry
 from pedro.server.auth import KeyRing, Principal
-from pedro.server.backend import Backend
+from pedro.server.backend import Backend, refused
 from pedro.server.config import ServerConfig
 from pedro.server.errors import APIError, internal_error
 from pedro.server.generation import (
@@ -130,6 +130,12 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(err)
         return await _api_error(_, APIError(400, message, param=param))
+
+    @app.exception_handler(RequestError)
+    async def _refused(_: Request, err: RequestError) -> JSONResponse:
+        """The engine's refusal of a request, wherever the server first meets it (building a choice's sampling
+        values, encoding, admission): a 4xx naming the field, never a 500."""
+        return await _api_error(_, refused(err))
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, err: HTTPException) -> JSONResponse:

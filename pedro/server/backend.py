@@ -39,6 +39,20 @@ Prompt = Union[str, list[int], list[dict[str, str]]]
 _ids = itertools.count()
 
 
+# SamplingParams fields whose API name differs
+_API_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+def refused(err: RequestError, param: Optional[str] = None) -> APIError:
+    """The HTTP error for a request the engine refused: 429 when it is at capacity, 400 otherwise, naming the
+    field at fault (the engine's, else ``param``)."""
+    if isinstance(err, QueueFull):
+        return APIError(429, f"the server is at capacity: {err}", code="queue_full", retry_after=1)
+    code = "context_length_exceeded" if isinstance(err, PromptTooLong) else None
+    field = _API_NAMES.get(err.field, err.field) if err.field else param
+    return APIError(400, str(err), code=code, param=field)
+
+
 class Backend(Protocol):
     """What app.py and tenancy.py call: LocalBackend here, RayBackend (ray_app.py) in front of Ray replicas."""
 
@@ -94,9 +108,9 @@ class LocalBackend:
         try:
             raw = self.raw_text(adapter) if raw_prompt is None else raw_prompt
             return self.engine.encode(prompt, raw_prompt=raw, max_tokens=self.config.max_prompt_tokens)
-        except PromptTooLong as err:
-            raise APIError(400, str(err), code="context_length_exceeded", param=param) from None
-        except (RequestError, AdapterError) as err:
+        except RequestError as err:
+            raise refused(err, param) from None
+        except AdapterError as err:
             raise APIError(400, str(err), param=param) from None
 
     def raw_text(self, adapter: Optional[str]) -> bool:
@@ -125,10 +139,8 @@ class LocalBackend:
                     if out.finish_reason == "error":
                         raise failure(out)
                     yield out
-            except QueueFull as err:
-                raise APIError(429, f"the server is at capacity: {err}", code="queue_full", retry_after=1) from None
             except RequestError as err:
-                raise APIError(400, str(err)) from None
+                raise refused(err) from None
             except EngineDead as err:
                 raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
         finally:

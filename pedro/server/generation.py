@@ -1,7 +1,8 @@
 """One API request as several engine requests, and their outputs as OpenAI choices.
 
 A request has ``len(prompts) * n`` choices; choice ``i`` is prompt ``i // n``, sample ``i % n`` (OpenAI's
-numbering) and, when the request has a seed, runs with seed ``seed + i % n``, so each choice can be reproduced
+numbering) and, when the request has a seed, runs with seed ``seed + i % n`` (wrapping around
+the signed 64-bit range, ``nth_seed``), so each choice can be reproduced
 alone. The engine admits the n samples of a prompt together and prefills that prompt once (engine.py). Every
 choice is opened (admitted, first token out) before the caller answers, so a refusal of any of them is an HTTP
 error and the others are aborted; afterwards their outputs are merged in arrival order.
@@ -19,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import AsyncGenerator, Optional, Sequence
 
-from pedro.engine import RequestOutput, SamplingParams, TokenLogprob
+from pedro.engine import RequestOutput, SamplingParams, TokenLogprob, nth_seed
 from pedro.server.backend import Backend, Prompt
 from pedro.server.schemas import ChatLogprobs, CompletionLogprobs, TokenLogprobEntry, TopLogprob
 
@@ -51,7 +52,7 @@ def choices(
         if echo:
             prompt_logprobs, prompt_text = sampling.logprobs, not isinstance(prompt, str)
         for k in range(n):
-            seed = None if sampling.seed is None else sampling.seed + k
+            seed = None if sampling.seed is None else nth_seed(sampling.seed, k)
             params = dataclasses.replace(
                 sampling, seed=seed, prompt_logprobs=prompt_logprobs, return_prompt_text=prompt_text
             )

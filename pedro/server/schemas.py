@@ -69,7 +69,12 @@ class _Request(BaseModel):
     top_k: int = Field(0, ge=0, le=MAX_INT32, description="Extension: 0 = off; beyond the vocabulary = off.")
     ignore_eos: bool = Field(False, description="Extension (as in vLLM): generate exactly max_tokens; for benchmarks.")
     stop: Optional[Union[str, list[str]]] = Field(None, validate_default=True)
-    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Choice i of n samples with seed + i.")
+    seed: Optional[int] = Field(
+        None,
+        ge=SEED_MIN,
+        le=SEED_MAX,
+        description="Choice i of n samples with seed + i (wrapping around the signed 64-bit range).",
+    )
     n: int = Field(1, ge=1, le=MAX_N, description="Independent samples per prompt (their prompt is prefilled once).")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
