@@ -189,6 +189,7 @@ def assignment(batch: int, tenants: int, pattern: str, rng: random.Random) -> li
 class Run:
     decode_tok_s: float
     prefill_tok_s: float
+    end_to_end_tok_s: float  # generated tokens over the whole call, prefill included
     step_p50_ms: float
     step_p99_ms: float
     ttft_s: float
@@ -203,7 +204,9 @@ def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | No
     )
     engine.reset_stats()
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
     outs = engine.generate([Request(p, adapter=a, sampling=sampling) for p, a in zip(prompts, adapters)])
+    wall = time.perf_counter() - start
     errors = [o.error for o in outs if o.error]
     if errors:
         raise RuntimeError(errors[0])
@@ -214,6 +217,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | No
     return Run(
         decode_tok_s=rows / sum(steps),
         prefill_tok_s=prefill_tokens / prefill_s,
+        end_to_end_tok_s=sum(len(o.token_ids) for o in outs) / wall,
         step_p50_ms=1e3 * statistics.median(steps),
         step_p99_ms=1e3 * percentile(steps, 99),
         ttft_s=statistics.median(o.metrics["ttft_s"] for o in outs),
@@ -252,6 +256,7 @@ def run_hf(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, **
     return Run(
         decode_tok_s=len(prompts) * len(steps) / sum(steps),
         prefill_tok_s=ids.numel() / (stamps.times[0] - start),
+        end_to_end_tok_s=len(prompts) * len(stamps.times) / (stamps.times[-1] - start),
         step_p50_ms=1e3 * statistics.median(steps),
         step_p99_ms=1e3 * percentile(steps, 99),
         ttft_s=stamps.times[0] - start,
@@ -265,9 +270,9 @@ def run_hf(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, **
 def summarise(runs: list[tuple[int, Run]], bare: dict[int, Run]) -> dict[str, Any]:
     """Medians over repeats, and median of the per-repeat ratios to the bare engine of the same repeat."""
     out: dict[str, Any] = {"repeats": len(runs)}
-    for key in ("decode_tok_s", "prefill_tok_s", "step_p50_ms", "step_p99_ms", "ttft_s", "rss_mb"):
+    for key in ("decode_tok_s", "prefill_tok_s", "end_to_end_tok_s", "step_p50_ms", "step_p99_ms", "ttft_s", "rss_mb"):
         out[key] = statistics.median(getattr(r, key) for _, r in runs)
-    for key in ("decode_tok_s", "prefill_tok_s"):
+    for key in ("decode_tok_s", "prefill_tok_s", "end_to_end_tok_s"):
         ratios = [getattr(r, key) / getattr(bare[rep], key) for rep, r in runs if rep in bare]
         out[f"{key}_vs_bare"] = statistics.median(ratios) if ratios else None
     return out
@@ -432,7 +437,9 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float | None, float, bool
 
     checks = []
     ratio = get(t32, "engine:pedro", "decode_tok_s_vs_bare")
-    checks.append(("PEDRO decode >= 0.97x bare backbone at 32 tenants (batch 32)", ratio, 0.97))
+    checks.append(("PEDRO decode >= 0.98x bare backbone at 32 tenants (batch 32)", ratio, 0.98))
+    ratio = get(t32, "engine:pedro", "end_to_end_tok_s_vs_bare")
+    checks.append(("PEDRO end to end (prefill included) >= 0.95x bare backbone at 32 tenants", ratio, 0.95))
     pedro_tps, hf_lora = get(t32, "engine:pedro", "decode_tok_s"), get(t32, "hf:peft_mixed_lora_r8_qv", "decode_tok_s")
     checks.append(
         (
@@ -451,7 +458,9 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float | None, float, bool
     )
     bare32, hf32 = get(t1, "engine:bare_fp32", "decode_tok_s"), get(t1, "hf:generate_bare_fp32", "decode_tok_s")
     if bare32 and hf32:
-        checks.append(("engine bare decode >= 2x transformers generate at batch 32 (both float32)", bare32 / hf32, 2.0))
+        checks.append(
+            ("engine bare decode >= 1.3x transformers generate at batch 32 (both float32)", bare32 / hf32, 1.3)
+        )
     prefill = get(t32, "engine:pedro", "prefill_tok_s_vs_bare")
     checks.append(("PEDRO prefill overhead <= 5% (prefill throughput >= 0.95x bare)", prefill, 0.95))
     return [(d, m, t, m is not None and m >= t) for d, m, t in checks]
@@ -468,8 +477,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Ratios are to the engine's bare backbone in the same repeat (median over repeats).",
         "",
-        "| point | method | decode tok/s | ×bare | prefill tok/s | ×bare | step p50 ms | step p99 ms | TTFT s | RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| point | method | decode tok/s | ×bare | prefill tok/s | ×bare | end-to-end tok/s | ×bare | step p50 ms "
+        "| step p99 ms | TTFT s | RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, point in result["points"].items():
         for method, m in point["methods"].items():
@@ -479,7 +489,8 @@ def markdown(result: dict[str, Any]) -> str:
 
             lines.append(
                 f"| {label} | {method} | {m['decode_tok_s']:.1f} | {f(m['decode_tok_s_vs_bare'], '.3f')} | "
-                f"{m['prefill_tok_s']:.1f} | {f(m['prefill_tok_s_vs_bare'], '.3f')} | {m['step_p50_ms']:.1f} | "
+                f"{m['prefill_tok_s']:.1f} | {f(m['prefill_tok_s_vs_bare'], '.3f')} | "
+                f"{m['end_to_end_tok_s']:.1f} | {f(m['end_to_end_tok_s_vs_bare'], '.3f')} | {m['step_p50_ms']:.1f} | "
                 f"{m['step_p99_ms']:.1f} | {m['ttft_s']:.2f} | {m['rss_mb']:.0f} |"
             )
     lines += ["", "## Targets", ""]

@@ -152,6 +152,34 @@ def test_mixed_batch_token_identical_to_each_request_alone(dirs):
         assert results[r.request_id] == expected, f"adapter {r.adapter}"
 
 
+def test_pedro_adapters_of_one_shape_run_their_generators_together(dirs, monkeypatch):
+    """Tenants' generators of one shape run stacked at prefill (two adapters, one of them on two rows, beside
+    generators that run alone); every request's tokens still equal its own PEFT model's."""
+    import pedro.engine.vectors as vectors
+
+    stacked: list[int] = []
+    original = vectors.stacked_forward
+
+    def spy(generators, pooled, which):
+        stacked.append(len(generators))
+        return original(generators, pooled, which)
+
+    monkeypatch.setattr(vectors, "stacked_forward", spy)
+    engine = Engine(tiny_model("llama"), max_batch=6, max_seq_len=64, max_prefill_tokens=200, adapter_capacity=8)
+    for name, path in dirs.items():
+        engine.add_adapter(name, path)
+    plan = [("p-last", 5), ("p-last-b", 12), ("p-attn", 3), ("p-last", 9), ("p-shared", 7), (None, 4)]
+    # resident first: adapters load off the engine's thread, and a request waits for its adapter
+    engine.generate([Request([5], adapter=a, sampling=greedy(1)) for a, _ in plan])
+    stacked.clear()
+    requests = [Request(prompt(40 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
+    outs = engine.generate(requests)
+    assert stacked and set(stacked) == {2}  # p-last and p-last-b, on every layer
+    for r, out in zip(requests, outs):
+        assert out.error is None
+        assert out.token_ids == reference("llama", dirs[r.adapter] if r.adapter else None, r.prompt), r.adapter
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma3"])
 def test_other_backbones_mixed_batch(tmp_path, family):
     """Two PEDRO configs, LoRA, (IA)3 and bare rows on each other backbone, continuously batched; on Gemma 3

@@ -33,7 +33,7 @@ from pedro.engine.device import upload
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.rows import RowAdapters
 from pedro.engine.sampling import ranked
-from pedro.engine.vectors import PedroGroup, generate_vectors, group_rows
+from pedro.engine.vectors import PedroBatch, batch_rows, generate_vectors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -242,10 +242,11 @@ class ModelRunner:
 
     def _run_generators(self, layer: int, raw: torch.Tensor, normed: torch.Tensor, prefill: "_Prefill") -> None:
         """Each PEDRO row's generator for this layer pools that row's prompt states (prefill only)."""
-        for group in prefill.pedro_groups:
-            if layer in group.weights.generators:
-                z = generate_vectors(group, layer, raw, normed, prefill.pad_index, prefill.pad_mask)
-                self.rows.write_pedro(layer, group.slots, z, group.weights.slices[layer])
+        for batch in prefill.pedro_batches:
+            weights = batch.groups[0].weights  # every group of a batch adapts the same layers the same way
+            if layer in weights.generators:
+                z = generate_vectors(batch, layer, raw, normed, prefill.pad_index, prefill.pad_mask)
+                self.rows.write_pedro(layer, batch.slots, z, weights.slices[layer])
 
     def _prefill_context(
         self, slots: list[int], prompts: list[list[int]], starts: list[int]
@@ -278,7 +279,7 @@ class ModelRunner:
             starts,
             segments,
             lora_groups,
-            group_rows(pedro_rows, self.device),
+            batch_rows(pedro_rows, [end - 1 for _, end in segments], self.device),
             pad_index=upload(
                 torch.where(pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0), self.device
             ),
@@ -470,7 +471,7 @@ class _Prefill:
     starts: list[int]
     segments: list[tuple[int, int]]
     lora_groups: list[tuple[int, torch.Tensor]]  # (resident LoRA index, its token positions)
-    pedro_groups: list[PedroGroup]  # one per PEDRO adapter among the rows
+    pedro_batches: list[PedroBatch]  # the PEDRO rows, by adapters whose generators run together
     pad_index: torch.Tensor  # (rows, T_max) packed-token index of each prompt
     pad_mask: torch.Tensor
     band: torch.Tensor | None = None  # sliding layers' (T_max, T_max) causal-and-window mask, if a prompt needs it
