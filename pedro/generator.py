@@ -179,8 +179,8 @@ def stacked_forward(generators: list[VectorGenerator], pooled: torch.Tensor, whi
         if first.down.bias is not None:
             h = h + torch.stack([g.down.bias for g in generators])[which]
         h = first.act(h)
-        up = torch.stack([g.up.weight for g in generators])[which]  # (rows, D, r)
-        z = (up * h.unsqueeze(1)).sum(-1)
+        up = torch.stack([g.up.weight.t() for g in generators])[which]  # (rows, r, D): the sum runs along r
+        z = (up * h.unsqueeze(-1)).sum(1)
         if first.up.bias is not None:
             z = z + torch.stack([g.up.bias for g in generators])[which]
         return first.bound(z)
