@@ -289,8 +289,10 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Ca
     log(f"adapters: {n_adapters} per method in {tmp}; parameters per adapter: {params}")
     P, N = preset["prompt_len"], preset["new_tokens"]
 
+    low = min(100, vocab // 2)  # past the special tokens of a real vocabulary; a tiny test one has ~100 ids
+
     def prompts_for(batch: int, length: int) -> list[list[int]]:
-        return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(batch)]
+        return [[rng.randrange(low, vocab) for _ in range(length)] for _ in range(batch)]
 
     # points: (label, batch, tenants, pattern, prompt_len)
     points: list[tuple[str, int, int, str, int]] = []

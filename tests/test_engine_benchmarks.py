@@ -1,6 +1,6 @@
-"""The engine's device and long-prompt benchmarks in their CI forms on a tiny model: benchmarks/gpu_check.py (the
-check to run on a CUDA machine) on the CPU, its identity check passing, and benchmarks/long_prompt.py; both write
-their reports."""
+"""The engine's benchmarks in their CI forms on a tiny model: benchmarks/gpu_check.py (the check to run on a CUDA
+machine) on the CPU, its identity check passing, benchmarks/long_prompt.py and benchmarks/multitenant.py; each
+writes its report. The multitenant benchmark's targets are checked against hand-made results."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _run(script: str, *args: str) -> None:
@@ -42,3 +43,57 @@ def test_the_long_prompt_benchmark_runs(tiny_llama_dir, tmp_path):
     assert set(summary) == {"bare/off", "bare/on 16", "pedro/off", "pedro/on 16"}
     assert summary["bare/off"]["steps_to_first_token"] == 1 and summary["bare/on 16"]["steps_to_first_token"] > 1
     assert all(m["worst_gap_ms"] > 0 for m in summary.values())
+
+
+def test_the_multitenant_benchmark_runs(tiny_llama_dir, tmp_path):
+    out = tmp_path / "multitenant"
+    _run("multitenant.py", "--preset", "smoke", "--backbone", str(tiny_llama_dir), "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert set(result["points"]) == {"b4-t1", "b4-t4", "b4-uniform16", "b4-zipf", "long-b2-p16"}
+    methods = result["points"]["b4-t4"]["methods"]
+    assert {"engine:bare", "engine:pedro", "engine:lora_r8_qv", "engine:lora_matched", "engine:ia3"} <= set(methods)
+    for m in methods.values():
+        assert m["end_to_end_tok_s"] > 0 and m["end_to_end_tok_s"] < m["decode_tok_s"]  # prefill is included
+    assert methods["engine:bare"]["end_to_end_tok_s_vs_bare"] == 1.0
+    assert "| end-to-end tok/s |" in out.with_suffix(".md").read_text()
+
+
+def _point(**methods: dict) -> dict:
+    return {"methods": methods}
+
+
+def test_multitenant_targets_read_the_right_ratios():
+    from multitenant import targets
+
+    def result(pedro: float, e2e: float, prefill: float, bf16: float, fp32: float) -> dict:
+        return {
+            "dtype": "bfloat16",
+            "points": {
+                "b32-t32": _point(
+                    **{
+                        "engine:pedro": {
+                            "decode_tok_s_vs_bare": pedro,
+                            "end_to_end_tok_s_vs_bare": e2e,
+                            "prefill_tok_s_vs_bare": prefill,
+                            "decode_tok_s": 300.0,
+                        },
+                        "hf:peft_mixed_lora_r8_qv": {"decode_tok_s": 100.0},
+                    }
+                ),
+                "b32-t1": _point(
+                    **{
+                        "engine:bare": {"decode_tok_s": 200.0 * bf16},
+                        "hf:generate_bare": {"decode_tok_s": 200.0},
+                        "engine:bare_fp32": {"decode_tok_s": 100.0 * fp32},
+                        "hf:generate_bare_fp32": {"decode_tok_s": 100.0},
+                    }
+                ),
+            },
+        }
+
+    passing = targets(result(pedro=0.98, e2e=0.95, prefill=0.95, bf16=2.0, fp32=1.3))
+    assert [round(m, 3) for _, m, _, _ in passing] == [0.98, 0.95, 3.0, 2.0, 1.3, 0.95]
+    assert all(ok for *_, ok in passing)
+    failing = targets(result(pedro=0.97, e2e=0.94, prefill=0.94, bf16=1.9, fp32=1.29))
+    assert [ok for *_, ok in failing] == [False, False, True, False, False, False]
+    assert "1.3x transformers generate at batch 32 (both float32)" in failing[4][0]
