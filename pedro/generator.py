@@ -132,58 +132,22 @@ class VectorGenerator(nn.Module):
         dtype = self.down.weight.dtype
         with torch.autocast(device_type=states.device.type, enabled=False):
             if self.pooler == "last":
-                pooled = pool(states, mask, "last").to(dtype)
+                pooled = pool(states, mask, "last")
             else:
                 pooled = pool(states.to(dtype), mask, self.pooler, self.scorer)
-            return self.bound(self.up(self.act(self.down(self.normalized(pooled)))))
+            return self.head(pooled)
 
-    def normalized(self, pooled: torch.Tensor) -> torch.Tensor:
-        if not self.normalize:
-            return pooled
-        return pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + NORMALIZE_EPS)
-
-    def bound(self, z: torch.Tensor) -> torch.Tensor:
-        if self.scale_bound is None:
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """z from pooled rows (B, d): everything after the pooler. The engine calls it directly on the prompts'
+        last-token states, gathered for all its tenants' rows at once."""
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            x = pooled.to(self.down.weight.dtype)
+            if self.normalize:
+                x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORMALIZE_EPS)
+            z = self.up(self.act(self.down(x)))
+            if self.scale_bound is not None:
+                z = self.scale_bound * torch.tanh(z / self.scale_bound)
             return z
-        return self.scale_bound * torch.tanh(z / self.scale_bound)
-
-    def shape_key(self) -> tuple | None:
-        """Generators with equal keys compute the same function of their own weights on one pooled row each
-        (last-token pooling, an activation without parameters, equal weight shapes), so ``stacked_forward``
-        can run them together; None for one that must run alone."""
-        if self.pooler != "last" or any(True for _ in self.act.parameters()):
-            return None
-        return (
-            type(self.act),
-            tuple(self.down.weight.shape),
-            tuple(self.up.weight.shape),
-            self.down.bias is not None,
-            self.normalize,
-            self.scale_bound,
-            self.down.weight.dtype,
-        )
-
-
-def stacked_forward(generators: list[VectorGenerator], pooled: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-    """z of row i = ``generators[which[i]]`` on ``pooled[i]`` (rows already pooled by the last token), for
-    generators of one ``shape_key``: their weights stacked, so many adapters' generators of one layer cost a
-    handful of batched ops instead of a handful each. Each product is an element-wise multiply and a sum over
-    the last dimension, whose order does not depend on the other rows: a row's z is the same bits whichever
-    rows share the call (a matrix-product kernel picks its blocking by the batch's size). It equals the
-    generator's own forward up to fp32 rounding."""
-    first = generators[0]
-    with torch.autocast(device_type=pooled.device.type, enabled=False):
-        x = first.normalized(pooled.to(first.down.weight.dtype))
-        down = torch.stack([g.down.weight for g in generators])[which]  # (rows, r, d)
-        h = (down * x.unsqueeze(1)).sum(-1)
-        if first.down.bias is not None:
-            h = h + torch.stack([g.down.bias for g in generators])[which]
-        h = first.act(h)
-        up = torch.stack([g.up.weight.t() for g in generators])[which]  # (rows, r, D): the sum runs along r
-        z = (up * h.unsqueeze(-1)).sum(1)
-        if first.up.bias is not None:
-            z = z + torch.stack([g.up.bias for g in generators])[which]
-        return first.bound(z)
 
 
 def generator_parameter_count(d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> int:

@@ -152,32 +152,55 @@ def test_mixed_batch_token_identical_to_each_request_alone(dirs):
         assert results[r.request_id] == expected, f"adapter {r.adapter}"
 
 
-def test_pedro_adapters_of_one_shape_run_their_generators_together(dirs, monkeypatch):
-    """Tenants' generators of one shape run stacked at prefill (two adapters, one of them on two rows, beside
-    generators that run alone); every request's tokens still equal its own PEFT model's."""
-    import pedro.engine.vectors as vectors
+def test_tenants_last_token_generators_run_from_one_gather_and_do_not_touch_each_other(dirs, monkeypatch):
+    """At prefill, last-token generators read their rows' states from one gather per layer (only the mean and
+    attention poolers pool padded prompts); a row's first-layer vectors (made from its embeddings, so no
+    backbone product over a different number of rows can change their bits) are the same bits alone as
+    beside other tenants; every request's tokens equal its own PEFT model's."""
+    from pedro.generator import VectorGenerator
 
-    stacked: list[int] = []
-    original = vectors.stacked_forward
+    padded: list[str] = []
+    forward = VectorGenerator.forward
 
-    def spy(generators, pooled, which):
-        stacked.append(len(generators))
-        return original(generators, pooled, which)
+    def spy(self, states, mask):
+        padded.append(self.pooler)
+        return forward(self, states, mask)
 
-    monkeypatch.setattr(vectors, "stacked_forward", spy)
-    engine = Engine(tiny_model("llama"), max_batch=6, max_seq_len=64, max_prefill_tokens=200, adapter_capacity=8)
-    for name, path in dirs.items():
-        engine.add_adapter(name, path)
-    plan = [("p-last", 5), ("p-last-b", 12), ("p-attn", 3), ("p-last", 9), ("p-shared", 7), (None, 4)]
-    # resident first: adapters load off the engine's thread, and a request waits for its adapter
-    engine.generate([Request([5], adapter=a, sampling=greedy(1)) for a, _ in plan])
-    stacked.clear()
+    monkeypatch.setattr(VectorGenerator, "forward", spy)
+
+    def engine_with_adapters() -> Engine:
+        engine = Engine(tiny_model("llama"), max_batch=6, max_seq_len=64, max_prefill_tokens=200, adapter_capacity=8)
+        for name, path in dirs.items():
+            engine.add_adapter(name, path)
+        return engine
+
+    def vectors_after_prefill(engine: Engine, requests: list[Request]) -> torch.Tensor:
+        """Admit and prefill ``requests`` in one step; -> the first one's layer-0 q scales (slot 0)."""
+        # resident first: adapters load off the engine's thread, and a request waits for its adapter
+        engine.generate([Request([5], adapter=r.adapter, sampling=greedy(1)) for r in requests])
+        for r in requests:
+            engine.add_request(r)
+        engine.step()
+        return engine.rows.scales[("out", "q")][0, 0].clone()
+
+    plan = [("p-last-b", 12), ("p-last", 5), ("p-attn", 3), ("p-last", 9), ("p-shared", 7), (None, 4)]
     requests = [Request(prompt(40 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
-    outs = engine.generate(requests)
-    assert stacked and set(stacked) == {2}  # p-last and p-last-b, on every layer
-    for r, out in zip(requests, outs):
-        assert out.error is None
-        assert out.token_ids == reference("llama", dirs[r.adapter] if r.adapter else None, r.prompt), r.adapter
+    engine = engine_with_adapters()
+    beside = vectors_after_prefill(engine, requests)
+    assert set(padded) == {"attention", "mean"}  # p-attn and p-shared; p-last and p-last-b from the gather
+    alone = vectors_after_prefill(
+        engine_with_adapters(), [Request(prompt(40, 12), adapter="p-last-b", sampling=greedy())]
+    )
+    assert torch.equal(alone, beside) and alone.abs().sum() > 0
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out
+    for r in requests:
+        assert outs[r.request_id].error is None
+        expected = reference("llama", dirs[r.adapter] if r.adapter else None, r.prompt)
+        assert outs[r.request_id].token_ids == expected, r.adapter
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma3"])

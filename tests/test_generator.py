@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pedro.generator import RationalActivation, VectorGenerator, pool, stacked_forward
+from pedro.generator import RationalActivation, VectorGenerator, pool
 
 # The stated tolerance of the GELU initialisation on [-4, 4] (the fit's measured max error is 6.8e-3).
 GELU_TOLERANCE = 1e-2
@@ -103,46 +103,15 @@ def test_normalized_pooling_and_bounded_scales():
 
 
 @pytest.mark.parametrize(
-    "options", [dict(bias=True), dict(bias=False), dict(bias=True, normalize=True, scale_bound=0.5)], ids=str
+    "options", [dict(), dict(normalize=True, scale_bound=0.5), dict(activation="rational")], ids=str
 )
-def test_stacked_generators_equal_each_generator_on_its_rows(options):
-    """Many tenants' generators of one shape, run together on one pooled row each (two rows for one of them),
-    give each row what its own generator gives, up to fp32 rounding."""
+def test_head_on_last_token_states_is_the_last_token_generator(options):
+    """The engine pools every tenant's rows with one gather of their last prompt states and runs each
+    generator's head on them: the same bits as the generator's own forward on the padded prompts."""
     torch.manual_seed(0)
-    gens = [VectorGenerator(16, 4, 24, pooler="last", activation="gelu", **options) for _ in range(3)]
-    for g in gens:
-        torch.nn.init.normal_(g.up.weight, std=0.5)
-    assert len({g.shape_key() for g in gens}) == 1 and gens[0].shape_key() is not None
-    states, mask = torch.randn(4, 5, 16) * 3, torch.tensor([[True] * 5, [True] * 3 + [False] * 2] * 2)
-    which = torch.tensor([2, 0, 2, 1])
-    pooled = pool(states, mask, "last")
-    z = stacked_forward(gens, pooled, which)
-    alone = torch.cat([gens[int(w)](states[i : i + 1], mask[i : i + 1]) for i, w in enumerate(which)])
-    assert not torch.allclose(alone[1], alone[2])  # distinct generators: the rows must come from their own
-    torch.testing.assert_close(z, alone, rtol=1e-6, atol=1e-6)
-
-
-def test_generators_that_cannot_be_stacked_say_so():
-    base = dict(d_model=16, r=4, out_features=24, bias=True)
-    assert VectorGenerator(pooler="mean", activation="gelu", **base).shape_key() is None
-    assert VectorGenerator(pooler="last", activation="rational", **base).shape_key() is None  # own coefficients
-    key = VectorGenerator(pooler="last", activation="gelu", **base).shape_key()
-    assert VectorGenerator(pooler="last", activation="relu", **base).shape_key() != key
-    assert VectorGenerator(pooler="last", activation="gelu", **{**base, "r": 8}).shape_key() != key
-    assert VectorGenerator(pooler="last", activation="gelu", scale_bound=1.0, **base).shape_key() != key
-
-
-def test_a_stacked_rows_z_does_not_depend_on_the_rows_beside_it():
-    """The same bits for a row alone and among other tenants' rows: a tenant's vectors do not depend on who
-    shares its prefill."""
-    torch.manual_seed(1)
-    gens = [VectorGenerator(64, 8, 96, pooler="last", activation="gelu", bias=True) for _ in range(6)]
-    for g in gens:
-        torch.nn.init.normal_(g.up.weight, std=0.5)
-    pooled, which = torch.randn(50, 64) * 4, torch.randint(0, 6, (50,))
-    together = stacked_forward(gens, pooled, which)
-    for i in range(0, 50, 7):
-        w = int(which[i])
-        assert torch.equal(stacked_forward([gens[w]], pooled[i : i + 1], torch.tensor([0]))[0], together[i])
-        beside = stacked_forward(gens[: w + 1], pooled[[i, 0, i]], torch.tensor([w, 0, w]))
-        assert torch.equal(beside[0], together[i]) and torch.equal(beside[2], together[i])
+    gen = VectorGenerator(16, 4, 24, pooler="last", bias=True, **{"activation": "gelu", **options})
+    torch.nn.init.normal_(gen.up.weight, std=0.5)
+    states = (torch.randn(3, 5, 16) * 3).to(torch.bfloat16)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 1 + [False] * 4])
+    last = states[torch.arange(3), torch.tensor([4, 2, 0])]
+    assert torch.equal(gen.head(last), gen(states, mask))
