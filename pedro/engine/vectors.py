@@ -57,11 +57,15 @@ def batch_rows(rows: list[tuple[int, int, PedroWeights]], lasts: list[int], devi
     for item in rows:
         by_adapter.setdefault(id(item[2]), []).append(item)
     by_key: dict[object, list[list[tuple[int, int, PedroWeights]]]] = {}
+    padded: set[object] = set()  # the keys of adapters that pool whole prompts, one adapter each
     for items in by_adapter.values():
-        key = _batch_key(items[0][2])
-        by_key.setdefault(id(items) if key is None else key, []).append(items)
+        shared = _batch_key(items[0][2])
+        key: object = id(items) if shared is None else shared
+        if shared is None:
+            padded.add(key)
+        by_key.setdefault(key, []).append(items)
     batches = []
-    for adapters in by_key.values():
+    for key, adapters in by_key.items():
         groups, start = [], 0
         for items in adapters:
             groups.append(
@@ -74,7 +78,7 @@ def batch_rows(rows: list[tuple[int, int, PedroWeights]], lasts: list[int], devi
                 groups,
                 slots=upload([s for _, s, _ in flat], device),
                 lasts=upload([lasts[r] for r, _, _ in flat], device),
-                last_token=_batch_key(flat[0][2]) is not None,
+                last_token=key not in padded,
             )
         )
     return batches
