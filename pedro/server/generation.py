@@ -1,11 +1,11 @@
 """One API request as several engine requests, and their outputs as OpenAI choices.
 
 A request has ``len(prompts) * n`` choices; choice ``i`` is prompt ``i // n``, sample ``i % n`` (OpenAI's
-numbering) and, when the request has a seed, runs with seed ``seed + i % n`` (wrapping around
-the signed 64-bit range, ``nth_seed``), so each choice can be reproduced
-alone. The engine admits the n samples of a prompt together and prefills that prompt once (engine.py). Every
-choice is opened (admitted, first token out) before the caller answers, so a refusal of any of them is an HTTP
-error and the others are aborted; afterwards their outputs are merged in arrival order.
+numbering) and, when the request has a seed, runs with seed ``seed + i % n`` (wrapping around the signed
+64-bit range, ``nth_seed``), so each choice can be reproduced alone. The engine admits the n samples of a
+prompt together and prefills that prompt once (engine.py). Every choice is opened (admitted, first token out)
+before the caller answers, so a refusal of any of them is an HTTP error and the others are aborted; afterwards
+their outputs are merged in arrival order.
 
 Logprobs are rendered in both of OpenAI's shapes: the completions' parallel lists and chat's ``content`` list.
 Completions' ``echo`` puts the prompt in front of a choice's text (a text prompt as given, token ids decoded by
