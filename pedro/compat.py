@@ -15,6 +15,7 @@ import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
@@ -147,26 +148,57 @@ def forget_gguf_quantization(model: Any) -> None:
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``F.linear(x, weight, bias)`` through oneDNN with the weight reordered once into the layout its bf16 GEMM
-    kernel reads (what torch.compile's CPU weight-prepacking pass does, by the same two ``torch.ops.mkldnn``
-    ops): on a CPU with native bf16, 1.3-2.2x faster than ``F.linear`` at decode-sized inputs and bit for bit
-    equal to it (tests/test_compat.py). ``rows``: the number of input rows to lay the weight out for (any
-    number is computed correctly). The packed copy is made now: later changes to ``weight`` are not seen.
-    Only for bf16 weights on the CPU (in fp32 it is neither faster nor bit-equal); check ``can_pack_linear``."""
-    ops = torch.ops.mkldnn
-    packed = ops._reorder_linear_weight(weight.detach(), rows)
+    """``F.linear(x, weight, bias)`` with the weight reordered once into the layout the CPU's GEMM kernel reads,
+    so that no call repacks it (what torch.compile's CPU weight-prepacking pass does, by the same ops): bf16
+    through oneDNN (1.3-2.2x faster than ``F.linear`` at decode-sized inputs, any number of rows), fp32 through
+    MKL's packed sgemm (1.2-1.9x at SmolLM2's shapes, used for inputs of exactly ``rows`` rows; other inputs
+    go to ``F.linear``, MKL's own rule). Bit for bit ``F.linear``: checked here on ``rows`` random rows, and a
+    kernel that disagrees on this machine is not used. The packed copy is made now: later changes to
+    ``weight`` are not seen. Check ``can_pack_linear`` first."""
+    weight = weight.detach()
     bias = None if bias is None else bias.detach()
-    return lambda x: ops._linear_pointwise(x, packed, bias, "none", [], "")
+    if weight.dtype == torch.bfloat16:
+        dnn = torch.ops.mkldnn
+        onednn = dnn._reorder_linear_weight(weight, rows)
+
+        def layer(x: torch.Tensor) -> torch.Tensor:
+            return dnn._linear_pointwise(x, onednn, bias, "none", [], "")
+
+    else:
+        mkl = torch.ops.mkl
+        packed = mkl._mkl_reorder_linear_weight(weight, rows)
+
+        def layer(x: torch.Tensor) -> torch.Tensor:
+            return mkl._mkl_linear(x, packed, weight, bias, rows)
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    with torch.inference_mode():
+        probe = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        if not torch.equal(layer(probe), F.linear(probe, weight, bias)):
+            return plain
+    return layer
 
 
 def can_pack_linear(weight: torch.Tensor) -> bool:
-    """Whether ``packed_linear`` serves ``weight``: a bf16 CPU tensor, and a torch built with oneDNN that still
-    has the two ops (a release without them falls back to ``F.linear``: slower, the same numbers)."""
-    ops = torch.ops.mkldnn
-    return (
-        weight.dtype == torch.bfloat16
-        and weight.device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and hasattr(ops, "_reorder_linear_weight")
-        and hasattr(ops, "_linear_pointwise")
-    )
+    """Whether ``packed_linear`` serves ``weight``: a CPU tensor, bf16 with a torch built with oneDNN, or fp32
+    with one built with MKL, and the release still has the two ops (one without them falls back to
+    ``F.linear``: slower, the same numbers)."""
+    if weight.device.type != "cpu":
+        return False
+    if weight.dtype == torch.bfloat16:
+        dnn = torch.ops.mkldnn
+        return (
+            torch.backends.mkldnn.is_available()
+            and hasattr(dnn, "_reorder_linear_weight")
+            and hasattr(dnn, "_linear_pointwise")
+        )
+    if weight.dtype == torch.float32:
+        mkl = torch.ops.mkl
+        return (
+            torch.backends.mkl.is_available()
+            and hasattr(mkl, "_mkl_reorder_linear_weight")
+            and hasattr(mkl, "_mkl_linear")
+        )
+    return False

@@ -120,17 +120,41 @@ def test_forget_gguf_quantization_drops_only_a_gguf_marker():
     assert other.config.quantization_config == {"quant_method": "bitsandbytes"}
 
 
+def _ops_run(layer, x) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x)
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [0, 1, 7, 32, 100])
-def test_packed_linear_is_f_linear_bit_for_bit(rows):
+def test_packed_linear_is_f_linear_bit_for_bit(rows, dtype):
     torch.manual_seed(0)
-    weight = torch.randn(48, 24, dtype=torch.bfloat16)
-    bias = torch.randn(48, dtype=torch.bfloat16)
+    weight = torch.randn(48, 24, dtype=dtype)
+    bias = torch.randn(48, dtype=dtype)
     assert compat.can_pack_linear(weight)  # this CPU build of torch has the ops: a release without them fails here
-    assert not compat.can_pack_linear(weight.float())
-    x = torch.randn(rows, 24, dtype=torch.bfloat16)
-    strided = torch.randn(rows, 48, dtype=torch.bfloat16)[:, ::2]  # a view, as the runner's scaled inputs can be
+    assert not compat.can_pack_linear(weight.half())
+    x = torch.randn(rows, 24, dtype=dtype)
+    strided = torch.randn(rows, 48, dtype=dtype)[:, ::2]  # a view, as the runner's scaled inputs can be
     with torch.inference_mode():
         for b in (None, bias):
             layer = compat.packed_linear(weight, b, rows=32)
             assert torch.equal(layer(x), F.linear(x, weight, b))
             assert torch.equal(layer(strided), F.linear(strided, weight, b))
+
+
+@pytest.mark.parametrize(
+    "dtype, op", [(torch.bfloat16, "mkldnn::_linear_pointwise"), (torch.float32, "mkl::_mkl_linear")]
+)
+def test_packed_linear_runs_the_packed_kernel(dtype, op):
+    """The packed kernel is what runs (a fallback to F.linear would be silent otherwise): in fp32 for inputs of
+    the rows it was packed for, in bf16 for any."""
+    torch.manual_seed(0)
+    weight = torch.randn(576, 192, dtype=dtype)
+    layer = compat.packed_linear(weight, None, rows=32)
+    with torch.inference_mode():
+        assert op in _ops_run(layer, torch.randn(32, 192, dtype=dtype))
+        # SmolLM2's shapes: what the engine relies on for its speed
+        for shape in ((576, 576), (1536, 576), (576, 1536)):
+            big = torch.randn(*shape, dtype=dtype)
+            assert op in _ops_run(compat.packed_linear(big, None, rows=32), torch.randn(32, shape[1], dtype=dtype))
