@@ -118,6 +118,9 @@ DEV_VARIANTS: dict[str, dict[str, Any]] = {  # in the order they run: the defaul
     "pedro r=16": dict(PEDRO_BASE, lr=1e-3, r=16),
     "pedro normalized pooled": dict(PEDRO_BASE, lr=1e-3, normalize_pooled=True),
     "pedro scale bound 1": dict(PEDRO_BASE, lr=1e-3, scale_bound=1.0),
+    # choice tasks only: cross-entropy over the options instead of the label word's LM loss
+    "pedro choice objective": dict(PEDRO_BASE, lr=1e-3, objective="choice"),
+    "lora_matched choice objective": dict(LORA_MATCHED, lr=1e-3, objective="choice"),
 }
 
 
@@ -212,6 +215,8 @@ def dev_phase(args: argparse.Namespace, out: Path) -> None:
         for seed in [int(x) for x in args.seeds.split(",")]:
             for variant in variants:
                 if (task_name, variant, seed) in done:
+                    continue
+                if DEV_VARIANTS[variant].get("objective") == "choice" and task.kind != "choice":
                     continue
                 record = run_dev(base, tokenizer, task, train_part, dev_part, DEV_VARIANTS[variant], seed, size, work)
                 record = {

@@ -204,6 +204,10 @@ def train(
     lora_r: int = typer.Option(8),
     lora_targets: str = typer.Option("q,v", help="LoRA: projections (q,k,v,o,gate,up,down)."),
     ia3_targets: str = typer.Option("k,v,down", help="(IA)3: projections (down scales its input)."),
+    objective: str = typer.Option(
+        "lm",
+        help="lm: the response's tokens | choice: choice data with one-token options, cross-entropy over the options.",
+    ),
     max_length: int = typer.Option(512, help="Longest prompt+response in tokens."),
     overflow: str = typer.Option("truncate", help="Longer records: truncate (the response) | drop | error"),
     epochs: Optional[float] = typer.Option(
@@ -271,6 +275,7 @@ def train(
         lora_r=lora_r,
         lora_targets=lora_targets,
         ia3_targets=ia3_targets,
+        objective=objective,
         max_length=max_length,
         overflow=overflow,
         epochs=epochs,

@@ -219,10 +219,56 @@ def tokenize_examples(
     return rows, report
 
 
+def tokenize_choice_examples(
+    examples: Sequence[Example], tokenizer: Any, max_length: int, overflow: str = "truncate"
+) -> tuple[list[dict[str, Any]], DataReport]:
+    """Rows ``{"input_ids", "prompt_length", "option_ids", "choice"}`` for the ``choice`` objective: the prompt
+    alone, each option's token id (options encoded as evaluation encodes them) and the right option's index.
+
+    Every option must be one token: its log-likelihood is then the logit at the prompt's last position, which is
+    what the objective trains. A prompt longer than ``max_length`` cannot be cut (the pooler would see another
+    prompt): ``truncate`` and ``drop`` drop the record, ``error`` refuses the data."""
+    if overflow not in OVERFLOW:
+        raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
+    report = DataReport(total=len(examples), max_length=max_length)
+    rows = []
+    for index, example in enumerate(examples):
+        if not example.options or example.label is None:
+            raise ValueError(f"record {index}: the choice objective needs choice records (options and label)")
+        option_ids = []
+        for option in example.options:
+            ids = encode_response(tokenizer, option, eos=False)
+            if len(ids) != 1:
+                raise ValueError(
+                    f"record {index}: option {option!r} is {len(ids)} tokens; the choice objective needs options of "
+                    "one token each (use the lm objective)"
+                )
+            option_ids.append(ids[0])
+        prompt = encode_prompt(tokenizer, example.prompt)
+        if len(prompt) > max_length:
+            report.dropped += 1
+            report.examples_dropped.append(index)
+            continue
+        rows.append(
+            {"input_ids": prompt, "prompt_length": len(prompt), "option_ids": option_ids, "choice": example.label}
+        )
+        report.tokens += len(prompt)
+    report.kept = len(rows)
+    if overflow == "error" and report.dropped:
+        raise ValueError(
+            f"{report.dropped} of {len(examples)} prompts exceed max_length={max_length} "
+            f"(e.g. records {report.examples_dropped[:5]}); raise --max-length or use --overflow drop"
+        )
+    if not rows:
+        raise ValueError(f"no prompt fits max_length={max_length}: {report}")
+    return rows, report
+
+
 @dataclass
 class Collator:
-    """Pads rows into a batch: input_ids, attention_mask, labels (-100 on prompt and padding) and, for
-    PEDRO, ``prompt_lengths`` (each row's prompt token count, which the model maps onto either padding side)."""
+    """Pads rows into a batch: input_ids, attention_mask, labels (-100 on prompt and padding) -- or, for choice
+    rows, option_ids, option_mask and choice -- and, for PEDRO, ``prompt_lengths`` (each row's prompt token
+    count, which the model maps onto either padding side)."""
 
     pad_token_id: int
     padding_side: str = "right"
@@ -240,8 +286,14 @@ class Collator:
         batch = {
             "input_ids": torch.tensor([pad(r["input_ids"], self.pad_token_id) for r in rows]),
             "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
-            "labels": torch.tensor([pad(r["labels"], IGNORE_INDEX) for r in rows]),
         }
+        if "option_ids" in rows[0]:  # choice rows (tokenize_choice_examples): option lists padded, masked
+            most = max(len(r["option_ids"]) for r in rows)
+            batch["option_ids"] = torch.tensor([r["option_ids"] + [0] * (most - len(r["option_ids"])) for r in rows])
+            batch["option_mask"] = torch.tensor([[i < len(r["option_ids"]) for i in range(most)] for r in rows])
+            batch["choice"] = torch.tensor([r["choice"] for r in rows])
+        else:
+            batch["labels"] = torch.tensor([pad(r["labels"], IGNORE_INDEX) for r in rows])
         if self.with_prompt_lengths:
             batch["prompt_lengths"] = torch.tensor([r["prompt_length"] for r in rows])
         return batch

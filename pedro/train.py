@@ -25,7 +25,15 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from pedro.backbones import DEFAULT_BACKBONE, layer_map, load_backbone, resolve_dtype
 from pedro.compat import forget_gguf_quantization
-from pedro.data import Collator, Example, load_records, prompt_format, tokenize_examples, write_json_atomic
+from pedro.data import (
+    Collator,
+    Example,
+    load_records,
+    prompt_format,
+    tokenize_choice_examples,
+    tokenize_examples,
+    write_json_atomic,
+)
 from pedro.io import save_adapter_atomic
 from pedro.sizing import (
     expected_parameter_count,
@@ -195,6 +203,15 @@ def train(
     held_out = list(eval_examples) if eval_examples is not None else None
     if held_out is None and cfg.eval_data:
         held_out = load_records(cfg.eval_data, "test", cfg.data_dir)
+    if cfg.objective == "choice":
+        from pedro.evaluate import is_choice_data
+
+        for name, data in (("training", records), ("held-out", held_out)):
+            if data is not None and not is_choice_data(data):
+                raise ValueError(
+                    "objective choice needs choice data (every record with options and the right one's label); "
+                    f"the {name} records are not"
+                )
     loaded_here = model is None
     precision = resolve_precision(cfg.precision)
     if model is None:
@@ -235,10 +252,11 @@ def train(
                 )
             )
         )
-    rows, report = tokenize_examples(records, tokenizer, cfg.max_length, cfg.overflow)
+    tokenize = tokenize_choice_examples if cfg.objective == "choice" else tokenize_examples
+    rows, report = tokenize(records, tokenizer, cfg.max_length, cfg.overflow)
     eval_rows, eval_report = None, None
     if held_out is not None:
-        eval_rows, eval_report = tokenize_examples(held_out, tokenizer, cfg.max_length, cfg.overflow)
+        eval_rows, eval_report = tokenize(held_out, tokenizer, cfg.max_length, cfg.overflow)
     if cfg.progress:
         print(f"train data: {report}" + (f"\neval data: {eval_report}" if eval_report else ""))
 
@@ -288,6 +306,7 @@ def train(
         greater_is_better=choices if evaluating else None,
         seed=cfg.seed,
         remove_unused_columns=False,  # Trainer would drop prompt_lengths, which PEDRO's forward needs
+        label_names=["choice"] if cfg.objective == "choice" else None,  # evaluation's loss is the objective's
         include_num_input_tokens_seen="non_padding",
         report_to=list(cfg.report_to) or "none",
         disable_tqdm=True,  # our own bar (ProgressAndLog) shows loss and tokens/s

@@ -20,6 +20,7 @@ LOG_NAME = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTIONS = ("auto", "eager", "sdpa")
+OBJECTIVES = ("lm", "choice")
 # attention="auto" picks eager attention under bf16 while a full batch's attention matrices (kept for the
 # backward pass) stay under this many bytes; beyond it the backbone's own (memory-efficient) kernel is kept
 EAGER_ATTENTION_BYTES = 4 << 30
@@ -74,6 +75,9 @@ class TrainConfig:
     ia3_targets: tuple[str, ...] = IA3_DEFAULT_TARGETS
     match_params: Optional[str] = None  # "pedro" or a parameter count: size this method to it
     # data
+    # "lm": the causal-LM loss on the response tokens; "choice" (choice data whose options are one token each):
+    # cross-entropy over the options' logits at the prompt's last token, the ranking evaluation scores by
+    objective: str = "lm"
     max_length: int = 512
     overflow: str = "truncate"
     padding_side: str = "right"
@@ -123,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"overflow must be one of {OVERFLOW}, got {self.overflow!r}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("targets", "lora_targets", "ia3_targets", "report_to"):
             value = getattr(self, name)
             setattr(self, name, tuple(value.split(",")) if isinstance(value, str) else tuple(value))

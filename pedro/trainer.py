@@ -57,6 +57,27 @@ def accepts_logits_mask(model: nn.Module) -> bool:
         return False
 
 
+def choice_loss(model: nn.Module, inputs: Mapping[str, Any], logits_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The choice objective on a batch of choice rows (``pedro.data.tokenize_choice_examples``): cross-entropy
+    of the right option against the others, each scored by its logit at the prompt's last token -- the softmax
+    over the options of the log-likelihoods evaluation ranks them by. -> (loss, (B, options) option logits,
+    -inf where a row has fewer options). ``logits_mask``: the model takes a boolean ``logits_to_keep``, so the
+    LM head runs at the last tokens only."""
+    inputs = dict(inputs)
+    choice, option_ids, option_mask = inputs.pop("choice"), inputs.pop("option_ids"), inputs.pop("option_mask")
+    mask = inputs["attention_mask"]
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # each row's last prompt token, on either padding side
+    if logits_mask:
+        keep = torch.zeros_like(mask, dtype=torch.bool)
+        keep[rows, last] = True
+        logits = model(**inputs, logits_to_keep=keep).logits.reshape(len(rows), -1)
+    else:
+        logits = model(**inputs).logits[rows, last]
+    scores = logits.float().gather(1, option_ids).masked_fill(~option_mask, float("-inf"))
+    return torch.nn.functional.cross_entropy(scores, choice), scores
+
+
 class PedroTrainer(OwnTrainSampler, Trainer):
     """Trainer of a PEFT adapter with a separate learning rate for rational-activation coefficients, atomic
     checkpoints, length-grouped batches, and the LM head run only where the loss reads it."""
@@ -79,7 +100,8 @@ class PedroTrainer(OwnTrainSampler, Trainer):
         self.bias_lr = bias_lr
         self._bilevel = _Bilevel(self, bilevel_rows) if bilevel_rows else None
         self.group_by_length = group_by_length
-        self.response_logits_only = response_logits_only and accepts_logits_mask(self.model)
+        self.logits_mask = accepts_logits_mask(self.model)
+        self.response_logits_only = response_logits_only and self.logits_mask
 
     def train_sampler(self, dataset: Sequence[Mapping[str, Any]]) -> LengthGroupedSampler | None:
         """With ``group_by_length``, pedro's own length-grouped order: Trainer's (train_sampling_strategy
@@ -92,9 +114,13 @@ class PedroTrainer(OwnTrainSampler, Trainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        """The usual causal-LM loss, with logits computed only at the positions that predict a supervised
-        token: with prompt-masked labels (SFT) that is a few positions per row, and the LM head (vocab x d) plus
-        its softmax over every prompt position was about a quarter of a SmolLM2 training step."""
+        """The choice objective on choice rows (``choice_loss``); otherwise the usual causal-LM loss, with
+        logits computed only at the positions that predict a supervised token: with prompt-masked labels (SFT)
+        that is a few positions per row, and the LM head (vocab x d) plus its softmax over every prompt position
+        was about a quarter of a SmolLM2 training step."""
+        if "choice" in inputs:
+            loss, scores = choice_loss(model, inputs, self.logits_mask)
+            return (loss, {"logits": scores}) if return_outputs else loss
         fast = (
             self.response_logits_only
             and "labels" in inputs
