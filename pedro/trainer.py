@@ -100,8 +100,7 @@ class PedroTrainer(OwnTrainSampler, Trainer):
         self.bias_lr = bias_lr
         self._bilevel = _Bilevel(self, bilevel_rows) if bilevel_rows else None
         self.group_by_length = group_by_length
-        self.logits_mask = accepts_logits_mask(self.model)
-        self.response_logits_only = response_logits_only and self.logits_mask
+        self.response_logits_only = response_logits_only and accepts_logits_mask(self.model)
 
     def train_sampler(self, dataset: Sequence[Mapping[str, Any]]) -> LengthGroupedSampler | None:
         """With ``group_by_length``, pedro's own length-grouped order: Trainer's (train_sampling_strategy
@@ -119,7 +118,7 @@ class PedroTrainer(OwnTrainSampler, Trainer):
         that is a few positions per row, and the LM head (vocab x d) plus its softmax over every prompt position
         was about a quarter of a SmolLM2 training step."""
         if "choice" in inputs:
-            loss, scores = choice_loss(model, inputs, self.logits_mask)
+            loss, scores = choice_loss(model, inputs, self.response_logits_only)
             return (loss, {"logits": scores}) if return_outputs else loss
         fast = (
             self.response_logits_only
