@@ -181,12 +181,23 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) ->
     return layer
 
 
+# per dtype: the torch.ops namespace, its reorder and linear ops, and the backend they need
+_PACKED_LINEAR = {
+    torch.bfloat16: ("mkldnn", "_reorder_linear_weight", "_linear_pointwise", torch.backends.mkldnn),
+    torch.float32: ("mkl", "_mkl_reorder_linear_weight", "_mkl_linear", torch.backends.mkl),
+}
+
+
 def can_pack_linear(weight: torch.Tensor) -> bool:
     """Whether ``packed_linear`` serves ``weight``: a CPU tensor, bf16 with a torch built with oneDNN, or fp32
     with one built with MKL, and the release still has the two ops (one without them falls back to
     ``F.linear``: slower, the same numbers)."""
-    if weight.device.type != "cpu":
+    entry = _PACKED_LINEAR.get(weight.dtype)
+    if entry is None or weight.device.type != "cpu":
         return False
+    namespace, reorder, linear, backend = entry
+    ops = getattr(torch.ops, namespace)
+    return bool(backend.is_available()) and hasattr(ops, reorder) and hasattr(ops, linear)
     if weight.dtype == torch.bfloat16:
         dnn = torch.ops.mkldnn
         return (
