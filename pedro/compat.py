@@ -198,18 +198,3 @@ def can_pack_linear(weight: torch.Tensor) -> bool:
     namespace, reorder, linear, backend = entry
     ops = getattr(torch.ops, namespace)
     return bool(backend.is_available()) and hasattr(ops, reorder) and hasattr(ops, linear)
-    if weight.dtype == torch.bfloat16:
-        dnn = torch.ops.mkldnn
-        return (
-            torch.backends.mkldnn.is_available()
-            and hasattr(dnn, "_reorder_linear_weight")
-            and hasattr(dnn, "_linear_pointwise")
-        )
-    if weight.dtype == torch.float32:
-        mkl = torch.ops.mkl
-        return (
-            torch.backends.mkl.is_available()
-            and hasattr(mkl, "_mkl_reorder_linear_weight")
-            and hasattr(mkl, "_mkl_linear")
-        )
-    return False
