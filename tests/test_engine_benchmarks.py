@@ -52,10 +52,16 @@ def test_the_multitenant_benchmark_runs(tiny_llama_dir, tmp_path):
     assert set(result["points"]) == {"b4-t1", "b4-t4", "b4-uniform16", "b4-zipf", "long-b2-p16"}
     methods = result["points"]["b4-t4"]["methods"]
     assert {"engine:bare", "engine:pedro", "engine:lora_r8_qv", "engine:lora_matched", "engine:ia3"} <= set(methods)
+    n = result["preset"]["new_tokens"]
     for m in methods.values():
-        assert m["end_to_end_tok_s"] > 0 and m["end_to_end_tok_s"] < m["decode_tok_s"]  # prefill is included
+        # end to end counts all n tokens of a request over the whole call, prefill included; decode counts the
+        # n - 1 decoded ones over the decode steps alone: the call is longer, so it stays under decode * n/(n-1)
+        assert 0 < m["end_to_end_tok_s"] < m["decode_tok_s"] * n / (n - 1)
+        assert m["end_to_end_cpu_tok_s"] > 0
     assert methods["engine:bare"]["end_to_end_tok_s_vs_bare"] == 1.0
-    assert "| end-to-end tok/s |" in out.with_suffix(".md").read_text()
+    assert methods["engine:bare"]["end_to_end_cpu_tok_s_vs_bare"] == 1.0
+    report = out.with_suffix(".md").read_text()
+    assert "| end-to-end tok/s |" in report and "| end to end per CPU s |" in report
 
 
 def _point(**methods: dict) -> dict:
@@ -97,3 +103,26 @@ def test_multitenant_targets_read_the_right_ratios():
     failing = targets(result(pedro=0.97, e2e=0.94, prefill=0.94, bf16=1.9, fp32=1.29))
     assert [ok for *_, ok in failing] == [False, False, True, False, False, False]
     assert "1.3x transformers generate at batch 32 (both float32)" in failing[4][0]
+
+
+def test_multitenant_cpu_ratios_read_the_cpu_time_throughputs():
+    from multitenant import cpu_ratios
+
+    result = {
+        "dtype": "bfloat16",
+        "points": {
+            "b32-t32": _point(**{"engine:pedro": {"end_to_end_cpu_tok_s_vs_bare": 0.96}}),
+            "b32-t1": _point(
+                **{
+                    "engine:bare": {"end_to_end_cpu_tok_s": 300.0},
+                    "hf:generate_bare": {"end_to_end_cpu_tok_s": 120.0},
+                    "engine:bare_fp32": {"end_to_end_cpu_tok_s": 90.0},
+                }
+            ),
+        },
+    }
+    ratios = cpu_ratios(result)
+    assert [round(r, 3) for _, r in ratios] == [0.96, 2.5]  # no fp32 transformers run: no fp32 ratio
+    assert "(bfloat16)" in ratios[1][0]
+    result["points"]["b32-t1"]["methods"]["hf:generate_bare_fp32"] = {"end_to_end_cpu_tok_s": 60.0}
+    assert [round(r, 3) for _, r in cpu_ratios(result)] == [0.96, 2.5, 1.5]
