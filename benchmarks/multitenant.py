@@ -190,7 +190,7 @@ class Run:
     decode_tok_s: float
     prefill_tok_s: float
     end_to_end_tok_s: float  # generated tokens over the whole call, prefill included
-    # the same over this process's CPU time: time the host gives other processes or tenants does not count
+    # the same over this process's CPU time: time spent descheduled does not count
     end_to_end_cpu_tok_s: float
     step_p50_ms: float
     step_p99_ms: float
@@ -475,8 +475,8 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float | None, float, bool
 
 
 def cpu_ratios(result: dict[str, Any]) -> list[tuple[str, float]]:
-    """The targets' end-to-end comparisons by CPU time (``end_to_end_cpu_tok_s``), where both sides ran: on a
-    shared host the wall-time ratios move with whatever else the host runs, these much less."""
+    """The targets' end-to-end comparisons by CPU time (``end_to_end_cpu_tok_s``), where both sides ran: they
+    leave out the time a run spent descheduled, which wall-time ratios charge to whichever run it hit."""
     points = result["points"]
     t32 = points.get("b32-t32", {}).get("methods", {})
     t1 = points.get("b32-t1", {}).get("methods", {})
@@ -507,7 +507,7 @@ def markdown(result: dict[str, Any]) -> str:
         "Ratios are to the engine's bare backbone in the same repeat (median over repeats).",
         "",
         "End to end per CPU s: generated tokens over this process's CPU time for the call (one torch thread), so",
-        "time the host spends on other processes or tenants does not count: the steadier reading on a shared host.",
+        "time the process spends descheduled does not count; slowdowns from hardware the host's cores share do.",
         "",
         "| point | method | decode tok/s | ×bare | prefill tok/s | ×bare | end-to-end tok/s | ×bare "
         "| end to end per CPU s | ×bare | step p50 ms | step p99 ms | TTFT s | RSS MB |",
