@@ -1,17 +1,24 @@
-"""The engine on an accelerator: token identity against PEFT generate, and the batch-32 / 32-tenant point.
+"""The engine on an accelerator: token identity against PEFT generate, the batch-32 / 32-tenant point, and the
+bare step against a gpt-fast-style compiled decode of the same model.
 
-Two checks, on ``--device`` (default cuda):
+Three checks, on ``--device`` (default cuda):
 
 1. Identity, in float32: a mixed batch (bare rows, PEDRO, LoRA r=8 on q,v, LoRA on q,v,up, (IA)3; more
-   requests than rows, so rows join while others decode) through the engine, each request's greedy tokens
-   compared with the same request alone through transformers ``generate`` with its PEFT model on the same
-   device. Reported, not asserted: on a GPU, kernels that differ between the two paths can flip a near-tie.
-2. Throughput, in ``--dtype``: the multitenant benchmark's batch-32 / 32-distinct-adapter point (benchmarks/multitenant.py's
-   adapters and engine runs): the bare engine, PEDRO and LoRA r=8 interleaved repeat by repeat, each ratio to
-   the bare engine of the same repeat.
+   requests than rows, so rows join while others decode) through the engine with decode graphs and without,
+   each request's greedy tokens compared with the same request alone through transformers ``generate`` with
+   its PEFT model on the same device. Reported, not asserted: on a GPU, kernels that differ between the two
+   paths (a GEMM over 4 rows or over 1) can flip a near-tie.
+2. Throughput, in ``--dtype``: the multitenant benchmark's batch-32 / 32-distinct-adapter point (benchmarks/
+   multitenant.py's adapters and engine runs): the bare engine, PEDRO and LoRA r=8 with decode graphs, and the
+   bare engine without them, interleaved repeat by repeat, each ratio to the bare engine of the same repeat.
+3. Reference: benchmarks/graph_reference.py's decode step (compiled with CUDA graphs on a GPU, eager
+   elsewhere) at the same batch and width, its logits first checked against the model's forward.
 
-Writes ``--out``.json / .md (default results/gpu). ``--preset ci`` is a seconds-long form for any device,
-``--device cpu`` included (the test suite runs it on a tiny model).
+On a CUDA device the engine replays decode steps from CUDA graphs; elsewhere it runs their padded steps
+eagerly (``decode_graphs="padded"``), so the CPU form checks the same code. Writes ``--out``.json / .md
+(default results/gpu) after each check. ``--preset ci`` is a seconds-long form for any device, ``--device cpu``
+included (the test suite runs it on a tiny model). ``--random-init`` builds the model from its directory's
+config with random weights, for a machine the weights file cannot reach (the timings depend on the shapes).
 
     python benchmarks/gpu_check.py                             # on a CUDA machine: SmolLM2, bf16
     python benchmarks/gpu_check.py --device cpu --preset ci --backbone DIR
@@ -39,6 +46,7 @@ from pedro.engine import Engine, Request, SamplingParams
 from pedro.evaluate import greedy_continuation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import graph_reference  # noqa: E402
 from common import write_report  # noqa: E402
 from multitenant import CORE_METHODS, make_adapters, run_engine  # noqa: E402
 
@@ -66,43 +74,60 @@ def device_name(device: torch.device) -> str:
 
 
 def identity(
-    model: torch.nn.Module, tokenizer: Any, paths: dict[str, list[Path]], new_tokens: int, rng: random.Random
+    model: torch.nn.Module,
+    tokenizer: Any,
+    paths: dict[str, list[Path]],
+    new_tokens: int,
+    rng: random.Random,
+    graphs: str,
 ) -> dict[str, Any]:
-    """The mixed batch through the engine vs each request alone through PEFT generate on the same device."""
+    """The mixed batch through the engine, with decode graphs (``graphs``) and without, vs each request alone
+    through PEFT generate on the same device."""
     vocab = model.config.vocab_size
     plan = [(m, t, [rng.randrange(3, vocab) for _ in range(n)]) for m, t, n in IDENTITY_PLAN]
-    engine = Engine(model, tokenizer, max_batch=4, max_seq_len=64 + new_tokens, adapter_capacity=8)
-    for method, tenant, _ in plan:
-        if method is not None and f"{method}-{tenant}" not in {a["name"] for a in engine.list_adapters()}:
-            engine.add_adapter(f"{method}-{tenant}", paths[method][tenant])
-    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    outs = engine.generate([Request(p, adapter=m and f"{m}-{t}", sampling=sampling) for m, t, p in plan])
+    outputs = {}
+    for mode in (graphs, "off"):
+        engine = Engine(
+            model, tokenizer, max_batch=4, max_seq_len=64 + new_tokens, adapter_capacity=8, decode_graphs=mode
+        )
+        for method, tenant, _ in plan:
+            if method is not None and f"{method}-{tenant}" not in {a["name"] for a in engine.list_adapters()}:
+                engine.add_adapter(f"{method}-{tenant}", paths[method][tenant])
+        sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        outputs[mode] = engine.generate([Request(p, adapter=m and f"{m}-{t}", sampling=sampling) for m, t, p in plan])
     reference = copy.deepcopy(model)
     rows = []
-    for (method, tenant, prompt), out in zip(plan, outs):
+    for i, (method, tenant, prompt) in enumerate(plan):
         ref = peft.PeftModel.from_pretrained(reference, str(paths[method][tenant])) if method else reference
         expected = greedy_continuation(ref, prompt, new_tokens)
         if method:
             reference = ref.unload()  # the plain backbone modules back, for the next adapter
-        same = out.token_ids == expected
-        diverges = (
-            None
-            if same
-            else next(
-                (i for i, (a, b) in enumerate(zip(out.token_ids, expected)) if a != b),
-                min(len(out.token_ids), len(expected)),
-            )
-        )
+        got, eager = outputs[graphs][i], outputs["off"][i]
         rows.append(
             {
                 "adapter": method,
                 "prompt_len": len(prompt),
-                "identical": same,
-                "first_difference": diverges,
-                "error": out.error,
+                "identical": got.token_ids == expected,
+                "first_difference": _first_difference(got.token_ids, expected),
+                "identical_without_graphs": eager.token_ids == expected,
+                "graphs_equal_eager": got.token_ids == eager.token_ids,
+                "error": got.error or eager.error,
             }
         )
-    return {"requests": rows, "identical": sum(r["identical"] for r in rows), "total": len(rows)}
+    return {
+        "graphs": graphs,
+        "requests": rows,
+        "identical": sum(r["identical"] for r in rows),
+        "identical_without_graphs": sum(r["identical_without_graphs"] for r in rows),
+        "graphs_equal_eager": sum(r["graphs_equal_eager"] for r in rows),
+        "total": len(rows),
+    }
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def throughput(
@@ -111,75 +136,145 @@ def throughput(
     paths: dict[str, list[Path]],
     preset: dict[str, Any],
     rng: random.Random,
+    graphs: str,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """The batch / tenants point: each core method interleaved over repeats, ratios to bare per repeat."""
+    """The batch / tenants point: each core method with decode graphs, and the bare engine without them,
+    interleaved over repeats; ratios to the bare engine (with graphs) of the same repeat."""
     batch, tenants, P, N = preset["batch"], preset["tenants"], preset["prompt_len"], preset["new_tokens"]
-    engine = Engine(
-        model,
-        tokenizer,
-        max_batch=batch,
-        max_seq_len=P + N + 1,
-        max_prefill_tokens=batch * P,
-        adapter_capacity=2 * tenants,
-    )
+    engines = {
+        mode: Engine(
+            model,
+            tokenizer,
+            max_batch=batch,
+            max_seq_len=P + N + 1,
+            max_prefill_tokens=batch * P,
+            adapter_capacity=2 * tenants,
+            decode_graphs=mode,
+        )
+        for mode in (graphs, "off")
+    }
     for method in CORE_METHODS[1:]:
         for i in range(tenants):
-            engine.add_adapter(f"{method}-{i}", paths[method][i])
+            engines[graphs].add_adapter(f"{method}-{i}", paths[method][i])
     prompts = [[rng.randrange(3, model.config.vocab_size) for _ in range(P)] for _ in range(batch)]
-    run_engine(engine, prompts, [None] * batch, N)  # untimed: first-use costs (allocations, kernel selection)
+    plan = [(method, graphs) for method in CORE_METHODS] + [("bare", "off")]
+    for method, mode in plan:  # untimed: first-use costs (allocations, kernel selection, graph capture)
+        adapters = [None] * batch if method == "bare" else [f"{method}-{i % tenants}" for i in range(batch)]
+        run_engine(engines[mode], prompts, adapters, N)
     runs: dict[str, list[dict[str, float]]] = {}
     for rep in range(preset["repeats"]):
-        for method in CORE_METHODS:
+        for method, mode in plan:
+            name = method if mode == graphs else "bare, no graphs"
             adapters = [None] * batch if method == "bare" else [f"{method}-{i % tenants}" for i in range(batch)]
-            run = run_engine(engine, prompts, adapters, N)
-            runs.setdefault(method, []).append(
-                {"decode_tok_s": run.decode_tok_s, "prefill_tok_s": run.prefill_tok_s, "step_p50_ms": run.step_p50_ms}
+            run = run_engine(engines[mode], prompts, adapters, N)
+            runs.setdefault(name, []).append(
+                {
+                    "decode_tok_s": run.decode_tok_s,
+                    "prefill_tok_s": run.prefill_tok_s,
+                    "end_to_end_tok_s": run.end_to_end_tok_s,
+                    "step_p50_ms": run.step_p50_ms,
+                }
             )
             log(
-                f"[rep {rep}] b{batch}-t{tenants} {method:<11} decode {run.decode_tok_s:8.1f} tok/s  "
-                f"prefill {run.prefill_tok_s:8.1f} tok/s  step p50 {run.step_p50_ms:6.2f} ms"
+                f"[rep {rep}] b{batch}-t{tenants} {name:<15} decode {run.decode_tok_s:9.1f} tok/s  "
+                f"prefill {run.prefill_tok_s:9.1f} tok/s  step p50 {run.step_p50_ms:6.2f} ms"
             )
     summary = {}
-    for method, rs in runs.items():
-        summary[method] = {key: statistics.median(r[key] for r in rs) for key in rs[0]}
-        for key in ("decode_tok_s", "prefill_tok_s"):
-            summary[method][f"{key}_vs_bare"] = statistics.median(r[key] / b[key] for r, b in zip(rs, runs["bare"]))
-    return {"batch": batch, "tenants": tenants, "prompt_len": P, "new_tokens": N, "summary": summary}
+    for name, rs in runs.items():
+        summary[name] = {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+        for key in ("decode_tok_s", "prefill_tok_s", "end_to_end_tok_s"):
+            summary[name][f"{key}_vs_bare"] = statistics.median(r[key] / b[key] for r, b in zip(rs, runs["bare"]))
+    captures = engines[graphs].runner.graphs.captures if engines[graphs].runner.graphs else 0
+    return {
+        "batch": batch,
+        "tenants": tenants,
+        "prompt_len": P,
+        "new_tokens": N,
+        "summary": summary,
+        "captures": captures,
+    }
+
+
+def reference_point(model: torch.nn.Module, preset: dict[str, Any], compile_step: bool, log: Callable[[str], None]):
+    """The gpt-fast-style reference step (graph_reference.py) at the throughput point's batch and width, after
+    checking its logits against the model's own forward."""
+    batch, P, N = preset["batch"], preset["prompt_len"], preset["new_tokens"]
+    error = graph_reference.check(model, list(range(3, 3 + min(P, 32))))
+    log(f"reference: max |logit difference| from the model's forward {error:.3g}")
+    timing = graph_reference.step_times(model, batch, P + N + 1, P, N, compile_step, log)
+    return {"max_logit_difference": error, **timing}
 
 
 def markdown(result: dict[str, Any]) -> str:
-    ident, point = result["identity"], result["throughput"]
+    ident = result["identity"]
     lines = [
         f"# The engine on {result['device_name']} ({result['backbone']})",
         "",
         f"`{result['command']}`  ",
-        f"torch {result['torch']}; wall time {result['wall_s']:.0f} s.",
+        f"torch {result['torch']}; wall time {result['wall_s']:.0f} s. "
+        + (
+            "Weights: drawn at random (seed 0) in the backbone's configuration -- its shapes and kernels, not its "
+            "trained weights."
+            if result["random_init"]
+            else "Weights: the backbone's own."
+        ),
         "",
         f"## Token identity against PEFT generate (float32): {ident['identical']} / {ident['total']} requests",
         "",
-        "| adapter | prompt tokens | identical | first different token |",
-        "|---|---:|---|---:|",
+        f"Decode graphs: `{ident['graphs']}`. Without them: {ident['identical_without_graphs']} / {ident['total']} "
+        f"identical to PEFT; with and without them equal on {ident['graphs_equal_eager']} / {ident['total']}.",
+        "",
+        "| adapter | prompt tokens | identical | first different token | identical without graphs |",
+        "|---|---:|---|---:|---|",
     ]
     for r in ident["requests"]:
         lines.append(
             f"| {r['adapter'] or 'bare'} | {r['prompt_len']} | {'yes' if r['identical'] else 'no'} | "
-            f"{'' if r['first_difference'] is None else r['first_difference']} |"
+            f"{'' if r['first_difference'] is None else r['first_difference']} | "
+            f"{'yes' if r['identical_without_graphs'] else 'no'} |"
         )
-    lines += [
-        "",
-        f"## Batch {point['batch']}, {point['tenants']} distinct adapters, {point['prompt_len']}-token prompts, "
-        f"{point['new_tokens']} new tokens ({result['dtype']})",
-        "",
-        "| method | decode tok/s | ×bare | prefill tok/s | ×bare | step p50 ms |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for method, m in point["summary"].items():
-        lines.append(
-            f"| {method} | {m['decode_tok_s']:.1f} | {m['decode_tok_s_vs_bare']:.3f} | {m['prefill_tok_s']:.1f} | "
-            f"{m['prefill_tok_s_vs_bare']:.3f} | {m['step_p50_ms']:.2f} |"
-        )
+    point = result.get("throughput")
+    if point:
+        lines += [
+            "",
+            f"## Batch {point['batch']}, {point['tenants']} distinct adapters, {point['prompt_len']}-token prompts, "
+            f"{point['new_tokens']} new tokens ({result['dtype']}); {point['captures']} graphs captured",
+            "",
+            "| method | decode tok/s | ×bare | prefill tok/s | ×bare | end to end tok/s | ×bare | step p50 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for method, m in point["summary"].items():
+            lines.append(
+                f"| {method} | {m['decode_tok_s']:.1f} | {m['decode_tok_s_vs_bare']:.3f} | {m['prefill_tok_s']:.1f} | "
+                f"{m['prefill_tok_s_vs_bare']:.3f} | {m['end_to_end_tok_s']:.1f} | "
+                f"{m['end_to_end_tok_s_vs_bare']:.3f} | {m['step_p50_ms']:.2f} |"
+            )
+    ref = result.get("reference")
+    if ref and point:
+        bare = point["summary"]["bare"]["step_p50_ms"]
+        lines += [
+            "",
+            "## Against a gpt-fast-style decode step of the same model",
+            "",
+            f"benchmarks/graph_reference.py (compiled: {ref['compiled']}, ready in {ref['compile_s']:.0f} s; its "
+            f"logits within {ref['max_logit_difference']:.3g} of the model's forward): step p50 "
+            f"{ref['step_p50_ms']:.2f} ms at batch {point['batch']}; the engine's bare step {bare:.2f} ms, "
+            f"**{bare / ref['step_p50_ms']:.2f}x** the reference's.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def load(backbone: str, dtype: torch.dtype, random_init: bool) -> tuple[torch.nn.Module, Any]:
+    """The backbone in ``dtype``: loaded, or (``random_init``) built from its directory's config with random
+    weights, seed 0 -- for a machine the weights file cannot be brought to."""
+    if not random_init:
+        return pedro.load_backbone(backbone, dtype=dtype, quiet=True)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(backbone), dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(backbone)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -187,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--backbone", default="smollm2-135m")
+    parser.add_argument(
+        "--random-init", action="store_true", help="--backbone is a directory with a config and a tokenizer only"
+    )
     parser.add_argument("--dtype", default="auto", help="auto (decided for the device), bfloat16, float32")
     parser.add_argument("--out", default="results/gpu", help="path prefix for .json / .md")
     args = parser.parse_args(argv)
@@ -195,28 +293,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("no CUDA device here; run with --device cpu (and --preset ci for the short form)")
     preset = dict(PRESETS[args.preset], name=args.preset)
     dtype = resolve_dtype(args.dtype, device)
+    graphs = "auto" if device.type == "cuda" else "padded"  # CUDA graphs; elsewhere their padded steps, eagerly
     started = time.perf_counter()
     rng = random.Random(0)
-    exact, tokenizer = pedro.load_backbone(args.backbone, dtype=torch.float32, quiet=True)
-    paths, _ = make_adapters(exact, Path(tempfile.mkdtemp(prefix="pedro-gpu-")), max(preset["tenants"], 6))
     log = lambda s: print(s, flush=True)  # noqa: E731
-    ident = identity(exact.to(device), tokenizer, paths, preset["identity_new_tokens"], rng)
-    log(f"identity: {ident['identical']} / {ident['total']} requests token-identical to PEFT generate")
-    del exact
-    model = pedro.load_backbone(args.backbone, dtype=dtype, quiet=True)[0].to(device)
-    result = {
+    exact, tokenizer = load(args.backbone, torch.float32, args.random_init)
+    paths, _ = make_adapters(exact, Path(tempfile.mkdtemp(prefix="pedro-gpu-")), max(preset["tenants"], 6))
+    result: dict[str, Any] = {
         "command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": str(device),
         "device_name": device_name(device),
         "backbone": args.backbone,
+        "random_init": args.random_init,
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "preset": preset,
-        "identity": ident,
-        "throughput": throughput(model, tokenizer, paths, preset, rng, log),
     }
-    result["wall_s"] = time.perf_counter() - started
-    write_report(Path(args.out), result, markdown(result))
+
+    def report() -> None:  # after each part, so a run cut short keeps what it measured
+        result["wall_s"] = time.perf_counter() - started
+        write_report(Path(args.out), result, markdown(result))
+
+    result["identity"] = identity(exact.to(device), tokenizer, paths, preset["identity_new_tokens"], rng, graphs)
+    ident = result["identity"]
+    log(f"identity: {ident['identical']} / {ident['total']} requests token-identical to PEFT generate")
+    report()
+    del exact
+    model = load(args.backbone, dtype, args.random_init)[0].to(device)
+    result["throughput"] = throughput(model, tokenizer, paths, preset, rng, graphs, log)
+    report()
+    result["reference"] = reference_point(model, preset, device.type == "cuda", log)
+    report()
     return result
 
 

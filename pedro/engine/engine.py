@@ -29,6 +29,7 @@ from torch import nn
 from pedro.backbones import load_backbone, resolve_dtype
 from pedro.data import encode_prompt
 from pedro.engine.adapters import AdapterError, AdapterStore, ModelSpec, Registered
+from pedro.engine.decode_graphs import DecodeGraphs
 from pedro.engine.device import DeviceLike, canonical, upload
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.request import (
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 MAX_CHARS_PER_TOKEN = 32
 STATS_WINDOW = 4096  # steps kept in Engine.stats
 LOGPROB_CONTEXT = 6  # tokens of context a logprob's token text is decoded after
+DECODE_GRAPHS = ("auto", "off", "padded")
 
 
 def _own_copy(tokenizer: Any) -> Any:
@@ -108,6 +110,9 @@ class Engine:
     ``device``: where the engine runs (a torch device or its name: "cpu", "cuda", "cuda:1"). A named backbone
     is loaded there; a loaded model runs where it is (default: its device; move it yourself). Every tensor the
     engine keeps or a step reads is on that device (device.py).
+    ``decode_graphs``: "auto" (a CUDA device replays decode steps from CUDA graphs, one per batch and width
+    bucket; elsewhere steps run as they come), "off", or "padded" (the graphs' padded steps, run eagerly: on a
+    CPU, the check of what a graph replays) -- decode_graphs.py.
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class Engine:
         max_per_tenant: Optional[int] = None,
         dtype: Union[str, torch.dtype, None] = None,
         device: Optional[DeviceLike] = None,
+        decode_graphs: str = "auto",
     ) -> None:
         if isinstance(backbone, str):
             device = canonical(device or "cpu")
@@ -152,6 +158,8 @@ class Engine:
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine {name} must be a positive integer, got {value!r}")
+        if decode_graphs not in DECODE_GRAPHS:
+            raise ValueError(f"Engine decode_graphs must be one of {list(DECODE_GRAPHS)}, got {decode_graphs!r}")
         if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
             raise ValueError(f"Engine max_waiting must be a non-negative integer or None, got {max_waiting!r}")
         if max_per_tenant is not None and (not isinstance(max_per_tenant, int) or max_per_tenant < 1):
@@ -172,6 +180,8 @@ class Engine:
         self._decoder = _own_copy(tokenizer)
         self.dtype = next(backbone.parameters()).dtype
         self.device = next(backbone.parameters()).device
+        cuda = self.device.type == "cuda"
+        self.graph_mode = {"auto": "capture" if cuda else None, "off": None, "padded": "padded"}[decode_graphs]
         self.max_seq_len = max_seq_len
         self.spec = ModelSpec.of(backbone)
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
@@ -196,8 +206,11 @@ class Engine:
             spec.head_dim,
             self.dtype,
             self.device,
+            scratch=self.graph_mode is not None,
         )
         self.runner = ModelRunner(self.model, spec, self.cache, self.rows)
+        if self.graph_mode is not None:
+            self.runner.graphs = DecodeGraphs(self.runner, capture=self.graph_mode == "capture")
         self.scheduler = Scheduler(self.max_batch, self.max_prefill_tokens, self.adapters, spec.n_layers)
         self._seqs: dict[str, Sequence] = {}
         self._per_tenant: Counter[Optional[str]] = Counter()  # running + waiting requests per tenant
@@ -425,16 +438,20 @@ class Engine:
         if pieces:
             prefilled, logits = self._prefill(pieces, tokens)
             progressed += [piece.seq for piece in pieces if piece.last or piece.seq.finished]
-            if logits is not None:
-                self.stats["mixed"].append((len(running), prefilled, time.perf_counter() - start))
-            else:
+            if logits is None:
                 self.stats["prefill"].append((prefilled, time.perf_counter() - start))
         if tokens is not None:
+            # a step's time ends once its tokens are on the host (_accept reads them), so that on a GPU, where
+            # kernels run after the call that queued them returns, it counts the device's work
+            mixed = logits is not None
             if logits is None:
                 start = time.perf_counter()
                 logits = self.runner.decode(tokens)
-                self.stats["decode"].append((len(running), time.perf_counter() - start))
             self._accept(running, logits)
+            if mixed:
+                self.stats["mixed"].append((len(running), prefilled, time.perf_counter() - start))
+            else:
+                self.stats["decode"].append((len(running), time.perf_counter() - start))
             progressed = running + progressed
         outputs = [self._output(seq) for seq in progressed + failed]
         for seq in progressed + failed:

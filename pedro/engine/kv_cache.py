@@ -12,6 +12,10 @@ a fused paged-attention kernel). On CPU there is no such kernel; a block table w
 into a contiguous tensor at every step, which is exactly the per-step copy this layout avoids. The price is
 reserving ``max_seq_len`` per slot, which the engine bounds with ``max_batch`` and ``max_seq_len``.
 
+With ``scratch=True`` the cache holds one slot more than ``slots``, slot ``scratch_slot``, which no sequence ever
+owns: a decode step padded to a fixed batch size (decode_graphs.py) writes its padding rows' keys and values
+there, so they can never land in a slot that a sequence (running, or being prefilled) owns.
+
 Keys and values live on the model's device; ``lengths`` is host bookkeeping (the scheduler's view of each
 slot), so a step reads the widths it needs without waiting for the device, and the runner uploads the
 running rows' lengths once per step.
@@ -34,16 +38,18 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        scratch: bool = False,
     ) -> None:
-        shape = (n_layers, slots, n_kv_heads, max_seq_len, head_dim)
+        shape = (n_layers, slots + int(scratch), n_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long)  # host: filled positions per slot
         self.max_seq_len = max_seq_len
+        self.scratch_slot: int | None = slots if scratch else None
 
     @property
     def slots(self) -> int:
-        return self.k.shape[1]
+        return len(self.lengths)
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token of one sequence takes (keys and values, all layers)."""

@@ -38,6 +38,8 @@ from pedro.engine.vectors import PedroBatch, batch_rows, generate_vectors
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from pedro.engine.decode_graphs import DecodeGraphs
+
 PROMPT_LOGPROB_CHUNK = 256  # prompt positions per log-softmax: bounds the (positions, vocab) float32 temporary
 
 
@@ -166,12 +168,13 @@ class ModelRunner:
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         self.device = self.embed_tokens.weight.device
         # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays
-        rows_hint = len(cache.lengths)
+        rows_hint = cache.slots
         self.gemms = [
             {name: _gemm(layer.get_submodule(path), rows_hint) for name, path in spec.module_paths.items()}
             for layer in layers
         ]
         self.head_gemm = _gemm(model.lm_head, rows_hint)
+        self.graphs: DecodeGraphs | None = None  # set by the engine to replay decode steps (decode_graphs.py)
 
     # ---------------------------------------------------------------------------------------- shared pieces
 
@@ -310,10 +313,26 @@ class ModelRunner:
         return logits
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token for each of rows 0..B-1 (``tokens`` (B,)) -> next-token logits (B, vocab)."""
-        logits = self.run(tokens, None)[0]
-        assert logits is not None
+        """One token for each of rows 0..B-1 (``tokens`` (B,)) -> next-token logits (B, vocab). With decode
+        graphs (decode_graphs.py) the step is padded to its batch and width buckets and replayed."""
+        if self.graphs is None:
+            logits = self.run(tokens, None)[0]
+            assert logits is not None
+            return logits
+        logits = self.graphs.run(tokens)
+        self.cache.lengths[: tokens.shape[0]] += 1
         return logits
+
+    @torch.inference_mode()
+    def decode_forward(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, rows_index: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        """The decode forward on device tensors alone, for rows 0..B-1: ``tokens``, their positions ``lengths``
+        and the cache slots ``rows_index`` their keys and values go to (B,); keys 0..width-1 attended.
+        -> logits (B, vocab). The host's lengths are left to the caller: this is what a CUDA graph captures."""
+        ctx = self._decode_context_of(lengths, rows_index, width)
+        hidden = self._forward(self.embed_tokens(tokens), [(slice(0, None), ctx)], range(len(self.layers)))
+        return self._logits(hidden)
 
     @torch.inference_mode()
     def run(
@@ -433,7 +452,13 @@ class ModelRunner:
         host_lengths = self.cache.lengths[:batch]
         width = int(host_lengths.max()) + 1  # host bookkeeping: no wait for the device
         lengths = upload(host_lengths, self.device)
-        rows_index = torch.arange(batch, device=self.device)
+        return self._decode_context_of(lengths, torch.arange(batch, device=self.device), width)
+
+    def _decode_context_of(self, lengths: torch.Tensor, rows_index: torch.Tensor, width: int) -> "_Context":
+        """A decode step's context for rows 0..B-1 from device tensors: each row's length (the position of its
+        token) and the cache slot its key and value go to; keys 0..width-1 are read. Nothing here reads a value
+        back to the host, so a CUDA graph can capture it (decode_graphs.py)."""
+        batch = lengths.shape[0]
         steps = torch.arange(width, device=self.device)
         masks: dict[int | None, torch.Tensor] = {None: (steps <= lengths[:, None]).view(batch, 1, 1, width)}
         if self.window is not None:

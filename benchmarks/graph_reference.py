@@ -1,0 +1,134 @@
+"""A reference decode step for a LLaMA-family model, written the way gpt-fast writes one: the whole step in one
+function over a static KV cache (every row at its own position, keys attended up to a fixed width under a
+length mask), compiled with ``torch.compile(mode="reduce-overhead", fullgraph=True)`` -- fused element-wise
+kernels, replayed from a CUDA graph on a GPU. It serves no adapter: it is the step time a bare decode of the
+same model can reach, which benchmarks/gpu_check.py sets the engine's bare step against.
+
+Its correctness is checked, not assumed: ``check`` feeds a prompt through it one token per step and compares
+the last logits with the transformers model's own forward.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class StaticDecode:
+    """One decode step of ``model`` (a LLaMA-family transformers model) for ``batch`` rows, keys up to ``width``."""
+
+    def __init__(self, model: Any, batch: int, width: int) -> None:
+        config = model.config
+        self.layers = [
+            {
+                "norm1": layer.input_layernorm.weight,
+                "q": layer.self_attn.q_proj.weight,
+                "k": layer.self_attn.k_proj.weight,
+                "v": layer.self_attn.v_proj.weight,
+                "o": layer.self_attn.o_proj.weight,
+                "norm2": layer.post_attention_layernorm.weight,
+                "gate": layer.mlp.gate_proj.weight,
+                "up": layer.mlp.up_proj.weight,
+                "down": layer.mlp.down_proj.weight,
+            }
+            for layer in model.model.layers
+        ]
+        self.embed, self.norm, self.head = (
+            model.model.embed_tokens.weight,
+            model.model.norm.weight,
+            model.lm_head.weight,
+        )
+        self.eps = config.rms_norm_eps
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.hidden_size // self.heads
+        self.inv_freq = model.model.rotary_emb.inv_freq
+        self.rope_scale = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))
+        shape = (len(self.layers), batch, self.kv_heads, width, self.head_dim)
+        dtype, device = self.embed.dtype, self.embed.device
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.rows = torch.arange(batch, device=device)
+        self.keys = torch.arange(width, device=device)
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        weights = [t for layer in self.layers for t in layer.values()]
+        return weights + [self.embed, self.norm, self.head, self.inv_freq, self.k, self.v, self.rows, self.keys]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions (B,) -> logits (B, vocab) in float32; writes each row's key and value."""
+        batch = tokens.shape[0]
+        x = F.embedding(tokens, self.embed)
+        freqs = positions[:, None].float() * self.inv_freq[None, :].float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(x.dtype)[:, None, :]
+        sin = (emb.sin() * self.rope_scale).to(x.dtype)[:, None, :]
+        mask = (self.keys[None, :] <= positions[:, None]).view(batch, 1, 1, -1)
+        for i, w in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), w["norm1"], self.eps)
+            q = F.linear(h, w["q"]).view(batch, self.heads, self.head_dim)
+            k = F.linear(h, w["k"]).view(batch, self.kv_heads, self.head_dim)
+            v = F.linear(h, w["v"]).view(batch, self.kv_heads, self.head_dim)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.k[i, self.rows, :, positions] = k
+            self.v[i, self.rows, :, positions] = v
+            a = F.scaled_dot_product_attention(q[:, :, None], self.k[i], self.v[i], attn_mask=mask, enable_gqa=True)
+            x = x + F.linear(a.reshape(batch, -1), w["o"])
+            h = F.rms_norm(x, (x.shape[-1],), w["norm2"], self.eps)
+            x = x + F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
+        return F.linear(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps), self.head).float()
+
+
+def check(model: Any, prompt: list[int]) -> float:
+    """Max |logit difference| after ``prompt``, fed one token per step, against the model's own forward."""
+    ref = StaticDecode(model, 1, len(prompt))
+    with torch.inference_mode():
+        for i, token in enumerate(prompt):
+            device = ref.embed.device
+            logits = ref.step(torch.tensor([token], device=device), torch.tensor([i], device=device))
+        expected = model(torch.tensor([prompt], device=ref.embed.device)).logits[0, -1].float()
+    return float((logits[0] - expected).abs().max())
+
+
+def step_times(
+    model: Any, batch: int, width: int, start: int, steps: int, compile_step: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Time ``steps`` decode steps of ``batch`` rows from position ``start`` (start + steps <= width; the cache
+    holds zeros: a step's time does not depend on what the keys are). -> compile seconds, median step ms."""
+    ref = StaticDecode(model, batch, width)
+    fn = ref.step
+    if compile_step:
+        # weights and cache at fixed addresses: the CUDA graph reads them in place and may write the cache
+        for tensor in ref.static_tensors():
+            torch._dynamo.mark_static_address(tensor)
+        compiled = torch.compile(ref.step, mode="reduce-overhead", fullgraph=True)
+
+        def fn(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are no longer read
+            return compiled(tokens, positions)
+
+    device = ref.embed.device
+    tokens = torch.randint(3, model.config.vocab_size, (batch,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    began = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(3):  # compile, record the graph, replay once
+            fn(tokens, torch.full((batch,), start, device=device)).argmax(-1)
+        sync()
+        compile_s = time.perf_counter() - began
+        log(f"reference step ready in {compile_s:.1f} s (compiled: {compile_step})")
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            tokens = fn(tokens, torch.full((batch,), start + i, device=device)).argmax(-1)
+            tokens.tolist()  # what an engine does with each step's tokens: reads them on the host
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"compiled": compile_step, "compile_s": compile_s, "step_p50_ms": 1e3 * times[len(times) // 2]}
