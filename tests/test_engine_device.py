@@ -57,6 +57,20 @@ def test_explicit_device_runs_the_same_tokens_with_every_tensor_there(kinds, dev
     assert all(seq.generator.device == engine.device for seq in engine._seqs.values())
 
 
+def test_prefill_scales_gathered_per_token_give_the_same_tokens(kinds):
+    """An accelerator's prefill gathers each token's per-row scales (one op per point, not one per prompt); the
+    arithmetic is the same, so are the tokens."""
+    engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64, max_prefill_tokens=64)
+    assert not engine.runner.gather_scales  # the CPU's default: one op per prompt
+    engine.runner.gather_scales = True
+    for name, path in kinds.items():
+        engine.add_adapter(name, path)
+    plan = [("p-last", 9), ("ia3", 13), ("p-attn", 6), (None, 11), ("p-last", 7)]
+    requests = [Request(prompt(80 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
+    for r, out in zip(requests, engine.generate(requests)):
+        assert out.token_ids == reference("llama", kinds.get(r.adapter), r.prompt), r.adapter
+
+
 def test_a_model_elsewhere_than_the_device_asked_for_is_refused():
     with pytest.raises(ValueError, match="move the model first"):
         Engine(tiny_model("llama"), device="meta")

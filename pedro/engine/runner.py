@@ -175,6 +175,9 @@ class ModelRunner:
         ]
         self.head_gemm = _gemm(model.lm_head, rows_hint)
         self.graphs: DecodeGraphs | None = None  # set by the engine to replay decode steps (decode_graphs.py)
+        # prefill's per-row scales: one gather per point on an accelerator, where the CPU's per-prompt loop would
+        # be a kernel launch per prompt per point per layer (see _Context.scale)
+        self.gather_scales = self.device.type != "cpu"
 
     # ---------------------------------------------------------------------------------------- shared pieces
 
@@ -301,6 +304,8 @@ class ModelRunner:
                 prefill.chunk_masks[row] = {None: upload(causal, self.device)}
                 if self.window is not None:
                     prefill.chunk_masks[row][self.window] = upload(causal & (key > query - self.window), self.device)
+        if self.gather_scales and self.rows.live_points():
+            prefill.token_index = upload(token_slots, self.device)
         ctx = _Context(self.rows, token_slots, prefill, rope)
         return ctx, upload([t for p in prompts for t in p], self.device), segments
 
@@ -502,6 +507,7 @@ class _Prefill:
     pad_mask: torch.Tensor
     band: torch.Tensor | None = None  # sliding layers' (T_max, T_max) causal-and-window mask, if a prompt needs it
     chunk_masks: dict[int, dict[int | None, torch.Tensor]] = field(default_factory=dict)  # row -> window -> mask
+    token_index: torch.Tensor | None = None  # each token's slot, where per-row scales are gathered per token
 
 
 @dataclass
@@ -528,12 +534,16 @@ class _Context:
     def scale(self, layer: int, point: tuple[str, str], x: torch.Tensor, out: torch.Tensor) -> None:
         """``out`` = ``x`` scaled by each row's 1 + z at ``point``, as x + x * z in one kernel
         (pedro.layer.apply_scale: exact in bf16 for small z, where 1 + z would not be); ``out`` may be ``x``.
-        Decode: one addcmul with a slice of the table (row i is slot i). Prefill: one per prompt segment with
-        its row's vector -- a per-token gather of the table would copy a (tokens, width) tensor per point per
-        layer, which cost ~15 % of a 32-prompt prefill."""
+        Decode: one addcmul with a slice of the table (row i is slot i). Prefill on the CPU: one per prompt
+        segment with its row's vector -- a per-token gather of the table would copy a (tokens, width) tensor per
+        point per layer, which cost ~15 % of a 32-prompt prefill there; on an accelerator (``token_index``) that
+        gather, since there each per-segment op is a kernel launch. The same numbers either way."""
         table = self.rows.scales[point][layer]
         if isinstance(self.step, _Decode):
             torch.addcmul(x, x, table[: x.shape[0]], out=out)
+            return
+        if self.step.token_index is not None:
+            torch.addcmul(x, x, table.index_select(0, self.step.token_index), out=out)
             return
         for slot, (start, end) in zip(self.step.slots, self.step.segments):
             torch.addcmul(x[start:end], x[start:end], table[slot], out=out[start:end])
