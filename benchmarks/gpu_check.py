@@ -55,13 +55,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ci": dict(batch=4, tenants=4, prompt_len=8, new_tokens=4, repeats=1, identity_new_tokens=4),
 }
 # (method, tenant, prompt length) of the identity check's requests; None: the bare backbone
+# (the first four are prefilled together: two PEDRO tenants there run their generator heads stacked)
 IDENTITY_PLAN = [
     (None, 0, 9),
     ("pedro", 0, 17),
+    ("pedro", 1, 7),
     ("lora_r8_qv", 1, 5),
     ("ia3", 2, 12),
     ("lora_matched", 3, 21),
-    ("pedro", 1, 7),
     (None, 0, 14),
     ("ia3", 0, 3),
 ]

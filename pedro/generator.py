@@ -141,13 +141,44 @@ class VectorGenerator(nn.Module):
         """z from pooled rows (B, d): everything after the pooler. The engine calls it directly on the prompts'
         last-token states, gathered for all its tenants' rows at once."""
         with torch.autocast(device_type=pooled.device.type, enabled=False):
-            x = pooled.to(self.down.weight.dtype)
-            if self.normalize:
-                x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORMALIZE_EPS)
-            z = self.up(self.act(self.down(x)))
-            if self.scale_bound is not None:
-                z = self.scale_bound * torch.tanh(z / self.scale_bound)
-            return z
+            return self._bound(self.up(self.act(self.down(self._normalized(pooled)))))
+
+    def _normalized(self, pooled: torch.Tensor) -> torch.Tensor:
+        x = pooled.to(self.down.weight.dtype)
+        if self.normalize:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORMALIZE_EPS)
+        return x
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.scale_bound is None else self.scale_bound * torch.tanh(z / self.scale_bound)
+
+    def same_head_form(self, other: "VectorGenerator") -> bool:
+        """Whether ``other``'s head computes the same function of its own weights (stacked_heads can run both)."""
+        return (
+            type(self.act) is type(other.act)
+            and not isinstance(self.act, RationalActivation)  # its coefficients are weights of their own
+            and (self.normalize, self.scale_bound) == (other.normalize, other.scale_bound)
+            and self.down.weight.shape == other.down.weight.shape
+            and self.up.weight.shape == other.up.weight.shape
+            and (self.down.bias is None) == (other.down.bias is None)
+        )
+
+
+def stacked_heads(generators: list[VectorGenerator], group: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """Several generators' heads (all ``same_head_form``) in one batched product: row i of ``pooled`` (N, d)
+    through ``generators[group[i]]``. Where kernel launches bound the time (a GPU), this is a few launches for
+    every tenant's rows instead of a few per tenant; each row's arithmetic is its own generator's head's."""
+    first = generators[0]
+    down_w = torch.stack([g.down.weight for g in generators]).index_select(0, group)  # (N, r, d)
+    up_w = torch.stack([g.up.weight for g in generators]).index_select(0, group)  # (N, D, r)
+    with torch.autocast(device_type=pooled.device.type, enabled=False):
+        h = torch.bmm(down_w, first._normalized(pooled)[:, :, None])[:, :, 0]
+        if first.down.bias is not None:
+            h = h + torch.stack([g.down.bias for g in generators]).index_select(0, group)
+        z = torch.bmm(up_w, first.act(h)[:, :, None])[:, :, 0]
+        if first.up.bias is not None:
+            z = z + torch.stack([g.up.bias for g in generators]).index_select(0, group)
+        return first._bound(z)
 
 
 def generator_parameter_count(d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> int:

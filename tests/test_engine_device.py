@@ -5,6 +5,7 @@ layer (checked on the meta device, where any host read of a device value raises)
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import pytest
 import test_engine
@@ -57,18 +58,25 @@ def test_explicit_device_runs_the_same_tokens_with_every_tensor_there(kinds, dev
     assert all(seq.generator.device == engine.device for seq in engine._seqs.values())
 
 
-def test_prefill_scales_gathered_per_token_give_the_same_tokens(kinds):
-    """An accelerator's prefill gathers each token's per-row scales (one op per point, not one per prompt); the
-    arithmetic is the same, so are the tokens."""
+def test_an_accelerators_prefill_gives_the_same_tokens(kinds, tmp_path, monkeypatch):
+    """An accelerator's prefill gathers each token's per-row scales (one op per point, not one per prompt) and
+    runs the PEDRO heads of several tenants as one batched product; every request still gets its own PEDRO
+    model's tokens."""
     engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64, max_prefill_tokens=64)
-    assert not engine.runner.gather_scales  # the CPU's default: one op per prompt
-    engine.runner.gather_scales = True
+    assert not engine.runner.launch_bound  # the CPU's default: one op per prompt, one head per adapter
+    engine.runner.launch_bound = True
+    kinds = {**kinds, "p-last-2": make_adapter(tmp_path, "p-last", seed=9)}
     for name, path in kinds.items():
         engine.add_adapter(name, path)
-    plan = [("p-last", 9), ("ia3", 13), ("p-attn", 6), (None, 11), ("p-last", 7)]
+    plan = [("p-last", 9), ("p-last-2", 13), ("ia3", 6), (None, 11), ("p-last-2", 7), ("p-attn", 5), ("p-last", 8)]
     requests = [Request(prompt(80 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
+    stacked = []
+    vectors_module = importlib.import_module("pedro.engine.vectors")
+    original = vectors_module.stacked_heads
+    monkeypatch.setattr(vectors_module, "stacked_heads", lambda *a: stacked.append(1) or original(*a))
     for r, out in zip(requests, engine.generate(requests)):
         assert out.token_ids == reference("llama", kinds.get(r.adapter), r.prompt), r.adapter
+    assert stacked  # the two last-token PEDRO tenants' heads ran stacked
 
 
 def test_a_model_elsewhere_than_the_device_asked_for_is_refused():

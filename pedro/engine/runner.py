@@ -175,9 +175,9 @@ class ModelRunner:
         ]
         self.head_gemm = _gemm(model.lm_head, rows_hint)
         self.graphs: DecodeGraphs | None = None  # set by the engine to replay decode steps (decode_graphs.py)
-        # prefill's per-row scales: one gather per point on an accelerator, where the CPU's per-prompt loop would
-        # be a kernel launch per prompt per point per layer (see _Context.scale)
-        self.gather_scales = self.device.type != "cpu"
+        # an accelerator's prefill is bound by kernel launches: per-row scales gathered per token (one op per
+        # point, not one per prompt: _Context.scale) and PEDRO heads stacked over tenants (vectors.py)
+        self.launch_bound = self.device.type != "cpu"
 
     # ---------------------------------------------------------------------------------------- shared pieces
 
@@ -286,7 +286,7 @@ class ModelRunner:
             starts,
             segments,
             lora_groups,
-            batch_rows(pedro_rows, [end - 1 for _, end in segments], self.device),
+            batch_rows(pedro_rows, [end - 1 for _, end in segments], self.device, stacked=self.launch_bound),
             pad_index=upload(
                 torch.where(pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0), self.device
             ),
@@ -304,7 +304,7 @@ class ModelRunner:
                 prefill.chunk_masks[row] = {None: upload(causal, self.device)}
                 if self.window is not None:
                     prefill.chunk_masks[row][self.window] = upload(causal & (key > query - self.window), self.device)
-        if self.gather_scales and self.rows.live_points():
+        if self.launch_bound and self.rows.live_points():
             prefill.token_index = upload(token_slots, self.device)
         ctx = _Context(self.rows, token_slots, prefill, rope)
         return ctx, upload([t for p in prompts for t in p], self.device), segments

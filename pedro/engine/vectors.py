@@ -6,7 +6,8 @@ Up) on its own rows; adapters that scale the same modules also share one write i
 layer that is one gather and one write for all tenants plus a few small matrix products per adapter, where
 each adapter used to pool its rows from a padded copy of their prompts and write them itself. A row's z
 depends only on its own adapter's rows, never on other tenants'. A generator with a mean or attention pooler
-runs on its adapter's padded prompts, as in training. The grouping is made once per prefill, its index tensors
+runs on its adapter's padded prompts, as in training. On an accelerator the heads of a batch's adapters run as
+one batched product over every row, each row with its own adapter's weights (``stacked``). The grouping is made once per prefill, its index tensors
 on the model's device, so the per-layer loop never builds a host tensor nor waits for the device.
 """
 
@@ -18,6 +19,7 @@ import torch
 
 from pedro.engine.adapters import PedroWeights
 from pedro.engine.device import upload
+from pedro.generator import stacked_heads
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class PedroBatch:
     slots: torch.Tensor
     lasts: torch.Tensor
     last_token: bool
+    group_of_row: torch.Tensor | None = None  # each row's group, where the heads run stacked (stacked_heads)
 
 
 def _batch_key(weights: PedroWeights) -> tuple | None:
@@ -50,9 +53,13 @@ def _batch_key(weights: PedroWeights) -> tuple | None:
     return weights.config.pool_source, tuple((layer, tuple(s)) for layer, s in sorted(weights.slices.items()))
 
 
-def batch_rows(rows: list[tuple[int, int, PedroWeights]], lasts: list[int], device: torch.device) -> list[PedroBatch]:
+def batch_rows(
+    rows: list[tuple[int, int, PedroWeights]], lasts: list[int], device: torch.device, stacked: bool = False
+) -> list[PedroBatch]:
     """(row in the batch, slot, weights) of each PEDRO row and each batch row's last packed token -> the
-    prefill's batches of PEDRO rows, one group per adapter."""
+    prefill's batches of PEDRO rows, one group per adapter. ``stacked``: run a last-token batch's heads of the
+    same form as one batched product (pedro.generator.stacked_heads) rather than one per adapter -- on an
+    accelerator, where each of those products is a kernel launch per tenant per layer."""
     by_adapter: dict[int, list[tuple[int, int, PedroWeights]]] = {}
     for item in rows:
         by_adapter.setdefault(id(item[2]), []).append(item)
@@ -79,6 +86,11 @@ def batch_rows(rows: list[tuple[int, int, PedroWeights]], lasts: list[int], devi
                 slots=upload([s for _, s, _ in flat], device),
                 lasts=upload([lasts[r] for r, _, _ in flat], device),
                 last_token=key not in padded,
+                group_of_row=(
+                    upload([g for g, items in enumerate(adapters) for _ in items], device)
+                    if stacked and key not in padded and len(adapters) > 1
+                    else None
+                ),
             )
         )
     return batches
@@ -99,5 +111,8 @@ def generate_vectors(
         group = batch.groups[0]
         return weights.generators[layer](source[index[group.rows]], mask[group.rows])
     pooled = source[batch.lasts]
-    parts = [group.weights.generators[layer].head(pooled[slice(*group.span)]) for group in batch.groups]
+    generators = [group.weights.generators[layer] for group in batch.groups]
+    if batch.group_of_row is not None and all(generators[0].same_head_form(g) for g in generators[1:]):
+        return stacked_heads(generators, batch.group_of_row, pooled)
+    parts = [g.head(pooled[slice(*group.span)]) for g, group in zip(generators, batch.groups)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
