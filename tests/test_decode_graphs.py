@@ -84,3 +84,22 @@ def test_decode_graphs_setting():
     assert Engine(tiny_model("llama"), max_batch=2, max_seq_len=16, decode_graphs="off").cache.scratch_slot is None
     with pytest.raises(ValueError, match="decode_graphs must be one of"):
         Engine(tiny_model("llama"), max_batch=2, max_seq_len=16, decode_graphs="cuda")
+
+
+def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch, caplog):
+    """A step whose capture raises (an op a CUDA graph cannot hold) is run eagerly, and so is every later step:
+    the requests get their tokens and the engine says why."""
+    engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=32, decode_graphs="padded")
+    graphs = engine.runner.graphs
+    graphs.capture = True  # as on a CUDA device; the capture itself then fails
+
+    def fail(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", fail)
+    requests = [Request(prompt(90 + i, 5 + i), sampling=greedy()) for i in range(3)]
+    with caplog.at_level("WARNING", logger="pedro.engine.decode_graphs"):
+        outs = engine.generate(requests)
+    assert [o.token_ids for o in outs] == [reference("llama", None, r.prompt) for r in requests]
+    assert not graphs.capture and not graphs.graphs
+    assert "decoding without graphs" in caplog.text
