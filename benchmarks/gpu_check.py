@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--dtype", default="auto", help="auto (decided for the device), bfloat16, float32")
     parser.add_argument("--out", default="results/gpu", help="path prefix for .json / .md")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip the reference step (compiling it takes ~1 min)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -346,8 +349,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = load(args.backbone, dtype, args.random_init)[0].to(device)
     result["throughput"] = throughput(model, tokenizer, paths, preset, rng, graphs, log)
     report()
-    result["reference"] = reference_point(model, preset, device.type == "cuda", log)
-    report()
+    if not args.no_reference:
+        result["reference"] = reference_point(model, preset, device.type == "cuda", log)
+        report()
     return result
 
 

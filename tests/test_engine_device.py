@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from pedro.engine import Engine, Request
+from pedro.engine import runner as runner_module
 from pedro.engine.runner import PrefillBatch
 
 KINDS = ["p-last", "p-attn", "lora-qv", "ia3"]
@@ -59,24 +60,38 @@ def test_explicit_device_runs_the_same_tokens_with_every_tensor_there(kinds, dev
 
 
 def test_an_accelerators_prefill_gives_the_same_tokens(kinds, tmp_path, monkeypatch):
-    """An accelerator's prefill gathers each token's per-row scales (one op per point, not one per prompt) and
-    runs the PEDRO heads of several tenants as one batched product; every request still gets its own PEDRO
-    model's tokens."""
+    """An accelerator's prefill gathers each token's per-row scales (one op per point, not one per prompt), runs
+    the PEDRO heads of several tenants as one batched product and LoRA per token (BGMV), not per adapter; every
+    request still gets its own PEFT model's tokens."""
     engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64, max_prefill_tokens=64)
     assert not engine.runner.launch_bound  # the CPU's default: one op per prompt, one head per adapter
     engine.runner.launch_bound = True
     kinds = {**kinds, "p-last-2": make_adapter(tmp_path, "p-last", seed=9)}
     for name, path in kinds.items():
         engine.add_adapter(name, path)
-    plan = [("p-last", 9), ("p-last-2", 13), ("ia3", 6), (None, 11), ("p-last-2", 7), ("p-attn", 5), ("p-last", 8)]
+    plan = [("p-last", 9), ("p-last-2", 13), ("lora-qv", 6), (None, 11), ("p-last-2", 7), ("ia3", 5), ("lora-qv", 8)]
     requests = [Request(prompt(80 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
     stacked = []
     vectors_module = importlib.import_module("pedro.engine.vectors")
     original = vectors_module.stacked_heads
     monkeypatch.setattr(vectors_module, "stacked_heads", lambda *a: stacked.append(1) or original(*a))
+    monkeypatch.setattr(engine.rows, "lora_delta_grouped", None)  # LoRA prompts take the per-token form
     for r, out in zip(requests, engine.generate(requests)):
         assert out.token_ids == reference("llama", kinds.get(r.adapter), r.prompt), r.adapter
     assert stacked  # the two last-token PEDRO tenants' heads ran stacked
+
+
+def test_a_prefill_too_large_for_per_token_lora_groups_by_adapter(kinds, monkeypatch):
+    monkeypatch.setattr(runner_module, "LORA_GATHER_BYTES", 0)
+    engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64)
+    engine.runner.launch_bound = True
+    engine.add_adapter("lora-qv", kinds["lora-qv"])
+    grouped = []
+    original = engine.rows.lora_delta_grouped
+    monkeypatch.setattr(engine.rows, "lora_delta_grouped", lambda *a: grouped.append(1) or original(*a))
+    request = Request(prompt(7, 12), adapter="lora-qv", sampling=greedy())
+    assert engine.generate([request])[0].token_ids == reference("llama", kinds["lora-qv"], request.prompt)
+    assert grouped
 
 
 def test_a_model_elsewhere_than_the_device_asked_for_is_refused():

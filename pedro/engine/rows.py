@@ -169,6 +169,13 @@ class RowAdapters:
         b = self.lora_b[module][layer].index_select(0, rows)  # (N, d_out, r)
         return torch.bmm(b, torch.bmm(a, x.unsqueeze(-1))).squeeze(-1)
 
+    def lora_gather_bytes(self) -> int:
+        """Bytes one token's BGMV gathers for the largest live LoRA module (its A and B at the stacks' rank)."""
+        return max(
+            (self.lora_a[m][0, 0].numel() + self.lora_b[m][0, 0].numel()) * self.lora_a[m].element_size()
+            for m in self.live_lora()
+        )
+
     def lora_groups(self, token_slots: list[int]) -> list[tuple[int, list[int]]]:
         """The prefill's tokens (their slots, on the host) grouped by resident LoRA adapter ->
         [(adapter index, token positions)], rows without LoRA left out."""

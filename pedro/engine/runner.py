@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
     from pedro.engine.decode_graphs import DecodeGraphs
 
+# the most a prefill's per-token LoRA form may gather (each token's A and B, per module and layer); a larger
+# prefill groups its tokens by adapter instead
+LORA_GATHER_BYTES = 256 * 2**20
 PROMPT_LOGPROB_CHUNK = 256  # prompt positions per log-softmax: bounds the (positions, vocab) float32 temporary
 
 
@@ -176,7 +179,8 @@ class ModelRunner:
         self.head_gemm = _gemm(model.lm_head, rows_hint)
         self.graphs: DecodeGraphs | None = None  # set by the engine to replay decode steps (decode_graphs.py)
         # an accelerator's prefill is bound by kernel launches: per-row scales gathered per token (one op per
-        # point, not one per prompt: _Context.scale) and PEDRO heads stacked over tenants (vectors.py)
+        # point, not one per prompt: _Context.scale), PEDRO heads stacked over tenants (vectors.py), LoRA per
+        # token (BGMV) rather than per adapter
         self.launch_bound = self.device.type != "cpu"
 
     # ---------------------------------------------------------------------------------------- shared pieces
@@ -268,11 +272,13 @@ class ModelRunner:
             ends.append(total)
         segments = list(zip([0] + ends[:-1], ends))
         token_slots = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
-        lora_groups = (
-            [(index, upload(where, self.device)) for index, where in self.rows.lora_groups(token_slots)]
-            if self.rows.live_lora()
-            else []
-        )
+        token_lora: torch.Tensor | None = None
+        lora_groups: list[tuple[int, torch.Tensor]] = []
+        if self.rows.live_lora():
+            if self.launch_bound and len(token_slots) * self.rows.lora_gather_bytes() <= LORA_GATHER_BYTES:
+                token_lora = upload([self.rows.lora_host[slot] for slot in token_slots], self.device)
+            else:
+                lora_groups = [(i, upload(where, self.device)) for i, where in self.rows.lora_groups(token_slots)]
         pedro_rows = []
         for row, slot in enumerate(slots):
             entry = self.rows.row_entry[slot]
@@ -286,6 +292,7 @@ class ModelRunner:
             starts,
             segments,
             lora_groups,
+            token_lora,
             batch_rows(pedro_rows, [end - 1 for _, end in segments], self.device, stacked=self.launch_bound),
             pad_index=upload(
                 torch.where(pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0), self.device
@@ -502,6 +509,7 @@ class _Prefill:
     starts: list[int]
     segments: list[tuple[int, int]]
     lora_groups: list[tuple[int, torch.Tensor]]  # (resident LoRA index, its token positions)
+    token_lora: torch.Tensor | None  # or each token's resident LoRA index, for the per-token (BGMV) form
     pedro_batches: list[PedroBatch]  # the PEDRO rows, by adapters whose generators run together
     pad_index: torch.Tensor  # (rows, T_max) packed-token index of each prompt
     pad_mask: torch.Tensor
@@ -549,6 +557,10 @@ class _Context:
             torch.addcmul(x[start:end], x[start:end], table[slot], out=out[start:end])
 
     def lora_delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.step, _Prefill):
-            return self.rows.lora_delta_grouped(layer, module, x, self.step.lora_groups)
-        return self.rows.lora_delta(layer, module, x, self.step.lora_rows)
+        """Decode: BGMV, each row's A and B gathered. Prefill: one pair of GEMMs per adapter among the tokens,
+        or on an accelerator (``token_lora``) BGMV per token, a few launches instead of a few per adapter."""
+        if isinstance(self.step, _Decode):
+            return self.rows.lora_delta(layer, module, x, self.step.lora_rows)
+        if self.step.token_lora is not None:
+            return self.rows.lora_delta(layer, module, x, self.step.token_lora)
+        return self.rows.lora_delta_grouped(layer, module, x, self.step.lora_groups)
