@@ -98,11 +98,11 @@ class DecodeGraphs:
             return self.runner.decode_forward(inputs[0], inputs[1], inputs[2], padded_width)[:batch]
         rows = self.runner.rows
         points, lora = frozenset(rows.live_points()), frozenset(rows.live_lora())
-        key = (padded, padded_width, points, lora)
+        key, tables = (padded, padded_width, points, lora), self._tables(points, lora)
         graph = self.graphs.get(key)
-        if graph is None or graph.tables != self._tables(points, lora):
+        if graph is None or graph.tables != tables:
             try:
-                graph = self._capture(inputs, padded_width, self._tables(points, lora))
+                graph = self._capture(inputs, padded_width, tables)
             except RuntimeError as err:  # a kernel that cannot be captured: keep serving, eagerly
                 log.warning("CUDA graph capture failed (%s); decoding without graphs from now on", err)
                 self.capture = False
