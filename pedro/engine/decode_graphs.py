@@ -1,8 +1,9 @@
 """Decode steps replayed from CUDA graphs, one per batch and width bucket.
 
-A small model's decode step on a GPU is bound by launching kernels, not by running them: SmolLM2's step is
-about a thousand small kernels, each queued by Python. A CUDA graph records a step's kernels once and replays
-them with one call. A graph is fixed in its shapes and in the memory it reads, so a step is padded to a
+A small model's decode step on a GPU is bound by launching kernels, not by running them: each of a step's
+many small kernels is queued by Python (on an H200, SmolLM2's bare step at batch 32 took 18 ms eagerly and
+3.7 ms replayed; benchmarks/gpu_check.py). A CUDA graph records a step's kernels once and replays them with
+one call. A graph is fixed in its shapes and in the memory it reads, so a step is padded to a
 *bucket*: the batch to the next of a few sizes (1, 2, 4, 8, then multiples of 8 up to the engine's
 ``max_batch``) and the attended key width to the next multiple of WIDTH_BLOCK. Padding rows run a harmless
 token at position 0 whose key and value go to the cache's scratch slot (kv_cache.py), never to a slot a
