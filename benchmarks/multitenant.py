@@ -70,12 +70,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         long_batch=8,
         hf_tenants=[4, 32],
     ),
-    # the four targets only (batch 32 at 1 and 32 tenants, 32 decode steps): ~15 minutes, to re-check a change
+    # the targets only (batch 32 at 1 and 32 tenants, 128-token prompts and 128 new tokens as the targets are
+    # stated; transformers at 32 steps): ~20 minutes, to re-check a change
     "targets": dict(
         sweep={32: [1, 32]},
         all_methods_at=[32],
         prompt_len=128,
-        new_tokens=32,
+        new_tokens=128,
         repeats=3,
         hf_new_tokens=32,
         long_prompt=512,
