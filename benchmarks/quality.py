@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -371,11 +371,17 @@ SECONDARY = {"e2e": ["rougeL"], "trec": ["macro_f1"], "conala": ["exact_match"]}
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # two-sided 95 % t quantiles by number of seeds
 
 
-def _metric_of(task: Any, examples: list, run: dict[str, Any], items: list[int]) -> float:
-    """The task's headline metric of one run on a resample of the test items."""
+def _scorer(task: Any, examples: list, run: dict[str, Any]) -> Callable[[list[int]], float]:
+    """The task's headline metric of one run on a resample of the test items (item indices). Accuracy and a
+    corpus metric with per-item statistics (BLEU: pedro.tasks.bleu) add up rows computed once; any other
+    metric re-scores the resample."""
     if "correct" in run:
-        return sum(run["correct"][i] == "1" for i in items) / len(items)
-    return task.score([run["predictions"][i] for i in items], [examples[i] for i in items])[task.metric]
+        correct = [c == "1" for c in run["correct"]]
+        return lambda items: sum(correct[i] for i in items) / len(items)
+    rows = task.item_statistics(run["predictions"], examples)
+    if rows is not None:
+        return lambda items: task.metric_from([sum(column) for column in zip(*(rows[i] for i in items))])
+    return lambda items: task.score([run["predictions"][i] for i in items], [examples[i] for i in items])[task.metric]
 
 
 def paired_bootstrap(
@@ -386,12 +392,11 @@ def paired_bootstrap(
     rng = random.Random(seed)
     diffs = []
     n_items = len(examples)
+    score_a = [_scorer(task, examples, r) for r in a]
+    score_b = [_scorer(task, examples, r) for r in b]
     for _ in range(rounds):
         items = [rng.randrange(n_items) for _ in range(n_items)]
-        diffs.append(
-            statistics.mean(_metric_of(task, examples, r, items) for r in a)
-            - statistics.mean(_metric_of(task, examples, r, items) for r in b)
-        )
+        diffs.append(statistics.mean(f(items) for f in score_a) - statistics.mean(f(items) for f in score_b))
     diffs.sort()
     return diffs[int(0.025 * rounds)], diffs[min(rounds - 1, int(0.975 * rounds))]
 

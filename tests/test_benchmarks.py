@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,31 @@ def test_quality_report_pairs_each_pedro_configuration_with_its_baselines_on_rec
     header = next(line for line in text.splitlines() if line.startswith("| task (metric"))
     assert header.split(" | ")[2:] == ["pedro", "lora_matched", "pedro_r4", "lora_matched_r4 |"]
     assert "| toy | +20.0 [" in text and "pedro_r4 − lora_matched_r4" in text and "ia3" not in text
+
+
+def test_the_bootstrap_of_a_corpus_metric_adds_item_statistics_and_agrees_with_rescoring():
+    """E2E's BLEU on each resample from summed per-item statistics gives the interval that re-scoring every
+    resample's texts gives (the same resamples: same seed)."""
+    import quality
+
+    from pedro.data import Example
+    from pedro.tasks.e2e import E2E
+
+    class Rescored(E2E):
+        def item_statistics(self, predictions, examples):
+            return None
+
+    rng = random.Random(5)
+    words = "the cafe near the river serves cheap food family friendly".split()
+
+    def text() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randrange(4, 10)))
+
+    examples = [Example("p", text(), references=[text(), text()]) for _ in range(30)]
+    runs = [
+        {"predictions": [e.references[i % 2] if (i + s) % 3 else text() for i, e in enumerate(examples)]}
+        for s in range(4)
+    ]
+    fast = quality.paired_bootstrap(E2E(), examples, runs[:2], runs[2:], rounds=50)
+    slow = quality.paired_bootstrap(Rescored(), examples, runs[:2], runs[2:], rounds=50)
+    assert fast == pytest.approx(slow, abs=1e-9) and fast[0] < fast[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -22,7 +23,8 @@ from pedro.tasks import (
     tokenize_for_bleu_eval,
 )
 from pedro.tasks.base import DATA_ENV, default_data_dir
-from pedro.tasks.conala import extract_snippet
+from pedro.tasks.conala import CoNaLa, extract_snippet
+from pedro.tasks.e2e import E2E
 
 
 def _data_dir():
@@ -376,3 +378,25 @@ def test_conala_reads_intents_drops_repeats_and_scores(tmp_path):
     (folder / "conala-test.json").write_text(json.dumps([{"intent": "x"}]))
     with pytest.raises(ValueError, match='record 0 has no "snippet"'):
         task.load("test")
+
+
+@pytest.mark.parametrize("task", [E2E(), CoNaLa()], ids=["e2e", "conala"])
+def test_bleu_from_summed_item_statistics_equals_the_corpus_score(task):
+    """The quality study's bootstrap scores a resample by adding per-item BLEU statistics: on the whole set
+    and on a resample with repeats that gives exactly what scoring the texts gives."""
+    rng = random.Random(3)
+    words = "the cafe near river city x = y + 1 ( ) def return print list".split()
+
+    def text() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randrange(4, 14)))
+
+    examples = [Example("p", text(), references=[text() for _ in range(rng.randrange(1, 4))]) for _ in range(60)]
+    # half the predictions copy a reference, so every n-gram order has matches
+    predictions = [e.references[0] if i % 2 else text() for i, e in enumerate(examples)]
+    rows = task.item_statistics(predictions, examples)
+    for items in (list(range(60)), [rng.randrange(60) for _ in range(60)]):
+        expected = task.score([predictions[i] for i in items], [examples[i] for i in items])[task.metric]
+        assert 0 < expected < 100
+        assert task.metric_from([sum(column) for column in zip(*(rows[i] for i in items))]) == pytest.approx(
+            expected, abs=1e-9
+        )

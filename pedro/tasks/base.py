@@ -86,6 +86,16 @@ class Task(ABC):
         """Score generated texts (``generate`` tasks); choice tasks are scored by evaluation itself."""
         raise NotImplementedError(f"task {self.name!r} is a {self.kind} task and has no text metric")
 
+    def item_statistics(self, predictions: list[str], examples: list[Example]) -> list[list[int]] | None:
+        """Per prediction, the statistics whose column sums give the headline metric (``metric_from``); None
+        where the metric is not such a sum. A corpus metric (BLEU) is then scored on a resample of the items by
+        adding rows (the quality study's bootstrap)."""
+        return None
+
+    def metric_from(self, summed: list[int]) -> float:
+        """The headline metric from the column sums of ``item_statistics`` rows."""
+        raise NotImplementedError(f"task {self.name!r} has no per-item statistics")
+
 
 def accuracy(predicted: list[int], examples: list[Example]) -> dict[str, float]:
     """Fraction of choice examples whose predicted option index is the label."""

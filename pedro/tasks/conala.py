@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from pedro.tasks.base import Example, Task
+from pedro.tasks.bleu import bleu_from_statistics, bleu_statistics
 
 _FENCE = re.compile(r"```(?:[\w+-]*\n)?(.*?)(?:```|$)", re.DOTALL)
 
@@ -90,3 +91,11 @@ class CoNaLa(Task):
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         return conala_bleu([extract_snippet(p) for p in predictions], [e.references[0] for e in examples])
+
+    def item_statistics(self, predictions: list[str], examples: list[Example]) -> list[list[int]] | None:
+        hyps = [" ".join(tokenize_for_bleu_eval(extract_snippet(p))) for p in predictions]
+        refs = [[" ".join(tokenize_for_bleu_eval(e.references[0]))] for e in examples]
+        return bleu_statistics(hyps, refs, tokenize="none", smooth_method="none", force=True)
+
+    def metric_from(self, summed: list[int]) -> float:
+        return bleu_from_statistics(summed, smooth_method="none")

@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 from pedro.tasks.base import Example, Task
+from pedro.tasks.bleu import bleu_from_statistics, bleu_statistics
 
 
 def bleu_rouge(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
@@ -54,3 +55,9 @@ class E2E(Task):
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         return bleu_rouge(predictions, [e.references for e in examples])
+
+    def item_statistics(self, predictions: list[str], examples: list[Example]) -> list[list[int]] | None:
+        return bleu_statistics(predictions, [e.references for e in examples])
+
+    def metric_from(self, summed: list[int]) -> float:
+        return bleu_from_statistics(summed)
