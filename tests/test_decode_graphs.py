@@ -42,6 +42,7 @@ def test_padded_steps_give_each_request_its_own_tokens(kinds, family, monkeypatc
     for (fam, name), path in kinds.items():
         if fam == family:
             engine.add_adapter(name, path)
+            engine.adapters.stage(name, engine.adapters.load(name))  # no request waits for the loader thread
     plan = [("p-last", 5), (None, 19), ("lora-qv", 9), ("p-attn", 13), ("ia3", 3), ("lora-all", 21), ("p-last", 7)]
     requests = [Request(prompt(70 + i, n), adapter=a, sampling=greedy(6 + 3 * i)) for i, (a, n) in enumerate(plan)]
     arrivals = {0: requests[:1], 2: requests[1:2], 4: requests[2:]}

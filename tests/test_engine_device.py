@@ -76,6 +76,8 @@ def test_an_accelerators_prefill_gives_the_same_tokens(kinds, tmp_path, monkeypa
     original = vectors_module.stacked_heads
     monkeypatch.setattr(vectors_module, "stacked_heads", lambda *a: stacked.append(1) or original(*a))
     monkeypatch.setattr(engine.rows, "lora_delta_grouped", None)  # LoRA prompts take the per-token form
+    for name in kinds:  # loaded up front, so the first step admits both PEDRO tenants whatever the loader's pace
+        engine.adapters.stage(name, engine.adapters.load(name))
     for r, out in zip(requests, engine.generate(requests)):
         assert out.token_ids == reference("llama", kinds.get(r.adapter), r.prompt), r.adapter
     assert stacked  # the two last-token PEDRO tenants' heads ran stacked
