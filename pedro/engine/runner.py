@@ -272,11 +272,16 @@ class ModelRunner:
             ends.append(total)
         segments = list(zip([0] + ends[:-1], ends))
         token_slots = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
+        # an accelerator's per-token forms index by each token's slot, uploaded once
+        live_lora = self.rows.live_lora()
+        token_index = (
+            upload(token_slots, self.device) if self.launch_bound and (live_lora or self.rows.live_points()) else None
+        )
         token_lora: torch.Tensor | None = None
         lora_groups: list[tuple[int, torch.Tensor]] = []
-        if self.rows.live_lora():
-            if self.launch_bound and len(token_slots) * self.rows.lora_gather_bytes() <= LORA_GATHER_BYTES:
-                token_lora = upload([self.rows.lora_host[slot] for slot in token_slots], self.device)
+        if live_lora:
+            if token_index is not None and len(token_slots) * self.rows.lora_gather_bytes() <= LORA_GATHER_BYTES:
+                token_lora = self.rows.lora_index.index_select(0, token_index)
             else:
                 lora_groups = [(i, upload(where, self.device)) for i, where in self.rows.lora_groups(token_slots)]
         pedro_rows = []
@@ -298,6 +303,7 @@ class ModelRunner:
                 torch.where(pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0), self.device
             ),
             pad_mask=upload(pad_mask, self.device),
+            token_index=token_index,
         )
         rope = self._rope(upload([start + i for start, n in zip(starts, lengths) for i in range(n)], self.device))
         if self.window is not None and width > self.window:  # the sliding layers' causal band, any prompt's top-left
@@ -311,8 +317,6 @@ class ModelRunner:
                 prefill.chunk_masks[row] = {None: upload(causal, self.device)}
                 if self.window is not None:
                     prefill.chunk_masks[row][self.window] = upload(causal & (key > query - self.window), self.device)
-        if self.launch_bound and self.rows.live_points():
-            prefill.token_index = upload(token_slots, self.device)
         ctx = _Context(self.rows, token_slots, prefill, rope)
         return ctx, upload([t for p in prompts for t in p], self.device), segments
 

@@ -7,8 +7,9 @@ layer that is one gather and one write for all tenants plus a few small matrix p
 each adapter used to pool its rows from a padded copy of their prompts and write them itself. A row's z
 depends only on its own adapter's rows, never on other tenants'. A generator with a mean or attention pooler
 runs on its adapter's padded prompts, as in training. On an accelerator the heads of a batch's adapters run as
-one batched product over every row, each row with its own adapter's weights (``stacked``). The grouping is made once per prefill, its index tensors
-on the model's device, so the per-layer loop never builds a host tensor nor waits for the device.
+one batched product over every row, each row with its own adapter's weights (``stacked``). The grouping is
+made once per prefill, its index tensors on the model's device, so the per-layer loop never builds a host
+tensor nor waits for the device.
 """
 
 from __future__ import annotations
