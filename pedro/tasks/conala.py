@@ -42,6 +42,10 @@ def extract_snippet(text: str) -> str:
     return (match.group(1) if match else text).strip()
 
 
+# sacrebleu over pre-tokenised code tokens, without smoothing: the official metric's formula
+BLEU_ARGS = {"tokenize": "none", "smooth_method": "none", "force": True}
+
+
 def conala_bleu(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Corpus BLEU (0-100) and exact match (0-1) of snippets, both over CoNaLa's code tokens."""
     import sacrebleu
@@ -50,9 +54,7 @@ def conala_bleu(predictions: list[str], references: list[str]) -> dict[str, floa
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     hyps = [tokenize_for_bleu_eval(p) for p in predictions]
     refs = [tokenize_for_bleu_eval(r) for r in references]
-    bleu = sacrebleu.corpus_bleu(
-        [" ".join(h) for h in hyps], [[" ".join(r) for r in refs]], tokenize="none", smooth_method="none", force=True
-    )
+    bleu = sacrebleu.corpus_bleu([" ".join(h) for h in hyps], [[" ".join(r) for r in refs]], **BLEU_ARGS)
     hits = sum(int(h == r) for h, r in zip(hyps, refs))
     return {"bleu": bleu.score, "exact_match": hits / len(refs) if refs else 0.0}
 
@@ -95,7 +97,7 @@ class CoNaLa(Task):
     def item_statistics(self, predictions: list[str], examples: list[Example]) -> list[list[int]] | None:
         hyps = [" ".join(tokenize_for_bleu_eval(extract_snippet(p))) for p in predictions]
         refs = [[" ".join(tokenize_for_bleu_eval(e.references[0]))] for e in examples]
-        return bleu_statistics(hyps, refs, tokenize="none", smooth_method="none", force=True)
+        return bleu_statistics(hyps, refs, **BLEU_ARGS)
 
     def metric_from(self, summed: list[int]) -> float:
-        return bleu_from_statistics(summed, smooth_method="none")
+        return bleu_from_statistics(summed, smooth_method=str(BLEU_ARGS["smooth_method"]))
