@@ -126,11 +126,11 @@ def test_small_pedro_and_ia3_scales_in_the_bf16_engine_are_exact(tmp_path, monke
     records = []
     scale = engine_runner._Context.scale
 
-    def recording(ctx, layer, point, x, out):
+    def recording(ctx, layer, point, x, out=None):
         before = x.clone()
         scale(ctx, layer, point, x, out)
         adapters = [getattr(ctx.rows.row_entry[int(s)], "name", None) for s in ctx.token_slots]
-        records.append((layer, point, before, out.clone(), adapters))
+        records.append((layer, point, before, (x if out is None else out).clone(), adapters))
 
     monkeypatch.setattr(engine_runner._Context, "scale", recording)
     engine = Engine(tiny_model("llama").to(torch.bfloat16), max_batch=4, max_seq_len=32)

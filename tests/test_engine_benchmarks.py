@@ -66,6 +66,19 @@ def test_the_multitenant_benchmark_runs(tiny_llama_dir, tmp_path):
     assert methods["engine:bare"]["end_to_end_cpu_tok_s_vs_bare"] == 1.0
     report = out.with_suffix(".md").read_text()
     assert "| end-to-end tok/s |" in report and "| end to end per CPU s |" in report
+    lockstep = result["lockstep"]
+    assert lockstep["point"] == "b4-t4" and set(lockstep["methods"]) == {
+        "bare",
+        "pedro",
+        "lora_r8_qv",
+        "lora_matched",
+        "ia3",
+    }
+    for name, m in lockstep["methods"].items():
+        assert m["decode_s"] > 0 and m["prefill_s"] > 0 and len(m["decode_vs_bare_per_repeat"]) == 1
+        if name == "bare":
+            assert m["decode_vs_bare"] == m["prefill_vs_bare"] == m["end_to_end_vs_bare"] == 1.0
+    assert "## Lockstep: b4-t4" in report and "(lockstep)" in report  # the targets read the lockstep ratios
 
 
 def _point(**methods: dict) -> dict:
@@ -107,6 +120,15 @@ def test_multitenant_targets_read_the_right_ratios():
     failing = targets(result(pedro=0.97, e2e=0.94, prefill=0.94, bf16=1.9, fp32=1.29))
     assert [ok for *_, ok in failing] == [False, False, True, False, False, False]
     assert "1.3x transformers generate at batch 32 (both float32)" in failing[4][0]
+    # lockstep ratios, where the benchmark measured them, take the place of the sequential runs' for PEDRO vs bare
+    stepped = result(pedro=0.97, e2e=0.94, prefill=0.94, bf16=2.0, fp32=1.3)
+    stepped["lockstep"] = {
+        "methods": {"pedro": {"decode_vs_bare": 0.99, "end_to_end_vs_bare": 0.96, "prefill_vs_bare": 0.93}}
+    }
+    checks = targets(stepped)
+    assert [round(m, 3) for _, m, _, _ in checks] == [0.99, 0.96, 3.0, 2.0, 1.3, 0.93]
+    assert [ok for *_, ok in checks] == [True, True, True, True, True, False]
+    assert all("(lockstep)" in checks[i][0] for i in (0, 1, 5)) and "(lockstep)" not in checks[2][0]
 
 
 def test_multitenant_cpu_ratios_read_the_cpu_time_throughputs():

@@ -206,11 +206,13 @@ class ModelRunner:
                     scaled[rows] = x[rows]
             x = scaled
         y = self.gemms[layer][module](x)
+        whole = len(parts) == 1  # one part: its rows are all of y, used without a view per op
         for rows, ctx in parts:
             if module in ctx.lora:
-                y[rows] += ctx.lora_delta(layer, module, x[rows])
+                y_rows = y if whole else y[rows]
+                y_rows += ctx.lora_delta(layer, module, x if whole else x[rows])
             if ("out", module) in ctx.points:
-                ctx.scale(layer, ("out", module), y[rows], out=y[rows])  # y is this call's own tensor
+                ctx.scale(layer, ("out", module), y if whole else y[rows])  # in place: y is this call's own tensor
         return y
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: "_Parts") -> torch.Tensor:
@@ -542,23 +544,38 @@ class _Context:
         self.rows, self.token_slots, self.step, self.rope = rows, token_slots, step, rope  # slots on the host
         self.points = rows.live_points()
         self.lora = rows.live_lora()
+        # a decode step's rows 0..B-1 of each live point's table, one view per layer, made once per step
+        self.decode_tables: dict[tuple[str, str], tuple[torch.Tensor, ...]] = (
+            {point: rows.scales[point][:, : len(token_slots)].unbind(0) for point in self.points}
+            if isinstance(step, _Decode)
+            else {}
+        )
 
-    def scale(self, layer: int, point: tuple[str, str], x: torch.Tensor, out: torch.Tensor) -> None:
-        """``out`` = ``x`` scaled by each row's 1 + z at ``point``, as x + x * z in one kernel
-        (pedro.layer.apply_scale: exact in bf16 for small z, where 1 + z would not be); ``out`` may be ``x``.
-        Decode: one addcmul with a slice of the table (row i is slot i). Prefill on the CPU: one per prompt
-        segment with its row's vector -- a per-token gather of the table would copy a (tokens, width) tensor per
-        point per layer, which cost ~15 % of a 32-prompt prefill there; on an accelerator (``token_index``) that
-        gather, since there each per-segment op is a kernel launch. The same numbers either way."""
-        table = self.rows.scales[point][layer]
+    def scale(self, layer: int, point: tuple[str, str], x: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """``out`` (default: ``x`` itself, in place) = ``x`` scaled by each row's 1 + z at ``point``, as
+        x + x * z in one kernel (pedro.layer.apply_scale: exact in bf16 for small z, where 1 + z would not be).
+        Decode: one addcmul with the step's view of the table (row i is slot i). Prefill on the CPU: one per
+        prompt segment with its row's vector -- a per-token gather of the table would copy a (tokens, width)
+        tensor per point per layer, which cost ~15 % of a 32-prompt prefill there; on an accelerator
+        (``token_index``) that gather, since there each per-segment op is a kernel launch. The same numbers
+        either way."""
         if isinstance(self.step, _Decode):
-            torch.addcmul(x, x, table[: x.shape[0]], out=out)
+            table = self.decode_tables[point][layer]
+            if out is None:
+                x.addcmul_(x, table)
+            else:
+                torch.addcmul(x, x, table, out=out)
             return
+        table = self.rows.scales[point][layer]
         if self.step.token_index is not None:
-            torch.addcmul(x, x, table.index_select(0, self.step.token_index), out=out)
+            torch.addcmul(x, x, table.index_select(0, self.step.token_index), out=x if out is None else out)
             return
         for slot, (start, end) in zip(self.step.slots, self.step.segments):
-            torch.addcmul(x[start:end], x[start:end], table[slot], out=out[start:end])
+            segment = x[start:end]
+            if out is None:
+                segment.addcmul_(segment, table[slot])
+            else:
+                torch.addcmul(segment, segment, table[slot], out=out[start:end])
 
     def lora_delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
         """Decode: BGMV, each row's A and B gathered. Prefill: one pair of GEMMs per adapter among the tokens,
