@@ -55,7 +55,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         long_prompt=512,
         long_batch=8,
         hf_tenants=[1, 4, 16, 32],
-        lockstep=True,
     ),
     # sized to finish in ~25 minutes on a shared 2-core CPU (see docs/engine.md): short prompts and 16 decode
     # steps (decode throughput is per step, so fewer steps cost precision, not meaning); at batch 64 only
@@ -70,7 +69,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         long_prompt=256,
         long_batch=8,
         hf_tenants=[4, 32],
-        lockstep=True,
     ),
     # the targets only (batch 32 at 1 and 32 tenants, 128-token prompts and 128 new tokens as the targets are
     # stated; transformers at 32 steps): ~20 minutes, to re-check a change
@@ -84,7 +82,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         long_prompt=512,
         long_batch=8,
         hf_tenants=[32],
-        lockstep=True,
     ),
     # seconds, for a smoke test of the script itself
     "smoke": dict(
@@ -97,7 +94,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         long_prompt=16,
         long_batch=2,
         hf_tenants=[4],
-        lockstep=True,
     ),
 }
 POPULARITY = ("distinct", "uniform16", "zipf", "identical")
@@ -375,17 +371,20 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Ca
 
     engines: dict[tuple[int, int], Engine] = {}
 
+    def new_engine(batch: int, prompt_len: int, on: torch.nn.Module = model, capacity: int = 64) -> Engine:
+        return Engine(
+            on,
+            tokenizer,
+            max_batch=batch,
+            max_seq_len=prompt_len + N + 1,
+            max_prefill_tokens=batch * prompt_len,
+            adapter_capacity=capacity,
+        )
+
     def engine_for(batch: int, prompt_len: int, on: torch.nn.Module = model) -> Engine:
         key = (batch, prompt_len, next(on.parameters()).dtype)
         if key not in engines:
-            engines[key] = Engine(
-                on,
-                tokenizer,
-                max_batch=batch,
-                max_seq_len=prompt_len + N + 1,
-                max_prefill_tokens=batch * prompt_len,
-                adapter_capacity=64,
-            )
+            engines[key] = new_engine(batch, prompt_len, on)
             for method in ENGINE_METHODS[1:]:
                 for i, path in enumerate(paths[method]):
                     engines[key].add_adapter(f"{method}-{i}", path)
@@ -454,44 +453,36 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Ca
                     )
             gc.collect()
 
-    lockstep: dict[str, Any] | None = None
-    if preset.get("lockstep"):  # the same batch once more, every method's engine stepping in turn with the others
-        batch = popularity_batch
-        label = f"b{batch}-t{batch}"
-        prompts = fixed_prompts.get((label, batch, P)) or prompts_for(batch, P)
-        adapters = {m: [None if m == "bare" else f"{m}-{t}" for t in range(batch)] for m in ENGINE_METHODS}
-        step_engines: dict[str, Engine] = {}
-        for method in ENGINE_METHODS:
-            engine = Engine(
-                model,
-                tokenizer,
-                max_batch=batch,
-                max_seq_len=P + N + 1,
-                max_prefill_tokens=batch * P,
-                adapter_capacity=batch,
-            )
-            for t in range(batch) if method != "bare" else ():
-                engine.add_adapter(f"{method}-{t}", paths[method][t])
-            run_engine(engine, prompts, adapters[method], N)  # untimed: adapters resident, cache pages committed
-            step_engines[method] = engine
-        lockstep_runs = []
-        for rep in range(preset["repeats"]):
-            lockstep_runs.append(run_lockstep(step_engines, prompts, adapters, N))
-            ratios = summarise_lockstep(lockstep_runs[-1:])
-            log(
-                f"[rep {rep}] lockstep {label}: decode vs bare "
-                + ", ".join(f"{m} {r['decode_vs_bare']:.3f}" for m, r in ratios.items() if m != "bare")
-                + f"  ({time.perf_counter() - started:.0f}s)"
-            )
-        lockstep = {
-            "point": label,
-            "batch": batch,
-            "prompt_len": P,
-            "new_tokens": N,
-            "methods": summarise_lockstep(lockstep_runs),
-        }
-        del step_engines
-        gc.collect()
+    # the batch's all-distinct point once more, every method's engine stepping in turn with the others
+    batch = popularity_batch
+    lockstep_label = f"b{batch}-t{batch}"
+    prompts = fixed_prompts.get((lockstep_label, batch, P)) or prompts_for(batch, P)
+    adapters = {m: [None if m == "bare" else f"{m}-{t}" for t in range(batch)] for m in ENGINE_METHODS}
+    step_engines: dict[str, Engine] = {}
+    for method in ENGINE_METHODS:
+        engine = new_engine(batch, P, capacity=batch)
+        for t in range(batch) if method != "bare" else ():
+            engine.add_adapter(f"{method}-{t}", paths[method][t])
+        run_engine(engine, prompts, adapters[method], N)  # untimed: adapters resident, cache pages committed
+        step_engines[method] = engine
+    lockstep_runs = []
+    for rep in range(preset["repeats"]):
+        lockstep_runs.append(run_lockstep(step_engines, prompts, adapters, N))
+        ratios = summarise_lockstep(lockstep_runs[-1:])
+        log(
+            f"[rep {rep}] lockstep {lockstep_label}: decode vs bare "
+            + ", ".join(f"{m} {r['decode_vs_bare']:.3f}" for m, r in ratios.items() if m != "bare")
+            + f"  ({time.perf_counter() - started:.0f}s)"
+        )
+    lockstep = {
+        "point": lockstep_label,
+        "batch": batch,
+        "prompt_len": P,
+        "new_tokens": N,
+        "methods": summarise_lockstep(lockstep_runs),
+    }
+    del step_engines
+    gc.collect()
 
     table: dict[str, dict[str, Any]] = {}
     for label, batch, tenants, pattern, prompt_len in points:
@@ -539,8 +530,8 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float | None, float, bool
         return methods.get(name, {}).get(key)
 
     checks = []
-    # PEDRO against the bare backbone: from the lockstep runs where the benchmark made them (the more precise
-    # of its two side-by-side measurements, see run_lockstep), else from the interleaved sequential runs
+    # PEDRO against the bare backbone: from the lockstep runs, the more precise of the benchmark's two side-by-side
+    # measurements (see run_lockstep); a result written before it had them reads the interleaved sequential runs
     lockstep = (result.get("lockstep") or {}).get("methods", {}).get("pedro")
     how = " (lockstep)" if lockstep else ""
     ratio = lockstep["decode_vs_bare"] if lockstep else get(t32, "engine:pedro", "decode_tok_s_vs_bare")
@@ -641,13 +632,11 @@ def markdown(result: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|",
         ]
         for method, m in lockstep["methods"].items():
-            each = {k: ", ".join(f"{r:.3f}" for r in m[f"{k}_vs_bare_per_repeat"]) for k in ("decode", "prefill")}
-            each["end_to_end"] = ", ".join(f"{r:.3f}" for r in m["end_to_end_vs_bare_per_repeat"])
-            lines.append(
-                f"| {method} | {m['decode_vs_bare']:.3f} [{each['decode']}] | {m['prefill_vs_bare']:.3f} "
-                f"[{each['prefill']}] | {m['end_to_end_vs_bare']:.3f} [{each['end_to_end']}] | "
-                f"{m['decode_s']:.2f} | {m['prefill_s']:.2f} |"
-            )
+            cells = [
+                f"{m[f'{k}_vs_bare']:.3f} [{', '.join(f'{r:.3f}' for r in m[f'{k}_vs_bare_per_repeat'])}]"
+                for k in ("decode", "prefill", "end_to_end")
+            ]
+            lines.append(f"| {method} | {' | '.join(cells)} | {m['decode_s']:.2f} | {m['prefill_s']:.2f} |")
     lines += ["", "## Targets", ""]
     for desc, measured, threshold, ok in targets(result):
         value = "n/a" if measured is None else f"{measured:.3f}"
