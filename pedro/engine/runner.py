@@ -208,11 +208,11 @@ class ModelRunner:
         y = self.gemms[layer][module](x)
         whole = len(parts) == 1  # one part: its rows are all of y, used without a view per op
         for rows, ctx in parts:
+            x_rows, y_rows = (x, y) if whole else (x[rows], y[rows])
             if module in ctx.lora:
-                y_rows = y if whole else y[rows]
-                y_rows += ctx.lora_delta(layer, module, x if whole else x[rows])
+                y_rows += ctx.lora_delta(layer, module, x_rows)
             if ("out", module) in ctx.points:
-                ctx.scale(layer, ("out", module), y if whole else y[rows])  # in place: y is this call's own tensor
+                ctx.scale(layer, ("out", module), y_rows)  # in place: y is this call's own tensor
         return y
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: "_Parts") -> torch.Tensor:
