@@ -153,27 +153,31 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) ->
     through oneDNN (1.3-2.2x faster than ``F.linear`` at decode-sized inputs, any number of rows), fp32 through
     MKL's packed sgemm (1.2-1.9x at SmolLM2's shapes, used for inputs of exactly ``rows`` rows; other inputs
     go to ``F.linear``, MKL's own rule). Bit for bit ``F.linear``: checked here on ``rows`` random rows, and a
-    kernel that disagrees on this machine is not used. The packed copy is made now: later changes to
-    ``weight`` are not seen. Check ``can_pack_linear`` first."""
+    kernel that disagrees on this machine, or that this CPU cannot run, is not used. The packed copy is made
+    now: later changes to ``weight`` are not seen. Check ``can_pack_linear`` first."""
     weight = weight.detach()
     bias = None if bias is None else bias.detach()
-    if weight.dtype == torch.bfloat16:
-        dnn = torch.ops.mkldnn
-        onednn = dnn._reorder_linear_weight(weight, rows)
-
-        def layer(x: torch.Tensor) -> torch.Tensor:
-            return dnn._linear_pointwise(x, onednn, bias, "none", [], "")
-
-    else:
-        mkl = torch.ops.mkl
-        packed = mkl._mkl_reorder_linear_weight(weight, rows)
-
-        def layer(x: torch.Tensor) -> torch.Tensor:
-            return mkl._mkl_linear(x, packed, weight, bias, rows)
 
     def plain(x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
+    try:  # oneDNN's bf16 reorder refuses a CPU without AVX-512 (or AVX-NE-CONVERT): F.linear serves it there
+        if weight.dtype == torch.bfloat16:
+            dnn = torch.ops.mkldnn
+            onednn = dnn._reorder_linear_weight(weight, rows)
+
+            def layer(x: torch.Tensor) -> torch.Tensor:
+                return dnn._linear_pointwise(x, onednn, bias, "none", [], "")
+
+        else:
+            mkl = torch.ops.mkl
+            packed = mkl._mkl_reorder_linear_weight(weight, rows)
+
+            def layer(x: torch.Tensor) -> torch.Tensor:
+                return mkl._mkl_linear(x, packed, weight, bias, rows)
+
+    except RuntimeError:
+        return plain
     with torch.inference_mode():
         probe = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
         if not torch.equal(layer(probe), F.linear(probe, weight, bias)):

@@ -148,10 +148,21 @@ def test_packed_linear_is_f_linear_bit_for_bit(rows, dtype):
 )
 def test_packed_linear_runs_the_packed_kernel(dtype, op):
     """The packed kernel is what runs (a fallback to F.linear would be silent otherwise): in fp32 for inputs of
-    the rows it was packed for, in bf16 for any."""
+    the rows it was packed for, in bf16 for any -- on a CPU that can run it. On one that cannot (oneDNN's bf16
+    reorder needs AVX-512 or AVX-NE-CONVERT), packed_linear is F.linear instead of an error."""
     torch.manual_seed(0)
     weight = torch.randn(576, 192, dtype=dtype)
     layer = compat.packed_linear(weight, None, rows=32)
+    reorder = (
+        torch.ops.mkldnn._reorder_linear_weight if dtype == torch.bfloat16 else torch.ops.mkl._mkl_reorder_linear_weight
+    )
+    try:
+        reorder(weight, 32)
+    except RuntimeError:  # this CPU lacks the kernel's instructions
+        with torch.inference_mode():
+            ops = _ops_run(layer, torch.randn(32, 192, dtype=dtype))
+        assert op not in ops and any(name in ops for name in ("aten::linear", "aten::addmm", "aten::mm"))
+        return
     with torch.inference_mode():
         assert op in _ops_run(layer, torch.randn(32, 192, dtype=dtype))
         # SmolLM2's shapes: what the engine relies on for its speed
