@@ -6,6 +6,8 @@ read (and tested) on one screen.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -152,33 +154,75 @@ class VectorGenerator(nn.Module):
     def _bound(self, z: torch.Tensor) -> torch.Tensor:
         return z if self.scale_bound is None else self.scale_bound * torch.tanh(z / self.scale_bound)
 
-    def same_head_form(self, other: "VectorGenerator") -> bool:
-        """Whether ``other``'s head computes the same function of its own weights (stacked_heads can run both)."""
+    def head_form(self) -> tuple | None:
+        """What this head computes besides its Down/Up weights: generators with equal forms can run as one
+        batched product (``stacked_heads``). None: not stackable (a rational activation's coefficients are
+        weights of their own)."""
+        if isinstance(self.act, RationalActivation):
+            return None
         return (
-            type(self.act) is type(other.act)
-            and not isinstance(self.act, RationalActivation)  # its coefficients are weights of their own
-            and (self.normalize, self.scale_bound) == (other.normalize, other.scale_bound)
-            and self.down.weight.shape == other.down.weight.shape
-            and self.up.weight.shape == other.up.weight.shape
-            and (self.down.bias is None) == (other.down.bias is None)
+            type(self.act),
+            self.normalize,
+            self.scale_bound,
+            tuple(self.down.weight.shape),
+            tuple(self.up.weight.shape),
+            self.down.bias is not None,
         )
 
 
-def stacked_heads(generators: list[VectorGenerator], group: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """Several generators' heads (all ``same_head_form``) in one batched product: row i of ``pooled`` (N, d)
-    through ``generators[group[i]]``. Where kernel launches bound the time (a GPU), this is a few launches for
-    every tenant's rows instead of a few per tenant; each row's arithmetic is its own generator's head's."""
-    first = generators[0]
-    down_w = torch.stack([g.down.weight for g in generators]).index_select(0, group)  # (N, r, d)
-    up_w = torch.stack([g.up.weight for g in generators]).index_select(0, group)  # (N, D, r)
+@dataclass(frozen=True)
+class HeadStack:
+    """Generator heads' weights stacked on leading axes (one head per index): Down (..., r, d), Up (..., D, r),
+    their biases (..., r) / (..., D) or None."""
+
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    up: torch.Tensor
+    up_bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, generators: list[VectorGenerator]) -> "HeadStack | None":
+        """The heads of ``generators`` stacked on a new first axis; None where their ``head_form`` differ or
+        cannot be stacked."""
+        forms = {g.head_form() for g in generators}
+        if len(forms) != 1 or None in forms:
+            return None
+        return cls.cat([cls(g.down.weight, g.down.bias, g.up.weight, g.up.bias) for g in generators])
+
+    @classmethod
+    def cat(cls, stacks: list["HeadStack"]) -> "HeadStack":
+        """``stacks`` (of the same shapes) stacked on a new first axis."""
+
+        def stack(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if tensors[0] is None else torch.stack([t.detach() for t in tensors if t is not None])
+
+        down, up = stack([s.down for s in stacks]), stack([s.up for s in stacks])
+        assert down is not None and up is not None
+        return cls(down, stack([s.down_bias for s in stacks]), up, stack([s.up_bias for s in stacks]))
+
+    def take(self, position: int, index: torch.Tensor) -> "HeadStack":
+        """Heads ``[index[i], position]`` of a (heads, positions, ...) stack -> one head per ``index`` entry."""
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, position].index_select(0, index)
+
+        down, up = take(self.down), take(self.up)
+        assert down is not None and up is not None
+        return HeadStack(down, take(self.down_bias), up, take(self.up_bias))
+
+
+def stacked_heads(form: VectorGenerator, heads: HeadStack, pooled: torch.Tensor) -> torch.Tensor:
+    """Row i of ``pooled`` (N, d) through head i of ``heads`` (N of them, each of ``form``'s ``head_form``): on
+    a GPU, a few launches for every tenant's rows instead of a few per tenant; each row's arithmetic is its own
+    generator's head's."""
     with torch.autocast(device_type=pooled.device.type, enabled=False):
-        h = torch.bmm(down_w, first._normalized(pooled)[:, :, None])[:, :, 0]
-        if first.down.bias is not None:
-            h = h + torch.stack([g.down.bias for g in generators]).index_select(0, group)
-        z = torch.bmm(up_w, first.act(h)[:, :, None])[:, :, 0]
-        if first.up.bias is not None:
-            z = z + torch.stack([g.up.bias for g in generators]).index_select(0, group)
-        return first._bound(z)
+        h = torch.bmm(heads.down, form._normalized(pooled)[:, :, None])[:, :, 0]
+        if heads.down_bias is not None:
+            h = h + heads.down_bias
+        z = torch.bmm(heads.up, form.act(h)[:, :, None])[:, :, 0]
+        if heads.up_bias is not None:
+            z = z + heads.up_bias
+        return form._bound(z)
 
 
 def generator_parameter_count(d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> int:

@@ -83,6 +83,33 @@ def test_an_accelerators_prefill_gives_the_same_tokens(kinds, tmp_path, monkeypa
     assert stacked  # the two last-token PEDRO tenants' heads ran stacked
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_an_accelerators_padded_prefill_gives_the_same_tokens(family, tmp_path, monkeypatch):
+    """An accelerator prefills whole prompts of different lengths as one padded batch (one attention call and
+    one cache write per layer): each query sees only its own prompt's keys, causally, and on Gemma 3's sliding
+    layers only those within the window (16 here; prompts up to 40 tokens) -- unless padding would more than
+    double the tokens."""
+    engine = Engine(test_engine.backbone(family), max_batch=4, max_seq_len=64, max_prefill_tokens=128)
+    engine.runner.launch_bound = True
+    path = make_adapter(tmp_path, "p-last", family, seed=3)
+    engine.add_adapter("p", path)
+    engine.adapters.stage("p", engine.adapters.load("p"))
+    padded = []
+    original = engine.runner._attend_padded
+    monkeypatch.setattr(engine.runner, "_attend_padded", lambda *a: padded.append(1) or original(*a))
+    plan = [(None, 30), ("p", 9), (None, 21), ("p", 40)]
+    requests = [Request(prompt(90 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
+    for r, out in zip(requests, engine.generate(requests)):
+        assert out.token_ids == reference(family, path if r.adapter else None, r.prompt), r.adapter
+    assert padded
+    padded.clear()  # one long prompt among short ones: padding would more than double the tokens, so per prompt
+    plan = [("p", 40), (None, 3), ("p", 4), (None, 3)]
+    requests = [Request(prompt(95 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
+    for r, out in zip(requests, engine.generate(requests)):
+        assert out.token_ids == reference(family, path if r.adapter else None, r.prompt), r.adapter
+    assert not padded
+
+
 def test_a_prefill_too_large_for_per_token_lora_groups_by_adapter(kinds, monkeypatch):
     monkeypatch.setattr(runner_module, "LORA_GATHER_BYTES", 0)
     engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64)

@@ -23,7 +23,7 @@ from torch import nn
 from pedro.backbones import layer_map
 from pedro.config import PedroConfig
 from pedro.engine.adapter_config import AdapterConfigError, check_served, read_adapter_files
-from pedro.generator import VectorGenerator
+from pedro.generator import HeadStack, VectorGenerator
 from pedro.io import WEIGHTS_NAME, AdapterFileError, check_adapter_dir, read_prompt_format
 from pedro.model import plan_sites
 
@@ -73,6 +73,14 @@ class PedroWeights:
     config: PedroConfig
     generators: dict[int, VectorGenerator]
     slices: dict[int, list[tuple[str, int, int]]]  # layer -> [(module, start, end)]
+    _heads: tuple[HeadStack | None] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def head_stack(self) -> HeadStack | None:
+        """Its generators' heads stacked over its layers, in layer order (made on first use, kept): what a
+        prefill on an accelerator gathers its tenants' heads from. None: they cannot be stacked."""
+        if self._heads is None:
+            self._heads = (HeadStack.of([self.generators[layer] for layer in sorted(self.generators)]),)
+        return self._heads[0]
 
 
 @dataclass

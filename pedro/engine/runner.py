@@ -7,9 +7,9 @@ of repeating K/V), masks (one per-row length mask per step, and its windowed cop
 per-row adapters (rows.py).
 
 Prefill packs the new prompts into one (tokens, d) matrix: every linear layer is one GEMM over all of them,
-attention runs per prompt (causal, banded on sliding layers, no padding), and each PEDRO row's generators
-pool that row's states at each layer -- pedro.generator.VectorGenerator itself, the same code the PEFT model
-runs.
+attention runs per prompt on the CPU (causal, banded on sliding layers, no padding) and as one padded batch on
+an accelerator (where each call is a launch), and each PEDRO row's generators pool that row's states at each
+layer -- pedro.generator.VectorGenerator itself, the same code the PEFT model runs.
 
 One forward serves every family: its ``pedro.backbones.LayerMap`` says what its decoder layer adds to LLaMA's (Gemma 3:
 QK-norm, sandwich norms, sliding-window and global layers with their own RoPE), and each layer's pieces are
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 # the most a prefill's per-token LoRA form may gather (each token's A and B, per module and layer); a larger
 # prefill groups its tokens by adapter instead
 LORA_GATHER_BYTES = 256 * 2**20
+# an accelerator's prefill of whole prompts runs attention as one padded batch when the padding at most
+# doubles the tokens attention reads (one long prompt among short ones: per prompt, as on the CPU)
+PADDED_PREFILL_SLACK = 2
 PROMPT_LOGPROB_CHUNK = 256  # prompt positions per log-softmax: bounds the (positions, vocab) float32 temporary
 
 
@@ -276,9 +279,7 @@ class ModelRunner:
         token_slots = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
         # an accelerator's per-token forms index by each token's slot, uploaded once
         live_lora = self.rows.live_lora()
-        token_index = (
-            upload(token_slots, self.device) if self.launch_bound and (live_lora or self.rows.live_points()) else None
-        )
+        token_index = upload(token_slots, self.device) if self.launch_bound else None
         token_lora: torch.Tensor | None = None
         lora_groups: list[tuple[int, torch.Tensor]] = []
         if live_lora:
@@ -307,7 +308,16 @@ class ModelRunner:
             pad_mask=upload(pad_mask, self.device),
             token_index=token_index,
         )
-        rope = self._rope(upload([start + i for start, n in zip(starts, lengths) for i in range(n)], self.device))
+        positions = upload([start + i for start, n in zip(starts, lengths) for i in range(n)], self.device)
+        rope = self._rope(positions)
+        padded_tokens = len(slots) * width
+        if (
+            token_index is not None
+            and len(slots) > 1
+            and not any(starts)
+            and padded_tokens <= PADDED_PREFILL_SLACK * total
+        ):
+            prefill.padded = self._padded(prefill, token_index, positions)
         if self.window is not None and width > self.window:  # the sliding layers' causal band, any prompt's top-left
             prefill.band = upload(
                 (steps[None, :] <= steps[:, None]) & (steps[None, :] > steps[:, None] - self.window), self.device
@@ -321,6 +331,16 @@ class ModelRunner:
                     prefill.chunk_masks[row][self.window] = upload(causal & (key > query - self.window), self.device)
         ctx = _Context(self.rows, token_slots, prefill, rope)
         return ctx, upload([t for p in prompts for t in p], self.device), segments
+
+    def _padded(self, prefill: "_Prefill", token_index: torch.Tensor, positions: torch.Tensor) -> "_Padded":
+        """Whole prompts as one padded batch for attention: each packed token's place in the padded (rows * T)
+        output. No mask beyond the causal one is needed: a real query at position t sees keys 0..t of its
+        own prompt, which precede any padding; padding queries' outputs are dropped."""
+        width = prefill.pad_index.shape[1]
+        rows = upload(
+            [row for row, (start, end) in enumerate(prefill.segments) for _ in range(end - start)], self.device
+        )
+        return _Padded(token_index, positions, rows * width + positions)
 
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
         """Run the prompts of new rows through every layer, fill their cache slots -> the logits after each row's
@@ -441,6 +461,8 @@ class ModelRunner:
             q, k = q_norm(q), k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if prefill.padded is not None:
+            return self._attend_padded(layer, q, k, v, prefill, prefill.padded)
         out = torch.empty_like(q)
         for row, (slot, offset, (start, end)) in enumerate(zip(prefill.slots, prefill.starts, prefill.segments)):
             ks, vs = k[:, start:end], v[:, start:end]
@@ -462,6 +484,27 @@ class ModelRunner:
                 enable_gqa=True,
             )[0]
         return out.transpose(0, 1).reshape(q.shape[1], -1)
+
+    def _attend_padded(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefill: "_Prefill", padded: "_Padded"
+    ) -> torch.Tensor:
+        """Every prompt's attention in one call, over its tokens gathered into a padded (rows, heads, T, hd)
+        batch, and every token's key and value written to its slot with one op each: on an accelerator, where
+        a call per prompt per layer is a launch per prompt (the CPU spends no compute on padding instead)."""
+        self.cache.write_step(layer, k.transpose(0, 1), v.transpose(0, 1), padded.slots, padded.positions)
+        index = prefill.pad_index
+        band = prefill.band if self.layers[layer].window is not None else None  # None: causal
+        out = F.scaled_dot_product_attention(
+            q[:, index].transpose(0, 1),
+            k[:, index].transpose(0, 1),
+            v[:, index].transpose(0, 1),
+            attn_mask=band,
+            is_causal=band is None,
+            scale=self.scaling,
+            enable_gqa=True,
+        )  # (rows, heads, T, hd)
+        rows, heads, width, head_dim = out.shape
+        return out.transpose(1, 2).reshape(rows * width, heads * head_dim).index_select(0, padded.unpad)
 
     # ---------------------------------------------------------------------------------------- decode
 
@@ -521,7 +564,18 @@ class _Prefill:
     pad_mask: torch.Tensor
     band: torch.Tensor | None = None  # sliding layers' (T_max, T_max) causal-and-window mask, if a prompt needs it
     chunk_masks: dict[int, dict[int | None, torch.Tensor]] = field(default_factory=dict)  # row -> window -> mask
-    token_index: torch.Tensor | None = None  # each token's slot, where per-row scales are gathered per token
+    token_index: torch.Tensor | None = None  # each token's slot, on an accelerator (per-token forms)
+    padded: "_Padded | None" = None  # there, a prefill of two or more whole prompts: attention as one batch
+
+
+@dataclass
+class _Padded:
+    """A prefill's whole prompts as one padded batch (``ModelRunner._padded``): each packed token's slot and
+    position (where its key and value go) and its row in the padded output, flattened (row * T + position)."""
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    unpad: torch.Tensor
 
 
 @dataclass

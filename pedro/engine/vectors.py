@@ -14,13 +14,13 @@ tensor nor waits for the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from pedro.engine.adapters import PedroWeights
 from pedro.engine.device import upload
-from pedro.generator import stacked_heads
+from pedro.generator import HeadStack, stacked_heads
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class PedroBatch:
     lasts: torch.Tensor
     last_token: bool
     group_of_row: torch.Tensor | None = None  # each row's group, where the heads run stacked (stacked_heads)
+    heads: HeadStack | None = None  # there: every group's heads, (groups, its layers in order, ...)
+    positions: dict[int, int] = field(default_factory=dict)  # layer -> its index among the stack's layers
 
 
 def _batch_key(weights: PedroWeights) -> tuple | None:
@@ -60,7 +62,9 @@ def batch_rows(
     """(row in the batch, slot, weights) of each PEDRO row and each batch row's last packed token -> the
     prefill's batches of PEDRO rows, one group per adapter. ``stacked``: run a last-token batch's heads of the
     same form as one batched product (pedro.generator.stacked_heads) rather than one per adapter -- on an
-    accelerator, where each of those products is a kernel launch per tenant per layer."""
+    accelerator, where each of those products is a kernel launch per tenant per layer. Their weights are
+    stacked once here (each adapter's own stack over its layers made on its first use), so a layer gathers
+    its rows' heads with one op per weight."""
     by_adapter: dict[int, list[tuple[int, int, PedroWeights]]] = {}
     for item in rows:
         by_adapter.setdefault(id(item[2]), []).append(item)
@@ -81,6 +85,7 @@ def batch_rows(
             )
             start += len(items)
         flat = [item for items in adapters for item in items]
+        heads = _head_stack([items[0][2] for items in adapters]) if stacked and key not in padded else None
         batches.append(
             PedroBatch(
                 groups,
@@ -88,13 +93,24 @@ def batch_rows(
                 lasts=upload([lasts[r] for r, _, _ in flat], device),
                 last_token=key not in padded,
                 group_of_row=(
-                    upload([g for g, items in enumerate(adapters) for _ in items], device)
-                    if stacked and key not in padded and len(adapters) > 1
-                    else None
+                    None if heads is None else upload([g for g, items in enumerate(adapters) for _ in items], device)
                 ),
+                heads=heads,
+                positions={layer: i for i, layer in enumerate(sorted(flat[0][2].generators))},
             )
         )
     return batches
+
+
+def _head_stack(adapters: list[PedroWeights]) -> HeadStack | None:
+    """Several adapters' heads as one stack (adapters, layers, ...), if each has one, all of one form."""
+    if len(adapters) < 2:
+        return None
+    stacks = [weights.head_stack() for weights in adapters]
+    forms = {weights.generators[min(weights.generators)].head_form() for weights in adapters}
+    if len(forms) != 1 or any(stack is None for stack in stacks):
+        return None
+    return HeadStack.cat([stack for stack in stacks if stack is not None])
 
 
 def generate_vectors(
@@ -112,8 +128,8 @@ def generate_vectors(
         group = batch.groups[0]
         return weights.generators[layer](source[index[group.rows]], mask[group.rows])
     pooled = source[batch.lasts]
-    generators = [group.weights.generators[layer] for group in batch.groups]
-    if batch.group_of_row is not None and all(generators[0].same_head_form(g) for g in generators[1:]):
-        return stacked_heads(generators, batch.group_of_row, pooled)
-    parts = [g.head(pooled[slice(*group.span)]) for g, group in zip(generators, batch.groups)]
+    if batch.heads is not None and batch.group_of_row is not None:
+        form = weights.generators[layer]  # every group's generators compute the same function of their weights
+        return stacked_heads(form, batch.heads.take(batch.positions[layer], batch.group_of_row), pooled)
+    parts = [group.weights.generators[layer].head(pooled[slice(*group.span)]) for group in batch.groups]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
