@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -309,6 +310,7 @@ def run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed
         "trainable": summary["trainable_parameters"],
         "train_seconds": summary["train_seconds"],
         "tokens_per_second": summary["tokens_per_second"],
+        "precision": summary["precision"],  # bf16 autocast or fp32: decided by the CPU the run trained on
         "train_loss": summary["train_loss"],
         "steps": summary["steps"],
         "epochs": summary["epochs"],
@@ -462,7 +464,8 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
         "# Quality study: PEDRO vs parameter-matched LoRA and (IA)3 (SmolLM2-135M, CPU)",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Backbone: smollm2-135m (SmolLM2-135M-Instruct), {meta['dtype']}; seeds {meta['seeds']}; every method trained "
+        f"Backbone: smollm2-135m (SmolLM2-135M-Instruct); training precision {meta['precision']}, as each run's CPU "
+        f"allowed (bf16 autocast where it has native bf16); seeds {meta['seeds']}; every method trained "
         "by `pedro train` with its defaults (epochs sized to the data, a dev split of the training records choosing "
         f"the best epoch, the method's default learning rate: {meta['default_lr']}); {meta['runs']} runs, "
         f"{meta['run_minutes']:.0f} min of training and scoring; torch threads {meta['threads']}.",
@@ -598,7 +601,10 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
         table = aggregate([r for r in records if r["task"] in tasks], tasks, 20 if args.quick else BOOTSTRAP)
         meta = {
             "command": command,
-            "dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
+            "precision": ", ".join(
+                f"{p} ({n} runs)"
+                for p, n in sorted(Counter(r["precision"] for r in records if r["method"] != "zero_shot").items())
+            ),
             "seeds": ",".join(map(str, sorted({r["seed"] for r in records if r["method"] != "zero_shot"}))),
             "default_lr": DEFAULT_LR,
             "runs": len(records),

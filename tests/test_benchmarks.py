@@ -109,7 +109,9 @@ def test_quality_report_pairs_each_pedro_configuration_with_its_baselines_on_rec
     assert math.isclose(versus["pedro_r4 - lora_matched_r4"]["difference"], 0.5 - 0.7)
     low, high = versus["pedro - lora_matched"]["bootstrap95"]
     assert low <= 0.2 <= high
-    meta = dict(command="c", dtype="bf16", seeds="0,1", default_lr={}, runs=8, run_minutes=8, threads=1, rounds=200)
+    meta = dict(
+        command="c", precision="bf16 (6 runs)", seeds="0,1", default_lr={}, runs=8, run_minutes=8, threads=1, rounds=200
+    )
     text = quality.markdown(table, meta)
     header = next(line for line in text.splitlines() if line.startswith("| task (metric"))
     assert header.split(" | ")[2:] == ["pedro", "lora_matched", "pedro_r4", "lora_matched_r4 |"]
