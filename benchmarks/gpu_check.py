@@ -9,8 +9,10 @@ Three checks, on ``--device`` (default cuda):
    its PEFT model on the same device. Reported, not asserted: on a GPU, kernels that differ between the two
    paths (a GEMM over 4 rows or over 1) can flip a near-tie.
 2. Throughput, in ``--dtype``: the multitenant benchmark's batch-32 / 32-distinct-adapter point (benchmarks/
-   multitenant.py's adapters and engine runs): the bare engine, PEDRO and LoRA r=8 with decode graphs, and the
-   bare engine without them, interleaved repeat by repeat, each ratio to the bare engine of the same repeat.
+   multitenant.py's adapters and engine runs): the bare engine, PEDRO and LoRA r=8 with decode graphs, the bare
+   engine without them, and the bare engine with the device's other choice of q/k/v and gate/up GEMMs (one per
+   module on an accelerator, fused on a CPU), interleaved repeat by repeat, each ratio to the bare engine of
+   the same repeat.
 3. Reference: benchmarks/graph_reference.py's decode step (compiled with CUDA graphs on a GPU, eager
    elsewhere) at the same batch and width, its logits first checked against the model's forward.
 
@@ -140,9 +142,14 @@ def throughput(
     graphs: str,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """The batch / tenants point: each core method with decode graphs, and the bare engine without them,
-    interleaved over repeats; ratios to the bare engine (with graphs) of the same repeat."""
+    """The batch / tenants point: each core method with decode graphs, the bare engine without them and with the
+    other choice of fused GEMMs, interleaved over repeats; ratios to the bare engine (with graphs) of the same
+    repeat."""
     batch, tenants, P, N = preset["batch"], preset["tenants"], preset["prompt_len"], preset["new_tokens"]
+    # the engine as it runs on the device, without graphs, and with the other choice of fused q/k/v and gate/up
+    # GEMMs (the device's default: fused on an accelerator, one GEMM per module on a CPU)
+    fused = next(model.parameters()).device.type != "cpu"
+    modes = {graphs: (graphs, None), "off": ("off", None), "fusion": (graphs, not fused)}
     engines = {
         mode: Engine(
             model,
@@ -151,22 +158,25 @@ def throughput(
             max_seq_len=P + N + 1,
             max_prefill_tokens=batch * P,
             adapter_capacity=2 * tenants,
-            decode_graphs=mode,
+            decode_graphs=decode_graphs,
+            fuse_projections=fuse,
         )
-        for mode in (graphs, "off")
+        for mode, (decode_graphs, fuse) in modes.items()
     }
     for method in CORE_METHODS[1:]:
         for i in range(tenants):
             engines[graphs].add_adapter(f"{method}-{i}", paths[method][i])
     prompts = [[rng.randrange(3, model.config.vocab_size) for _ in range(P)] for _ in range(batch)]
-    plan = [(method, graphs) for method in CORE_METHODS] + [("bare", "off")]
+    plan = [(method, graphs) for method in CORE_METHODS] + [("bare", "off"), ("bare", "fusion")]
+    other = "bare, one GEMM per module" if fused else "bare, fused q/k/v and gate/up"
+    names = {graphs: None, "off": "bare, no graphs", "fusion": other}
     for method, mode in plan:  # untimed: first-use costs (allocations, kernel selection, graph capture)
         adapters = [None] * batch if method == "bare" else [f"{method}-{i % tenants}" for i in range(batch)]
         run_engine(engines[mode], prompts, adapters, N)
     runs: dict[str, list[dict[str, float]]] = {}
     for rep in range(preset["repeats"]):
         for method, mode in plan:
-            name = method if mode == graphs else "bare, no graphs"
+            name = names[mode] or method
             adapters = [None] * batch if method == "bare" else [f"{method}-{i % tenants}" for i in range(batch)]
             run = run_engine(engines[mode], prompts, adapters, N)
             runs.setdefault(name, []).append(
@@ -187,7 +197,7 @@ def throughput(
         for key in ("decode_tok_s", "prefill_tok_s", "end_to_end_tok_s"):
             summary[name][f"{key}_vs_bare"] = statistics.median(r[key] / b[key] for r, b in zip(rs, runs["bare"]))
     captures = engines[graphs].runner.graphs.captures if engines[graphs].runner.graphs else 0
-    forward = {mode: forward_ms(engine, batch, P, N) for mode, engine in engines.items()}
+    forward = {mode: forward_ms(engines[mode], batch, P, N) for mode in (graphs, "off")}
     log(f"the bare decode forward alone, p50: {forward[graphs]:.2f} ms with graphs, {forward['off']:.2f} ms without")
     return {
         "batch": batch,

@@ -75,6 +75,8 @@ ADAPTERS = {
         "ia3",
         dict(target_modules=["q_proj", "k_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"]),
     ),
+    # scales up_proj's input: gate and up then read different inputs
+    "ia3-up-in": ("ia3", dict(target_modules=["v_proj", "up_proj"], feedforward_modules=["up_proj"])),
 }
 
 

@@ -5,6 +5,7 @@ layer (checked on the meta device, where any host read of a device value raises)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 
 import pytest
@@ -45,6 +46,7 @@ def _state_tensors(engine: Engine) -> dict[str, torch.Tensor]:
 def test_explicit_device_runs_the_same_tokens_with_every_tensor_there(kinds, device):
     engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64, max_prefill_tokens=40, device=device)
     assert engine.device == torch.device("cpu")
+    assert not any(engine.runner.fused)  # the CPU runs one GEMM per module
     for name, path in kinds.items():
         engine.add_adapter(name, path)
     plan = [("p-last", 9), ("lora-qv", 13), (None, 6), ("p-attn", 11), ("ia3", 7)]
@@ -59,17 +61,34 @@ def test_explicit_device_runs_the_same_tokens_with_every_tensor_there(kinds, dev
     assert all(seq.generator.device == engine.device for seq in engine._seqs.values())
 
 
+def as_on_an_accelerator(engine: Engine) -> list[int]:
+    """Switch a CPU engine's runner (made with ``fuse_projections=True``) to an accelerator's launch-bound forms
+    -> a list that grows by one per fused q/k/v or gate/up GEMM run."""
+    runner = engine.runner
+    assert not runner.launch_bound and all(runner.fused)
+    runner.launch_bound = True
+    calls: list[int] = []
+    for groups in runner.fused:
+        for key, fused in groups.items():
+            groups[key] = dataclasses.replace(fused, gemm=lambda x, gemm=fused.gemm: calls.append(1) or gemm(x))
+    return calls
+
+
 def test_an_accelerators_prefill_gives_the_same_tokens(kinds, tmp_path, monkeypatch):
     """An accelerator's prefill gathers each token's per-row scales (one op per point, not one per prompt), runs
-    the PEDRO heads of several tenants as one batched product and LoRA per token (BGMV), not per adapter; every
-    request still gets its own PEFT model's tokens."""
-    engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64, max_prefill_tokens=64)
-    assert not engine.runner.launch_bound  # the CPU's default: one op per prompt, one head per adapter
-    engine.runner.launch_bound = True
-    kinds = {**kinds, "p-last-2": make_adapter(tmp_path, "p-last", seed=9)}
+    the PEDRO heads of several tenants as one batched product and LoRA per token (BGMV), not per adapter, and
+    q/k/v and gate/up as one GEMM each; every request still gets its own PEFT model's tokens."""
+    engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64, max_prefill_tokens=64, fuse_projections=True)
+    fused = as_on_an_accelerator(engine)
+    kinds = {
+        **kinds,
+        "p-last-2": make_adapter(tmp_path, "p-last", seed=9),
+        "ia3-up-in": make_adapter(tmp_path, "ia3-up-in"),
+    }
     for name, path in kinds.items():
         engine.add_adapter(name, path)
     plan = [("p-last", 9), ("p-last-2", 13), ("lora-qv", 6), (None, 11), ("p-last-2", 7), ("ia3", 5), ("lora-qv", 8)]
+    plan += [("ia3-up-in", 6), ("p-last", 4)]  # gate and up apart while its row runs, fused again after
     requests = [Request(prompt(80 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
     stacked = []
     vectors_module = importlib.import_module("pedro.engine.vectors")
@@ -81,6 +100,7 @@ def test_an_accelerators_prefill_gives_the_same_tokens(kinds, tmp_path, monkeypa
     for r, out in zip(requests, engine.generate(requests)):
         assert out.token_ids == reference("llama", kinds.get(r.adapter), r.prompt), r.adapter
     assert stacked  # the two last-token PEDRO tenants' heads ran stacked
+    assert fused
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -89,8 +109,10 @@ def test_an_accelerators_padded_prefill_gives_the_same_tokens(family, tmp_path, 
     one cache write per layer): each query sees only its own prompt's keys, causally, and on Gemma 3's sliding
     layers only those within the window (16 here; prompts up to 40 tokens) -- unless padding would more than
     double the tokens."""
-    engine = Engine(test_engine.backbone(family), max_batch=4, max_seq_len=64, max_prefill_tokens=128)
-    engine.runner.launch_bound = True
+    engine = Engine(
+        test_engine.backbone(family), max_batch=4, max_seq_len=64, max_prefill_tokens=128, fuse_projections=True
+    )
+    fused = as_on_an_accelerator(engine)
     path = make_adapter(tmp_path, "p-last", family, seed=3)
     engine.add_adapter("p", path)
     engine.adapters.stage("p", engine.adapters.load("p"))
@@ -107,7 +129,7 @@ def test_an_accelerators_padded_prefill_gives_the_same_tokens(family, tmp_path, 
     requests = [Request(prompt(95 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
     for r, out in zip(requests, engine.generate(requests)):
         assert out.token_ids == reference(family, path if r.adapter else None, r.prompt), r.adapter
-    assert not padded
+    assert not padded and fused
 
 
 def test_a_prefill_too_large_for_per_token_lora_groups_by_adapter(kinds, monkeypatch):

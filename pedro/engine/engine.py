@@ -113,6 +113,8 @@ class Engine:
     ``decode_graphs``: "auto" (a CUDA device replays decode steps from CUDA graphs, one per batch and width
     bucket; elsewhere steps run as they come), "off", or "padded" (the graphs' padded steps, run eagerly: on a
     CPU, the check of what a graph replays) -- decode_graphs.py.
+    ``fuse_projections``: run q/k/v and gate/up as one GEMM each (None: on an accelerator, where it is faster;
+    on a CPU their strided outputs made steps slower) -- runner.py.
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class Engine:
         dtype: Union[str, torch.dtype, None] = None,
         device: Optional[DeviceLike] = None,
         decode_graphs: str = "auto",
+        fuse_projections: Optional[bool] = None,
     ) -> None:
         if isinstance(backbone, str):
             device = canonical(device or "cpu")
@@ -182,6 +185,7 @@ class Engine:
         self.device = next(backbone.parameters()).device
         cuda = self.device.type == "cuda"
         self.graph_mode = {"auto": "capture" if cuda else None, "off": None, "padded": "padded"}[decode_graphs]
+        self.fuse_projections = self.device.type != "cpu" if fuse_projections is None else fuse_projections
         self.max_seq_len = max_seq_len
         self.spec = ModelSpec.of(backbone)
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
@@ -208,7 +212,7 @@ class Engine:
             self.device,
             scratch=self.graph_mode is not None,
         )
-        self.runner = ModelRunner(self.model, spec, self.cache, self.rows)
+        self.runner = ModelRunner(self.model, spec, self.cache, self.rows, fuse=self.fuse_projections)
         if self.graph_mode is not None:
             self.runner.graphs = DecodeGraphs(self.runner, capture=self.graph_mode == "capture")
         self.scheduler = Scheduler(self.max_batch, self.max_prefill_tokens, self.adapters, spec.n_layers)

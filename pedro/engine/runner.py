@@ -140,18 +140,54 @@ class LayeredPrefill:
     scores: PromptScores | None = None
 
 
-def _gemm(linear: nn.Linear, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``linear``'s product as the runner computes it: on the CPU with the weight packed once for the GEMM
+def _gemm(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear layer's product as the runner computes it: on the CPU with the weight packed once for the GEMM
     kernel (pedro.compat.packed_linear: the same numbers; bf16 1.3-2.2x faster at any row count, fp32
-    1.2-1.9x for a step of ``rows`` rows, the engine's full batch), anything else as ``F.linear`` on the
-    module's own weights."""
-    if can_pack_linear(linear.weight):
-        return packed_linear(linear.weight, linear.bias, rows)
+    1.2-1.9x for a step of ``rows`` rows, the engine's full batch), anything else as ``F.linear``."""
+    if can_pack_linear(weight):
+        return packed_linear(weight, bias, rows)
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _plain(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: F.linear(x, linear.weight, linear.bias)
 
 
+@dataclass(frozen=True)
+class _Fused:
+    """Linear layers that read the same input run as one GEMM over their weights stacked (``gemm``); each
+    module's output is then its column slice of the product (``slices``: (module, start, end))."""
+
+    gemm: Callable[[torch.Tensor], torch.Tensor]
+    slices: tuple[tuple[str, int, int], ...]
+
+
+# the modules of a decoder layer that read the same input, fused into one GEMM where the layer allows it
+FUSIONS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
+
+
+def _fuse(layer: nn.Module, spec: ModelSpec, rows: int) -> dict[tuple[str, ...], _Fused]:
+    """This layer's FUSIONS whose modules are plain linear layers with biases alike -> their fused GEMMs."""
+    fused: dict[tuple[str, ...], _Fused] = {}
+    for group in FUSIONS:
+        modules = [layer.get_submodule(spec.module_paths[m]) for m in group if m in spec.module_paths]
+        linears = [m for m in modules if type(m) is nn.Linear]
+        if len(linears) != len(group) or len({m.bias is None for m in linears}) != 1:
+            continue
+        weight = torch.cat([m.weight.detach() for m in linears])
+        biases = [m.bias.detach() for m in linears if m.bias is not None]
+        slices, end = [], 0
+        for name, linear in zip(group, linears):
+            slices.append((name, end, end + linear.out_features))
+            end += linear.out_features
+        fused[group] = _Fused(_gemm(weight, torch.cat(biases) if biases else None, rows), tuple(slices))
+    return fused
+
+
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, spec: ModelSpec, cache: KVCache, rows: RowAdapters) -> None:
+    def __init__(
+        self, model: PreTrainedModel, spec: ModelSpec, cache: KVCache, rows: RowAdapters, fuse: bool = False
+    ) -> None:
         self.spec, self.cache, self.rows = spec, cache, rows
         # transformers types a model's own modules and config fields as Any: each is read once, here
         config, decoder = model.config, model.model
@@ -173,18 +209,26 @@ class ModelRunner:
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         self.device = self.embed_tokens.weight.device
-        # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays
-        rows_hint = cache.slots
-        self.gemms = [
-            {name: _gemm(layer.get_submodule(path), rows_hint) for name, path in spec.module_paths.items()}
-            for layer in layers
-        ]
-        self.head_gemm = _gemm(model.lm_head, rows_hint)
-        self.graphs: DecodeGraphs | None = None  # set by the engine to replay decode steps (decode_graphs.py)
-        # an accelerator's prefill is bound by kernel launches: per-row scales gathered per token (one op per
+        # an accelerator's steps are bound by kernel launches: per-row scales gathered per token (one op per
         # point, not one per prompt: _Context.scale), PEDRO heads stacked over tenants (vectors.py), LoRA per
         # token (BGMV) rather than per adapter
         self.launch_bound = self.device.type != "cpu"
+        # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays; with
+        # ``fuse``, q/k/v and gate/up one GEMM each, their own products kept for a step that scales their inputs
+        # apart (the engine fuses on an accelerator: docs/engine.md, GPU)
+        rows_hint = cache.slots
+        self.fused = [_fuse(layer, spec, rows_hint) if fuse else {} for layer in layers]
+        self.gemms = [
+            {
+                name: _plain(layer.get_submodule(path))
+                if any(name in group for group in fused)
+                else _gemm(layer.get_submodule(path).weight, layer.get_submodule(path).bias, rows_hint)
+                for name, path in spec.module_paths.items()
+            }
+            for layer, fused in zip(layers, self.fused)
+        ]
+        self.head_gemm = _gemm(model.lm_head.weight, model.lm_head.bias, rows_hint)
+        self.graphs: DecodeGraphs | None = None  # set by the engine to replay decode steps (decode_graphs.py)
 
     # ---------------------------------------------------------------------------------------- shared pieces
 
@@ -208,15 +252,30 @@ class ModelRunner:
                 else:
                     scaled[rows] = x[rows]
             x = scaled
-        y = self.gemms[layer][module](x)
+        return self._adapt(layer, module, x, self.gemms[layer][module](x), parts)
+
+    def _adapt(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor, parts: "_Parts") -> torch.Tensor:
+        """``module``'s product ``y`` of ``x``, each part's LoRA deltas and output scales applied to its rows, in
+        place (y is this forward's own tensor, or its own column slice of a fused product)."""
         whole = len(parts) == 1  # one part: its rows are all of y, used without a view per op
         for rows, ctx in parts:
             x_rows, y_rows = (x, y) if whole else (x[rows], y[rows])
             if module in ctx.lora:
                 y_rows += ctx.lora_delta(layer, module, x_rows)
             if ("out", module) in ctx.points:
-                ctx.scale(layer, ("out", module), y_rows)  # in place: y is this call's own tensor
+                ctx.scale(layer, ("out", module), y_rows)
         return y
+
+    def _projections(
+        self, layer: int, modules: tuple[str, ...], x: torch.Tensor, parts: "_Parts"
+    ) -> list[torch.Tensor]:
+        """The products of ``modules``, which read the same input ``x``: one fused GEMM, each module's output its
+        column slice, unless a part scales one of their inputs (then each module's own GEMM of its own input)."""
+        fused = self.fused[layer].get(modules)
+        if fused is None or any(("in", m) in ctx.points for m in modules for _, ctx in parts):
+            return [self._linear(layer, m, x, parts) for m in modules]
+        y = fused.gemm(x)
+        return [self._adapt(layer, m, x, y[:, start:end], parts) for m, start, end in fused.slices]
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: "_Parts") -> torch.Tensor:
         outs = []
@@ -237,13 +296,11 @@ class ModelRunner:
             for rows, ctx in parts:
                 if isinstance(ctx.step, _Prefill):
                     self._run_generators(i, x[rows], normed[rows], ctx.step)
-            q = self._linear(i, "q", normed, parts)
-            k = self._linear(i, "k", normed, parts)
-            v = self._linear(i, "v", normed, parts)
+            q, k, v = self._projections(i, ("q", "k", "v"), normed, parts)
             a = self._linear(i, "o", self._attend(i, q, k, v, parts), parts)
             x = x + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
             h = layer.mlp_in_norm(x)
-            gate, up = self._linear(i, "gate", h, parts), self._linear(i, "up", h, parts)
+            gate, up = self._projections(i, ("gate", "up"), h, parts)
             m = self._linear(i, "down", self.act(gate) * up, parts)
             x = x + (m if layer.mlp_out_norm is None else layer.mlp_out_norm(m))
         return x
