@@ -82,6 +82,48 @@ def test_n_samples_share_one_prefill():
     assert [o.token_ids for o in outs] == alone
 
 
+def test_n_samples_behind_a_server_share_one_prefill_while_the_engine_is_busy():
+    """The server's n samples reach the engine in one command: even while other rows keep it stepping, and
+    with each sample's prompt encoded at its own pace, they are admitted in one step and prefilled once."""
+    import asyncio
+    import time
+
+    from conftest import tiny_model, tiny_tokenizer
+
+    from pedro.server.backend import LocalBackend
+
+    engine = Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=4, max_seq_len=64)
+    backend = LocalBackend(engine, SimpleNamespace(max_prompt_tokens=None))
+    encode = backend.encode
+    calls = []
+
+    def slow_encode(prompt, adapter=None, raw_prompt=None):  # each encode slower than several steps
+        calls.append(prompt)
+        time.sleep(0.05 * len(calls))
+        return encode(prompt, adapter, raw_prompt)
+
+    backend.encode = slow_encode
+    sampling = SamplingParams(max_new_tokens=3, temperature=1.0, seed=1, ignore_eos=True)
+    busy = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+    async def main() -> list[list[int]]:
+        (running,) = await backend.stream_all([([7, 8], busy, None)], None, None)
+        await running.__anext__()  # the engine is now stepping for it
+        streams = await backend.stream_all([([3, 4, 5, 6], sampling, None)] * 3, None, None)
+        outs = [[o async for o in s][-1].token_ids for s in streams]
+        await running.aclose()
+        return outs
+
+    try:
+        engine.reset_stats()
+        outs = asyncio.run(main())
+    finally:
+        backend.shutdown()
+    assert len(outs) == 3 and all(len(o) == 3 for o in outs)
+    prefilled = [n for *_, n, _ in engine.stats["prefill"]] + [n for _, n, _ in engine.stats["mixed"]]
+    assert sorted(prefilled) == [2, 4]  # the busy row's prompt, then the samples' prompt once for all three
+
+
 def test_batched_prompts_number_choices_prompt_major(live):
     prompts = ["3 4 5", "9 8"]
     out = live.client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=5, temperature=0)

@@ -330,7 +330,7 @@ def test_every_response_is_counted_by_status(live):
 class Exploding:
     """A backend whose generation raises an unexpected exception (a bug): the app must still answer JSON."""
 
-    def stream(self, *args, **kwargs):
+    async def stream_all(self, *args, **kwargs):
         raise RuntimeError("secret internal detail /srv/engine.py")
 
     def stats(self):

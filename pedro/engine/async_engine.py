@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Union
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Union
 
 from torch import nn
 
@@ -152,22 +152,42 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------------ public API
 
+    async def open(self, requests: list[Request]) -> list[AsyncGenerator[RequestOutput, None]]:
+        """Submit ``requests`` in one command, so the engine admits them between the same two steps (the n
+        samples of a prompt then share one prefill) -> each one's stream, as ``stream`` yields it. Raises
+        RequestError for an invalid request; then none of them runs."""
+        loop = asyncio.get_running_loop()
+        queues: list[asyncio.Queue] = [asyncio.Queue() for _ in requests]
+
+        def submit() -> None:
+            added: list[str] = []
+            try:
+                for request, q in zip(requests, queues):
+                    self._listeners[request.request_id] = (loop, q)
+                    self.engine.add_request(request, track_text=True)
+                    added.append(request.request_id)
+            except BaseException:
+                for request in requests:
+                    self._listeners.pop(request.request_id, None)
+                for rid in added:
+                    self.engine.abort(rid)
+                raise
+
+        await self._call(submit)
+        return [self._listen(request.request_id, q) for request, q in zip(requests, queues)]
+
     async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Yield a RequestOutput each step the request advances (``delta_token_ids`` / ``delta_text`` are
         new); the last one has ``finished`` set. Raises RequestError for an invalid request."""
-        q: asyncio.Queue = asyncio.Queue()
-        rid = request.request_id
+        (outputs,) = await self.open([request])
+        try:
+            async for out in outputs:
+                yield out
+        finally:
+            await outputs.aclose()  # leaving early aborts the request now, not when the generator is collected
 
-        def submit() -> None:
-            self._listeners[rid] = (loop, q)
-            try:
-                self.engine.add_request(request, track_text=True)
-            except BaseException:
-                self._listeners.pop(rid, None)
-                raise
-
-        loop = asyncio.get_running_loop()
-        await self._call(submit)
+    async def _listen(self, rid: str, q: asyncio.Queue) -> AsyncGenerator[RequestOutput, None]:
+        """What the engine thread delivers for request ``rid``; leaving early aborts it."""
         finished = False
         try:
             while not finished:

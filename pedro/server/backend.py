@@ -56,15 +56,11 @@ def refused(err: RequestError, param: Optional[str] = None) -> APIError:
 class Backend(Protocol):
     """What app.py and tenancy.py call: LocalBackend here, RayBackend (ray_app.py) in front of Ray replicas."""
 
-    def stream(
-        self,
-        prompt: Prompt,
-        adapter: Optional[str],
-        sampling: SamplingParams,
-        tenant: Optional[str] = None,
-        raw_prompt: Optional[bool] = None,
-    ) -> AsyncGenerator[RequestOutput, None]:
-        """A generator, not just an iterator: closing it early (``aclose``) aborts the engine request."""
+    async def stream_all(
+        self, wanted: list[tuple[Prompt, SamplingParams, Optional[bool]]], adapter: Optional[str], tenant: Optional[str]
+    ) -> list[AsyncGenerator[RequestOutput, None]]:
+        """One stream per (prompt, sampling, raw_prompt), admitted together. Generators, not just iterators:
+        closing one early (``aclose``) aborts its engine request."""
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -130,21 +126,45 @@ class LocalBackend:
         """Encode, admit, run; yields the engine's outputs. Leaving early aborts the request and frees its slot.
         ``tenant`` is the engine's fairness key and per-tenant limit; ``raw_prompt`` overrides how a text
         prompt is encoded (None: as the adapter was trained, see ``raw_text``)."""
-        ids = await asyncio.to_thread(self.encode, prompt, adapter, raw_prompt)
+        (outputs,) = await self.stream_all([(prompt, sampling, raw_prompt)], adapter, tenant)
+        try:
+            async for out in outputs:
+                yield out
+        finally:
+            await outputs.aclose()
+
+    async def stream_all(
+        self, wanted: list[tuple[Prompt, SamplingParams, Optional[bool]]], adapter: Optional[str], tenant: Optional[str]
+    ) -> list[AsyncGenerator[RequestOutput, None]]:
+        """``stream`` for several (prompt, sampling, raw_prompt), all admitted together: the engine gets them in
+        one command, so the n samples of a prompt share one prefill whatever else arrives meanwhile. Raises the
+        HTTP error of the first that cannot run; then none runs."""
+        ids = await asyncio.to_thread(lambda: [self.encode(p, adapter, raw) for p, _, raw in wanted])
+        requests = [
+            Request(i, adapter=adapter, sampling=s, tenant=tenant, request_id=f"srv-{next(_ids)}")
+            for i, (_, s, _) in zip(ids, wanted)
+        ]
+        try:
+            outputs = await self.async_engine.open(requests)
+        except RequestError as err:
+            raise refused(err) from None
+        except EngineDead as err:
+            raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
+        return [self._served(o) for o in outputs]
+
+    async def _served(self, outputs: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:
+        """One admitted request's outputs, an error output raised as its HTTP error; counted while in flight."""
         self.in_flight += 1
         try:
-            request = Request(ids, adapter=adapter, sampling=sampling, tenant=tenant, request_id=f"srv-{next(_ids)}")
-            try:
-                async for out in self.async_engine.stream(request):
-                    if out.finish_reason == "error":
-                        raise failure(out)
-                    yield out
-            except RequestError as err:
-                raise refused(err) from None
-            except EngineDead as err:
-                raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
+            async for out in outputs:
+                if out.finish_reason == "error":
+                    raise failure(out)
+                yield out
+        except EngineDead as err:
+            raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
         finally:
             self.in_flight -= 1
+            await outputs.aclose()
 
     def stats(self) -> dict[str, float]:
         """Cheap, approximate reads of engine state for /health and /metrics (no lock: they are gauges)."""

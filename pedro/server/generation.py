@@ -2,8 +2,9 @@
 
 A request has ``len(prompts) * n`` choices; choice ``i`` is prompt ``i // n``, sample ``i % n`` (OpenAI's
 numbering) and, when the request has a seed, runs with seed ``seed + i % n`` (wrapping around the signed
-64-bit range, ``nth_seed``), so each choice can be reproduced alone. The engine admits the n samples of a
-prompt together and prefills that prompt once (engine.py). Every choice is opened (admitted, first token out)
+64-bit range, ``nth_seed``), so each choice can be reproduced alone. Every choice reaches the engine in one
+command (``Backend.stream_all``), so it admits the n samples of a prompt together and prefills that prompt
+once (engine.py), however busy it is. Every choice is opened (admitted, first token out)
 before the caller answers, so a refusal of any of them is an HTTP error and the others are aborted; afterwards
 their outputs are merged in arrival order.
 
@@ -70,7 +71,7 @@ class Opened:
 async def open_all(backend: Backend, wanted: list[Choice], adapter: Optional[str], tenant: str) -> list[Opened]:
     """Start every choice and wait for each one's first output; if any fails, close the others (their engine
     requests are aborted) and raise its error."""
-    streams = [backend.stream(c.prompt, adapter, c.sampling, tenant=tenant, raw_prompt=c.raw_prompt) for c in wanted]
+    streams = await backend.stream_all([(c.prompt, c.sampling, c.raw_prompt) for c in wanted], adapter, tenant)
     firsts: list[RequestOutput] = []
     for first in await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True):
         if isinstance(first, BaseException):

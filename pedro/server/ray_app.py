@@ -115,6 +115,13 @@ class RayBackend:
                 if not finished:
                     responses.cancel()  # the replica's generator is cancelled: its engine request is aborted
 
+    async def stream_all(
+        self, wanted: list[tuple[Prompt, SamplingParams, Optional[bool]]], adapter: Optional[str], tenant: Optional[str]
+    ) -> list[AsyncGenerator[RequestOutput, None]]:
+        """One ``stream`` each: the replica router places every request on its own, so the n samples of a prompt
+        may land on different replicas and are prefilled there."""
+        return [self.stream(prompt, adapter, sampling, tenant, raw_prompt) for prompt, sampling, raw_prompt in wanted]
+
     def stats(self) -> dict[str, Any]:
         """The engine gauges summed over the replicas that reported in the last STATS_STALE_S, each replica's own
         values (``per_replica``), and the routing counts (adapter -> replica -> requests) seen by this ingress."""
