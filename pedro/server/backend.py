@@ -53,6 +53,11 @@ def refused(err: RequestError, param: Optional[str] = None) -> APIError:
     return APIError(400, str(err), code=code, param=field)
 
 
+def unavailable(err: EngineDead) -> APIError:
+    """The HTTP error for a call that finds the engine thread stopped: 503, retry elsewhere or later."""
+    return APIError(503, f"the engine is not running: {err}", code="engine_unavailable")
+
+
 class Backend(Protocol):
     """What app.py and tenancy.py call: LocalBackend here, RayBackend (ray_app.py) in front of Ray replicas."""
 
@@ -149,7 +154,7 @@ class LocalBackend:
         except RequestError as err:
             raise refused(err) from None
         except EngineDead as err:
-            raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
+            raise unavailable(err) from None
         return [self._served(o) for o in outputs]
 
     async def _served(self, outputs: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:
@@ -161,7 +166,7 @@ class LocalBackend:
                     raise failure(out)
                 yield out
         except EngineDead as err:
-            raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
+            raise unavailable(err) from None
         finally:
             self.in_flight -= 1
             await outputs.aclose()
@@ -195,7 +200,7 @@ class LocalBackend:
         except AdapterError as err:
             raise APIError(400, f"adapter refused: {err}", param="adapter") from None
         except EngineDead as err:
-            raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
+            raise unavailable(err) from None
 
     async def remove_adapter(self, engine_name: str) -> None:
         try:
@@ -203,7 +208,7 @@ class LocalBackend:
         except AdapterError as err:
             raise APIError(409, f"cannot remove the adapter now: {err}", code="adapter_in_use") from None
         except EngineDead as err:
-            raise APIError(503, f"the engine is not running: {err}", code="engine_unavailable") from None
+            raise unavailable(err) from None
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()
