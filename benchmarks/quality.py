@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -142,11 +143,10 @@ def dev_split(examples: list, n_dev: int, n_train: int, seed: int = 1234) -> tup
     return rest[:n_train], dev
 
 
-def train_and_score(base, tokenizer, task, train_examples, scored, seed, size, work, **train_args) -> tuple:
-    """Train one adapter on a deep copy of the backbone and score ``scored`` with the task's metric
+def train_and_score(base, tokenizer, task, train_examples, scored, seed, size, out: Path, **train_args) -> tuple:
+    """Train one adapter into ``out`` on a deep copy of the backbone and score ``scored`` with the task's metric
     -> (training summary, scores, per-item predictions)."""
     model = copy.deepcopy(base)
-    out = Path(tempfile.mkdtemp(dir=work))
     result = train(
         model=model,
         tokenizer=tokenizer,
@@ -177,7 +177,7 @@ def run_dev(base, tokenizer, task, train_examples, dev_examples, settings, seed,
         dev_examples,
         seed,
         size,
-        work,
+        Path(tempfile.mkdtemp(dir=work)),
         eval_examples=dev_examples,
         epochs=DEV_EPOCHS,
         batch_size=8,
@@ -301,10 +301,12 @@ def per_item(task: Any, predictions: list[dict[str, Any]]) -> dict[str, Any]:
     return {"predictions": [p["prediction"] for p in predictions]}
 
 
-def run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed, size, work) -> dict[str, Any]:
-    """Train one adapter with `pedro train`'s defaults on a deep copy of the backbone, score the test items."""
+def run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed, size, out: Path) -> dict[str, Any]:
+    """Train one adapter with `pedro train`'s defaults on a deep copy of the backbone, score the test items.
+    Training resumes from the last checkpoint in ``out`` (one per epoch), so a run longer than a process's life
+    still finishes; its train time counts every piece up to the checkpoint it resumed from."""
     summary, scores, predictions = train_and_score(
-        base, tokenizer, task, train_examples, eval_examples, seed, size, work, **settings
+        base, tokenizer, task, train_examples, eval_examples, seed, size, out, resume=True, **settings
     )
     return {
         "trainable": summary["trainable_parameters"],
@@ -581,6 +583,7 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
     stem = "quality_quick" if args.quick else "quality"
     runs_path = out / f"{stem}_runs.jsonl"
     claims = out / f".{stem}_claims"
+    runs_dir = out / f".{stem}_work"
     done = load_done(runs_path)
     start = time.perf_counter()
     base, tokenizer = load_base()
@@ -632,6 +635,7 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
         try:
             done[key] = make()
             append(runs_path, done[key])
+            shutil.rmtree(runs_dir / "-".join(map(str, key)), ignore_errors=True)  # its checkpoints: done with
         finally:
             release(claims, key)
         return True
@@ -669,8 +673,11 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
                 settings = METHODS[method]
                 key = (task_name, method, seed)
 
-                def trained(method: str = method, settings: dict = settings, seed: int = seed) -> dict[str, Any]:
-                    record = run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed, size, work)
+                def trained(
+                    method: str = method, settings: dict = settings, seed: int = seed, key: tuple = key
+                ) -> dict[str, Any]:
+                    folder = runs_dir / "-".join(map(str, key))  # kept across processes until the run is on record
+                    record = run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed, size, folder)
                     return {"task": task_name, "method": method, "seed": seed, **record}
 
                 if not run_claimed(key, trained):

@@ -318,7 +318,8 @@ def train(
     )
     collator = Collator(tokenizer.pad_token_id, cfg.padding_side, with_prompt_lengths=cfg.method == "pedro")
     progress = ProgressAndLog(output_dir / LOG_NAME, cfg.progress)
-    extra: list[TrainerCallback] = [progress, MarkCompleteCheckpoints(), *callbacks]
+    marks = MarkCompleteCheckpoints()
+    extra: list[TrainerCallback] = [progress, marks, *callbacks]
     if accuracy is not None:  # first: it fills the log record before it is written
         extra.insert(0, accuracy)
     if cfg.early_stopping:
@@ -348,9 +349,8 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        train_start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume_from)
-        train_seconds = time.perf_counter() - train_start
+        train_seconds = marks.seconds()  # a resumed run's includes the time up to its checkpoint
         evaluations = [r for r in trainer.state.log_history if "eval_loss" in r]
         final_eval = trainer.evaluate() if eval_rows is not None else {}  # of the adapter kept
     finally:

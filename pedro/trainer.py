@@ -177,12 +177,30 @@ COMPLETE = "pedro-checkpoint-complete"
 
 
 class MarkCompleteCheckpoints(TrainerCallback):
-    """Marks each checkpoint complete once Trainer has written all of it (``on_save`` runs after the write)."""
+    """Marks each checkpoint complete once Trainer has written all of it (``on_save`` runs after the write). The
+    mark records the training seconds spent up to that checkpoint, so a run resumed from it reports the time of
+    the whole run, not of its last piece."""
 
-    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
+    def __init__(self) -> None:
+        self.before = 0.0  # training seconds spent before this process, up to the checkpoint it resumed from
+        self.start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
+        self.start = time.perf_counter()
+        mark = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / COMPLETE
+        if state.global_step and mark.is_file():
+            try:
+                self.before = float(json.loads(mark.read_text() or "{}").get("train_seconds", 0.0))
+            except (ValueError, AttributeError):  # a mark from before marks carried the time
+                self.before = 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
         path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if path.is_dir():
-            (path / COMPLETE).touch()
+            (path / COMPLETE).write_text(json.dumps({"train_seconds": round(self.seconds(), 3)}))
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:

@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from pedro.data import Collator, Example
 from pedro.generator import VectorGenerator
 from pedro.train import TrainConfig, expected_parameter_count, match_sizes, train
+from pedro.trainer import COMPLETE
 
 TESTS = Path(__file__).parent
 # prompt words 3..9, response words 43..49 (the tiny tokenizer's 0/1/2 are pad/eos/unk)
@@ -196,6 +197,11 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path):
     assert not (killed / "adapter_model.safetensors").exists()
     checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
     assert checkpoints == [f"checkpoint-{n}"]
+    # the checkpoint's mark carries the training time so far; make it long, so the resumed run's total must
+    # include it (a resumed run reporting only its own piece would read a few seconds)
+    mark = killed / "checkpoints" / f"checkpoint-{n}" / COMPLETE
+    assert 0 < json.loads(mark.read_text())["train_seconds"] < 300
+    mark.write_text(json.dumps({"train_seconds": 1000.0}))
     # what a kill during a checkpoint's write leaves: a newer checkpoint folder Trainer never finished
     partial = killed / "checkpoints" / f"checkpoint-{n + 1}"
     partial.mkdir()
@@ -209,6 +215,7 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path):
         assert torch.equal(a[key], b[key]), key
     summary = json.loads((killed / "training_summary.json").read_text())
     assert summary["steps"] == 2 * n and summary["resumed_from"].endswith(f"checkpoint-{n}")
+    assert 1000 < summary["train_seconds"] < 1300
     assert not partial.exists()  # the partial checkpoint was skipped and removed
     # and the weights did change between the checkpoint and the end (the test could not pass by accident)
     mid = load_file(killed / "checkpoints" / f"checkpoint-{n}" / "adapter_model.safetensors")
