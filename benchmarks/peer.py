@@ -1,6 +1,7 @@
 """pedro's engine next to vLLM on the same work: `pedro bench multitenant --peer vllm`.
 
-The same backbone weights (saved once from pedro's loader as a Hugging Face folder, bf16), the same prompts as
+The same backbone weights (saved once from pedro's loader as a Hugging Face folder, in ``--dtype``: by default
+bf16 where the CPU has native bf16, else fp32, as the engine chooses), the same prompts as
 token ids, the same PEFT LoRA directories (r=8 on q,v), one batch of all prompts, greedy, every request
 generating exactly ``--new-tokens`` (``ignore_eos``). vLLM runs in its own virtual environment (its torch and
 transformers pins differ from pedro's) as a child process driven over a pipe (benchmarks/vllm_peer.py); its
@@ -10,8 +11,8 @@ by repeat and each ratio is taken within one repeat, then the median over repeat
 
 Each configuration is timed twice per repeat: generating ``--new-tokens`` (end to end, prefill included) and
 generating one token (the prefill); decode tok/s is ``batch * (new_tokens - 1)`` over the difference. The
-greedy tokens of the two bare engines are compared as a check that both run the same model (bf16 arithmetic
-differs between them, so agreement is high, not total).
+greedy tokens of the two bare engines are compared as a check that both run the same model (their arithmetic
+differs, so agreement is high, not total).
 
     python benchmarks/multitenant.py --peer vllm --vllm-python /path/to/vllm-venv/bin/python
 """
@@ -33,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 import pedro
+from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -109,7 +111,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def benchmark(args: Any, log: Callable[[str], None]) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    model, tokenizer = pedro.load_backbone(args.backbone, dtype=torch.bfloat16, quiet=True)
+    dtype = resolve_dtype(args.dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    model, tokenizer = pedro.load_backbone(args.backbone, dtype=dtype, quiet=True)
     work = Path(tempfile.mkdtemp(prefix="pedro-peer-"))
     model_dir = work / "model"
     model.save_pretrained(str(model_dir))
@@ -125,7 +129,7 @@ def benchmark(args: Any, log: Callable[[str], None]) -> dict[str, Any]:
         for i, path in enumerate(paths[method]):
             engine.add_adapter(f"{method}-{i}", path)
     lora_paths = [str(p) for p in paths["lora_r8_qv"]]
-    base_spec = {"model": str(model_dir), "max_num_seqs": args.batch, "max_model_len": max_len}
+    base_spec = {"model": str(model_dir), "dtype": dtype_name, "max_num_seqs": args.batch, "max_model_len": max_len}
     log("starting vLLM (bare, and with LoRA slots on qkv_proj)")
     peers = {
         "vllm:bare": VllmPeer(args.vllm_python, dict(base_spec, lora=None), args.threads, work / "vllm.log"),
@@ -184,7 +188,7 @@ def benchmark(args: Any, log: Callable[[str], None]) -> dict[str, Any]:
     return {
         "setup": {
             "backbone": args.backbone,
-            "dtype": "bfloat16",
+            "dtype": dtype_name,
             "batch": args.batch,
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
@@ -196,6 +200,7 @@ def benchmark(args: Any, log: Callable[[str], None]) -> dict[str, Any]:
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
+            "cpu_native_bf16": resolve_dtype("auto") == torch.bfloat16,
             "torch": torch.__version__,
             "vllm": vllm_version,
         },
@@ -213,12 +218,12 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Command: `pedro bench multitenant --peer vllm` (benchmarks/peer.py)",
         "",
-        f"{s['backbone']} in bf16, batch {s['batch']}, prompts of {s['prompt_len']} token ids, {s['new_tokens']} new "
+        f"{s['backbone']} in {s.get('dtype', 'bfloat16')}, batch {s['batch']}, prompts of {s['prompt_len']} token ids, {s['new_tokens']} new "
         f"tokens each (greedy, ignore_eos), {s['threads']} threads for each engine's model work, vLLM "
         f"{result['machine']['vllm']} (CPU build) in its own environment, runs interleaved, medians of "
         f"{s['repeats']} repeats (ratios taken within a repeat). LoRA: {s['lora']}. Greedy tokens of the two "
-        f"bare engines agree on {100 * result['bare_token_agreement']:.1f} % of each stream (bf16 arithmetic "
-        "differs between the engines).",
+        f"bare engines agree on {100 * result['bare_token_agreement']:.1f} % of each stream (their arithmetic "
+        "differs).",
         "",
         "| engine : adapters (one per row, all distinct) | end-to-end tok/s | decode tok/s | prefill s "
         f"| end-to-end vs vLLM bare | decode vs vLLM bare | end-to-end vs vLLM {s['batch']} LoRAs |",
@@ -266,6 +271,12 @@ def run(argv: list[str]) -> dict[str, Any] | None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="threads for each engine's model work")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="both engines' dtype; auto: bfloat16 where the CPU has native bf16 matmuls, else float32",
+    )
     parser.add_argument("--out", default="results/multitenant_vllm", help="path prefix for .json / .md / .png")
     args = parser.parse_args(argv)
     python = args.vllm_python

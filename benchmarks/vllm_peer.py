@@ -7,8 +7,8 @@ from pedro. It loads the model once, then answers one JSON command per stdin lin
     -> {"seconds": wall time of the generate call, "tokens": [[generated ids], ...]}
 
 Every request is greedy with ``ignore_eos``, so both engines generate exactly ``max_tokens`` per prompt. The
-first line of argv is a JSON spec: {"model": dir, "max_num_seqs": n, "max_model_len": n, "lora": {"max_loras":
-n, "max_lora_rank": r, "target_modules": [...]} | null}.
+first line of argv is a JSON spec: {"model": dir, "dtype": "bfloat16" | "float32", "max_num_seqs": n,
+"max_model_len": n, "lora": {"max_loras": n, "max_lora_rank": r, "target_modules": [...]} | null}.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
         )
     llm = LLM(
         model=spec["model"],
-        dtype="bfloat16",
+        dtype=spec.get("dtype", "bfloat16"),
         max_num_seqs=spec["max_num_seqs"],
         max_model_len=spec["max_model_len"],
         seed=0,

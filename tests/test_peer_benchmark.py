@@ -35,12 +35,12 @@ class _Output:
 
 class LLM:
     def __init__(self, model, dtype, max_num_seqs, max_model_len, seed, **lora):
-        assert os.path.isfile(os.path.join(model, "config.json")) and dtype == "bfloat16"
-        self.lora = lora
+        assert os.path.isfile(os.path.join(model, "config.json"))
+        self.lora, self.dtype, self.model = lora, dtype, model
 
     def generate(self, prompts, sampling, lora_request=None, use_tqdm=True):
         with open(os.environ["FAKE_VLLM_LOG"], "a") as log:
-            log.write(json.dumps({"lora": self.lora, "requests": [r and r.lora_path for r in lora_request or []],
+            log.write(json.dumps({"lora": self.lora, "dtype": self.dtype, "model": self.model, "requests": [r and r.lora_path for r in lora_request or []],
                                   "max_tokens": sampling.max_tokens}) + "\\n")
         return [_Output([p["prompt_token_ids"][0]] * sampling.max_tokens) for p in prompts]
 """
@@ -79,6 +79,7 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     out = tmp_path / "peer"
     args = ["--peer", "vllm", "--vllm-python", sys.executable, "--backbone", str(tiny_llama_dir)]
     args += ["--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "2", "--threads", "1"]
+    args += ["--dtype", "float32"]  # what a CPU without native bf16 runs (the default there)
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "multitenant.py"), *args, "--out", str(out)],
         capture_output=True,
@@ -89,6 +90,9 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["machine"]["vllm"] == "0.0-test"
+    assert result["setup"]["dtype"] == "float32"
+    saved = json.loads((Path(json.loads(log.read_text().splitlines()[0])["model"]) / "config.json").read_text())
+    assert saved["dtype" if "dtype" in saved else "torch_dtype"] == "float32"  # the weights vLLM loads
     names = ["pedro:bare", "vllm:bare", "pedro:lora", "vllm:lora", "pedro:pedro"]
     assert list(result["summary"]) == names and all(len(result["runs"][n]) == 2 for n in names)
     for name in names:
@@ -104,6 +108,7 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     # warm-up + (full, one-token) per repeat, for each configuration, each in its own vLLM instance
     assert len(bare) == len(lora) == 1 + 2 * 2
     assert {c["max_tokens"] for c in calls} == {4, 1}
+    assert {c["dtype"] for c in calls} == {"float32"}  # both engines run the dtype asked for
     assert all(c["requests"] == [] for c in bare)
     assert lora[0]["lora"] == {
         "enable_lora": True,
