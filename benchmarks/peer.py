@@ -110,11 +110,15 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def benchmark(args: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="pedro-peer-") as work:  # the saved backbone: hundreds of MB
+        return _benchmark(args, log, Path(work))
+
+
+def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     model, tokenizer = pedro.load_backbone(args.backbone, dtype=dtype, quiet=True)
-    work = Path(tempfile.mkdtemp(prefix="pedro-peer-"))
     model_dir = work / "model"
     model.save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
@@ -130,14 +134,17 @@ def benchmark(args: Any, log: Callable[[str], None]) -> dict[str, Any]:
             engine.add_adapter(f"{method}-{i}", path)
     lora_paths = [str(p) for p in paths["lora_r8_qv"]]
     base_spec = {"model": str(model_dir), "dtype": dtype_name, "max_num_seqs": args.batch, "max_model_len": max_len}
-    log("starting vLLM (bare, and with LoRA slots on qkv_proj)")
+    vllm_log = Path(args.out).with_suffix(".vllm.log")  # kept beside the report: the work folder is not
+    vllm_log.parent.mkdir(parents=True, exist_ok=True)
+    vllm_log.write_text("")
+    log(f"starting vLLM (bare, and with LoRA slots on qkv_proj); its log: {vllm_log}")
     peers = {
-        "vllm:bare": VllmPeer(args.vllm_python, dict(base_spec, lora=None), args.threads, work / "vllm.log"),
+        "vllm:bare": VllmPeer(args.vllm_python, dict(base_spec, lora=None), args.threads, vllm_log),
         "vllm:lora": VllmPeer(
             args.vllm_python,
             dict(base_spec, lora={"max_loras": args.batch, "max_lora_rank": 8, "target_modules": ["qkv_proj"]}),
             args.threads,
-            work / "vllm.log",
+            vllm_log,
         ),
     }
     runs: dict[str, Callable[[int], tuple[float, list]]] = {
@@ -217,6 +224,10 @@ def markdown(result: dict[str, Any]) -> str:
         "# pedro's engine and vLLM side by side",
         "",
         "Command: `pedro bench multitenant --peer vllm` (benchmarks/peer.py)",
+        "",
+        f"Machine: {result['machine']['cpu_count']} CPUs, "
+        + ("native bf16 matmuls" if result["machine"].get("cpu_native_bf16") else "no native bf16 matmuls")
+        + f", {result['machine']['platform']}, torch {result['machine']['torch']}.",
         "",
         f"{s['backbone']} in {s.get('dtype', 'bfloat16')}, batch {s['batch']}, prompts of {s['prompt_len']} token ids, {s['new_tokens']} new "
         f"tokens each (greedy, ignore_eos), {s['threads']} threads for each engine's model work, vLLM "

@@ -36,12 +36,20 @@ class _Output:
 class LLM:
     def __init__(self, model, dtype, max_num_seqs, max_model_len, seed, **lora):
         assert os.path.isfile(os.path.join(model, "config.json"))
-        self.lora, self.dtype, self.model = lora, dtype, model
+        self.lora, self.dtype = lora, dtype
+        with open(os.path.join(model, "config.json")) as f:
+            saved = json.load(f)
+        self.saved = saved.get("dtype", saved.get("torch_dtype"))  # what the weights vLLM loads are
 
     def generate(self, prompts, sampling, lora_request=None, use_tqdm=True):
+        paths = [r and r.lora_path for r in lora_request or []]
+        targets = []  # each adapter's target modules, read while its folder exists
+        for path in paths:
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                targets.append(sorted(json.load(f)["target_modules"]))
         with open(os.environ["FAKE_VLLM_LOG"], "a") as log:
-            log.write(json.dumps({"lora": self.lora, "dtype": self.dtype, "model": self.model, "requests": [r and r.lora_path for r in lora_request or []],
-                                  "max_tokens": sampling.max_tokens}) + "\\n")
+            log.write(json.dumps({"lora": self.lora, "dtype": self.dtype, "saved": self.saved, "requests": paths,
+                                  "targets": targets, "max_tokens": sampling.max_tokens}) + "\\n")
         return [_Output([p["prompt_token_ids"][0]] * sampling.max_tokens) for p in prompts]
 """
 
@@ -75,7 +83,9 @@ def test_skipped_with_a_message_when_vllm_is_missing(tmp_path):
 
 def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     log = tmp_path / "requests.jsonl"
-    env = dict(os.environ, PYTHONPATH=str(_fake_vllm(tmp_path / "fake")), FAKE_VLLM_LOG=str(log))
+    scratch = tmp_path / "tmp"  # the run's own temporary folder: the saved backbone must not outlive it
+    scratch.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(_fake_vllm(tmp_path / "fake")), FAKE_VLLM_LOG=str(log), TMPDIR=str(scratch))
     out = tmp_path / "peer"
     args = ["--peer", "vllm", "--vllm-python", sys.executable, "--backbone", str(tiny_llama_dir)]
     args += ["--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "2", "--threads", "1"]
@@ -91,8 +101,6 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["machine"]["vllm"] == "0.0-test"
     assert result["setup"]["dtype"] == "float32"
-    saved = json.loads((Path(json.loads(log.read_text().splitlines()[0])["model"]) / "config.json").read_text())
-    assert saved["dtype" if "dtype" in saved else "torch_dtype"] == "float32"  # the weights vLLM loads
     names = ["pedro:bare", "vllm:bare", "pedro:lora", "vllm:lora", "pedro:pedro"]
     assert list(result["summary"]) == names and all(len(result["runs"][n]) == 2 for n in names)
     for name in names:
@@ -108,7 +116,7 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     # warm-up + (full, one-token) per repeat, for each configuration, each in its own vLLM instance
     assert len(bare) == len(lora) == 1 + 2 * 2
     assert {c["max_tokens"] for c in calls} == {4, 1}
-    assert {c["dtype"] for c in calls} == {"float32"}  # both engines run the dtype asked for
+    assert {(c["dtype"], c["saved"]) for c in calls} == {("float32", "float32")}  # both engines run the dtype asked for
     assert all(c["requests"] == [] for c in bare)
     assert lora[0]["lora"] == {
         "enable_lora": True,
@@ -117,13 +125,10 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
         "max_lora_rank": 8,
         "lora_target_modules": ["qkv_proj"],
     }
-    adapters = lora[0]["requests"]
-    assert len(set(adapters)) == 3 and all((Path(a) / "adapter_config.json").is_file() for a in adapters)
-    assert json.loads((Path(adapters[0]) / "adapter_config.json").read_text())["target_modules"] in (
-        ["q_proj", "v_proj"],
-        ["v_proj", "q_proj"],
-    )
+    assert len(set(lora[0]["requests"])) == 3
+    assert lora[0]["targets"] == [["q_proj", "v_proj"]] * 3  # PEFT LoRA folders, r=8 on q and v
     assert "pedro:pedro" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
+    assert out.with_suffix(".vllm.log").is_file() and not list(scratch.iterdir())
 
 
 def test_agreement_is_the_shared_share_of_each_stream():
