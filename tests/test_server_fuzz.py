@@ -19,9 +19,11 @@ Failures are collected per distinct kind (where + status + first line of the mes
 server logged for a bare 500), each with the smallest request that showed it; a server that stops serving is
 restarted so the rest of the cases still run. Each test fails with its report. Generation is derandomized
 (deterministic in CI). The budget of generated cases, spread over the tests and checked to have run (with the
-edge sweep), is 300 by default (a few minutes on 2 cores); a longer run:
+edge sweep), is 300 by default (a few minutes on 2 cores); a longer run, and one that explores cases the
+deterministic stream never draws (any integer seed; a failure's report names its request, so it reproduces):
 
     PEDRO_FUZZ_EXAMPLES=3000 .venv/bin/python -m pytest tests/test_server_fuzz.py -q
+    PEDRO_FUZZ_SEED=7 PEDRO_FUZZ_EXAMPLES=3000 .venv/bin/python -m pytest tests/test_server_fuzz.py -q
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ import peft
 import pytest
 import torch
 from conftest import tiny_model
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save
 from server_kit import TENANTS, make_adapter, make_backbone, write_config
 from server_process import ServerProcess, auth, upload
 
 BUDGET = int(os.environ.get("PEDRO_FUZZ_EXAMPLES", "300"))
+SEED = os.environ.get("PEDRO_FUZZ_SEED")  # unset: the derandomized stream
 SHARES = {"completions": 0.35, "chat": 0.25, "raw": 0.12, "uploads": 0.28}
 ALICE, BOB = TENANTS["alice"], TENANTS["bob"]
 BOB_ADAPTER = "bob-private-7f3a"
@@ -639,7 +642,7 @@ def run_cases(fuzz: Fuzz, share: str, strategy: st.SearchStrategy, case, example
 
     @settings(
         max_examples=math.ceil(BUDGET * SHARES[share]),
-        derandomize=True,
+        derandomize=SEED is None,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
@@ -650,6 +653,8 @@ def run_cases(fuzz: Fuzz, share: str, strategy: st.SearchStrategy, case, example
 
     for value in examples:
         each = example(value)(each)
+    if SEED is not None:
+        each = seed(int(SEED))(each)
     each()
     assert_no_failures(fuzz)
 
