@@ -169,3 +169,23 @@ def test_packed_linear_runs_the_packed_kernel(dtype, op):
         for shape in ((576, 576), (1536, 576), (576, 1536)):
             big = torch.randn(*shape, dtype=dtype)
             assert op in _ops_run(compat.packed_linear(big, None, rows=32), torch.randn(32, shape[1], dtype=dtype))
+
+
+def test_inexact_packed_linear_is_batch_invariant_and_within_rounding():
+    """``exact=False`` (Engine(exact_gemms=False)): fp32 through oneDNN where it passes the checks, else the exact
+    path. Either way a row's result does not depend on the other rows of the call (what keeps a request's tokens
+    independent of its batch) and is within fp32 rounding of F.linear."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(1536, 576), torch.randn(1536)
+    layer = compat.packed_linear(weight, bias, rows=32, exact=False)
+    with torch.inference_mode():
+        x = torch.randn(200, 576)
+        full = layer(x)
+        for n in (1, 5, 32, 64):
+            assert torch.equal(layer(x[:n]), full[:n])
+        reference = F.linear(x, weight, bias)
+        assert torch.allclose(full, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+        ops = _ops_run(layer, x[:32])
+    if "mkldnn::_linear_pointwise" not in ops:  # oneDNN failed a check here: the exact kernel instead
+        assert torch.equal(full, reference)
+    assert compat.can_pack_linear(weight, exact=False) and compat.can_pack_linear(weight.bfloat16(), exact=False)

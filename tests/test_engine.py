@@ -154,6 +154,41 @@ def test_mixed_batch_token_identical_to_each_request_alone(dirs):
         assert results[r.request_id] == expected, f"adapter {r.adapter}"
 
 
+def test_inexact_gemms_keep_each_request_independent_of_its_batch(dirs):
+    """Engine(exact_gemms=False): fp32 products through oneDNN (not bit for bit F.linear, so no transformers
+    reference here), but a request's tokens are still those it gets alone, whatever shares its steps; and its
+    logits stay within rounding of the exact engine's."""
+    model = tiny_model("llama")
+    fast = Engine(model, max_batch=6, max_seq_len=64, max_prefill_tokens=40, adapter_capacity=8, exact_gemms=False)
+    exact = Engine(model, max_batch=6, max_seq_len=64, max_prefill_tokens=40, adapter_capacity=8)
+    plan = [("p-last", 5), ("lora-qv", 17), (None, 9), ("p-attn", 3), ("ia3", 14), ("p-shared", 11), ("p-last", 20)]
+    for engine in (fast, exact):
+        for name in {a for a, _ in plan if a}:
+            engine.add_adapter(name, dirs[name])
+    sampling = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=1)
+    requests = [Request(prompt(i, n), adapter=a, sampling=sampling) for i, (a, n) in enumerate(plan)]
+    together = {r.request_id: r for r in requests}
+    for r in requests[:4]:
+        fast.add_request(r)
+    outs, step = {}, 0
+    while fast.has_unfinished() or step < 2:
+        if step == 2:
+            for r in requests[4:]:
+                fast.add_request(r)
+        for out in fast.step():
+            if out.finished:
+                outs[out.request_id] = out
+        step += 1
+    for rid, r in together.items():
+        alone = fast.generate([Request(r.prompt, adapter=r.adapter, sampling=sampling)])[0]
+        assert outs[rid].token_ids == alone.token_ids, f"adapter {r.adapter}"
+        reference = exact.generate([Request(r.prompt, adapter=r.adapter, sampling=sampling)])[0]
+        if reference.token_ids == alone.token_ids:  # same path: the logprobs of the chosen tokens agree closely
+            a = [lp.logprob for lp in alone.logprobs]
+            b = [lp.logprob for lp in reference.logprobs]
+            assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+
+
 def test_tenants_last_token_generators_run_from_one_gather_and_do_not_touch_each_other(dirs, monkeypatch):
     """At prefill, last-token generators read their rows' states from one gather per layer (only the mean and
     attention poolers pool padded prompts); a row's first-layer vectors (made from its embeddings, so no

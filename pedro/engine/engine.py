@@ -115,6 +115,11 @@ class Engine:
     CPU, the check of what a graph replays) -- decode_graphs.py.
     ``fuse_projections``: run q/k/v and gate/up as one GEMM each (None: on an accelerator, where it is faster;
     on a CPU their strided outputs made steps slower) -- runner.py.
+    ``exact_gemms``: every linear layer's product bit for bit ``F.linear``'s, as transformers and PEFT compute
+    it (the default). False: in fp32 on a CPU, oneDNN's packed GEMMs instead of MKL's, faster where MKL is
+    slow (1.39x a decode step on an AMD CPU with AVX2 only, docs/engine.md), batch-invariant (a request's tokens
+    do not depend on its batch), within fp32 rounding of ``F.linear`` but not equal to it; where oneDNN fails
+    those checks, as the default. bf16 is exact either way.
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class Engine:
         device: Optional[DeviceLike] = None,
         decode_graphs: str = "auto",
         fuse_projections: Optional[bool] = None,
+        exact_gemms: bool = True,
     ) -> None:
         if isinstance(backbone, str):
             device = canonical(device or "cpu")
@@ -186,6 +192,7 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.graph_mode = {"auto": "capture" if cuda else None, "off": None, "padded": "padded"}[decode_graphs]
         self.fuse_projections = self.device.type != "cpu" if fuse_projections is None else fuse_projections
+        self.exact_gemms = exact_gemms
         self.max_seq_len = max_seq_len
         self.spec = ModelSpec.of(backbone)
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
@@ -212,7 +219,9 @@ class Engine:
             self.device,
             scratch=self.graph_mode is not None,
         )
-        self.runner = ModelRunner(self.model, spec, self.cache, self.rows, fuse=self.fuse_projections)
+        self.runner = ModelRunner(
+            self.model, spec, self.cache, self.rows, fuse=self.fuse_projections, exact_gemms=self.exact_gemms
+        )
         if self.graph_mode is not None:
             self.runner.graphs = DecodeGraphs(self.runner, capture=self.graph_mode == "capture")
         self.scheduler = Scheduler(self.max_batch, self.max_prefill_tokens, self.adapters, spec.n_layers)

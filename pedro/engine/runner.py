@@ -140,12 +140,15 @@ class LayeredPrefill:
     scores: PromptScores | None = None
 
 
-def _gemm(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _gemm(
+    weight: torch.Tensor, bias: torch.Tensor | None, rows: int, exact: bool = True
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A linear layer's product as the runner computes it: on the CPU with the weight packed once for the GEMM
     kernel (pedro.compat.packed_linear: the same numbers; bf16 1.3-2.2x faster at any row count, fp32
-    1.2-1.9x for a step of ``rows`` rows, the engine's full batch), anything else as ``F.linear``."""
-    if can_pack_linear(weight):
-        return packed_linear(weight, bias, rows)
+    1.2-1.9x for a step of ``rows`` rows, the engine's full batch; not ``exact``: fp32 through oneDNN,
+    batch-invariant, within rounding), anything else as ``F.linear``."""
+    if can_pack_linear(weight, exact):
+        return packed_linear(weight, bias, rows, exact)
     return lambda x: F.linear(x, weight, bias)
 
 
@@ -166,7 +169,7 @@ class _Fused:
 FUSIONS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
 
 
-def _fuse(layer: nn.Module, spec: ModelSpec, rows: int) -> dict[tuple[str, ...], _Fused]:
+def _fuse(layer: nn.Module, spec: ModelSpec, rows: int, exact: bool = True) -> dict[tuple[str, ...], _Fused]:
     """This layer's FUSIONS whose modules are plain linear layers with biases alike -> their fused GEMMs."""
     fused: dict[tuple[str, ...], _Fused] = {}
     for group in FUSIONS:
@@ -180,13 +183,19 @@ def _fuse(layer: nn.Module, spec: ModelSpec, rows: int) -> dict[tuple[str, ...],
         for name, linear in zip(group, linears):
             slices.append((name, end, end + linear.out_features))
             end += linear.out_features
-        fused[group] = _Fused(_gemm(weight, torch.cat(biases) if biases else None, rows), tuple(slices))
+        fused[group] = _Fused(_gemm(weight, torch.cat(biases) if biases else None, rows, exact), tuple(slices))
     return fused
 
 
 class ModelRunner:
     def __init__(
-        self, model: PreTrainedModel, spec: ModelSpec, cache: KVCache, rows: RowAdapters, fuse: bool = False
+        self,
+        model: PreTrainedModel,
+        spec: ModelSpec,
+        cache: KVCache,
+        rows: RowAdapters,
+        fuse: bool = False,
+        exact_gemms: bool = True,
     ) -> None:
         self.spec, self.cache, self.rows = spec, cache, rows
         # transformers types a model's own modules and config fields as Any: each is read once, here
@@ -217,17 +226,17 @@ class ModelRunner:
         # ``fuse``, q/k/v and gate/up one GEMM each, their own products kept for a step that scales their inputs
         # apart (the engine fuses on an accelerator: docs/engine.md, GPU)
         rows_hint = cache.slots
-        self.fused = [_fuse(layer, spec, rows_hint) if fuse else {} for layer in layers]
+        self.fused = [_fuse(layer, spec, rows_hint, exact_gemms) if fuse else {} for layer in layers]
         self.gemms = [
             {
                 name: _plain(layer.get_submodule(path))
                 if any(name in group for group in fused)
-                else _gemm(layer.get_submodule(path).weight, layer.get_submodule(path).bias, rows_hint)
+                else _gemm(layer.get_submodule(path).weight, layer.get_submodule(path).bias, rows_hint, exact_gemms)
                 for name, path in spec.module_paths.items()
             }
             for layer, fused in zip(layers, self.fused)
         ]
-        self.head_gemm = _gemm(model.lm_head.weight, model.lm_head.bias, rows_hint)
+        self.head_gemm = _gemm(model.lm_head.weight, model.lm_head.bias, rows_hint, exact_gemms)
         self.graphs: DecodeGraphs | None = None  # set by the engine to replay decode steps (decode_graphs.py)
 
     # ---------------------------------------------------------------------------------------- shared pieces
