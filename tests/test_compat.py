@@ -189,3 +189,7 @@ def test_inexact_packed_linear_is_batch_invariant_and_within_rounding():
     if "mkldnn::_linear_pointwise" not in ops:  # oneDNN failed a check here: the exact kernel instead
         assert torch.equal(full, reference)
     assert compat.can_pack_linear(weight, exact=False) and compat.can_pack_linear(weight.bfloat16(), exact=False)
+    # bf16 stays bit for bit F.linear either way
+    half = compat.packed_linear(weight.bfloat16(), bias.bfloat16(), rows=32, exact=False)
+    with torch.inference_mode():
+        assert torch.equal(half(x.bfloat16()), F.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16()))
