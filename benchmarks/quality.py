@@ -583,7 +583,11 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
     stem = "quality_quick" if args.quick else "quality"
     runs_path = out / f"{stem}_runs.jsonl"
     claims = out / f".{stem}_claims"
-    runs_dir = out / f".{stem}_work"
+    runs_dir = out / f".{stem}_work"  # each run's checkpoints, kept across processes until it is on record
+
+    def run_folder(key: tuple) -> Path:
+        return runs_dir / "-".join(map(str, key))
+
     done = load_done(runs_path)
     start = time.perf_counter()
     base, tokenizer = load_base()
@@ -635,7 +639,7 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
         try:
             done[key] = make()
             append(runs_path, done[key])
-            shutil.rmtree(runs_dir / "-".join(map(str, key)), ignore_errors=True)  # its checkpoints: done with
+            shutil.rmtree(run_folder(key), ignore_errors=True)
         finally:
             release(claims, key)
         return True
@@ -676,7 +680,7 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
                 def trained(
                     method: str = method, settings: dict = settings, seed: int = seed, key: tuple = key
                 ) -> dict[str, Any]:
-                    folder = runs_dir / "-".join(map(str, key))  # kept across processes until the run is on record
+                    folder = run_folder(key)
                     record = run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed, size, folder)
                     return {"task": task_name, "method": method, "seed": seed, **record}
 
