@@ -127,6 +127,12 @@ def serve(
     device: Optional[str] = typer.Option(
         None, help="Where the engine runs: cpu (default), cuda, cuda:N (Ray replicas then reserve a GPU each)."
     ),
+    exact_gemms: Optional[bool] = typer.Option(
+        None,
+        "--exact-gemms/--fast-gemms",
+        help="Every product bit for bit F.linear's (default), or fp32 GEMMs through oneDNN on a CPU: "
+        "batch-invariant, within rounding, faster where MKL is slow (AMD CPUs).",
+    ),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longer prompts get 400."),
     max_tokens: Optional[int] = typer.Option(None, help="Largest max_tokens a request may ask for."),
     max_queued: Optional[int] = typer.Option(None, help="Waiting requests beyond max_batch; more get 429."),
@@ -160,6 +166,7 @@ def serve(
         adapter_capacity=adapter_capacity,
         dtype=dtype,
         device=device,
+        exact_gemms=exact_gemms,
         max_prompt_tokens=max_prompt_tokens,
         max_tokens=max_tokens,
         max_queued=max_queued,

@@ -45,6 +45,20 @@ def test_replicas_reserve_a_gpu_only_when_the_engine_runs_on_one():
     assert ServerConfig.load(device="cuda:1", ray_num_gpus=0.5).ray.num_gpus == 0.5
 
 
+def test_fast_gemms_reach_the_engine(tmp_path, monkeypatch):
+    """exact_gemms from the YAML (or --fast-gemms) is what the served engine is built with; exact by default."""
+    from pedro.server import backend
+
+    built = []
+    monkeypatch.setattr(backend, "Engine", lambda *a, **kw: built.append(kw) or object())
+    monkeypatch.setattr(backend, "AsyncEngine", lambda engine: engine)
+    path = tmp_path / "server.yaml"
+    path.write_text("exact_gemms: false\n")
+    backend.LocalBackend.from_config(ServerConfig.load(path))
+    backend.LocalBackend.from_config(ServerConfig.load())
+    assert [kw["exact_gemms"] for kw in built] == [False, True]
+
+
 def test_keys_from_file_and_environment(tmp_path):
     keys = tmp_path / "keys.yaml"
     keys.write_text("tenants:\n  alice: [sk-alice-123]\n  bob: sk-bob-12345\nadmin: [sk-admin-123]\n")

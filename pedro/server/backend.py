@@ -97,6 +97,7 @@ class LocalBackend:
             max_per_tenant=config.max_requests_per_tenant,
             dtype=config.dtype,
             device=config.device,
+            exact_gemms=config.exact_gemms,
         )
         return cls(engine, config)
 

@@ -68,6 +68,11 @@ class ServerConfig(BaseModel):
     device: str = Field(
         "cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="Where the engine runs: cpu, cuda or cuda:N."
     )
+    exact_gemms: bool = Field(
+        True,
+        description="Every product bit for bit F.linear's (default); false: fp32 GEMMs through oneDNN on a CPU, "
+        "batch-invariant, within rounding, faster where MKL is slow (Engine(exact_gemms=...)).",
+    )
     # request limits
     max_prompt_tokens: int = Field(768, ge=1, description="Longer prompts get 400.")
     max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may ask for (400 above).")
