@@ -185,20 +185,24 @@ class MarkCompleteCheckpoints(TrainerCallback):
         self.before = 0.0  # training seconds spent before this process, up to the checkpoint it resumed from
         self.start = time.perf_counter()
 
+    @staticmethod
+    def _checkpoint(args: Any, state: Any) -> Path:
+        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
         self.start = time.perf_counter()
-        mark = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / COMPLETE
+        mark = self._checkpoint(args, state) / COMPLETE
         if state.global_step and mark.is_file():
-            try:
+            try:  # an empty mark: written before marks carried the time
                 self.before = float(json.loads(mark.read_text() or "{}").get("train_seconds", 0.0))
-            except (ValueError, AttributeError):  # a mark from before marks carried the time
+            except (ValueError, AttributeError):  # not a JSON object: no time to count
                 self.before = 0.0
 
     def seconds(self) -> float:
         return self.before + time.perf_counter() - self.start
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
-        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        path = self._checkpoint(args, state)
         if path.is_dir():
             (path / COMPLETE).write_text(json.dumps({"train_seconds": round(self.seconds(), 3)}))
 
