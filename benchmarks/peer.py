@@ -226,10 +226,10 @@ def markdown(result: dict[str, Any]) -> str:
         "Command: `pedro bench multitenant --peer vllm` (benchmarks/peer.py)",
         "",
         f"Machine: {result['machine']['cpu_count']} CPUs, "
-        + ("native bf16 matmuls" if result["machine"].get("cpu_native_bf16") else "no native bf16 matmuls")
+        + ("native bf16 matmuls" if result["machine"]["cpu_native_bf16"] else "no native bf16 matmuls")
         + f", {result['machine']['platform']}, torch {result['machine']['torch']}.",
         "",
-        f"{s['backbone']} in {s.get('dtype', 'bfloat16')}, batch {s['batch']}, prompts of {s['prompt_len']} token ids, {s['new_tokens']} new "
+        f"{s['backbone']} in {s['dtype']}, batch {s['batch']}, prompts of {s['prompt_len']} token ids, {s['new_tokens']} new "
         f"tokens each (greedy, ignore_eos), {s['threads']} threads for each engine's model work, vLLM "
         f"{result['machine']['vllm']} (CPU build) in its own environment, runs interleaved, medians of "
         f"{s['repeats']} repeats (ratios taken within a repeat). LoRA: {s['lora']}. Greedy tokens of the two "
