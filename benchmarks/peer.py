@@ -128,7 +128,14 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
     low = min(100, vocab // 2)  # past the special tokens on a real vocabulary
     prompts = [[rng.randrange(low, vocab) for _ in range(args.prompt_len)] for _ in range(args.batch)]
     max_len = args.prompt_len + args.new_tokens + 8
-    engine = Engine(model, tokenizer, max_batch=args.batch, max_seq_len=max_len, adapter_capacity=2 * args.batch)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=args.batch,
+        max_seq_len=max_len,
+        adapter_capacity=2 * args.batch,
+        exact_gemms=not args.fast_gemms,
+    )
     for method in ("lora_r8_qv", "pedro"):
         for i, path in enumerate(paths[method]):
             engine.add_adapter(f"{method}-{i}", path)
@@ -201,6 +208,7 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
             "threads": args.threads,
+            "pedro_gemms": "exact (F.linear)" if engine.exact_gemms else "fast (oneDNN fp32 where it checks out)",
             "lora": "PEFT r=8 on q_proj, v_proj, one per row (vLLM: max_loras=batch, target_modules=[qkv_proj])",
             "adapter_parameters": params,
         },
@@ -229,7 +237,7 @@ def markdown(result: dict[str, Any]) -> str:
         + ("native bf16 matmuls" if result["machine"]["cpu_native_bf16"] else "no native bf16 matmuls")
         + f", {result['machine']['platform']}, torch {result['machine']['torch']}.",
         "",
-        f"{s['backbone']} in {s['dtype']}, batch {s['batch']}, prompts of {s['prompt_len']} token ids, {s['new_tokens']} new "
+        f"{s['backbone']} in {s['dtype']}, pedro's GEMMs {s['pedro_gemms']}, batch {s['batch']}, prompts of {s['prompt_len']} token ids, {s['new_tokens']} new "
         f"tokens each (greedy, ignore_eos), {s['threads']} threads for each engine's model work, vLLM "
         f"{result['machine']['vllm']} (CPU build) in its own environment, runs interleaved, medians of "
         f"{s['repeats']} repeats (ratios taken within a repeat). LoRA: {s['lora']}. Greedy tokens of the two "
@@ -287,6 +295,12 @@ def run(argv: list[str]) -> dict[str, Any] | None:
         default="auto",
         choices=["auto", "bfloat16", "float32"],
         help="both engines' dtype; auto: bfloat16 where the CPU has native bf16 matmuls, else float32",
+    )
+    parser.add_argument(
+        "--fast-gemms",
+        action="store_true",
+        help="pedro's engine with exact_gemms=False: fp32 GEMMs through oneDNN (batch-invariant, within rounding; "
+        "vLLM's arithmetic is not F.linear's either). bf16 is exact either way",
     )
     parser.add_argument("--out", default="results/multitenant_vllm", help="path prefix for .json / .md / .png")
     args = parser.parse_args(argv)

@@ -89,7 +89,7 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     out = tmp_path / "peer"
     args = ["--peer", "vllm", "--vllm-python", sys.executable, "--backbone", str(tiny_llama_dir)]
     args += ["--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "2", "--threads", "1"]
-    args += ["--dtype", "float32"]  # what a CPU without native bf16 runs (the default there)
+    args += ["--dtype", "float32", "--fast-gemms"]  # what a CPU without native bf16 runs best
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "multitenant.py"), *args, "--out", str(out)],
         capture_output=True,
@@ -101,6 +101,7 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["machine"]["vllm"] == "0.0-test"
     assert result["setup"]["dtype"] == "float32"
+    assert result["setup"]["pedro_gemms"].startswith("fast") and "GEMMs fast" in out.with_suffix(".md").read_text()
     names = ["pedro:bare", "vllm:bare", "pedro:lora", "vllm:lora", "pedro:pedro"]
     assert list(result["summary"]) == names and all(len(result["runs"][n]) == 2 for n in names)
     for name in names:
