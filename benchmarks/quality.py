@@ -311,6 +311,7 @@ def run_one(base, tokenizer, task, train_examples, eval_examples, settings, seed
     return {
         "trainable": summary["trainable_parameters"],
         "train_seconds": summary["train_seconds"],
+        "train_cpu_seconds": summary["train_cpu_seconds"],
         "tokens_per_second": summary["tokens_per_second"],
         "precision": summary["precision"],  # bf16 autocast or fp32: decided by the CPU the run trained on
         "train_loss": summary["train_loss"],
@@ -425,6 +426,8 @@ def aggregate(records: list[dict[str, Any]], tasks: dict[str, tuple[Any, list]],
                 "epochs": runs[0].get("epochs"),
                 "lr": runs[0].get("lr"),
                 "train_seconds": statistics.mean(r.get("train_seconds", 0.0) for r in runs),
+                # CPU time (pauses do not advance it), of the runs that recorded it
+                "train_cpu_seconds": [r["train_cpu_seconds"] for r in runs if r.get("train_cpu_seconds") is not None],
             }
             for key in [metric, *SECONDARY.get(name, [])]:
                 values = [r[key] for r in runs]
@@ -457,6 +460,13 @@ def _scale(metric: str) -> float:
 def _shown(table: dict[str, Any]) -> list[str]:
     """The methods with at least one run on record, in METHODS' order."""
     return [m for m in METHODS if any(m in info["methods"] for info in table.values())]
+
+
+def _cpu_minutes(seconds: list[float], runs: int) -> str:
+    if not seconds:
+        return ""
+    some = f", {len(seconds)} of {runs} runs" if len(seconds) < runs else ""
+    return f" (CPU {statistics.mean(seconds) / 60:.0f} min{some})"
 
 
 def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -522,7 +532,8 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Trainable parameters, epochs, learning rate and mean train time per run:",
+        "Trainable parameters, epochs, learning rate and mean train time per run: wall time (it includes the "
+        "time a run was paused for other jobs on the machine), and CPU time where the run recorded it:",
         "",
         "| task | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
@@ -530,6 +541,7 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
     for task, info in table.items():
         cells = [
             f"{e['trainable']:,}; {e['epochs']:g} ep; lr {e['lr']:g}; {e['train_seconds'] / 60:.0f} min"
+            + _cpu_minutes(e.get("train_cpu_seconds") or [], len(e["seeds"]))
             if (e := info["methods"].get(m))
             else "—"
             for m in methods
@@ -605,7 +617,8 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
             if name in all_sizes:
                 task, _, items = load_task(name, all_sizes[name], args.data_dir)
                 tasks[name] = (task, items)
-        table = aggregate([r for r in records if r["task"] in tasks], tasks, 20 if args.quick else BOOTSTRAP)
+        ordered = {name: tasks[name] for name in all_sizes if name in tasks}  # one order, whichever process writes
+        table = aggregate([r for r in records if r["task"] in tasks], ordered, 20 if args.quick else BOOTSTRAP)
         meta = {
             "command": command,
             "precision": ", ".join(

@@ -350,7 +350,8 @@ def train(
         torch.set_num_threads(cfg.threads)
     try:
         output = trainer.train(resume_from_checkpoint=resume_from)
-        train_seconds = marks.seconds()  # a resumed run's includes the time up to its checkpoint
+        # a resumed run's include the time up to its checkpoint (None: that checkpoint did not record it)
+        train_seconds, train_cpu_seconds = marks.seconds(), marks.cpu_seconds()
         evaluations = [r for r in trainer.state.log_history if "eval_loss" in r]
         final_eval = trainer.evaluate() if eval_rows is not None else {}  # of the adapter kept
     finally:
@@ -390,14 +391,16 @@ def train(
         "train_loss": output.training_loss,
         "final_metrics": {**output.metrics, **final_eval},
         "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
         "wall_seconds": time.perf_counter() - wall0,
         "tokens_per_second": progress.tokens_per_second(trainer.state),
     }
     write_json_atomic(output_dir / SUMMARY_NAME, summary)
     if cfg.progress:
         print(
-            f"adapter written to {output_dir} ({trainer.state.global_step} steps, {train_seconds:.0f}s, "
-            f"{summary['tokens_per_second']:.0f} tokens/s)"
+            f"adapter written to {output_dir} ({trainer.state.global_step} steps, "
+            + (f"{train_seconds:.0f}s, " if train_seconds is not None else "")
+            + f"{summary['tokens_per_second']:.0f} tokens/s)"
         )
     return TrainResult(output_dir=output_dir, summary=summary)
 

@@ -178,33 +178,42 @@ COMPLETE = "pedro-checkpoint-complete"
 
 class MarkCompleteCheckpoints(TrainerCallback):
     """Marks each checkpoint complete once Trainer has written all of it (``on_save`` runs after the write). The
-    mark records the training seconds spent up to that checkpoint, so a run resumed from it reports the time of
-    the whole run, not of its last piece."""
+    mark records the training time spent up to that checkpoint, wall and CPU, so a run resumed from it reports
+    the time of the whole run, not of its last piece. CPU time (all of the process's threads) does not advance
+    while the process is stopped, so it measures a run that was paused or shared a machine more fairly."""
 
     def __init__(self) -> None:
-        self.before = 0.0  # training seconds spent before this process, up to the checkpoint it resumed from
-        self.start = time.perf_counter()
+        # spent before this process, up to the checkpoint it resumed from; None: not recorded, so unknown
+        self.before: dict[str, float | None] = {"train_seconds": 0.0, "train_cpu_seconds": 0.0}
+        self.start = (time.perf_counter(), time.process_time())
 
     @staticmethod
     def _checkpoint(args: Any, state: Any) -> Path:
         return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
-        self.start = time.perf_counter()
+        self.start = (time.perf_counter(), time.process_time())
         mark = self._checkpoint(args, state) / COMPLETE
         if state.global_step and mark.is_file():
             try:  # an empty mark: written before marks carried the time
-                self.before = float(json.loads(mark.read_text() or "{}").get("train_seconds", 0.0))
-            except (ValueError, AttributeError):  # not a JSON object: no time to count
-                self.before = 0.0
+                recorded = json.loads(mark.read_text() or "{}")
+                self.before = {key: float(recorded[key]) if key in recorded else None for key in self.before}
+            except (ValueError, AttributeError, TypeError):  # not a JSON object of numbers: the time is unknown
+                self.before = dict.fromkeys(self.before)
 
-    def seconds(self) -> float:
-        return self.before + time.perf_counter() - self.start
+    def seconds(self) -> float | None:
+        before = self.before["train_seconds"]
+        return None if before is None else before + time.perf_counter() - self.start[0]
+
+    def cpu_seconds(self) -> float | None:
+        before = self.before["train_cpu_seconds"]
+        return None if before is None else before + time.process_time() - self.start[1]
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
         path = self._checkpoint(args, state)
         if path.is_dir():
-            (path / COMPLETE).write_text(json.dumps({"train_seconds": round(self.seconds(), 3)}))
+            spent = {"train_seconds": self.seconds(), "train_cpu_seconds": self.cpu_seconds()}
+            (path / COMPLETE).write_text(json.dumps({k: round(v, 3) for k, v in spent.items() if v is not None}))
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:

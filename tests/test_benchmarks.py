@@ -77,7 +77,7 @@ def test_quality_report_pairs_each_pedro_configuration_with_its_baselines_on_rec
     task = SimpleNamespace(metric="accuracy", kind="choice")
     items = list(range(10))
 
-    def run(method: str, seed: int, correct: str) -> dict:
+    def run(method: str, seed: int, correct: str, cpu: float | None = None) -> dict:
         return {
             "task": "toy",
             "method": method,
@@ -86,16 +86,17 @@ def test_quality_report_pairs_each_pedro_configuration_with_its_baselines_on_rec
             "trainable": 100,
             "epochs": 1,
             "lr": 1e-3,
-            "train_seconds": 60.0,
+            "train_seconds": 600.0,
+            "train_cpu_seconds": cpu,  # None: a run resumed from a checkpoint that did not record it
             "correct": correct,
             "accuracy": correct.count("1") / 10,
         }
 
     records = [
         run("zero_shot", 0, "1000000000"),
-        run("pedro", 0, "1111111100"),
-        run("pedro", 1, "1111111110"),
-        run("lora_matched", 0, "1111110000"),
+        run("pedro", 0, "1111111100", cpu=240.0),
+        run("pedro", 1, "1111111110", cpu=360.0),
+        run("lora_matched", 0, "1111110000", cpu=120.0),
         run("lora_matched", 1, "1111111000"),
         run("lora_matched", 2, "1111111111"),  # no PEDRO run of seed 2: left out of the pairing
         run("pedro_r4", 0, "1111100000"),
@@ -116,6 +117,11 @@ def test_quality_report_pairs_each_pedro_configuration_with_its_baselines_on_rec
     header = next(line for line in text.splitlines() if line.startswith("| task (metric"))
     assert header.split(" | ")[2:] == ["pedro", "lora_matched", "pedro_r4", "lora_matched_r4 |"]
     assert "| toy | +20.0 [" in text and "pedro_r4 − lora_matched_r4" in text and "ia3" not in text
+    # train time per run: the wall mean, and the CPU mean over the runs that recorded it, saying how many
+    assert (
+        "| toy | 100; 1 ep; lr 0.001; 10 min (CPU 5 min) | 100; 1 ep; lr 0.001; 10 min (CPU 2 min, 1 of 3 runs) |"
+        in text
+    )
 
 
 def test_the_bootstrap_of_a_corpus_metric_adds_item_statistics_and_agrees_with_rescoring():

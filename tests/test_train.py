@@ -200,8 +200,9 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path):
     # the checkpoint's mark carries the training time so far; make it long, so the resumed run's total must
     # include it (a resumed run reporting only its own piece would read a few seconds)
     mark = killed / "checkpoints" / f"checkpoint-{n}" / COMPLETE
-    assert 0 < json.loads(mark.read_text())["train_seconds"] < 300
-    mark.write_text(json.dumps({"train_seconds": 1000.0}))
+    spent = json.loads(mark.read_text())
+    assert 0 < spent["train_seconds"] < 300 and 0 < spent["train_cpu_seconds"] < 600
+    mark.write_text(json.dumps({"train_seconds": 1000.0, "train_cpu_seconds": 2000.0}))
     # what a kill during a checkpoint's write leaves: a newer checkpoint folder Trainer never finished
     partial = killed / "checkpoints" / f"checkpoint-{n + 1}"
     partial.mkdir()
@@ -215,7 +216,7 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path):
         assert torch.equal(a[key], b[key]), key
     summary = json.loads((killed / "training_summary.json").read_text())
     assert summary["steps"] == 2 * n and summary["resumed_from"].endswith(f"checkpoint-{n}")
-    assert 1000 < summary["train_seconds"] < 1300
+    assert 1000 < summary["train_seconds"] < 1300 and 2000 < summary["train_cpu_seconds"] < 2600
     assert not partial.exists()  # the partial checkpoint was skipped and removed
     # and the weights did change between the checkpoint and the end (the test could not pass by accident)
     mid = load_file(killed / "checkpoints" / f"checkpoint-{n}" / "adapter_model.safetensors")
