@@ -189,6 +189,29 @@ def test_inexact_gemms_keep_each_request_independent_of_its_batch(dirs):
             assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
 
 
+def test_decode_attention_as_matmuls_agrees_with_the_flash_kernel(dirs):
+    """On a CPU in fp32 a decode step attends with two batched matmuls and a softmax (faster than the flash
+    kernel at one query a row); the tokens are those the flash kernel gives and the logprobs agree to rounding.
+    bf16 keeps the flash kernel (its scores stay fp32)."""
+    plan = [("p-last", 5), ("lora-qv", 17), (None, 9), ("p-attn", 3), ("ia3", 14)]
+    sampling = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=1)
+    outs = {}
+    for matmuls in (True, False):
+        engine = Engine(tiny_model("llama"), max_batch=6, max_seq_len=64, adapter_capacity=8)
+        assert engine.runner.matmul_decode_attention
+        engine.runner.matmul_decode_attention = matmuls
+        for name in {a for a, _ in plan if a}:
+            engine.add_adapter(name, dirs[name])
+        outs[matmuls] = engine.generate(
+            [Request(prompt(i, n), adapter=a, sampling=sampling) for i, (a, n) in enumerate(plan)]
+        )
+    for a, b in zip(outs[True], outs[False]):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+    bf16 = Engine(tiny_model("llama").to(torch.bfloat16), max_batch=2, max_seq_len=64)
+    assert not bf16.runner.matmul_decode_attention
+
+
 def test_tenants_last_token_generators_run_from_one_gather_and_do_not_touch_each_other(dirs, monkeypatch):
     """At prefill, last-token generators read their rows' states from one gather per layer (only the mean and
     attention poolers pool padded prompts); a row's first-layer vectors (made from its embeddings, so no

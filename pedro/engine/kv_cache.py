@@ -4,7 +4,7 @@ Layout ``(layers, slots, kv_heads, max_seq_len, head_dim)``, allocated once (the
 they are written). The running batch always occupies slots ``0..B-1``: when a sequence finishes, the last
 row is moved into its slot (one copy of that row's filled prefix, once per retirement), so a decoding step
 reads ``k[layer, :B, :, :W]`` as a strided *view* -- no gather, no concatenation, no per-step allocation --
-and hands it straight to scaled_dot_product_attention with a per-row length mask. Each row keeps its own
+and attends over it in place with a per-row length mask. Each row keeps its own
 length, so rows of different lengths share one step without padding their prompts.
 
 Why not paged blocks: paging wins when memory is the bottleneck (long, unpredictable lengths on a GPU with
