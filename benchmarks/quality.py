@@ -330,19 +330,31 @@ def load_done(path: Path) -> dict[tuple, dict]:
     return {(r["task"], r["method"], r["seed"]): r for r in _records(path)}
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), "" where it cannot be read: with the pid it
+    names one process, so a claim is not mistaken as held by an unrelated process that reuses a dead one's pid
+    (pids restart from low numbers on every boot)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2 :].split()[19]  # field 22; the name before ")" may hold spaces
+
+
+def _alive(pid: int, started: str) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
         pass
-    return True
+    return not started or _started(pid) in ("", started)
 
 
 def claim(folder: Path, key: tuple) -> bool:
     """Lets several study processes share one results folder, each training the runs it claims first. A claim
-    whose process has died is taken over, so a killed study resumes where it stopped."""
+    whose process has died is taken over, so a killed study resumes where it stopped. A claim holds the
+    process's pid and start time."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "-".join(map(str, key))
     for _ in range(2):
@@ -350,15 +362,16 @@ def claim(folder: Path, key: tuple) -> bool:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                text, age = path.read_text().strip(), time.time() - path.stat().st_mtime
+                text, age = path.read_text().split(), time.time() - path.stat().st_mtime
             except OSError:
                 continue
-            if (text.isdigit() and _alive(int(text))) or (not text and age < 60):  # empty: being written
+            pid, started = (text + ["", ""])[:2]  # a claim written before start times: its pid alone
+            if (pid.isdigit() and _alive(int(pid), started)) or (not text and age < 60):  # empty: being written
                 return False
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
+            handle.write(f"{os.getpid()} {_started(os.getpid())}".strip())
         return True
     return False
 
