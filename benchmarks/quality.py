@@ -438,9 +438,11 @@ def aggregate(records: list[dict[str, Any]], tasks: dict[str, tuple[Any, list]],
                 "dev_records": runs[0].get("dev_records"),
                 "epochs": runs[0].get("epochs"),
                 "lr": runs[0].get("lr"),
-                "train_seconds": statistics.mean(r.get("train_seconds", 0.0) for r in runs),
-                # CPU time (pauses do not advance it), of the runs that recorded it
-                "train_cpu_seconds": [r["train_cpu_seconds"] for r in runs if r.get("train_cpu_seconds") is not None],
+                # each run's wall and CPU time (pauses do not advance the latter), where the run recorded it
+                **{
+                    key: [r[key] for r in runs if r.get(key) is not None]
+                    for key in ("train_seconds", "train_cpu_seconds")
+                },
             }
             for key in [metric, *SECONDARY.get(name, [])]:
                 values = [r[key] for r in runs]
@@ -475,11 +477,12 @@ def _shown(table: dict[str, Any]) -> list[str]:
     return [m for m in METHODS if any(m in info["methods"] for info in table.values())]
 
 
-def _cpu_minutes(seconds: list[float], runs: int) -> str:
+def _minutes(seconds: list[float], runs: int) -> str:
+    """The mean over the runs that recorded a time, saying how many did where some did not."""
     if not seconds:
-        return ""
+        return "?"
     some = f", {len(seconds)} of {runs} runs" if len(seconds) < runs else ""
-    return f" (CPU {statistics.mean(seconds) / 60:.0f} min{some})"
+    return f"{statistics.mean(seconds) / 60:.0f} min{some}"
 
 
 def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -553,8 +556,8 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
     ]
     for task, info in table.items():
         cells = [
-            f"{e['trainable']:,}; {e['epochs']:g} ep; lr {e['lr']:g}; {e['train_seconds'] / 60:.0f} min"
-            + _cpu_minutes(e.get("train_cpu_seconds") or [], len(e["seeds"]))
+            f"{e['trainable']:,}; {e['epochs']:g} ep; lr {e['lr']:g}; {_minutes(e['train_seconds'], len(e['seeds']))}"
+            + (f" (CPU {_minutes(cpu, len(e['seeds']))})" if (cpu := e["train_cpu_seconds"]) else "")
             if (e := info["methods"].get(m))
             else "—"
             for m in methods
@@ -641,7 +644,7 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
             "seeds": ",".join(map(str, sorted({r["seed"] for r in records if r["method"] != "zero_shot"}))),
             "default_lr": DEFAULT_LR,
             "runs": len(records),
-            "run_minutes": sum(r.get("train_seconds", 0.0) + r.get("seconds", 0.0) for r in records) / 60,
+            "run_minutes": sum((r.get("train_seconds") or 0.0) + r.get("seconds", 0.0) for r in records) / 60,
             "threads": torch.get_num_threads(),
             "rounds": 20 if args.quick else BOOTSTRAP,
             "sizes": {k: vars(all_sizes[k]) for k in tasks},
@@ -715,7 +718,7 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
                 r = done[key]
                 log(
                     f"{task_name} {method} seed {seed}: {task.metric} {r[task.metric]:.3f} "
-                    f"({r['trainable']:,} params, {r['epochs']:g} epochs, {r['train_seconds'] / 60:.1f} min train)"
+                    f"({r['trainable']:,} params, {r['epochs']:g} epochs, {(r['train_seconds'] or 0) / 60:.1f} min train)"
                 )
                 write_outputs()
     write_outputs()

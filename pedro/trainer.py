@@ -195,7 +195,7 @@ class MarkCompleteCheckpoints(TrainerCallback):
         self.start = (time.perf_counter(), time.process_time())
         mark = self._checkpoint(args, state) / COMPLETE
         if state.global_step and mark.is_file():
-            try:  # an empty mark: written before marks carried the time
+            try:  # a time the mark does not hold (an empty mark: written before marks held times) is unknown
                 recorded = json.loads(mark.read_text() or "{}")
                 self.before = {key: float(recorded[key]) if key in recorded else None for key in self.before}
             except (ValueError, AttributeError, TypeError):  # not a JSON object of numbers: the time is unknown

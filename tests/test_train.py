@@ -297,3 +297,27 @@ def test_real_smollm2_boundary_and_a_short_run(tmp_path):
         trained_loss = trained(**batch).loss.item()
     assert trained_loss < bare_loss  # two steps on these eight rows already fit them better than the backbone
     assert result.summary["trainable_parameters"] == 760_560
+
+
+def test_a_checkpoint_mark_without_times_leaves_the_run_time_unknown(tmp_path):
+    """A run resumed from a checkpoint whose mark holds no times (empty, or not JSON) reports them as unknown
+    (None), not as the last piece's time alone; a mark with both adds them to this process's."""
+    from types import SimpleNamespace
+
+    from pedro.trainer import MarkCompleteCheckpoints
+
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=5)
+    (tmp_path / "checkpoint-5").mkdir()
+    mark = tmp_path / "checkpoint-5" / COMPLETE
+    for text in ("", "not json", '{"train_seconds": 7}'):
+        mark.write_text(text)
+        marks = MarkCompleteCheckpoints()
+        marks.on_train_begin(args, state, None)
+        assert marks.cpu_seconds() is None
+        assert (marks.seconds() is None) == (text != '{"train_seconds": 7}')
+    mark.write_text(json.dumps({"train_seconds": 100.0, "train_cpu_seconds": 200.0}))
+    marks = MarkCompleteCheckpoints()
+    marks.on_train_begin(args, state, None)
+    assert 100 <= marks.seconds() < 160 and 200 <= marks.cpu_seconds() < 260
+    marks.on_save(args, state, None)  # the mark now holds the times so far, both
+    assert set(json.loads(mark.read_text())) == {"train_seconds", "train_cpu_seconds"}
