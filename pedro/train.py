@@ -66,6 +66,8 @@ from pedro.trainer import (
     PedroTrainer,
     ProgressAndLog,
     last_complete_checkpoint,
+    logged_train_loss,
+    restore_finished_run,
     supervised_positions,
 )
 
@@ -349,7 +351,11 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        output = trainer.train(resume_from_checkpoint=resume_from)
+        if resume_from and restore_finished_run(trainer, resume_from):
+            marks.on_train_begin(trainer.args, trainer.state, trainer.control)  # the run's times, from its mark
+            train_metrics: dict[str, Any] = {}
+        else:
+            train_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
         # a resumed run's include the time up to its checkpoint (None: that checkpoint did not record it)
         train_seconds, train_cpu_seconds = marks.seconds(), marks.cpu_seconds()
         evaluations = [r for r in trainer.state.log_history if "eval_loss" in r]
@@ -388,20 +394,24 @@ def train(
         else None,
         "evaluations": evaluations,
         "resumed_from": resume_from,
-        "train_loss": output.training_loss,
-        "final_metrics": {**output.metrics, **final_eval},
+        "train_loss": train_metrics["train_loss"]
+        if resume_from is None
+        else logged_train_loss(trainer.state.log_history),
+        "final_metrics": {**train_metrics, **final_eval},
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "wall_seconds": time.perf_counter() - wall0,
-        "tokens_per_second": progress.tokens_per_second(trainer.state),
+        # of the steps this process ran (None: it resumed from the last step and ran none)
+        "tokens_per_second": progress.tokens_per_second(trainer.state)
+        if trainer.state.global_step > marks.resumed_at
+        else None,
     }
     write_json_atomic(output_dir / SUMMARY_NAME, summary)
     if cfg.progress:
-        print(
-            f"adapter written to {output_dir} ({trainer.state.global_step} steps, "
-            + (f"{train_seconds:.0f}s, " if train_seconds is not None else "")
-            + f"{summary['tokens_per_second']:.0f} tokens/s)"
-        )
+        rate = summary["tokens_per_second"]
+        spent = [f"{train_seconds:.0f}s"] if train_seconds is not None else []
+        spent += [f"{rate:.0f} tokens/s"] if rate is not None else []
+        print(f"adapter written to {output_dir} ({', '.join([f'{trainer.state.global_step} steps', *spent])})")
     return TrainResult(output_dir=output_dir, summary=summary)
 
 

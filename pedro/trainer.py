@@ -17,9 +17,10 @@ from typing import Any, Mapping, Sequence
 
 import peft
 import torch
+from safetensors.torch import load_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from pedro.compat import OwnTrainSampler
@@ -186,6 +187,7 @@ class MarkCompleteCheckpoints(TrainerCallback):
         # spent before this process, up to the checkpoint it resumed from; None: not recorded, so unknown
         self.before: dict[str, float | None] = {"train_seconds": 0.0, "train_cpu_seconds": 0.0}
         self.start = (time.perf_counter(), time.process_time())
+        self.resumed_at = 0  # the step training started from in this process
 
     @staticmethod
     def _checkpoint(args: Any, state: Any) -> Path:
@@ -193,6 +195,7 @@ class MarkCompleteCheckpoints(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
         self.start = (time.perf_counter(), time.process_time())
+        self.resumed_at = state.global_step  # Trainer has restored a resumed run's state by now
         mark = self._checkpoint(args, state) / COMPLETE
         if state.global_step and mark.is_file():
             try:  # a time the mark does not hold (an empty mark: written before marks held times) is unknown
@@ -214,6 +217,39 @@ class MarkCompleteCheckpoints(TrainerCallback):
         if path.is_dir():
             spent = {"train_seconds": self.seconds(), "train_cpu_seconds": self.cpu_seconds()}
             (path / COMPLETE).write_text(json.dumps({k: round(v, 3) for k, v in spent.items() if v is not None}))
+
+
+def logged_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """A resumed run's mean training loss over the whole run, from the losses Trainer logged (each the mean of
+    the steps since the previous log), weighted by the steps each covers; at a resume, the steps between the last
+    log and the checkpoint were not logged, and their weight goes to the first log after it. Trainer's own
+    ``training_loss`` covers only the steps run since the resume (0.0 when none were)."""
+    total = steps = previous = 0
+    for record in log_history:
+        if "loss" in record:
+            total += record["loss"] * (record["step"] - previous)
+            steps += record["step"] - previous
+            previous = record["step"]
+    return total / steps if steps else None
+
+
+def restore_finished_run(trainer: Trainer, checkpoint: str) -> bool:
+    """Where ``checkpoint`` is a run's last step (a run killed after training, before its adapter was written),
+    puts the trainer where the straight run ended -- its state, and the adapter it kept (the best checkpoint's
+    when keeping the best) -- and returns True. Trainer itself, resumed from a last step that ends an epoch part
+    way (``max_steps``), trains one step more than the run planned."""
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    if state.global_step < state.max_steps:
+        return False
+    kept = (
+        state.best_model_checkpoint
+        if trainer.args.load_best_model_at_end and state.best_model_checkpoint
+        else checkpoint
+    )
+    weights = load_file(str(Path(kept) / "adapter_model.safetensors"))
+    peft.set_peft_model_state_dict(trainer.model, weights)
+    trainer.state = state
+    return True
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:

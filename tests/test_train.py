@@ -4,6 +4,7 @@ atomic checkpoints and exact resume after a real SIGKILL."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -166,7 +167,7 @@ CHILD = textwrap.dedent(
                 time.sleep(600)
 
     train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES,
-          output_dir={out!r}, max_steps={steps}, save_steps={n}, batch_size=2, lr=5e-3, seed=3,
+          output_dir={out!r}, max_steps={steps}, save_steps={n}, logging_steps=1, batch_size=2, lr=5e-3, seed=3,
           activation="rational", rational_lr=1e-4, resume={resume}, progress=False, callbacks=[StallAfter()])
     """
 )
@@ -221,6 +222,17 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path):
     # and the weights did change between the checkpoint and the end (the test could not pass by accident)
     mid = load_file(killed / "checkpoints" / f"checkpoint-{n}" / "adapter_model.safetensors")
     assert any(not torch.equal(mid[k], b[k]) for k in b)
+    # the whole run's mean loss (logged every step here, so exactly the straight run's), not its last piece's
+    whole = json.loads((straight / "training_summary.json").read_text())["train_loss"]
+    assert math.isclose(summary["train_loss"], whole, rel_tol=1e-6) and summary["tokens_per_second"] > 0
+    # resumed once more, from the last step: no step runs, and nothing is reported as if one had
+    again = _child(killed, 2 * n, n, stall=False, resume=True)
+    assert again.wait(timeout=300) == 0, again.stdout.read()
+    summary = json.loads((killed / "training_summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"checkpoint-{2 * n}") and summary["tokens_per_second"] is None
+    assert math.isclose(summary["train_loss"], whole, rel_tol=1e-6)
+    again = load_file(killed / "adapter_model.safetensors")
+    assert summary["steps"] == 2 * n and all(torch.equal(a[k], again[k]) for k in a)  # no step beyond the run's
 
 
 def test_early_stopping_stops_when_eval_loss_stalls(tmp_path):
@@ -321,3 +333,30 @@ def test_a_checkpoint_mark_without_times_leaves_the_run_time_unknown(tmp_path):
     assert 100 <= marks.seconds() < 160 and 200 <= marks.cpu_seconds() < 260
     marks.on_save(args, state, None)  # the mark now holds the times so far, both
     assert set(json.loads(mark.read_text())) == {"train_seconds", "train_cpu_seconds"}
+
+
+def test_resuming_a_finished_run_keeps_the_adapter_it_kept(tmp_path):
+    """A run killed after its last checkpoint, before its adapter was written, resumed: no step more (Trainer
+    would train one past ``max_steps`` here), and the adapter is the one the run kept (the best evaluation's)."""
+    kwargs = dict(
+        tokenizer=tiny_tokenizer(),
+        examples=EXAMPLES,
+        eval_examples=EXAMPLES[:4],
+        output_dir=str(tmp_path),
+        max_steps=7,
+        eval_steps=2,
+        batch_size=2,
+        lr=5e-3,
+        seed=3,
+        resume=True,
+        progress=False,
+    )
+    first = train(model=tiny_model("llama"), **kwargs)
+    kept = load_file(tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_model.safetensors").unlink()
+    again = train(model=tiny_model("llama"), **kwargs)
+    assert again.summary["resumed_from"].endswith("checkpoint-7") and again.summary["steps"] == 7
+    assert again.summary["best"] == first.summary["best"]
+    assert again.summary["evaluations"] == first.summary["evaluations"]
+    restored = load_file(tmp_path / "adapter_model.safetensors")
+    assert kept.keys() == restored.keys() and all(torch.equal(kept[k], restored[k]) for k in kept)
