@@ -62,6 +62,7 @@ from pedro.train_config import (
     _pedro_config,
 )
 from pedro.trainer import (
+    CheckpointEvery,
     MarkCompleteCheckpoints,
     PedroTrainer,
     ProgressAndLog,
@@ -299,7 +300,7 @@ def train(
         max_steps=cfg.max_steps,
         logging_steps=cfg.logging_steps,
         save_strategy=strategy if evaluating else ("steps" if cfg.save_steps else "no"),
-        save_steps=cfg.eval_steps or cfg.save_steps or 500,
+        save_steps=(cfg.eval_steps if evaluating else cfg.save_steps) or 500,
         save_total_limit=cfg.save_total_limit,
         eval_strategy=strategy,
         eval_steps=cfg.eval_steps or None,
@@ -324,6 +325,8 @@ def train(
     extra: list[TrainerCallback] = [progress, marks, *callbacks]
     if accuracy is not None:  # first: it fills the log record before it is written
         extra.insert(0, accuracy)
+    if evaluating and cfg.save_steps:  # evaluations checkpoint on their own; these come between them
+        extra.append(CheckpointEvery(cfg.save_steps))
     if cfg.early_stopping:
         from transformers import EarlyStoppingCallback
 

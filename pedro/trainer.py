@@ -233,6 +233,19 @@ def logged_train_loss(log_history: list[dict[str, Any]]) -> float | None:
     return total / steps if steps else None
 
 
+class CheckpointEvery(TrainerCallback):
+    """A checkpoint every ``steps`` steps besides the evaluations' own. Trainer ties its checkpoints to its
+    evaluations when it keeps the best one, so a run evaluated once an epoch could otherwise resume only from
+    an epoch's end, and a run killed more often than an epoch lasts would never finish."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
+        if state.global_step % self.steps == 0:
+            control.should_save = True
+
+
 def restore_finished_run(trainer: Trainer, checkpoint: str) -> bool:
     """Where ``checkpoint`` is a run's last step (a run killed after training, before its adapter was written),
     puts the trainer where the straight run ended -- its state, and the adapter it kept (the best checkpoint's

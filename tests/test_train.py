@@ -360,3 +360,42 @@ def test_resuming_a_finished_run_keeps_the_adapter_it_kept(tmp_path):
     assert again.summary["evaluations"] == first.summary["evaluations"]
     restored = load_file(tmp_path / "adapter_model.safetensors")
     assert kept.keys() == restored.keys() and all(torch.equal(kept[k], restored[k]) for k in kept)
+
+
+def test_save_steps_checkpoint_between_evaluations_and_resume_exactly(tmp_path):
+    """With held-out data evaluated once an epoch, --save-steps still checkpoints every N steps (Trainer alone
+    would checkpoint only at the evaluations); a run resumed from such a mid-epoch checkpoint ends with the
+    adapter and the best evaluation of the run that was never stopped, which the extra checkpoints do not change."""
+    import shutil
+
+    kwargs = dict(
+        tokenizer=tiny_tokenizer(),
+        examples=EXAMPLES,
+        eval_examples=EXAMPLES[:4],
+        epochs=2,  # 8 records in batches of 2: evaluations (and their checkpoints) at steps 4 and 8
+        batch_size=2,
+        lr=5e-3,
+        seed=3,
+        save_total_limit=10,
+        progress=False,
+    )
+    plain = train(model=tiny_model("llama"), output_dir=str(tmp_path / "plain"), **kwargs)
+    stepped = train(model=tiny_model("llama"), output_dir=str(tmp_path / "stepped"), save_steps=3, **kwargs)
+    checkpoints = tmp_path / "stepped" / "checkpoints"
+    assert sorted(int(p.name.split("-")[1]) for p in checkpoints.iterdir()) == [3, 4, 6, 8]
+    assert all((p / COMPLETE).is_file() for p in checkpoints.iterdir())
+    reference = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    weights = load_file(tmp_path / "stepped" / "adapter_model.safetensors")
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)
+    assert stepped.summary["best"]["value"] == plain.summary["best"]["value"]
+    # a kill after step 3: only the mid-epoch checkpoint is left
+    for step in (4, 6, 8):
+        shutil.rmtree(checkpoints / f"checkpoint-{step}")
+    (tmp_path / "stepped" / "adapter_model.safetensors").unlink()
+    resumed = train(
+        model=tiny_model("llama"), output_dir=str(tmp_path / "stepped"), save_steps=3, resume=True, **kwargs
+    )
+    assert resumed.summary["resumed_from"].endswith("checkpoint-3")
+    weights = load_file(tmp_path / "stepped" / "adapter_model.safetensors")
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)
+    assert resumed.summary["best"]["value"] == plain.summary["best"]["value"]
