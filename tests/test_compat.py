@@ -17,6 +17,17 @@ def test_rotate_half_is_the_half_split_rotation():
     assert compat.rotate_half(x).tolist() == [[-4.0, -5.0, -6.0, -7.0, 0.0, 1.0, 2.0, 3.0]]
 
 
+def test_apply_rope_is_transformers_rotation_bit_for_bit():
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 64, generator=generator)
+    cos, sin = torch.randn(2, 4, 1, 64, generator=generator)  # halves unequal: no reliance on RoPE's repeated halves
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, cd, sd = x.to(dtype), cos.to(dtype), sin.to(dtype)
+        assert torch.equal(compat.apply_rope(xd, cd, compat.rope_sin(sd)), xd * cd + rotate_half(xd) * sd)
+
+
 @pytest.mark.parametrize("family, per_layer_type", [("llama", False), ("qwen3", False), ("gemma3", True)])
 def test_rotary_signature_and_values_of_each_family(family, per_layer_type):
     model = tiny_model(family)

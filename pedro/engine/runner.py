@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pedro.backbones import LAYER_MAPS, LayerMap, layer_map
-from pedro.compat import can_pack_linear, check_rotary, mlp_activation, packed_linear, rotary_cos_sin, rotate_half
+from pedro.compat import (
+    apply_rope,
+    can_pack_linear,
+    check_rotary,
+    mlp_activation,
+    packed_linear,
+    rope_sin,
+    rotary_cos_sin,
+)
 from pedro.engine.adapters import ModelSpec, PedroWeights
 from pedro.engine.device import upload
 from pedro.engine.kv_cache import KVCache
@@ -247,12 +255,13 @@ class ModelRunner:
     # ---------------------------------------------------------------------------------------- shared pieces
 
     def _rope(self, positions: torch.Tensor) -> _Ropes:
-        """(cos, sin) (N, head_dim) of each layer type (one entry, None, for a single RoPE)."""
+        """(cos, sin) (N, head_dim) of each layer type (one entry, None, for a single RoPE), sin as
+        ``apply_rope`` reads it (``rope_sin``)."""
         x = self.embed_tokens.weight[:1]  # only its dtype and device matter
         ropes = {}
         for kind in self.ropes:
             cos, sin = rotary_cos_sin(self.rotary_emb, x, positions.unsqueeze(0), kind)
-            ropes[kind] = cos[0], sin[0]
+            ropes[kind] = cos[0], rope_sin(sin[0])
         return ropes
 
     def _linear(self, layer: int, module: str, x: torch.Tensor, parts: "_Parts") -> torch.Tensor:
@@ -530,8 +539,7 @@ class ModelRunner:
         if parts.qk_norms is not None:
             q_norm, k_norm = parts.qk_norms
             q, k = q_norm(q), k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if prefill.padded is not None:
             return self._attend_padded(layer, q, k, v, prefill, prefill.padded)
         out = torch.empty_like(q)
@@ -595,6 +603,11 @@ class ModelRunner:
         masks: dict[int | None, torch.Tensor] = {None: (steps <= lengths[:, None]).view(batch, 1, 1, width)}
         if self.window is not None:
             masks[self.window] = masks[None] & (steps > lengths[:, None] - self.window).view(batch, 1, 1, width)
+        if self.matmul_decode_attention:  # added to the scores: 0 where a key is attended, -inf where not
+            masks = {
+                w: m.new_zeros(m.shape, dtype=self.cache.k.dtype).masked_fill_(~m, float("-inf"))
+                for w, m in masks.items()
+            }
         decode = _Decode(rows_index, lengths, masks, self.rows.lora_index[:batch])
         return _Context(self.rows, range(batch), decode, self._rope(lengths))
 
@@ -610,14 +623,14 @@ class ModelRunner:
         if parts.qk_norms is not None:
             q_norm, k_norm = parts.qk_norms
             q, k = q_norm(q), k_norm(k)
-        q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        q = apply_rope(q, cos[:, None, None], sin[:, None, None])
+        k = apply_rope(k, cos[:, None], sin[:, None])
         self.cache.write_step(layer, k, v.view(batch, self.n_kv, self.head_dim), decode.rows_index, decode.positions)
         mask = decode.masks[parts.window]
         keys, values = self.cache.view(layer, batch, mask.shape[-1])
         if self.matmul_decode_attention:
             scores = torch.matmul(q * self.scaling, keys.transpose(-1, -2))  # (B, kv_heads, group, W)
-            scores.masked_fill_(~mask, float("-inf"))  # every row keeps its own token's key: never all masked
+            scores += mask  # every row keeps its own token's key: never all masked
             out = torch.matmul(torch.softmax(scores, -1), values)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
@@ -660,7 +673,7 @@ class _Decode:
 
     rows_index: torch.Tensor  # arange(B) and the rows' lengths: where the step's K/V go
     positions: torch.Tensor
-    masks: dict[int | None, torch.Tensor]  # window (None: global) -> (B, 1, 1, W) mask
+    masks: dict[int | None, torch.Tensor]  # window (None: global) -> (B, 1, 1, W) mask (additive for the matmuls)
     lora_rows: torch.Tensor  # (B,) resident LoRA index of each row
 
 
