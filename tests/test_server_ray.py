@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -318,3 +319,14 @@ def test_the_queue_holds_max_queued_and_a_client_gone_while_queued_frees_its_pla
 
     asyncio.run(scenario())
     wait_idle()
+
+
+def test_the_deploy_file_is_a_valid_serve_config_that_gives_proxies_time_to_start():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    text = (Path(__file__).parent.parent / "deploy" / "serve.yaml").read_text()
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    name, default = ray_app.PROXY_READY_TIMEOUT
+    assert schema.controller_options is not None and schema.controller_options.runtime_env is not None
+    assert schema.controller_options.runtime_env["env_vars"] == {name: default}

@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -55,6 +56,10 @@ ENGINE_GAUGES = ("running", "waiting", "in_flight", "engine_restarts")  # LocalB
 STATS_POLL_S = 0.25  # how often a replica looks at its gauges; it reports a change at once ...
 STATS_HEARTBEAT_S = 2.0  # ... and an unchanged value this often
 STATS_STALE_S = 10.0  # a replica silent this long is no longer counted (Ray's default health-check period)
+# Ray Serve's controller kills an HTTP proxy that has not answered its ready check within 5 s of starting, and
+# serve.start then fails with ActorDiedError: on a loaded machine a proxy's imports alone take longer. The
+# controller gets this much instead, unless the environment sets the variable itself.
+PROXY_READY_TIMEOUT = ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "180")
 
 
 def _adapter_dir(config: ServerConfig, engine_name: str) -> Path:
@@ -300,7 +305,14 @@ def serve_on_ray(config: ServerConfig) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        name, default = PROXY_READY_TIMEOUT
+        try:
+            serve.start(
+                http_options={"host": config.host, "port": config.port},
+                controller_options={"runtime_env": {"env_vars": {name: os.environ.get(name, default)}}},
+            )
+        except TimeoutError:  # serve.start waits 60 s for the proxy; the controller waits PROXY_READY_TIMEOUT
+            log.warning("Ray Serve's HTTP proxy is still starting after 60 s; it serves once it is ready")
         serve.run(build(config), name="pedro", route_prefix="/", blocking=False)
         log.info(
             "pedro on Ray Serve: http://%s:%d (%d engine replica(s))", config.host, config.port, config.ray.replicas
