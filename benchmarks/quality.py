@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -482,6 +481,20 @@ def aggregate(records: list[dict[str, Any]], tasks: dict[str, tuple[Any, list]],
     return table
 
 
+def standing(table: dict[str, Any], pair: str) -> dict[str, list[str]]:
+    """Where PEDRO stands against a baseline on each task that has the pair, read off the paired interval:
+    "above" (the interval of PEDRO minus the baseline is above 0), "below" (under 0), or "level" (it holds 0).
+    The study's criterion, PEDRO at or above the baseline within the spread, counts "above" and "level"."""
+    tasks: dict[str, list[str]] = {"above": [], "level": [], "below": []}
+    for task, info in table.items():
+        versus = info["versus"].get(pair)
+        if versus is None:
+            continue
+        low, high = versus["bootstrap95"]
+        tasks["above" if low > 0 else "below" if high < 0 else "level"].append(task)
+    return tasks
+
+
 def _scale(metric: str) -> float:
     return 100.0 if metric in ("accuracy", "exact_match", "macro_f1") else 1.0
 
@@ -560,6 +573,22 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
                 else "—"
             )
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for pair in pairs:
+        where = standing(table, pair)
+        compared = sum(len(tasks) for tasks in where.values())
+        label = {
+            task: f"{task} ({n} seed{'s' if n > 1 else ''})"
+            for task, info in table.items()
+            if pair in info["versus"] and (n := len(info["versus"][pair]["seeds"]))
+        }
+        named = "; ".join(
+            f"{kind}: {', '.join(label[task] for task in tasks)}" for kind, tasks in where.items() if tasks
+        )
+        lines.append(
+            f"{pair.replace(' - ', ' against ')}: at or above within the interval on "
+            f"{len(where['above']) + len(where['level'])} of {compared} tasks ({named})."
+        )
     lines += [
         "",
         "Trainable parameters, epochs, learning rate and mean train time per run: wall time (it includes the "
@@ -632,8 +661,6 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
 
     done = load_done(runs_path)
     start = time.perf_counter()
-    base, tokenizer = load_base()
-    work = Path(tempfile.mkdtemp(prefix="pedro-quality-"))
     tasks: dict[str, Any] = {}
 
     def log(message: str) -> None:
@@ -659,7 +686,8 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
             "default_lr": DEFAULT_LR,
             "runs": len(records),
             "run_minutes": sum((r.get("train_seconds") or 0.0) + r.get("seconds", 0.0) for r in records) / 60,
-            "threads": torch.get_num_threads(),
+            # the training processes' threads: a --report process trains nothing, so it keeps what they wrote
+            "threads": previous_threads if args.report else torch.get_num_threads(),
             "rounds": 20 if args.quick else BOOTSTRAP,
             "sizes": {k: vars(all_sizes[k]) for k in tasks},
             "methods": METHODS,
@@ -687,6 +715,14 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
             release(claims, key)
         return True
 
+    if args.report:
+        previous = out / f"{stem}.json"
+        previous_threads = json.loads(previous.read_text())["meta"]["threads"] if previous.is_file() else "?"
+        write_outputs()
+        log(f"rebuilt from {len(done)} runs on record: {out / stem}.md")
+        return
+    base, tokenizer = load_base()
+    work = Path(tempfile.mkdtemp(prefix="pedro-quality-"))
     for task_name, size in sizes.items():
         task, train_examples, eval_examples = load_task(task_name, size, args.data_dir)
         tasks[task_name] = (task, eval_examples)
@@ -754,10 +790,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--variants", default="", help="dev phase: ';'-separated variant names (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the study's code path in minutes")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="test phase: rebuild the tables and plot from the runs on record, train nothing",
+    )
     parser.add_argument("--out", default=str(ROOT / "results"), help="folder for the results")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # the report names the study's command, not the one of whichever of the processes sharing the folder wrote it
+    command = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.phase == "dev":

@@ -123,6 +123,16 @@ def test_quality_report_pairs_each_pedro_configuration_with_its_baselines_on_rec
     header = next(line for line in text.splitlines() if line.startswith("| task (metric"))
     assert header.split(" | ")[2:] == ["pedro", "lora_matched", "pedro_r4", "lora_matched_r4 |"]
     assert "| toy | +20.0 [" in text and "pedro_r4 − lora_matched_r4" in text and "ia3" not in text
+    # where PEDRO stands, read off each pair's interval: holding 0 is level, wholly under 0 is below
+    assert quality.standing(table, "pedro - lora_matched") == {"above": [], "level": ["toy"], "below": []}
+    versus["pedro_r4 - lora_matched_r4"]["bootstrap95"] = [-0.4, -0.05]
+    assert quality.standing(table, "pedro_r4 - lora_matched_r4") == {"above": [], "level": [], "below": ["toy"]}
+    text = quality.markdown(table, meta)
+    assert "pedro against lora_matched: at or above within the interval on 1 of 1 tasks (level: toy (2 seeds))." in text
+    assert (
+        "pedro_r4 against lora_matched_r4: at or above within the interval on 0 of 1 tasks (below: toy (1 seed))."
+        in text
+    )
     # train time per run: the wall mean, and the CPU mean over the runs that recorded it, saying how many
     assert (
         "| toy | 100; 1 ep; lr 0.001; 10 min (CPU 5 min) | 100; 1 ep; lr 0.001; 10 min, 2 of 3 runs (CPU 2 min, 1 of 3 runs) |"
