@@ -273,10 +273,20 @@ def train(
     peft_model.train()
     checkpoint_dir = output_dir / CHECKPOINTS
     evaluating = eval_rows is not None
+    # both flags read held-out data; say how to give it, and why none was carved automatically
+    hold_out = (
+        "give a dev split (--dev-split N / dev_split=N records or a fraction"
+        + (
+            f"; none is carved automatically from fewer than {DEV_FROM} training records"
+            if cfg.dev_split is None
+            else ""
+        )
+        + ") or held-out data (--eval-data / eval_data, eval_examples)"
+    )
     if cfg.early_stopping and not evaluating:
-        raise ValueError("early_stopping needs held-out data (eval_data, eval_examples or a dev split)")
+        raise ValueError(f"early_stopping needs held-out data: {hold_out}")
     if cfg.bilevel and not evaluating:
-        raise ValueError("bilevel needs held-out data for the rational coefficients' steps (a dev split or eval_data)")
+        raise ValueError(f"bilevel needs held-out data for the rational coefficients' steps: {hold_out}")
     accuracy = None  # for choice data: accuracy next to the loss, which also picks the best checkpoint
     if held_out is not None:
         from pedro.evaluate import ChoiceAccuracy, is_choice_data

@@ -188,3 +188,15 @@ def test_bilevel_steps_rational_coefficients_on_dev_batches_only(tmp_path):
             max_steps=1,
             progress=False,
         )
+    # too few records for the automatic dev split: the error says so and names the flags that give one
+    with pytest.raises(ValueError, match=r"fewer than 200 training records\) or held-out data \(--eval-data"):
+        train(
+            model=tiny_model("llama"),
+            tokenizer=tiny_tokenizer(),
+            examples=CHOICES,
+            output_dir=str(tmp_path / "z"),
+            activation="rational",
+            bilevel=True,
+            max_steps=1,
+            progress=False,
+        )
