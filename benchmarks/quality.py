@@ -624,23 +624,69 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 def plot(table: dict[str, Any], path: Path) -> None:
+    """Top: each task's metric per method (mean over seeds; a 95 % t-interval where there are 2+ seeds). Bottom:
+    PEDRO minus each baseline per task with its paired bootstrap interval, the comparison the study is about."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = ["zero_shot", *_shown(table)]
-    fig, axes = plt.subplots(1, len(table), figsize=(3.4 * len(table), 3.6), squeeze=False)
-    for ax, (task, info) in zip(axes[0], table.items()):
+    palette = ["#999999", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b"]
+    color = dict(zip(["zero_shot", *METHODS], palette))
+    fig = plt.figure(figsize=(3.4 * len(table), 7.4))
+    grid = fig.add_gridspec(2, len(table), height_ratios=[1.0, 0.9])
+    for i, (task, info) in enumerate(table.items()):
+        ax = fig.add_subplot(grid[0, i])
         scale = _scale(info["metric"])
         entries = [info["methods"].get(m) for m in methods]
         means = [scale * e[info["metric"]]["mean"] if e else 0.0 for e in entries]
-        errs = [scale * (e[info["metric"]]["ci95"] or 0.0) if e else 0.0 for e in entries]
-        colors = ["#999999", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"]
-        ax.bar(range(len(methods)), means, yerr=errs, capsize=3, color=colors[: len(methods)])
+        # no bar (not even a cap) where one seed gives no interval
+        errs = [scale * ci if e and (ci := e[info["metric"]]["ci95"]) is not None else math.nan for e in entries]
+        ax.bar(range(len(methods)), means, yerr=errs, capsize=3, color=[color[m] for m in methods])
+        for x, (m, e) in enumerate(zip(methods, entries)):
+            if e and m != "zero_shot":
+                ax.annotate(
+                    f"n={len(e['seeds'])}",
+                    (x, 0),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=7,
+                    color="white",
+                )
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{task} ({info['metric']})")
-    fig.suptitle("SmolLM2-135M, test splits: mean over seeds, 95 % t-interval")
+    pairs = [f"{a} - {b}" for a, b in PAIRS if any(f"{a} - {b}" in info["versus"] for info in table.values())]
+    ax = fig.add_subplot(grid[1, :])
+    width = 0.8 / max(1, len(pairs))
+    for j, pair in enumerate(pairs):
+        xs, ys, low, high = [], [], [], []
+        for i, info in enumerate(table.values()):
+            v = info["versus"].get(pair)
+            if v is None:
+                continue
+            scale = _scale(info["metric"])
+            xs.append(i - 0.4 + width * (j + 0.5))
+            ys.append(scale * v["difference"])
+            low.append(scale * (v["difference"] - v["bootstrap95"][0]))
+            high.append(scale * (v["bootstrap95"][1] - v["difference"]))
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[low, high],
+            fmt="o",
+            capsize=3,
+            label=pair.replace(" - ", " − "),
+            color=palette[2 + j],
+        )
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(table)), [f"{t} ({i['metric']})" for t, i in table.items()])
+    ax.set_xlim(-0.5, len(table) - 0.5)
+    ax.set_ylabel("PEDRO minus baseline (points)")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("PEDRO minus each baseline, same seeds: 95 % paired bootstrap interval over test items")
+    fig.suptitle("SmolLM2-135M, test splits: mean over seeds (n seeds), 95 % t-interval where n ≥ 2")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
