@@ -73,7 +73,7 @@ def test_study_claims_let_processes_share_a_folder_and_resume_after_a_crash(tmp_
         assert quality.claim(tmp_path, ("trec", "ia3", 0))
 
 
-def test_quality_report_pairs_each_pedro_configuration_with_its_baselines_on_record() -> None:
+def test_quality_report_pairs_each_pedro_configuration_with_its_baselines_on_record(tmp_path) -> None:
     """Only methods with runs appear; each PEDRO configuration is compared with the baselines it is paired with
     (the default with matched LoRA, the half budget with LoRA matched to it), on the seeds both have."""
     from types import SimpleNamespace
@@ -133,6 +133,8 @@ def test_quality_report_pairs_each_pedro_configuration_with_its_baselines_on_rec
         "pedro_r4 against lora_matched_r4: at or above within the interval on 0 of 1 tasks (below: toy (1 seed))."
         in text
     )
+    quality.plot(table, tmp_path / "quality.png")  # one-seed cells (no interval) and both pairs drawn
+    assert (tmp_path / "quality.png").read_bytes().startswith(b"\x89PNG")
     # train time per run: the wall mean, and the CPU mean over the runs that recorded it, saying how many
     assert (
         "| toy | 100; 1 ep; lr 0.001; 10 min (CPU 5 min) | 100; 1 ep; lr 0.001; 10 min, 2 of 3 runs (CPU 2 min, 1 of 3 runs) |"
