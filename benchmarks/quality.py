@@ -518,6 +518,11 @@ def _shown(table: dict[str, Any]) -> list[str]:
     return [m for m in METHODS if any(m in info["methods"] for info in table.values())]
 
 
+def _pairs(table: dict[str, Any]) -> list[str]:
+    """The PAIRS with a comparison on record for some task, as "ours - baseline"."""
+    return [f"{a} - {b}" for a, b in PAIRS if any(f"{a} - {b}" in info["versus"] for info in table.values())]
+
+
 def _minutes(seconds: list[float], runs: int) -> str:
     """The mean over the runs that recorded a time, saying how many did where some did not."""
     if not seconds:
@@ -528,7 +533,7 @@ def _minutes(seconds: list[float], runs: int) -> str:
 
 def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
     methods = _shown(table)
-    pairs = [f"{a} - {b}" for a, b in PAIRS if any(f"{a} - {b}" in info["versus"] for info in table.values())]
+    pairs = _pairs(table)
     lines = [
         "# Quality study: PEDRO vs parameter-matched LoRA and (IA)3 (SmolLM2-135M, CPU)",
         "",
@@ -657,7 +662,7 @@ def plot(table: dict[str, Any], path: Path) -> None:
                 )
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{task} ({info['metric']})")
-    pairs = [f"{a} - {b}" for a, b in PAIRS if any(f"{a} - {b}" in info["versus"] for info in table.values())]
+    pairs = _pairs(table)
     ax = fig.add_subplot(grid[1, :])
     width = 0.8 / max(1, len(pairs))
     for j, pair in enumerate(pairs):
@@ -722,6 +727,13 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
     done = load_done(runs_path)
     start = time.perf_counter()
     tasks: dict[str, Any] = {}
+    # the training processes' threads: a --report process trains nothing, so it keeps what they wrote
+    previous = out / f"{stem}.json"
+    threads = (
+        (json.loads(previous.read_text())["meta"]["threads"] if previous.is_file() else "?")
+        if args.report
+        else torch.get_num_threads()
+    )
 
     def log(message: str) -> None:
         print(f"[{(time.perf_counter() - start) / 60:6.1f} min] {message}", flush=True)
@@ -746,8 +758,7 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
             "default_lr": DEFAULT_LR,
             "runs": len(records),
             "run_minutes": sum((r.get("train_seconds") or 0.0) + r.get("seconds", 0.0) for r in records) / 60,
-            # the training processes' threads: a --report process trains nothing, so it keeps what they wrote
-            "threads": previous_threads if args.report else torch.get_num_threads(),
+            "threads": threads,
             "rounds": 20 if args.quick else BOOTSTRAP,
             "sizes": {k: vars(all_sizes[k]) for k in tasks},
             "methods": METHODS,
@@ -776,8 +787,6 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
         return True
 
     if args.report:
-        previous = out / f"{stem}.json"
-        previous_threads = json.loads(previous.read_text())["meta"]["threads"] if previous.is_file() else "?"
         write_outputs()
         log(f"rebuilt from {len(done)} runs on record: {out / stem}.md")
         return
