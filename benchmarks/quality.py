@@ -760,7 +760,7 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
             "run_minutes": sum((r.get("train_seconds") or 0.0) + r.get("seconds", 0.0) for r in records) / 60,
             "threads": threads,
             "rounds": 20 if args.quick else BOOTSTRAP,
-            "sizes": {k: vars(all_sizes[k]) for k in tasks},
+            "sizes": {k: vars(all_sizes[k]) for k in all_sizes if k in tasks},  # one order, whichever process writes
             "methods": METHODS,
             "gen_tokens": GEN_TOKENS,
         }
