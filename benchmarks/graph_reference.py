@@ -10,6 +10,7 @@ the last logits with the transformers model's own forward.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any, Callable
 
@@ -101,7 +102,8 @@ def step_times(
 ) -> dict[str, Any]:
     """Time ``steps`` decode steps of ``batch`` rows from position ``start`` (start + steps <= width; the cache
     holds zeros: a step's time does not depend on what the keys are), each step's tokens read on the host as an
-    engine reads them. -> compile seconds, median step ms."""
+    engine reads them. -> compile seconds, median step ms; on a CPU also the median of the process's CPU time
+    per step, which time spent descheduled by other jobs on the machine does not inflate."""
     ref = StaticDecode(model, batch, width)
     fn = torch.compile(ref.step, fullgraph=True) if compile_step else ref.step
     device = ref.embed.device
@@ -117,19 +119,22 @@ def step_times(
         log(
             f"reference step ready in {compile_s:.1f} s (compiled: {compile_step}, CUDA graph: {device.type == 'cuda'})"
         )
-        times = []
+        times, cpu_times = [], []
         for i in range(steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             tokens = fn(tokens, torch.full((batch,), start + i, device=device)).argmax(-1)
             tokens.tolist()
             times.append(time.perf_counter() - t0)
-    times.sort()
-    return {
+            cpu_times.append(time.process_time() - c0)
+    result = {
         "compiled": compile_step,
         "cuda_graph": device.type == "cuda",
         "compile_s": compile_s,
-        "step_p50_ms": 1e3 * times[len(times) // 2],
+        "step_p50_ms": 1e3 * statistics.median(times),
     }
+    if device.type == "cpu":
+        result["step_cpu_p50_ms"] = 1e3 * statistics.median(cpu_times)
+    return result
 
 
 def _graphed(
