@@ -332,7 +332,7 @@ def train(
     collator = Collator(tokenizer.pad_token_id, cfg.padding_side, with_prompt_lengths=cfg.method == "pedro")
     progress = ProgressAndLog(output_dir / LOG_NAME, cfg.progress)
     marks = MarkCompleteCheckpoints()
-    extra: list[TrainerCallback] = [progress, marks, *callbacks]
+    extra: list[TrainerCallback] = [progress, *callbacks]
     if accuracy is not None:  # first: it fills the log record before it is written
         extra.insert(0, accuracy)
     if evaluating and cfg.save_steps:  # evaluations checkpoint on their own; these come between them
@@ -355,6 +355,9 @@ def train(
         response_logits_only=cfg.response_logits_only,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressAndLog shows and records them
+    if trainer.bilevel is not None:  # its state is part of a checkpoint
+        trainer.add_callback(trainer.bilevel)
+    trainer.add_callback(marks)  # last: its mark completes a checkpoint once everything else is saved
     resume_from = None
     if cfg.resume:
         resume_from = last_complete_checkpoint(checkpoint_dir)

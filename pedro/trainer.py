@@ -99,7 +99,7 @@ class PedroTrainer(OwnTrainSampler, Trainer):
         super().__init__(model, *args, **kwargs)
         self.rational_lr = rational_lr
         self.bias_lr = bias_lr
-        self._bilevel = _Bilevel(self, bilevel_rows) if bilevel_rows else None
+        self.bilevel = Bilevel(self, bilevel_rows) if bilevel_rows else None
         self.group_by_length = group_by_length
         self.response_logits_only = response_logits_only and accepts_logits_mask(self.model)
 
@@ -135,8 +135,8 @@ class PedroTrainer(OwnTrainSampler, Trainer):
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """With bilevel: first the rational coefficients' step on a dev batch, then the usual step."""
-        if self._bilevel is not None:
-            self._bilevel.step(model)
+        if self.bilevel is not None:
+            self.bilevel.step(model)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -144,12 +144,12 @@ class PedroTrainer(OwnTrainSampler, Trainer):
         learning rate when one is given (the scheduler scales every group alike); with bilevel the rational
         coefficients are left out (their own optimizer steps them on dev batches)."""
         optimizer = super().create_optimizer(model)
-        rational_lr = None if self._bilevel is not None else self.rational_lr
+        rational_lr = None if self.bilevel is not None else self.rational_lr
         for key, lr, belongs in (
             ("pedro_rational", rational_lr, _is_rational),
             ("pedro_bias", self.bias_lr, _is_up_bias),
         ):
-            if (lr is None and not (key == "pedro_rational" and self._bilevel)) or any(
+            if (lr is None and not (key == "pedro_rational" and self.bilevel)) or any(
                 g.get(key) for g in optimizer.param_groups
             ):
                 continue
@@ -282,9 +282,14 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
-class _Bilevel:
+BILEVEL_STATE = "pedro-bilevel.pt"
+
+
+class Bilevel(TrainerCallback):
     """The alternating update of the papers (first-order DARTS): before each training step, one Adam step on the
-    rational coefficients alone, on the loss of the next dev batch at the current generator weights."""
+    rational coefficients alone, on the loss of the next dev batch at the current generator weights. Its own
+    optimizer, the dev batches' order and the place in it are saved with each checkpoint (``on_save``, before
+    the mark that completes the checkpoint) and restored with it, so a resumed run equals the unbroken one."""
 
     def __init__(self, trainer: PedroTrainer, rows: Sequence[dict[str, Any]]) -> None:
         self.trainer = trainer
@@ -304,7 +309,7 @@ class _Bilevel:
         batch = self.trainer.data_collator([self.rows[i] for i in picked])
         return {k: v.to(self.trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def step(self, model: nn.Module) -> None:
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         if self.optimizer is None:
             self.params = [p for n, p in model.named_parameters() if p.requires_grad and _is_rational(n)]
             if not self.params:
@@ -312,14 +317,38 @@ class _Bilevel:
             lr = self.trainer.rational_lr if self.trainer.rational_lr is not None else RATIONAL_LR
             # DARTS' architecture optimizer: Adam with beta1 0.5 and a small weight decay
             self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        return self.optimizer
+
+    def step(self, model: nn.Module) -> None:
+        optimizer = self._optimizer(model)
         with self.trainer.compute_loss_context_manager():
             loss = self.trainer.compute_loss(model, self._batch())
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         for p, g in zip(self.params, grads):
             p.grad = None if g is None else g.to(p.dtype)
-        self.optimizer.step()
+        optimizer.step()
         for p in self.params:
             p.grad = None
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
+        path = MarkCompleteCheckpoints._checkpoint(args, state)
+        if path.is_dir():
+            optimizer = None if self.optimizer is None else self.optimizer.state_dict()
+            torch.save(
+                {"optimizer": optimizer, "queue": self.queue, "order": self.order.getstate()}, path / BILEVEL_STATE
+            )
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        """A resumed run (Trainer has restored its state by now) takes up the checkpoint's bi-level state; a
+        checkpoint saved without one restarts the coefficients' moments and dev order."""
+        saved = MarkCompleteCheckpoints._checkpoint(args, state) / BILEVEL_STATE
+        if not state.global_step or not saved.is_file():
+            return
+        restored = torch.load(saved, weights_only=True)
+        self.queue, self.optimizer = list(restored["queue"]), None
+        self.order.setstate(restored["order"])
+        if restored["optimizer"] is not None:
+            self._optimizer(model if model is not None else self.trainer.model).load_state_dict(restored["optimizer"])
 
 
 class ProgressAndLog(TrainerCallback):
