@@ -177,6 +177,12 @@ class PedroTrainer(OwnTrainSampler, Trainer):
 COMPLETE = "pedro-checkpoint-complete"
 
 
+def checkpoint_path(args: Any, state: Any) -> Path:
+    """The folder Trainer saves the checkpoint of ``state``'s step in: each callback that adds to a checkpoint
+    writes there."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
 class MarkCompleteCheckpoints(TrainerCallback):
     """Marks each checkpoint complete once Trainer has written all of it (``on_save`` runs after the write). The
     mark records the training time spent up to that checkpoint, wall and CPU, so a run resumed from it reports
@@ -189,14 +195,10 @@ class MarkCompleteCheckpoints(TrainerCallback):
         self.start = (time.perf_counter(), time.process_time())
         self.resumed_at = 0  # the step training started from in this process
 
-    @staticmethod
-    def _checkpoint(args: Any, state: Any) -> Path:
-        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
         self.start = (time.perf_counter(), time.process_time())
         self.resumed_at = state.global_step  # Trainer has restored a resumed run's state by now
-        mark = self._checkpoint(args, state) / COMPLETE
+        mark = checkpoint_path(args, state) / COMPLETE
         if state.global_step and mark.is_file():
             try:  # a time the mark does not hold (an empty mark: written before marks held times) is unknown
                 recorded = json.loads(mark.read_text() or "{}")
@@ -213,7 +215,7 @@ class MarkCompleteCheckpoints(TrainerCallback):
         return None if before is None else before + time.process_time() - self.start[1]
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
-        path = self._checkpoint(args, state)
+        path = checkpoint_path(args, state)
         if path.is_dir():
             spent = {"train_seconds": self.seconds(), "train_cpu_seconds": self.cpu_seconds()}
             (path / COMPLETE).write_text(json.dumps({k: round(v, 3) for k, v in spent.items() if v is not None}))
@@ -331,7 +333,7 @@ class Bilevel(TrainerCallback):
             p.grad = None
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
-        path = MarkCompleteCheckpoints._checkpoint(args, state)
+        path = checkpoint_path(args, state)
         if path.is_dir():
             optimizer = None if self.optimizer is None else self.optimizer.state_dict()
             torch.save(
@@ -341,7 +343,7 @@ class Bilevel(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
         """A resumed run (Trainer has restored its state by now) takes up the checkpoint's bi-level state; a
         checkpoint saved without one restarts the coefficients' moments and dev order."""
-        saved = MarkCompleteCheckpoints._checkpoint(args, state) / BILEVEL_STATE
+        saved = checkpoint_path(args, state) / BILEVEL_STATE
         if not state.global_step or not saved.is_file():
             return
         restored = torch.load(saved, weights_only=True)
