@@ -182,6 +182,22 @@ def test_packed_linear_runs_the_packed_kernel(dtype, op):
             assert op in _ops_run(compat.packed_linear(big, None, rows=32), torch.randn(32, shape[1], dtype=dtype))
 
 
+def test_an_fp32_lm_head_runs_in_column_blocks_bit_for_bit():
+    """A vocabulary-sized fp32 product runs as F.linear over blocks of outputs for a full batch's rows (faster than
+    one MKL call over all columns on AMD CPUs): the same bits as F.linear, at that row count and any other."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(compat.HEAD_OUTPUTS + 100, 64), torch.randn(compat.HEAD_OUTPUTS + 100)
+    with torch.inference_mode():
+        for b in (None, bias):
+            layer = compat.packed_linear(weight, b, rows=32)
+            for rows in (1, 31, 32, 33):
+                x = torch.randn(rows, 64)
+                assert torch.equal(layer(x), F.linear(x, weight, b))
+            # the blocked path ran (this CPU's MKL sums each block alike), for the full batch only
+            assert "aten::cat" in _ops_run(layer, torch.randn(32, 64))
+            assert "aten::cat" not in _ops_run(layer, torch.randn(31, 64))
+
+
 def test_inexact_packed_linear_is_batch_invariant_and_within_rounding():
     """``exact=False`` (Engine(exact_gemms=False)): fp32 through oneDNN where it passes the checks, else the exact
     path. Either way a row's result does not depend on the other rows of the call (what keeps a request's tokens
