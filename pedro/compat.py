@@ -175,10 +175,8 @@ def packed_linear(
     kernel that disagrees on this machine, or that this CPU cannot run, is not used. The packed copy is made
     now: later changes to ``weight`` are not seen. Check ``can_pack_linear`` first.
 
-    An fp32 product with a vocabulary's worth of outputs (an LM head: ``HEAD_OUTPUTS`` or more) runs, for
-    inputs of ``rows`` rows, as ``F.linear`` over blocks of ``HEAD_BLOCK`` output columns, concatenated: on an
-    AMD CPU with AVX2 only, MKL's single call over SmolLM2's 49,152 columns takes 1.3-1.4x as long at 32 rows
-    (1 or 2 threads, packed or not), while each block computes the same sums (checked like the packed kernels).
+    An exact fp32 product with a vocabulary's worth of outputs (an LM head: ``HEAD_OUTPUTS`` or more) is not
+    packed but computed in column blocks (``_column_blocks``).
 
     ``exact=False``: fp32 through oneDNN too (any number of rows; on an AMD CPU with AVX2 only, 1.2-2.3x faster
     than MKL's packed sgemm at SmolLM2's shapes), whose sums are not bit for bit ``F.linear``'s. Kept only where
@@ -196,17 +194,7 @@ def packed_linear(
         return packed_linear(weight, bias, rows) if relaxed and can_pack_linear(weight) else plain
 
     if weight.dtype == torch.float32 and not relaxed and weight.shape[0] >= HEAD_OUTPUTS:
-        blocks = list(zip(weight.split(HEAD_BLOCK), bias.split(HEAD_BLOCK) if bias is not None else repeat(None)))
-
-        def head(x: torch.Tensor) -> torch.Tensor:
-            if x.numel() != rows * x.shape[-1]:
-                return plain(x)
-            return torch.cat([F.linear(x, w, b) for w, b in blocks], -1)
-
-        with torch.inference_mode():
-            probe = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
-            if torch.equal(head(probe), plain(probe)):
-                return head
+        return _column_blocks(weight, bias, rows)
 
     try:  # oneDNN's bf16 reorder refuses a CPU without AVX-512 (or AVX-NE-CONVERT): F.linear serves it there
         if weight.dtype == torch.bfloat16 or relaxed:
@@ -242,6 +230,32 @@ def packed_linear(
 
 # an exact fp32 product with at least HEAD_OUTPUTS outputs runs in blocks of HEAD_BLOCK outputs (packed_linear)
 HEAD_OUTPUTS, HEAD_BLOCK = 16384, 1024
+
+
+def _column_blocks(
+    weight: torch.Tensor, bias: torch.Tensor | None, rows: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``F.linear(x, weight, bias)`` as ``F.linear`` over blocks of ``HEAD_BLOCK`` output columns, concatenated,
+    for inputs of 2 to ``rows`` rows: on an AMD CPU with AVX2 only, MKL's single call over SmolLM2's 49,152
+    columns takes 1.3-1.4x as long at 2 to 32 rows (at one row its matrix-vector kernel is faster), while each
+    block sums each dot product as the single call does. Each row count's first input is computed both ways
+    and gets ``F.linear``'s result; a row count where the two differ keeps ``F.linear``."""
+    blocks = list(zip(weight.split(HEAD_BLOCK), bias.split(HEAD_BLOCK) if bias is not None else repeat(None)))
+    kept: dict[int, bool] = {}  # row count -> whether the blocks reproduced F.linear on its first input
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        n = x.numel() // x.shape[-1]
+        if not 2 <= n <= rows or kept.get(n) is False:
+            return F.linear(x, weight, bias)
+        out = torch.cat([F.linear(x, w, b) for w, b in blocks], -1)
+        if n not in kept:
+            reference = F.linear(x, weight, bias)
+            kept[n] = torch.equal(out, reference)
+            return reference
+        return out
+
+    return layer
+
 
 # per dtype: the torch.ops namespace, its reorder and linear ops, and the backend they need
 _PACKED_LINEAR = {

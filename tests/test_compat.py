@@ -183,19 +183,23 @@ def test_packed_linear_runs_the_packed_kernel(dtype, op):
 
 
 def test_an_fp32_lm_head_runs_in_column_blocks_bit_for_bit():
-    """A vocabulary-sized fp32 product runs as F.linear over blocks of outputs for a full batch's rows (faster than
-    one MKL call over all columns on AMD CPUs): the same bits as F.linear, at that row count and any other."""
+    """A vocabulary-sized fp32 product runs as F.linear over blocks of outputs for 2 to ``rows`` rows (faster than
+    one MKL call over all columns on AMD CPUs), each row count checked on its first input: the same bits as
+    F.linear at every row count, the first call and later ones."""
     torch.manual_seed(0)
     weight, bias = torch.randn(compat.HEAD_OUTPUTS + 100, 64), torch.randn(compat.HEAD_OUTPUTS + 100)
     with torch.inference_mode():
         for b in (None, bias):
             layer = compat.packed_linear(weight, b, rows=32)
-            for rows in (1, 31, 32, 33):
+            for rows in (1, 2, 17, 32, 33, 17, 32):
                 x = torch.randn(rows, 64)
                 assert torch.equal(layer(x), F.linear(x, weight, b))
-            # the blocked path ran (this CPU's MKL sums each block alike), for the full batch only
-            assert "aten::cat" in _ops_run(layer, torch.randn(32, 64))
-            assert "aten::cat" not in _ops_run(layer, torch.randn(31, 64))
+            # a row count's first input is checked, later ones run the blocks alone (this CPU's MKL sums each block
+            # alike); more rows than ``rows``: F.linear
+            first, later = _ops_run(layer, torch.randn(5, 64)), _ops_run(layer, torch.randn(5, 64))
+            assert {"aten::cat", "aten::equal"} <= first
+            assert "aten::cat" in later and "aten::equal" not in later
+            assert "aten::cat" not in _ops_run(layer, torch.randn(33, 64))
 
 
 def test_inexact_packed_linear_is_batch_invariant_and_within_rounding():
