@@ -156,11 +156,12 @@ def test_mixed_batch_token_identical_to_each_request_alone(dirs):
 
 def test_inexact_gemms_keep_each_request_independent_of_its_batch(dirs):
     """Engine(exact_gemms=False): fp32 products through oneDNN (not bit for bit F.linear, so no transformers
-    reference here), but a request's tokens are still those it gets alone, whatever shares its steps; and its
-    logits stay within rounding of the exact engine's."""
+    reference here; on a CPU it also runs q/k/v and gate/up as one GEMM each), but a request's tokens are still
+    those it gets alone, whatever shares its steps; and its logits stay within rounding of the exact engine's."""
     model = tiny_model("llama")
     fast = Engine(model, max_batch=6, max_seq_len=64, max_prefill_tokens=40, adapter_capacity=8, exact_gemms=False)
     exact = Engine(model, max_batch=6, max_seq_len=64, max_prefill_tokens=40, adapter_capacity=8)
+    assert fast.fuse_projections and not exact.fuse_projections
     plan = [("p-last", 5), ("lora-qv", 17), (None, 9), ("p-attn", 3), ("ia3", 14), ("p-shared", 11), ("p-last", 20)]
     for engine in (fast, exact):
         for name in {a for a, _ in plan if a}:

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from pedro.engine import Engine, Request, RequestError, SamplingParams
-from pedro.engine.sampling import adjust_logits, finite_rows, sample
+from pedro.engine.sampling import ARGMAX_BLOCK, adjust_logits, finite_rows, first_argmax, sample
 
 PROMPT = [3, 4, 5, 6, 5]
 
@@ -119,3 +119,24 @@ def test_non_finite_rows_are_found_and_finite_extremes_kept():
     tokens = sample(logits, greedy, [torch.Generator()] * 6, [None] * 6)
     assert tokens[1:4] == [None, None, None]
     assert tokens[0] == int(logits[0].argmax()) and tokens[4] == 0 and tokens[5] == 10
+
+
+@pytest.mark.parametrize("vocab", [ARGMAX_BLOCK - 1, 2 * ARGMAX_BLOCK, 3 * ARGMAX_BLOCK + 5, 49_152, 151_936])
+def test_first_argmax_is_the_first_maximum_in_blocked_and_short_vocabularies(vocab):
+    """Greedy decoding's argmax by blocks picks what ``max(-1).indices`` picks -- the first of tied maxima --
+    wherever the maximum sits: in a whole block, in the last short block, at the very last column, in
+    several blocks at once (the first block's copy wins), and in a row of -inf but one column."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-4, 4, (12, vocab), generator=generator).float()  # many ties at the maximum
+    logits[1, -1] = 9.0
+    logits[2, vocab - vocab % ARGMAX_BLOCK - 1] = 9.0
+    logits[3, [5, vocab - 1]] = 9.0
+    logits[4, [vocab // 2, vocab // 2 + 1, vocab - 2]] = 9.0
+    logits[5] = float("-inf")
+    logits[5, vocab // 3] = -1e30
+    logits[6] = -0.0
+    logits[6, vocab // 2] = 0.0
+    logits[7:] = torch.randn(5, vocab, generator=generator)
+    picked = first_argmax(logits)
+    assert picked.dtype == torch.long
+    assert picked.tolist() == logits.max(-1).indices.tolist()

@@ -113,8 +113,10 @@ class Engine:
     ``decode_graphs``: "auto" (a CUDA device replays decode steps from CUDA graphs, one per batch and width
     bucket; elsewhere steps run as they come), "off", or "padded" (the graphs' padded steps, run eagerly: on a
     CPU, the check of what a graph replays) -- decode_graphs.py.
-    ``fuse_projections``: run q/k/v and gate/up as one GEMM each (None: on an accelerator, where it is faster;
-    on a CPU their strided outputs made steps slower) -- runner.py.
+    ``fuse_projections``: run q/k/v and gate/up as one GEMM each (None: on an accelerator, where it is faster,
+    and on a CPU with ``exact_gemms=False`` in fp32, where oneDNN's wider products make a batch-32 decode step
+    1.07x faster at 2 threads; not on the exact path, where MKL's fused products run slower and, at prefill
+    row counts, differ in the last bits from one GEMM per module) -- runner.py.
     ``exact_gemms``: every linear layer's product bit for bit ``F.linear``'s, as transformers and PEFT compute
     it (the default). False: in fp32 on a CPU, oneDNN's packed GEMMs instead of MKL's, faster where MKL is
     slow (1.39x a decode step on an AMD CPU with AVX2 only, docs/engine.md), batch-invariant (a request's tokens
@@ -191,7 +193,9 @@ class Engine:
         self.device = next(backbone.parameters()).device
         cuda = self.device.type == "cuda"
         self.graph_mode = {"auto": "capture" if cuda else None, "off": None, "padded": "padded"}[decode_graphs]
-        self.fuse_projections = self.device.type != "cpu" if fuse_projections is None else fuse_projections
+        if fuse_projections is None:
+            fuse_projections = self.device.type != "cpu" or (not exact_gemms and self.dtype == torch.float32)
+        self.fuse_projections = fuse_projections
         self.exact_gemms = exact_gemms
         self.max_seq_len = max_seq_len
         self.spec = ModelSpec.of(backbone)

@@ -237,7 +237,7 @@ class ModelRunner:
         self.matmul_decode_attention = self.device.type == "cpu" and cache.k.dtype == torch.float32
         # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays; with
         # ``fuse``, q/k/v and gate/up one GEMM each, their own products kept for a step that scales their inputs
-        # apart (the engine fuses on an accelerator: docs/engine.md, GPU)
+        # apart (the engine fuses on an accelerator and in fp32 on the CPU's oneDNN path: docs/engine.md)
         rows_hint = cache.slots
         self.fused = [_fuse(layer, spec, rows_hint, exact_gemms) if fuse else {} for layer in layers]
         self.gemms = [

@@ -76,6 +76,28 @@ def finite_rows(logits: torch.Tensor) -> list[bool]:
     return finite
 
 
+ARGMAX_BLOCK = 1024  # columns per block of ``first_argmax``'s first pass
+
+
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.max(-1).indices`` (N, V) -> (N,): each row's first maximum, for rows without NaN. On a CPU the
+    index-returning reduction over a vocabulary takes ~7x as long as ``amax`` (32 x 49,152 fp32 at 2 threads:
+    1.8 against 0.25 ms), so ``amax`` finds each block of ARGMAX_BLOCK columns' maximum, the first block that
+    holds the row's maximum is picked among those (N, V / block), and the indices come from that block alone.
+    Exact: a maximum is a comparison, no rounding."""
+    rows, vocab = logits.shape
+    if vocab < 2 * ARGMAX_BLOCK:
+        return logits.max(-1).indices
+    whole = vocab - vocab % ARGMAX_BLOCK
+    block_max = logits[:, :whole].unflatten(-1, (-1, ARGMAX_BLOCK)).amax(-1)
+    if whole < vocab:  # the last, shorter block
+        block_max = torch.cat([block_max, logits[:, whole:].amax(-1, keepdim=True)], -1)
+    start = block_max.max(-1).indices * ARGMAX_BLOCK
+    # a block's columns; the last block's run past the vocabulary repeat its last column, after its first place
+    columns = (start[:, None] + torch.arange(ARGMAX_BLOCK, device=logits.device)).clamp_max_(vocab - 1)
+    return start + logits.gather(-1, columns).max(-1).indices
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator], histories: list[History]
 ) -> list[int | None]:
@@ -86,8 +108,7 @@ def sample(
         logits = logits.float().clone()
         for i in adjusted:
             logits[i] = adjust_logits(logits[i], params[i], histories[i])
-    # max's indices are argmax's (the first maximum) in about half argmax's time on the CPU
-    tokens: list[int | None] = [t if ok else None for t, ok in zip(logits.max(-1).indices.tolist(), finite)]
+    tokens: list[int | None] = [t if ok else None for t, ok in zip(first_argmax(logits).tolist(), finite)]
     sampled = [i for i, p in enumerate(params) if not p.greedy and finite[i]]
     if sampled:
         vocab = logits.shape[-1]
