@@ -31,6 +31,7 @@ from pedro.data import encode_prompt
 from pedro.engine.adapters import AdapterError, AdapterStore, ModelSpec, Registered
 from pedro.engine.decode_graphs import DecodeGraphs
 from pedro.engine.device import DeviceLike, canonical, upload
+from pedro.engine.host_memory import keep_freed_memory
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.request import (
     ADAPTER_LOAD_FAILED,
@@ -191,6 +192,8 @@ class Engine:
         self._decoder = _own_copy(tokenizer)
         self.dtype = next(backbone.parameters()).dtype
         self.device = next(backbone.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a prefill's intermediates reuse freed memory, not fresh pages (host_memory.py)
         cuda = self.device.type == "cuda"
         self.graph_mode = {"auto": "capture" if cuda else None, "off": None, "padded": "padded"}[decode_graphs]
         if fuse_projections is None:
