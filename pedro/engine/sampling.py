@@ -81,11 +81,11 @@ ARGMAX_BLOCK = 1024  # columns per block of ``first_argmax``'s first pass
 
 def first_argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.max(-1).indices`` (N, V) -> (N,): each row's first maximum, for rows without NaN. On a CPU the
-    index-returning reduction over a vocabulary takes ~7x as long as ``amax`` (32 x 49,152 fp32 at 2 threads:
-    1.8 against 0.25 ms), so ``amax`` finds each block of ARGMAX_BLOCK columns' maximum, the first block that
-    holds the row's maximum is picked among those (N, V / block), and the indices come from that block alone.
-    Exact: a maximum is a comparison, no rounding."""
-    rows, vocab = logits.shape
+    index-returning reduction over a vocabulary is slow (32 x 49,152 fp32 at 2 threads: ``max(-1)`` 1.7 ms,
+    ``amax`` 0.1 ms), so ``amax`` finds each block of ARGMAX_BLOCK columns' maximum, the first block that holds
+    the row's maximum is picked among those (N, V / block), and the indices come from that block alone: 0.4 ms
+    in all. Exact: a maximum is a comparison, no rounding."""
+    vocab = logits.shape[-1]
     if vocab < 2 * ARGMAX_BLOCK:
         return logits.max(-1).indices
     whole = vocab - vocab % ARGMAX_BLOCK
