@@ -41,6 +41,7 @@ __all__ = [
     "incompatible",
     "mlp_activation",
     "packed_linear",
+    "rms_norm",
     "rope_sin",
     "rotary_cos_sin",
     "rotate_half",
@@ -137,6 +138,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, rolled_sin: torch.Tensor) -> 
     roll where ``rotate_half`` takes two slices, a negation and a concatenation (about half the time of a
     decode step's RoPE at 32 rows on a CPU, where each small op costs its dispatch)."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * rolled_sin
+
+
+def rms_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``norm``'s forward as a plain function of the same ops, for the two RMSNorm forms transformers' supported
+    families use (LLaMA's ``weight * normed.to(dtype)``, Gemma's ``(normed * (1 + weight)).to(dtype)``, its
+    ``1 + weight`` made once): a module call and its dtype round trips cost ~30 us of a ~55 us norm at a decode
+    step's 32 rows, ~2 ms of a step over SmolLM2's 61 norms. Checked bit for bit against ``norm`` on random
+    inputs here; a module of another form, or one that disagrees, is returned as it is (the same numbers)."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return norm
+    eps_llama, eps_gemma = getattr(norm, "variance_epsilon", None), getattr(norm, "eps", None)
+    if isinstance(eps_llama, float):
+        eps = eps_llama
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            h = x.to(torch.float32)
+            return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    elif isinstance(eps_gemma, float) and type(norm).__name__.startswith("Gemma"):
+        eps, scale = eps_gemma, 1.0 + weight.detach().float()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            h = x.float()
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * scale).type_as(x)
+
+    else:
+        return norm
+    if weight.device.type == "meta":  # no values to check it on
+        return norm
+    with torch.no_grad():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(3, 5, weight.shape[-1], generator=g).mul_(4).to(weight.device, weight.dtype)
+        return fn if torch.equal(fn(x), norm(x)) else norm
 
 
 def mlp_activation(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -52,6 +52,54 @@ def test_a_changed_rotary_signature_is_refused_by_name():
         compat.check_rotary(tiny_model("llama").model.rotary_emb, per_layer_type=True)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_rms_norm_is_each_familys_norm_bit_for_bit(family):
+    layer = tiny_model(family).model.layers[0]
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    norms += [layer.self_attn.q_norm, layer.self_attn.k_norm] if family != "llama" else []
+    generator = torch.Generator().manual_seed(1)
+    for norm in norms:
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(norm.weight.shape, generator=generator))  # not the 1s / 0s of a fresh model
+        for dtype in (torch.float32, torch.bfloat16):
+            norm.to(dtype)
+            fn = compat.rms_norm(norm)
+            assert fn is not norm  # the module's own numbers through the plain function
+            for scale in (1e-3, 1.0, 300.0):
+                x = (torch.randn(7, 2, norm.weight.shape[-1], generator=generator) * scale).to(dtype)
+                assert torch.equal(fn(x), norm(x))
+
+
+def test_rms_norm_keeps_a_module_of_another_form():
+    class Shifted(nn.Module):  # LLaMA's attributes, another computation
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.weight * x / x.abs().amax(-1, keepdim=True)
+
+    shifted, layer_norm = Shifted(), nn.LayerNorm(8)
+    assert compat.rms_norm(shifted) is shifted
+    assert compat.rms_norm(layer_norm) is layer_norm
+    assert compat.rms_norm(nn.Identity()).__class__ is nn.Identity
+
+
+@pytest.mark.parametrize("shape", [(6, 2, 8, 5), (96, 3, 64, 150)])  # torch's own small-batch kernel; MKL's
+def test_a_power_of_two_alpha_on_baddbmm_is_the_scale_on_the_queries_bit_for_bit(shape):
+    """The engine's fp32 CPU decode attention scales the scores by a power-of-two head scale through baddbmm's
+    alpha (pedro.engine.runner); scaling the queries first, as transformers does, must give the same bits."""
+    batch, group, head_dim, width = shape
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(batch, group, head_dim, generator=generator)
+    keys = torch.randn(batch, width, head_dim, generator=generator)
+    mask = torch.zeros(batch, 1, width).masked_fill_(torch.rand(batch, 1, width, generator=generator) < 0.3, -torch.inf)
+    for scale in (1 / 4, 1 / 8, 1 / 16):
+        on_products = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=scale)
+        assert torch.equal(on_products, torch.bmm(q * scale, keys.transpose(1, 2)) + mask)
+
+
 def test_mlp_activation_is_the_backbones_own_and_its_absence_is_refused():
     mlp = tiny_model("llama").model.layers[0].mlp
     assert compat.mlp_activation(mlp) is mlp.act_fn

@@ -190,25 +190,32 @@ def test_inexact_gemms_keep_each_request_independent_of_its_batch(dirs):
             assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
 
 
-def test_decode_attention_as_matmuls_agrees_with_the_flash_kernel(dirs):
+@pytest.mark.parametrize("scaling", [None, 0.25])
+def test_decode_attention_as_matmuls_agrees_with_the_flash_kernel(dirs, scaling):
     """On a CPU in fp32 a decode step attends with two batched matmuls and a softmax (faster than the flash
     kernel at one query a row); the tokens are those the flash kernel gives and the logprobs agree to rounding.
-    bf16 keeps the flash kernel (its scores stay fp32)."""
+    The scale: the tiny model's 1/sqrt(8) on the queries; a power of two (SmolLM2's 1/8; here 1/4) on the
+    products, exact (tests/test_compat.py). bf16 keeps the flash kernel (its scores stay fp32)."""
     plan = [("p-last", 5), ("lora-qv", 17), (None, 9), ("p-attn", 3), ("ia3", 14)]
     sampling = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=1)
     outs = {}
-    for matmuls in (True, False):
+    for matmuls, on_products in ((False, False), (True, False), (True, True)):
+        if on_products and scaling is None:
+            continue
         engine = Engine(tiny_model("llama"), max_batch=6, max_seq_len=64, adapter_capacity=8)
-        assert engine.runner.matmul_decode_attention
-        engine.runner.matmul_decode_attention = matmuls
+        assert engine.runner.matmul_decode_attention and not engine.runner.exact_alpha  # 1/sqrt(8)
+        if scaling is not None:
+            engine.runner.scaling = scaling
+        engine.runner.matmul_decode_attention, engine.runner.exact_alpha = matmuls, on_products
         for name in {a for a, _ in plan if a}:
             engine.add_adapter(name, dirs[name])
-        outs[matmuls] = engine.generate(
+        outs[matmuls, on_products] = engine.generate(
             [Request(prompt(i, n), adapter=a, sampling=sampling) for i, (a, n) in enumerate(plan)]
         )
-    for a, b in zip(outs[True], outs[False]):
-        assert a.token_ids == b.token_ids
-        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+    for matmuls in outs.values():
+        for flash, row in zip(outs[False, False], matmuls):
+            assert flash.token_ids == row.token_ids
+            assert max(abs(x.logprob - y.logprob) for x, y in zip(flash.logprobs, row.logprobs)) < 1e-5
     bf16 = Engine(tiny_model("llama").to(torch.bfloat16), max_batch=2, max_seq_len=64)
     assert not bf16.runner.matmul_decode_attention
 

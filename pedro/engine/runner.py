@@ -19,6 +19,7 @@ resolved once at construction, so a LLaMA step pays only a few ``is None`` check
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,6 +34,7 @@ from pedro.compat import (
     check_rotary,
     mlp_activation,
     packed_linear,
+    rms_norm,
     rope_sin,
     rotary_cos_sin,
 )
@@ -82,15 +84,18 @@ def check_supported(model: PreTrainedModel, max_seq_len: int) -> None:
         raise ValueError(f"sliding-window attention ({window}) shorter than max_seq_len {max_seq_len} is not supported")
 
 
+_Norm = Callable[[torch.Tensor], torch.Tensor]  # a backbone's norm as the forward calls it (compat.rms_norm)
+
+
 @dataclass(frozen=True)
 class _Layer:
     """One decoder layer as the forward runs it: its norms (None where the family has none) and attention type."""
 
-    input_norm: nn.Module
-    qk_norms: tuple[nn.Module, nn.Module] | None  # on the query and key heads
-    attn_out_norm: nn.Module | None
-    mlp_in_norm: nn.Module
-    mlp_out_norm: nn.Module | None
+    input_norm: _Norm
+    qk_norms: tuple[_Norm, _Norm] | None  # on the query and key heads
+    attn_out_norm: _Norm | None
+    mlp_in_norm: _Norm
+    mlp_out_norm: _Norm | None
     rope: str | None  # key of this layer's (cos, sin): its layer type, None for one RoPE for all layers
     window: int | None  # sliding window (keys within ``window`` positions, itself included) or None: global
 
@@ -98,7 +103,10 @@ class _Layer:
     def of(cls, layer: nn.Module, index: int, family: LayerMap, config: Any) -> "_Layer":
         kind: str | None = config.layer_types[index] if family.layer_types else None
         window: int | None = config.sliding_window if kind == SLIDING else None
-        norm = layer.get_submodule
+
+        def norm(path: str) -> _Norm:
+            return rms_norm(layer.get_submodule(path))
+
         sandwich = family.sandwich_norms
         return cls(
             input_norm=norm("input_layernorm"),
@@ -212,7 +220,7 @@ class ModelRunner:
         family = layer_map(model)
         self.layers = [_Layer.of(layer, i, family, config) for i, layer in enumerate(layers)]
         self.embed_tokens: nn.Embedding = decoder.embed_tokens  # Gemma's embedding scales by sqrt(hidden_size) itself
-        self.final_norm: nn.Module = decoder.norm
+        self.final_norm = rms_norm(decoder.norm)
         self.rotary_emb: nn.Module = decoder.rotary_emb
         attn = layers[0].self_attn
         self.head_dim: int = attn.head_dim
@@ -235,6 +243,7 @@ class ModelRunner:
         # against 0.69 ms a layer). Not in bf16, where the scores would round to bf16 (the flash kernel keeps
         # them in fp32), nor on an accelerator, whose fused kernels do better
         self.matmul_decode_attention = self.device.type == "cpu" and cache.k.dtype == torch.float32
+        self.exact_alpha = math.frexp(self.scaling)[0] == 0.5  # a power of two: scaling a product is exact
         # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays; with
         # ``fuse``, q/k/v and gate/up one GEMM each, their own products kept for a step that scales their inputs
         # apart (the engine fuses on an accelerator and in fp32 on the CPU's oneDNN path: docs/engine.md)
@@ -605,7 +614,10 @@ class ModelRunner:
             masks[self.window] = masks[None] & (steps > lengths[:, None] - self.window).view(batch, 1, 1, width)
         if self.matmul_decode_attention:  # added to the scores: 0 where a key is attended, -inf where not
             masks = {
-                w: m.new_zeros(m.shape, dtype=self.cache.k.dtype).masked_fill_(~m, float("-inf"))
+                w: m.new_zeros(m.shape, dtype=self.cache.k.dtype)
+                .masked_fill_(~m, float("-inf"))
+                .expand(batch, self.n_kv, 1, width)
+                .reshape(batch * self.n_kv, 1, width)
                 for w, m in masks.items()
             }
         decode = _Decode(rows_index, lengths, masks, self.rows.lora_index[:batch])
@@ -628,10 +640,19 @@ class ModelRunner:
         self.cache.write_step(layer, k, v.view(batch, self.n_kv, self.head_dim), decode.rows_index, decode.positions)
         mask = decode.masks[parts.window]
         keys, values = self.cache.view(layer, batch, mask.shape[-1])
-        if self.matmul_decode_attention:
-            scores = torch.matmul(q * self.scaling, keys.transpose(-1, -2))  # (B, kv_heads, group, W)
-            scores += mask  # every row keeps its own token's key: never all masked
-            out = torch.matmul(torch.softmax(scores, -1), values)
+        if self.matmul_decode_attention:  # mask: (B * kv_heads, 1, W), added to the scores
+            # (B * kv_heads, group, hd) x (B * kv_heads, hd, W): the cache views' first two dimensions merge
+            # without a copy; a power-of-two scale is exact on the products, so it rides on baddbmm's alpha
+            width = mask.shape[-1]
+            q3 = q.reshape(batch * self.n_kv, self.group, self.head_dim)
+            alpha = self.scaling if self.exact_alpha else 1.0
+            scores = torch.baddbmm(
+                mask,
+                q3 if self.exact_alpha else q3 * self.scaling,
+                keys.reshape(-1, width, self.head_dim).transpose(1, 2),
+                alpha=alpha,
+            )  # every row keeps its own token's key: never all masked
+            out = torch.bmm(torch.softmax(scores, -1), values.reshape(-1, width, self.head_dim))
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
         return out.reshape(batch, -1)
