@@ -80,10 +80,8 @@ def test_rms_norm_keeps_a_module_of_another_form():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.weight * x / x.abs().amax(-1, keepdim=True)
 
-    shifted, layer_norm = Shifted(), nn.LayerNorm(8)
-    assert compat.rms_norm(shifted) is shifted
-    assert compat.rms_norm(layer_norm) is layer_norm
-    assert compat.rms_norm(nn.Identity()).__class__ is nn.Identity
+    for module in (Shifted(), nn.LayerNorm(8), nn.Identity()):
+        assert compat.rms_norm(module) is module
 
 
 @pytest.mark.parametrize("shape", [(6, 2, 8, 5), (96, 3, 64, 150)])  # torch's own small-batch kernel; MKL's
