@@ -6,13 +6,23 @@ token ids, the same PEFT LoRA directories (r=8 on q,v), one batch of all prompts
 generating exactly ``--new-tokens`` (``ignore_eos``). vLLM runs in its own virtual environment (its torch and
 transformers pins differ from pedro's) as a child process driven over a pipe (benchmarks/vllm_peer.py); its
 LoRA slots are limited to the adapters' target module (``qkv_proj``: q and v live there), its best
-configuration for these adapters, and its bare runs use an instance without LoRA. Runs are interleaved repeat
-by repeat and each ratio is taken within one repeat, then the median over repeats.
+configuration for these adapters, and its bare runs use an instance without LoRA. pedro's side has one
+engine per configuration too. Each ratio is taken within one repeat, then the median over repeats.
 
-Each configuration is timed twice per repeat: generating ``--new-tokens`` (end to end, prefill included) and
-generating one token (the prefill); decode tok/s is ``batch * (new_tokens - 1)`` over the difference. The
-greedy tokens of the two bare engines are compared as a check that both run the same model (their arithmetic
-differs, so agreement is high, not total).
+Two measurements, both side by side:
+
+* **Sequential**: each configuration generates the whole batch in turn (the order rotated every repeat), timed
+  twice: generating ``--new-tokens`` (end to end, prefill included) and generating one token (the prefill);
+  decode tok/s is ``batch * (new_tokens - 1)`` over the difference.
+* **Lockstep**: every configuration generates the batch *step for step* with the others: one engine step of
+  each in turn, the order rotated every round, each step timed by its own engine's process. A slow stretch of
+  a shared host then hits every engine's step of that round alike, where sequential runs, tens of seconds
+  apart, each meet a different stretch (on the 2-core host of docs/engine.md one configuration's identical
+  runs swing by 10 %). A step counts as prefill until every request of its engine has its first token, as
+  decode after.
+
+The greedy tokens of the two bare engines are compared as a check that both run the same model (their
+arithmetic differs, so agreement is high, not total).
 
     python benchmarks/multitenant.py --peer vllm --vllm-python /path/to/vllm-venv/bin/python
 """
@@ -29,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 
@@ -68,13 +78,23 @@ class VllmPeer:
             raise RuntimeError(f"the vLLM process stopped (exit {self.process.wait()}); its log: {self.log.name}")
         return json.loads(line)
 
-    def generate(self, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> tuple[float, list]:
+    def _ask(self, command: dict[str, Any]) -> dict[str, Any]:
         assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"prompts": prompts, "adapters": adapters, "max_tokens": max_tokens}))
-        self.process.stdin.write("\n")
+        self.process.stdin.write(json.dumps(command) + "\n")
         self.process.stdin.flush()
-        answer = self._read()
+        return self._read()
+
+    def generate(self, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> tuple[float, list]:
+        answer = self._ask({"prompts": prompts, "adapters": adapters, "max_tokens": max_tokens})
         return answer["seconds"], answer["tokens"]
+
+    def start(self, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> None:
+        self._ask({"add": {"prompts": prompts, "adapters": adapters, "max_tokens": max_tokens}})
+
+    def step(self) -> tuple[float, int, bool]:
+        """One engine step -> (its seconds, requests with a token so far, whether all have finished)."""
+        answer = self._ask({"step": True})
+        return answer["seconds"], answer["started"], answer["done"]
 
     def close(self) -> None:
         if self.process.stdin:
@@ -86,17 +106,89 @@ class VllmPeer:
         self.log.close()
 
 
-def pedro_generate(
-    engine: Engine, prompts: list[list[int]], adapters: list[str | None], max_tokens: int
-) -> tuple[float, list]:
-    sampling = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    outs = engine.generate([Request(p, adapter=a, sampling=sampling) for p, a in zip(prompts, adapters)])
-    seconds = time.perf_counter() - start
-    errors = [o.error for o in outs if o.error]
-    if errors:
-        raise RuntimeError(errors[0])
-    return seconds, [list(o.token_ids) for o in outs]
+class PedroSteps:
+    """One pedro engine, driven as ``VllmPeer`` drives vLLM: a whole batch (``generate``), or one ``step()`` at a
+    time (``start``, ``step``)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.started: set[str] = set()
+
+    def generate(self, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> tuple[float, list]:
+        sampling = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        outs = self.engine.generate([Request(p, adapter=a, sampling=sampling) for p, a in zip(prompts, adapters)])
+        seconds = time.perf_counter() - start
+        errors = [o.error for o in outs if o.error]
+        if errors:
+            raise RuntimeError(errors[0])
+        return seconds, [list(o.token_ids) for o in outs]
+
+    def start(self, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> None:
+        sampling = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
+        self.started = set()
+        for prompt, adapter in zip(prompts, adapters):
+            self.engine.add_request(Request(prompt, adapter=adapter, sampling=sampling))
+
+    def step(self) -> tuple[float, int, bool]:
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        seconds = time.perf_counter() - start
+        for output in outputs:
+            if output.error:
+                raise RuntimeError(output.error)
+            if output.token_ids:
+                self.started.add(output.request_id)
+        return seconds, len(self.started), not self.engine.has_unfinished()
+
+
+Stepper = Union[VllmPeer, PedroSteps]
+
+
+def run_lockstep(
+    steppers: dict[str, Stepper], prompts: list[list[int]], adapters: dict[str, list[str | None]], new_tokens: int
+) -> dict[str, dict[str, float]]:
+    """Every configuration generates ``prompts`` step for step with the others (module docstring) -> per
+    configuration the same entries as a sequential run's."""
+    names = list(steppers)
+    for name in names:
+        steppers[name].start(prompts, adapters[name], new_tokens)
+    spent = {name: {"prefill_s": 0.0, "decode_s": 0.0} for name in names}
+    started = dict.fromkeys(names, 0)
+    active = set(names)
+    turn = 0
+    while active:
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            if name in active:
+                seconds, now_started, done = steppers[name].step()
+                spent[name]["decode_s" if started[name] == len(prompts) else "prefill_s"] += seconds
+                started[name] = now_started
+                if done:
+                    active.discard(name)
+        turn += 1
+    batch = len(prompts)
+    return {
+        name: {
+            "end_to_end_tok_s": batch * new_tokens / (s["prefill_s"] + s["decode_s"]),
+            "decode_tok_s": batch * (new_tokens - 1) / max(1e-9, s["decode_s"]),
+            "prefill_s": s["prefill_s"],
+            "total_s": s["prefill_s"] + s["decode_s"],
+        }
+        for name, s in spent.items()
+    }
+
+
+def summarise(measured: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Medians over repeats, and the medians of each repeat's ratios to vLLM's bare and LoRA runs."""
+    summary: dict[str, dict[str, float]] = {}
+    for name, entries in measured.items():
+        summary[name] = {key: statistics.median(e[key] for e in entries) for key in entries[0]}
+        for key in ("end_to_end_tok_s", "decode_tok_s"):
+            for peer, label in (("vllm:bare", "vllm_bare"), ("vllm:lora", "vllm_lora")):
+                summary[name][f"{key}_vs_{label}"] = statistics.median(
+                    e[key] / v[key] for e, v in zip(entries, measured[peer])
+                )
+    return summary
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -128,18 +220,26 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
     low = min(100, vocab // 2)  # past the special tokens on a real vocabulary
     prompts = [[rng.randrange(low, vocab) for _ in range(args.prompt_len)] for _ in range(args.batch)]
     max_len = args.prompt_len + args.new_tokens + 8
-    engine = Engine(
-        model,
-        tokenizer,
-        max_batch=args.batch,
-        max_seq_len=max_len,
-        adapter_capacity=2 * args.batch,
-        exact_gemms=not args.fast_gemms,
-    )
-    for method in ("lora_r8_qv", "pedro"):
-        for i, path in enumerate(paths[method]):
-            engine.add_adapter(f"{method}-{i}", path)
-    lora_paths = [str(p) for p in paths["lora_r8_qv"]]
+    engines: dict[str, Engine] = {}
+    for kind, method in (("bare", None), ("lora", "lora_r8_qv"), ("pedro", "pedro")):
+        engine = Engine(
+            model,
+            tokenizer,
+            max_batch=args.batch,
+            max_seq_len=max_len,
+            adapter_capacity=args.batch,
+            exact_gemms=not args.fast_gemms,
+        )
+        for i, path in enumerate(paths[method] if method else ()):
+            engine.add_adapter(f"{kind}-{i}", path)
+        engines[kind] = engine
+    adapters: dict[str, list[str | None]] = {
+        "pedro:bare": [None] * args.batch,
+        "vllm:bare": [None] * args.batch,
+        "pedro:lora": [f"lora-{i}" for i in range(args.batch)],
+        "vllm:lora": [str(p) for p in paths["lora_r8_qv"]],
+        "pedro:pedro": [f"pedro-{i}" for i in range(args.batch)],
+    }
     base_spec = {"model": str(model_dir), "dtype": dtype_name, "max_num_seqs": args.batch, "max_model_len": max_len}
     vllm_log = Path(args.out).with_suffix(".vllm.log")  # kept beside the report: the work folder is not
     vllm_log.parent.mkdir(parents=True, exist_ok=True)
@@ -154,22 +254,30 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
             vllm_log,
         ),
     }
-    runs: dict[str, Callable[[int], tuple[float, list]]] = {
-        "pedro:bare": lambda n: pedro_generate(engine, prompts, [None] * args.batch, n),
-        "vllm:bare": lambda n: peers["vllm:bare"].generate(prompts, [None] * args.batch, n),
-        "pedro:lora": lambda n: pedro_generate(engine, prompts, [f"lora_r8_qv-{i}" for i in range(args.batch)], n),
-        "vllm:lora": lambda n: peers["vllm:lora"].generate(prompts, lora_paths, n),
-        "pedro:pedro": lambda n: pedro_generate(engine, prompts, [f"pedro-{i}" for i in range(args.batch)], n),
+    steppers: dict[str, Stepper] = {
+        "pedro:bare": PedroSteps(engines["bare"]),
+        "vllm:bare": peers["vllm:bare"],
+        "pedro:lora": PedroSteps(engines["lora"]),
+        "vllm:lora": peers["vllm:lora"],
+        "pedro:pedro": PedroSteps(engines["pedro"]),
     }
+
+    def generation(name: str) -> Callable[[int], tuple[float, list]]:
+        return lambda n: steppers[name].generate(prompts, adapters[name], n)
+
+    runs = {name: generation(name) for name in steppers}
     for name, run in runs.items():  # warm-up: compiled kernels, resident adapters, committed cache pages
         run(args.new_tokens)
         log(f"warmed up {name}")
     measured: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    lockstep: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     tokens: dict[str, list] = {}
     started = time.perf_counter()
+    names = list(runs)
     try:
         for rep in range(args.repeats):
-            for name, run in runs.items():
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                run = runs[name]
                 full, tokens[name] = run(args.new_tokens)
                 prefill, _ = run(1)
                 entry = {
@@ -183,19 +291,17 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
                     f"[rep {rep}] {name:<14} end-to-end {entry['end_to_end_tok_s']:7.1f} tok/s  decode "
                     f"{entry['decode_tok_s']:7.1f} tok/s  prefill {prefill:5.2f} s  ({time.perf_counter() - started:.0f}s)"
                 )
+        for rep in range(args.lockstep_repeats):
+            for name, entry in run_lockstep(steppers, prompts, adapters, args.new_tokens).items():
+                lockstep[name].append(entry)
+                log(
+                    f"[lockstep {rep}] {name:<14} end-to-end {entry['end_to_end_tok_s']:7.1f} tok/s  decode "
+                    f"{entry['decode_tok_s']:7.1f} tok/s  prefill {entry['prefill_s']:5.2f} s  "
+                    f"({time.perf_counter() - started:.0f}s)"
+                )
     finally:
         for peer in peers.values():
             peer.close()
-    summary: dict[str, dict[str, float]] = {}
-    for name, entries in measured.items():
-        summary[name] = {key: statistics.median(e[key] for e in entries) for key in entries[0]}
-        for key in ("end_to_end_tok_s", "decode_tok_s"):
-            summary[name][f"{key}_vs_vllm_bare"] = statistics.median(
-                e[key] / v[key] for e, v in zip(entries, measured["vllm:bare"])
-            )
-            summary[name][f"{key}_vs_vllm_lora"] = statistics.median(
-                e[key] / v[key] for e, v in zip(entries, measured["vllm:lora"])
-            )
     vllm_version = subprocess.run(
         [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True
     ).stdout.strip()
@@ -207,6 +313,7 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
+            "lockstep_repeats": args.lockstep_repeats,
             "threads": args.threads,
             "pedro_gemms": "exact (F.linear)" if engine.exact_gemms else "fast (oneDNN fp32 where it checks out)",
             "lora": "PEFT r=8 on q_proj, v_proj, one per row (vLLM: max_loras=batch, target_modules=[qkv_proj])",
@@ -221,7 +328,9 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
         },
         "bare_token_agreement": agreement(tokens["pedro:bare"], tokens["vllm:bare"]),
         "runs": measured,
-        "summary": summary,
+        "summary": summarise(measured),
+        "lockstep_runs": lockstep,
+        "lockstep": summarise(lockstep) if args.lockstep_repeats else {},
         "wall_s": time.perf_counter() - started,
     }
 
@@ -239,21 +348,37 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{s['backbone']} in {s['dtype']}, pedro's GEMMs {s['pedro_gemms']}, batch {s['batch']}, prompts of {s['prompt_len']} token ids, {s['new_tokens']} new "
         f"tokens each (greedy, ignore_eos), {s['threads']} threads for each engine's model work, vLLM "
-        f"{result['machine']['vllm']} (CPU build) in its own environment, runs interleaved, medians of "
-        f"{s['repeats']} repeats (ratios taken within a repeat). LoRA: {s['lora']}. Greedy tokens of the two "
-        f"bare engines agree on {100 * result['bare_token_agreement']:.1f} % of each stream (their arithmetic "
-        "differs).",
-        "",
-        "| engine : adapters (one per row, all distinct) | end-to-end tok/s | decode tok/s | prefill s "
-        f"| end-to-end vs vLLM bare | decode vs vLLM bare | end-to-end vs vLLM {s['batch']} LoRAs |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"{result['machine']['vllm']} (CPU build) in its own environment, its engine core in the driver's "
+        f"process. LoRA: {s['lora']}. Greedy tokens of the two bare engines agree on "
+        f"{100 * result['bare_token_agreement']:.1f} % of each stream (their arithmetic differs).",
     ]
-    for name, r in result["summary"].items():
-        lines.append(
-            f"| {name} | {r['end_to_end_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['prefill_s']:.2f} | "
-            f"{r['end_to_end_tok_s_vs_vllm_bare']:.2f}x | {r['decode_tok_s_vs_vllm_bare']:.2f}x | "
-            f"{r['end_to_end_tok_s_vs_vllm_lora']:.2f}x |"
+    tables = [("summary", "Sequential", s["repeats"], "Each configuration in turn, the order rotated every repeat")]
+    if result.get("lockstep"):
+        tables.append(
+            (
+                "lockstep",
+                "Lockstep",
+                s["lockstep_repeats"],
+                "One engine step of each configuration in turn, the order rotated every round",
+            )
         )
+    for key, title, repeats, how in tables:
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            f"{how}; medians of {repeats} repeats (ratios taken within a repeat).",
+            "",
+            "| engine : adapters (one per row, all distinct) | end-to-end tok/s | decode tok/s | prefill s "
+            f"| end-to-end vs vLLM bare | decode vs vLLM bare | end-to-end vs vLLM {s['batch']} LoRAs |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in result[key].items():
+            lines.append(
+                f"| {name} | {r['end_to_end_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['prefill_s']:.2f} | "
+                f"{r['end_to_end_tok_s_vs_vllm_bare']:.2f}x | {r['decode_tok_s_vs_vllm_bare']:.2f}x | "
+                f"{r['end_to_end_tok_s_vs_vllm_lora']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -263,12 +388,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(result["summary"])
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.barh(names, [result["summary"][n]["end_to_end_tok_s"] for n in names], color="#4c72b0")
-    ax.barh(names, [result["summary"][n]["decode_tok_s"] for n in names], color="none", edgecolor="k", hatch="//")
-    ax.set_xlabel("tokens/s (solid: end to end, hatched outline: decode)")
-    ax.invert_yaxis()
+    panels = [(key, title) for key, title in (("summary", "sequential"), ("lockstep", "lockstep")) if result.get(key)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.2), sharey=True, squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        names = list(result[key])
+        ax.barh(names, [result[key][n]["end_to_end_tok_s"] for n in names], color="#4c72b0")
+        ax.barh(names, [result[key][n]["decode_tok_s"] for n in names], color="none", edgecolor="k", hatch="//")
+        ax.set_title(title)
+        ax.set_xlabel("tokens/s (solid: end to end, hatched: decode)")
+    axes[0][0].invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -288,7 +416,8 @@ def run(argv: list[str]) -> dict[str, Any] | None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="sequential repeats")
+    parser.add_argument("--lockstep-repeats", type=int, default=3, help="lockstep repeats (0: none)")
     parser.add_argument("--threads", type=int, default=2, help="threads for each engine's model work")
     parser.add_argument(
         "--dtype",

@@ -6,6 +6,16 @@ from pedro. It loads the model once, then answers one JSON command per stdin lin
     {"prompts": [[ids...], ...], "adapters": [path | null, ...], "max_tokens": 128}
     -> {"seconds": wall time of the generate call, "tokens": [[generated ids], ...]}
 
+or, to run in lockstep with other engines, one engine step at a time:
+
+    {"add": {"prompts": ..., "adapters": ..., "max_tokens": ...}} -> {"requests": n}
+    {"step": true} -> {"seconds": wall time of one LLMEngine.step(), "started": requests with a token so far,
+                       "done": whether all have finished, "tokens": [[generated ids], ...] once done}
+
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so that one ``step()`` is one
+scheduled forward; vLLM's default puts it in a second process, which was no faster on the 2-core host the
+benchmark was measured on (docs/engine.md, "vLLM as a peer").
+
 Every request is greedy with ``ignore_eos``, so both engines generate exactly ``max_tokens`` per prompt. The
 first line of argv is a JSON spec: {"model": dir, "dtype": "bfloat16" | "float32", "max_num_seqs": n,
 "max_model_len": n, "lora": {"max_loras": n, "max_lora_rank": r, "target_modules": [...]} | null}.
@@ -25,6 +35,7 @@ def main() -> None:
     # workers') goes to stderr
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
@@ -49,21 +60,48 @@ def main() -> None:
     )
     ids: dict[str, int] = {}
     print(json.dumps({"ready": True}), file=answers, flush=True)
-    for line in sys.stdin:
-        command = json.loads(line)
+
+    def requests(command: dict) -> tuple[list, SamplingParams, list | None]:
         sampling = SamplingParams(max_tokens=command["max_tokens"], temperature=0.0, ignore_eos=True)
         prompts = [TokensPrompt(prompt_token_ids=p) for p in command["prompts"]]
-        requests = None
-        if any(command["adapters"]):
-            requests = [
-                LoRARequest(path, ids.setdefault(path, len(ids) + 1), path) if path else None
-                for path in command["adapters"]
-            ]
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, sampling, lora_request=requests, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        tokens = [list(o.outputs[0].token_ids) for o in outputs]
-        print(json.dumps({"seconds": seconds, "tokens": tokens}), file=answers, flush=True)
+        if not any(command["adapters"]):
+            return prompts, sampling, None
+        loras = [
+            LoRARequest(path, ids.setdefault(path, len(ids) + 1), path) if path else None
+            for path in command["adapters"]
+        ]
+        return prompts, sampling, loras
+
+    engine = llm.llm_engine
+    stepped: list[list[int]] = []  # the lockstep requests' tokens so far, in prompt order
+    index: dict[str, int] = {}  # their ids (ours, and vLLM's own with its random suffix) -> prompt
+    for line in sys.stdin:
+        command = json.loads(line)
+        if "add" in command:
+            prompts, sampling, loras = requests(command["add"])
+            stepped, index = [[] for _ in prompts], {}
+            for i, prompt in enumerate(prompts):
+                index[f"lockstep-{i}"] = i
+                rid = engine.add_request(f"lockstep-{i}", prompt, sampling, lora_request=loras[i] if loras else None)
+                index[rid] = i
+            answer: dict = {"requests": len(stepped)}
+        elif "step" in command:
+            start = time.perf_counter()
+            outputs = engine.step()
+            seconds = time.perf_counter() - start
+            for o in outputs:
+                stepped[index[o.request_id]] = list(o.outputs[0].token_ids)
+            done = not engine.has_unfinished_requests()
+            answer = {"seconds": seconds, "started": sum(1 for t in stepped if t), "done": done}
+            if done:
+                answer["tokens"] = stepped
+        else:
+            prompts, sampling, loras = requests(command)
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, sampling, lora_request=loras, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            answer = {"seconds": seconds, "tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+        print(json.dumps(answer), file=answers, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`pedro bench multitenant --peer vllm` (benchmarks/peer.py): skipped with a message naming what is missing when
 there is no vLLM environment, and, driven against a stand-in ``vllm`` package on a tiny model, the whole protocol:
 one child process per vLLM configuration, each fed the same token-id prompts and LoRA directories as pedro's
-engine, interleaved repeats, and the report's ratios and token agreement computed from what each side returned."""
+engine, sequential repeats and lockstep ones (one engine step at a time), and the report's ratios and token
+agreement computed from what each side returned."""
 
 from __future__ import annotations
 
@@ -30,8 +31,36 @@ class _Completion:
         self.token_ids = ids
 
 class _Output:
-    def __init__(self, ids):
+    def __init__(self, ids, request_id=None):
         self.outputs = [_Completion(ids)]
+        self.request_id = request_id
+
+def _record(entry):
+    with open(os.environ["FAKE_VLLM_LOG"], "a") as log:
+        log.write(json.dumps(entry) + "\\n")
+
+# LLMEngine's stepping API: each step() gives every unfinished request one more token (its first step is its
+# prefill); outputs carry vLLM's own request id, the caller's with a random suffix
+class _Engine:
+
+    def __init__(self):
+        self.requests = []
+
+    def add_request(self, request_id, prompt, params, lora_request=None):
+        _record({"lockstep": True, "request": lora_request and lora_request.lora_path, "max_tokens": params.max_tokens})
+        self.requests.append([request_id + "-5eed1e55", prompt["prompt_token_ids"][0], params.max_tokens, 0])
+        return request_id + "-5eed1e55"
+
+    def step(self):
+        outputs = []
+        for r in self.requests:
+            if r[3] < r[2]:
+                r[3] += 1
+                outputs.append(_Output([r[1]] * r[3], r[0]))
+        return outputs[::-1]  # in no particular order
+
+    def has_unfinished_requests(self):
+        return any(r[3] < r[2] for r in self.requests)
 
 class LLM:
     def __init__(self, model, dtype, max_num_seqs, max_model_len, seed, **lora):
@@ -40,6 +69,8 @@ class LLM:
         with open(os.path.join(model, "config.json")) as f:
             saved = json.load(f)
         self.saved = saved.get("dtype", saved.get("torch_dtype"))  # what the weights vLLM loads are
+        self.llm_engine = _Engine()
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # one step() is one forward, in this process
 
     def generate(self, prompts, sampling, lora_request=None, use_tqdm=True):
         paths = [r and r.lora_path for r in lora_request or []]
@@ -47,9 +78,8 @@ class LLM:
         for path in paths:
             with open(os.path.join(path, "adapter_config.json")) as f:
                 targets.append(sorted(json.load(f)["target_modules"]))
-        with open(os.environ["FAKE_VLLM_LOG"], "a") as log:
-            log.write(json.dumps({"lora": self.lora, "dtype": self.dtype, "saved": self.saved, "requests": paths,
-                                  "targets": targets, "max_tokens": sampling.max_tokens}) + "\\n")
+        _record({"lora": self.lora, "dtype": self.dtype, "saved": self.saved, "requests": paths, "targets": targets,
+                 "max_tokens": sampling.max_tokens})
         return [_Output([p["prompt_token_ids"][0]] * sampling.max_tokens) for p in prompts]
 """
 
@@ -88,7 +118,8 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(_fake_vllm(tmp_path / "fake")), FAKE_VLLM_LOG=str(log), TMPDIR=str(scratch))
     out = tmp_path / "peer"
     args = ["--peer", "vllm", "--vllm-python", sys.executable, "--backbone", str(tiny_llama_dir)]
-    args += ["--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "2", "--threads", "1"]
+    args += ["--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "2", "--lockstep-repeats", "2"]
+    args += ["--threads", "1"]
     args += ["--dtype", "float32", "--fast-gemms"]  # what a CPU without native bf16 runs best
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "multitenant.py"), *args, "--out", str(out)],
@@ -103,15 +134,27 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     assert result["setup"]["dtype"] == "float32"
     assert result["setup"]["pedro_gemms"].startswith("fast") and "GEMMs fast" in out.with_suffix(".md").read_text()
     names = ["pedro:bare", "vllm:bare", "pedro:lora", "vllm:lora", "pedro:pedro"]
-    assert list(result["summary"]) == names and all(len(result["runs"][n]) == 2 for n in names)
-    for name in names:
-        for run in result["runs"][name]:
-            assert run["end_to_end_tok_s"] == 3 * 4 / run["total_s"]
-    vllm_bare = result["summary"]["vllm:bare"]
-    assert vllm_bare["end_to_end_tok_s_vs_vllm_bare"] == 1.0
+    for runs, summary in (("runs", "summary"), ("lockstep_runs", "lockstep")):
+        assert list(result[summary]) == names and all(len(result[runs][n]) == 2 for n in names)
+        for name in names:
+            for run in result[runs][name]:
+                assert run["end_to_end_tok_s"] == 3 * 4 / run["total_s"]
+                assert 0 < run["prefill_s"] < run["total_s"]
+                if runs == "lockstep_runs":  # a step is decode once every request has its first token
+                    decode_s = run["total_s"] - run["prefill_s"]
+                    assert abs(run["decode_tok_s"] - 3 * 3 / decode_s) < 1e-6 * run["decode_tok_s"]
+        assert result[summary]["vllm:bare"]["end_to_end_tok_s_vs_vllm_bare"] == 1.0
+        assert result[summary]["vllm:lora"]["decode_tok_s_vs_vllm_lora"] == 1.0
+    report = out.with_suffix(".md").read_text()
+    assert "## Sequential" in report and "## Lockstep" in report
     # the stand-in repeats each prompt's first token: a real model's greedy tokens agree with it only by chance
     assert 0.0 <= result["bare_token_agreement"] < 1.0
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [c for c in logged if not c.get("lockstep")]
+    stepped = [c for c in logged if c.get("lockstep")]
+    # per lockstep repeat, each vLLM instance is given the batch once: 3 requests, bare and with a LoRA each
+    assert len(stepped) == 2 * 2 * 3 and {c["max_tokens"] for c in stepped} == {4}
+    assert sum(c["request"] is None for c in stepped) == 2 * 3 and len({c["request"] for c in stepped}) == 1 + 3
     bare = [c for c in calls if not c["lora"]]
     lora = [c for c in calls if c["lora"]]
     # warm-up + (full, one-token) per repeat, for each configuration, each in its own vLLM instance
@@ -128,7 +171,7 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     }
     assert len(set(lora[0]["requests"])) == 3
     assert lora[0]["targets"] == [["q_proj", "v_proj"]] * 3  # PEFT LoRA folders, r=8 on q and v
-    assert "pedro:pedro" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
+    assert "pedro:pedro" in report and out.with_suffix(".png").is_file()
     assert out.with_suffix(".vllm.log").is_file() and not list(scratch.iterdir())
 
 
