@@ -19,7 +19,7 @@ Two measurements, both side by side:
   a shared host then hits every engine's step of that round alike, where sequential runs, tens of seconds
   apart, each meet a different stretch (on the 2-core host of docs/engine.md one configuration's identical
   runs swing by 10 %). A step counts as prefill until every request of its engine has its first token, as
-  decode after.
+  decode after. Each repeat's first round (the prefills) starts with the next configuration.
 
 The greedy tokens of the two bare engines are compared as a check that both run the same model (their
 arithmetic differs, so agreement is high, not total).
@@ -146,9 +146,14 @@ Stepper = Union[VllmPeer, PedroSteps]
 
 
 def run_lockstep(
-    steppers: dict[str, Stepper], prompts: list[list[int]], adapters: dict[str, list[str | None]], new_tokens: int
+    steppers: dict[str, Stepper],
+    prompts: list[list[int]],
+    adapters: dict[str, list[str | None]],
+    new_tokens: int,
+    first: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Every configuration generates ``prompts`` step for step with the others (module docstring) -> per
+    """Every configuration generates ``prompts`` step for step with the others (module docstring), the
+    ``first``-th of them stepping first in the first round (where every engine runs its prefill) -> per
     configuration the same entries as a sequential run's."""
     names = list(steppers)
     for name in names:
@@ -156,7 +161,7 @@ def run_lockstep(
     spent = {name: {"prefill_s": 0.0, "decode_s": 0.0} for name in names}
     started = dict.fromkeys(names, 0)
     active = set(names)
-    turn = 0
+    turn = first
     while active:
         for name in names[turn % len(names) :] + names[: turn % len(names)]:
             if name in active:
@@ -292,7 +297,7 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
                     f"{entry['decode_tok_s']:7.1f} tok/s  prefill {prefill:5.2f} s  ({time.perf_counter() - started:.0f}s)"
                 )
         for rep in range(args.lockstep_repeats):
-            for name, entry in run_lockstep(steppers, prompts, adapters, args.new_tokens).items():
+            for name, entry in run_lockstep(steppers, prompts, adapters, args.new_tokens, first=rep).items():
                 lockstep[name].append(entry)
                 log(
                     f"[lockstep {rep}] {name:<14} end-to-end {entry['end_to_end_tok_s']:7.1f} tok/s  decode "
@@ -417,7 +422,12 @@ def run(argv: list[str]) -> dict[str, Any] | None:
     parser.add_argument("--prompt-len", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="sequential repeats")
-    parser.add_argument("--lockstep-repeats", type=int, default=3, help="lockstep repeats (0: none)")
+    parser.add_argument(
+        "--lockstep-repeats",
+        type=int,
+        default=5,
+        help="lockstep repeats, each led by the next configuration (default: each of the 5 leads once; 0: none)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads for each engine's model work")
     parser.add_argument(
         "--dtype",

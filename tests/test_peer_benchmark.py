@@ -180,3 +180,32 @@ def test_agreement_is_the_shared_share_of_each_stream():
 
     assert agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == 1.0
     assert agreement([[1, 2, 9, 4], [5, 6, 7, 8]], [[1, 2, 3, 4], [0, 6, 7, 8]]) == (0.5 + 0.0) / 2
+
+
+def test_lockstep_rotates_the_order_and_splits_prefill_from_decode():
+    from peer import run_lockstep
+
+    calls = []
+
+    class Fake:
+        """Takes ``first`` steps to give all 2 requests their first token, then one token per step."""
+
+        def __init__(self, name, first, seconds):
+            self.name, self.first, self.seconds = name, first, seconds
+
+        def start(self, prompts, adapters, max_tokens):
+            self.steps, self.max_tokens = 0, max_tokens
+
+        def step(self):
+            calls.append(self.name)
+            self.steps += 1
+            started = 2 if self.steps >= self.first else 1
+            return self.seconds, started, self.steps == self.first + self.max_tokens - 1
+
+    steppers = {"a": Fake("a", 1, 0.5), "b": Fake("b", 2, 0.25), "c": Fake("c", 1, 1.0)}
+    out = run_lockstep(steppers, [[1], [2]], {n: [None, None] for n in steppers}, new_tokens=3, first=1)
+    # rounds rotate from the configuration given: b c a, c a b, a b c, b (a and c done)
+    assert calls == ["b", "c", "a", "c", "a", "b", "a", "b", "c", "b"]
+    assert out["a"]["prefill_s"] == 0.5 and out["a"]["total_s"] == 1.5  # 1 prefill step, 2 decode steps
+    assert out["b"]["prefill_s"] == 0.5 and out["b"]["total_s"] == 1.0  # its prefill took 2 steps
+    assert out["c"]["decode_tok_s"] == 2 * 2 / 2.0 and out["c"]["end_to_end_tok_s"] == 2 * 3 / 3.0
