@@ -266,25 +266,19 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
         "vllm:lora": peers["vllm:lora"],
         "pedro:pedro": PedroSteps(engines["pedro"]),
     }
-
-    def generation(name: str) -> Callable[[int], tuple[float, list]]:
-        return lambda n: steppers[name].generate(prompts, adapters[name], n)
-
-    runs = {name: generation(name) for name in steppers}
-    for name, run in runs.items():  # warm-up: compiled kernels, resident adapters, committed cache pages
-        run(args.new_tokens)
+    names = list(steppers)
+    for name in names:  # warm-up: compiled kernels, resident adapters, committed cache pages
+        steppers[name].generate(prompts, adapters[name], args.new_tokens)
         log(f"warmed up {name}")
-    measured: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-    lockstep: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    measured: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    lockstep: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     tokens: dict[str, list] = {}
     started = time.perf_counter()
-    names = list(runs)
     try:
         for rep in range(args.repeats):
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
-                run = runs[name]
-                full, tokens[name] = run(args.new_tokens)
-                prefill, _ = run(1)
+                full, tokens[name] = steppers[name].generate(prompts, adapters[name], args.new_tokens)
+                prefill, _ = steppers[name].generate(prompts, adapters[name], 1)
                 entry = {
                     "end_to_end_tok_s": args.batch * args.new_tokens / full,
                     "decode_tok_s": args.batch * (args.new_tokens - 1) / max(1e-9, full - prefill),
@@ -320,7 +314,9 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
             "repeats": args.repeats,
             "lockstep_repeats": args.lockstep_repeats,
             "threads": args.threads,
-            "pedro_gemms": "exact (F.linear)" if engine.exact_gemms else "fast (oneDNN fp32 where it checks out)",
+            "pedro_gemms": "exact (F.linear)"
+            if engines["bare"].exact_gemms
+            else "fast (oneDNN fp32 where it checks out)",
             "lora": "PEFT r=8 on q_proj, v_proj, one per row (vLLM: max_loras=batch, target_modules=[qkv_proj])",
             "adapter_parameters": params,
         },
