@@ -1,5 +1,5 @@
-"""What more than one benchmark script needs: the repository paths, one definition of a percentile, and how a
-report is written."""
+"""What more than one benchmark script needs: the repository paths, one definition of a percentile, the order of
+a lockstep's steps, and how a report is written."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -20,6 +20,18 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def lockstep_turns(names: list[str], unfinished: Callable[[str], bool], first: int = 0) -> Iterator[str]:
+    """Whose step is next when several engines generate step for step: rounds over ``names``, each round starting
+    one further along than the last (the first with ``names[first]``), skipping those no longer ``unfinished``,
+    until none is. Rotating the order spreads whatever stepping first or last in a round costs over all."""
+    turn = first
+    while any(unfinished(name) for name in names):
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            if unfinished(name):
+                yield name
+        turn += 1
 
 
 def use_server_process() -> None:

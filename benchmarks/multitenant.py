@@ -41,7 +41,7 @@ from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentile, write_report  # noqa: E402
+from common import lockstep_turns, percentile, write_report  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # every method at both batch sizes over the tenant counts (hours on a 2-core CPU)
@@ -286,15 +286,10 @@ def run_lockstep(
         engine.reset_stats()
         for prompt, adapter in zip(prompts, adapters[name]):
             engine.add_request(Request(prompt, adapter=adapter, sampling=sampling))
-    turn = 0
-    while any(engine.has_unfinished() for engine in engines.values()):
-        for name in names[turn % len(names) :] + names[: turn % len(names)]:
-            engine = engines[name]
-            if engine.has_unfinished():
-                start = time.perf_counter()
-                engine.step()
-                wall[name] += time.perf_counter() - start
-        turn += 1
+    for name in lockstep_turns(names, lambda name: engines[name].has_unfinished()):
+        start = time.perf_counter()
+        engines[name].step()
+        wall[name] += time.perf_counter() - start
     return {
         name: {
             "decode_s": sum(s for _, s in engine.stats["decode"]),

@@ -48,7 +48,7 @@ from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_report  # noqa: E402
+from common import lockstep_turns, write_report  # noqa: E402
 from multitenant import make_adapters  # noqa: E402
 
 VLLM_PYTHON_ENV = "PEDRO_VLLM_PYTHON"
@@ -161,16 +161,12 @@ def run_lockstep(
     spent = {name: {"prefill_s": 0.0, "decode_s": 0.0} for name in names}
     started = dict.fromkeys(names, 0)
     active = set(names)
-    turn = first
-    while active:
-        for name in names[turn % len(names) :] + names[: turn % len(names)]:
-            if name in active:
-                seconds, now_started, done = steppers[name].step()
-                spent[name]["decode_s" if started[name] == len(prompts) else "prefill_s"] += seconds
-                started[name] = now_started
-                if done:
-                    active.discard(name)
-        turn += 1
+    for name in lockstep_turns(names, active.__contains__, first):
+        seconds, now_started, done = steppers[name].step()
+        spent[name]["decode_s" if started[name] == len(prompts) else "prefill_s"] += seconds
+        started[name] = now_started
+        if done:
+            active.discard(name)
     batch = len(prompts)
     return {
         name: {
