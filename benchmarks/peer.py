@@ -9,17 +9,13 @@ LoRA slots are limited to the adapters' target module (``qkv_proj``: q and v liv
 configuration for these adapters, and its bare runs use an instance without LoRA. pedro's side has one
 engine per configuration too. Each ratio is taken within one repeat, then the median over repeats.
 
-Two measurements, both side by side:
-
-* **Sequential**: each configuration generates the whole batch in turn (the order rotated every repeat), timed
-  twice: generating ``--new-tokens`` (end to end, prefill included) and generating one token (the prefill);
-  decode tok/s is ``batch * (new_tokens - 1)`` over the difference.
-* **Lockstep**: every configuration generates the batch *step for step* with the others: one engine step of
-  each in turn, the order rotated every round, each step timed by its own engine's process. A slow stretch of
-  a shared host then hits every engine's step of that round alike, where sequential runs, tens of seconds
-  apart, each meet a different stretch (on the 2-core host of docs/engine.md one configuration's identical
-  runs swing by 10 %). A step counts as prefill until every request of its engine has its first token, as
-  decode after. Each repeat's first round (the prefills) starts with the next configuration.
+Each configuration generates the whole batch in turn, the order rotated every repeat, timed twice: generating
+``--new-tokens`` (end to end, prefill included) and generating one token (the prefill); decode tok/s is
+``batch * (new_tokens - 1)`` over the difference. Each engine is driven by its own batch call (vLLM's
+``LLM.generate``, pedro's ``Engine.generate``), never step by step from here: vLLM's ``LLMEngine.step()``
+called from an outside loop on the same requests took 1.15-1.25x the time per step of its own ``generate``
+loop on a 2-core host with AMX, so an interleaved, step-for-step measurement would understate it
+(docs/engine.md, "vLLM as a peer"). Run it on a quiet host: a shared one moves sequential runs by 10 %.
 
 The greedy tokens of the two bare engines are compared as a check that both run the same model (their
 arithmetic differs, so agreement is high, not total).
@@ -39,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import torch
 
@@ -48,7 +44,7 @@ from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import lockstep_turns, write_report  # noqa: E402
+from common import write_report  # noqa: E402
 from multitenant import make_adapters  # noqa: E402
 
 VLLM_PYTHON_ENV = "PEDRO_VLLM_PYTHON"
@@ -88,14 +84,6 @@ class VllmPeer:
         answer = self._ask({"prompts": prompts, "adapters": adapters, "max_tokens": max_tokens})
         return answer["seconds"], answer["tokens"]
 
-    def start(self, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> None:
-        self._ask({"add": {"prompts": prompts, "adapters": adapters, "max_tokens": max_tokens}})
-
-    def step(self) -> tuple[float, int, bool]:
-        """One engine step -> (its seconds, requests with a token so far, whether all have finished)."""
-        answer = self._ask({"step": True})
-        return answer["seconds"], answer["started"], answer["done"]
-
     def close(self) -> None:
         if self.process.stdin:
             self.process.stdin.close()
@@ -106,13 +94,11 @@ class VllmPeer:
         self.log.close()
 
 
-class PedroSteps:
-    """One pedro engine, driven as ``VllmPeer`` drives vLLM: a whole batch (``generate``), or one ``step()`` at a
-    time (``start``, ``step``)."""
+class PedroPeer:
+    """One pedro engine, driven as ``VllmPeer`` drives vLLM: a whole batch per call."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.started: set[str] = set()
 
     def generate(self, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> tuple[float, list]:
         sampling = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
@@ -123,60 +109,6 @@ class PedroSteps:
         if errors:
             raise RuntimeError(errors[0])
         return seconds, [list(o.token_ids) for o in outs]
-
-    def start(self, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> None:
-        sampling = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
-        self.started = set()
-        for prompt, adapter in zip(prompts, adapters):
-            self.engine.add_request(Request(prompt, adapter=adapter, sampling=sampling))
-
-    def step(self) -> tuple[float, int, bool]:
-        start = time.perf_counter()
-        outputs = self.engine.step()
-        seconds = time.perf_counter() - start
-        for output in outputs:
-            if output.error:
-                raise RuntimeError(output.error)
-            if output.token_ids:
-                self.started.add(output.request_id)
-        return seconds, len(self.started), not self.engine.has_unfinished()
-
-
-Stepper = Union[VllmPeer, PedroSteps]
-
-
-def run_lockstep(
-    steppers: dict[str, Stepper],
-    prompts: list[list[int]],
-    adapters: dict[str, list[str | None]],
-    new_tokens: int,
-    first: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Every configuration generates ``prompts`` step for step with the others (module docstring), the
-    ``first``-th of them stepping first in the first round (where every engine runs its prefill) -> per
-    configuration the same entries as a sequential run's."""
-    names = list(steppers)
-    for name in names:
-        steppers[name].start(prompts, adapters[name], new_tokens)
-    spent = {name: {"prefill_s": 0.0, "decode_s": 0.0} for name in names}
-    started = dict.fromkeys(names, 0)
-    active = set(names)
-    for name in lockstep_turns(names, active.__contains__, first):
-        seconds, now_started, done = steppers[name].step()
-        spent[name]["decode_s" if started[name] == len(prompts) else "prefill_s"] += seconds
-        started[name] = now_started
-        if done:
-            active.discard(name)
-    batch = len(prompts)
-    return {
-        name: {
-            "end_to_end_tok_s": batch * new_tokens / (s["prefill_s"] + s["decode_s"]),
-            "decode_tok_s": batch * (new_tokens - 1) / max(1e-9, s["decode_s"]),
-            "prefill_s": s["prefill_s"],
-            "total_s": s["prefill_s"] + s["decode_s"],
-        }
-        for name, s in spent.items()
-    }
 
 
 def summarise(measured: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -255,26 +187,25 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
             vllm_log,
         ),
     }
-    steppers: dict[str, Stepper] = {
-        "pedro:bare": PedroSteps(engines["bare"]),
+    runners: dict[str, VllmPeer | PedroPeer] = {
+        "pedro:bare": PedroPeer(engines["bare"]),
         "vllm:bare": peers["vllm:bare"],
-        "pedro:lora": PedroSteps(engines["lora"]),
+        "pedro:lora": PedroPeer(engines["lora"]),
         "vllm:lora": peers["vllm:lora"],
-        "pedro:pedro": PedroSteps(engines["pedro"]),
+        "pedro:pedro": PedroPeer(engines["pedro"]),
     }
-    names = list(steppers)
+    names = list(runners)
     for name in names:  # warm-up: compiled kernels, resident adapters, committed cache pages
-        steppers[name].generate(prompts, adapters[name], args.new_tokens)
+        runners[name].generate(prompts, adapters[name], args.new_tokens)
         log(f"warmed up {name}")
     measured: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    lockstep: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     tokens: dict[str, list] = {}
     started = time.perf_counter()
     try:
         for rep in range(args.repeats):
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
-                full, tokens[name] = steppers[name].generate(prompts, adapters[name], args.new_tokens)
-                prefill, _ = steppers[name].generate(prompts, adapters[name], 1)
+                full, tokens[name] = runners[name].generate(prompts, adapters[name], args.new_tokens)
+                prefill, _ = runners[name].generate(prompts, adapters[name], 1)
                 entry = {
                     "end_to_end_tok_s": args.batch * args.new_tokens / full,
                     "decode_tok_s": args.batch * (args.new_tokens - 1) / max(1e-9, full - prefill),
@@ -285,14 +216,6 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
                 log(
                     f"[rep {rep}] {name:<14} end-to-end {entry['end_to_end_tok_s']:7.1f} tok/s  decode "
                     f"{entry['decode_tok_s']:7.1f} tok/s  prefill {prefill:5.2f} s  ({time.perf_counter() - started:.0f}s)"
-                )
-        for rep in range(args.lockstep_repeats):
-            for name, entry in run_lockstep(steppers, prompts, adapters, args.new_tokens, first=rep).items():
-                lockstep[name].append(entry)
-                log(
-                    f"[lockstep {rep}] {name:<14} end-to-end {entry['end_to_end_tok_s']:7.1f} tok/s  decode "
-                    f"{entry['decode_tok_s']:7.1f} tok/s  prefill {entry['prefill_s']:5.2f} s  "
-                    f"({time.perf_counter() - started:.0f}s)"
                 )
     finally:
         for peer in peers.values():
@@ -308,7 +231,6 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
-            "lockstep_repeats": args.lockstep_repeats,
             "threads": args.threads,
             "pedro_gemms": "exact (F.linear)"
             if engines["bare"].exact_gemms
@@ -326,8 +248,6 @@ def _benchmark(args: Any, log: Callable[[str], None], work: Path) -> dict[str, A
         "bare_token_agreement": agreement(tokens["pedro:bare"], tokens["vllm:bare"]),
         "runs": measured,
         "summary": summarise(measured),
-        "lockstep_runs": lockstep,
-        "lockstep": summarise(lockstep) if args.lockstep_repeats else {},
         "wall_s": time.perf_counter() - started,
     }
 
@@ -349,33 +269,21 @@ def markdown(result: dict[str, Any]) -> str:
         f"process. LoRA: {s['lora']}. Greedy tokens of the two bare engines agree on "
         f"{100 * result['bare_token_agreement']:.1f} % of each stream (their arithmetic differs).",
     ]
-    tables = [("summary", "Sequential", s["repeats"], "Each configuration in turn, the order rotated every repeat")]
-    if result.get("lockstep"):
-        tables.append(
-            (
-                "lockstep",
-                "Lockstep",
-                s["lockstep_repeats"],
-                "One engine step of each configuration in turn, the order rotated every round",
-            )
+    lines += [
+        "",
+        f"Each configuration in turn, the order rotated every repeat; medians of {s['repeats']} repeats (ratios "
+        "taken within a repeat).",
+        "",
+        "| engine : adapters (one per row, all distinct) | end-to-end tok/s | decode tok/s | prefill s "
+        f"| end-to-end vs vLLM bare | decode vs vLLM bare | end-to-end vs vLLM {s['batch']} LoRAs |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in result["summary"].items():
+        lines.append(
+            f"| {name} | {r['end_to_end_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['prefill_s']:.2f} | "
+            f"{r['end_to_end_tok_s_vs_vllm_bare']:.2f}x | {r['decode_tok_s_vs_vllm_bare']:.2f}x | "
+            f"{r['end_to_end_tok_s_vs_vllm_lora']:.2f}x |"
         )
-    for key, title, repeats, how in tables:
-        lines += [
-            "",
-            f"## {title}",
-            "",
-            f"{how}; medians of {repeats} repeats (ratios taken within a repeat).",
-            "",
-            "| engine : adapters (one per row, all distinct) | end-to-end tok/s | decode tok/s | prefill s "
-            f"| end-to-end vs vLLM bare | decode vs vLLM bare | end-to-end vs vLLM {s['batch']} LoRAs |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, r in result[key].items():
-            lines.append(
-                f"| {name} | {r['end_to_end_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['prefill_s']:.2f} | "
-                f"{r['end_to_end_tok_s_vs_vllm_bare']:.2f}x | {r['decode_tok_s_vs_vllm_bare']:.2f}x | "
-                f"{r['end_to_end_tok_s_vs_vllm_lora']:.2f}x |"
-            )
     return "\n".join(lines) + "\n"
 
 
@@ -385,15 +293,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(key, title) for key, title in (("summary", "sequential"), ("lockstep", "lockstep")) if result.get(key)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.2), sharey=True, squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        names = list(result[key])
-        ax.barh(names, [result[key][n]["end_to_end_tok_s"] for n in names], color="#4c72b0")
-        ax.barh(names, [result[key][n]["decode_tok_s"] for n in names], color="none", edgecolor="k", hatch="//")
-        ax.set_title(title)
-        ax.set_xlabel("tokens/s (solid: end to end, hatched: decode)")
-    axes[0][0].invert_yaxis()
+    summary = result["summary"]
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.barh(names, [summary[n]["end_to_end_tok_s"] for n in names], color="#4c72b0")
+    ax.barh(names, [summary[n]["decode_tok_s"] for n in names], color="none", edgecolor="k", hatch="//")
+    ax.set_xlabel("tokens/s (solid: end to end, hatched: decode)")
+    ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -413,13 +319,7 @@ def run(argv: list[str]) -> dict[str, Any] | None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="sequential repeats")
-    parser.add_argument(
-        "--lockstep-repeats",
-        type=int,
-        default=5,
-        help="lockstep repeats, each led by the next configuration (default: each of the 5 leads once; 0: none)",
-    )
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="threads for each engine's model work")
     parser.add_argument(
         "--dtype",

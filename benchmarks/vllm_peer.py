@@ -6,15 +6,9 @@ from pedro. It loads the model once, then answers one JSON command per stdin lin
     {"prompts": [[ids...], ...], "adapters": [path | null, ...], "max_tokens": 128}
     -> {"seconds": wall time of the generate call, "tokens": [[generated ids], ...]}
 
-or, to run in lockstep with other engines, one engine step at a time:
-
-    {"add": {"prompts": ..., "adapters": ..., "max_tokens": ...}} -> {"requests": n}
-    {"step": true} -> {"seconds": wall time of one LLMEngine.step(), "started": requests with a token so far,
-                       "done": whether all have finished, "tokens": [[generated ids], ...] once done}
-
-The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so that one ``step()`` is one
-scheduled forward; vLLM's default puts it in a second process, which was no faster on the 2-core host the
-benchmark was measured on (docs/engine.md, "vLLM as a peer").
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): vLLM's default puts it in a
+second process, which was slower on the 2-core host the benchmark was measured on (docs/engine.md, "vLLM as a
+peer").
 
 Every request is greedy with ``ignore_eos``, so both engines generate exactly ``max_tokens`` per prompt. The
 first line of argv is a JSON spec: {"model": dir, "dtype": "bfloat16" | "float32", "max_num_seqs": n,
@@ -72,35 +66,12 @@ def main() -> None:
         ]
         return prompts, sampling, loras
 
-    engine = llm.llm_engine
-    stepped: list[list[int]] = []  # the lockstep requests' tokens so far, in prompt order
-    index: dict[str, int] = {}  # their ids (ours, and vLLM's own with its random suffix) -> prompt
     for line in sys.stdin:
-        command = json.loads(line)
-        if "add" in command:
-            prompts, sampling, loras = requests(command["add"])
-            stepped, index = [[] for _ in prompts], {}
-            for i, prompt in enumerate(prompts):
-                index[f"lockstep-{i}"] = i
-                rid = engine.add_request(f"lockstep-{i}", prompt, sampling, lora_request=loras[i] if loras else None)
-                index[rid] = i
-            answer: dict = {"requests": len(stepped)}
-        elif "step" in command:
-            start = time.perf_counter()
-            outputs = engine.step()
-            seconds = time.perf_counter() - start
-            for o in outputs:
-                stepped[index[o.request_id]] = list(o.outputs[0].token_ids)
-            done = not engine.has_unfinished_requests()
-            answer = {"seconds": seconds, "started": sum(1 for t in stepped if t), "done": done}
-            if done:
-                answer["tokens"] = stepped
-        else:
-            prompts, sampling, loras = requests(command)
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, sampling, lora_request=loras, use_tqdm=False)
-            seconds = time.perf_counter() - start
-            answer = {"seconds": seconds, "tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+        prompts, sampling, loras = requests(json.loads(line))
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, sampling, lora_request=loras, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        answer = {"seconds": seconds, "tokens": [list(o.outputs[0].token_ids) for o in outputs]}
         print(json.dumps(answer), file=answers, flush=True)
 
 

@@ -1,8 +1,8 @@
 """`pedro bench multitenant --peer vllm` (benchmarks/peer.py): skipped with a message naming what is missing when
 there is no vLLM environment, and, driven against a stand-in ``vllm`` package on a tiny model, the whole protocol:
 one child process per vLLM configuration, each fed the same token-id prompts and LoRA directories as pedro's
-engine, sequential repeats and lockstep ones (one engine step at a time), and the report's ratios and token
-agreement computed from what each side returned."""
+engine, repeats in rotating order, and the report's ratios and token agreement computed from what each side
+returned."""
 
 from __future__ import annotations
 
@@ -31,36 +31,12 @@ class _Completion:
         self.token_ids = ids
 
 class _Output:
-    def __init__(self, ids, request_id=None):
+    def __init__(self, ids):
         self.outputs = [_Completion(ids)]
-        self.request_id = request_id
 
 def _record(entry):
     with open(os.environ["FAKE_VLLM_LOG"], "a") as log:
         log.write(json.dumps(entry) + "\\n")
-
-# LLMEngine's stepping API: each step() gives every unfinished request one more token (its first step is its
-# prefill); outputs carry vLLM's own request id, the caller's with a random suffix
-class _Engine:
-
-    def __init__(self):
-        self.requests = []
-
-    def add_request(self, request_id, prompt, params, lora_request=None):
-        _record({"lockstep": True, "request": lora_request and lora_request.lora_path, "max_tokens": params.max_tokens})
-        self.requests.append([request_id + "-5eed1e55", prompt["prompt_token_ids"][0], params.max_tokens, 0])
-        return request_id + "-5eed1e55"
-
-    def step(self):
-        outputs = []
-        for r in self.requests:
-            if r[3] < r[2]:
-                r[3] += 1
-                outputs.append(_Output([r[1]] * r[3], r[0]))
-        return outputs[::-1]  # in no particular order
-
-    def has_unfinished_requests(self):
-        return any(r[3] < r[2] for r in self.requests)
 
 class LLM:
     def __init__(self, model, dtype, max_num_seqs, max_model_len, seed, **lora):
@@ -69,8 +45,7 @@ class LLM:
         with open(os.path.join(model, "config.json")) as f:
             saved = json.load(f)
         self.saved = saved.get("dtype", saved.get("torch_dtype"))  # what the weights vLLM loads are
-        self.llm_engine = _Engine()
-        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # one step() is one forward, in this process
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the engine core in this process
 
     def generate(self, prompts, sampling, lora_request=None, use_tqdm=True):
         paths = [r and r.lora_path for r in lora_request or []]
@@ -118,7 +93,7 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(_fake_vllm(tmp_path / "fake")), FAKE_VLLM_LOG=str(log), TMPDIR=str(scratch))
     out = tmp_path / "peer"
     args = ["--peer", "vllm", "--vllm-python", sys.executable, "--backbone", str(tiny_llama_dir)]
-    args += ["--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "2", "--lockstep-repeats", "2"]
+    args += ["--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "2"]
     args += ["--threads", "1"]
     args += ["--dtype", "float32", "--fast-gemms"]  # what a CPU without native bf16 runs best
     done = subprocess.run(
@@ -134,27 +109,17 @@ def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):
     assert result["setup"]["dtype"] == "float32"
     assert result["setup"]["pedro_gemms"].startswith("fast") and "GEMMs fast" in out.with_suffix(".md").read_text()
     names = ["pedro:bare", "vllm:bare", "pedro:lora", "vllm:lora", "pedro:pedro"]
-    for runs, summary in (("runs", "summary"), ("lockstep_runs", "lockstep")):
-        assert list(result[summary]) == names and all(len(result[runs][n]) == 2 for n in names)
-        for name in names:
-            for run in result[runs][name]:
-                assert run["end_to_end_tok_s"] == 3 * 4 / run["total_s"]
-                assert 0 < run["prefill_s"] < run["total_s"]
-                if runs == "lockstep_runs":  # a step is decode once every request has its first token
-                    decode_s = run["total_s"] - run["prefill_s"]
-                    assert abs(run["decode_tok_s"] - 3 * 3 / decode_s) < 1e-6 * run["decode_tok_s"]
-        assert result[summary]["vllm:bare"]["end_to_end_tok_s_vs_vllm_bare"] == 1.0
-        assert result[summary]["vllm:lora"]["decode_tok_s_vs_vllm_lora"] == 1.0
+    assert list(result["summary"]) == names and all(len(result["runs"][n]) == 2 for n in names)
+    for name in names:
+        for run in result["runs"][name]:
+            assert run["end_to_end_tok_s"] == 3 * 4 / run["total_s"]
+            assert 0 < run["prefill_s"] < run["total_s"]
+    assert result["summary"]["vllm:bare"]["end_to_end_tok_s_vs_vllm_bare"] == 1.0
+    assert result["summary"]["vllm:lora"]["decode_tok_s_vs_vllm_lora"] == 1.0
     report = out.with_suffix(".md").read_text()
-    assert "## Sequential" in report and "## Lockstep" in report
     # the stand-in repeats each prompt's first token: a real model's greedy tokens agree with it only by chance
     assert 0.0 <= result["bare_token_agreement"] < 1.0
-    logged = [json.loads(line) for line in log.read_text().splitlines()]
-    calls = [c for c in logged if not c.get("lockstep")]
-    stepped = [c for c in logged if c.get("lockstep")]
-    # per lockstep repeat, each vLLM instance is given the batch once: 3 requests, bare and with a LoRA each
-    assert len(stepped) == 2 * 2 * 3 and {c["max_tokens"] for c in stepped} == {4}
-    assert sum(c["request"] is None for c in stepped) == 2 * 3 and len({c["request"] for c in stepped}) == 1 + 3
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
     bare = [c for c in calls if not c["lora"]]
     lora = [c for c in calls if c["lora"]]
     # warm-up + (full, one-token) per repeat, for each configuration, each in its own vLLM instance
@@ -180,32 +145,3 @@ def test_agreement_is_the_shared_share_of_each_stream():
 
     assert agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == 1.0
     assert agreement([[1, 2, 9, 4], [5, 6, 7, 8]], [[1, 2, 3, 4], [0, 6, 7, 8]]) == (0.5 + 0.0) / 2
-
-
-def test_lockstep_rotates_the_order_and_splits_prefill_from_decode():
-    from peer import run_lockstep
-
-    calls = []
-
-    class Fake:
-        """Takes ``first`` steps to give all 2 requests their first token, then one token per step."""
-
-        def __init__(self, name, first, seconds):
-            self.name, self.first, self.seconds = name, first, seconds
-
-        def start(self, prompts, adapters, max_tokens):
-            self.steps, self.max_tokens = 0, max_tokens
-
-        def step(self):
-            calls.append(self.name)
-            self.steps += 1
-            started = 2 if self.steps >= self.first else 1
-            return self.seconds, started, self.steps == self.first + self.max_tokens - 1
-
-    steppers = {"a": Fake("a", 1, 0.5), "b": Fake("b", 2, 0.25), "c": Fake("c", 1, 1.0)}
-    out = run_lockstep(steppers, [[1], [2]], {n: [None, None] for n in steppers}, new_tokens=3, first=1)
-    # rounds rotate from the configuration given: b c a, c a b, a b c, b (a and c done)
-    assert calls == ["b", "c", "a", "c", "a", "b", "a", "b", "c", "b"]
-    assert out["a"]["prefill_s"] == 0.5 and out["a"]["total_s"] == 1.5  # 1 prefill step, 2 decode steps
-    assert out["b"]["prefill_s"] == 0.5 and out["b"]["total_s"] == 1.0  # its prefill took 2 steps
-    assert out["c"]["decode_tok_s"] == 2 * 2 / 2.0 and out["c"]["end_to_end_tok_s"] == 2 * 3 / 3.0
