@@ -1,5 +1,5 @@
-"""The benchmarks' shared pieces: one percentile definition, and the load benchmark driving a real server through
-the same helpers as the server tests (its smoke preset, end to end)."""
+"""The benchmarks' shared pieces: one percentile definition, the order of a lockstep's steps, and the load
+benchmark driving a real server through the same helpers as the server tests (its smoke preset, end to end)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import percentile  # noqa: E402
+from common import lockstep_turns, percentile  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,16 @@ def test_percentile_is_the_nearest_rank(values, q, expected):
 
 def test_percentile_of_nothing_is_nan():
     assert math.isnan(percentile([], 50))
+
+
+def test_lockstep_rounds_rotate_and_skip_the_finished():
+    steps_left = {"a": 1, "b": 3, "c": 2}
+    order = []
+    for name in lockstep_turns(list(steps_left), lambda n: steps_left[n] > 0, first=1):
+        order.append(name)
+        steps_left[name] -= 1
+    # rounds start one further along each time, from the configuration given: b c a, c b (a done), b
+    assert order == ["b", "c", "a", "c", "b", "b"]
 
 
 def test_the_serve_benchmark_runs_end_to_end(tmp_path):
