@@ -13,7 +13,7 @@ Each configuration generates the whole batch in turn, the order rotated every re
 ``--new-tokens`` (end to end, prefill included) and generating one token (the prefill); decode tok/s is
 ``batch * (new_tokens - 1)`` over the difference. Each engine is driven by its own batch call (vLLM's
 ``LLM.generate``, pedro's ``Engine.generate``), never step by step from here: vLLM's ``LLMEngine.step()``
-called from an outside loop on the same requests took 1.15-1.25x the time per step of its own ``generate``
+called from an outside loop on the same requests took 1.1-1.3x the time per step of its own ``generate``
 loop on a 2-core host with AMX, so an interleaved, step-for-step measurement would understate it
 (docs/engine.md, "vLLM as a peer"). Run it on a quiet host: a shared one moves sequential runs by 10 %.
 
