@@ -179,3 +179,52 @@ def test_messages_the_template_cannot_render_are_400_naming_the_field(live, mess
         and where in caught.value.message
         and why in caught.value.message
     )
+
+
+# ---------------------------------------------------------------------------------------- null means the default
+
+
+def test_null_fields_mean_their_defaults(live):
+    """The official client sends null for an argument passed as None: OpenAI reads it as the default, and so
+    must the server (the same seeded sample as with the field left out)."""
+    c = client(live, TENANTS["alice"])
+    nulls = dict(temperature=None, top_p=None, n=None, stream=None, presence_penalty=None, frequency_penalty=None)
+    messages = [{"role": "user", "content": "3 4"}]
+    plain = c.chat.completions.create(model="a0", messages=messages, max_tokens=4, seed=11)
+    nulled = c.chat.completions.create(model="a0", messages=messages, max_tokens=4, seed=11, logprobs=None, **nulls)
+    assert nulled.choices[0].message.content == plain.choices[0].message.content
+    assert len(nulled.choices) == 1 and nulled.choices[0].logprobs is None
+    plain_c = c.completions.create(model="a0", prompt="3 4", max_tokens=4, seed=11)
+    nulled_c = c.completions.create(model="a0", prompt="3 4", max_tokens=4, seed=11, echo=None, **nulls)
+    assert nulled_c.choices[0].text == plain_c.choices[0].text
+
+
+def test_max_completion_tokens_and_max_tokens_must_agree(live):
+    c = client(live, TENANTS["alice"])
+    messages = [{"role": "user", "content": "3 4"}]
+    both = c.chat.completions.create(
+        model="a0", messages=messages, max_tokens=3, max_completion_tokens=3, extra_body={"ignore_eos": True}
+    )
+    assert both.usage.completion_tokens == 3
+    newer = c.chat.completions.create(
+        model="a0", messages=messages, max_completion_tokens=2, extra_body={"ignore_eos": True}
+    )
+    assert newer.usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError) as caught:
+        c.chat.completions.create(model="a0", messages=messages, max_tokens=6, max_completion_tokens=2)
+    assert caught.value.body["param"] == "max_completion_tokens" and "differs from max_tokens" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:  # the server's limit (48) applies to either name
+        c.chat.completions.create(model="a0", messages=messages, max_completion_tokens=1000)
+    assert caught.value.body["param"] == "max_tokens"
+
+
+def test_a_participant_name_is_refused_not_dropped(live):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(live, TENANTS["alice"]).chat.completions.create(
+            model="a0", messages=[{"role": "user", "content": "3", "name": "Zorblax"}], max_tokens=2
+        )
+    assert caught.value.body["param"] == "messages" and "messages.0.name" in caught.value.message
+    unnamed = client(live, TENANTS["alice"]).chat.completions.create(
+        model="a0", messages=[{"role": "user", "content": "3", "name": ""}], max_tokens=2
+    )
+    assert unnamed.usage.completion_tokens >= 1

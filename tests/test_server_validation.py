@@ -128,6 +128,35 @@ def test_chat_limits_name_the_field(live):
     )
 
 
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"best_of": 2}, "best_of"),
+    ],
+)
+def test_checks_across_fields_name_their_field(live, fields, param):
+    error = refused(chat(live, **fields), 400, param, param=param)
+    assert not error["message"].startswith("Value error"), error
+
+
+def test_logit_bias_token_ids_are_ascii_digits(live):
+    refused(complete(live, logit_bias={"\u0665\u0660\u0664": 100}), 400, "logit_bias", param="logit_bias")
+    assert complete(live, logit_bias={"5": 100}).status_code == 200
+
+
+def test_more_completions_than_a_caller_may_ever_run_are_400_not_429(live):
+    """The server runs at most 40 requests of one tenant (half of max_batch + max_queued): a batch that asks for
+    more could never be served, so it is a 400 naming the field, not a 429 that clients retry forever."""
+    refused(complete(live, prompt=["3 4"] * 41), 400, "at most 40", param="prompt")
+    refused(complete(live, prompt=["3 4"] * 3, n=16), 400, "48 completions", param="prompt")
+    assert complete(live, prompt=["3 4"] * 2, n=16, max_tokens=1).status_code == 200
+
+
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
 @pytest.mark.parametrize("field", ["temperature", "top_p"])
 def test_non_finite_json_numbers_are_400(live, field, token):

@@ -94,8 +94,13 @@ def _validation_message(err: Union[RequestValidationError, ValidationError]) -> 
         return "the request body is not valid JSON", None
     if not loc and first.get("type") == "model_attributes_type":
         return "the request body must be a JSON object, sent with Content-Type: application/json", None
+    message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
     where = ".".join(loc)
-    return (f"{where}: {first['msg']}" if where else first["msg"]), (loc[0] if loc else None)
+    if where:
+        return f"{where}: {message}", loc[0]
+    # a check across fields (a model validator) has no location: its message starts with the field it is about
+    field, sep, _ = message.partition(":")
+    return message, (field if sep and field.isidentifier() else None)
 
 
 def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI:
@@ -231,6 +236,19 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
         render_chunk: Callable[[str, Choice, RequestOutput], list[str]],
         render_final: Callable[[str, list[tuple[Choice, RequestOutput]]], Any],
     ) -> Any:
+        # every choice is one engine request: more than a tenant may ever have at once could never run, and a 429
+        # would have well-behaved clients retry it forever
+        capacity = config.max_batch + config.max_queued
+        most = min(config.max_requests_per_tenant or capacity, capacity)
+        if len(wanted) > most:
+            several = isinstance(body, CompletionRequest) and len(body.prompts()) > 1
+            raise APIError(
+                400,
+                f"{'prompt: ' if several else 'n: '}this request asks for {len(wanted)} completions "
+                f"({'prompts x n' if several else 'n'}); this server runs at most {most} at once for one caller: "
+                "split it into smaller requests",
+                param="prompt" if several else "n",
+            )
         record = adapters.usable(who, body.model)
         adapter = record.engine_name if record else None
         labels = (who.tenant, body.model, endpoint)

@@ -86,6 +86,16 @@ class _Request(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """An explicit null on a field that has a default means that default, as OpenAI reads it: the official
+        clients send null for every argument the caller passed as None."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if not (v is None and k in fields and not fields[k].is_required())}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for key, why in REFUSED.items():
@@ -102,7 +112,7 @@ class _Request(BaseModel):
     @classmethod
     def _bias(cls, bias: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
         for token, value in (bias or {}).items():
-            if not token.isdigit() or not -100 <= value <= 100:
+            if not (token.isascii() and token.isdigit()) or not -100 <= value <= 100:
                 raise ValueError("logit_bias maps token ids (strings of digits) to numbers in [-100, 100]")
         return bias
 
@@ -175,8 +185,8 @@ CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 class ChatMessage(BaseModel):
     """One message. The chat template renders a message as its role and its text and nothing else, so what it
-    cannot carry is refused by name rather than dropped: tool results (role ``tool`` / ``function``, with their
-    ``tool_call_id``) and an assistant's ``tool_calls`` / ``function_call`` (this server does no tool calling:
+    cannot carry is refused by name rather than dropped: a participant's ``name``, tool results (role ``tool`` /
+    ``function``, with their ``tool_call_id``) and an assistant's ``tool_calls`` / ``function_call`` (this server does no tool calling:
     ``tools`` is refused, so no tool call of its own can be answered). An assistant message with ``content``
     null or absent is an empty assistant turn; any other role needs content."""
 
@@ -186,6 +196,7 @@ class ChatMessage(BaseModel):
     content: Optional[Union[str, list[TextPart]]] = Field(None, validate_default=True)
     tool_calls: Optional[list[Any]] = None
     function_call: Optional[Any] = None
+    name: Optional[str] = None
 
     @field_validator("role")
     @classmethod
@@ -217,6 +228,16 @@ class ChatMessage(BaseModel):
             )
         return calls
 
+    @field_validator("name")
+    @classmethod
+    def _no_name(cls, name: Optional[str]) -> Optional[str]:
+        if name:
+            raise ValueError(
+                "a participant's name cannot be rendered: the chat template carries a message's role and text "
+                "only; put the name in the content"
+            )
+        return name
+
     def as_dict(self) -> dict[str, str]:
         content = self.content or ""
         text = content if isinstance(content, str) else "".join(p.text for p in content)
@@ -239,7 +260,15 @@ class ChatCompletionRequest(_Request):
 
     @model_validator(mode="after")
     def _alias(self) -> "ChatCompletionRequest":
-        if self.max_tokens is None:
+        """``max_completion_tokens`` is OpenAI's current name for ``max_tokens`` (deprecated there): either may
+        be sent, or both with the same value; two different limits are refused rather than one silently
+        dropped."""
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError(
+                    f"max_completion_tokens: {self.max_completion_tokens} differs from max_tokens "
+                    f"{self.max_tokens}; send one of them"
+                )
             self.max_tokens = self.max_completion_tokens
         return self
 
