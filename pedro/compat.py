@@ -45,6 +45,7 @@ __all__ = [
     "rope_sin",
     "rotary_cos_sin",
     "rotate_half",
+    "token_bytes",
 ]
 
 TESTED = {"transformers": ">=5.0,<5.24", "peft": ">=0.21,<0.22"}
@@ -309,3 +310,46 @@ def can_pack_linear(weight: torch.Tensor, exact: bool = True) -> bool:
     namespace, reorder, linear, backend = entry
     ops = getattr(torch.ops, namespace)
     return bool(backend.is_available()) and hasattr(ops, reorder) and hasattr(ops, linear)
+
+
+def token_bytes(tokenizer: Any) -> Callable[[int], bytes | None]:
+    """Each token id's own bytes, read from the tokenizer's vocabulary: what a token is when it holds only part of
+    a UTF-8 character (an emoji or CJK character split over byte-level tokens), which no decode of it alone can
+    show. Byte-level BPE (GPT-2's scheme: each byte written as one printable character, the table in
+    transformers' ``bytes_to_unicode``) and SentencePiece's byte fallback (``<0xNN>`` pieces, ``\u2581`` for a
+    space) are read; for any other tokenizer, or an id without a piece, the reader answers None."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's: a slow one has no JSON form
+    if backend is None:
+        return lambda token: None
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+    if "ByteLevel" in kinds:
+        try:
+            from transformers.convert_slow_tokenizer import bytes_to_unicode
+        except ImportError as err:
+            raise incompatible("transformers", "convert_slow_tokenizer.bytes_to_unicode") from err
+        byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+
+        def piece_bytes(piece: str) -> bytes | None:
+            return bytes(byte_of[c] for c in piece) if all(c in byte_of for c in piece) else None
+
+    elif "ByteFallback" in kinds:
+
+        def piece_bytes(piece: str) -> bytes | None:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("\u2581", " ").encode()
+
+    else:
+        return lambda token: None
+    cache: dict[int, bytes | None] = {}
+
+    def read(token: int) -> bytes | None:
+        if token not in cache:
+            piece = tokenizer.convert_ids_to_tokens(token)
+            cache[token] = piece_bytes(piece) if isinstance(piece, str) else None
+        return cache[token]
+
+    return read

@@ -12,9 +12,10 @@ import pytest
 from conftest import tiny_model
 
 from pedro.backbones import resolve_backbone
+from pedro.compat import token_bytes
 from pedro.engine import Engine, Request, SamplingParams
 from pedro.engine import engine as engine_module
-from pedro.engine.detokenizer import IncrementalDetokenizer
+from pedro.engine.detokenizer import IncrementalDetokenizer, added_text, incomplete_tail, is_text
 
 pytestmark = pytest.mark.real
 
@@ -166,3 +167,35 @@ def test_decoding_never_waits_for_an_encode(tokenizer, scripted):
         thread.start()
         assert finished.wait(timeout=60), "the engine thread waited for the encoders' lock"
     assert outputs[-1].text == TEXTS[1]
+
+
+def test_token_bytes_join_to_the_text(tokenizer):
+    """Each token's own bytes, read from the vocabulary, even for a token holding part of a character."""
+    read = token_bytes(tokenizer)
+    for text in TEXTS:
+        ids = _ids(tokenizer, text)
+        assert b"".join(read(t) for t in ids) == text.encode()
+        assert any(not is_text(read(t)) for t in ids)  # the texts do split characters over tokens
+
+
+def test_added_text_holds_an_unfinished_character_until_its_last_byte():
+    party = "🎉".encode()
+    assert [incomplete_tail(party[:n]) for n in range(5)] == [0, 1, 2, 3, 0]
+    assert added_text(b"", party[:2]) == "" and added_text(party[:2], party[2:]) == "🎉"
+    assert added_text(b"", b" a" + party[:1]) == " a" and added_text(party[:1], b"b") == "\ufffdb"
+
+
+def test_logprob_texts_of_split_characters_join_to_the_prompt(tokenizer):
+    """A prompt token holding part of a character adds no text and keeps its bytes; the token completing it adds
+    the whole character: the tokens' texts join to the prompt's text and their bytes to its bytes."""
+    engine = Engine("smollm2-135m", max_batch=1, max_seq_len=128)
+    ids = _ids(tokenizer, TEXTS[0])
+    out = engine.generate([Request(ids, sampling=SamplingParams(max_new_tokens=1, prompt_logprobs=3))])[0]
+    entries = out.prompt_logprobs
+    assert "".join(e.text for e in entries) == TEXTS[0]
+    assert b"".join(e.raw if e.raw is not None else e.text.encode() for e in entries) == TEXTS[0].encode()
+    split = [e for e in entries if e.raw is not None]
+    assert split and all(not is_text(e.raw) for e in split)
+    for e in entries[1:]:  # alternatives that split a character keep their bytes too: no two look alike
+        assert all(raw is None or not is_text(raw) for raw in e.top_raw)
+        assert len({raw if raw is not None else text for text, raw in zip(e.top_text, e.top_raw)}) == len(e.top)

@@ -20,8 +20,9 @@ from server_kit import TENANTS, make_adapter, make_backbone, write_config
 from server_process import ServerProcess, auth, upload
 from transformers import AutoModelForCausalLM
 
-from pedro.engine import Engine, Request, SamplingParams, nth_seed
+from pedro.engine import Engine, Request, SamplingParams, TokenLogprob, nth_seed
 from pedro.io import read_prompt_format, record_prompt_format
+from pedro.server.generation import chat_logprobs, completion_logprobs
 
 ALICE = TENANTS["alice"]
 
@@ -149,6 +150,58 @@ def test_completion_logprobs_match_the_engine_and_stream_the_same(live):
     tokens = [t for chunk in streamed for c in chunk.choices if c.logprobs for t in c.logprobs.tokens]
     offsets = [o for chunk in streamed for c in chunk.choices if c.logprobs for o in c.logprobs.text_offset]
     assert tokens == lp.tokens and offsets == lp.text_offset
+
+
+def test_streamed_logprobs_come_with_the_text_of_their_tokens_under_a_stop_string(live):
+    """With a stop string the engine holds back the text that could still become it; each chunk's logprobs are
+    those of the tokens its text shows (offsets within what has been streamed), and together they are the
+    non-streamed ones."""
+    kw = dict(model="p", prompt="3 4 5", max_tokens=8, temperature=0, logprobs=1, stop="no such stop text")
+    whole = live.client.completions.create(**kw).choices[0]
+    chunks = [c for chunk in live.client.completions.create(**kw, stream=True) for c in chunk.choices]
+    streamed_text, tokens, offsets, lagged = "", [], [], False
+    for c in chunks:
+        streamed_text += c.text
+        if c.logprobs:
+            for token, offset in zip(c.logprobs.tokens, c.logprobs.text_offset):
+                assert offset + len(token) <= len(streamed_text), (token, offset, streamed_text)
+            tokens += c.logprobs.tokens
+            offsets += c.logprobs.text_offset
+        lagged |= len("".join(tokens)) < len(streamed_text)  # a token's text was only partly streamed
+    assert streamed_text == whole.text and tokens == whole.logprobs.tokens and offsets == whole.logprobs.text_offset
+    assert lagged
+
+    messages = [{"role": "user", "content": "3 4 5"}]
+    chat = dict(model="p", messages=messages, max_tokens=8, temperature=0, logprobs=True, stop="no such stop text")
+    whole_chat = live.client.chat.completions.create(**chat).choices[0]
+    content, shown = "", ""
+    for chunk in live.client.chat.completions.create(**chat, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            shown += "".join(e.token for e in (c.logprobs.content if c.logprobs else ()))
+            assert content.startswith(shown), (content, shown)
+    assert content == shown == whole_chat.message.content
+
+
+def test_tokens_that_split_a_character_show_their_bytes():
+    """A token holding part of a character (the engine's ``raw``) is shown as OpenAI shows one: its bytes escaped
+    (``bytes:`` before them in completions), chat's ``bytes`` the token's own, so that consecutive tokens' bytes
+    join to their text; alternatives stay distinct, and offsets point where each token's text starts."""
+    party = "🎉".encode()
+    entries = [
+        TokenLogprob(1, -0.1, ((1, -0.1), (2, -2.0)), "", ("", ""), party[:2], (party[:2], b"\xf0\x9f\x98")),
+        TokenLogprob(3, -0.2, ((3, -0.2),), "", ("",), party[2:3], (party[2:3],)),
+        TokenLogprob(4, -0.3, ((4, -0.3),), "🎉", ("🎉",), party[3:], (party[3:],)),
+        TokenLogprob(5, -0.4, ((5, -0.4),), " ok", (" ok",), None, (None,)),
+    ]
+    chat = chat_logprobs(entries).content
+    assert bytes(b for e in chat for b in e.bytes).decode() == "🎉 ok"
+    assert [e.token for e in chat] == ["\\xf0\\x9f", "\\x8e", "\\x89", " ok"]
+    assert [t.token for t in chat[0].top_logprobs] == ["\\xf0\\x9f", "\\xf0\\x9f\\x98"]
+    legacy = completion_logprobs(entries, 0)
+    assert legacy.tokens == ["bytes:\\xf0\\x9f", "bytes:\\x8e", "bytes:\\x89", " ok"]
+    assert legacy.text_offset == [0, 0, 0, 1]
+    assert list(legacy.top_logprobs[0]) == ["bytes:\\xf0\\x9f", "bytes:\\xf0\\x9f\\x98"]
 
 
 def test_chat_logprobs_in_chats_format(live):

@@ -48,3 +48,31 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(ids)
         self.prefix_text = decode(ids[self.prefix_offset : self.read_offset])
         return self.text
+
+
+def incomplete_tail(data: bytes) -> int:
+    """How many bytes at the end of ``data`` begin a UTF-8 character that ``data`` does not finish (0-3)."""
+    for k in range(1, min(4, len(data)) + 1):
+        byte = data[-k]
+        if byte & 0xC0 == 0x80:  # a continuation byte: the character began further back
+            continue
+        need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+        return k if k < need else 0
+    return 0
+
+
+def added_text(pending: bytes, token: bytes) -> str:
+    """The text a token of bytes ``token`` adds after text whose last bytes ``pending`` are an unfinished
+    character: the characters it finishes and any whole ones after, not the one it leaves unfinished (which the
+    token completing it adds). Undecodable bytes read as U+FFFD, as a lossy decode of the whole text does."""
+    data = pending + token
+    return data[: len(data) - incomplete_tail(data)].decode("utf-8", "replace")
+
+
+def is_text(data: bytes) -> bool:
+    """Whether ``data`` is whole UTF-8 text by itself."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from pedro.backbones import load_backbone, resolve_dtype
+from pedro.compat import token_bytes
 from pedro.data import encode_prompt
 from pedro.engine.adapters import AdapterError, AdapterStore, ModelSpec, Registered
 from pedro.engine.decode_graphs import DecodeGraphs
+from pedro.engine.detokenizer import added_text, incomplete_tail, is_text
 from pedro.engine.device import DeviceLike, canonical, upload
 from pedro.engine.host_memory import keep_freed_memory
 from pedro.engine.kv_cache import KVCache
@@ -190,6 +192,7 @@ class Engine:
         # engine thread decodes with its own copy, so decoding never waits for an encode (nor the reverse).
         self._tokenizer_lock = threading.Lock()
         self._decoder = _own_copy(tokenizer)
+        self._token_bytes = token_bytes(self._decoder) if self._decoder is not None else lambda token: None
         self.dtype = next(backbone.parameters()).dtype
         self.device = next(backbone.parameters()).device
         if self.device.type == "cpu":
@@ -710,19 +713,36 @@ class Engine:
         """Each of ``logprobs`` with the text each of its tokens adds after its ``context`` (the tokens just
         before it): what OpenAI's logprobs show as ``token``. Decoding after a few tokens of context, not alone,
         keeps the spaces and merged bytes a tokenizer's decoder puts between tokens, so the chosen tokens' texts
-        concatenate to the text. Two batched decodes for the lot (a prompt's tokens are many)."""
+        concatenate to the text. Two batched decodes for the lot (a prompt's tokens are many).
+
+        A token that holds part of a UTF-8 character (an emoji or CJK character split over byte-level tokens)
+        adds no text; the one that completes the character adds all of it. Such a token keeps its own bytes in
+        ``raw`` (``top_raw`` for the alternatives), for clients to join (read from the vocabulary: compat.token_bytes).
+        """
         if self.tokenizer is None:
             return logprobs
         ids = [[logprob.token, *(t for t, _ in logprob.top)] for logprob in logprobs]
         after = iter(self._decode_many([seq for c, i in zip(contexts, ids) for seq in (c, *([*c, t] for t in i))]))
         alone = iter(self._decode_many([[t] for i in ids for t in i]))
         out = []
-        for logprob, tokens in zip(logprobs, ids):
+        for logprob, tokens, context in zip(logprobs, ids, contexts):
             before = next(after)
             texts = [
                 a[len(before) :] if a.startswith(before) else x for a, x in ((next(after), next(alone)) for _ in tokens)
             ]
-            out.append(dataclasses.replace(logprob, text=texts[0], top_text=tuple(texts[1:])))
+            raws = [self._token_bytes(t) for t in tokens]
+            known = [self._token_bytes(t) for t in context[-4:]]  # an unfinished character spans at most 3 tokens
+            if all(r is not None for r in raws + known):
+                tail = b"".join(r for r in known if r is not None)
+                pending = tail[len(tail) - incomplete_tail(tail) :]
+                if pending or not all(is_text(r) for r in raws if r is not None):
+                    texts = [added_text(pending, r) if r is not None else x for r, x in zip(raws, texts)]
+            partial = [r if r is not None and not is_text(r) else None for r in raws]
+            out.append(
+                dataclasses.replace(
+                    logprob, text=texts[0], top_text=tuple(texts[1:]), raw=partial[0], top_raw=tuple(partial[1:])
+                )
+            )
         return out
 
     def _decode(self, ids: list[int]) -> str:

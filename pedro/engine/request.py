@@ -193,6 +193,8 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
     text: str = ""
     top_text: tuple[str, ...] = ()
+    raw: Optional[bytes] = None  # the token's own bytes where they are not text by themselves (part of a character)
+    top_raw: tuple[Optional[bytes], ...] = ()
 
 
 @dataclass

@@ -35,6 +35,7 @@ from pedro.server.generation import (
     merged,
     new_logprobs,
     open_all,
+    streamed,
     usage_counts,
 )
 from pedro.server.metrics import CountResponses, ServerMetrics
@@ -324,6 +325,7 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
     async def completions(body: CompletionRequest, request: Request, who: Principal = Depends(principal)) -> Any:
         sent: dict[int, int] = {}  # choice index -> characters of its text streamed so far
         held: dict[int, list] = {}  # choice index -> logprobs of tokens whose text is still held back
+        offset: dict[int, int] = {}  # choice index -> where the text of its next held token starts
 
         def chunk(rid: str, choice: Choice, out: RequestOutput) -> list[str]:
             opening = choice.index not in sent
@@ -332,11 +334,14 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
             held.setdefault(choice.index, []).extend(new_logprobs(out))
             if not text and not out.finished:
                 return []
+            sent[choice.index] = sent.get(choice.index, 0) + len(text)
             logprobs = None
             if body.logprobs is not None:  # an echoed prompt's logprobs come with its text, in the first chunk
                 prompt = (out.prompt_logprobs or ()) if opening else ()
-                logprobs = completion_logprobs(held.pop(choice.index), sent.get(choice.index, 0) + len(echo), prompt)
-            sent[choice.index] = sent.get(choice.index, 0) + len(text)
+                start = offset.get(choice.index, len(echo))
+                ready = streamed(held[choice.index], sent[choice.index] - start, out.finished)
+                logprobs = completion_logprobs(ready, start, prompt)
+                offset[choice.index] = start + sum(len(e.text) for e in ready)
             piece = CompletionChoice(
                 index=choice.index,
                 text=text,
@@ -378,7 +383,8 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
         body: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)
     ) -> Any:
         opened: set[int] = set()
-        held: dict[int, list] = {}
+        held: dict[int, list] = {}  # choice index -> logprobs of tokens whose text is still held back
+        room: dict[int, int] = {}  # choice index -> characters streamed beyond the text of the logprobs sent
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
 
         def chunk(rid: str, choice: Choice, out: RequestOutput) -> list[str]:
@@ -388,7 +394,9 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
                 pieces.append(ChunkChoice(index=choice.index, delta=Delta(role="assistant", content="")))
             held.setdefault(choice.index, []).extend(new_logprobs(out))
             if out.delta_text or (out.finished and held[choice.index]):
-                entries = held.pop(choice.index)
+                space = room.get(choice.index, 0) + len(out.delta_text)
+                entries = streamed(held[choice.index], space, out.finished)
+                room[choice.index] = space - sum(len(e.text) for e in entries)
                 pieces.append(
                     ChunkChoice(
                         index=choice.index,

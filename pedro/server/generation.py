@@ -124,21 +124,33 @@ async def merged(opened: list[Opened]) -> AsyncGenerator[tuple[Choice, RequestOu
 # ------------------------------------------------------------------------------------------------ logprobs
 
 
+def _shown(text: str, raw: Optional[bytes], prefix: str = "") -> str:
+    """How a token is shown: its text, or for a token that holds part of a UTF-8 character (``raw``: its bytes)
+    those bytes escaped (``\\xf0\\x9f``), as OpenAI shows them (with ``bytes:`` before them in completions)."""
+    return text if raw is None else prefix + raw.decode("utf-8", "backslashreplace")
+
+
 def completion_logprobs(
-    entries: list[TokenLogprob], offset: int, prompt: Sequence[TokenLogprob] = ()
+    entries: Sequence[TokenLogprob], offset: int, prompt: Sequence[TokenLogprob] = ()
 ) -> CompletionLogprobs:
     """The completions format; ``offset``: where the first token's text starts in the choice's text. ``prompt``:
     an echoed prompt's entries, put first, their offsets counted from the start of the text. As OpenAI's legacy
     completions do, each top_logprobs holds the token itself besides the k most likely (so up to k + 1 entries);
-    a prompt's first token has null for both, as nothing predicts it."""
+    a prompt's first token has null for both, as nothing predicts it. A token that holds part of a character is
+    shown as ``bytes:`` and its bytes escaped; its offset is where the character it belongs to starts."""
     result = CompletionLogprobs()
     for part, start in ((prompt, 0), (entries, offset)):
         for entry in part:
+            shown = _shown(entry.text, entry.raw, "bytes:")
             top = None
             if entry.logprob is not None:
-                top = {text: value for text, (_, value) in zip(entry.top_text, entry.top)}
-                top.setdefault(entry.text, entry.logprob)
-            result.tokens.append(entry.text)
+                top_raw = entry.top_raw or (None,) * len(entry.top)
+                top = {
+                    _shown(text, raw, "bytes:"): value
+                    for text, raw, (_, value) in zip(entry.top_text, top_raw, entry.top)
+                }
+                top.setdefault(shown, entry.logprob)
+            result.tokens.append(shown)
             result.token_logprobs.append(entry.logprob)
             result.top_logprobs.append(top)
             result.text_offset.append(start)
@@ -146,21 +158,40 @@ def completion_logprobs(
     return result
 
 
-def chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
-    def top(text: str, value: float) -> TopLogprob:
-        return TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+    """The chat format: ``bytes`` are each token's own bytes (for a token that holds part of a character, the
+    part: joining the bytes of consecutive tokens gives their text back, what OpenAI documents them for)."""
+
+    def top(text: str, raw: Optional[bytes], value: float) -> TopLogprob:
+        return TopLogprob(token=_shown(text, raw), logprob=value, bytes=list(raw if raw is not None else text.encode()))
 
     return ChatLogprobs(
         content=[
             TokenLogprobEntry(
-                token=e.text,
+                token=_shown(e.text, e.raw),
                 logprob=e.logprob,
-                bytes=list(e.text.encode()),
-                top_logprobs=[top(text, value) for text, (_, value) in zip(e.top_text, e.top)],
+                bytes=list(e.raw if e.raw is not None else e.text.encode()),
+                top_logprobs=[
+                    top(text, raw, value)
+                    for text, raw, (_, value) in zip(e.top_text, e.top_raw or (None,) * len(e.top), e.top)
+                ],
             )
             for e in entries
         ]
     )
+
+
+def streamed(held: list[TokenLogprob], room: int, finished: bool) -> list[TokenLogprob]:
+    """Take from the front of ``held`` the logprobs of the tokens whose text lies within the next ``room``
+    characters streamed (all of them once the choice has finished): the engine holds text back while it could
+    still become a stop string, and a chunk's logprobs must be those of the tokens its text shows."""
+    ready = 0
+    while ready < len(held) and (finished or len(held[ready].text) <= room):
+        room -= len(held[ready].text)
+        ready += 1
+    taken = held[:ready]
+    del held[:ready]
+    return taken
 
 
 def new_logprobs(out: RequestOutput) -> list[TokenLogprob]:
