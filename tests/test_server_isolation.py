@@ -154,6 +154,7 @@ def test_deleting_an_adapter_a_queued_request_uses_is_409(live):
     wait_for(live, lambda health: health["waiting"] == 1)
     refused = alice(live, "DELETE", "/v1/adapters/mine")
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "adapter_in_use", refused.text
+    assert "'mine' is in use" in refused.json()["error"]["message"] and "@" not in refused.text  # the caller's name
     for filler in fillers:
         filler.__exit__()
     waiter.join(120)

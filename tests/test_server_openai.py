@@ -166,6 +166,11 @@ def test_an_assistant_message_with_null_content_is_an_empty_turn(live):
         ({"role": "user", "content": None}, "messages.1.content", "only an assistant message"),
         ({"role": "system"}, "messages.1.content", "only an assistant message"),
         ({"role": "wizard", "content": "3"}, "messages.1.role", "'system', 'developer', 'user' or 'assistant'"),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+            "messages.1.content",
+            "parts of type 'image_url' are not supported",
+        ),
     ],
 )
 def test_messages_the_template_cannot_render_are_400_naming_the_field(live, message, where, why):

@@ -210,6 +210,15 @@ class ChatMessage(BaseModel):
             raise ValueError("role must be 'system', 'developer', 'user' or 'assistant'")
         return role
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not supported: this server takes text only")
+        return content
+
     @field_validator("content")
     @classmethod
     def _content(

@@ -163,7 +163,16 @@ class TenantAdapters:
             if record is None:
                 raise APIError(400, "the base model cannot be deleted", param="name")
             if self.unavailable.pop(record.engine_name, None) is None:
-                await self.backend.remove_adapter(record.engine_name)
+                try:
+                    await self.backend.remove_adapter(record.engine_name)
+                except APIError as err:  # the engine names its own versioned name: say the caller's
+                    if err.code != "adapter_in_use":
+                        raise
+                    raise APIError(
+                        409,
+                        f"cannot remove the adapter now: {record.name!r} is in use by running or waiting requests",
+                        code="adapter_in_use",
+                    ) from None
             self.registry.remove(record.tenant, record.name)
         log.info("removed adapter %s", record.qualified_name)
         return record
