@@ -142,9 +142,12 @@ def resolve_backbone(name_or_path: str) -> tuple[Path, str | None, str]:
         return path.parent, path.name, f"GGUF file {path}"
     if path.is_dir() and (path / "config.json").is_file():
         return path, None, f"local model directory {path}"
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if len(ggufs) == 1:  # a folder holding one GGUF file (a backbone package's own: what its model records)
+        return path, ggufs[0].name, f"GGUF file {ggufs[0]}"
     raise FileNotFoundError(
         f"backbone {name_or_path!r} is neither a known name ({sorted(BACKBONES)}), a .gguf file, "
-        "nor a directory with a config.json"
+        "nor a directory with a config.json or one .gguf file"
     )
 
 

@@ -78,9 +78,11 @@ def generate(
     from peft import PeftModel
 
     import pedro
+    from pedro.io import local_adapter
 
+    adapter_dir = local_adapter(adapter) if adapter is not None else None
     base, tokenizer = pedro.load_backbone(backbone)
-    model = base if adapter is None else PeftModel.from_pretrained(base, adapter)
+    model = base if adapter_dir is None else PeftModel.from_pretrained(base, str(adapter_dir))
     from pedro.data import encode_prompt
 
     # the same prompt tokens training used (chat template, or the tokenizer's own BOS without one)
@@ -320,13 +322,13 @@ def evaluate_command(
     base: bool = typer.Option(False, "--base", help="Score the bare backbone."),
     backbone: Optional[str] = typer.Option(None, help=BACKBONE_HELP + " (default: the adapter's, else smollm2-135m)"),
     split: str = typer.Option("test"),
-    limit: Optional[int] = typer.Option(None, help="Score the first N examples."),
-    batch_size: int = typer.Option(16),
+    limit: Optional[int] = typer.Option(None, min=1, help="Score the first N examples."),
+    batch_size: int = typer.Option(16, min=1),
     data_dir: Optional[str] = typer.Option(None, help="Folder with task data (default ../shared/data)."),
     output: Optional[Path] = typer.Option(
         None,
-        help="JSON result file (predictions go next to it); default ADAPTER/ or outputs/eval/BACKBONE-base/ "
-        "+ eval_TASK_SPLIT.json.",
+        help="JSON result file (predictions go next to it), or a folder to write eval_TASK_SPLIT.json in; default "
+        "ADAPTER/ or outputs/eval/BACKBONE-base/.",
     ),
 ) -> None:
     """Score a backbone or an adapter on a task; prints and writes the metrics JSON and per-example predictions."""
@@ -341,6 +343,8 @@ def evaluate_command(
         raise typer.BadParameter("give exactly one of --adapter DIR or --base")
     task_obj = get_task(task, data_dir)
     task_obj.path(split)  # missing data fails here, with where it was looked for, before loading a model
+    if output is not None and output.is_dir():
+        output = output / default_eval_output(task, split, adapter, backbone).name
     model, tokenizer = load_for_eval(backbone, adapter)
     output = output or default_eval_output(task, split, adapter, backbone)
     predictions = output.with_name(output.stem + "_predictions.jsonl")

@@ -267,10 +267,21 @@ def load_for_eval(backbone: str | None, adapter: str | None, quiet: bool = False
     """The backbone (named, or the one recorded in the adapter's config) with the adapter loaded, if any."""
     from peft import PeftConfig, PeftModel
 
-    from pedro.backbones import DEFAULT_BACKBONE, load_backbone
+    from pedro.backbones import DEFAULT_BACKBONE, load_backbone, resolve_backbone
+    from pedro.io import local_adapter
 
+    if adapter is not None:
+        adapter = str(local_adapter(adapter))
     if backbone is None:
         backbone = PeftConfig.from_pretrained(adapter).base_model_name_or_path if adapter else None
+        if backbone:
+            try:
+                resolve_backbone(backbone)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(
+                    f"{err}. It is the backbone the adapter records (where it was loaded from when the adapter "
+                    "was made); pass --backbone NAME (e.g. smollm2-135m) to choose it"
+                ) from None
         backbone = backbone or DEFAULT_BACKBONE
     base, tokenizer = load_backbone(backbone, quiet=quiet)
     model: nn.Module = base if adapter is None else PeftModel.from_pretrained(base, adapter)

@@ -52,6 +52,18 @@ def check_adapter_dir(path: str | Path) -> None:
         raise AdapterFileError(f"{WEIGHTS_NAME} is not a valid safetensors file (corrupt or truncated): {err}") from err
 
 
+def local_adapter(path: str | Path) -> Path:
+    """``path`` as a local adapter folder (one with an ``adapter_config.json``), refused at once otherwise: PEFT
+    would take any other string for a Hub repository id and retry the network before failing."""
+    directory = Path(path).expanduser()
+    if not (directory / "adapter_config.json").is_file():
+        what = "has no adapter_config.json" if directory.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"adapter {str(path)!r} {what}: give a folder that pedro train or save_pretrained wrote"
+        )
+    return directory
+
+
 def record_prompt_format(directory: str | Path, prompt_format: str) -> None:
     """Write ``prompt_format`` (one of PROMPT_FORMATS) into the metadata of ``directory``'s weights file."""
     if prompt_format not in PROMPT_FORMATS:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import peft
 import torch
 from torch import nn
-from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 
 from pedro.backbones import DEFAULT_BACKBONE, layer_map, load_backbone, resolve_dtype
 from pedro.compat import forget_gguf_quantization
@@ -199,7 +199,8 @@ def train(
     if examples is None and not cfg.data:
         raise ValueError("give training data: a JSONL file, a datasets folder, or a task name")
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {output_dir} is a file, not a folder")
     wall0 = time.perf_counter()
     # data problems are reported before minutes go into loading a backbone
     records = list(examples) if examples is not None else load_records(cfg.data, "train", cfg.data_dir)
@@ -267,6 +268,8 @@ def train(
     previous_attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attention is not None and attention != previous_attention:
         model.set_attn_implementation(attention)
+    output_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no empty folder behind
+    set_seed(cfg.seed)  # the adapter's initial weights too, not only the data order: a seed repeats a run
     peft_model = attach_adapter(model, cfg)
     _fp32_trainable(peft_model)
     trainable, _ = peft_model.get_nb_trainable_parameters()

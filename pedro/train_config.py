@@ -39,6 +39,27 @@ DEV_FRACTION = 0.1
 DEV_MIN, DEV_MAX = 32, 500
 
 
+# (field, lowest value, how the error says it) for the numeric fields that have a floor (None passes: a default)
+_BOUNDS = (
+    ("limit", 1, "a positive number of records"),
+    ("r", 1, "a positive rank"),
+    ("lora_r", 1, "a positive rank"),
+    ("batch_size", 1, "at least 1"),
+    ("grad_accum", 1, "at least 1"),
+    ("max_length", 2, "at least 2 tokens"),
+    ("lr", 1e-12, "a positive learning rate"),
+    ("bias_lr", 1e-12, "a positive learning rate"),
+    ("rational_lr", 1e-12, "a positive learning rate"),
+    ("weight_decay", 0, "0 or more"),
+    ("warmup", 0, "0 or more"),
+    ("logging_steps", 1, "at least 1"),
+    ("eval_steps", 0, "0 (every epoch) or a positive step count"),
+    ("save_steps", 0, "0 (no step checkpoints) or a positive step count"),
+    ("save_total_limit", 1, "at least 1"),
+    ("early_stopping", 0, "0 (off) or a patience of at least 1"),
+)
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; saved in ``training_summary.json``."""
@@ -129,6 +150,19 @@ class TrainConfig:
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name, low, what in _BOUNDS:
+            value = getattr(self, name)
+            if value is not None and not value >= low:
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ValueError(f"max_steps must be -1 (train the epochs) or a positive step count, got {self.max_steps}")
+        if self.match_params is not None and self.match_params != "pedro":
+            if not (str(self.match_params).isdigit() and int(self.match_params) > 0):
+                raise ValueError(
+                    f"match_params must be 'pedro' or a positive parameter count, got {self.match_params!r}"
+                )
         for name in ("targets", "lora_targets", "ia3_targets", "report_to"):
             value = getattr(self, name)
             setattr(self, name, tuple(value.split(",")) if isinstance(value, str) else tuple(value))

@@ -35,3 +35,14 @@ def test_second_load_reads_the_converted_copy(tmp_path, monkeypatch):
     x = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(first(x).logits, second(x).logits)
+
+
+def test_a_folder_holding_one_gguf_file_is_that_backbone(tmp_path):
+    """What a model loaded from a backbone package records as its path (and so what its adapters record)."""
+    from pedro.backbones import resolve_backbone
+
+    (tmp_path / "model.Q4_1.gguf").write_bytes(b"")
+    assert resolve_backbone(str(tmp_path))[:2] == (tmp_path, "model.Q4_1.gguf")
+    (tmp_path / "other.gguf").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="one .gguf file"):
+        resolve_backbone(str(tmp_path))

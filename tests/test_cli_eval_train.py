@@ -96,3 +96,24 @@ def test_size_printout_compares_methods_only_when_matching(tmp_path, tiny_llama_
     # PEDRO is the budget itself (r=8), not PEDRO shrunk to what (IA)3 reached
     assert sizes["pedro"]["size"] == "r=8" and sizes["pedro"]["vs_budget"] == 0.0
     assert sizes["ia3"]["trainable"] == pytest.approx((1 + sizes["ia3"]["vs_budget"]) * budget)
+
+
+def test_eval_refuses_bad_arguments_before_loading_and_writes_into_a_given_folder(tmp_path, tiny_llama_dir):
+    task = tmp_path / "task"
+    task.mkdir()
+    _write(task / "test.jsonl", [{"prompt": "5 6", "response": "43", "options": ["43", "44 45"]}])
+    base = ["eval", "--task", f"jsonl:{task}"]
+    missing = CliRunner().invoke(app, [*base, "--adapter", str(tmp_path / "no-such-adapter")])
+    assert missing.exit_code != 0 and "does not exist" in str(missing.exception or missing.output)
+    (tmp_path / "empty").mkdir()
+    empty = CliRunner().invoke(app, [*base, "--adapter", str(tmp_path / "empty")])
+    assert empty.exit_code != 0 and "no adapter_config.json" in str(empty.exception or empty.output)
+    for option in ("--limit", "--batch-size"):
+        refused = CliRunner().invoke(app, [*base, "--base", "--backbone", str(tiny_llama_dir), option, "0"])
+        assert refused.exit_code == 2 and option in refused.output
+    folder = tmp_path / "results"
+    folder.mkdir()
+    into = CliRunner().invoke(app, [*base, "--base", "--backbone", str(tiny_llama_dir), "--output", str(folder)])
+    assert into.exit_code == 0, into.output
+    [written] = folder.glob("eval_*_test.json")
+    assert json.loads(written.read_text())["n"] == 1 and (folder / f"{written.stem}_predictions.jsonl").is_file()

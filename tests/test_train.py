@@ -335,6 +335,47 @@ def test_a_checkpoint_mark_without_times_leaves_the_run_time_unknown(tmp_path):
     assert set(json.loads(mark.read_text())) == {"train_seconds", "train_cpu_seconds"}
 
 
+@pytest.mark.parametrize("method", ["pedro", "lora"])
+def test_the_seed_decides_the_run_whatever_the_callers_random_state(tmp_path, method):
+    """``seed`` seeds the adapter's initial weights too, not only the data order: the same seed repeats a run
+    bit for bit after any use of torch's random generator, another seed gives another run."""
+
+    def run(seed: int, name: str, noise: int) -> dict[str, torch.Tensor]:
+        model = tiny_model("llama")
+        torch.manual_seed(noise)  # whatever the caller did with the global generator before training
+        out = tmp_path / name
+        train(model=model, tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(out), method=method,
+              max_steps=2, batch_size=2, lr=1e-2, seed=seed, progress=False)  # fmt: skip
+        return load_file(out / "adapter_model.safetensors")
+
+    first, again, other = run(0, "first", 11), run(0, "again", 12), run(1, "other", 11)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("limit", 0), ("limit", -2), ("batch_size", 0), ("grad_accum", 0), ("lr", -1.0), ("bias_lr", -1.0),
+     ("rational_lr", 0.0), ("max_steps", 0), ("save_total_limit", 0), ("lora_r", 0), ("lora_dropout", 1.0),
+     ("match_params", "abc"), ("max_length", 0), ("warmup", -0.1), ("lr", float("nan"))],
+)  # fmt: skip
+def test_out_of_range_settings_are_refused_naming_them(field, value):
+    """Refused when the config is made, before any data or backbone is loaded."""
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_a_refused_run_leaves_no_output_folder(tmp_path):
+    with pytest.raises(ValueError, match="choice data"):
+        train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, objective="choice",
+              output_dir=str(tmp_path / "out"), progress=False)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES,
+              output_dir=str(tmp_path / "file"), progress=False)  # fmt: skip
+
+
 def test_resuming_a_finished_run_keeps_the_adapter_it_kept(tmp_path):
     """A run killed after its last checkpoint, before its adapter was written, resumed: no step more (Trainer
     would train one past ``max_steps`` here), and the adapter is the one the run kept (the best evaluation's)."""
