@@ -10,6 +10,7 @@ reads them) are in docs/training.md, "Speed".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -176,6 +177,35 @@ def carve_dev(
             f"the records have too few distinct prompts to hold out a dev split of {n}: pass --dev-split 0"
         )
     return [r for i, r in enumerate(records) if i in held], [r for i, r in enumerate(records) if i not in held]
+
+
+# settings a resumed run may change: how it is shown, logged and kept, not what it learns
+RESUMABLE_CHANGES = frozenset({"resume", "progress", "threads", "report_to", "logging_steps", "save_total_limit"})
+RUN_NAME = "run.json"  # in the checkpoints folder: the settings and the data its checkpoints were made with
+
+
+def _same_run(
+    checkpoint_dir: Path, cfg: TrainConfig, rows: list[dict[str, Any]], eval_rows: Any, resuming: bool
+) -> None:
+    """Record what this run's checkpoints come from, or, resuming, refuse checkpoints made with other settings
+    or other data: the run would continue someone else's optimisation and report it as this one."""
+    data = hashlib.sha256(json.dumps([rows, eval_rows], sort_keys=True, default=str).encode()).hexdigest()
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and k != "output_dir"}
+    identity = json.loads(json.dumps({"settings": settings, "data": data}))
+    recorded = checkpoint_dir / RUN_NAME
+    if resuming and recorded.is_file():
+        before = json.loads(recorded.read_text())
+        old, new = before.get("settings", {}), identity["settings"]
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        changed += ["the training or held-out data"] if before.get("data") != data else []
+        if changed:
+            raise ValueError(
+                f"resume: the checkpoints in {checkpoint_dir} were made with other settings ({', '.join(changed)}); "
+                "train into another output folder, or without resume to start over"
+            )
+        return
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(recorded, identity)
 
 
 def train(
@@ -366,6 +396,7 @@ def train(
         resume_from = last_complete_checkpoint(checkpoint_dir)
         if cfg.progress:
             print(f"resuming from {resume_from}" if resume_from else "no checkpoint to resume from: starting fresh")
+    _same_run(checkpoint_dir, cfg, rows, eval_rows, resuming=resume_from is not None)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -356,7 +356,7 @@ def test_the_seed_decides_the_run_whatever_the_callers_random_state(tmp_path, me
 @pytest.mark.parametrize(
     "field, value",
     [("limit", 0), ("limit", -2), ("batch_size", 0), ("grad_accum", 0), ("lr", -1.0), ("bias_lr", -1.0),
-     ("rational_lr", 0.0), ("max_steps", 0), ("save_total_limit", 0), ("lora_r", 0), ("lora_dropout", 1.0),
+     ("rational_lr", -1e-3), ("max_steps", 0), ("save_total_limit", 0), ("lora_r", 0), ("lora_dropout", 1.0),
      ("match_params", "abc"), ("max_length", 0), ("warmup", -0.1), ("lr", float("nan"))],
 )  # fmt: skip
 def test_out_of_range_settings_are_refused_naming_them(field, value):
@@ -401,6 +401,13 @@ def test_resuming_a_finished_run_keeps_the_adapter_it_kept(tmp_path):
     assert again.summary["evaluations"] == first.summary["evaluations"]
     restored = load_file(tmp_path / "adapter_model.safetensors")
     assert kept.keys() == restored.keys() and all(torch.equal(kept[k], restored[k]) for k in kept)
+    # checkpoints made with other settings or other data are not continued as if they were this run's
+    with pytest.raises(ValueError, match=r"other settings \(lr, max_steps\)"):
+        train(model=tiny_model("llama"), **{**kwargs, "lr": 1e-2, "max_steps": 9})
+    with pytest.raises(ValueError, match="the training or held-out data"):
+        train(model=tiny_model("llama"), **{**kwargs, "examples": EXAMPLES[1:]})
+    relogged = train(model=tiny_model("llama"), **{**kwargs, "logging_steps": 3, "threads": 1})  # how it is shown
+    assert relogged.summary["steps"] == 7
 
 
 # bilevel: the rational coefficients' own optimizer (its moments), the order of the dev batches it draws and
@@ -429,8 +436,8 @@ def test_save_steps_checkpoint_between_evaluations_and_resume_exactly(tmp_path, 
     plain = train(model=tiny_model("llama"), output_dir=str(tmp_path / "plain"), **kwargs)
     stepped = train(model=tiny_model("llama"), output_dir=str(tmp_path / "stepped"), save_steps=3, **kwargs)
     checkpoints = tmp_path / "stepped" / "checkpoints"
-    assert sorted(int(p.name.split("-")[1]) for p in checkpoints.iterdir()) == [3, 4, 6, 8]
-    assert all((p / COMPLETE).is_file() for p in checkpoints.iterdir())
+    assert sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")) == [3, 4, 6, 8]
+    assert all((p / COMPLETE).is_file() for p in checkpoints.glob("checkpoint-*"))
     reference = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     if held_out.get("bilevel"):
         assert any(".act.numerator" in k for k in reference)  # the rational coefficients are in the adapter
