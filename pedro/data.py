@@ -80,8 +80,9 @@ def load_records(source: str | Path, split: str = "train", data_dir: str | Path 
         dataset = _load_dataset_dir(path, split)
         examples = [record_to_example(dict(row), f"{path} row {i}") for i, row in enumerate(dataset)]
         return _check_empty(examples, [f"{path} row {i}" for i in range(len(examples))])
+    what = "training data" if split == "train" else "held-out data"
     raise FileNotFoundError(
-        f"training data {str(source)!r} is neither a file, a directory, nor a task ({sorted(TASKS)} or jsonl:DIR)"
+        f"{what} {str(source)!r} is neither a file, a directory, nor a task ({sorted(TASKS)} or jsonl:DIR)"
     )
 
 
@@ -346,6 +347,14 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
         return (index for batch in self.batches() for index in batch)
 
 
+def umask_mode(path: str | Path) -> None:
+    """Give ``path`` the permissions a plain ``open`` / ``mkdir`` would have: temp files and folders are created
+    private (0600 / 0700), which would keep an adapter or a result from the other users a umask lets read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
 def write_jsonl_atomic(path: str | Path, records: Sequence[Any]) -> None:
     """One JSON object per line, written to a temp file in the same folder and renamed over ``path``, so a
     reader (or a crash) never sees half a file."""
@@ -355,6 +364,7 @@ def write_jsonl_atomic(path: str | Path, records: Sequence[Any]) -> None:
         for record in records:
             handle.write(json.dumps(record, default=str) + "\n")
         tmp = handle.name
+    umask_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -365,4 +375,5 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
         json.dump(payload, handle, indent=2, default=str)
         tmp = handle.name
+    umask_mode(tmp)
     os.replace(tmp, path)

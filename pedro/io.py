@@ -13,6 +13,8 @@ from typing import Any, Optional
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from pedro.data import umask_mode
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
@@ -130,6 +132,8 @@ def save_adapter_atomic(
         model.save_pretrained(staging, save_embedding_layers=False)  # PEFT would look the backbone up online
         if prompts is not None:
             record_prompt_format(staging, prompts)
+        for made in [staging, *staging.rglob("*")]:  # mkdtemp's folder is private (0700): as mkdir makes it
+            umask_mode(made)
         if not output_dir.exists():
             os.rename(staging, output_dir)
             return

@@ -298,7 +298,6 @@ def train(
     previous_attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attention is not None and attention != previous_attention:
         model.set_attn_implementation(attention)
-    output_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no empty folder behind
     set_seed(cfg.seed)  # the adapter's initial weights too, not only the data order: a seed repeats a run
     peft_model = attach_adapter(model, cfg)
     _fp32_trainable(peft_model)
@@ -316,10 +315,13 @@ def train(
         )
         + ") or held-out data (--eval-data / eval_data, eval_examples)"
     )
+    if cfg.eval_steps and not evaluating:
+        raise ValueError(f"eval_steps needs held-out data to evaluate: {hold_out}")
     if cfg.early_stopping and not evaluating:
         raise ValueError(f"early_stopping needs held-out data: {hold_out}")
     if cfg.bilevel and not evaluating:
         raise ValueError(f"bilevel needs held-out data for the rational coefficients' steps: {hold_out}")
+    output_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no empty folder behind
     accuracy = None  # for choice data: accuracy next to the loss, which also picks the best checkpoint
     if held_out is not None:
         from pedro.evaluate import ChoiceAccuracy, is_choice_data

@@ -63,3 +63,21 @@ def test_a_crash_while_writing_leaves_the_old_adapter_intact(tmp_path, monkeypat
     assert after[0] == before[0] == 4
     assert after[1].keys() == before[1].keys() and all(torch.equal(after[1][k], before[1][k]) for k in before[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_written_files_get_the_permissions_the_umask_gives(tmp_path):
+    """Temp files and folders are private (0600 / 0700) until renamed: an adapter or a result written through
+    them must end up as readable as a plain write makes it (here umask 022: 0755 folders, 0644 files)."""
+    import os
+    import stat
+
+    from pedro.data import write_json_atomic
+
+    previous = os.umask(0o022)
+    try:
+        save_adapter_atomic(_adapter(4, 1), tmp_path / "run", backbone="tiny")
+        write_json_atomic(tmp_path / "run" / "summary.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "run", *(tmp_path / "run").iterdir()]}
+    assert modes.pop("run") == 0o755 and modes and set(modes.values()) == {0o644}, modes

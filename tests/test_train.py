@@ -258,7 +258,6 @@ def test_early_stopping_stops_when_eval_loss_stalls(tmp_path):
             tokenizer=tiny_tokenizer(),
             examples=EXAMPLES,
             output_dir=str(tmp_path / "x"),
-            eval_steps=1,
             early_stopping=1,
             progress=False,
         )
@@ -368,6 +367,10 @@ def test_out_of_range_settings_are_refused_naming_them(field, value):
 def test_a_refused_run_leaves_no_output_folder(tmp_path):
     with pytest.raises(ValueError, match="choice data"):
         train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, objective="choice",
+              output_dir=str(tmp_path / "out"), progress=False)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="eval_steps needs held-out data"):
+        train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, eval_steps=2,
               output_dir=str(tmp_path / "out"), progress=False)  # fmt: skip
     assert not (tmp_path / "out").exists()
     (tmp_path / "file").write_text("")
