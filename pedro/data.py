@@ -42,11 +42,13 @@ def record_to_example(row: dict[str, Any], where: str) -> Example:
             raise ValueError(f'{where}: "messages" must be a list of at least two {{role, content}} objects')
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message must be the assistant's answer, got {messages[-1]['role']!r}")
-        return Example(prompt=messages[:-1], response=messages[-1]["content"])
-    missing = [k for k in ("prompt", "response") if not isinstance(row.get(k), str)]
-    if missing:
-        raise ValueError(f'{where}: needs string fields "prompt" and "response" (or "messages"); missing {missing}')
-    return Example(prompt=row["prompt"], response=row["response"])
+        return Example(prompt=messages[:-1], response=messages[-1]["content"], where=where)
+    missing = [k for k in ("prompt", "response") if k not in row or row[k] is None]
+    not_text = [k for k in ("prompt", "response") if k not in missing and not isinstance(row[k], str)]
+    if missing or not_text:
+        problems = ([f"missing {missing}"] if missing else []) + ([f"not strings: {not_text}"] if not_text else [])
+        raise ValueError(f'{where}: needs string fields "prompt" and "response" (or "messages"); {"; ".join(problems)}')
+    return Example(prompt=row["prompt"], response=row["response"], where=where)
 
 
 def _is_empty(example: Example) -> bool:
@@ -156,8 +158,9 @@ class DataReport:
     dropped: int = 0
     max_length: int = 0
     tokens: int = 0
-    examples_truncated: list[int] = field(default_factory=list)
-    examples_dropped: list[int] = field(default_factory=list)
+    # each record as where it was read ("file.jsonl:6"), or its 0-based number among those given
+    examples_truncated: list[int | str] = field(default_factory=list)
+    examples_dropped: list[int | str] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = f"{self.kept}/{self.total} records kept ({self.tokens:,} tokens, max length {self.max_length})"
@@ -195,10 +198,10 @@ def tokenize_examples(
             if overflow == "truncate" and len(prompt) < max_length:
                 response = response[: max_length - len(prompt)]
                 report.truncated += 1
-                report.examples_truncated.append(index)
+                report.examples_truncated.append(example.where or index)
             else:
                 report.dropped += 1
-                report.examples_dropped.append(index)
+                report.examples_dropped.append(example.where or index)
                 continue
         rows.append(
             {
@@ -248,7 +251,7 @@ def tokenize_choice_examples(
         prompt = encode_prompt(tokenizer, example.prompt)
         if len(prompt) > max_length:
             report.dropped += 1
-            report.examples_dropped.append(index)
+            report.examples_dropped.append(example.where or index)
             continue
         rows.append(
             {"input_ids": prompt, "prompt_length": len(prompt), "option_ids": option_ids, "choice": example.label}

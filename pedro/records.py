@@ -28,6 +28,7 @@ class Example:
     options: list[str] | None = None
     label: int | None = None
     references: list[str] = field(default_factory=list)
+    where: str = field(default="", compare=False)  # where it was read ("file.jsonl:6"), for messages about it
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:

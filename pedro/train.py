@@ -399,6 +399,8 @@ def train(
         if cfg.progress:
             print(f"resuming from {resume_from}" if resume_from else "no checkpoint to resume from: starting fresh")
     _same_run(checkpoint_dir, cfg, rows, eval_rows, resuming=resume_from is not None)
+    if resume_from is None:  # a fresh run's log is its own, not appended to an earlier run's in this folder
+        (output_dir / LOG_NAME).unlink(missing_ok=True)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

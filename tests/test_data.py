@@ -77,6 +77,24 @@ def test_collator_pads_and_model_mask_covers_exactly_the_prompt(side):
     assert torch.equal(prompt_mask, ((ids >= 5) & (ids <= 9)) | (ids == 55))
 
 
+def test_records_are_named_by_where_they_were_read(tmp_path):
+    """A report or an error names a record by its file and line, whatever order training shuffled it into; a
+    field of the wrong type is not called missing."""
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "5 6", "response": "7"}] * 5 + [{"prompt": "5 " * 9, "response": "6"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = load_records(path)
+    records.reverse()  # as a shuffle would
+    with pytest.raises(ValueError, match=rf"e.g. records \['{path}:6'\]"):
+        tokenize_examples(records, tiny_tokenizer(), max_length=8, overflow="error")
+    path.write_text(json.dumps({"prompt": "5 6", "response": 5}) + "\n")
+    with pytest.raises(ValueError, match=r"data.jsonl:1: .*not strings: \['response'\]"):
+        load_records(path)
+    path.write_text(json.dumps({"prompt": "5 6"}) + "\n")
+    with pytest.raises(ValueError, match=r"missing \['response'\]"):
+        load_records(path)
+
+
 def test_overflow_policies_report_counts():
     tokenizer = tiny_tokenizer()
     examples = [Example("5 6", "7 8"), Example("5 6 7 8 9 55", "43 44 45"), Example("5 " * 9, "6")]

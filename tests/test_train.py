@@ -364,6 +364,15 @@ def test_out_of_range_settings_are_refused_naming_them(field, value):
         TrainConfig(**{field: value})
 
 
+def test_a_fresh_run_into_a_used_folder_starts_its_own_log(tmp_path):
+    kwargs = dict(tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path), max_steps=2,
+                  batch_size=2, logging_steps=1, progress=False)  # fmt: skip
+    train(model=tiny_model("llama"), **kwargs)
+    first = (tmp_path / "train_log.jsonl").read_text()
+    train(model=tiny_model("llama"), **kwargs)
+    assert (tmp_path / "train_log.jsonl").read_text().count("\n") == first.count("\n")
+
+
 def test_a_refused_run_leaves_no_output_folder(tmp_path):
     with pytest.raises(ValueError, match="choice data"):
         train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, objective="choice",
