@@ -354,29 +354,33 @@ class Bilevel(TrainerCallback):
 
 
 class ProgressAndLog(TrainerCallback):
-    """A tqdm bar with loss, tokens/s and ETA, and every log record appended to a JSONL file."""
+    """A tqdm bar with loss, tokens/s and ETA, and every log record appended to a JSONL file. Tokens/s is the
+    training steps' own rate: the time of evaluations and checkpoints between steps is not counted."""
 
     def __init__(self, log_path: Path, show: bool) -> None:
         self.log_path = log_path
         self.show = show
         self.bar = None
-        self.start = 0.0
+        self.step_started = 0.0
+        self.stepping = 0.0  # seconds inside training steps (step begin to step end) in this process
         self.tokens0 = 0
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's callback signature
         from tqdm.auto import tqdm
 
-        self.start = time.perf_counter()
         self.tokens0 = state.num_input_tokens_seen
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, disable=not self.show, desc="train")
 
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.step_started = time.perf_counter()
+
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.stepping += time.perf_counter() - self.step_started
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
     def tokens_per_second(self, state: Any) -> float:
-        elapsed = time.perf_counter() - self.start
-        return (state.num_input_tokens_seen - self.tokens0) / elapsed if elapsed > 0 else 0.0
+        return (state.num_input_tokens_seen - self.tokens0) / self.stepping if self.stepping > 0 else 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
         record = {
