@@ -271,11 +271,15 @@ def train(
     records = records[: cfg.limit] if cfg.limit else records
     epochs = cfg.epochs if cfg.epochs is not None else auto_epochs(len(records), cfg.batch_size * cfg.grad_accum)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
-    if cfg.progress and (cfg.epochs is None or cfg.lr is None or dev):
+    if cfg.progress and ((cfg.epochs is None and cfg.max_steps < 0) or cfg.lr is None or dev):
         print(
             "defaults: "
             + ", ".join(
-                ([f"{epochs:g} epochs for {len(records)} records (--epochs)"] if cfg.epochs is None else [])
+                (
+                    [f"{epochs:g} epochs for {len(records)} records (--epochs)"]
+                    if cfg.epochs is None and cfg.max_steps < 0
+                    else []
+                )
                 + ([f"lr {lr:g} for {cfg.method} (--lr)"] if cfg.lr is None else [])
                 + (
                     [
@@ -436,7 +440,7 @@ def train(
         "data": report.as_dict(),
         "eval_data": eval_report.as_dict() if eval_report else None,
         "steps": trainer.state.global_step,
-        "epochs": epochs,
+        "epochs": epochs if cfg.max_steps < 0 else trainer.state.epoch,  # with max_steps: the epochs it ran
         "lr": lr,
         "dev_records": len(dev),
         "best": {
