@@ -4,6 +4,7 @@ adapter directory atomically."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import tempfile
@@ -63,6 +64,10 @@ def local_adapter(path: str | Path) -> Path:
         raise FileNotFoundError(
             f"adapter {str(path)!r} {what}: give a folder that pedro train or save_pretrained wrote"
         )
+    try:
+        json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{directory / 'adapter_config.json'} is not valid JSON: {err}") from None
     return directory
 
 

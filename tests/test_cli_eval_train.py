@@ -108,6 +108,10 @@ def test_eval_refuses_bad_arguments_before_loading_and_writes_into_a_given_folde
     (tmp_path / "empty").mkdir()
     empty = CliRunner().invoke(app, [*base, "--adapter", str(tmp_path / "empty")])
     assert empty.exit_code != 0 and "no adapter_config.json" in str(empty.exception or empty.output)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    broken = CliRunner().invoke(app, [*base, "--adapter", str(tmp_path / "broken")])
+    assert broken.exit_code != 0 and "adapter_config.json is not valid JSON" in str(broken.exception or broken.output)
     for option in ("--limit", "--batch-size"):
         refused = CliRunner().invoke(app, [*base, "--base", "--backbone", str(tiny_llama_dir), option, "0"])
         assert refused.exit_code == 2 and option in refused.output
