@@ -379,7 +379,8 @@ def default_eval_output(task: str, split: str, adapter: str | None, backbone: st
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (write results/<name>.json, .md, .png).")
 app.add_typer(bench_app, name="bench")
-PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+# --help too goes to the script, whose own help lists its options (the command's docstring shows in `pedro bench --help`)
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
 def _run_benchmark(name: str, args: list[str]) -> None:
@@ -396,28 +397,28 @@ def _run_benchmark(name: str, args: list[str]) -> None:
 @bench_app.command("multitenant", context_settings=PASS_THROUGH)
 def bench_multitenant(ctx: typer.Context) -> None:
     """Engine throughput vs distinct adapters per batch: bare / PEDRO / LoRA / (IA)3 / HF PEFT -> results/multitenant.*
-    (options pass through to benchmarks/multitenant.py, e.g. --preset full; see its --help)."""
+    (options pass through to benchmarks/multitenant.py, e.g. --preset full; pedro bench NAME --help shows them)."""
     _run_benchmark("multitenant", ctx.args)
 
 
 @bench_app.command("serve", context_settings=PASS_THROUGH)
 def bench_serve(ctx: typer.Context) -> None:
     """Load benchmark of pedro serve: PEDRO vs LoRA vs base under concurrent clients -> results/serve.*
-    (options pass through to benchmarks/serve.py; see its --help)."""
+    (options pass through to benchmarks/serve.py; pedro bench NAME --help shows them)."""
     _run_benchmark("serve", ctx.args)
 
 
 @bench_app.command("train", context_settings=PASS_THROUGH)
 def bench_train(ctx: typer.Context) -> None:
     """Training tokens/s: PEDRO vs parameter-matched LoRA, fp32 vs bf16, interleaved -> results/train_speed.*
-    (options pass through to benchmarks/train_speed.py; see its --help)."""
+    (options pass through to benchmarks/train_speed.py; pedro bench NAME --help shows them)."""
     _run_benchmark("train_speed", ctx.args)
 
 
 @bench_app.command("quality", context_settings=PASS_THROUGH)
 def bench_quality(ctx: typer.Context) -> None:
     """PEDRO vs parameter-matched LoRA and (IA)3: --phase dev (the defaults' choices) or the study on five tasks
-    -> results/quality*.{json,md} (options pass through to benchmarks/quality.py, e.g. --quick; see its --help)."""
+    -> results/quality*.{json,md} (options pass through to benchmarks/quality.py, e.g. --quick; pedro bench NAME --help shows them)."""
     _run_benchmark("quality", ctx.args)
 
 

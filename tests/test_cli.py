@@ -51,3 +51,8 @@ def test_unknown_backbone_is_a_clear_error():
     result = runner.invoke(app, ["info", "--backbone", "no-such-model"])
     assert result.exit_code != 0
     assert "neither a known name" in str(result.exception)
+
+
+def test_bench_help_is_the_benchmark_scripts_own():
+    result = runner.invoke(app, ["bench", "quality", "--help"])
+    assert result.exit_code == 0 and "usage: quality.py" in result.output and "--methods" in result.output
