@@ -787,6 +787,8 @@ def test_phase(args: argparse.Namespace, out: Path, command: str) -> None:
         return True
 
     if args.report:
+        if not done:
+            raise SystemExit(f"no runs on record in {runs_path}: nothing to report (run the study first)")
         write_outputs()
         log(f"rebuilt from {len(done)} runs on record: {out / stem}.md")
         return

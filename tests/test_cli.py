@@ -56,3 +56,9 @@ def test_unknown_backbone_is_a_clear_error():
 def test_bench_help_is_the_benchmark_scripts_own():
     result = runner.invoke(app, ["bench", "quality", "--help"])
     assert result.exit_code == 0 and "usage: quality.py" in result.output and "--methods" in result.output
+
+
+def test_a_quality_report_without_runs_says_so_and_writes_nothing(tmp_path):
+    result = runner.invoke(app, ["bench", "quality", "--report", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "no runs on record" in str(result.exception or result.output)
+    assert list(tmp_path.iterdir()) == []
