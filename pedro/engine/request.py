@@ -196,6 +196,11 @@ class TokenLogprob:
     raw: Optional[bytes] = None  # the token's own bytes where they are not text by themselves (part of a character)
     top_raw: tuple[Optional[bytes], ...] = ()
 
+    def alternatives(self) -> list[tuple[str, Optional[bytes], float]]:
+        """(text, raw, logprob) of each alternative that has its text, most likely first."""
+        raws = self.top_raw or (None,) * len(self.top)
+        return [(text, raw, value) for text, raw, (_, value) in zip(self.top_text, raws, self.top)]
+
 
 @dataclass
 class RequestOutput:

@@ -144,11 +144,7 @@ def completion_logprobs(
             shown = _shown(entry.text, entry.raw, "bytes:")
             top = None
             if entry.logprob is not None:
-                top_raw = entry.top_raw or (None,) * len(entry.top)
-                top = {
-                    _shown(text, raw, "bytes:"): value
-                    for text, raw, (_, value) in zip(entry.top_text, top_raw, entry.top)
-                }
+                top = {_shown(text, raw, "bytes:"): value for text, raw, value in entry.alternatives()}
                 top.setdefault(shown, entry.logprob)
             result.tokens.append(shown)
             result.token_logprobs.append(entry.logprob)
@@ -171,10 +167,7 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatLogprobs:
                 token=_shown(e.text, e.raw),
                 logprob=e.logprob,
                 bytes=list(e.raw if e.raw is not None else e.text.encode()),
-                top_logprobs=[
-                    top(text, raw, value)
-                    for text, raw, (_, value) in zip(e.top_text, e.top_raw or (None,) * len(e.top), e.top)
-                ],
+                top_logprobs=[top(text, raw, value) for text, raw, value in e.alternatives()],
             )
             for e in entries
         ]
