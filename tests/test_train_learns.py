@@ -27,7 +27,10 @@ def _examples(prefixes: list[list[int]]) -> list[Example]:
 
 def test_a_trained_adapter_beats_the_bare_backbone_on_a_learnable_task(tmp_path):
     train_set = _examples([[10 + i, 20 + i] for i in range(8)])
-    test_set = _examples([[40 + i, 70 + i] for i in range(6)])  # prefixes never seen in training
+    # prefixes never seen in training: its tokens in pairs it never saw (with tokens it never saw at all, whether a
+    # random tiny backbone's states for them let the cue through is luck of the adapter's initial weights: 0.75 to
+    # 1.0 over seeds 0-4; these pairs reach 1.0 at every seed 0-7)
+    test_set = _examples([[10 + i, 20 + (i + 1) % 8] for i in range(6)])
     data = tmp_path / "toy"
     data.mkdir()
     (data / "test.jsonl").write_text(
@@ -50,10 +53,10 @@ def test_a_trained_adapter_beats_the_bare_backbone_on_a_learnable_task(tmp_path)
         output_dir=str(tmp_path / "run"),
         r=4,
         lr=2e-2,
-        max_steps=40,
+        max_steps=80,
         batch_size=8,
         warmup=0,
-        logging_steps=40,
+        logging_steps=80,
         progress=False,
         seed=0,
     )
