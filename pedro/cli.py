@@ -350,10 +350,9 @@ def evaluate_command(
         raise typer.BadParameter("give exactly one of --adapter DIR or --base")
     task_obj = get_task(task, data_dir)
     task_obj.path(split)  # missing data fails here, with where it was looked for, before loading a model
-    if output is not None and output.is_dir():
-        output = output / default_eval_output(task, split, adapter, backbone).name
+    default = default_eval_output(task, split, adapter, backbone)
+    output = default if output is None else output / default.name if output.is_dir() else output
     model, tokenizer = load_for_eval(backbone, adapter)
-    output = output or default_eval_output(task, split, adapter, backbone)
     predictions = output.with_name(output.stem + "_predictions.jsonl")
     result = run_eval(model, tokenizer, task_obj, split, limit, batch_size, predictions_path=predictions)
     result["adapter"] = adapter
