@@ -105,6 +105,20 @@ def test_chat_completion_streaming_and_not_equal_the_engine(live):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref.token_ids)
 
 
+def test_streamed_chat_deltas_carry_only_their_fields(live):
+    """The role once, then content alone, then an empty delta with the finish reason, as OpenAI streams them."""
+    body = {"model": "a0", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 6, "stream": True}
+    with httpx.stream(
+        "POST", f"{live.server.url}/v1/chat/completions", json=body, headers=auth(TENANTS["alice"]), timeout=60
+    ) as response:
+        lines = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    deltas = [json.loads(line)["choices"][0]["delta"] for line in lines[:-1]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert deltas[-1] == {}
+    assert len(deltas) > 2 and all(list(d) == ["content"] for d in deltas[1:-1])
+
+
 def test_stop_string_cuts_the_answer_like_the_engine(live):
     full = reference(live, PROMPTS[0], "alice:a0").text.split()
     stop = f" {full[3]}"

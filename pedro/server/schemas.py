@@ -15,7 +15,16 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 # field -> why it is refused, when a request sets it to anything but an "off" value (None, False, 0, "", [], {})
 REFUSED = {
@@ -374,8 +383,15 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(BaseModel):
+    """A streamed message's change: only the fields it carries are sent (OpenAI sends the role once, then only
+    content, and an empty delta with the finish reason), since strict clients read a present ``null`` as a value."""
+
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _carried(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChunkChoice(BaseModel):
