@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -116,8 +116,30 @@ def _link_or_copy(source: Any, target: Any) -> None:
         shutil.copy2(source, target, follow_symlinks=False)
 
 
+def evaluations_in(directory: str | Path) -> list[str]:
+    """The files ``pedro eval`` wrote into an adapter directory: its ``eval_*.json`` results and the predictions
+    each names beside it. They score the weights that were there, so a new adapter must not inherit them."""
+    found: list[str] = []
+    for result in sorted(Path(directory).glob("eval_*.json")):
+        try:
+            record = json.loads(result.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not isinstance(record, dict) or not {"task", "split", "metric", "predictions"} <= record.keys():
+            continue  # not one of ours: a user's own file stays
+        found.append(result.name)
+        predictions = Path(str(record["predictions"]))
+        if predictions.name.startswith("eval_") and (Path(directory) / predictions.name).is_file():
+            found.append(predictions.name)
+    return found
+
+
 def save_adapter_atomic(
-    model: Any, output_dir: str | Path, backbone: Optional[str] = None, prompts: Optional[str] = None
+    model: Any,
+    output_dir: str | Path,
+    backbone: Optional[str] = None,
+    prompts: Optional[str] = None,
+    drop: Collection[str] = (),
 ) -> None:
     """``model.save_pretrained(output_dir)``, replacing the directory as a whole: a reader, or a crash at any
     moment, sees the old adapter or the new one, never a new config beside old weights.
@@ -126,7 +148,8 @@ def save_adapter_atomic(
     everything else ``output_dir`` holds (training logs, checkpoints); then the two directories are swapped
     (one atomic exchange on Linux, two renames elsewhere) and the old one deleted. ``backbone`` is recorded as
     the config's base model, so ``pedro eval --adapter DIR`` can load it; ``prompts`` (one of PROMPT_FORMATS)
-    with the weights, so serving encodes prompts as training did.
+    with the weights, so serving encodes prompts as training did. Top-level entries named in ``drop`` are not
+    carried over (they go with the old adapter, in the same exchange).
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +167,7 @@ def save_adapter_atomic(
             return
         written = {item.name for item in staging.iterdir()}
         for item in output_dir.iterdir():
-            if item.name not in written:
+            if item.name not in written and item.name not in drop:
                 _link_tree_item(item, staging / item.name)
         if not _exchange(staging, output_dir):
             aside = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))

@@ -35,7 +35,7 @@ from pedro.data import (
     tokenize_examples,
     write_json_atomic,
 )
-from pedro.io import save_adapter_atomic
+from pedro.io import evaluations_in, save_adapter_atomic
 from pedro.sizing import (
     expected_parameter_count,
     ia3_parameter_count,
@@ -423,9 +423,16 @@ def train(
         if attention is not None and previous_attention is not None and attention != previous_attention:
             model.set_attn_implementation(previous_attention)  # the model passed in is handed back as it was
 
+    stale = evaluations_in(output_dir)
     save_adapter_atomic(
-        peft_model, output_dir, cfg.backbone or (DEFAULT_BACKBONE if loaded_here else None), prompt_format(tokenizer)
+        peft_model,
+        output_dir,
+        cfg.backbone or (DEFAULT_BACKBONE if loaded_here else None),
+        prompt_format(tokenizer),
+        drop=stale,
     )
+    if stale and cfg.progress:
+        print(f"removed {', '.join(stale)} from {output_dir}: they scored the adapter this run replaced")
     summary = {
         "config": asdict(cfg),
         "requested": asdict(requested) if requested is not cfg else None,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import pedro
 import pedro.io
-from pedro.io import CONFIG_NAME, WEIGHTS_NAME, read_prompt_format, save_adapter_atomic
+from pedro.io import CONFIG_NAME, WEIGHTS_NAME, evaluations_in, read_prompt_format, save_adapter_atomic
 
 
 def _adapter(r: int, seed: int):
@@ -42,6 +42,22 @@ def test_a_new_adapter_replaces_the_old_whole_and_keeps_the_other_files(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary directory left behind
     restored = pedro.get_pedro_model(tiny_model("llama"), pedro.PedroConfig(r=2))
     restored.load_adapter(str(out), adapter_name="check")  # every tensor present, with r = 2's shapes
+
+
+def test_evaluations_of_the_old_adapter_go_with_it(tmp_path):
+    out = tmp_path / "run"
+    save_adapter_atomic(_adapter(4, 1), out)
+    result = {"task": "sst2", "split": "test", "metric": "accuracy", "accuracy": 0.9}
+    (out / "eval_sst2_test.json").write_text(
+        json.dumps({**result, "predictions": str(out / "eval_sst2_test_predictions.jsonl")})
+    )
+    (out / "eval_sst2_test_predictions.jsonl").write_text("{}\n")
+    (out / "eval_notes.json").write_text('{"mine": true}')  # a user's own file: not an evaluation result
+    stale = evaluations_in(out)
+    assert stale == ["eval_sst2_test.json", "eval_sst2_test_predictions.jsonl"]
+    save_adapter_atomic(_adapter(2, 2), out, drop=stale)
+    assert _state(out)[0] == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("eval_")) == ["eval_notes.json"]
 
 
 def test_a_crash_while_writing_leaves_the_old_adapter_intact(tmp_path, monkeypatch):
