@@ -322,8 +322,22 @@ class PedroModel(BaseTuner):
         ]
         if wrong:
             key, got, want = wrong[0]
-            raise ValueError(
-                f"adapter tensor {key} has shape {got} in the file but {want} on this backbone "
-                f"({len(wrong)} mismatched tensor(s)); the adapter was trained for a different backbone"
-            )
+            raise ValueError(f"{shape_mismatch(key, got, want, config.r)} ({len(wrong)} mismatched tensor(s))")
         return remapped
+
+
+def shape_mismatch(key: str, got: tuple[int, ...], want: tuple[int, ...], r: int) -> str:
+    """The error for an adapter tensor of the wrong shape. Only the sizes that differ tell the cause apart: if
+    they are all the config's rank, the config was written for other weights (an edited or mixed-up
+    ``adapter_config.json``); otherwise the backbone differs, or the config's other sizes do."""
+    differing = {w for g, w in zip(got, want) if g != w} if len(got) == len(want) else set()
+    if differing == {r}:
+        saved = next(g for g, w in zip(got, want) if g != w)
+        return (
+            f"adapter tensor {key} has shape {tuple(got)} in the file but {tuple(want)} by its adapter_config.json: "
+            f"the weights have r={saved} and the config says r={r}, so the config is not the one they were saved with"
+        )
+    return (
+        f"adapter tensor {key} has shape {tuple(got)} in the file but {tuple(want)} on this backbone; the adapter was "
+        "trained for a different backbone, or its adapter_config.json does not describe these weights"
+    )

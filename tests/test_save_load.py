@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 import textwrap
@@ -67,6 +68,21 @@ def test_loading_onto_another_hidden_size_names_both_shapes(tmp_path):
     wider = tiny_model("llama", hidden_size=48)
     with pytest.raises(ValueError, match=r"shape \(4, 32\) in the file but \(4, 48\) on this backbone"):
         PeftModel.from_pretrained(wider, adapter)
+
+
+def test_a_config_that_does_not_describe_the_weights_is_named_as_such(tmp_path):
+    """An adapter_config.json with another r than its weights is a mixed-up config, not another backbone."""
+    _, adapter = _saved_adapter(tmp_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    with pytest.raises(ValueError, match=r"the weights have r=4 and the config says r=2") as caught:
+        PeftModel.from_pretrained(tiny_model("llama"), adapter)
+    assert "different backbone" not in str(caught.value)
+    from pedro.engine import AdapterError, Engine
+
+    engine = Engine(tiny_model("llama"), max_batch=2, max_seq_len=32)
+    with pytest.raises(AdapterError, match=r"the weights have r=4 and the config says r=2"):
+        engine.add_adapter("mixed", str(adapter))
 
 
 def test_missing_tensors_fail_clearly(tmp_path):

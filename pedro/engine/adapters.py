@@ -25,7 +25,7 @@ from pedro.config import PedroConfig
 from pedro.engine.adapter_config import AdapterConfigError, check_served, read_adapter_files
 from pedro.generator import HeadStack, VectorGenerator
 from pedro.io import WEIGHTS_NAME, AdapterFileError, check_adapter_dir, read_prompt_format
-from pedro.model import plan_sites
+from pedro.model import plan_sites, shape_mismatch
 
 
 class AdapterError(ValueError):
@@ -122,12 +122,9 @@ def _layer_and_module(key: str, spec: ModelSpec, suffix: str) -> tuple[int, str]
     return layer, module
 
 
-def _check_shape(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+def _check_shape(key: str, got: tuple[int, ...], want: tuple[int, ...], r: int) -> None:
     if tuple(got) != tuple(want):
-        raise AdapterError(
-            f"adapter tensor {key} has shape {tuple(got)} but this backbone needs {tuple(want)}; "
-            "the adapter was trained for a different backbone"
-        )
+        raise AdapterError(shape_mismatch(key, got, want, r))
 
 
 @dataclass
@@ -204,7 +201,7 @@ def _pedro_plan(
             owner = int(match.group(1)) if match else -1
         if (owner, rest) not in expected:
             raise AdapterError(f"PEDRO adapter tensor {key!r} does not belong to this config on this backbone")
-        _check_shape(key, shape, expected[(owner, rest)])
+        _check_shape(key, shape, expected[(owner, rest)], config.r)
         roles[key] = (owner, rest)
     missing = sorted(set(expected) - set(roles.values()), key=str)
     if missing:
@@ -259,7 +256,7 @@ def _lora_plan(config: peft.LoraConfig, shapes: dict[str, tuple[int, ...]], spec
             raise AdapterError(f"LoRA adapter has a tensor the engine does not serve: {key!r}")
         layer, module = _layer_and_module(key, spec, part)
         d_in, d_out = spec.shapes[module]
-        _check_shape(key, shape, (config.r, d_in) if part.startswith("lora_A") else (d_out, config.r))
+        _check_shape(key, shape, (config.r, d_in) if part.startswith("lora_A") else (d_out, config.r), config.r)
         roles[key] = (layer, module, part[5])
     pairs: dict[tuple[int, str], set[str]] = {}
     for layer, module, ab in roles.values():
