@@ -189,7 +189,8 @@ def load_backbone(
     """Load a causal LM and its tokenizer offline, on the CPU. GGUF weights are dequantised to ``dtype`` (a torch
     dtype, its name, or "auto": resolve_dtype for the CPU).
 
-    The tokenizer pads on the left (what batched generation needs) and always has a pad token.
+    The tokenizer pads on the left (what batched generation needs) and always has a pad token. The model's
+    ``config.name_or_path`` is ``name_or_path`` (absolute, if a path), so adapters saved from it name it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,6 +214,10 @@ def load_backbone(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # what adapters trained on this model record as their backbone: the name asked for, or the path made absolute,
+    # never the cache folder a GGUF backbone was converted into (another machine has none)
+    named = name_or_path if name_or_path in BACKBONES else str(Path(name_or_path).expanduser().resolve())
+    model.name_or_path = model.config.name_or_path = named  # PEFT records the first, transformers saves the second
     model.eval()
     layer_map(model)  # refuse unsupported architectures at load time, not at the first forward
     if not quiet:

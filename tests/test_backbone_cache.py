@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ def test_second_load_reads_the_converted_copy(tmp_path, monkeypatch):
     second, tokenizer2 = pedro.load_backbone("smollm2-135m", dtype=torch.bfloat16, quiet=True)
     assert not converted_from_gguf  # read from the copy, not converted again
     for model in (first, second):  # plain float models: another engine can load what they save
+        assert model.config.name_or_path == "smollm2-135m"  # what its adapters record, not the cache folder
         assert getattr(model, "hf_quantizer", None) is None
         assert getattr(model.config, "quantization_config", None) is None
     second.save_pretrained(tmp_path / "saved")
@@ -46,3 +49,19 @@ def test_a_folder_holding_one_gguf_file_is_that_backbone(tmp_path):
     (tmp_path / "other.gguf").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="one .gguf file"):
         resolve_backbone(str(tmp_path))
+
+
+def test_a_model_loaded_from_a_path_records_it_absolute_so_its_adapters_do(tiny_llama_dir, monkeypatch):
+    import pedro
+    from pedro.data import Example
+    from pedro.train import train
+
+    monkeypatch.chdir(tiny_llama_dir.parent)
+    model, tokenizer = pedro.load_backbone(tiny_llama_dir.name, quiet=True)
+    assert model.config.name_or_path == str(tiny_llama_dir.resolve())
+    examples = [Example(f"{i} plus one", f" {i + 1}") for i in range(4)]
+    result = train(
+        model=model, tokenizer=tokenizer, examples=examples, output_dir="run", max_steps=1, batch_size=2, progress=False
+    )
+    config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_llama_dir.resolve())
