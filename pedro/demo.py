@@ -170,9 +170,9 @@ def demo_tenants(
             precision="fp32",
             group_by_length=False,
         )
-        after = evaluate(model, tokenizer, task, "test", progress=False)
+        after = evaluate(result.model, tokenizer, task, "test", progress=False)
         prompt = splits["test"][0]["prompt"]
-        text = generate_texts(model, tokenizer, [prompt], max_new_tokens=8, progress=False)[0]
+        text = generate_texts(result.model, tokenizer, [prompt], max_new_tokens=8, progress=False)[0]
         console.print(
             f"[bold]{tenant}[/bold] ({task.kind}, {len(splits['train'])} train / {before['n']} test): "
             f"{task.metric} {before[task.metric]:.2f} before -> {after[task.metric]:.2f} after "
@@ -180,7 +180,7 @@ def demo_tenants(
         )
         console.print(f"  > {prompt.splitlines()[-1]}\n  {text}")
         adapters.append(result.output_dir)
-        del model
+        del model, result
     return adapters
 
 

@@ -30,6 +30,23 @@ def is_pedro(model: nn.Module) -> bool:
     return active in configs and str(configs[active].peft_type) == "PEDRO"
 
 
+def check_scorable(model: nn.Module) -> None:
+    """Refuse to score options after a prompt with a model that carries PEDRO layers outside a PeftModel (a
+    backbone that ``get_peft_model`` or ``pedro.train`` injected into, then handed back): its forward cannot take
+    ``prompt_lengths``, so PEDRO's pooler would read the options with the prompt and every score would be
+    quietly wrong."""
+    from peft import PeftModel
+
+    from pedro.layer import PedroLayer
+
+    if not isinstance(model, PeftModel) and any(isinstance(m, PedroLayer) for m in model.modules()):
+        raise ValueError(
+            "this model holds PEDRO layers but is not a PeftModel, so it cannot be told where a prompt ends: "
+            "evaluate the PeftModel itself (pedro.train returns it as TrainResult.model) or load the saved "
+            "adapter with PeftModel.from_pretrained"
+        )
+
+
 def _batches(order: list[int], size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
@@ -73,6 +90,7 @@ def option_logprobs(
             bar.update(len(chunk))
         bar.close()
         return scores
+    check_scorable(model)  # options of several tokens follow the prompt in one sequence: PEDRO needs its end
     pairs = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
     rows: list[dict[str, Any]] = [
         {

@@ -477,7 +477,8 @@ def train(
         spent = [f"{train_seconds:.0f}s"] if train_seconds is not None else []
         spent += [f"{rate:.0f} tokens/s"] if rate is not None else []
         print(f"adapter written to {output_dir} ({', '.join([f'{trainer.state.global_step} steps', *spent])})")
-    return TrainResult(output_dir=output_dir, summary=summary)
+    peft_model.eval()
+    return TrainResult(output_dir=output_dir, summary=summary, model=peft_model)
 
 
 __all__ = [

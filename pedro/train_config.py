@@ -176,10 +176,12 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """Where the adapter was written and what the run measured."""
+    """Where the adapter was written and what the run measured; ``model`` is the trained PeftModel (the adapter
+    kept, in eval mode) around the backbone that was passed in or loaded, ready to evaluate or generate with."""
 
     output_dir: Path
     summary: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
 
 
 def _pedro_config(cfg: TrainConfig, r: int | None = None) -> PedroConfig:

@@ -179,7 +179,37 @@ def test_training_reports_accuracy_on_held_out_choice_examples(tmp_path):
     (task_dir / "test.jsonl").write_text(
         "\n".join(json.dumps({"prompt": e.prompt, "response": e.response, "options": options}) for e in examples[:6])
     )
-    direct = evaluate(model, tokenizer, JsonlTask(task_dir), progress=False)
+    direct = evaluate(result.model, tokenizer, JsonlTask(task_dir), progress=False)
     assert final["eval_accuracy"] == pytest.approx(direct["accuracy"])
     assert final["eval_macro_f1"] == pytest.approx(direct["macro_f1"])
     assert evals[-1]["eval_accuracy"] == pytest.approx(direct["accuracy"])
+
+
+def test_the_trained_model_scores_as_its_saved_adapter_and_the_bare_injected_one_is_refused(tmp_path):
+    """Options of several tokens: TrainResult.model gives what the saved adapter gives when loaded; the backbone
+    PEFT injected into (not a PeftModel: it cannot take prompt_lengths) is refused instead of scored wrongly."""
+    from peft import PeftModel
+
+    from pedro.train import train
+
+    options = ["43 44", "45", "46 47 48"]
+    examples = [Example(f"{3 + i % 5} {4 + i % 3}", options[i % 3], options=options, label=i % 3) for i in range(9)]
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    result = train(
+        model=model,
+        tokenizer=tokenizer,
+        examples=examples,
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        batch_size=3,
+        lr=3e-2,
+        precision="fp32",
+        progress=False,
+    )
+    assert not result.model.training
+    trained = option_logprobs(result.model, tokenizer, examples, batch_size=4, progress=False)
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "run")).eval()
+    again = option_logprobs(reloaded, tokenizer, examples, batch_size=4, progress=False)
+    assert torch.allclose(torch.tensor(trained), torch.tensor(again), atol=1e-5)
+    with pytest.raises(ValueError, match="not a PeftModel"):
+        option_logprobs(model, tokenizer, examples, batch_size=4, progress=False)
