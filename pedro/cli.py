@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -332,10 +333,10 @@ def evaluate_command(
     limit: Optional[int] = typer.Option(None, min=1, help="Score the first N examples."),
     batch_size: int = typer.Option(16, min=1),
     data_dir: Optional[str] = typer.Option(None, help="Folder with task data (default ../shared/data)."),
-    output: Optional[Path] = typer.Option(
+    output: Optional[str] = typer.Option(
         None,
-        help="JSON result file (predictions go next to it), or a folder to write eval_TASK_SPLIT.json in; default "
-        "ADAPTER/ or outputs/eval/BACKBONE-base/.",
+        help="JSON result file (predictions go next to it), or a folder (one that exists, or a path ending in /) to "
+        "write eval_TASK_SPLIT.json in; default ADAPTER/ or outputs/eval/BACKBONE-base/.",
     ),
 ) -> None:
     """Score a backbone or an adapter on a task; prints and writes the metrics JSON and per-example predictions."""
@@ -351,15 +352,20 @@ def evaluate_command(
     task_obj = get_task(task, data_dir)
     task_obj.path(split)  # missing data fails here, with where it was looked for, before loading a model
     default = default_eval_output(task, split, adapter, backbone)
-    output = default if output is None else output / default.name if output.is_dir() else output
+    if output is None:
+        target = default
+    elif output.endswith(("/", os.sep)) or Path(output).is_dir():
+        target = Path(output) / default.name
+    else:
+        target = Path(output)
     model, tokenizer = load_for_eval(backbone, adapter)
-    predictions = output.with_name(output.stem + "_predictions.jsonl")
+    predictions = target.with_name(target.stem + "_predictions.jsonl")
     result = run_eval(model, tokenizer, task_obj, split, limit, batch_size, predictions_path=predictions)
     result["adapter"] = adapter
     result["predictions"] = str(predictions)
-    write_json_atomic(output, result)
+    write_json_atomic(target, result)
     console.print_json(json.dumps(result))
-    console.print(f"wrote {output} and {predictions}", soft_wrap=True)
+    console.print(f"wrote {target} and {predictions}", soft_wrap=True)
 
 
 def default_eval_output(task: str, split: str, adapter: str | None, backbone: str | None) -> Path:

@@ -60,7 +60,13 @@ def local_adapter(path: str | Path) -> Path:
     would take any other string for a Hub repository id and retry the network before failing."""
     directory = Path(path).expanduser()
     if not (directory / "adapter_config.json").is_file():
-        what = "has no adapter_config.json" if directory.is_dir() else "does not exist"
+        what = (
+            "has no adapter_config.json"
+            if directory.is_dir()
+            else "is a file, not a folder (give the folder that holds adapter_config.json)"
+            if directory.exists()
+            else "does not exist"
+        )
         raise FileNotFoundError(
             f"adapter {str(path)!r} {what}: give a folder that pedro train or save_pretrained wrote"
         )

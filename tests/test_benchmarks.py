@@ -1,5 +1,6 @@
-"""The benchmarks' shared pieces: one percentile definition, the order of a lockstep's steps, and the load
-benchmark driving a real server through the same helpers as the server tests (its smoke preset, end to end)."""
+"""The benchmarks' shared pieces: where a report goes by default, one percentile definition, the order of a
+lockstep's steps, and the load benchmark driving a real server through the same helpers as the server tests (its
+smoke preset, end to end)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import lockstep_turns, percentile  # noqa: E402
+from common import default_out, lockstep_turns, percentile  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -47,17 +49,50 @@ def test_lockstep_rounds_rotate_and_skip_the_finished():
     assert order == ["b", "c", "a", "c", "b", "b"]
 
 
+def test_reports_go_under_results_of_the_current_directory_named_for_a_short_preset():
+    assert default_out("serve", "default", recorded="default") == Path("results/serve")
+    assert default_out("multitenant", "smoke", recorded="full") == Path("results/multitenant-smoke")
+    assert default_out("train_speed") == Path("results/train_speed")
+    assert default_out("train_speed", "quick") == Path("results/train_speed-quick")
+    assert not default_out("gpu", "ci", recorded="full").is_absolute()
+
+
 def test_the_serve_benchmark_runs_end_to_end(tmp_path):
+    """Run elsewhere than the checkout, its smoke preset writes results/serve-smoke.* there, and nothing else."""
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--preset", "smoke", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--preset", "smoke"],
         check=True,
         capture_output=True,
         timeout=600,
+        cwd=tmp_path,
     )
-    summary = json.loads((tmp_path / "serve.json").read_text())["summary"]
+    out = tmp_path / "results"
+    assert sorted(p.name for p in out.iterdir()) == ["serve-smoke.json", "serve-smoke.md", "serve-smoke.png"]
+    summary = json.loads((out / "serve-smoke.json").read_text())["summary"]
     assert set(summary) == {"base", "pedro", "lora"}
     assert all(s["requests"] > 0 and s["errors"] == 0 for s in summary.values())
-    assert (tmp_path / "serve.md").is_file() and (tmp_path / "serve.png").is_file()
+
+
+def test_the_quality_study_defaults_to_results_of_the_current_directory(tmp_path, monkeypatch):
+    """As an absolute path: from the repository's root, the very folder (and path strings) a study resumes from."""
+    import quality
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no runs on record") as exit:
+        quality.main(["--report"])
+    assert f"in {tmp_path / 'results' / 'quality_runs.jsonl'}:" in str(exit.value)
+    assert list(tmp_path.iterdir()) == [tmp_path / "results"]
+
+
+def test_the_trec_label_words_default_to_results_of_the_current_directory(tmp_path, monkeypatch):
+    import trec_label_words
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trec_label_words.pedro, "load_backbone", lambda *a, **k: (torch.nn.Linear(1, 1), None))
+    monkeypatch.setattr(trec_label_words, "dev_questions", lambda *a: [])
+    monkeypatch.setattr(trec_label_words, "score", lambda *a: {"accuracy": 0.5, "macro_f1": 0.5})
+    trec_label_words.main([])
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["trec_label_words.json", "trec_label_words.md"]
 
 
 def test_study_claims_let_processes_share_a_folder_and_resume_after_a_crash(tmp_path: Path) -> None:

@@ -105,6 +105,9 @@ def test_eval_refuses_bad_arguments_before_loading_and_writes_into_a_given_folde
     base = ["eval", "--task", f"jsonl:{task}"]
     missing = CliRunner().invoke(app, [*base, "--adapter", str(tmp_path / "no-such-adapter")])
     assert missing.exit_code != 0 and "does not exist" in str(missing.exception or missing.output)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    a_file = CliRunner().invoke(app, [*base, "--adapter", str(tmp_path / "adapter_config.json")])
+    assert a_file.exit_code != 0 and "is a file, not a folder" in str(a_file.exception or a_file.output)
     (tmp_path / "empty").mkdir()
     empty = CliRunner().invoke(app, [*base, "--adapter", str(tmp_path / "empty")])
     assert empty.exit_code != 0 and "no adapter_config.json" in str(empty.exception or empty.output)
@@ -121,3 +124,11 @@ def test_eval_refuses_bad_arguments_before_loading_and_writes_into_a_given_folde
     assert into.exit_code == 0, into.output
     [written] = folder.glob("eval_*_test.json")
     assert json.loads(written.read_text())["n"] == 1 and (folder / f"{written.stem}_predictions.jsonl").is_file()
+    # a path ending in / is a folder, made when missing; a plain path is the result file
+    new = CliRunner().invoke(app, [*base, "--base", "--backbone", str(tiny_llama_dir), "--output", f"{tmp_path}/new/"])
+    assert new.exit_code == 0, new.output
+    assert [p.name for p in (tmp_path / "new").glob("eval_*_test.json")] == [written.name]
+    named = CliRunner().invoke(
+        app, [*base, "--base", "--backbone", str(tiny_llama_dir), "--output", f"{tmp_path}/r.json"]
+    )
+    assert named.exit_code == 0 and json.loads((tmp_path / "r.json").read_text())["n"] == 1

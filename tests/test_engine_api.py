@@ -3,6 +3,8 @@ running in bfloat16 (checked against transformers' own bf16 forward, token by to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import peft
 import pytest
 import torch
@@ -67,10 +69,12 @@ def test_check_adapter_is_a_dry_run(tmp_path):
     }
     assert engine.list_adapters() == []  # nothing registered
     wide = _pedro_dir(tmp_path, tiny_model("llama", hidden_size=48), seed=2)
-    with pytest.raises(AdapterError, match=r"needs \(4, 32\)"):
+    with pytest.raises(AdapterError, match=r"but \(4, 32\) on this backbone"):
         engine.check_adapter(wide)
     with pytest.raises(AdapterError, match="not an adapter directory"):
         engine.check_adapter(tmp_path)
+    with pytest.raises(AdapterError, match="a file, not an adapter directory"):
+        engine.check_adapter(Path(good) / "adapter_config.json")
     engine.add_adapter("p", good)  # the dry run left the name free
     assert [a["name"] for a in engine.list_adapters()] == ["p"]
 

