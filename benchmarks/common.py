@@ -1,5 +1,5 @@
-"""What more than one benchmark script needs: the repository paths, one definition of a percentile, the order of
-a lockstep's steps, and how a report is written."""
+"""What more than one benchmark script needs: the repository's path, where a report goes by default, one
+definition of a percentile, the order of a lockstep's steps, and how a report is written."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "results"
+
+
+def default_out(name: str, preset: str | None = None, recorded: str | None = None) -> Path:
+    """Where benchmark ``name`` writes when no ``--out`` is given: results/<name> under the current directory, so
+    a run from the repository's root regenerates the results on record and a run anywhere else leaves the
+    checkout alone. A ``preset`` other than ``recorded`` (the one the results on record were made with: a smoke
+    or CI form, a subset of the sweep) writes results/<name>-<preset>, so a quick check never overwrites them."""
+    return Path("results") / (name if preset == recorded else f"{name}-{preset}")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -18,7 +18,7 @@ Three checks, on ``--device`` (default cuda):
 
 On a CUDA device the engine replays decode steps from CUDA graphs; elsewhere it runs their padded steps
 eagerly (``decode_graphs="padded"``), so the CPU form checks the same code. Writes ``--out``.json / .md
-(default results/gpu) after each check. ``--preset ci`` is a seconds-long form for any device, ``--device cpu``
+(default results/gpu in the current directory, results/gpu-ci for the ci preset) after each check. ``--preset ci`` is a seconds-long form for any device, ``--device cpu``
 included (the test suite runs it on a tiny model). ``--random-init`` builds the model from its directory's
 config with random weights, for a machine the weights file cannot reach (the timings depend on the shapes).
 
@@ -49,7 +49,7 @@ from pedro.evaluate import greedy_continuation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graph_reference  # noqa: E402
-from common import write_report  # noqa: E402
+from common import default_out, write_report  # noqa: E402
 from multitenant import CORE_METHODS, make_adapters, run_engine  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -320,7 +320,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--random-init", action="store_true", help="--backbone is a directory with a config and a tokenizer only"
     )
     parser.add_argument("--dtype", default="auto", help="auto (decided for the device), bfloat16, float32")
-    parser.add_argument("--out", default="results/gpu", help="path prefix for .json / .md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="path prefix for .json / .md (default: results/gpu in the current directory; "
+        "results/gpu-PRESET for a preset other than full)",
+    )
     parser.add_argument(
         "--no-reference", action="store_true", help="skip the reference step (compiling it takes ~1 min)"
     )
@@ -329,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; run with --device cpu (and --preset ci for the short form)")
     preset = dict(PRESETS[args.preset], name=args.preset)
+    out = args.out or default_out("gpu", args.preset, recorded="full")
     dtype = resolve_dtype(args.dtype, device)
     graphs = "auto" if device.type == "cuda" else "padded"  # CUDA graphs; elsewhere their padded steps, eagerly
     started = time.perf_counter()
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def report() -> None:  # after each part, so a run cut short keeps what it measured
         result["wall_s"] = time.perf_counter() - started
-        write_report(Path(args.out), result, markdown(result))
+        write_report(out, result, markdown(result))
 
     result["identity"] = identity(exact.to(device), tokenizer, paths, preset["identity_new_tokens"], rng, graphs)
     ident = result["identity"]

@@ -34,7 +34,7 @@ from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_report  # noqa: E402
+from common import default_out, write_report  # noqa: E402
 from multitenant import make_adapters  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -214,7 +214,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="results/long_prompt", help="path prefix for .json / .md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="path prefix for .json / .md (default: results/long_prompt in the current directory; "
+        "results/long_prompt-PRESET for a preset other than default)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     preset = dict(PRESETS[args.preset], name=args.preset)
@@ -230,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log=lambda s: print(s, flush=True),
     )
     command = "python benchmarks/long_prompt.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(Path(args.out), result, markdown(result, command.strip()))
+    out = args.out or default_out("long_prompt", args.preset, recorded="default")
+    write_report(out, result, markdown(result, command.strip()))
     return result
 
 

@@ -41,8 +41,6 @@ from pedro.evaluate import evaluate
 from pedro.tasks import get_task
 from pedro.train import DEFAULT_LR, resolve_precision, train
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @dataclass(frozen=True)
 class Size:
@@ -866,7 +864,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="test phase: rebuild the tables and plot from the runs on record, train nothing",
     )
-    parser.add_argument("--out", default=str(ROOT / "results"), help="folder for the results")
+    # absolute, as a path under the checkout was: from the repository's root a study resumes from the same
+    # folder, and its runs' checkpoint paths are the same strings
+    parser.add_argument(
+        "--out",
+        default=str(Path.cwd() / "results"),
+        help="folder for the results (default: results in the current directory)",
+    )
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
     # the report names the study's command, not the one of whichever of the processes sharing the folder wrote it

@@ -10,6 +10,7 @@ time to first token p50/p99, time per output token p50/p99, and errors (which mu
 
     python benchmarks/serve.py                 # or: pedro bench serve   -> results/serve.{json,md,png}
     python benchmarks/serve.py --preset smoke  # a few seconds, tiny random model: checks the script itself
+                                               #   -> results/serve-smoke.{json,md,png}
 
 All traffic goes to 127.0.0.1; the number of clients and the duration are bounded.
 """
@@ -38,7 +39,7 @@ import yaml
 import pedro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, percentile, use_server_process  # noqa: E402
+from common import default_out, percentile, use_server_process  # noqa: E402
 
 use_server_process()
 from server_process import ServerProcess, upload  # noqa: E402
@@ -299,7 +300,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clients", type=int, help="Concurrent clients (at most 32).")
     parser.add_argument("--seconds", type=float, help="Seconds per method per round (at most 120).")
     parser.add_argument("--rounds", type=int, help="Rounds of base -> PEDRO -> LoRA.")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="Where serve.json / .md / .png go.")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="Path prefix for .json / .md / .png (default: results/serve in the current directory; "
+        "results/serve-PRESET for a preset other than default).",
+    )
     args = parser.parse_args(argv)
     cfg = {
         **PRESETS[args.preset],
@@ -368,10 +375,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "errors": errors[:10],
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
-    (args.out / "serve.md").write_text(markdown(summary, meta))
-    plot(summary, args.out / "serve.png")
+    out = args.out or default_out("serve", args.preset, recorded="default")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
+    out.with_suffix(".md").write_text(markdown(summary, meta))
+    plot(summary, out.with_suffix(".png"))
     print(markdown(summary, meta))
     if errors:
         print("errors:", *errors, sep="\n  ")

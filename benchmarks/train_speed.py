@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py              # = pedro bench train; writes results/train_speed.{json,md}
     python benchmarks/train_speed.py --quick      # one repeat of a few steps: checks the code path
+                                                  #   -> results/train_speed-quick.{json,md}
     python benchmarks/train_speed.py --profile "fp32 before,bf16"   # torch.profiler tables of one PEDRO step
 
 Every run is a real ``pedro.train`` call (Trainer, collator, sampler, optimizer) on a fresh copy of the
@@ -45,6 +46,9 @@ from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import default_out  # noqa: E402
 
 import pedro  # noqa: E402
 from pedro.data import load_records, write_json_atomic  # noqa: E402
@@ -345,7 +349,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help="subset of: " + ", ".join(MODES))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="1 repeat, 1 + 2 steps, 48 records: a smoke run")
-    parser.add_argument("--out", default=str(ROOT / "results" / "train_speed"), help="path prefix for .json/.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="path prefix for .json/.md (default: results/train_speed in the current directory; "
+        "results/train_speed-quick with --quick)",
+    )
     parser.add_argument(
         "--profile",
         default=None,
@@ -435,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["lora_r"] = matched.lora_r
     report["load_after"] = load_average()
     report["minutes"] = (time.perf_counter() - started) / 60
-    out = Path(opts.out)
+    out = opts.out or default_out("train_speed", "quick" if opts.quick else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), report)
     write_markdown(out.with_suffix(".md"), report)

@@ -28,7 +28,6 @@ from pedro.tasks import get_task
 from pedro.tasks.trec import CLASSES, TREC, read_label_file
 from pedro.train import resolve_precision
 
-ROOT = Path(__file__).resolve().parents[1]
 # single-token words in SmolLM2's tokenizer (every abbreviation-like word is 2-3 tokens: "ab" + ...), so that a
 # question is scored by one forward pass and no option is favoured for being short
 CANDIDATES = {
@@ -70,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument(
+        "--out", default="results", help="folder for the results (default: results in the current directory)"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     dtype = torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32
