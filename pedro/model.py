@@ -312,6 +312,16 @@ class PedroModel(BaseTuner):
         missing = sorted(set(expected) - set(remapped))
         unexpected = sorted(set(remapped) - set(expected))
         if missing or unexpected:
+            layers = [
+                sorted({int(n) for k in keys for n in re.findall(r"\.layers\.(\d+)\.", k)})
+                for keys in (remapped, expected)
+            ]
+            if layers[0] != layers[1] and layers[0] and layers[1]:
+                raise ValueError(
+                    f"the adapter file has tensors for {len(layers[0])} layers ({layers[0][0]}-{layers[0][-1]}) but this "
+                    f"backbone has {len(layers[1])} ({layers[1][0]}-{layers[1][-1]}): the adapter was trained for a "
+                    "different backbone"
+                )
             raise ValueError(
                 f"the adapter file does not match this PEDRO config on this backbone: "
                 f"{len(missing)} missing tensor(s) (e.g. {missing[:3]}), {len(unexpected)} unexpected "

@@ -95,6 +95,18 @@ def test_missing_tensors_fail_clearly(tmp_path):
         PeftModel.from_pretrained(tiny_model("llama"), adapter)
 
 
+def test_loading_onto_a_backbone_with_other_layers_names_both_counts(tmp_path):
+    _, adapter = _saved_adapter(tmp_path)
+    layers = tiny_model("llama").config.num_hidden_layers
+    shallower = tiny_model("llama", num_hidden_layers=layers - 1)
+    with pytest.raises(ValueError, match=rf"tensors for {layers} layers .* this backbone has {layers - 1}"):
+        PeftModel.from_pretrained(shallower, adapter)
+    from pedro.engine import AdapterError, Engine
+
+    with pytest.raises(AdapterError, match=rf"layer {layers - 1}.*the backbone has {layers - 1} layers"):
+        Engine(tiny_model("llama", num_hidden_layers=layers - 1), max_batch=2, max_seq_len=32).check_adapter(adapter)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_weights_file_fails_clearly(tmp_path, damage):
     _, adapter = _saved_adapter(tmp_path)

@@ -199,6 +199,11 @@ def _pedro_plan(
         if not config.share_generator:
             match = re.search(re.escape(lmap.layers) + r"\.(\d+)\." + re.escape(lmap.norm) + r"\.$", prefix)
             owner = int(match.group(1)) if match else -1
+        if owner is not None and owner >= spec.n_layers:
+            raise AdapterError(
+                f"PEDRO adapter tensor {key!r} is for layer {owner}, but the backbone has {spec.n_layers} layers: "
+                "the adapter was trained for a different backbone"
+            )
         if (owner, rest) not in expected:
             raise AdapterError(f"PEDRO adapter tensor {key!r} does not belong to this config on this backbone")
         _check_shape(key, shape, expected[(owner, rest)], config.r)
