@@ -382,7 +382,9 @@ def default_eval_output(task: str, split: str, adapter: str | None, backbone: st
     return Path("outputs") / "eval" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}-base" / name
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (write results/<name>.json, .md, .png).")
+bench_app = typer.Typer(
+    no_args_is_help=True, help="Benchmarks (write results/<name>.json, .md, .png in the current directory)."
+)
 app.add_typer(bench_app, name="bench")
 # --help too goes to the script, whose own help lists its options (the command's docstring shows in `pedro bench --help`)
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -401,7 +403,7 @@ def _run_benchmark(name: str, args: list[str]) -> None:
 
 @bench_app.command("multitenant", context_settings=PASS_THROUGH)
 def bench_multitenant(ctx: typer.Context) -> None:
-    """Engine throughput vs distinct adapters per batch: bare / PEDRO / LoRA / (IA)3 / HF PEFT -> results/multitenant.*
+    """Engine throughput vs distinct adapters per batch: bare / PEDRO / LoRA / (IA)3 / HF PEFT -> results/multitenant[-PRESET].*
     (options pass through to benchmarks/multitenant.py, e.g. --preset full; pedro bench NAME --help shows them)."""
     _run_benchmark("multitenant", ctx.args)
 
