@@ -61,6 +61,7 @@ from pedro.train_config import (
     TrainConfig,
     TrainResult,
     _pedro_config,
+    check_options_read,
 )
 from pedro.trainer import (
     CheckpointEvery,
@@ -224,6 +225,7 @@ def train(
     e.g. already loaded) and ``examples`` skip loading. The backbone passed in is wrapped in place.
     """
     cfg = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
+    check_options_read(cfg)  # before any data or backbone is loaded
     if not cfg.output_dir:
         raise ValueError("output_dir is required")
     if examples is None and not cfg.data:
@@ -246,6 +248,28 @@ def train(
                     "objective choice needs choice data (every record with options and the right one's label); "
                     f"the {name} records are not"
                 )
+    random.Random(cfg.seed).shuffle(records)
+    dev: list[Example] = []
+    if held_out is None:
+        dev, records = carve_dev(records, cfg.dev_split, cfg.limit)
+        held_out = dev or None
+    records = records[: cfg.limit] if cfg.limit else records
+    # these read held-out data; say how to give it, and why none was carved automatically
+    hold_out = (
+        "give a dev split (--dev-split N / dev_split=N records or a fraction"
+        + (
+            f"; none is carved automatically from fewer than {DEV_FROM} training records"
+            if cfg.dev_split is None
+            else ""
+        )
+        + ") or held-out data (--eval-data / eval_data, eval_examples)"
+    )
+    if cfg.eval_steps and held_out is None:
+        raise ValueError(f"eval_steps needs held-out data to evaluate: {hold_out}")
+    if cfg.early_stopping and held_out is None:
+        raise ValueError(f"early_stopping needs held-out data: {hold_out}")
+    if cfg.bilevel and held_out is None:
+        raise ValueError(f"bilevel needs held-out data for the rational coefficients' steps: {hold_out}")
     loaded_here = model is None
     precision = resolve_precision(cfg.precision)
     if model is None:
@@ -263,12 +287,6 @@ def train(
     if cfg.progress:
         print_sizes(sizes, cfg.method, budget)
 
-    random.Random(cfg.seed).shuffle(records)
-    dev: list[Example] = []
-    if held_out is None:
-        dev, records = carve_dev(records, cfg.dev_split, cfg.limit)
-        held_out = dev or None
-    records = records[: cfg.limit] if cfg.limit else records
     epochs = cfg.epochs if cfg.epochs is not None else auto_epochs(len(records), cfg.batch_size * cfg.grad_accum)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
     if cfg.progress and ((cfg.epochs is None and cfg.max_steps < 0) or cfg.lr is None or dev):
@@ -309,22 +327,6 @@ def train(
     peft_model.train()
     checkpoint_dir = output_dir / CHECKPOINTS
     evaluating = eval_rows is not None
-    # both flags read held-out data; say how to give it, and why none was carved automatically
-    hold_out = (
-        "give a dev split (--dev-split N / dev_split=N records or a fraction"
-        + (
-            f"; none is carved automatically from fewer than {DEV_FROM} training records"
-            if cfg.dev_split is None
-            else ""
-        )
-        + ") or held-out data (--eval-data / eval_data, eval_examples)"
-    )
-    if cfg.eval_steps and not evaluating:
-        raise ValueError(f"eval_steps needs held-out data to evaluate: {hold_out}")
-    if cfg.early_stopping and not evaluating:
-        raise ValueError(f"early_stopping needs held-out data: {hold_out}")
-    if cfg.bilevel and not evaluating:
-        raise ValueError(f"bilevel needs held-out data for the rational coefficients' steps: {hold_out}")
     output_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no empty folder behind
     accuracy = None  # for choice data: accuracy next to the loss, which also picks the best checkpoint
     if held_out is not None:

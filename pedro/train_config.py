@@ -166,12 +166,58 @@ class TrainConfig:
         for name in ("targets", "lora_targets", "ia3_targets", "report_to"):
             value = getattr(self, name)
             setattr(self, name, tuple(value.split(",")) if isinstance(value, str) else tuple(value))
+        from transformers.trainer_utils import SchedulerType
+
+        schedulers = [kind.value for kind in SchedulerType]
+        if self.scheduler not in schedulers:
+            raise ValueError(f"scheduler must be one of {schedulers}, got {self.scheduler!r}")
         if self.method == "pedro":
             _pedro_config(self)  # a bad PEDRO knob is refused now, not after the backbone has loaded
         if self.bilevel and (self.method != "pedro" or self.activation != "rational"):
             raise ValueError(
                 "bilevel optimises PEDRO's rational activation: it needs method pedro, activation rational"
             )
+
+
+# The options only one method reads; set for another method they would be silently ignored.
+METHOD_OPTIONS = {
+    "pedro": (
+        "r",
+        "pooler",
+        "activation",
+        "targets",
+        "pool_source",
+        "share_generator",
+        "normalize_pooled",
+        "scale_bound",
+        "rational_lr",
+        "bias_lr",
+        "bilevel",
+    ),
+    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    "ia3": ("ia3_targets",),
+}
+SIZE_OPTION = {"pedro": "r", "lora": "lora_r", "ia3": "ia3_targets"}  # what match_params chooses
+
+
+def check_options_read(cfg: TrainConfig) -> None:
+    """Refuse options set away from their defaults that the run would not read: another method's (PEDRO's
+    do count under ``match_params="pedro"``, where they define the budget), or the size ``match_params`` picks."""
+    defaults = TrainConfig(method=cfg.method)
+    others = [
+        f"{name} ({method})"
+        for method, names in METHOD_OPTIONS.items()
+        if method != cfg.method and not (method == "pedro" and cfg.match_params == "pedro")
+        for name in names
+        if getattr(cfg, name) != getattr(defaults, name)
+    ]
+    if others:
+        raise ValueError(
+            f"{', '.join(others)}: not read by method {cfg.method}, which reads {', '.join(METHOD_OPTIONS[cfg.method])}"
+        )
+    size = SIZE_OPTION[cfg.method]
+    if cfg.match_params is not None and getattr(cfg, size) != getattr(defaults, size):
+        raise ValueError(f"{size} is chosen by match_params: give one or the other")
 
 
 @dataclass

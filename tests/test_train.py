@@ -356,7 +356,7 @@ def test_the_seed_decides_the_run_whatever_the_callers_random_state(tmp_path, me
     "field, value",
     [("limit", 0), ("limit", -2), ("batch_size", 0), ("grad_accum", 0), ("lr", -1.0), ("bias_lr", -1.0),
      ("rational_lr", -1e-3), ("max_steps", 0), ("save_total_limit", 0), ("lora_r", 0), ("lora_dropout", 1.0),
-     ("match_params", "abc"), ("max_length", 0), ("warmup", -0.1), ("lr", float("nan"))],
+     ("match_params", "abc"), ("max_length", 0), ("warmup", -0.1), ("lr", float("nan")), ("scheduler", "cosin")],
 )  # fmt: skip
 def test_out_of_range_settings_are_refused_naming_them(field, value):
     """Refused when the config is made, before any data or backbone is loaded."""
@@ -386,6 +386,27 @@ def test_a_refused_run_leaves_no_output_folder(tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES,
               output_dir=str(tmp_path / "file"), progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [(dict(method="lora", pooler="mean"), r"pooler \(pedro\): not read by method lora"),
+     (dict(method="ia3", lora_targets="q,k"), r"lora_targets \(lora\): not read by method ia3"),
+     (dict(method="pedro", ia3_targets="k"), r"ia3_targets \(ia3\)"),
+     (dict(method="lora", match_params="900", lora_r=4), "lora_r is chosen by match_params"),
+     (dict(method="pedro", bilevel=True, activation="rational"), "bilevel needs held-out data")],
+)  # fmt: skip
+def test_settings_the_run_would_not_read_are_refused_before_loading(tmp_path, settings, named):
+    """No backbone is passed: the refusal comes before one would be loaded, and leaves no folder."""
+    with pytest.raises(ValueError, match=named):
+        train(examples=EXAMPLES, output_dir=str(tmp_path / "out"), progress=False, **settings)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pedro_settings_define_the_budget_a_matched_method_is_sized_to(tmp_path):
+    train(model=tiny_model("llama"), tokenizer=tiny_tokenizer(), examples=EXAMPLES, output_dir=str(tmp_path),
+          method="lora", match_params="pedro", r=4, pooler="mean", max_steps=1, batch_size=2, progress=False)  # fmt: skip
+    assert (tmp_path / "adapter_config.json").is_file()
 
 
 def test_resuming_a_finished_run_keeps_the_adapter_it_kept(tmp_path):
