@@ -150,6 +150,15 @@ def test_a_model_elsewhere_than_the_device_asked_for_is_refused():
         Engine(tiny_model("llama"), device="meta")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
+@pytest.mark.parametrize(
+    "device, said", [("cuda", "use device cpu"), ("cuda:1", "use device cpu"), ("gpu", "not a device name")]
+)
+def test_a_device_this_machine_lacks_is_named_plainly(device, said):
+    with pytest.raises(ValueError, match=said):
+        Engine(tiny_model("llama"), device=device)
+
+
 UPLOADS = {torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
 
 

@@ -18,10 +18,22 @@ DeviceLike = Union[str, torch.device]
 
 def canonical(device: DeviceLike) -> torch.device:
     """``device`` with an index where the device type has one (``cuda`` -> ``cuda:<current>``), so two names of
-    one device compare equal."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
+    one device compare equal; a device this machine does not have is a ValueError saying so, not torch's
+    assertion from deep inside the first allocation."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {str(device)!r} is not a device name (cpu, cuda, cuda:N): {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r} asked for, but {why}; use device cpu")
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are visible"
+            )
     return device
 
 
