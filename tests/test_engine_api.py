@@ -100,6 +100,19 @@ def test_bounded_queue_refuses_beyond_max_waiting_and_recovers():
         Engine(tiny_model("llama"), max_waiting=-1)
 
 
+def test_generate_outputs_are_whole_deltas_and_step_deltas_add_up():
+    engine = Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=2, max_seq_len=32)
+    sampling = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    [out] = engine.generate([Request([5, 6, 7], sampling=sampling)])
+    assert out.delta_token_ids == out.token_ids and len(out.token_ids) == 6 and out.delta_text == out.text != ""
+    engine.add_request(Request([5, 6, 7], sampling=sampling), track_text=True)
+    steps = []
+    while engine.has_unfinished():
+        steps += engine.step()
+    assert sum((s.delta_token_ids for s in steps), []) == out.token_ids
+    assert "".join(s.delta_text for s in steps) == out.text
+
+
 def test_dtype_names_and_the_loaded_model_is_never_cast_in_place():
     assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype(torch.float16) is torch.float16
     assert resolve_dtype("auto") in (torch.bfloat16, torch.float32)

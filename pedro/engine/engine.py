@@ -801,7 +801,9 @@ class Engine:
         self, requests: Iterable[Union[Request, str]], sampling: Optional[SamplingParams] = None
     ) -> list[RequestOutput]:
         """Run a list of requests to completion (continuous batching) -> one output per request, in order.
-        A bad request gets an output with ``error`` set; the others run normally."""
+        A bad request gets an output with ``error`` set; the others run normally. The caller saw no earlier
+        output, so each one's delta is the whole output (``delta_token_ids`` / ``delta_text`` equal ``token_ids``
+        / ``text``)."""
         order: list[str] = []
         results: dict[str, RequestOutput] = {}
         for item in requests:
@@ -816,5 +818,7 @@ class Engine:
         while any(rid not in results for rid in order):
             for out in self.step():
                 if out.finished:
-                    results[out.request_id] = out
+                    results[out.request_id] = dataclasses.replace(
+                        out, delta_token_ids=list(out.token_ids), delta_text=out.text
+                    )
         return [results[rid] for rid in order]

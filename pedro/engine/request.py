@@ -207,7 +207,8 @@ class RequestOutput:
     """The state of one request after an engine step.
 
     ``token_ids`` / ``text`` are everything generated so far; ``delta_token_ids`` / ``delta_text`` what this
-    step added (text is held back while it could still turn into a stop string). ``finish_reason`` is
+    step added (text is held back while it could still turn into a stop string; a request added without
+    ``track_text`` is decoded once, when it finishes, so its last ``delta_text`` is the whole text). ``finish_reason`` is
     ``"stop"`` (EOS or a stop string), ``"length"``, ``"abort"`` or ``"error"`` (then ``error`` says why and
     ``error_code`` is one of ADAPTER_LOAD_FAILED, NUMERIC_OVERFLOW, REQUEST_FAILED, ENGINE_FAILURE). ``metrics``:
     ``ttft_s``, ``latency_s`` and ``queued_steps`` (engine steps between queueing and admission). ``logprobs``:
