@@ -145,6 +145,16 @@ def auto_epochs(records: int, batch: int) -> int:
     return max(1, min(MAX_AUTO_EPOCHS, math.ceil(TARGET_STEPS / per_epoch)))
 
 
+def _kept_evaluation(trainer: Any, evaluations: list[dict[str, Any]]) -> dict[str, Any]:
+    """The held-out metrics of the adapter kept: the best checkpoint's, as logged when it was evaluated (the
+    same weights, so scoring them again would only repeat that pass), else a fresh evaluation."""
+    best = trainer.state.best_global_step
+    logged = [r for r in evaluations if best is not None and r.get("step") == best]
+    if logged:
+        return {k: v for k, v in logged[-1].items() if k.startswith("eval_") or k == "epoch"}
+    return dict(trainer.evaluate())
+
+
 def carve_dev(
     records: list[Example], dev_split: float | None, limit: int | None = None
 ) -> tuple[list[Example], list[Example]]:
@@ -419,7 +429,7 @@ def train(
         # a resumed run's include the time up to its checkpoint (None: that checkpoint did not record it)
         train_seconds, train_cpu_seconds = marks.seconds(), marks.cpu_seconds()
         evaluations = [r for r in trainer.state.log_history if "eval_loss" in r]
-        final_eval = trainer.evaluate() if eval_rows is not None else {}  # of the adapter kept
+        final_eval = _kept_evaluation(trainer, evaluations) if eval_rows is not None else {}
     finally:
         torch.set_num_threads(threads)
         if attention is not None and previous_attention is not None and attention != previous_attention:
