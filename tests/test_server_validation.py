@@ -144,6 +144,19 @@ def test_checks_across_fields_name_their_field(live, fields, param):
     assert not error["message"].startswith("Value error"), error
 
 
+@pytest.mark.parametrize("typo, meant", [("max_token", "max_tokens"), ("temprature", "temperature"), ("stops", "stop")])
+def test_a_misspelt_field_is_400_naming_the_field_meant(live, typo, meant):
+    """Ignoring it would silently answer another question (max_token: the default length instead of 5)."""
+    refused(complete(live, **{typo: 5}), 400, f"did you mean {meant!r}", param=typo)
+    refused(chat(live, **{typo: 5}), 400, f"did you mean {meant!r}", param=typo)
+
+
+def test_fields_no_typo_of_ours_are_still_ignored(live):
+    """OpenAI's fields with no meaning here, and any other unknown field, are served as before."""
+    assert complete(live, store=True, metadata={"a": "b"}, service_tier="auto", x_trace="1").status_code == 200
+    assert chat(live, store=True, parallel_tool_calls=False, x_trace="1").status_code == 200
+
+
 def test_logit_bias_token_ids_are_ascii_digits(live):
     refused(complete(live, logit_bias={"\u0665\u0660\u0664": 100}), 400, "logit_bias", param="logit_bias")
     assert complete(live, logit_bias={"5": 100}).status_code == 200

@@ -11,6 +11,7 @@ refused with a 400 naming them instead of silently dropped (REFUSED; docs/server
 
 from __future__ import annotations
 
+import difflib
 import time
 import uuid
 from typing import Any, Literal, Optional, Union, cast
@@ -58,6 +59,17 @@ MAX_LOGPROBS = 20
 MAX_INT32 = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # signed 64-bit: what torch.Generator.manual_seed (the engine) takes
 STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+# Request fields of OpenAI's API this server reads no meaning from and ignores; any other unknown field that is one
+# typo away from a field it does read (max_token, temprature) is refused, since ignoring it would silently change
+# the answer the caller asked for.
+IGNORED_OPENAI_FIELDS = frozenset(
+    {
+        "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "audio", "prediction",
+        "reasoning_effort", "web_search_options", "verbosity", "prompt_cache_key", "safety_identifier",
+    }
+)  # fmt: skip
 
 
 class StreamOptions(BaseModel):
@@ -115,6 +127,12 @@ class _Request(BaseModel):
                     raise ValueError(f"{key}: {why}")
             if data.get("stream_options") is not None and not data.get("stream"):
                 raise ValueError("stream_options: only allowed when stream is true")
+            known = [*cls.model_fields, *REFUSED, *REFUSED_UNLESS]
+            for key in data:
+                if isinstance(key, str) and key not in known and key not in IGNORED_OPENAI_FIELDS:
+                    close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+                    if close:
+                        raise ValueError(f"{key}: not a field of this request; did you mean {close[0]!r}?")
         return data
 
     @field_validator("logit_bias")
