@@ -13,6 +13,14 @@ from pedro.data import Example
 from pedro.evaluate import evaluate, generate_texts, is_pedro, option_logprobs
 
 
+def choice_examples(options: list[str], n: int) -> list[Example]:
+    """n short number prompts, the right option cycling through ``options``."""
+    return [
+        Example(f"{3 + i % 5} {4 + i % 3}", options[i % len(options)], options=options, label=i % len(options))
+        for i in range(n)
+    ]
+
+
 def _adapted():
     model = pedro.get_pedro_model(tiny_model("llama"), r=4, pooler="mean")
     randomize(model)
@@ -152,7 +160,7 @@ def test_training_reports_accuracy_on_held_out_choice_examples(tmp_path):
     from pedro.train import train
 
     options = ["43", "44"]
-    examples = [Example(f"{3 + i % 5} {4 + i % 3}", options[i % 2], options=options, label=i % 2) for i in range(8)]
+    examples = choice_examples(options, 8)
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     result = train(
         model=model,
@@ -194,19 +202,10 @@ def test_the_trained_model_scores_as_its_saved_adapter_and_the_bare_injected_one
     from pedro.train import train
 
     options = ["43 44", "45", "46 47 48"]
-    examples = [Example(f"{3 + i % 5} {4 + i % 3}", options[i % 3], options=options, label=i % 3) for i in range(9)]
+    examples = choice_examples(options, 9)
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    result = train(
-        model=model,
-        tokenizer=tokenizer,
-        examples=examples,
-        output_dir=str(tmp_path / "run"),
-        max_steps=3,
-        batch_size=3,
-        lr=3e-2,
-        precision="fp32",
-        progress=False,
-    )
+    result = train(model=model, tokenizer=tokenizer, examples=examples, output_dir=str(tmp_path / "run"),
+                   max_steps=3, batch_size=3, lr=3e-2, precision="fp32", progress=False)  # fmt: skip
     assert not result.model.training
     trained = option_logprobs(result.model, tokenizer, examples, batch_size=4, progress=False)
     reloaded = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "run")).eval()
