@@ -319,8 +319,8 @@ class PedroModel(BaseTuner):
             if layers[0] != layers[1] and layers[0] and layers[1]:
                 raise ValueError(
                     f"the adapter file has tensors for {len(layers[0])} layers ({layers[0][0]}-{layers[0][-1]}) but this "
-                    f"backbone has {len(layers[1])} ({layers[1][0]}-{layers[1][-1]}): the adapter was trained for a "
-                    "different backbone"
+                    f"backbone has {len(layers[1])} ({layers[1][0]}-{layers[1][-1]}) under this config: the adapter "
+                    "was trained for a different backbone (or its config's layers were changed)"
                 )
             raise ValueError(
                 f"the adapter file does not match this PEDRO config on this backbone: "
