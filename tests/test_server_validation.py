@@ -12,12 +12,21 @@ import httpx
 import peft
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, tiny_tokenizer
 from safetensors.torch import load_file, save
 from server_kit import ADMIN_KEY, TENANTS, make_adapter, make_backbone, snapshot, write_config
 from server_process import ServerProcess, auth, upload
 
-from pedro.engine import PromptTooLong, QueueFull, RequestError, SamplingParams
+from pedro.engine import (
+    AdapterError,
+    Engine,
+    PromptTooLong,
+    QueueFull,
+    Request,
+    RequestError,
+    SamplingParams,
+    UnknownAdapter,
+)
 from pedro.server import backend
 
 ALICE = TENANTS["alice"]
@@ -209,6 +218,21 @@ def test_engine_refusals_map_to_4xx_naming_the_field():
     assert (error.status, error.param, error.code) == (400, "messages", "context_length_exceeded")
     error = backend.refused(QueueFull("busy"))
     assert (error.status, error.code, error.retry_after) == (429, "queue_full", 1)
+
+
+def test_an_adapter_deleted_while_its_request_was_admitted_is_404_without_the_engines_name(tmp_path):
+    """A delete can land between a request finding its adapter and the engine admitting it (prompt encoding
+    runs in a worker thread): the request then sees the same 404 as a name that never existed, never the
+    engine's versioned name."""
+    engine = Engine(tiny_model("llama"), tiny_tokenizer(), max_batch=2, max_seq_len=32)
+    with pytest.raises(UnknownAdapter) as caught:
+        engine.add_request(Request([5, 6], adapter="alice:gone@0123abcd"))
+    assert isinstance(caught.value, RequestError) and isinstance(caught.value, AdapterError)
+    with pytest.raises(UnknownAdapter):
+        engine.prompt_format("alice:gone@0123abcd")
+    error = backend.refused(caught.value, param="prompt")
+    assert (error.status, error.code, error.param) == (404, "model_not_found", "model")
+    assert "@" not in error.message and "alice" not in error.message
 
 
 # ------------------------------------------------------------------------------------------------ adapter uploads

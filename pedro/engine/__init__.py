@@ -1,6 +1,6 @@
 """pedro.engine: multi-tenant batched inference, one frozen backbone, many PEDRO / LoRA / (IA)3 adapters."""
 
-from pedro.engine.adapters import AdapterError
+from pedro.engine.adapters import AdapterError, UnknownAdapter
 from pedro.engine.async_engine import AsyncEngine, EngineDead
 from pedro.engine.engine import Engine
 from pedro.engine.request import (
@@ -34,5 +34,6 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "TokenLogprob",
+    "UnknownAdapter",
     "nth_seed",
 ]

@@ -23,6 +23,7 @@ from torch import nn
 from pedro.backbones import layer_map
 from pedro.config import PedroConfig
 from pedro.engine.adapter_config import AdapterConfigError, check_served, read_adapter_files
+from pedro.engine.request import RequestError
 from pedro.generator import HeadStack, VectorGenerator
 from pedro.io import WEIGHTS_NAME, AdapterFileError, check_adapter_dir, read_prompt_format
 from pedro.model import plan_sites, shape_mismatch
@@ -30,6 +31,12 @@ from pedro.model import plan_sites, shape_mismatch
 
 class AdapterError(ValueError):
     """An adapter the engine cannot register or load (format, backbone mismatch, unsupported feature)."""
+
+
+class UnknownAdapter(AdapterError, RequestError):
+    """A name the engine has no adapter under: never registered, or removed since the caller looked it up (a
+    server deleting an adapter while a request for it was being admitted). A RequestError too, so a request
+    naming it is refused alone."""
 
 
 @dataclass(frozen=True)
@@ -433,7 +440,7 @@ class AdapterStore:
         """The registered adapter ``name``. The error names only ``name``: the caller may be one tenant and the
         registry holds every tenant's adapters."""
         if name not in self.registered:
-            raise AdapterError(f"unknown adapter {name!r}")
+            raise UnknownAdapter(f"unknown adapter {name!r}", field="adapter")
         return self.registered[name]
 
     def needs_load(self, name: str) -> bool:

@@ -364,10 +364,7 @@ class Engine:
         if request.request_id in self._seqs:
             raise RequestError(f"request id {request.request_id!r} is already in the engine")
         if request.adapter is not None:
-            try:
-                self.adapters.get(request.adapter)
-            except AdapterError as err:
-                raise RequestError(str(err)) from None
+            self.adapters.get(request.adapter)  # UnknownAdapter, a RequestError naming the adapter
         if request.sampling.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer", field="stop")
         if any(t >= self.vocab_size for t, _ in request.sampling.logit_bias):

@@ -30,6 +30,7 @@ from pedro.engine import (
     RequestError,
     RequestOutput,
     SamplingParams,
+    UnknownAdapter,
 )
 from pedro.server.config import ServerConfig
 from pedro.server.errors import APIError
@@ -48,6 +49,10 @@ def refused(err: RequestError, param: Optional[str] = None) -> APIError:
     field at fault (the engine's, else ``param``)."""
     if isinstance(err, QueueFull):
         return APIError(429, f"the server is at capacity: {err}", code="queue_full", retry_after=1)
+    if isinstance(err, UnknownAdapter):  # deleted after the request found it: as if it had never been there
+        return APIError(
+            404, "the model or adapter does not exist (it was deleted)", code="model_not_found", param="model"
+        )
     code = "context_length_exceeded" if isinstance(err, PromptTooLong) else None
     field = _API_NAMES.get(err.field, err.field) if err.field else param
     return APIError(400, str(err), code=code, param=field)
