@@ -159,6 +159,21 @@ CASES = {
         400,
         "truncated",
     ),
+    "a save's README.md beside the two files": (
+        lambda lv: upload(lv.url, ALICE, "x", lv.good, files=files_of(lv.good, **{"README.md": b"# x"})),
+        400,
+        "too many files: upload exactly ['adapter_config.json', 'adapter_model.safetensors']",
+    ),
+    "name given twice": (
+        lambda lv: post(
+            lv,
+            "/v1/adapters",
+            data={"name": ["x", "y"]},
+            files=[("files", (n, c)) for n, c in files_of(lv.good).items()],
+        ),
+        400,
+        "form field 'name' given twice",
+    ),
     "missing weights": (
         lambda lv: upload(lv.url, ALICE, "x", lv.good, files={"adapter_config.json": config_with(lv)}),
         400,

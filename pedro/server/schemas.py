@@ -131,7 +131,7 @@ class _Request(BaseModel):
             for key in data:
                 if isinstance(key, str) and key not in known and key not in IGNORED_OPENAI_FIELDS:
                     close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
-                    if close:
+                    if close and abs(len(key) - len(close[0])) <= 2:  # a slip, not a new option (top_p_v2)
                         raise ValueError(f"{key}: not a field of this request; did you mean {close[0]!r}?")
         return data
 

@@ -44,6 +44,15 @@ async def receive_upload(request: Request, staging: Path, max_bytes: int) -> dic
     try:
         form = await parser.parse()
     except MultiPartException as err:
+        if err.message.startswith("Too many files"):  # the parser stops at the limit, before naming the others
+            raise APIError(
+                400,
+                f"too many files: upload exactly {list(ADAPTER_FILES)} (other files a save writes beside them, "
+                "such as README.md, are not part of the adapter)",
+                param="files",
+            ) from None
+        if err.message.startswith("Too many fields"):
+            raise APIError(400, f"too many form fields: the form takes {list(FORM_FIELDS)} and the two files") from None
         raise APIError(400, f"malformed multipart upload: {err.message}") from None
     fields: dict[str, str] = {}
     try:
@@ -51,6 +60,8 @@ async def receive_upload(request: Request, staging: Path, max_bytes: int) -> dic
             if isinstance(value, str):
                 if key not in FORM_FIELDS:
                     raise APIError(400, f"unknown form field {key!r}; expected {list(FORM_FIELDS)} and the two files")
+                if key in fields:
+                    raise APIError(400, f"form field {key!r} given twice", param=key)
                 fields[key] = value
                 continue
             if value.filename not in ADAPTER_FILES:
