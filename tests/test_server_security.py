@@ -280,6 +280,11 @@ def test_refused_and_nothing_changes_on_disk(live, case):
     assert snapshot(live.root / "adapters") == before
 
 
+def test_deleting_a_name_that_does_not_exist_names_the_path_parameter(live):
+    response = httpx.delete(f"{live.url}/v1/adapters/nothing-here", headers=auth(BOB))
+    assert response.status_code == 404 and response.json()["error"]["param"] == "name"
+
+
 def test_unknown_request_fields_are_ignored(live):
     plain = complete(live, temperature=0)
     extra = complete(live, temperature=0, frequency_penalty_v2=1, metadata={"x": 1})

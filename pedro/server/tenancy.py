@@ -159,7 +159,11 @@ class TenantAdapters:
 
     async def delete(self, principal: Principal, ref: str) -> AdapterRecord:
         async with self._lock:
-            record = self.resolve(principal, ref)
+            try:
+                record = self.resolve(principal, ref)
+            except APIError as err:  # the name at fault is the path's, not a request's model
+                err.param = "name"
+                raise
             if record is None:
                 raise APIError(400, "the base model cannot be deleted", param="name")
             if self.unavailable.pop(record.engine_name, None) is None:
