@@ -280,6 +280,13 @@ def test_refused_and_nothing_changes_on_disk(live, case):
     assert snapshot(live.root / "adapters") == before
 
 
+def test_a_body_that_is_not_utf8_is_a_400_saying_so(live):
+    headers = {**auth(ALICE), "content-type": "application/json"}
+    body = b'{"model": "mine", "prompt": "\xff\xfe"}'
+    response = httpx.post(f"{live.url}/v1/completions", headers=headers, content=body, timeout=60)
+    assert response.status_code == 400 and "valid UTF-8 JSON" in response.json()["error"]["message"]
+
+
 def test_deleting_a_name_that_does_not_exist_names_the_path_parameter(live):
     response = httpx.delete(f"{live.url}/v1/adapters/nothing-here", headers=auth(BOB))
     assert response.status_code == 404 and response.json()["error"]["param"] == "name"

@@ -145,7 +145,10 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, err: HTTPException) -> JSONResponse:
-        return await _api_error(_, APIError(err.status_code, str(err.detail), headers=err.headers))
+        detail = str(err.detail)
+        if err.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI, e.g. bad UTF-8
+            detail = "the request body could not be read as JSON text (it must be valid UTF-8 JSON)"
+        return await _api_error(_, APIError(err.status_code, detail, headers=err.headers))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception) -> JSONResponse:
