@@ -180,3 +180,26 @@ def test_restart_keeps_adapters_and_never_shows_a_half_written_upload(setup):
     assert not (adapters / "store" / "alice" / "half").exists()
     assert list((adapters / ".staging").iterdir()) == []
     assert [a["name"] for a in json.loads((adapters / "registry.json").read_text())["adapters"]] == ["keep"]
+
+
+def test_a_restart_keeps_adapters_that_fail_their_checks_as_unavailable_to_their_owner(setup):
+    """A damaged file or a folder gone since the last run: the server starts, serves the rest, and answers 409
+    for those two until their owner deletes them (then the names upload again)."""
+    config = setup.config_in(setup.root / "damaged")
+    store = setup.root / "damaged" / "adapters" / "store" / "alice"
+    with ServerProcess(config, setup.root / "server.log") as first:
+        for name in ("good", "damaged", "gone"):
+            assert upload(first.url, ALICE, name, setup.adapter).status_code == 201
+    weights = store / "damaged" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    shutil.rmtree(store / "gone")
+    with ServerProcess(config, setup.root / "server.log") as second:
+        c = openai.OpenAI(base_url=f"{second.url}/v1", api_key=ALICE, max_retries=0)
+        assert c.completions.create(model="good", prompt="3 4 5", max_tokens=4).usage.completion_tokens == 4
+        for name in ("damaged", "gone"):
+            with pytest.raises(openai.ConflictError) as caught:
+                c.completions.create(model=name, prompt="3 4 5", max_tokens=4)
+            assert caught.value.body["code"] == "adapter_unavailable" and "upload it again" in caught.value.message
+            assert httpx.delete(f"{second.url}/v1/adapters/{name}", headers=auth(ALICE)).status_code == 200
+            assert upload(second.url, ALICE, name, setup.adapter).status_code == 201
+            assert c.completions.create(model=name, prompt="3 4 5", max_tokens=4).usage.completion_tokens == 4

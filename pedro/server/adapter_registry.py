@@ -87,12 +87,9 @@ class AdapterRegistry:
                 records = [AdapterRecord(**item) for item in data["adapters"]]
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"the adapter registry {self.index} is unreadable: {err}") from err
-        self._records = {}
-        for record in records:
-            if (self.path(record.tenant, record.name)).is_dir():
-                self._records[(record.tenant, record.name)] = record
-            else:
-                log.warning("registered adapter %s has no files any more; dropping it", record.engine_name)
+        # an indexed adapter whose folder is gone is kept (never a crash's doing: a delete rewrites the index first):
+        # it fails its checks at start-up, so its owner is told so (409) instead of finding the name gone
+        self._records = {(record.tenant, record.name): record for record in records}
         for tenant_dir in self.store.iterdir():
             for adapter_dir in tenant_dir.iterdir() if tenant_dir.is_dir() else [tenant_dir]:
                 if (tenant_dir.name, adapter_dir.name) not in self._records:

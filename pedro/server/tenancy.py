@@ -38,6 +38,12 @@ class TenantAdapters:
         records = self.registry.open()
         for record in records:
             directory = self.registry.path(record.tenant, record.name)
+            if not directory.is_dir():
+                self.unavailable[record.engine_name] = "its files are gone from the server's adapters directory"
+                log.error(
+                    "registered adapter %s is unavailable: its folder %s is gone", record.qualified_name, directory
+                )
+                continue
             try:
                 await self.backend.check(directory)
                 await self.backend.add_adapter(record.engine_name, directory)
