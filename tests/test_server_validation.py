@@ -25,6 +25,7 @@ from pedro.engine import (
     Request,
     RequestError,
     SamplingParams,
+    TenantLimit,
     UnknownAdapter,
 )
 from pedro.server import backend
@@ -218,6 +219,9 @@ def test_engine_refusals_map_to_4xx_naming_the_field():
     assert (error.status, error.param, error.code) == (400, "messages", "context_length_exceeded")
     error = backend.refused(QueueFull("busy"))
     assert (error.status, error.code, error.retry_after) == (429, "queue_full", 1)
+    error = backend.refused(TenantLimit("this tenant is at its own capacity"))
+    assert (error.status, error.code, error.retry_after) == (429, "tenant_limit", 1)
+    assert "server" not in error.message  # the server may have room: only this caller is at its bound
 
 
 def test_an_adapter_deleted_while_its_request_was_admitted_is_404_without_the_engines_name(tmp_path):

@@ -14,6 +14,7 @@ from pedro.engine.request import (
     RequestError,
     RequestOutput,
     SamplingParams,
+    TenantLimit,
     TokenLogprob,
     nth_seed,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "RequestError",
     "RequestOutput",
     "SamplingParams",
+    "TenantLimit",
     "TokenLogprob",
     "UnknownAdapter",
     "nth_seed",

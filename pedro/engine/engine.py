@@ -46,6 +46,7 @@ from pedro.engine.request import (
     RequestError,
     RequestOutput,
     SamplingParams,
+    TenantLimit,
     TokenLogprob,
 )
 from pedro.engine.rows import RowAdapters
@@ -370,8 +371,9 @@ class Engine:
         if any(t >= self.vocab_size for t, _ in request.sampling.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", field="logit_bias")
         if self.max_per_tenant is not None and self._per_tenant[request.tenant] >= self.max_per_tenant:
-            raise QueueFull(
-                f"this tenant already has {self.max_per_tenant} requests running or waiting (its limit); retry shortly"
+            raise TenantLimit(
+                f"this tenant is at its own capacity: it already has {self.max_per_tenant} requests running or "
+                "waiting (its limit); retry once some finish"
             )
         free_rows = self.max_batch - self.num_running  # requests the next step can admit are not queued
         if self.max_waiting is not None and self.num_waiting >= self.max_waiting + free_rows:

@@ -29,6 +29,11 @@ class QueueFull(RequestError):
     requests running or waiting: try again once running requests finish."""
 
 
+class TenantLimit(QueueFull):
+    """The request's tenant already has ``max_per_tenant`` requests running or waiting: that tenant alone waits
+    for its own requests to finish; the engine may have room for others."""
+
+
 class PromptTooLong(RequestError):
     """The prompt does not fit the context (or the caller's token limit)."""
 

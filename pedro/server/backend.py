@@ -30,6 +30,7 @@ from pedro.engine import (
     RequestError,
     RequestOutput,
     SamplingParams,
+    TenantLimit,
     UnknownAdapter,
 )
 from pedro.server.config import ServerConfig
@@ -47,6 +48,8 @@ _API_NAMES = {"max_new_tokens": "max_tokens"}
 def refused(err: RequestError, param: Optional[str] = None) -> APIError:
     """The HTTP error for a request the engine refused: 429 when it is at capacity, 400 otherwise, naming the
     field at fault (the engine's, else ``param``)."""
+    if isinstance(err, TenantLimit):  # this caller's own bound, not the server's: a code of its own
+        return APIError(429, str(err), code="tenant_limit", retry_after=1)
     if isinstance(err, QueueFull):
         return APIError(429, f"the server is at capacity: {err}", code="queue_full", retry_after=1)
     if isinstance(err, UnknownAdapter):  # deleted after the request found it: as if it had never been there
