@@ -126,6 +126,10 @@ class Engine:
     slow (1.39x a decode step on an AMD CPU with AVX2 only, docs/engine.md), batch-invariant (a request's tokens
     do not depend on its batch), within fp32 rounding of ``F.linear`` but not equal to it; where oneDNN fails
     those checks, as the default. bf16 is exact either way.
+    ``attention_kernel``: in bf16 on a CPU, decode attention through the engine's own kernel (cpu_kernels.py:
+    ~2x faster than SDPA's flash kernel at one query a row, and more exact: its probabilities stay in fp32),
+    compiled with the machine's C++ compiler the first time (~10-30 s, then cached); SDPA where it cannot be
+    built, or with False.
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class Engine:
         decode_graphs: str = "auto",
         fuse_projections: Optional[bool] = None,
         exact_gemms: bool = True,
+        attention_kernel: bool = True,
     ) -> None:
         if isinstance(backbone, str):
             device = canonical(device or "cpu")
@@ -204,6 +209,7 @@ class Engine:
             fuse_projections = self.device.type != "cpu" or (not exact_gemms and self.dtype == torch.float32)
         self.fuse_projections = fuse_projections
         self.exact_gemms = exact_gemms
+        self.attention_kernel = attention_kernel
         self.max_seq_len = max_seq_len
         self.spec = ModelSpec.of(backbone)
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
@@ -231,7 +237,13 @@ class Engine:
             scratch=self.graph_mode is not None,
         )
         self.runner = ModelRunner(
-            self.model, spec, self.cache, self.rows, fuse=self.fuse_projections, exact_gemms=self.exact_gemms
+            self.model,
+            spec,
+            self.cache,
+            self.rows,
+            fuse=self.fuse_projections,
+            exact_gemms=self.exact_gemms,
+            attention_kernel=self.attention_kernel,
         )
         if self.graph_mode is not None:
             self.runner.graphs = DecodeGraphs(self.runner, capture=self.graph_mode == "capture")

@@ -38,6 +38,7 @@ from pedro.compat import (
     rope_sin,
     rotary_cos_sin,
 )
+from pedro.engine import cpu_kernels
 from pedro.engine.adapters import ModelSpec, PedroWeights
 from pedro.engine.device import upload
 from pedro.engine.kv_cache import KVCache
@@ -212,6 +213,7 @@ class ModelRunner:
         rows: RowAdapters,
         fuse: bool = False,
         exact_gemms: bool = True,
+        attention_kernel: bool = True,
     ) -> None:
         self.spec, self.cache, self.rows = spec, cache, rows
         # transformers types a model's own modules and config fields as Any: each is read once, here
@@ -244,6 +246,16 @@ class ModelRunner:
         # them in fp32), nor on an accelerator, whose fused kernels do better
         self.matmul_decode_attention = self.device.type == "cpu" and cache.k.dtype == torch.float32
         self.exact_alpha = math.frexp(self.scaling)[0] == 0.5  # a power of two: scaling a product is exact
+        # in bf16 on a CPU, the engine's own decode attention kernel (cpu_kernels.py: ~2x the flash kernel's
+        # speed at one query a row, probabilities kept in fp32), where it builds; otherwise SDPA
+        kernel = (
+            attention_kernel
+            and self.device.type == "cpu"
+            and cache.k.dtype == torch.bfloat16
+            and self.head_dim in cpu_kernels.HEAD_DIMS
+            and self.group <= cpu_kernels.MAX_GROUP
+        )
+        self.attention_kernel = cpu_kernels.decode_attention() if kernel else None
         # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays; with
         # ``fuse``, q/k/v and gate/up one GEMM each, their own products kept for a step that scales their inputs
         # apart (the engine fuses on an accelerator and in fp32 on the CPU's oneDNN path: docs/engine.md)
@@ -638,6 +650,16 @@ class ModelRunner:
         q = apply_rope(q, cos[:, None, None], sin[:, None, None])
         k = apply_rope(k, cos[:, None], sin[:, None])
         self.cache.write_step(layer, k, v.view(batch, self.n_kv, self.head_dim), decode.rows_index, decode.positions)
+        if self.attention_kernel is not None:  # reads each row's own keys, no mask
+            out = self.attention_kernel(
+                q.contiguous(),
+                self.cache.k[layer],
+                self.cache.v[layer],
+                decode.positions,
+                parts.window or 0,
+                self.scaling,
+            )
+            return out.reshape(batch, -1)
         mask = decode.masks[parts.window]
         keys, values = self.cache.view(layer, batch, mask.shape[-1])
         if self.matmul_decode_attention:  # mask: (B * kv_heads, 1, W), added to the scores

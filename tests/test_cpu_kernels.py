@@ -1,0 +1,147 @@
+"""The engine's CPU decode attention kernel (pedro/engine/cpu_kernels.py), both its builds (the CPU's bf16 dot
+products where it has them, and the plain loops every other CPU runs): against attention computed in float64
+and against SDPA's flash kernel, each row independent of its batch and of the thread count, refusing what it
+cannot compute; and a bf16 engine attending through it follows transformers' bf16 forward (sliding windows
+included) and gives each request in a mixed batch the tokens it gets alone."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from pedro.engine import Engine, Request, SamplingParams, cpu_kernels
+
+KERNELS = {"native": cpu_kernels.decode_attention(), "portable": cpu_kernels.decode_attention(portable=True)}
+
+
+@pytest.fixture(params=list(KERNELS))
+def kernel(request):
+    op = KERNELS[request.param]
+    assert op is not None, "the kernel did not build here (see the log)"
+    return op
+
+
+def case(head_dim: int, group: int, seed: int = 0, batch: int = 6, heads: int = 2, seq: int = 300):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch + 1, heads, seq, head_dim, generator=g).to(torch.bfloat16)
+    v = torch.randn(batch + 1, heads, seq, head_dim, generator=g).to(torch.bfloat16)
+    q = (2 * torch.randn(batch, heads, group, head_dim, generator=g)).to(torch.bfloat16)
+    lengths = torch.tensor([0, 15, 16, 17, 140, seq - 1])[:batch]  # one key; 16-key blocks and their edges
+    return q, k, v, lengths
+
+
+def reference(q, k, v, lengths, window: int, scale: float) -> torch.Tensor:
+    out = []
+    for b, last in enumerate(lengths.tolist()):
+        first = max(0, last - window + 1) if window else 0
+        keys, values = k[b, :, first : last + 1].double(), v[b, :, first : last + 1].double()
+        out.append(torch.softmax(q[b].double() @ keys.transpose(-1, -2) * scale, -1) @ values)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("head_dim,group", [(64, 3), (64, 1), (128, 4), (256, 2)])
+@pytest.mark.parametrize("window", [0, 5])
+def test_the_kernel_is_correctly_rounded_almost_everywhere_and_closer_than_sdpa(kernel, head_dim, group, window):
+    q, k, v, lengths = case(head_dim, group)
+    scale = head_dim**-0.5
+    exact = reference(q, k, v, lengths, window, scale)
+    out = kernel(q, k, v, lengths, window, scale)
+    assert out.dtype is torch.bfloat16 and out.shape == q.shape
+    ulp = exact.abs().clamp_min(2**-60) * 2**-7  # one bf16 step at each value
+    assert ((out.double() - exact).abs() <= ulp).all()
+    assert (out == exact.to(torch.bfloat16)).double().mean() > 0.995
+    # SDPA over the same keys (its mask), as the engine attended before: further from the exact values
+    width = int(lengths.max()) + 1
+    steps = torch.arange(width)
+    mask = steps <= lengths[:, None]
+    if window:
+        mask &= steps > lengths[:, None] - window
+    sdpa = F.scaled_dot_product_attention(
+        q, k[: len(q), :, :width], v[: len(q), :, :width], attn_mask=mask[:, None, None], scale=scale
+    )
+    assert (out.double() - exact).abs().mean() < (sdpa.double() - exact).abs().mean()
+
+
+def test_a_row_gets_the_same_bits_alone_as_in_any_batch_at_any_thread_count(kernel):
+    q, k, v, lengths = case(64, 3, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        together = kernel(q, k, v, lengths, 0, 0.125)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(kernel(q, k, v, lengths, 0, 0.125), together)
+    finally:
+        torch.set_num_threads(threads)
+    for b in range(len(q)):
+        alone = kernel(q[b : b + 1], k[b:], v[b:], lengths[b : b + 1], 0, 0.125)
+        assert torch.equal(alone[0], together[b])
+
+
+def test_the_kernel_refuses_what_it_cannot_compute(kernel):
+    q, k, v, lengths = case(64, 3)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernel(q.float(), k, v, lengths, 0, 0.125)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernel(q, k, v, lengths + k.shape[2], 0, 0.125)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        kernel(q[..., :8].contiguous(), k[..., :8].contiguous(), v[..., :8].contiguous(), lengths, 0, 0.125)
+    with pytest.raises(RuntimeError, match="lengths"):
+        kernel(q, k, v, lengths[:2], 0, 0.125)
+
+
+def test_a_kernel_that_cannot_be_built_is_none_and_said(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails every build
+    with caplog.at_level(logging.WARNING, logger="pedro.engine"):
+        assert cpu_kernels.decode_attention.__wrapped__(portable=True) is None
+    assert "could not be built" in caplog.text and "using SDPA" in caplog.text
+
+
+def sharp(family: str, **overrides) -> torch.nn.Module:
+    """A tiny backbone with head_dim 64 (a size the kernel computes) and a scaled-up LM head: confident next
+    tokens, so that a wrong token cannot hide in a near-tie."""
+    model = tiny_model(family, head_dim=64, **overrides)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window layers of 16 keys
+def test_a_bf16_engine_attends_through_the_kernel_and_follows_transformers(family):
+    engine = Engine(sharp(family), max_batch=5, max_seq_len=64)
+    assert engine.runner.attention_kernel is not None
+    prompts = [[3 + i, 7, 11 + 2 * i, 5, *range(20, 20 + 7 * i)] for i in range(5)]  # up to 32 tokens
+    greedy = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=0)
+    together = engine.generate([Request(p, sampling=greedy) for p in prompts])
+    model = sharp(family)
+    for prompt, out in zip(prompts, together):
+        [alone] = engine.generate([Request(prompt, sampling=greedy)])
+        assert alone.token_ids == out.token_ids  # a mixed batch equals each request alone
+        assert [x.logprob for x in alone.logprobs] == [x.logprob for x in out.logprobs]
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        chosen = logits.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        gap = logits.max(-1).values - chosen
+        assert (gap <= 0.05 * logits.abs().max(-1).values).all(), gap
+        assert (gap == 0).float().mean() >= 0.8
+        # the chosen tokens' log-probabilities within bf16's noise of transformers' (0.03 here; attending past
+        # gemma3's sliding window instead moves them by 0.3)
+        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        assert (expected - torch.tensor([x.logprob for x in out.logprobs])).abs().max() < 0.1
+
+
+def test_without_the_kernel_the_engine_attends_with_sdpa(monkeypatch):
+    tokens = {}
+    for kernel in (True, False):
+        engine = Engine(sharp("llama"), max_batch=2, max_seq_len=64, attention_kernel=kernel)
+        assert (engine.runner.attention_kernel is not None) is kernel
+        [out] = engine.generate([Request([5, 6, 7, 8], sampling=SamplingParams(max_new_tokens=8, ignore_eos=True))])
+        tokens[kernel] = out.token_ids
+    assert tokens[True] == tokens[False]  # a confident model: the two attentions pick the same tokens
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda: None)  # where it cannot be built
+    assert Engine(sharp("llama"), max_batch=2, max_seq_len=64).runner.attention_kernel is None
