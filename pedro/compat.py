@@ -40,8 +40,10 @@ __all__ = [
     "forget_gguf_quantization",
     "incompatible",
     "mlp_activation",
+    "norm_probe",
     "packed_linear",
     "rms_norm",
+    "rms_norm_form",
     "rope_sin",
     "rotary_cos_sin",
     "rotate_half",
@@ -141,38 +143,53 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, rolled_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, -1) * rolled_sin
 
 
-def rms_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``norm``'s forward as a plain function of the same ops, for the two RMSNorm forms transformers' supported
-    families use (LLaMA's ``weight * normed.to(dtype)``, Gemma's ``(normed * (1 + weight)).to(dtype)``, its
-    ``1 + weight`` made once): a module call and its dtype round trips cost ~30 us of a ~55 us norm at a decode
-    step's 32 rows, ~2 ms of a step over SmolLM2's 61 norms. Checked bit for bit against ``norm`` on random
-    inputs here; a module of another form, or one that disagrees, is returned as it is (the same numbers)."""
+def rms_norm_form(norm: nn.Module) -> tuple[str, torch.Tensor, float] | None:
+    """Which of the two RMSNorm forms transformers' supported families use ``norm`` is, read off the module:
+    ("llama", weight, eps) for ``weight * normed.to(dtype)``, ("gemma", 1 + weight in fp32, eps) for
+    ``(normed * (1 + weight)).to(dtype)``; None for a module of another form."""
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor):
-        return norm
+        return None
     eps_llama, eps_gemma = getattr(norm, "variance_epsilon", None), getattr(norm, "eps", None)
     if isinstance(eps_llama, float):
-        eps = eps_llama
+        return "llama", weight, eps_llama
+    if isinstance(eps_gemma, float) and type(norm).__name__.startswith("Gemma"):
+        return "gemma", 1.0 + weight.detach().float(), eps_gemma
+    return None
+
+
+def rms_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``norm``'s forward as a plain function of the same ops, for the two RMSNorm forms (``rms_norm_form``; the
+    ``1 + weight`` of Gemma's made once): a module call and its dtype round trips cost ~30 us of a ~55 us norm
+    at a decode step's 32 rows, ~2 ms of a step over SmolLM2's 61 norms. Checked bit for bit against ``norm`` on
+    random inputs here; a module of another form, or one that disagrees, is returned as it is (the same
+    numbers)."""
+    form = rms_norm_form(norm)
+    if form is None:
+        return norm
+    kind, weight, eps = form
+    if kind == "llama":
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             h = x.to(torch.float32)
             return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
-    elif isinstance(eps_gemma, float) and type(norm).__name__.startswith("Gemma"):
-        eps, scale = eps_gemma, 1.0 + weight.detach().float()
+    else:
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             h = x.float()
-            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * scale).type_as(x)
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight).type_as(x)
 
-    else:
-        return norm
     if weight.device.type == "meta":  # no values to check it on
         return norm
     with torch.no_grad():
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(3, 5, weight.shape[-1], generator=g).mul_(4).to(weight.device, weight.dtype)
-        return fn if torch.equal(fn(x), norm(x)) else norm
+        return fn if torch.equal(fn(x := norm_probe(weight)), norm(x)) else norm
+
+
+def norm_probe(weight: torch.Tensor) -> torch.Tensor:
+    """Random rows for checking a norm of ``weight``'s width, in its dtype and on its device (fixed seed)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return torch.randn(3, 5, weight.shape[-1], generator=g).mul_(4).to(weight.device, weight.dtype)
 
 
 def mlp_activation(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
+from pedro.compat import apply_rope, rope_sin
 from pedro.engine import Engine, Request, SamplingParams, cpu_kernels
 
 KERNELS = {"native": cpu_kernels.decode_attention(), "portable": cpu_kernels.decode_attention(portable=True)}
@@ -34,6 +35,21 @@ def case(head_dim: int, group: int, seed: int = 0, batch: int = 6, heads: int = 
     return q, k, v, lengths
 
 
+def attend(kernel, q, k, v, lengths, window: int, scale: float) -> torch.Tensor:
+    """The kernel on a cache whose newest keys are already in place (row b in slot b): it writes them again."""
+    rows = torch.arange(len(q))
+    k_new, v_new = k[rows, :, lengths].contiguous(), v[rows, :, lengths].contiguous()
+    cos, sin = identity_rope(q)
+    return kernel(q, k_new, v_new, cos, sin, k, v, rows, lengths, window, scale)
+
+
+def identity_rope(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos 1, sin 0: x * 1 + roll(x) * 0 is x in bf16, bit for bit."""
+    return torch.ones(q.shape[0], q.shape[-1], dtype=torch.bfloat16), torch.zeros(
+        q.shape[0], q.shape[-1], dtype=torch.bfloat16
+    )
+
+
 def reference(q, k, v, lengths, window: int, scale: float) -> torch.Tensor:
     out = []
     for b, last in enumerate(lengths.tolist()):
@@ -49,7 +65,7 @@ def test_the_kernel_is_correctly_rounded_almost_everywhere_and_closer_than_sdpa(
     q, k, v, lengths = case(head_dim, group)
     scale = head_dim**-0.5
     exact = reference(q, k, v, lengths, window, scale)
-    out = kernel(q, k, v, lengths, window, scale)
+    out = attend(kernel, q, k, v, lengths, window, scale)
     assert out.dtype is torch.bfloat16 and out.shape == q.shape
     ulp = exact.abs().clamp_min(2**-60) * 2**-7  # one bf16 step at each value
     assert ((out.double() - exact).abs() <= ulp).all()
@@ -71,34 +87,101 @@ def test_a_row_gets_the_same_bits_alone_as_in_any_batch_at_any_thread_count(kern
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        together = kernel(q, k, v, lengths, 0, 0.125)
+        together = attend(kernel, q, k, v, lengths, 0, 0.125)
         torch.set_num_threads(max(2, threads))
-        assert torch.equal(kernel(q, k, v, lengths, 0, 0.125), together)
+        assert torch.equal(attend(kernel, q, k, v, lengths, 0, 0.125), together)
     finally:
         torch.set_num_threads(threads)
     for b in range(len(q)):
-        alone = kernel(q[b : b + 1], k[b:], v[b:], lengths[b : b + 1], 0, 0.125)
+        alone = attend(kernel, q[b : b + 1], k[b:], v[b:], lengths[b : b + 1], 0, 0.125)
         assert torch.equal(alone[0], together[b])
+
+
+def test_the_kernel_rotates_and_writes_each_rows_new_key_and_value_into_its_slot_first(kernel):
+    """RoPE as compat.apply_rope computes it, bit for bit (the keys a decode step caches are the ones the torch
+    path cached), written at (slot, position) and nowhere else, then attended from that slot."""
+    q, k, v, lengths = case(64, 3, seed=2)
+    slots = torch.tensor([3, 0, 6, 1, 2, 4])  # row b's cache in slot slots[b] (6: a slot past the batch)
+    g = torch.Generator().manual_seed(5)
+    k_new, v_new = (torch.randn(len(q), 2, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    angles = lengths[:, None] * 10_000 ** -(torch.arange(64) % 32 / 32)
+    cos, sin = angles.cos().to(torch.bfloat16), rope_sin(angles.sin().to(torch.bfloat16))
+    before_k, before_v = k.clone(), v.clone()
+    out = kernel(q, k_new, v_new, cos, sin, k, v, slots, lengths, 0, 0.125)
+    expected_k, expected_v = before_k.clone(), before_v.clone()
+    expected_k[slots, :, lengths] = apply_rope(k_new, cos[:, None], sin[:, None])
+    expected_v[slots, :, lengths] = v_new
+    assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
+    rotated = apply_rope(q, cos[:, None, None], sin[:, None, None])
+    exact = reference(rotated, k[slots], v[slots], lengths, 0, 0.125)
+    assert ((out.double() - exact).abs() <= exact.abs().clamp_min(2**-60) * 2**-7).all()
+    assert (out == exact.to(torch.bfloat16)).double().mean() > 0.995
 
 
 def test_the_kernel_refuses_what_it_cannot_compute(kernel):
     q, k, v, lengths = case(64, 3)
+    rows = torch.arange(len(q))
+    k_new, v_new = k[rows, :, lengths].contiguous(), v[rows, :, lengths].contiguous()
+    cos, sin = identity_rope(q)
+
+    def call(q=q, k_new=k_new, v_new=v_new, cos=cos, sin=sin, k=k, v=v, rows=rows, lengths=lengths):
+        return kernel(q, k_new, v_new, cos, sin, k, v, rows, lengths, 0, 0.125)
+
     with pytest.raises(RuntimeError, match="bfloat16"):
-        kernel(q.float(), k, v, lengths, 0, 0.125)
+        call(q=q.float())
     with pytest.raises(RuntimeError, match="outside the cache"):
-        kernel(q, k, v, lengths + k.shape[2], 0, 0.125)
+        call(lengths=lengths + k.shape[2])
+    with pytest.raises(RuntimeError, match="slot is outside"):
+        call(rows=rows + 10)
     with pytest.raises(RuntimeError, match="head_dim"):
-        kernel(q[..., :8].contiguous(), k[..., :8].contiguous(), v[..., :8].contiguous(), lengths, 0, 0.125)
+        call(*(t[..., :8].contiguous() for t in (q, k_new, v_new, cos, sin, k, v)))
     with pytest.raises(RuntimeError, match="lengths"):
-        kernel(q, k, v, lengths[:2], 0, 0.125)
+        call(lengths=lengths[:2])
+    with pytest.raises(RuntimeError, match=r"\(B, kv_heads, D\)"):
+        call(k_new=k_new[:2], v_new=v_new[:2])
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        call(cos=cos[:2])
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])  # LLaMA's form, Gemma's form, q/k norms
+def test_the_norm_kernel_is_each_norm_within_one_bf16_step(family, portable):
+    model = tiny_model(family, hidden_size=576).to(torch.bfloat16)
+    norms = [m for name, m in model.named_modules() if name.endswith("norm")]
+    assert len(norms) >= 7
+    g = torch.Generator().manual_seed(3)
+    for norm in norms:
+        with torch.no_grad():
+            norm.weight.normal_(0.5, 0.5, generator=g)  # not the all-ones (or all-zeros) of a fresh model
+        fn = cpu_kernels.rms_norm(norm, portable)
+        assert fn is not None, type(norm).__name__
+        width = norm.weight.shape[0]
+        x = (torch.randn(40, 3, width, generator=g) * torch.logspace(-3, 3, 40)[:, None, None]).to(torch.bfloat16)
+        x[0] = 0  # a row of zeros: its variance is 0, the output 0
+        with torch.no_grad():
+            ours, theirs = fn(x), norm(x)
+        assert ours.dtype is torch.bfloat16 and ours.shape == x.shape and not ours[0].any()
+        assert ((ours.float() - theirs.float()).abs() <= theirs.float().abs() * 2**-7).all()
+        assert (ours == theirs).float().mean() > 0.99
+
+
+def test_the_norm_kernel_takes_only_what_it_computes():
+    model = tiny_model("llama", hidden_size=64)
+    assert cpu_kernels.rms_norm(model.model.norm) is None  # fp32: torch's ops
+    assert cpu_kernels.rms_norm(torch.nn.LayerNorm(64).to(torch.bfloat16)) is None  # another form
+    ops = cpu_kernels.kernels()
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.rms_norm(torch.randn(2, 64), torch.ones(64, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(RuntimeError, match="as wide"):
+        ops.rms_norm(torch.randn(2, 64).to(torch.bfloat16), torch.ones(32, dtype=torch.bfloat16), 1e-6)
 
 
 def test_a_kernel_that_cannot_be_built_is_none_and_said(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails every build
     with caplog.at_level(logging.WARNING, logger="pedro.engine"):
-        assert cpu_kernels.decode_attention.__wrapped__(portable=True) is None
-    assert "could not be built" in caplog.text and "using SDPA" in caplog.text
+        assert cpu_kernels.kernels.__wrapped__(portable=True) is None
+    assert "could not be built" in caplog.text and "using torch's own ops" in caplog.text
 
 
 def sharp(family: str, **overrides) -> torch.nn.Module:
@@ -138,10 +221,10 @@ def test_a_bf16_engine_attends_through_the_kernel_and_follows_transformers(famil
 def test_without_the_kernel_the_engine_attends_with_sdpa(monkeypatch):
     tokens = {}
     for kernel in (True, False):
-        engine = Engine(sharp("llama"), max_batch=2, max_seq_len=64, attention_kernel=kernel)
+        engine = Engine(sharp("llama"), max_batch=2, max_seq_len=64, cpu_kernels=kernel)
         assert (engine.runner.attention_kernel is not None) is kernel
         [out] = engine.generate([Request([5, 6, 7, 8], sampling=SamplingParams(max_new_tokens=8, ignore_eos=True))])
         tokens[kernel] = out.token_ids
     assert tokens[True] == tokens[False]  # a confident model: the two attentions pick the same tokens
-    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda: None)  # where it cannot be built
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda portable=False: None)  # where they cannot be built
     assert Engine(sharp("llama"), max_batch=2, max_seq_len=64).runner.attention_kernel is None

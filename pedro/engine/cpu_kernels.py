@@ -1,16 +1,17 @@
-"""The engine's own CPU kernel, built from source on first use: bf16 decode attention (kernels/decode_attention.cpp).
+"""The engine's own CPU kernels for bf16, built from source on first use (kernels/cpu_kernels.cpp).
 
-Why a kernel of our own: at one query per row, the flash kernel behind ``scaled_dot_product_attention`` spends
-more time blocking than reading the cache -- a batch-32 SmolLM2 layer (3 KV heads of 3 queries, ~160 keys)
-took 1.04 ms there against 0.48 ms in this kernel (1 thread, the 30 layers' caches in memory), a third of a
-bf16 decode step. It is also the more exact of the two: its probabilities stay in fp32, where the flash kernel
-rounds them to bf16. On x86 CPUs with AVX512-BF16 its scores use the CPU's bf16 dot products; elsewhere
-plain loops the compiler vectorises.
+Why kernels of our own: a bf16 decode step on a CPU spent a third of its time in the flash kernel behind
+``scaled_dot_product_attention``, which at one query per row spends more time blocking than reading the cache
+-- a batch-32 SmolLM2 layer (3 KV heads of 3 queries, ~160 keys) took 1.04 ms there against 0.48 ms in
+``decode_attention`` (1 thread, the 30 layers' caches in memory). That kernel is also the more exact of the two:
+its probabilities stay in fp32, where the flash kernel rounds them to bf16. On x86 CPUs with AVX512-BF16 its
+scores use the CPU's bf16 dot products; elsewhere plain loops the compiler vectorises. ``rms_norm`` does a
+backbone's RMSNorm in one pass where the module issues ~8 tensor ops (~40 us each at a decode step's rows).
 
-It is compiled by ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into torch's extension cache
+They are compiled by ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions) the first time a bf16 engine starts on a CPU,
-~10-30 s, and loaded from there afterwards. Where it cannot be built, the engine attends with SDPA and says so
-once in its log.
+~10-30 s, and loaded from there afterwards. Where they cannot be built, the engine runs torch's own ops and says
+so once in its log.
 """
 
 from __future__ import annotations
@@ -20,26 +21,35 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from torch import nn
+
+from pedro.compat import norm_probe, rms_norm_form
 
 log = logging.getLogger("pedro.engine")
 
-SOURCE = Path(__file__).parent / "kernels" / "decode_attention.cpp"
+SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.cpp"
 HEAD_DIMS = (64, 128, 256)
 MAX_GROUP = 16  # query heads per KV head
 
-DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+# (q, k_new, v_new, cos, sin, k_cache, v_cache, slots, lengths, window, scale) -> out; the cache written in place
+DecodeAttention = Callable[..., torch.Tensor]
 
 
 @functools.cache
-def decode_attention(portable: bool = False) -> Optional[DecodeAttention]:
-    """``op(q, k, v, lengths, window, scale) -> out``, or None where the kernel cannot be built here.
+def kernels(portable: bool = False) -> Optional[Any]:
+    """The built kernels (``torch.ops`` namespace), or None where they cannot be built here.
 
-    q: (B, kv_heads, group, head_dim) bf16; k, v: one layer's cache (slots, kv_heads, S, head_dim); lengths:
-    (B,) int64, row b's newest key position; window: attend the last ``window`` keys (0: all).
-    ``portable``: the plain loops even where the CPU has bf16 dot products (what other CPUs run: its test)."""
+    ``decode_attention(q, k_new, v_new, cos, sin, k, v, slots, lengths, window, scale) -> out``: q (B, kv_heads,
+    group, head_dim) bf16; k_new, v_new (B, kv_heads, head_dim) the rows' new keys and values; q and k_new are
+    rotated first (``compat.apply_rope``'s bf16 roundings, bit for bit; cos, sin (B, head_dim), sin as
+    ``compat.rope_sin`` gives it), the key and value written into k, v (one layer's cache, (slots, kv_heads, S,
+    head_dim)) at slot ``slots[b]``, position ``lengths[b]`` (int64); then row b attends that slot's keys;
+    window: attend the last ``window`` keys (0: all). ``rms_norm(x, weight, eps) -> out``: weight bf16 for LLaMA's form,
+    fp32 ``1 + weight`` for Gemma's (``compat.rms_norm_form``).
+    ``portable``: the plain loops even where the CPU has AVX512-BF16 (what other CPUs run: their test)."""
     namespace = "pedro_portable" if portable else "pedro"
     try:
         from torch.utils.cpp_extension import load
@@ -48,16 +58,43 @@ def decode_attention(portable: bool = False) -> Optional[DecodeAttention]:
             import ninja
 
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
-
         load(
-            name=f"{namespace}_decode_attention",
+            name=f"{namespace}_cpu_kernels",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", f"-DPEDRO_NAMESPACE={namespace}"]
             + (["-DPEDRO_PORTABLE"] if portable else []),
             is_python_module=False,
         )
-    except Exception as err:  # no compiler, no ninja, a read-only cache: the engine still serves, with SDPA
-        log.warning("pedro's CPU decode attention kernel could not be built (%s); using SDPA", err)
+    except Exception as err:  # no compiler, no ninja, a read-only cache: the engine still serves, with torch's ops
+        log.warning("pedro's CPU kernels could not be built (%s); using torch's own ops", err)
         return None
-    op: DecodeAttention = getattr(torch.ops, namespace).decode_attention
-    return op
+    return getattr(torch.ops, namespace)
+
+
+def decode_attention(portable: bool = False) -> Optional[DecodeAttention]:
+    """The decode attention kernel, or None where the kernels cannot be built."""
+    ops = kernels(portable)
+    return None if ops is None else ops.decode_attention
+
+
+def rms_norm(norm: nn.Module, portable: bool = False) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """``norm`` (a bf16 RMSNorm of a supported form) as the kernel, or None (another form or dtype, no kernels, or
+    a kernel that strays from the module by more than bf16 rounding of the sum's order: checked here)."""
+    form, ops = rms_norm_form(norm), kernels(portable)
+    if form is None or ops is None or form[1].dtype not in (torch.bfloat16, torch.float32):
+        return None
+    _, weight, eps = form
+    module_weight: Any = norm.weight
+    if weight.device.type != "cpu" or module_weight.dtype != torch.bfloat16:
+        return None
+    weight = weight.detach().contiguous()
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x.contiguous(), weight, eps)
+
+    with torch.no_grad():
+        x = norm_probe(module_weight)
+        ours, theirs = fn(x).float(), norm(x).float()
+    # the squares' sum in another order can move a value by one bf16 step, rarely
+    close = (ours - theirs).abs() <= theirs.abs() * 2**-7
+    return fn if bool(close.all()) and (ours == theirs).float().mean() > 0.95 else None

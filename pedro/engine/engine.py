@@ -117,19 +117,19 @@ class Engine:
     ``decode_graphs``: "auto" (a CUDA device replays decode steps from CUDA graphs, one per batch and width
     bucket; elsewhere steps run as they come), "off", or "padded" (the graphs' padded steps, run eagerly: on a
     CPU, the check of what a graph replays) -- decode_graphs.py.
-    ``fuse_projections``: run q/k/v and gate/up as one GEMM each (None: on an accelerator, where it is faster,
-    and on a CPU with ``exact_gemms=False`` in fp32, where oneDNN's wider products make a batch-32 decode step
-    1.07x faster at 2 threads; not on the exact path, where MKL's fused products run slower and, at prefill
-    row counts, differ in the last bits from one GEMM per module) -- runner.py.
+    ``fuse_projections``: run q/k/v and gate/up as one GEMM each (None: on an accelerator, where it is faster;
+    on a CPU in bf16, and in fp32 with ``exact_gemms=False``, where oneDNN's wider products make a batch-32
+    decode step 1.07x faster at 2 threads; not on fp32's exact path, where MKL's fused products run slower and,
+    at prefill row counts, differ in the last bits from one GEMM per module) -- runner.py.
     ``exact_gemms``: every linear layer's product bit for bit ``F.linear``'s, as transformers and PEFT compute
     it (the default). False: in fp32 on a CPU, oneDNN's packed GEMMs instead of MKL's, faster where MKL is
     slow (1.39x a decode step on an AMD CPU with AVX2 only, docs/engine.md), batch-invariant (a request's tokens
     do not depend on its batch), within fp32 rounding of ``F.linear`` but not equal to it; where oneDNN fails
     those checks, as the default. bf16 is exact either way.
-    ``attention_kernel``: in bf16 on a CPU, decode attention through the engine's own kernel (cpu_kernels.py:
-    ~2x faster than SDPA's flash kernel at one query a row, and more exact: its probabilities stay in fp32),
-    compiled with the machine's C++ compiler the first time (~10-30 s, then cached); SDPA where it cannot be
-    built, or with False.
+    ``cpu_kernels``: in bf16 on a CPU, decode attention and the norms through the engine's own kernels
+    (cpu_kernels.py: attention ~2x faster than SDPA's flash kernel at one query a row, and more exact, its
+    probabilities kept in fp32; a norm in one pass), compiled with the machine's C++ compiler the first time
+    (~10-30 s, then cached); torch's own ops where they cannot be built, or with False.
     """
 
     def __init__(
@@ -148,7 +148,7 @@ class Engine:
         decode_graphs: str = "auto",
         fuse_projections: Optional[bool] = None,
         exact_gemms: bool = True,
-        attention_kernel: bool = True,
+        cpu_kernels: bool = True,
     ) -> None:
         if isinstance(backbone, str):
             device = canonical(device or "cpu")
@@ -206,10 +206,10 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.graph_mode = {"auto": "capture" if cuda else None, "off": None, "padded": "padded"}[decode_graphs]
         if fuse_projections is None:
-            fuse_projections = self.device.type != "cpu" or (not exact_gemms and self.dtype == torch.float32)
+            fuse_projections = self.device.type != "cpu" or self.dtype == torch.bfloat16 or not exact_gemms
         self.fuse_projections = fuse_projections
         self.exact_gemms = exact_gemms
-        self.attention_kernel = attention_kernel
+        self.cpu_kernels = cpu_kernels
         self.max_seq_len = max_seq_len
         self.spec = ModelSpec.of(backbone)
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
@@ -243,7 +243,7 @@ class Engine:
             self.rows,
             fuse=self.fuse_projections,
             exact_gemms=self.exact_gemms,
-            attention_kernel=self.attention_kernel,
+            kernels=self.cpu_kernels,
         )
         if self.graph_mode is not None:
             self.runner.graphs = DecodeGraphs(self.runner, capture=self.graph_mode == "capture")

@@ -101,12 +101,14 @@ class _Layer:
     window: int | None  # sliding window (keys within ``window`` positions, itself included) or None: global
 
     @classmethod
-    def of(cls, layer: nn.Module, index: int, family: LayerMap, config: Any) -> "_Layer":
+    def of(
+        cls, layer: nn.Module, index: int, family: LayerMap, config: Any, norm_of: Callable[[nn.Module], _Norm]
+    ) -> "_Layer":
         kind: str | None = config.layer_types[index] if family.layer_types else None
         window: int | None = config.sliding_window if kind == SLIDING else None
 
         def norm(path: str) -> _Norm:
-            return rms_norm(layer.get_submodule(path))
+            return norm_of(layer.get_submodule(path))
 
         sandwich = family.sandwich_norms
         return cls(
@@ -213,16 +215,25 @@ class ModelRunner:
         rows: RowAdapters,
         fuse: bool = False,
         exact_gemms: bool = True,
-        attention_kernel: bool = True,
+        kernels: bool = True,
     ) -> None:
         self.spec, self.cache, self.rows = spec, cache, rows
         # transformers types a model's own modules and config fields as Any: each is read once, here
         config, decoder = model.config, model.model
         layers = list(decoder.layers)
         family = layer_map(model)
-        self.layers = [_Layer.of(layer, i, family, config) for i, layer in enumerate(layers)]
         self.embed_tokens: nn.Embedding = decoder.embed_tokens  # Gemma's embedding scales by sqrt(hidden_size) itself
-        self.final_norm = rms_norm(decoder.norm)
+        self.device = self.embed_tokens.weight.device
+        # in bf16 on a CPU, the engine's own kernels (cpu_kernels.py) where they build: decode attention (~2x the
+        # flash kernel's speed at one query a row, probabilities kept in fp32) and the norms (one pass each)
+        kernels = kernels and self.device.type == "cpu" and cache.k.dtype == torch.bfloat16
+
+        def norm_of(module: nn.Module) -> _Norm:
+            kernel = cpu_kernels.rms_norm(module) if kernels else None
+            return kernel or rms_norm(module)
+
+        self.layers = [_Layer.of(layer, i, family, config, norm_of) for i, layer in enumerate(layers)]
+        self.final_norm = norm_of(decoder.norm)
         self.rotary_emb: nn.Module = decoder.rotary_emb
         attn = layers[0].self_attn
         self.head_dim: int = attn.head_dim
@@ -235,7 +246,6 @@ class ModelRunner:
         self.ropes = list(dict.fromkeys(layer.rope for layer in self.layers))
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
-        self.device = self.embed_tokens.weight.device
         # an accelerator's steps are bound by kernel launches: per-row scales gathered per token (one op per
         # point, not one per prompt: _Context.scale), PEDRO heads stacked over tenants (vectors.py), LoRA per
         # token (BGMV) rather than per adapter
@@ -246,16 +256,8 @@ class ModelRunner:
         # them in fp32), nor on an accelerator, whose fused kernels do better
         self.matmul_decode_attention = self.device.type == "cpu" and cache.k.dtype == torch.float32
         self.exact_alpha = math.frexp(self.scaling)[0] == 0.5  # a power of two: scaling a product is exact
-        # in bf16 on a CPU, the engine's own decode attention kernel (cpu_kernels.py: ~2x the flash kernel's
-        # speed at one query a row, probabilities kept in fp32), where it builds; otherwise SDPA
-        kernel = (
-            attention_kernel
-            and self.device.type == "cpu"
-            and cache.k.dtype == torch.bfloat16
-            and self.head_dim in cpu_kernels.HEAD_DIMS
-            and self.group <= cpu_kernels.MAX_GROUP
-        )
-        self.attention_kernel = cpu_kernels.decode_attention() if kernel else None
+        attention = kernels and self.head_dim in cpu_kernels.HEAD_DIMS and self.group <= cpu_kernels.MAX_GROUP
+        self.attention_kernel = cpu_kernels.decode_attention() if attention else None
         # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays; with
         # ``fuse``, q/k/v and gate/up one GEMM each, their own products kept for a step that scales their inputs
         # apart (the engine fuses on an accelerator and in fp32 on the CPU's oneDNN path: docs/engine.md)
@@ -647,19 +649,25 @@ class ModelRunner:
         if parts.qk_norms is not None:
             q_norm, k_norm = parts.qk_norms
             q, k = q_norm(q), k_norm(k)
-        q = apply_rope(q, cos[:, None, None], sin[:, None, None])
-        k = apply_rope(k, cos[:, None], sin[:, None])
-        self.cache.write_step(layer, k, v.view(batch, self.n_kv, self.head_dim), decode.rows_index, decode.positions)
-        if self.attention_kernel is not None:  # reads each row's own keys, no mask
+        v = v.view(batch, self.n_kv, self.head_dim)
+        if self.attention_kernel is not None:  # RoPE, the cache writes and each row's attention in one call
             out = self.attention_kernel(
                 q.contiguous(),
+                k.contiguous(),
+                v.contiguous(),
+                cos.contiguous(),
+                sin.contiguous(),
                 self.cache.k[layer],
                 self.cache.v[layer],
+                decode.rows_index,
                 decode.positions,
                 parts.window or 0,
                 self.scaling,
             )
             return out.reshape(batch, -1)
+        q = apply_rope(q, cos[:, None, None], sin[:, None, None])
+        k = apply_rope(k, cos[:, None], sin[:, None])
+        self.cache.write_step(layer, k, v, decode.rows_index, decode.positions)
         mask = decode.masks[parts.window]
         keys, values = self.cache.view(layer, batch, mask.shape[-1])
         if self.matmul_decode_attention:  # mask: (B * kv_heads, 1, W), added to the scores

@@ -1,0 +1,382 @@
+// The engine's CPU kernels for bf16 (pedro/engine/cpu_kernels.py builds this file on first use).
+//
+// decode_attention: one query token per row, each row attending its own cached keys. q: (B, kv_heads, group,
+// D), the query heads grouped onto their KV head; k_new, v_new: (B, kv_heads, D), the rows' new key and value.
+// q and k_new are rotated first (RoPE as pedro.compat.apply_rope computes it in bf16, bit for bit: x * cos +
+// x.roll(D / 2) * sin, each product and the sum rounded to bf16; cos, sin: (B, D), sin as compat.rope_sin gives
+// it), the key and value written into k, v, one layer's cache (slots, kv_heads, S, D), at slot slots[b], position
+// lengths[b]. Row b then attends its slot's keys [lengths[b] - window + 1, lengths[b]] (from 0 without a window). Scores, softmax and the weighted sum of values stay in fp32 (the flash
+// kernel of scaled_dot_product_attention rounds the probabilities to bf16), the output is rounded to bf16 once.
+//
+// rms_norm: a backbone's RMSNorm as one pass per row instead of ~8 tensor ops, with the same roundings as
+// transformers' modules (LLaMA's form: weight * bf16(x * rsqrt(mean(x^2) + eps)); Gemma's: bf16(x * rsqrt(...) *
+// (1 + weight)), 1 + weight given in fp32); only the order of the squares' sum differs.
+//
+// Every row (and (row, KV head)) is computed alone, in a fixed order, so a row's output never depends on the
+// other rows of its batch nor on the thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <initializer_list>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && !defined(PEDRO_PORTABLE)  // PEDRO_PORTABLE: the plain loops only, for their test
+#include <immintrin.h>
+#define PEDRO_X86 1
+#endif
+#ifndef PEDRO_NAMESPACE
+#define PEDRO_NAMESPACE pedro
+#endif
+
+namespace {
+
+constexpr int kMaxGroup = 16;
+
+inline float bf16_to_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even; a NaN stays a NaN (branch-free: vectorises)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet = (bits >> 16) | 0x40u;
+  return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+
+// exp(x) for x <= 0 (a score minus its row's maximum): Cephes' expf polynomial, branch-free so that a loop of
+// it vectorises. A NaN stays a NaN.
+inline float exp_nonpositive(float x) {
+  const float t = x * 1.44269504088896341f + 0.5f;
+  int32_t i = static_cast<int32_t>(t < -127.f ? -127.f : t);
+  i -= static_cast<float>(i) > t ? 1 : 0;  // floor(t)
+  const float n = static_cast<float>(i);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(i + 127) << 23;  // 2^n; n = -127 gives 0
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.3f ? 0.f : y * scale;
+}
+
+const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+uint16_t* mutable_bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+#ifdef PEDRO_X86
+bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
+
+// RoPE of one head, as compat.apply_rope computes it in bf16
+inline uint16_t rope_bf16(uint16_t x, uint16_t partner, uint16_t cos, uint16_t sin) {
+  const float a = bf16_to_float(float_to_bf16(bf16_to_float(x) * bf16_to_float(cos)));
+  const float b = bf16_to_float(float_to_bf16(bf16_to_float(partner) * bf16_to_float(sin)));
+  return float_to_bf16(a + b);
+}
+
+template <int D>
+inline void rotate(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* out) {
+  constexpr int half = D / 2;
+#pragma omp simd
+  for (int d = 0; d < half; ++d) out[d] = rope_bf16(x[d], x[d + half], cos[d], sin[d]);
+#pragma omp simd
+  for (int d = half; d < D; ++d) out[d] = rope_bf16(x[d], x[d - half], cos[d], sin[d]);
+}
+
+struct Job {
+  const uint16_t *q, *k_new, *v_new, *cos, *sin;
+  uint16_t *k, *v, *out;
+  const int64_t *slots, *lengths;
+  int64_t heads, group, k_row, k_head, v_row, v_head, window;
+  float scale;
+};
+
+#ifdef PEDRO_X86
+#define PEDRO_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+
+// r[j] = the sum of v[j]'s 16 lanes, for 16 vectors, always in the same order
+PEDRO_AVX512 inline __m512 sum_lanes16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// scores[g * n + j] = (q_g . k_j) * scale with the CPU's bf16 dot products (fp32 sums), 16 keys at a time;
+// the values those keys weight are fetched meanwhile
+template <int D>
+PEDRO_AVX512 inline void score_avx512(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t n, int group,
+                                      float scale, float* scores) {
+  constexpr int P = D / 32;  // 32 bf16 to a register
+  for (int g = 0; g < group; ++g) {
+    __m512bh qv[P];
+    for (int p = 0; p < P; ++p) qv[p] = (__m512bh)_mm512_loadu_si512(q + g * D + p * 32);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int m = n - j0 < 16 ? static_cast<int>(n - j0) : 16;
+      if (g == 0)
+        for (int line = 0; line < m * D * 2; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(v + j0 * D) + line, _MM_HINT_T0);
+      __m512 part[16];
+      for (int jj = 0; jj < 16; ++jj) {
+        __m512 acc = _mm512_setzero_ps();
+        if (jj < m)
+          for (int p = 0; p < P; ++p)
+            acc = _mm512_dpbf16_ps(acc, qv[p], (__m512bh)_mm512_loadu_si512(k + (j0 + jj) * D + p * 32));
+        part[jj] = acc;
+      }
+      const __m512 s = _mm512_mul_ps(sum_lanes16(part), _mm512_set1_ps(scale));
+      _mm512_mask_storeu_ps(scores + g * n + j0, static_cast<__mmask16>((1u << m) - 1u), s);
+    }
+  }
+}
+#endif
+
+template <int D>
+inline void score_portable(const uint16_t* q, const uint16_t* k, int64_t n, int group, float scale, float* scores) {
+  float qf[kMaxGroup][D];
+  for (int g = 0; g < group; ++g)
+    for (int d = 0; d < D; ++d) qf[g][d] = bf16_to_float(q[g * D + d]);
+  for (int64_t j = 0; j < n; ++j) {
+    float kf[D];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) kf[d] = bf16_to_float(k[j * D + d]);
+    for (int g = 0; g < group; ++g) {
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int d = 0; d < D; ++d) s += qf[g][d] * kf[d];
+      scores[g * n + j] = s * scale;
+    }
+  }
+}
+
+// One (row, KV head): its `group` queries over keys [first, last]; `scores` holds group * n floats.
+template <int D, bool kAvx512>
+__attribute__((always_inline)) inline void attend_one(const Job& job, int64_t item, std::vector<float>& scores) {
+  const int64_t b = item / job.heads, h = item % job.heads, group = job.group;
+  const int64_t last = job.lengths[b];
+  const int64_t first = job.window > 0 && last - job.window + 1 > 0 ? last - job.window + 1 : 0;
+  const int64_t n = last - first + 1;
+  uint16_t q[kMaxGroup * D];
+  for (int64_t g = 0; g < group; ++g) rotate<D>(job.q + (item * group + g) * D, job.cos + b * D, job.sin + b * D, q + g * D);
+  uint16_t* k_head = job.k + job.slots[b] * job.k_row + h * job.k_head;
+  uint16_t* v_head = job.v + job.slots[b] * job.v_row + h * job.v_head;
+  rotate<D>(job.k_new + item * D, job.cos + b * D, job.sin + b * D, k_head + last * D);
+  std::memcpy(v_head + last * D, job.v_new + item * D, D * sizeof(uint16_t));
+  const uint16_t* k = k_head + first * D;
+  const uint16_t* v = v_head + first * D;
+  scores.resize(static_cast<size_t>(group * n));
+  float* s = scores.data();
+#ifdef PEDRO_X86
+  if constexpr (kAvx512)
+    score_avx512<D>(q, k, v, n, static_cast<int>(group), job.scale, s);
+  else
+#endif
+    score_portable<D>(q, k, n, static_cast<int>(group), job.scale, s);
+  float acc[kMaxGroup][D];
+  float sums[kMaxGroup];
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = s + g * n;
+    float top = row[0];
+    for (int64_t j = 1; j < n; ++j) top = row[j] > top ? row[j] : top;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] = exp_nonpositive(row[j] - top);
+    float total = 0.f;
+    for (int64_t j = 0; j < n; ++j) total += row[j];
+    sums[g] = total;
+    for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    float vf[D];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) vf[d] = bf16_to_float(v[j * D + d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = s[g * n + j];
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[g][d] += p * vf[d];
+    }
+  }
+  uint16_t* out = job.out + item * group * D;
+  for (int64_t g = 0; g < group; ++g) {
+    const float inv = 1.f / sums[g];
+    for (int d = 0; d < D; ++d) out[g * D + d] = float_to_bf16(acc[g][d] * inv);
+  }
+}
+
+template <int D>
+void attend_portable(const Job& job, int64_t begin, int64_t end) {
+  std::vector<float> scores;
+  for (int64_t item = begin; item < end; ++item) attend_one<D, false>(job, item, scores);
+}
+
+#ifdef PEDRO_X86
+template <int D>
+PEDRO_AVX512 void attend_avx512(const Job& job, int64_t begin, int64_t end) {
+  std::vector<float> scores;
+  for (int64_t item = begin; item < end; ++item) attend_one<D, true>(job, item, scores);
+}
+#endif
+
+template <int D>
+void attend(const Job& job, int64_t items) {
+#ifdef PEDRO_X86
+  if (cpu_has_avx512_bf16()) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { attend_avx512<D>(job, begin, end); });
+    return;
+  }
+#endif
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { attend_portable<D>(job, begin, end); });
+}
+
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                            const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k, at::Tensor& v,
+                            const at::Tensor& slots, const at::Tensor& lengths, int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q: (B, kv_heads, group, D); k, v: (slots, kv_heads, S, D)");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v, &slots, &lengths})
+    TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16, "bfloat16 q, keys, values, cos and sin only");
+  const int64_t batch = q.size(0), heads = q.size(1), group = q.size(2), dim = q.size(3);
+  TORCH_CHECK(q.is_contiguous() && k_new.is_contiguous() && v_new.is_contiguous(),
+              "q and the new keys and values must be contiguous");
+  TORCH_CHECK(k_new.dim() == 3 && k_new.size(0) == batch && k_new.size(1) == heads && k_new.size(2) == dim &&
+                  v_new.sizes() == k_new.sizes(),
+              "the new keys and values must be (B, kv_heads, D)");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == batch && cos.size(1) == dim && sin.sizes() == cos.sizes() &&
+                  cos.is_contiguous() && sin.is_contiguous(),
+              "cos and sin must be contiguous (B, D)");
+  TORCH_CHECK(k.size(1) == heads && v.size(1) == heads && k.size(3) == dim && v.size(3) == dim &&
+                  v.size(0) == k.size(0) && v.size(2) == k.size(2),
+              "k and v must be (slots, kv_heads, S, D)");
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == dim && v.stride(3) == 1 && v.stride(2) == dim,
+              "each head's keys and values must be contiguous");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.size(0) == batch &&
+                  lengths.is_contiguous(),
+              "lengths must be a contiguous int64 tensor of B positions");
+  TORCH_CHECK(group >= 1 && group <= kMaxGroup, "1 to 16 query heads per KV head");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == batch && slots.is_contiguous(),
+              "slots must be a contiguous int64 tensor of B cache slots");
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lp[b] >= 0 && lp[b] < k.size(2), "a row's position is outside the cache");
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < k.size(0), "a row's slot is outside the cache");
+  }
+  at::Tensor out = at::empty_like(q);
+  const Job job{bits(q), bits(k_new), bits(v_new), bits(cos), bits(sin), mutable_bits(k), mutable_bits(v), mutable_bits(out), sp, lp,
+                heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1), window,
+                static_cast<float>(scale)};
+  switch (dim) {
+    case 64: attend<64>(job, batch * heads); break;
+    case 128: attend<128>(job, batch * heads); break;
+    case 256: attend<256>(job, batch * heads); break;
+    default: TORCH_CHECK(false, "head_dim must be 64, 128 or 256");
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------ rms_norm
+
+struct NormJob {
+  const uint16_t* x;
+  uint16_t* out;
+  const uint16_t* weight;  // LLaMA's form
+  const float* scale;      // Gemma's form (1 + weight)
+  int64_t width;
+  float eps;
+};
+
+__attribute__((always_inline)) inline void norm_rows(const NormJob& job, int64_t begin, int64_t end) {
+  const int64_t n = job.width;
+  for (int64_t row = begin; row < end; ++row) {
+    const uint16_t* x = job.x + row * n;
+    uint16_t* out = job.out + row * n;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < n; ++i) {
+      const float h = bf16_to_float(x[i]);
+      squares += h * h;
+    }
+    const float r = 1.f / std::sqrt(squares / static_cast<float>(n) + job.eps);
+    if (job.scale != nullptr) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(x[i]) * r * job.scale[i]);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i)
+        out[i] = float_to_bf16(bf16_to_float(job.weight[i]) * bf16_to_float(float_to_bf16(bf16_to_float(x[i]) * r)));
+    }
+  }
+}
+
+void norm_portable(const NormJob& job, int64_t begin, int64_t end) { norm_rows(job, begin, end); }
+
+#ifdef PEDRO_X86
+PEDRO_AVX512 void norm_avx512(const NormJob& job, int64_t begin, int64_t end) { norm_rows(job, begin, end); }
+#endif
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() >= 1, "x must be contiguous bfloat16");
+  const int64_t width = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == width && weight.is_contiguous(),
+              "weight must be contiguous and as wide as x's last dimension");
+  const bool gemma = weight.scalar_type() == at::kFloat;
+  TORCH_CHECK(gemma || weight.scalar_type() == at::kBFloat16,
+              "weight: bfloat16 (LLaMA's form) or float32 1 + weight (Gemma's form)");
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const NormJob job{bits(x), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
+                    gemma ? nullptr : bits(weight), gemma ? weight.data_ptr<float>() : nullptr, width,
+                    static_cast<float>(eps)};
+  const int64_t rows = x.numel() / width, grain = std::max<int64_t>(1, 32768 / width);
+#ifdef PEDRO_X86
+  if (cpu_has_avx512_bf16()) {
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { norm_avx512(job, begin, end); });
+    return out;
+  }
+#endif
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { norm_portable(job, begin, end); });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(PEDRO_NAMESPACE, m) {
+  m.def(
+      "decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, "
+      "Tensor slots, Tensor lengths, int window, float scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(PEDRO_NAMESPACE, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &rms_norm);
+}
