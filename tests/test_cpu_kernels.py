@@ -176,6 +176,26 @@ def test_the_norm_kernel_takes_only_what_it_computes():
         ops.rms_norm(torch.randn(2, 64).to(torch.bfloat16), torch.ones(32, dtype=torch.bfloat16), 1e-6)
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_the_gated_activation_kernel_is_silu_times_up_on_column_slices_and_special_values(portable):
+    gated = cpu_kernels.silu_mul(torch.nn.functional.silu, portable)
+    assert gated is not None
+    g = torch.Generator().manual_seed(4)
+    fused = (torch.randn(50, 2 * 384, generator=g) * torch.logspace(-2, 2, 50)[:, None]).to(torch.bfloat16)
+    fused[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 100.0, -100.0, 0.0])
+    gate, up = fused[:, :384], fused[:, 384:]  # one fused GEMM's two column slices, as the runner passes them
+    ours, theirs = gated(gate, up), torch.nn.functional.silu(gate) * up
+    assert ours.shape == theirs.shape and ours.dtype is torch.bfloat16
+    assert torch.equal(ours[0].isnan(), theirs[0].isnan())
+    finite = theirs.isfinite()
+    assert torch.equal(ours.isfinite(), finite)
+    assert ((ours.float() - theirs.float())[finite].abs() <= theirs.float()[finite].abs() * 2**-7).all()
+    assert (ours[finite] == theirs[finite]).float().mean() > 0.99
+    assert cpu_kernels.silu_mul(torch.nn.functional.gelu, portable) is None  # another activation: torch's ops
+    with pytest.raises(RuntimeError, match="same shape"):
+        cpu_kernels.kernels(portable).silu_mul(gate, up[:, :10])
+
+
 def test_a_kernel_that_cannot_be_built_is_none_and_said(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails every build

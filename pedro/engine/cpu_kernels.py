@@ -6,7 +6,8 @@ Why kernels of our own: a bf16 decode step on a CPU spent a third of its time in
 ``decode_attention`` (1 thread, the 30 layers' caches in memory). That kernel is also the more exact of the two:
 its probabilities stay in fp32, where the flash kernel rounds them to bf16. On x86 CPUs with AVX512-BF16 its
 scores use the CPU's bf16 dot products; elsewhere plain loops the compiler vectorises. ``rms_norm`` does a
-backbone's RMSNorm in one pass where the module issues ~8 tensor ops (~40 us each at a decode step's rows).
+backbone's RMSNorm in one pass where the module issues ~8 tensor ops (~40 us at a decode step's rows), and
+``silu_mul`` a gated MLP's activation and product in one.
 
 They are compiled by ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions) the first time a bf16 engine starts on a CPU,
@@ -36,6 +37,7 @@ MAX_GROUP = 16  # query heads per KV head
 
 # (q, k_new, v_new, cos, sin, k_cache, v_cache, slots, lengths, window, scale) -> out; the cache written in place
 DecodeAttention = Callable[..., torch.Tensor]
+GatedActivation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate, up) -> act(gate) * up
 
 
 @functools.cache
@@ -47,8 +49,9 @@ def kernels(portable: bool = False) -> Optional[Any]:
     rotated first (``compat.apply_rope``'s bf16 roundings, bit for bit; cos, sin (B, head_dim), sin as
     ``compat.rope_sin`` gives it), the key and value written into k, v (one layer's cache, (slots, kv_heads, S,
     head_dim)) at slot ``slots[b]``, position ``lengths[b]`` (int64); then row b attends that slot's keys;
-    window: attend the last ``window`` keys (0: all). ``rms_norm(x, weight, eps) -> out``: weight bf16 for LLaMA's form,
-    fp32 ``1 + weight`` for Gemma's (``compat.rms_norm_form``).
+    window: attend the last ``window`` keys (0: all). ``rms_norm(x, weight, eps) -> out``: weight bf16 for
+    LLaMA's form, fp32 ``1 + weight`` for Gemma's (``compat.rms_norm_form``). ``silu_mul(gate, up) -> out``:
+    ``silu(gate) * up`` for (rows, width) inputs whose rows are contiguous.
     ``portable``: the plain loops even where the CPU has AVX512-BF16 (what other CPUs run: their test)."""
     namespace = "pedro_portable" if portable else "pedro"
     try:
@@ -98,3 +101,22 @@ def rms_norm(norm: nn.Module, portable: bool = False) -> Optional[Callable[[torc
     # the squares' sum in another order can move a value by one bf16 step, rarely
     close = (ours - theirs).abs() <= theirs.abs() * 2**-7
     return fn if bool(close.all()) and (ours == theirs).float().mean() > 0.95 else None
+
+
+def silu_mul(act: Callable[[torch.Tensor], torch.Tensor], portable: bool = False) -> Optional[GatedActivation]:
+    """``act(gate) * up`` as the kernel where ``act`` is SiLU, or None (another activation, or no kernels).
+    Checked here against ``act`` on bf16 rows: within one bf16 step everywhere (exp's last bits may differ)."""
+    ops = kernels(portable)
+    if ops is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(4, 256, generator=g).mul_(6).to(torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        if not torch.equal(act(gate), torch.nn.functional.silu(gate)):
+            return None
+        ours, theirs = ops.silu_mul(gate, up).float(), (act(gate) * up).float()
+    close = (ours - theirs).abs() <= theirs.abs() * 2**-7
+    if not (bool(close.all()) and (ours == theirs).float().mean() > 0.95):
+        return None
+    op: GatedActivation = ops.silu_mul
+    return op

@@ -241,7 +241,9 @@ class ModelRunner:
         self.n_kv: int = config.num_key_value_heads
         heads: int = config.num_attention_heads
         self.group = heads // self.n_kv
-        self.act = mlp_activation(layers[0].mlp)
+        act = mlp_activation(layers[0].mlp)
+        kernel_gate = cpu_kernels.silu_mul(act) if kernels else None
+        self.gated: cpu_kernels.GatedActivation = kernel_gate or (lambda g, u: act(g) * u)
         check_rotary(self.rotary_emb, family.layer_types)
         self.ropes = list(dict.fromkeys(layer.rope for layer in self.layers))
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
@@ -347,7 +349,7 @@ class ModelRunner:
             x = x + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
             h = layer.mlp_in_norm(x)
             gate, up = self._projections(i, ("gate", "up"), h, parts)
-            m = self._linear(i, "down", self.act(gate) * up, parts)
+            m = self._linear(i, "down", self.gated(gate, up), parts)
             x = x + (m if layer.mlp_out_norm is None else layer.mlp_out_norm(m))
         return x
 

@@ -8,6 +8,10 @@
 // lengths[b]. Row b then attends its slot's keys [lengths[b] - window + 1, lengths[b]] (from 0 without a window). Scores, softmax and the weighted sum of values stay in fp32 (the flash
 // kernel of scaled_dot_product_attention rounds the probabilities to bf16), the output is rounded to bf16 once.
 //
+// silu_mul: a gated MLP's silu(gate) * up in one pass, with torch's roundings (silu computed in fp32 as
+// g / (1 + exp(-g)) and rounded to bf16, then the product rounded); gate and up may be column slices of one
+// fused product.
+//
 // rms_norm: a backbone's RMSNorm as one pass per row instead of ~8 tensor ops, with the same roundings as
 // transformers' modules (LLaMA's form: weight * bf16(x * rsqrt(mean(x^2) + eps)); Gemma's: bf16(x * rsqrt(...) *
 // (1 + weight)), 1 + weight given in fp32); only the order of the squares' sum differs.
@@ -52,12 +56,14 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even; a NaN stays 
   return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
-// exp(x) for x <= 0 (a score minus its row's maximum): Cephes' expf polynomial, branch-free so that a loop of
-// it vectorises. A NaN stays a NaN.
-inline float exp_nonpositive(float x) {
+// exp over the whole float range, Cephes' expf polynomial: inf above 88.72, 0 below -87.3, a NaN stays a NaN.
+// Branch-free, integer selects included, so that a loop of it vectorises.
+inline float exp_any(float x) {
   const float t = x * 1.44269504088896341f + 0.5f;
-  int32_t i = static_cast<int32_t>(t < -127.f ? -127.f : t);
+  int32_t i = static_cast<int32_t>(t);
   i -= static_cast<float>(i) > t ? 1 : 0;  // floor(t)
+  i = i < -126 ? -126 : i;
+  i = i > 128 ? 128 : i;
   const float n = static_cast<float>(i);
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -68,10 +74,16 @@ inline float exp_nonpositive(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.f;
-  const uint32_t bits = static_cast<uint32_t>(i + 127) << 23;  // 2^n; n = -127 gives 0
+  uint32_t bits = static_cast<uint32_t>(i - 1 + 127) << 23;  // 2^(n - 1), times 2 below: n up to 128
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.3f ? 0.f : y * scale;
+  const float value = y * scale * 2.f;
+  std::memcpy(&bits, &value, sizeof bits);
+  const uint32_t big = 0u - static_cast<uint32_t>(x > 88.72f), tiny = 0u - static_cast<uint32_t>(x < -87.3f);
+  bits = ((bits & ~big) | (0x7f800000u & big)) & ~tiny;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
 }
 
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
@@ -206,7 +218,7 @@ __attribute__((always_inline)) inline void attend_one(const Job& job, int64_t it
     float top = row[0];
     for (int64_t j = 1; j < n; ++j) top = row[j] > top ? row[j] : top;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) row[j] = exp_nonpositive(row[j] - top);
+    for (int64_t j = 0; j < n; ++j) row[j] = exp_any(row[j] - top);
     float total = 0.f;
     for (int64_t j = 0; j < n; ++j) total += row[j];
     sums[g] = total;
@@ -302,6 +314,55 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------ silu_mul
+
+struct GateJob {
+  const uint16_t *gate, *up;
+  uint16_t* out;
+  int64_t width, gate_row, up_row;
+};
+
+__attribute__((always_inline)) inline void gate_rows(const GateJob& job, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    const uint16_t* g = job.gate + row * job.gate_row;
+    const uint16_t* u = job.up + row * job.up_row;
+    uint16_t* out = job.out + row * job.width;
+#pragma omp simd
+    for (int64_t i = 0; i < job.width; ++i) {
+      const float x = bf16_to_float(g[i]);
+      const float act = bf16_to_float(float_to_bf16(x / (1.f + exp_any(-x))));
+      out[i] = float_to_bf16(act * bf16_to_float(u[i]));
+    }
+  }
+}
+
+void gate_portable(const GateJob& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
+
+#ifdef PEDRO_X86
+PEDRO_AVX512 void gate_avx512(const GateJob& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
+#endif
+
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(gate.scalar_type() == at::kBFloat16 && up.scalar_type() == at::kBFloat16, "bfloat16 gate and up only");
+  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes(), "gate and up must be (rows, width), the same shape");
+  TORCH_CHECK(gate.stride(1) == 1 && up.stride(1) == 1, "gate's and up's rows must be contiguous");
+  const int64_t rows = gate.size(0), width = gate.size(1);
+  at::Tensor out = at::empty({rows, width}, gate.options());
+  if (out.numel() == 0) return out;
+  const GateJob job{bits(gate), bits(up), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), width,
+                    gate.stride(0), up.stride(0)};
+  const int64_t grain = std::max<int64_t>(1, 16384 / width);
+#ifdef PEDRO_X86
+  if (cpu_has_avx512_bf16()) {
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { gate_avx512(job, begin, end); });
+    return out;
+  }
+#endif
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { gate_portable(job, begin, end); });
+  return out;
+}
+
 // ------------------------------------------------------------------------------------------------ rms_norm
 
 struct NormJob {
@@ -374,9 +435,11 @@ TORCH_LIBRARY(PEDRO_NAMESPACE, m) {
       "decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, "
       "Tensor slots, Tensor lengths, int window, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(PEDRO_NAMESPACE, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
 }
