@@ -141,6 +141,27 @@ def test_the_kernel_refuses_what_it_cannot_compute(kernel):
         call(k_new=k_new[:2], v_new=v_new[:2])
     with pytest.raises(RuntimeError, match="cos and sin"):
         call(cos=cos[:2])
+    with pytest.raises(RuntimeError, match="each row of q"):
+        call(q=q.transpose(1, 2))
+
+
+def test_the_kernel_reads_rows_at_any_stride(kernel):
+    """q, k and v as column slices of one fused product (the runner's fused q/k/v GEMM): the same bits."""
+    q, k, v, lengths = case(64, 3, seed=6)
+    rows = torch.arange(len(q))
+    g = torch.Generator().manual_seed(7)
+    fused = torch.randn(len(q), 3 * 2 * 64 + 2 * 64 + 2 * 64 + 32, generator=g).to(torch.bfloat16)
+    fq, fk, fv = fused[:, :384], fused[:, 384:512], fused[:, 512:640]
+    cos, sin = identity_rope(q)
+    outs = []
+    for args in (
+        (fq.view(-1, 2, 3, 64), fk.view(-1, 2, 64), fv.view(-1, 2, 64)),
+        (fq.contiguous().view(-1, 2, 3, 64), fk.contiguous().view(-1, 2, 64), fv.contiguous().view(-1, 2, 64)),
+    ):
+        cache_k, cache_v = k.clone(), v.clone()
+        outs.append((kernel(*args, cos, sin, cache_k, cache_v, rows, lengths, 0, 0.125), cache_k, cache_v))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert outs[0][0].is_contiguous()
 
 
 @pytest.mark.parametrize("portable", [False, True])

@@ -654,9 +654,9 @@ class ModelRunner:
         v = v.view(batch, self.n_kv, self.head_dim)
         if self.attention_kernel is not None:  # RoPE, the cache writes and each row's attention in one call
             out = self.attention_kernel(
-                q.contiguous(),
-                k.contiguous(),
-                v.contiguous(),
+                q,
+                k,
+                v,
                 cos.contiguous(),
                 sin.contiguous(),
                 self.cache.k[layer],

@@ -1,7 +1,8 @@
 // The engine's CPU kernels for bf16 (pedro/engine/cpu_kernels.py builds this file on first use).
 //
 // decode_attention: one query token per row, each row attending its own cached keys. q: (B, kv_heads, group,
-// D), the query heads grouped onto their KV head; k_new, v_new: (B, kv_heads, D), the rows' new key and value.
+// D), the query heads grouped onto their KV head; k_new, v_new: (B, kv_heads, D), the rows' new key and value
+// (each row contiguous, the rows at any stride: column slices of one fused q/k/v product).
 // q and k_new are rotated first (RoPE as pedro.compat.apply_rope computes it in bf16, bit for bit: x * cos +
 // x.roll(D / 2) * sin, each product and the sum rounded to bf16; cos, sin: (B, D), sin as compat.rope_sin gives
 // it), the key and value written into k, v, one layer's cache (slots, kv_heads, S, D), at slot slots[b], position
@@ -119,6 +120,7 @@ struct Job {
   uint16_t *k, *v, *out;
   const int64_t *slots, *lengths;
   int64_t heads, group, k_row, k_head, v_row, v_head, window;
+  int64_t q_row, k_new_row, v_new_row;  // the rows' strides (each row's heads contiguous)
   float scale;
 };
 
@@ -196,11 +198,12 @@ __attribute__((always_inline)) inline void attend_one(const Job& job, int64_t it
   const int64_t first = job.window > 0 && last - job.window + 1 > 0 ? last - job.window + 1 : 0;
   const int64_t n = last - first + 1;
   uint16_t q[kMaxGroup * D];
-  for (int64_t g = 0; g < group; ++g) rotate<D>(job.q + (item * group + g) * D, job.cos + b * D, job.sin + b * D, q + g * D);
+  const uint16_t* q_in = job.q + b * job.q_row + h * group * D;
+  for (int64_t g = 0; g < group; ++g) rotate<D>(q_in + g * D, job.cos + b * D, job.sin + b * D, q + g * D);
   uint16_t* k_head = job.k + job.slots[b] * job.k_row + h * job.k_head;
   uint16_t* v_head = job.v + job.slots[b] * job.v_row + h * job.v_head;
-  rotate<D>(job.k_new + item * D, job.cos + b * D, job.sin + b * D, k_head + last * D);
-  std::memcpy(v_head + last * D, job.v_new + item * D, D * sizeof(uint16_t));
+  rotate<D>(job.k_new + b * job.k_new_row + h * D, job.cos + b * D, job.sin + b * D, k_head + last * D);
+  std::memcpy(v_head + last * D, job.v_new + b * job.v_new_row + h * D, D * sizeof(uint16_t));
   const uint16_t* k = k_head + first * D;
   const uint16_t* v = v_head + first * D;
   scores.resize(static_cast<size_t>(group * n));
@@ -276,11 +279,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16, "bfloat16 q, keys, values, cos and sin only");
   const int64_t batch = q.size(0), heads = q.size(1), group = q.size(2), dim = q.size(3);
-  TORCH_CHECK(q.is_contiguous() && k_new.is_contiguous() && v_new.is_contiguous(),
-              "q and the new keys and values must be contiguous");
+  TORCH_CHECK(q.stride(3) == 1 && q.stride(2) == q.size(3) && q.stride(1) == q.size(2) * q.size(3),
+              "each row of q must be contiguous");
   TORCH_CHECK(k_new.dim() == 3 && k_new.size(0) == batch && k_new.size(1) == heads && k_new.size(2) == dim &&
                   v_new.sizes() == k_new.sizes(),
               "the new keys and values must be (B, kv_heads, D)");
+  TORCH_CHECK(k_new.stride(2) == 1 && k_new.stride(1) == dim && v_new.stride(2) == 1 && v_new.stride(1) == dim,
+              "each row of the new keys and values must be contiguous");
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == batch && cos.size(1) == dim && sin.sizes() == cos.sizes() &&
                   cos.is_contiguous() && sin.is_contiguous(),
               "cos and sin must be contiguous (B, D)");
@@ -301,10 +306,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
     TORCH_CHECK(lp[b] >= 0 && lp[b] < k.size(2), "a row's position is outside the cache");
     TORCH_CHECK(sp[b] >= 0 && sp[b] < k.size(0), "a row's slot is outside the cache");
   }
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's row stride
   const Job job{bits(q), bits(k_new), bits(v_new), bits(cos), bits(sin), mutable_bits(k), mutable_bits(v), mutable_bits(out), sp, lp,
                 heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1), window,
-                static_cast<float>(scale)};
+                q.stride(0), k_new.stride(0), v_new.stride(0), static_cast<float>(scale)};
   switch (dim) {
     case 64: attend<64>(job, batch * heads); break;
     case 128: attend<128>(job, batch * heads); break;
