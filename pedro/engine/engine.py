@@ -125,7 +125,7 @@ class Engine:
     it (the default). False: in fp32 on a CPU, oneDNN's packed GEMMs instead of MKL's, faster where MKL is
     slow (1.39x a decode step on an AMD CPU with AVX2 only, docs/engine.md), batch-invariant (a request's tokens
     do not depend on its batch), within fp32 rounding of ``F.linear`` but not equal to it; where oneDNN fails
-    those checks, as the default. bf16 is exact either way.
+    those checks, as the default. bf16's products are exact either way.
     ``cpu_kernels``: in bf16 on a CPU, decode attention and the norms through the engine's own kernels
     (cpu_kernels.py: attention ~2x faster than SDPA's flash kernel at one query a row, and more exact, its
     probabilities kept in fp32; a norm in one pass), compiled with the machine's C++ compiler the first time
