@@ -33,6 +33,9 @@
 #if defined(__x86_64__) && !defined(PEDRO_PORTABLE)  // PEDRO_PORTABLE: the plain loops only, for their test
 #include <immintrin.h>
 #define PEDRO_X86 1
+#define PEDRO_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+#else
+#define PEDRO_AVX512  // the "avx512" variants are the plain loops again, and never chosen
 #endif
 #ifndef PEDRO_NAMESPACE
 #define PEDRO_NAMESPACE pedro
@@ -90,14 +93,16 @@ inline float exp_any(float x) {
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 uint16_t* mutable_bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
-#ifdef PEDRO_X86
 bool cpu_has_avx512_bf16() {
+#ifdef PEDRO_X86
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512bf16");
   return has;
-}
+#else
+  return false;
 #endif
+}
 
 // RoPE of one head, as compat.apply_rope computes it in bf16
 inline uint16_t rope_bf16(uint16_t x, uint16_t partner, uint16_t cos, uint16_t sin) {
@@ -115,6 +120,15 @@ inline void rotate(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, 
   for (int d = half; d < D; ++d) out[d] = rope_bf16(x[d], x[d - half], cos[d], sin[d]);
 }
 
+// Runs fast(begin, end) over [0, items) in parallel where the CPU has AVX512-BF16, portable(begin, end) elsewhere.
+template <typename Fast, typename Portable>
+void run_parallel(int64_t items, int64_t grain, const Fast& fast, const Portable& portable) {
+  if (cpu_has_avx512_bf16())
+    at::parallel_for(0, items, grain, fast);
+  else
+    at::parallel_for(0, items, grain, portable);
+}
+
 struct Job {
   const uint16_t *q, *k_new, *v_new, *cos, *sin;
   uint16_t *k, *v, *out;
@@ -125,7 +139,6 @@ struct Job {
 };
 
 #ifdef PEDRO_X86
-#define PEDRO_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 
 // r[j] = the sum of v[j]'s 16 lanes, for 16 vectors, always in the same order
 PEDRO_AVX512 inline __m512 sum_lanes16(const __m512* v) {
@@ -250,23 +263,18 @@ void attend_portable(const Job& job, int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) attend_one<D, false>(job, item, scores);
 }
 
-#ifdef PEDRO_X86
 template <int D>
 PEDRO_AVX512 void attend_avx512(const Job& job, int64_t begin, int64_t end) {
   std::vector<float> scores;
   for (int64_t item = begin; item < end; ++item) attend_one<D, true>(job, item, scores);
 }
-#endif
 
 template <int D>
 void attend(const Job& job, int64_t items) {
-#ifdef PEDRO_X86
-  if (cpu_has_avx512_bf16()) {
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { attend_avx512<D>(job, begin, end); });
-    return;
-  }
-#endif
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { attend_portable<D>(job, begin, end); });
+  run_parallel(
+      items, 1,
+      [&](int64_t begin, int64_t end) { attend_avx512<D>(job, begin, end); },
+      [&](int64_t begin, int64_t end) { attend_portable<D>(job, begin, end); });
 }
 
 
@@ -343,9 +351,7 @@ __attribute__((always_inline)) inline void gate_rows(const GateJob& job, int64_t
 
 void gate_portable(const GateJob& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
 
-#ifdef PEDRO_X86
 PEDRO_AVX512 void gate_avx512(const GateJob& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
-#endif
 
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu(), "CPU tensors only");
@@ -357,14 +363,10 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   if (out.numel() == 0) return out;
   const GateJob job{bits(gate), bits(up), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), width,
                     gate.stride(0), up.stride(0)};
-  const int64_t grain = std::max<int64_t>(1, 16384 / width);
-#ifdef PEDRO_X86
-  if (cpu_has_avx512_bf16()) {
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { gate_avx512(job, begin, end); });
-    return out;
-  }
-#endif
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { gate_portable(job, begin, end); });
+  run_parallel(
+      rows, std::max<int64_t>(1, 16384 / width),
+      [&](int64_t begin, int64_t end) { gate_avx512(job, begin, end); },
+      [&](int64_t begin, int64_t end) { gate_portable(job, begin, end); });
   return out;
 }
 
@@ -404,9 +406,7 @@ __attribute__((always_inline)) inline void norm_rows(const NormJob& job, int64_t
 
 void norm_portable(const NormJob& job, int64_t begin, int64_t end) { norm_rows(job, begin, end); }
 
-#ifdef PEDRO_X86
 PEDRO_AVX512 void norm_avx512(const NormJob& job, int64_t begin, int64_t end) { norm_rows(job, begin, end); }
-#endif
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors only");
@@ -422,14 +422,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const NormJob job{bits(x), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
                     gemma ? nullptr : bits(weight), gemma ? weight.data_ptr<float>() : nullptr, width,
                     static_cast<float>(eps)};
-  const int64_t rows = x.numel() / width, grain = std::max<int64_t>(1, 32768 / width);
-#ifdef PEDRO_X86
-  if (cpu_has_avx512_bf16()) {
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { norm_avx512(job, begin, end); });
-    return out;
-  }
-#endif
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { norm_portable(job, begin, end); });
+  run_parallel(
+      x.numel() / width, std::max<int64_t>(1, 32768 / width),
+      [&](int64_t begin, int64_t end) { norm_avx512(job, begin, end); },
+      [&](int64_t begin, int64_t end) { norm_portable(job, begin, end); });
   return out;
 }
 
