@@ -11,8 +11,9 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import randomize, tiny_model
 
+import pedro
 from pedro.compat import apply_rope, rope_sin
 from pedro.engine import Engine, Request, SamplingParams, cpu_kernels
 
@@ -217,6 +218,33 @@ def test_the_gated_activation_kernel_is_silu_times_up_on_column_slices_and_speci
         cpu_kernels.kernels(portable).silu_mul(gate, up[:, :10])
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_the_row_scaling_kernel_is_addcmul_bit_for_bit(portable):
+    """PEDRO's x + x * z with each row's vector picked by index, in place on a fused product's column slice and
+    into another tensor: torch's addcmul's numbers exactly."""
+    scale = cpu_kernels.scale_rows(portable)
+    assert scale is not None
+    g = torch.Generator().manual_seed(8)
+    fused = torch.randn(40, 3 * 96, generator=g).mul_(10).to(torch.bfloat16)
+    table = torch.randn(7, 96, generator=g).mul_(1e-3).to(torch.bfloat16)  # small effects: where 1 + z would round
+    table[2] = torch.randn(96, generator=g).to(torch.bfloat16)
+    index = torch.randint(0, 7, (40,), generator=g)
+    x = fused[:, 96:192]
+    expected = torch.addcmul(x, x, table[index])
+    into = torch.empty(40, 96, dtype=torch.bfloat16)
+    scale(x, table, index, into)
+    assert torch.equal(into, expected)
+    before = fused.clone()
+    scale(x, table, index, x)  # in place, on the slice only
+    assert torch.equal(x, expected)
+    assert torch.equal(fused[:, :96], before[:, :96]) and torch.equal(fused[:, 192:], before[:, 192:])
+    ops = cpu_kernels.kernels(portable)
+    with pytest.raises(RuntimeError, match="outside the table"):
+        ops.scale_rows(x, table, index + 7, x)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.scale_rows(x.float(), table, index, x)
+
+
 def test_a_kernel_that_cannot_be_built_is_none_and_said(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails every build
@@ -269,3 +297,27 @@ def test_without_the_kernel_the_engine_attends_with_sdpa(monkeypatch):
     assert tokens[True] == tokens[False]  # a confident model: the two attentions pick the same tokens
     monkeypatch.setattr(cpu_kernels, "kernels", lambda portable=False: None)  # where they cannot be built
     assert Engine(sharp("llama"), max_batch=2, max_seq_len=64).runner.attention_kernel is None
+
+
+def test_pedro_rows_scaled_by_the_kernel_get_exactly_addcmuls_tokens(tmp_path):
+    """Two PEDRO tenants and a bare row in one bf16 batch, prefill and decode, scaled by the row-scaling kernel
+    and by torch's addcmul: the same tokens and log-probabilities, bit for bit."""
+    for seed in (1, 2):
+        peft_model = pedro.get_pedro_model(tiny_model("llama", head_dim=64), pedro.PedroConfig(r=4))
+        randomize(peft_model, seed=seed, scale=0.5)
+        peft_model.save_pretrained(str(tmp_path / f"p{seed}"))
+    outs = []
+    for kernel in (True, False):
+        engine = Engine(sharp("llama"), max_batch=4, max_seq_len=64)
+        assert engine.runner.scale_kernel is not None
+        if not kernel:
+            engine.runner.scale_kernel = None  # the contexts then scale with addcmul, as without kernels
+        for seed in (1, 2):
+            engine.add_adapter(f"p{seed}", str(tmp_path / f"p{seed}"))
+        sampling = SamplingParams(max_new_tokens=10, ignore_eos=True, logprobs=0)
+        requests = [
+            Request([3 + i, 9, 14, 5, 8][: 3 + i], adapter=a, sampling=sampling)
+            for i, a in enumerate(["p1", "p2", None])
+        ]
+        outs.append([(o.token_ids, [x.logprob for x in o.logprobs]) for o in engine.generate(requests)])
+    assert outs[0] == outs[1]

@@ -6,8 +6,9 @@ Why kernels of our own: a bf16 decode step on a CPU spent a third of its time in
 ``decode_attention`` (1 thread, the 30 layers' caches in memory). That kernel is also the more exact of the two:
 its probabilities stay in fp32, where the flash kernel rounds them to bf16. On x86 CPUs with AVX512-BF16 its
 scores use the CPU's bf16 dot products; elsewhere plain loops the compiler vectorises. ``rms_norm`` does a
-backbone's RMSNorm in one pass where the module issues ~8 tensor ops (~40 us at a decode step's rows), and
-``silu_mul`` a gated MLP's activation and product in one.
+backbone's RMSNorm in one pass where the module issues ~8 tensor ops (~40 us at a decode step's rows),
+``silu_mul`` a gated MLP's activation and product in one, and ``scale_rows`` PEDRO's per-row scaling in one call
+per point and layer where a prefill made one per prompt.
 
 They are compiled by ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions) the first time a bf16 engine starts on a CPU,
@@ -38,6 +39,7 @@ MAX_GROUP = 16  # query heads per KV head
 # (q, k_new, v_new, cos, sin, k_cache, v_cache, slots, lengths, window, scale) -> out; the cache written in place
 DecodeAttention = Callable[..., torch.Tensor]
 GatedActivation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate, up) -> act(gate) * up
+RowScale = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (x, table, index, out)
 
 
 @functools.cache
@@ -51,7 +53,8 @@ def kernels(portable: bool = False) -> Optional[Any]:
     head_dim)) at slot ``slots[b]``, position ``lengths[b]`` (int64); then row b attends that slot's keys;
     window: attend the last ``window`` keys (0: all). ``rms_norm(x, weight, eps) -> out``: weight bf16 for
     LLaMA's form, fp32 ``1 + weight`` for Gemma's (``compat.rms_norm_form``). ``silu_mul(gate, up) -> out``:
-    ``silu(gate) * up`` for (rows, width) inputs whose rows are contiguous.
+    ``silu(gate) * up`` for (rows, width) inputs whose rows are contiguous. ``scale_rows(x, table, index, out)``:
+    ``out[n] = x[n] + x[n] * table[index[n]]``, addcmul's numbers (out may be x).
     ``portable``: the plain loops even where the CPU has AVX512-BF16 (what other CPUs run: their test)."""
     namespace = "pedro_portable" if portable else "pedro"
     try:
@@ -119,4 +122,22 @@ def silu_mul(act: Callable[[torch.Tensor], torch.Tensor], portable: bool = False
     if not (bool(close.all()) and (ours == theirs).float().mean() > 0.95):
         return None
     op: GatedActivation = ops.silu_mul
+    return op
+
+
+def scale_rows(portable: bool = False) -> Optional[RowScale]:
+    """The row-scaling kernel, or None where the kernels cannot be built (or where it does not reproduce torch's
+    ``addcmul`` bit for bit on a probe: then the engine keeps addcmul)."""
+    ops = kernels(portable)
+    if ops is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=g).mul_(8).to(torch.bfloat16)
+    table = torch.randn(4, 64, generator=g).mul_(0.05).to(torch.bfloat16)
+    index = torch.tensor([3, 0, 0, 2, 1, 3])
+    ours = torch.empty_like(x)
+    ops.scale_rows(x, table, index, ours)
+    if not torch.equal(ours, torch.addcmul(x, x, table[index])):
+        return None
+    op: RowScale = ops.scale_rows
     return op

@@ -259,6 +259,7 @@ class ModelRunner:
         self.matmul_decode_attention = self.device.type == "cpu" and cache.k.dtype == torch.float32
         self.exact_alpha = math.frexp(self.scaling)[0] == 0.5  # a power of two: scaling a product is exact
         attention = kernels and self.head_dim in cpu_kernels.HEAD_DIMS and self.group <= cpu_kernels.MAX_GROUP
+        self.scale_kernel = cpu_kernels.scale_rows() if kernels else None
         self.attention_kernel = cpu_kernels.decode_attention() if attention else None
         # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays; with
         # ``fuse``, q/k/v and gate/up one GEMM each, their own products kept for a step that scales their inputs
@@ -434,7 +435,9 @@ class ModelRunner:
                 prefill.chunk_masks[row] = {None: upload(causal, self.device)}
                 if self.window is not None:
                     prefill.chunk_masks[row][self.window] = upload(causal & (key > query - self.window), self.device)
-        ctx = _Context(self.rows, token_slots, prefill, rope)
+        if self.scale_kernel is not None:
+            prefill.slot_index = upload(token_slots, self.device)
+        ctx = _Context(self.rows, token_slots, prefill, rope, self.scale_kernel)
         return ctx, upload([t for p in prompts for t in p], self.device), segments
 
     def _padded(self, prefill: "_Prefill", token_index: torch.Tensor, positions: torch.Tensor) -> "_Padded":
@@ -637,7 +640,7 @@ class ModelRunner:
                 for w, m in masks.items()
             }
         decode = _Decode(rows_index, lengths, masks, self.rows.lora_index[:batch])
-        return _Context(self.rows, range(batch), decode, self._rope(lengths))
+        return _Context(self.rows, range(batch), decode, self._rope(lengths), self.scale_kernel)
 
     def _attend_decode(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: _Ropes, decode: "_Decode"
@@ -708,6 +711,7 @@ class _Prefill:
     chunk_masks: dict[int, dict[int | None, torch.Tensor]] = field(default_factory=dict)  # row -> window -> mask
     token_index: torch.Tensor | None = None  # each token's slot, on an accelerator (per-token forms)
     padded: "_Padded | None" = None  # there, a prefill of two or more whole prompts: attention as one batch
+    slot_index: torch.Tensor | None = None  # each token's slot, for the CPU's row-scaling kernel
 
 
 @dataclass
@@ -735,11 +739,22 @@ class _Context:
     layer type's RoPE, and what its prefill or decode step reads."""
 
     def __init__(
-        self, rows: RowAdapters, token_slots: list[int] | range, step: _Prefill | _Decode, rope: _Ropes
+        self,
+        rows: RowAdapters,
+        token_slots: list[int] | range,
+        step: _Prefill | _Decode,
+        rope: _Ropes,
+        scale_kernel: cpu_kernels.RowScale | None = None,
     ) -> None:
         self.rows, self.token_slots, self.step, self.rope = rows, token_slots, step, rope  # slots on the host
         self.points = rows.live_points()
         self.lora = rows.live_lora()
+        self.scale_kernel = scale_kernel  # bf16 on a CPU: every row's scaling in one call (cpu_kernels.py)
+        self.row_index = (
+            torch.arange(len(token_slots), device=rows.device)
+            if scale_kernel is not None and isinstance(step, _Decode) and self.points
+            else None
+        )
         # a decode step's rows 0..B-1 of each live point's table, one view per layer, made once per step
         self.decode_tables: dict[tuple[str, str], tuple[torch.Tensor, ...]] = (
             {point: rows.scales[point][:, : len(token_slots)].unbind(0) for point in self.points}
@@ -755,6 +770,14 @@ class _Context:
         tensor per point per layer, which cost ~15 % of a 32-prompt prefill there; on an accelerator
         (``token_index``) that gather, since there each per-segment op is a kernel launch. The same numbers
         either way."""
+        if self.scale_kernel is not None:  # one call: decode rows read their own rows of the step's table view
+            if isinstance(self.step, _Decode):
+                table, index = self.decode_tables[point][layer], self.row_index
+            else:
+                table, index = self.rows.scales[point][layer], self.step.slot_index
+            assert index is not None, "made with the context when the kernel is on"
+            self.scale_kernel(x, table, index, x if out is None else out)
+            return
         if isinstance(self.step, _Decode):
             table = self.decode_tables[point][layer]
             if out is None:

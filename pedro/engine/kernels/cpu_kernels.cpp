@@ -13,6 +13,10 @@
 // g / (1 + exp(-g)) and rounded to bf16, then the product rounded); gate and up may be column slices of one
 // fused product.
 //
+// scale_rows: PEDRO's (and (IA)3's) per-row scaling, out[n] = x[n] + x[n] * table[index[n]], computed in fp32 and
+// rounded once, as torch's addcmul does (bit for bit): one call per point and layer where a prefill made one per
+// prompt.
+//
 // rms_norm: a backbone's RMSNorm as one pass per row instead of ~8 tensor ops, with the same roundings as
 // transformers' modules (LLaMA's form: weight * bf16(x * rsqrt(mean(x^2) + eps)); Gemma's: bf16(x * rsqrt(...) *
 // (1 + weight)), 1 + weight given in fp32); only the order of the squares' sum differs.
@@ -370,6 +374,55 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------ scale_rows
+
+struct ScaleJob {
+  const uint16_t *x, *table;
+  uint16_t* out;
+  const int64_t* index;
+  int64_t width, x_row, table_row, out_row;
+};
+
+__attribute__((always_inline)) inline void scale_range(const ScaleJob& job, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    const uint16_t* x = job.x + row * job.x_row;
+    const uint16_t* z = job.table + job.index[row] * job.table_row;
+    uint16_t* out = job.out + row * job.out_row;
+#pragma omp simd
+    for (int64_t i = 0; i < job.width; ++i) {
+      const float h = bf16_to_float(x[i]);
+      out[i] = float_to_bf16(h + h * bf16_to_float(z[i]));
+    }
+  }
+}
+
+void scale_portable(const ScaleJob& job, int64_t begin, int64_t end) { scale_range(job, begin, end); }
+PEDRO_AVX512 void scale_avx512(const ScaleJob& job, int64_t begin, int64_t end) { scale_range(job, begin, end); }
+
+void scale_rows(const at::Tensor& x, const at::Tensor& table, const at::Tensor& index, at::Tensor& out) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &table, &index, &out})
+    TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && table.scalar_type() == at::kBFloat16 &&
+                  out.scalar_type() == at::kBFloat16,
+              "bfloat16 x, table and out only");
+  TORCH_CHECK(x.dim() == 2 && table.dim() == 2 && out.sizes() == x.sizes() && table.size(1) == x.size(1),
+              "x and out must be (rows, width), the table (slots, width)");
+  TORCH_CHECK(x.stride(1) == 1 && table.stride(1) == 1 && out.stride(1) == 1, "rows must be contiguous");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == x.size(0) &&
+                  index.is_contiguous(),
+              "index must be a contiguous int64 tensor of one table row per row of x");
+  const int64_t* ip = index.data_ptr<int64_t>();
+  for (int64_t n = 0; n < x.size(0); ++n)
+    TORCH_CHECK(ip[n] >= 0 && ip[n] < table.size(0), "an index is outside the table");
+  if (x.numel() == 0) return;
+  const ScaleJob job{bits(x), bits(table), mutable_bits(out), ip, x.size(1), x.stride(0), table.stride(0),
+                     out.stride(0)};
+  run_parallel(
+      x.size(0), std::max<int64_t>(1, 32768 / x.size(1)),
+      [&](int64_t begin, int64_t end) { scale_avx512(job, begin, end); },
+      [&](int64_t begin, int64_t end) { scale_portable(job, begin, end); });
+}
+
 // ------------------------------------------------------------------------------------------------ rms_norm
 
 struct NormJob {
@@ -437,10 +490,12 @@ TORCH_LIBRARY(PEDRO_NAMESPACE, m) {
       "Tensor slots, Tensor lengths, int window, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("scale_rows(Tensor x, Tensor table, Tensor index, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(PEDRO_NAMESPACE, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("scale_rows", &scale_rows);
 }
