@@ -224,8 +224,9 @@ class ModelRunner:
         family = layer_map(model)
         self.embed_tokens: nn.Embedding = decoder.embed_tokens  # Gemma's embedding scales by sqrt(hidden_size) itself
         self.device = self.embed_tokens.weight.device
-        # in bf16 on a CPU, the engine's own kernels (cpu_kernels.py) where they build: decode attention (~2x the
-        # flash kernel's speed at one query a row, probabilities kept in fp32) and the norms (one pass each)
+        # in bf16 on a CPU, the engine's own kernels (cpu_kernels.py) where they build: decode attention (RoPE and
+        # the cache writes included; probabilities kept in fp32), the norms, the gated activation and PEDRO's
+        # per-row scaling, one pass each
         kernels = kernels and self.device.type == "cpu" and cache.k.dtype == torch.bfloat16
 
         def norm_of(module: nn.Module) -> _Norm:
@@ -263,7 +264,7 @@ class ModelRunner:
         self.attention_kernel = cpu_kernels.decode_attention() if attention else None
         # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays; with
         # ``fuse``, q/k/v and gate/up one GEMM each, their own products kept for a step that scales their inputs
-        # apart (the engine fuses on an accelerator and in fp32 on the CPU's oneDNN path: docs/engine.md)
+        # apart (the engine fuses on an accelerator, in bf16 on a CPU and in fp32 on its oneDNN path: docs/engine.md)
         rows_hint = cache.slots
         self.fused = [_fuse(layer, spec, rows_hint, exact_gemms) if fuse else {} for layer in layers]
         self.gemms = [
