@@ -628,10 +628,12 @@ class ModelRunner:
         token) and the cache slot its key and value go to; keys 0..width-1 are read. Nothing here reads a value
         back to the host, so a CUDA graph can capture it (decode_graphs.py)."""
         batch = lengths.shape[0]
-        steps = torch.arange(width, device=self.device)
-        masks: dict[int | None, torch.Tensor] = {None: (steps <= lengths[:, None]).view(batch, 1, 1, width)}
-        if self.window is not None:
-            masks[self.window] = masks[None] & (steps > lengths[:, None] - self.window).view(batch, 1, 1, width)
+        masks: dict[int | None, torch.Tensor] = {}
+        if self.attention_kernel is None:  # the kernel reads each row's own keys and needs no mask
+            steps = torch.arange(width, device=self.device)
+            masks[None] = (steps <= lengths[:, None]).view(batch, 1, 1, width)
+            if self.window is not None:
+                masks[self.window] = masks[None] & (steps > lengths[:, None] - self.window).view(batch, 1, 1, width)
         if self.matmul_decode_attention:  # added to the scores: 0 where a key is attended, -inf where not
             masks = {
                 w: m.new_zeros(m.shape, dtype=self.cache.k.dtype)
@@ -731,7 +733,8 @@ class _Decode:
 
     rows_index: torch.Tensor  # arange(B) and the rows' lengths: where the step's K/V go
     positions: torch.Tensor
-    masks: dict[int | None, torch.Tensor]  # window (None: global) -> (B, 1, 1, W) mask (additive for the matmuls)
+    # window (None: global) -> (B, 1, 1, W) mask (additive for the matmuls; empty where the kernel attends)
+    masks: dict[int | None, torch.Tensor]
     lora_rows: torch.Tensor  # (B,) resident LoRA index of each row
 
 
