@@ -1,8 +1,10 @@
-"""The engine's CPU decode attention kernel (pedro/engine/cpu_kernels.py), both its builds (the CPU's bf16 dot
-products where it has them, and the plain loops every other CPU runs): against attention computed in float64
-and against SDPA's flash kernel, each row independent of its batch and of the thread count, refusing what it
-cannot compute; and a bf16 engine attending through it follows transformers' bf16 forward (sliding windows
-included) and gives each request in a mixed batch the tokens it gets alone."""
+"""The engine's CPU kernels (pedro/engine/cpu_kernels.py), both their builds (the CPU's bf16 dot products where
+it has them, and the plain loops every other CPU runs). Decode and prefill attention: against attention computed
+in float64 (decode also against SDPA's flash kernel), each row independent of its batch, of the thread count and
+(prefill) of how its prompt was chunked, refusing what they cannot compute; a bf16 engine attending through them
+follows transformers' bf16 forward (sliding windows included), gives each request in a mixed batch the tokens it
+gets alone, and a prompt prefilled in chunks the numbers of its whole prefill. The norms, the gated activation
+and the row scaling against torch's ops."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from conftest import randomize, tiny_model
 import pedro
 from pedro.compat import apply_rope, rope_sin
 from pedro.engine import Engine, Request, SamplingParams, cpu_kernels
+from pedro.engine.runner import ModelRunner
 
 KERNELS = {"native": cpu_kernels.decode_attention(), "portable": cpu_kernels.decode_attention(portable=True)}
 
@@ -165,6 +168,138 @@ def test_the_kernel_reads_rows_at_any_stride(kernel):
     assert outs[0][0].is_contiguous()
 
 
+PREFILL = {"native": cpu_kernels.prefill_attention(), "portable": cpu_kernels.prefill_attention(portable=True)}
+
+
+@pytest.fixture(params=list(PREFILL))
+def prefill_kernel(request):
+    op = PREFILL[request.param]
+    assert op is not None, "the kernel did not build here (see the log)"
+    return op
+
+
+def prefill_case(head_dim: int, group: int, heads: int, seed: int = 0):
+    """Six rows: one token; 15, 16, 17 around a 16-key block; a chunk after 3 and after 16 cached positions; a
+    40-token prompt and a 100-token chunk after 20 cached positions. Row r's cache in a slot of its own."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, offsets, slots = [1, 15, 16, 17, 40, 100], [0, 0, 3, 16, 0, 20], [5, 0, 2, 1, 3, 6]
+    n = sum(lengths)
+    q = (2 * torch.randn(n, heads, group, head_dim, generator=g)).to(torch.bfloat16)
+    k_new, v_new = (torch.randn(n, heads, head_dim, generator=g).to(torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(7, heads, 160, head_dim, generator=g).to(torch.bfloat16) for _ in range(2))
+    positions = torch.cat([torch.arange(o, o + m) for o, m in zip(offsets, lengths)])
+    angles = positions[:, None] * 10_000 ** -(torch.arange(head_dim) % (head_dim // 2) / (head_dim // 2))
+    cos, sin = angles.cos().to(torch.bfloat16), rope_sin(angles.sin().to(torch.bfloat16))
+    firsts = [sum(lengths[:r]) for r in range(len(lengths))]
+    rows = torch.tensor([list(r) for r in zip(slots, firsts, lengths, offsets)])
+    return q, k_new, v_new, cos, sin, k, v, rows
+
+
+def prefill_reference(q, k_new, v_new, cos, sin, k, v, rows, window: int, scale: float):
+    """The cache as the kernel should leave it (new keys rotated by compat.apply_rope) and each query's
+    attention over its slot's keys up to its own position, in float64."""
+    k, v = k.clone(), v.clone()
+    rotated_k = apply_rope(k_new, cos[:, None], sin[:, None])
+    rotated_q = apply_rope(q, cos[:, None, None], sin[:, None, None])
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for slot, first, n, offset in rows.tolist():
+        k[slot, :, offset : offset + n] = rotated_k[first : first + n].transpose(0, 1)
+        v[slot, :, offset : offset + n] = v_new[first : first + n].transpose(0, 1)
+        for i in range(n):
+            last = offset + i
+            start = max(0, last - window + 1) if window else 0
+            keys, values = k[slot, :, start : last + 1].double(), v[slot, :, start : last + 1].double()
+            scores = torch.einsum("hgd,hjd->hgj", rotated_q[first + i].double(), keys) * scale
+            out[first + i] = torch.einsum("hgj,hjd->hgd", torch.softmax(scores, -1), values)
+    return out, k, v
+
+
+@pytest.mark.parametrize("head_dim,group,heads", [(64, 3, 3), (64, 1, 2), (128, 4, 2), (256, 2, 1), (64, 6, 1)])
+@pytest.mark.parametrize("window", [0, 5, 17])
+def test_the_prefill_kernel_writes_the_rotated_keys_and_attends_each_query_causally(
+    prefill_kernel, head_dim, group, heads, window
+):
+    """Whole prompts and chunks after cached positions, sliding windows, block edges: the cache bit for bit as
+    compat.apply_rope writes it, each query's output within a bf16 step of attention in float64 (where a sum of
+    values cancels to near 0, within fp32's absolute error of it)."""
+    args = prefill_case(head_dim, group, heads)
+    scale = head_dim**-0.5
+    exact, k, v = prefill_reference(*args, window, scale)
+    out = prefill_kernel(*args, window, scale)
+    assert out.dtype is torch.bfloat16 and out.shape == args[0].shape and out.is_contiguous()
+    assert torch.equal(args[5], k) and torch.equal(args[6], v)  # written in place, nothing else touched
+    ulp = exact.abs() * 2**-7 + 1e-6
+    assert ((out.double() - exact).abs() <= ulp).all()
+    assert (out == exact.to(torch.bfloat16)).double().mean() > 0.995
+
+
+def test_a_prefill_query_gets_the_same_bits_alone_in_chunks_in_any_batch_at_any_thread_count(prefill_kernel):
+    """A token's output depends on its query and its slot's keys only: the same bits whether its prompt runs
+    with others, alone, or in chunks after its earlier positions were cached, at any thread count."""
+    q, k_new, v_new, cos, sin, k, v, rows = prefill_case(64, 3, 3, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        together = prefill_kernel(q, k_new, v_new, cos, sin, k.clone(), v.clone(), rows, 0, 0.125)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(prefill_kernel(q, k_new, v_new, cos, sin, k.clone(), v.clone(), rows, 0, 0.125), together)
+    finally:
+        torch.set_num_threads(threads)
+    slot, first, n, offset = rows[5].tolist()  # 100 tokens after 20 cached: alone, then as chunks of 30 and 70
+    cache_k, cache_v = k.clone(), v.clone()
+    part = slice(first, first + n)
+    alone = prefill_kernel(
+        q[part],
+        k_new[part],
+        v_new[part],
+        cos[part],
+        sin[part],
+        cache_k,
+        cache_v,
+        torch.tensor([[slot, 0, n, offset]]),
+        0,
+        0.125,
+    )
+    assert torch.equal(alone, together[part])
+    cache_k, cache_v = k.clone(), v.clone()
+    chunks = []
+    for a, b in ((0, 30), (30, n)):
+        piece = slice(first + a, first + b)
+        rows_of = torch.tensor([[slot, 0, b - a, offset + a]])
+        chunks.append(
+            prefill_kernel(
+                q[piece], k_new[piece], v_new[piece], cos[piece], sin[piece], cache_k, cache_v, rows_of, 0, 0.125
+            )
+        )
+    assert torch.equal(torch.cat(chunks), together[part])
+
+
+def test_the_prefill_kernel_reads_column_slices_and_refuses_what_it_cannot_compute(prefill_kernel):
+    q, k_new, v_new, cos, sin, k, v, rows = prefill_case(64, 3, 3, seed=2)
+    fused = torch.cat([q.flatten(1), k_new.flatten(1), v_new.flatten(1)], 1)  # one fused q/k/v product
+    sliced = fused[:, :576].view(-1, 3, 3, 64), fused[:, 576:768].view(-1, 3, 64), fused[:, 768:].view(-1, 3, 64)
+    expected = prefill_kernel(q, k_new, v_new, cos, sin, k.clone(), v.clone(), rows, 0, 0.125)
+    assert torch.equal(prefill_kernel(*sliced, cos, sin, k.clone(), v.clone(), rows, 0, 0.125), expected)
+
+    def call(q=q, rows=rows, k=k):
+        return prefill_kernel(q, k_new, v_new, cos, sin, k, v, rows, 0, 0.125)
+
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        call(q=q.float())
+    with pytest.raises(RuntimeError, match="in order"):
+        call(rows=rows[1:])  # the first row's token named by no row
+    with pytest.raises(RuntimeError, match="same slot"):
+        call(rows=rows.clone().index_put_((torch.tensor([1]), torch.tensor([0])), torch.tensor(5)))
+    with pytest.raises(RuntimeError, match="positions are outside"):
+        call(rows=rows.clone().index_put_((torch.tensor([5]), torch.tensor([3])), torch.tensor(100)))
+    with pytest.raises(RuntimeError, match="slot is outside"):
+        call(rows=rows.clone().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(7)))
+    with pytest.raises(RuntimeError, match=r"\(R, 4\)"):
+        call(rows=rows[:, :3].contiguous())
+    with pytest.raises(RuntimeError, match="each token of q"):
+        call(q=q.transpose(1, 2))
+
+
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])  # LLaMA's form, Gemma's form, q/k norms
 def test_the_norm_kernel_is_each_norm_within_one_bf16_step(family, portable):
@@ -265,7 +400,7 @@ def sharp(family: str, **overrides) -> torch.nn.Module:
 @pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window layers of 16 keys
 def test_a_bf16_engine_attends_through_the_kernel_and_follows_transformers(family):
     engine = Engine(sharp(family), max_batch=5, max_seq_len=64)
-    assert engine.runner.attention_kernel is not None
+    assert engine.runner.attention_kernel is not None and engine.runner.prefill_kernel is not None
     prompts = [[3 + i, 7, 11 + 2 * i, 5, *range(20, 20 + 7 * i)] for i in range(5)]  # up to 32 tokens
     greedy = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=0)
     together = engine.generate([Request(p, sampling=greedy) for p in prompts])
@@ -285,6 +420,35 @@ def test_a_bf16_engine_attends_through_the_kernel_and_follows_transformers(famil
         # gemma3's sliding window instead moves them by 0.3)
         expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
         assert (expected - torch.tensor([x.logprob for x in out.logprobs])).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_bf16_prompt_prefilled_in_chunks_gets_the_whole_prefills_tokens_bit_for_bit(family, monkeypatch):
+    """A prompt split into chunks of 5 tokens while another row decodes (each chunk's queries attending the
+    cached positions before it, across gemma3's 16-key window) against the same prompt prefilled whole: the
+    kernel computes each query the same way in both, so tokens and log-probabilities are the same numbers."""
+    starts: list[int] = []
+    run = ModelRunner.run
+
+    def recorded(self, tokens, batch):
+        if batch is not None:
+            starts.extend(batch.starts or [0] * len(batch.prompts))
+        return run(self, tokens, batch)
+
+    monkeypatch.setattr(ModelRunner, "run", recorded)
+    prompt = [3 + (7 * i) % 50 for i in range(30)]
+    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=0)
+    outs = []
+    for budget in (5, 256):
+        engine = Engine(sharp(family), max_batch=2, max_seq_len=64, max_prefill_tokens=budget)
+        engine.add_request(Request([9, 4, 6], sampling=SamplingParams(max_new_tokens=40, ignore_eos=True)))
+        while not engine.num_running:
+            engine.step()
+        starts.clear()
+        [out] = engine.generate([Request(prompt, sampling=greedy)])
+        assert starts == ([0, 5, 10, 15, 20, 25] if budget == 5 else [0])
+        outs.append((out.token_ids, [x.logprob for x in out.logprobs]))
+    assert outs[0] == outs[1]
 
 
 def test_without_the_kernel_the_engine_attends_with_sdpa(monkeypatch):

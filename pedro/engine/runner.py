@@ -224,9 +224,9 @@ class ModelRunner:
         family = layer_map(model)
         self.embed_tokens: nn.Embedding = decoder.embed_tokens  # Gemma's embedding scales by sqrt(hidden_size) itself
         self.device = self.embed_tokens.weight.device
-        # in bf16 on a CPU, the engine's own kernels (cpu_kernels.py) where they build: decode attention (RoPE and
-        # the cache writes included; probabilities kept in fp32), the norms, the gated activation and PEDRO's
-        # per-row scaling, one pass each
+        # in bf16 on a CPU, the engine's own kernels (cpu_kernels.py) where they build: decode and prefill
+        # attention (RoPE and the cache writes included; probabilities kept in fp32), the norms, the gated
+        # activation and PEDRO's per-row scaling, one pass each
         kernels = kernels and self.device.type == "cpu" and cache.k.dtype == torch.bfloat16
 
         def norm_of(module: nn.Module) -> _Norm:
@@ -262,6 +262,7 @@ class ModelRunner:
         attention = kernels and self.head_dim in cpu_kernels.HEAD_DIMS and self.group <= cpu_kernels.MAX_GROUP
         self.scale_kernel = cpu_kernels.scale_rows() if kernels else None
         self.attention_kernel = cpu_kernels.decode_attention() if attention else None
+        self.prefill_kernel = cpu_kernels.prefill_attention() if attention else None
         # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays; with
         # ``fuse``, q/k/v and gate/up one GEMM each, their own products kept for a step that scales their inputs
         # apart (the engine fuses on an accelerator, in bf16 on a CPU and in fp32 on its oneDNN path: docs/engine.md)
@@ -425,7 +426,23 @@ class ModelRunner:
             and padded_tokens <= PADDED_PREFILL_SLACK * total
         ):
             prefill.padded = self._padded(prefill, token_index, positions)
+        if self.prefill_kernel is not None:  # each row's slot, tokens and positions: the kernel needs no masks
+            prefill.kernel_rows = torch.tensor(
+                [[slot, first, n, start] for slot, (first, _), n, start in zip(slots, segments, lengths, starts)]
+            )
+        else:
+            self._prefill_masks(prefill, starts, lengths)
+        if self.scale_kernel is not None:
+            prefill.slot_index = upload(token_slots, self.device)
+        ctx = _Context(self.rows, token_slots, prefill, rope, self.scale_kernel)
+        return ctx, upload([t for p in prompts for t in p], self.device), segments
+
+    def _prefill_masks(self, prefill: "_Prefill", starts: list[int], lengths: list[int]) -> None:
+        """The masks scaled_dot_product_attention needs beyond its causal one: the sliding layers' band where a
+        prompt is longer than the window, and each later chunk's view of the positions cached before it."""
+        width = max(lengths)
         if self.window is not None and width > self.window:  # the sliding layers' causal band, any prompt's top-left
+            steps = torch.arange(width)
             prefill.band = upload(
                 (steps[None, :] <= steps[:, None]) & (steps[None, :] > steps[:, None] - self.window), self.device
             )
@@ -436,10 +453,6 @@ class ModelRunner:
                 prefill.chunk_masks[row] = {None: upload(causal, self.device)}
                 if self.window is not None:
                     prefill.chunk_masks[row][self.window] = upload(causal & (key > query - self.window), self.device)
-        if self.scale_kernel is not None:
-            prefill.slot_index = upload(token_slots, self.device)
-        ctx = _Context(self.rows, token_slots, prefill, rope, self.scale_kernel)
-        return ctx, upload([t for p in prompts for t in p], self.device), segments
 
     def _padded(self, prefill: "_Prefill", token_index: torch.Tensor, positions: torch.Tensor) -> "_Padded":
         """Whole prompts as one padded batch for attention: each packed token's place in the padded (rows * T)
@@ -562,6 +575,26 @@ class ModelRunner:
     ) -> torch.Tensor:
         parts = self.layers[layer]
         cos, sin = rope[parts.rope]
+        if self.prefill_kernel is not None and prefill.kernel_rows is not None:  # RoPE, cache writes, attention
+            q = q.view(-1, self.n_kv, self.group, self.head_dim)
+            k = k.view(-1, self.n_kv, self.head_dim)
+            v = v.view(-1, self.n_kv, self.head_dim)
+            if parts.qk_norms is not None:
+                q_norm, k_norm = parts.qk_norms
+                q, k = q_norm(q), k_norm(k)
+            out = self.prefill_kernel(
+                q,
+                k,
+                v,
+                cos.contiguous(),
+                sin.contiguous(),
+                self.cache.k[layer],
+                self.cache.v[layer],
+                prefill.kernel_rows,
+                parts.window or 0,
+                self.scaling,
+            )
+            return out.view(q.shape[0], -1)
         q = q.view(-1, self.n_kv * self.group, self.head_dim).transpose(0, 1)  # (H, N, hd)
         k = k.view(-1, self.n_kv, self.head_dim).transpose(0, 1)
         v = v.view(-1, self.n_kv, self.head_dim).transpose(0, 1)
@@ -715,6 +748,7 @@ class _Prefill:
     token_index: torch.Tensor | None = None  # each token's slot, on an accelerator (per-token forms)
     padded: "_Padded | None" = None  # there, a prefill of two or more whole prompts: attention as one batch
     slot_index: torch.Tensor | None = None  # each token's slot, for the CPU's row-scaling kernel
+    kernel_rows: torch.Tensor | None = None  # (rows, 4) slot, first token, tokens, first position: the CPU's kernel
 
 
 @dataclass

@@ -9,6 +9,16 @@
 // lengths[b]. Row b then attends its slot's keys [lengths[b] - window + 1, lengths[b]] (from 0 without a window). Scores, softmax and the weighted sum of values stay in fp32 (the flash
 // kernel of scaled_dot_product_attention rounds the probabilities to bf16), the output is rounded to bf16 once.
 //
+// prefill_attention: a prefill's tokens, rows of prompts (or chunks of prompts after positions their slots already
+// hold) packed one after another. q: (N, kv_heads, group, D), k_new, v_new: (N, kv_heads, D), cos, sin: (N, D);
+// rows: (R, 4) int64, each row's slot, first token, tokens and first position. Each row's new keys (rotated as in
+// decode_attention) and values are written into its slot, then each of its queries (rotated) attends the slot's
+// keys [position - window + 1, position]. Where the CPU has AVX512-BF16 the keys are packed 16 to a block with
+// their element pairs interleaved, so that one bf16 dot product gives 16 keys' partial scores and a query's
+// scores need no sums across lanes; the values are widened to fp32 once per row and head, and the probabilities
+// stay in fp32. A query's output depends only on its own query and its slot's keys, so a prompt prefilled whole
+// or in chunks gets the same bits.
+//
 // silu_mul: a gated MLP's silu(gate) * up in one pass, with torch's roundings (silu computed in fp32 as
 // g / (1 + exp(-g)) and rounded to bf16, then the product rounded); gate and up may be column slices of one
 // fused product.
@@ -482,12 +492,326 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------ prefill_attention
+
+struct PrefillJob {
+  const uint16_t *q, *k_new, *v_new, *cos, *sin;
+  uint16_t *k, *v, *out;
+  const int64_t* rows;  // (R, 4): slot, first token, tokens, position of the first token
+  int64_t heads, group, k_row, k_head, v_row, v_head, window;
+  int64_t q_row, k_new_row, v_new_row;
+  float scale;
+  uint16_t* packed;            // each (row, KV head)'s keys, 16 to a block, key pairs interleaved (AVX512 only)
+  float* values;               // each (row, KV head)'s values in fp32
+  const int64_t* space;        // each row's first key in the two above (multiples of 16)
+};
+
+constexpr int64_t kBlock = 16;    // keys to a packed block: one register of fp32 scores
+constexpr int64_t kPrefillChunk = 16;  // queries to a work item
+
+inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+// Row r's new keys and values rotated and written into its slot at its positions, then its KV head h's keys
+// (every cached position up to its last) packed for the dot products and its values widened to fp32.
+template <int D, bool kPack>
+__attribute__((always_inline)) inline void stage_one(const PrefillJob& job, int64_t item) {
+  const int64_t r = item / job.heads, h = item % job.heads;
+  const int64_t* row = job.rows + 4 * r;
+  const int64_t slot = row[0], first = row[1], n = row[2], offset = row[3];
+  uint16_t* k_head = job.k + slot * job.k_row + h * job.k_head;
+  uint16_t* v_head = job.v + slot * job.v_row + h * job.v_head;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = first + i;
+    rotate<D>(job.k_new + t * job.k_new_row + h * D, job.cos + t * D, job.sin + t * D, k_head + (offset + i) * D);
+    std::memcpy(v_head + (offset + i) * D, job.v_new + t * job.v_new_row + h * D, D * sizeof(uint16_t));
+  }
+  const int64_t keys = offset + n, capacity = round_up(keys, kBlock);
+  const int64_t base = (job.space[r] * job.heads + h * capacity) * D;
+  float* values = job.values + base;
+  for (int64_t j = 0; j < keys; ++j) {
+#pragma omp simd
+    for (int d = 0; d < D; ++d) values[j * D + d] = bf16_to_float(v_head[j * D + d]);
+  }
+  if constexpr (kPack) {
+    // block b, pair p: the 16 keys' elements 2p and 2p + 1, key by key (what one bf16 dot product reads)
+    uint32_t* packed = reinterpret_cast<uint32_t*>(job.packed + base);
+    for (int64_t j = 0; j < capacity; ++j) {
+      uint32_t* lane = packed + (j / kBlock) * (D / 2) * kBlock + j % kBlock;
+      for (int p = 0; p < D / 2; ++p) {
+        uint32_t pair = 0;
+        if (j < keys) std::memcpy(&pair, k_head + j * D + 2 * p, sizeof pair);
+        lane[p * kBlock] = pair;
+      }
+    }
+  }
+}
+
+#ifdef PEDRO_X86
+// scores[j] = (q . key j) * scale for the keys of blocks [0, blocks) of `packed`, four blocks at a time
+template <int D>
+PEDRO_AVX512 inline void prefill_scores_avx512(const uint16_t* q, const uint16_t* packed, int64_t blocks,
+                                               float scale, float* scores) {
+  constexpr int P = D / 2;
+  uint32_t pairs[P];
+  std::memcpy(pairs, q, sizeof pairs);
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t b = 0;
+  for (; b + 4 <= blocks; b += 4) {
+    const uint16_t* kb = packed + b * P * 32;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int p = 0; p < P; ++p) {
+      const __m512bh qq = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[p]));
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(kb + (0 * P + p) * 32), qq);
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(kb + (1 * P + p) * 32), qq);
+      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(kb + (2 * P + p) * 32), qq);
+      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(kb + (3 * P + p) * 32), qq);
+    }
+    _mm512_storeu_ps(scores + b * 16, _mm512_mul_ps(a0, s));
+    _mm512_storeu_ps(scores + b * 16 + 16, _mm512_mul_ps(a1, s));
+    _mm512_storeu_ps(scores + b * 16 + 32, _mm512_mul_ps(a2, s));
+    _mm512_storeu_ps(scores + b * 16 + 48, _mm512_mul_ps(a3, s));
+  }
+  for (; b < blocks; ++b) {
+    const uint16_t* kb = packed + b * P * 32;
+    __m512 a = _mm512_setzero_ps();
+    for (int p = 0; p < P; ++p)
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kb + p * 32),
+                           (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[p])));
+    _mm512_storeu_ps(scores + b * 16, _mm512_mul_ps(a, s));
+  }
+}
+
+// out[g] += sum_j probs[g][j] * values[j], G heads at a time, 64 elements of the head at a time
+template <int D, int G>
+PEDRO_AVX512 inline void prefill_values_avx512(const float* const* probs, const float* values, int64_t n,
+                                               float* const* acc) {
+  for (int d0 = 0; d0 < D; d0 += 64) {
+    __m512 a[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) a[g][i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const float* row = values + j * D + d0;
+      const __m512 v0 = _mm512_loadu_ps(row), v1 = _mm512_loadu_ps(row + 16), v2 = _mm512_loadu_ps(row + 32),
+                   v3 = _mm512_loadu_ps(row + 48);
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(probs[g][j]);
+        a[g][0] = _mm512_fmadd_ps(p, v0, a[g][0]);
+        a[g][1] = _mm512_fmadd_ps(p, v1, a[g][1]);
+        a[g][2] = _mm512_fmadd_ps(p, v2, a[g][2]);
+        a[g][3] = _mm512_fmadd_ps(p, v3, a[g][3]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc[g] + d0 + 16 * i, a[g][i]);
+  }
+}
+#endif
+
+// Queries [c * kPrefillChunk, ...) of row r's KV head h: each token's `group` query heads rotated, then each
+// attends keys [position - window + 1, position] (from 0 without a window) of the slot, probabilities in fp32.
+template <int D, bool kAvx512>
+__attribute__((always_inline)) inline void prefill_one(const PrefillJob& job, int64_t r, int64_t h, int64_t c,
+                                                       std::vector<float>& scores) {
+  const int64_t* row = job.rows + 4 * r;
+  const int64_t first_token = row[1], n = row[2], offset = row[3];
+  const int64_t group = job.group;
+  const int64_t capacity = round_up(offset + n, kBlock);
+  const int64_t base = (job.space[r] * job.heads + h * capacity) * D;
+  const float* values = job.values + base;
+  const uint16_t* k_head = job.k + row[0] * job.k_row + h * job.k_head;
+  const int64_t end = std::min(n, (c + 1) * kPrefillChunk);
+  for (int64_t i = c * kPrefillChunk; i < end; ++i) {
+    const int64_t t = first_token + i, last = offset + i;
+    const int64_t first = job.window > 0 && last - job.window + 1 > 0 ? last - job.window + 1 : 0;
+    const int64_t keys = last - first + 1;
+    const int64_t b0 = first / kBlock, blocks = last / kBlock - b0 + 1;
+    const int64_t stride = kAvx512 ? blocks * kBlock : keys, skip = kAvx512 ? first - b0 * kBlock : 0;
+    scores.resize(static_cast<size_t>(group * stride));
+    alignas(64) uint16_t q[kMaxGroup * D];
+    const uint16_t* q_in = job.q + t * job.q_row + h * group * D;
+    for (int64_t g = 0; g < group; ++g) rotate<D>(q_in + g * D, job.cos + t * D, job.sin + t * D, q + g * D);
+    for (int64_t g = 0; g < group; ++g) {
+#ifdef PEDRO_X86
+      if constexpr (kAvx512)
+        prefill_scores_avx512<D>(q + g * D, job.packed + base + b0 * kBlock * D, blocks, job.scale,
+                                 scores.data() + g * stride);
+      else
+#endif
+        score_portable<D>(q + g * D, k_head + first * D, keys, 1, job.scale, scores.data() + g * stride);
+    }
+    float* probs[kMaxGroup];
+    float sums[kMaxGroup];
+    for (int64_t g = 0; g < group; ++g) {
+      float* p = scores.data() + g * stride + skip;
+      probs[g] = p;
+      float top = p[0];
+      for (int64_t j = 1; j < keys; ++j) top = p[j] > top ? p[j] : top;
+#pragma omp simd
+      for (int64_t j = 0; j < keys; ++j) p[j] = exp_any(p[j] - top);
+      float total = 0.f;
+      for (int64_t j = 0; j < keys; ++j) total += p[j];
+      sums[g] = total;
+    }
+    alignas(64) float acc[kMaxGroup][D];
+    const float* v = values + first * D;
+#ifdef PEDRO_X86
+    if constexpr (kAvx512) {
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int64_t tile = std::min<int64_t>(4, group - g0);
+        float* out_rows[4] = {acc[g0], nullptr, nullptr, nullptr};
+        for (int64_t x = 1; x < tile; ++x) out_rows[x] = acc[g0 + x];
+        switch (tile) {
+          case 4: prefill_values_avx512<D, 4>(probs + g0, v, keys, out_rows); break;
+          case 3: prefill_values_avx512<D, 3>(probs + g0, v, keys, out_rows); break;
+          case 2: prefill_values_avx512<D, 2>(probs + g0, v, keys, out_rows); break;
+          default: prefill_values_avx512<D, 1>(probs + g0, v, keys, out_rows); break;
+        }
+      }
+    } else
+#endif
+    {
+      for (int64_t g = 0; g < group; ++g)
+        for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
+      for (int64_t j = 0; j < keys; ++j)
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = probs[g][j];
+#pragma omp simd
+          for (int d = 0; d < D; ++d) acc[g][d] += p * v[j * D + d];
+        }
+    }
+    uint16_t* out = job.out + (t * job.heads + h) * group * D;
+    for (int64_t g = 0; g < group; ++g) {
+      const float inv = 1.f / sums[g];
+      for (int d = 0; d < D; ++d) out[g * D + d] = float_to_bf16(acc[g][d] * inv);
+    }
+  }
+}
+
+// Work item i -> (row, KV head, chunk of queries): items are dealt to threads in turn, so that a long prompt's
+// costlier later chunks do not all land on one thread
+struct PrefillItems {
+  std::vector<int64_t> row, head, chunk;
+};
+
+template <int D>
+void stage_portable(const PrefillJob& job, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) stage_one<D, false>(job, i);
+}
+template <int D>
+PEDRO_AVX512 void stage_avx512(const PrefillJob& job, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) stage_one<D, true>(job, i);
+}
+template <int D>
+void prefill_portable(const PrefillJob& job, const PrefillItems& items, int64_t thread, int64_t threads) {
+  std::vector<float> scores;
+  for (size_t i = thread; i < items.row.size(); i += threads)
+    prefill_one<D, false>(job, items.row[i], items.head[i], items.chunk[i], scores);
+}
+template <int D>
+PEDRO_AVX512 void prefill_avx512(const PrefillJob& job, const PrefillItems& items, int64_t thread,
+                                 int64_t threads) {
+  std::vector<float> scores;
+  for (size_t i = thread; i < items.row.size(); i += threads)
+    prefill_one<D, true>(job, items.row[i], items.head[i], items.chunk[i], scores);
+}
+
+template <int D>
+void prefill(const PrefillJob& job, int64_t n_rows) {
+  run_parallel(
+      n_rows * job.heads, 1,
+      [&](int64_t begin, int64_t end) { stage_avx512<D>(job, begin, end); },
+      [&](int64_t begin, int64_t end) { stage_portable<D>(job, begin, end); });
+  PrefillItems items;
+  for (int64_t r = 0; r < n_rows; ++r)
+    for (int64_t h = 0; h < job.heads; ++h)
+      for (int64_t c = 0; c * kPrefillChunk < job.rows[4 * r + 2]; ++c) {
+        items.row.push_back(r);
+        items.head.push_back(h);
+        items.chunk.push_back(c);
+      }
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.row.size()));
+  run_parallel(
+      threads, 1,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) prefill_avx512<D>(job, items, t, threads);
+      },
+      [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) prefill_portable<D>(job, items, t, threads);
+      });
+}
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k, at::Tensor& v,
+                             const at::Tensor& rows, int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q: (N, kv_heads, group, D); k, v: (slots, kv_heads, S, D)");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v, &rows})
+    TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16, "bfloat16 q, keys, values, cos and sin only");
+  const int64_t tokens = q.size(0), heads = q.size(1), group = q.size(2), dim = q.size(3);
+  TORCH_CHECK(q.stride(3) == 1 && q.stride(2) == q.size(3) && q.stride(1) == q.size(2) * q.size(3),
+              "each token of q must be contiguous");
+  TORCH_CHECK(k_new.dim() == 3 && k_new.size(0) == tokens && k_new.size(1) == heads && k_new.size(2) == dim &&
+                  v_new.sizes() == k_new.sizes(),
+              "the new keys and values must be (N, kv_heads, D)");
+  TORCH_CHECK(k_new.stride(2) == 1 && k_new.stride(1) == dim && v_new.stride(2) == 1 && v_new.stride(1) == dim,
+              "each token's new keys and values must be contiguous");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == tokens && cos.size(1) == dim && sin.sizes() == cos.sizes() &&
+                  cos.is_contiguous() && sin.is_contiguous(),
+              "cos and sin must be contiguous (N, D)");
+  TORCH_CHECK(k.size(1) == heads && v.size(1) == heads && k.size(3) == dim && v.size(3) == dim &&
+                  v.size(0) == k.size(0) && v.size(2) == k.size(2),
+              "k and v must be (slots, kv_heads, S, D)");
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == dim && v.stride(3) == 1 && v.stride(2) == dim,
+              "each head's keys and values must be contiguous");
+  TORCH_CHECK(group >= 1 && group <= kMaxGroup, "1 to 16 query heads per KV head");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(1) == 4 && rows.is_contiguous(),
+              "rows must be a contiguous int64 (R, 4) tensor: slot, first token, tokens, first position");
+  const int64_t n_rows = rows.size(0);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  std::vector<int64_t> space(static_cast<size_t>(n_rows));
+  std::vector<int64_t> slots(static_cast<size_t>(n_rows));
+  int64_t total = 0, covered = 0;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const int64_t slot = rp[4 * r], first = rp[4 * r + 1], n = rp[4 * r + 2], offset = rp[4 * r + 3];
+    TORCH_CHECK(slot >= 0 && slot < k.size(0), "a row's slot is outside the cache");
+    TORCH_CHECK(n >= 1 && first == covered, "rows must name q's tokens in order, each row at least one");
+    covered += n;
+    TORCH_CHECK(offset >= 0 && offset + n <= k.size(2), "a row's positions are outside the cache");
+    space[r] = total;
+    slots[r] = slot;
+    total += round_up(offset + n, kBlock);
+  }
+  TORCH_CHECK(covered == tokens, "rows must name q's tokens in order, each row at least one");
+  std::sort(slots.begin(), slots.end());
+  TORCH_CHECK(std::adjacent_find(slots.begin(), slots.end()) == slots.end(), "two rows write the same slot");
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's token stride
+  if (n_rows == 0) return out;
+  const bool pack = cpu_has_avx512_bf16();
+  at::Tensor packed = at::empty({pack ? total * heads * dim : 0}, q.options());
+  at::Tensor values = at::empty({total * heads * dim}, q.options().dtype(at::kFloat));
+  const PrefillJob job{bits(q), bits(k_new), bits(v_new), bits(cos), bits(sin), mutable_bits(k), mutable_bits(v),
+                       mutable_bits(out), rp, heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                       window, q.stride(0), k_new.stride(0), v_new.stride(0), static_cast<float>(scale),
+                       pack ? mutable_bits(packed) : nullptr, values.data_ptr<float>(), space.data()};
+  switch (dim) {
+    case 64: prefill<64>(job, n_rows); break;
+    case 128: prefill<128>(job, n_rows); break;
+    case 256: prefill<256>(job, n_rows); break;
+    default: TORCH_CHECK(false, "head_dim must be 64, 128 or 256");
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(PEDRO_NAMESPACE, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, "
       "Tensor slots, Tensor lengths, int window, float scale) -> Tensor");
+  m.def(
+      "prefill_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, "
+      "Tensor rows, int window, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("scale_rows(Tensor x, Tensor table, Tensor index, Tensor(a!) out) -> ()");
@@ -495,6 +819,7 @@ TORCH_LIBRARY(PEDRO_NAMESPACE, m) {
 
 TORCH_LIBRARY_IMPL(PEDRO_NAMESPACE, CPU, m) {
   m.impl("decode_attention", &decode_attention);
+  m.impl("prefill_attention", &prefill_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("scale_rows", &scale_rows);
