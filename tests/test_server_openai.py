@@ -1,5 +1,6 @@
 """OpenAI API details against a live ``pedro serve`` (the official ``openai`` client where it has a call for them):
-``GET /v1/models/{id}`` (``models.retrieve``) with tenancy, a base model id containing '/', the Authorization
+``GET /v1/models/{id}`` (``models.retrieve``) and ``DELETE /v1/models/{id}`` (``models.delete``) with tenancy, the
+adapter quota (403, not a retried 429), a base model id containing '/', the Authorization
 scheme in any case, no 307 redirects for a stray trailing slash, and which chat messages the chat template can
 render (an assistant's null content) or not (tool results, tool calls)."""
 
@@ -23,7 +24,8 @@ def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("server-openai")
     backbone = make_backbone(root / "backbone")
     adapter = make_adapter(root / "src" / "a0", "pedro", seed=3)
-    server = ServerProcess(write_config(root, backbone, model_name=BASE), root / "server.log").start()
+    config = write_config(root, backbone, model_name=BASE, max_adapters_per_tenant=2)
+    server = ServerProcess(config, root / "server.log").start()
     try:
         assert upload(server.url, TENANTS["alice"], "a0", adapter).status_code == 201
         assert upload(server.url, TENANTS["bob"], "b0", adapter).status_code == 201
@@ -119,6 +121,45 @@ def test_a_trailing_slash_is_an_openai_error_never_a_redirect(live, method, path
 def test_an_adapter_survives_a_delete_without_a_name(live):
     assert httpx.delete(f"{live.url}/v1/adapters/", headers=auth(TENANTS["alice"])).status_code in (404, 405)
     assert client(live, TENANTS["alice"]).models.retrieve("a0").id == "a0"
+
+
+# ---------------------------------------------------------------------------------------- DELETE /v1/models/{id}
+
+
+def test_models_delete_removes_the_callers_adapter_and_nothing_else(live):
+    """``client.models.delete`` on an adapter (a fine-tuned model here): OpenAI's ModelDeleted, the adapter gone
+    from the list and from generation; another tenant's adapter and the base model are refused, untouched."""
+    alice = client(live, TENANTS["alice"])
+    assert upload(live.url, TENANTS["alice"], "short-lived", live.adapter).status_code == 201
+    deleted = alice.models.delete("short-lived")
+    assert (deleted.id, deleted.object, deleted.deleted) == ("short-lived", "model", True)
+    assert [m.id for m in alice.models.list().data] == [BASE, "a0"]
+    with pytest.raises(openai.NotFoundError):
+        alice.completions.create(model="short-lived", prompt="hi", max_tokens=1)
+    for model in ("b0", "bob:b0", "short-lived"):  # another tenant's, named either way, and the one just gone
+        with pytest.raises(openai.NotFoundError) as err:
+            alice.models.delete(model)
+        assert err.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError, match="base model cannot be deleted"):
+        alice.models.delete(BASE)
+    assert client(live, TENANTS["bob"]).models.retrieve("b0").id == "b0"
+
+
+def test_a_tenant_at_its_adapter_limit_is_refused_with_403_until_it_deletes_one(live):
+    """The quota does not clear by waiting, so it is not a 429 (clients retry those on their own)."""
+    alice = client(live, TENANTS["alice"])
+    assert upload(live.url, TENANTS["alice"], "second", live.adapter).status_code == 201  # the limit is 2
+    refused = upload(live.url, TENANTS["alice"], "third", live.adapter)
+    assert refused.status_code == 403, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "adapter_quota" and "limit of 2 adapters" in error["message"]
+    assert "retry-after" not in refused.headers
+    assert upload(live.url, TENANTS["bob"], "b1", live.adapter).status_code == 201  # other tenants are not limited
+    alice.models.delete("second")
+    assert upload(live.url, TENANTS["alice"], "third", live.adapter).status_code == 201
+    alice.models.delete("third")
+    client(live, TENANTS["bob"]).models.delete("b1")
+    assert [m.id for m in alice.models.list().data] == [BASE, "a0"]
 
 
 # ---------------------------------------------------------------------------------------- chat messages

@@ -208,6 +208,13 @@ def create_app(config: ServerConfig, backend: Backend, keys: KeyRing) -> FastAPI
         404 as for a name that does not exist."""
         return card(who, adapters.resolve(who, model))
 
+    @app.delete("/v1/models/{model:path}")
+    async def delete_model(model: str, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """``client.models.delete``: a fine-tuned model here is an adapter, so this deletes one of the caller's
+        adapters (the admin: ``tenant:name``), as ``DELETE /v1/adapters/{name}`` does."""
+        record = await adapters.delete(who, model, param="model")
+        return {"id": adapters.display_name(who, record), "object": "model", "deleted": True}
+
     # ---------------------------------------------------------------------------------------- generation
 
     def sampling_of(body: Union[CompletionRequest, ChatCompletionRequest], logprobs: Optional[int]) -> SamplingParams:

@@ -88,7 +88,7 @@ class ServerConfig(BaseModel):
     max_request_bytes: int = Field(
         2**20, ge=1, description="Largest request body other than an adapter upload (413 above, before it is parsed)."
     )
-    max_adapters_per_tenant: int = Field(256, ge=1, description="Registered adapters per tenant (429 above).")
+    max_adapters_per_tenant: int = Field(256, ge=1, description="Registered adapters per tenant (403 above).")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

@@ -123,9 +123,11 @@ class TenantAdapters:
                     409, f"adapter {name!r} already exists; delete it first", code="adapter_exists", param="name"
                 )
             if len(self.registry.records(owner)) >= self.config.max_adapters_per_tenant:
+                # 403, not 429: waiting never frees a slot, and clients retry a 429 on their own
                 raise APIError(
-                    429,
-                    f"tenant {owner!r} has reached its limit of {self.config.max_adapters_per_tenant} adapters",
+                    403,
+                    f"tenant {owner!r} has reached its limit of {self.config.max_adapters_per_tenant} adapters; "
+                    "delete one to register another",
                     code="adapter_quota",
                 )
             info = await self.backend.check(staged)
@@ -163,15 +165,16 @@ class TenantAdapters:
                 )
             shutil.copyfile(path, staged / file)
 
-    async def delete(self, principal: Principal, ref: str) -> AdapterRecord:
+    async def delete(self, principal: Principal, ref: str, param: str = "name") -> AdapterRecord:
+        """Remove the adapter ``ref`` names; errors name ``param``, the path's field that named it."""
         async with self._lock:
             try:
                 record = self.resolve(principal, ref)
             except APIError as err:  # the name at fault is the path's, not a request's model
-                err.param = "name"
+                err.param = param
                 raise
             if record is None:
-                raise APIError(400, "the base model cannot be deleted", param="name")
+                raise APIError(400, "the base model cannot be deleted", param=param)
             if self.unavailable.pop(record.engine_name, None) is None:
                 try:
                     await self.backend.remove_adapter(record.engine_name)
