@@ -134,6 +134,9 @@ def test_small_pedro_and_ia3_scales_in_the_bf16_engine_are_exact(tmp_path, monke
 
     monkeypatch.setattr(engine_runner._Context, "scale", recording)
     engine = Engine(tiny_model("llama").to(torch.bfloat16), max_batch=4, max_seq_len=32)
+    # every scaling through _Context.scale, where this test sees it: the kernels that fuse some of them into the
+    # ops that read the outputs give its numbers bit for bit (test_cpu_kernels.py)
+    engine.runner.kernel_points = frozenset()
     engine.add_adapter("p", str(tmp_path / "p"))
     engine.add_adapter("i", str(tmp_path / "i"))
     sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)

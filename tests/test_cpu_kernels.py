@@ -301,6 +301,76 @@ def test_the_prefill_kernel_reads_column_slices_and_refuses_what_it_cannot_compu
 
 
 @pytest.mark.parametrize("portable", [False, True])
+def test_the_kernels_scale_q_v_and_up_as_they_read_them_exactly_as_scale_rows_first(portable):
+    """PEDRO's scaling fused into the kernels that read the scaled outputs: the same bits as scale_rows applied
+    first and the kernels run on its outputs (decode and prefill attention, the gated activation)."""
+    ops = cpu_kernels.kernels(portable)
+    g = torch.Generator().manual_seed(9)
+
+    def tables(rows: int, width: int) -> torch.Tensor:
+        return torch.randn(rows, width, generator=g).mul_(0.05).to(torch.bfloat16)
+
+    def scaled(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        out = torch.empty_like(flat)
+        ops.scale_rows(flat, table, index, out)
+        return out.view(x.shape)
+
+    # decode: 6 rows, each its own table row
+    q, k, v, lengths = case(64, 3, seed=10)
+    rows = torch.arange(len(q))
+    k_new, v_new = k[rows, :, lengths].contiguous(), v[rows, :, lengths].contiguous()
+    cos, sin = identity_rope(q)
+    zq, zv, index = tables(9, 2 * 3 * 64), tables(9, 2 * 64), torch.tensor([4, 0, 8, 1, 1, 3])
+    fused_k, fused_v = k.clone(), v.clone()
+    fused = ops.decode_attention(
+        q, k_new, v_new, cos, sin, fused_k, fused_v, rows, lengths, 0, 0.125, q_scale=zq, v_scale=zv, scale_index=index
+    )
+    first = ops.decode_attention(
+        scaled(q, zq, index), k_new, scaled(v_new, zv, index), cos, sin, k, v, rows, lengths, 0, 0.125
+    )
+    assert torch.equal(fused, first) and torch.equal(fused_k, k) and torch.equal(fused_v, v)
+    # prefill: every token its row's table row
+    q, k_new, v_new, cos, sin, k, v, prefill_rows = prefill_case(64, 3, 3, seed=11)
+    zq, zv = tables(7, 3 * 3 * 64), tables(7, 3 * 64)
+    index = torch.cat([torch.full((n,), slot) for slot, _, n, _ in prefill_rows.tolist()])
+    fused_k, fused_v = k.clone(), v.clone()
+    fused = ops.prefill_attention(
+        q, k_new, v_new, cos, sin, fused_k, fused_v, prefill_rows, 0, 0.125, q_scale=zq, v_scale=zv, scale_index=index
+    )
+    first = ops.prefill_attention(
+        scaled(q, zq, index), k_new, scaled(v_new, zv, index), cos, sin, k, v, prefill_rows, 0, 0.125
+    )
+    assert torch.equal(fused, first) and torch.equal(fused_k, k) and torch.equal(fused_v, v)
+    # the gated activation, up a column slice of a fused product
+    fused_product = torch.randn(20, 2 * 96, generator=g).mul_(4).to(torch.bfloat16)
+    gate, up = fused_product[:, :96], fused_product[:, 96:]
+    zu, index = tables(5, 96), torch.randint(0, 5, (20,), generator=g)
+    assert torch.equal(ops.silu_mul(gate, up, zu, index), ops.silu_mul(gate, scaled(up, zu, index)))
+    with pytest.raises(RuntimeError, match="outside the tables"):
+        ops.silu_mul(gate, up, zu, index + 5)
+    with pytest.raises(RuntimeError, match="scale_index"):
+        ops.silu_mul(gate, up, zu, None)
+    with pytest.raises(RuntimeError, match="up_scale must be"):
+        ops.silu_mul(gate, up, zu[:, :90].contiguous(), index)
+    with pytest.raises(RuntimeError, match="v_scale must be"):
+        ops.prefill_attention(
+            q,
+            k_new,
+            v_new,
+            cos,
+            sin,
+            k,
+            v,
+            prefill_rows,
+            0,
+            0.125,
+            v_scale=zq,
+            scale_index=torch.zeros(len(q), dtype=torch.long),
+        )
+
+
+@pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])  # LLaMA's form, Gemma's form, q/k norms
 def test_the_norm_kernel_is_each_norm_within_one_bf16_step(family, portable):
     model = tiny_model(family, hidden_size=576).to(torch.bfloat16)
@@ -463,25 +533,52 @@ def test_without_the_kernel_the_engine_attends_with_sdpa(monkeypatch):
     assert Engine(sharp("llama"), max_batch=2, max_seq_len=64).runner.attention_kernel is None
 
 
-def test_pedro_rows_scaled_by_the_kernel_get_exactly_addcmuls_tokens(tmp_path):
-    """Two PEDRO tenants and a bare row in one bf16 batch, prefill and decode, scaled by the row-scaling kernel
+@pytest.mark.parametrize(
+    "family, fused",
+    [
+        ("llama", {("out", "q"), ("out", "v"), ("out", "up")}),
+        ("gemma3", {("out", "v")}),  # q goes through a norm before attention, up through GELU: scale_rows for them
+    ],
+)
+def test_pedro_rows_scaled_by_the_kernels_get_exactly_addcmuls_tokens(tmp_path, monkeypatch, family, fused):
+    """Two PEDRO tenants and a bare row in one bf16 batch, prefill and decode, scaled by the kernels (q and v by
+    the attention kernels as they read them, up by the gated activation's, the rest by the row-scaling kernel)
     and by torch's addcmul: the same tokens and log-probabilities, bit for bit."""
+    mixed = []
+    run = ModelRunner.run
+
+    def recorded(self, tokens, batch):
+        mixed.append(tokens is not None and batch is not None)
+        return run(self, tokens, batch)
+
+    monkeypatch.setattr(ModelRunner, "run", recorded)
     for seed in (1, 2):
-        peft_model = pedro.get_pedro_model(tiny_model("llama", head_dim=64), pedro.PedroConfig(r=4))
+        peft_model = pedro.get_pedro_model(tiny_model(family, head_dim=64), pedro.PedroConfig(r=4))
         randomize(peft_model, seed=seed, scale=0.5)
         peft_model.save_pretrained(str(tmp_path / f"p{seed}"))
     outs = []
     for kernel in (True, False):
-        engine = Engine(sharp("llama"), max_batch=4, max_seq_len=64)
-        assert engine.runner.scale_kernel is not None
+        # a budget of 4 prompt tokens a step: the bare row's 9-token prompt, arriving while the PEDRO rows decode,
+        # runs in chunks in their decode forwards (one forward, two parts: the kernels' table rows for both)
+        engine = Engine(sharp(family), max_batch=4, max_seq_len=64, max_prefill_tokens=4)
+        assert engine.runner.scale_kernel is not None and engine.runner.kernel_points == fused
         if not kernel:
             engine.runner.scale_kernel = None  # the contexts then scale with addcmul, as without kernels
         for seed in (1, 2):
             engine.add_adapter(f"p{seed}", str(tmp_path / f"p{seed}"))
         sampling = SamplingParams(max_new_tokens=10, ignore_eos=True, logprobs=0)
         requests = [
-            Request([3 + i, 9, 14, 5, 8][: 3 + i], adapter=a, sampling=sampling)
-            for i, a in enumerate(["p1", "p2", None])
+            Request([3 + i, 9, 14, 5, 8][: 3 + i], adapter=a, sampling=sampling) for i, a in enumerate(["p1", "p2"])
         ]
-        outs.append([(o.token_ids, [x.logprob for x in o.logprobs]) for o in engine.generate(requests)])
+        requests.append(Request([7, 3, 9, 12, 4, 8, 5, 11, 6], sampling=sampling))
+        finished = {}
+        for step in range(100):
+            for r in requests[:2] if step == 0 else requests[2:] if step == 2 else ():
+                engine.add_request(r)
+            finished.update({o.request_id: o for o in engine.step() if o.finished})
+        assert len(finished) == 3 and any(mixed)
+        mixed.clear()
+        outs.append(
+            [(o.token_ids, [x.logprob for x in o.logprobs]) for o in (finished[r.request_id] for r in requests)]
+        )
     assert outs[0] == outs[1]

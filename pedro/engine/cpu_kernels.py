@@ -43,7 +43,8 @@ MAX_GROUP = 16  # query heads per KV head
 DecodeAttention = Callable[..., torch.Tensor]
 # (q, k_new, v_new, cos, sin, k_cache, v_cache, rows, window, scale) -> out; the cache written in place
 PrefillAttention = Callable[..., torch.Tensor]
-GatedActivation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate, up) -> act(gate) * up
+# (gate, up) -> act(gate) * up; the kernel's also (gate, up, up_scale, scale_index): up scaled as scale_rows does
+GatedActivation = Callable[..., torch.Tensor]
 RowScale = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (x, table, index, out)
 
 
@@ -59,9 +60,12 @@ def kernels(portable: bool = False) -> Optional[Any]:
     window: attend the last ``window`` keys (0: all). ``prefill_attention(q, k_new, v_new, cos, sin, k, v, rows,
     window, scale) -> out``: the same for a prefill's N packed tokens (q (N, kv_heads, group, head_dim), cos, sin
     (N, head_dim)), ``rows`` (R, 4) int64 naming each prompt's (or chunk's) slot, first token, tokens and first
-    position; each token attends its slot up to its own position. ``rms_norm(x, weight, eps) -> out``: weight bf16 for
-    LLaMA's form, fp32 ``1 + weight`` for Gemma's (``compat.rms_norm_form``). ``silu_mul(gate, up) -> out``:
-    ``silu(gate) * up`` for (rows, width) inputs whose rows are contiguous. ``scale_rows(x, table, index, out)``:
+    position; each token attends its slot up to its own position. Both take ``q_scale``, ``v_scale`` (per-row
+    tables of PEDRO's z for the q and v projections' outputs, (table rows, width)) and ``scale_index`` (each row's
+    or token's table row): q and v scaled as ``scale_rows`` would, as the kernel reads them. ``rms_norm(x, weight,
+    eps) -> out``: weight bf16 for LLaMA's form, fp32 ``1 + weight`` for Gemma's (``compat.rms_norm_form``).
+    ``silu_mul(gate, up, up_scale=None, scale_index=None) -> out``: ``silu(gate) * up`` for (rows, width) inputs
+    whose rows are contiguous, up first scaled by its table where given. ``scale_rows(x, table, index, out)``:
     ``out[n] = x[n] + x[n] * table[index[n]]``, addcmul's numbers (out may be x).
     ``portable``: the plain loops even where the CPU has AVX512-BF16 (what other CPUs run: their test)."""
     namespace = "pedro_portable" if portable else "pedro"

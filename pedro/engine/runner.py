@@ -42,7 +42,7 @@ from pedro.engine import cpu_kernels
 from pedro.engine.adapters import ModelSpec, PedroWeights
 from pedro.engine.device import upload
 from pedro.engine.kv_cache import KVCache
-from pedro.engine.rows import RowAdapters
+from pedro.engine.rows import Point, RowAdapters
 from pedro.engine.sampling import ranked
 from pedro.engine.vectors import PedroBatch, batch_rows, generate_vectors
 
@@ -243,8 +243,8 @@ class ModelRunner:
         heads: int = config.num_attention_heads
         self.group = heads // self.n_kv
         act = mlp_activation(layers[0].mlp)
-        kernel_gate = cpu_kernels.silu_mul(act) if kernels else None
-        self.gated: cpu_kernels.GatedActivation = kernel_gate or (lambda g, u: act(g) * u)
+        self.gate_kernel = cpu_kernels.silu_mul(act) if kernels else None
+        self.gated: cpu_kernels.GatedActivation = self.gate_kernel or (lambda g, u: act(g) * u)
         check_rotary(self.rotary_emb, family.layer_types)
         self.ropes = list(dict.fromkeys(layer.rope for layer in self.layers))
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
@@ -263,6 +263,16 @@ class ModelRunner:
         self.scale_kernel = cpu_kernels.scale_rows() if kernels else None
         self.attention_kernel = cpu_kernels.decode_attention() if attention else None
         self.prefill_kernel = cpu_kernels.prefill_attention() if attention else None
+        # PEDRO's scaling of q and v applied by the attention kernels as they read them, of up by the gated
+        # activation's: no pass of its own over those outputs (90 calls a decode step on SmolLM2). Not q where
+        # a norm comes between the projection and the kernel (q/k norms)
+        self.kernel_points: frozenset[Point] = frozenset()
+        if self.scale_kernel is not None:
+            attended = [("out", "v")] + ([("out", "q")] if all(x.qk_norms is None for x in self.layers) else [])
+            self.kernel_points = frozenset(
+                (attended if self.attention_kernel is not None else [])
+                + ([("out", "up")] if self.gate_kernel is not None else [])
+            )
         # each linear layer's product (and the LM head's), packed for a decode step's rows where that pays; with
         # ``fuse``, q/k/v and gate/up one GEMM each, their own products kept for a step that scales their inputs
         # apart (the engine fuses on an accelerator, in bf16 on a CPU and in fp32 on its oneDNN path: docs/engine.md)
@@ -292,7 +302,9 @@ class ModelRunner:
             ropes[kind] = cos[0], rope_sin(sin[0])
         return ropes
 
-    def _linear(self, layer: int, module: str, x: torch.Tensor, parts: "_Parts") -> torch.Tensor:
+    def _linear(
+        self, layer: int, module: str, x: torch.Tensor, parts: "_Parts", later: "_Later | None" = None
+    ) -> torch.Tensor:
         """One GEMM over every row of the forward; each part's adapters then act on its own rows."""
         point = ("in", module)
         if any(point in ctx.points for _, ctx in parts):
@@ -303,56 +315,68 @@ class ModelRunner:
                 else:
                     scaled[rows] = x[rows]
             x = scaled
-        return self._adapt(layer, module, x, self.gemms[layer][module](x), parts)
+        return self._adapt(layer, module, x, self.gemms[layer][module](x), parts, later)
 
-    def _adapt(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor, parts: "_Parts") -> torch.Tensor:
+    def _adapt(
+        self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor, parts: "_Parts", later: "_Later | None" = None
+    ) -> torch.Tensor:
         """``module``'s product ``y`` of ``x``, each part's LoRA deltas and output scales applied to its rows, in
-        place (y is this forward's own tensor, or its own column slice of a fused product)."""
+        place (y is this forward's own tensor, or its own column slice of a fused product); the scales of the
+        points in ``later`` are left to the kernel that reads y next."""
         whole = len(parts) == 1  # one part: its rows are all of y, used without a view per op
         for rows, ctx in parts:
             x_rows, y_rows = (x, y) if whole else (x[rows], y[rows])
             if module in ctx.lora:
                 y_rows += ctx.lora_delta(layer, module, x_rows)
-            if ("out", module) in ctx.points:
+            if ("out", module) in ctx.points and (later is None or ("out", module) not in later.points):
                 ctx.scale(layer, ("out", module), y_rows)
         return y
 
     def _projections(
-        self, layer: int, modules: tuple[str, ...], x: torch.Tensor, parts: "_Parts"
+        self, layer: int, modules: tuple[str, ...], x: torch.Tensor, parts: "_Parts", later: "_Later | None" = None
     ) -> list[torch.Tensor]:
         """The products of ``modules``, which read the same input ``x``: one fused GEMM, each module's output its
         column slice, unless a part scales one of their inputs (then each module's own GEMM of its own input)."""
         fused = self.fused[layer].get(modules)
         if fused is None or any(("in", m) in ctx.points for m in modules for _, ctx in parts):
-            return [self._linear(layer, m, x, parts) for m in modules]
+            return [self._linear(layer, m, x, parts, later) for m in modules]
         y = fused.gemm(x)
-        return [self._adapt(layer, m, x, y[:, start:end], parts) for m, start, end in fused.slices]
+        return [self._adapt(layer, m, x, y[:, start:end], parts, later) for m, start, end in fused.slices]
 
-    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: "_Parts") -> torch.Tensor:
+    def _attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: "_Parts", later: "_Later | None"
+    ) -> torch.Tensor:
         outs = []
         for rows, ctx in parts:
+            scales = later.attention(layer, ctx) if later is not None else {}
             if isinstance(ctx.step, _Prefill):
-                outs.append(self._attend_prefill(layer, q[rows], k[rows], v[rows], ctx.rope, ctx.step))
+                outs.append(self._attend_prefill(layer, q[rows], k[rows], v[rows], ctx.rope, ctx.step, scales))
             else:
-                outs.append(self._attend_decode(layer, q[rows], k[rows], v[rows], ctx.rope, ctx.step))
+                outs.append(self._attend_decode(layer, q[rows], k[rows], v[rows], ctx.rope, ctx.step, scales))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _forward(self, x: torch.Tensor, parts: "_Parts", layers: range) -> torch.Tensor:
         """The hidden states ``x`` entering the first of ``layers`` -> those leaving the last. ``parts``: which
         rows of ``x`` are a decode step's and which a prefill's, each with its context; every linear layer reads
         the weights once for all of them."""
+        later = _Later.of(self.kernel_points, parts)
         for i in layers:
             layer = self.layers[i]
             normed = layer.input_norm(x)
             for rows, ctx in parts:
                 if isinstance(ctx.step, _Prefill):
                     self._run_generators(i, x[rows], normed[rows], ctx.step)
-            q, k, v = self._projections(i, ("q", "k", "v"), normed, parts)
-            a = self._linear(i, "o", self._attend(i, q, k, v, parts), parts)
+            q, k, v = self._projections(i, ("q", "k", "v"), normed, parts, later)
+            a = self._linear(i, "o", self._attend(i, q, k, v, parts, later), parts)
             x = x + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
             h = layer.mlp_in_norm(x)
-            gate, up = self._projections(i, ("gate", "up"), h, parts)
-            m = self._linear(i, "down", self.gated(gate, up), parts)
+            gate, up = self._projections(i, ("gate", "up"), h, parts, later)
+            if later is not None and ("out", "up") in later.points:
+                assert self.gate_kernel is not None, "up's scaling is left only to the gate kernel"
+                act = self.gate_kernel(gate, up, *later.table(i, ("out", "up")))
+            else:
+                act = self.gated(gate, up)
+            m = self._linear(i, "down", act, parts)
             x = x + (m if layer.mlp_out_norm is None else layer.mlp_out_norm(m))
         return x
 
@@ -571,7 +595,14 @@ class ModelRunner:
         return PromptScores(*(torch.cat(p) for p in zip(*parts)))
 
     def _attend_prefill(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: _Ropes, prefill: "_Prefill"
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: _Ropes,
+        prefill: "_Prefill",
+        scales: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         parts = self.layers[layer]
         cos, sin = rope[parts.rope]
@@ -593,6 +624,7 @@ class ModelRunner:
                 prefill.kernel_rows,
                 parts.window or 0,
                 self.scaling,
+                **scales,
             )
             return out.view(q.shape[0], -1)
         q = q.view(-1, self.n_kv * self.group, self.head_dim).transpose(0, 1)  # (H, N, hd)
@@ -679,7 +711,14 @@ class ModelRunner:
         return _Context(self.rows, range(batch), decode, self._rope(lengths), self.scale_kernel)
 
     def _attend_decode(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: _Ropes, decode: "_Decode"
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: _Ropes,
+        decode: "_Decode",
+        scales: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         batch = q.shape[0]
         parts = self.layers[layer]
@@ -704,6 +743,7 @@ class ModelRunner:
                 decode.positions,
                 parts.window or 0,
                 self.scaling,
+                **scales,
             )
             return out.reshape(batch, -1)
         q = apply_rope(q, cos[:, None, None], sin[:, None, None])
@@ -749,6 +789,41 @@ class _Prefill:
     padded: "_Padded | None" = None  # there, a prefill of two or more whole prompts: attention as one batch
     slot_index: torch.Tensor | None = None  # each token's slot, for the CPU's row-scaling kernel
     kernel_rows: torch.Tensor | None = None  # (rows, 4) slot, first token, tokens, first position: the CPU's kernel
+
+
+@dataclass
+class _Later:
+    """The scale points a forward's kernels apply as they read the outputs they scale (``ModelRunner.
+    kernel_points`` that are live), and each row's table row: decode rows their own, prefill tokens their slot's,
+    in the forward's row order."""
+
+    points: frozenset[Point]
+    rows: RowAdapters
+    index: torch.Tensor
+
+    @staticmethod
+    def of(kernel_points: frozenset[Point], parts: "_Parts") -> "_Later | None":
+        ctx = parts[0][1]  # every context of a forward has the same live points and kernels
+        points = kernel_points & ctx.points
+        if not points or ctx.scale_kernel is None:
+            return None
+        indices = [ctx.table_index for _, ctx in parts]
+        return _Later(points, parts[0][1].rows, indices[0] if len(indices) == 1 else torch.cat(indices))
+
+    def table(self, layer: int, point: Point) -> tuple[torch.Tensor, torch.Tensor]:
+        """``point``'s table at ``layer`` and each row's index into it."""
+        return self.rows.scales[point][layer], self.index
+
+    def attention(self, layer: int, ctx: "_Context") -> dict[str, torch.Tensor]:
+        """The attention kernel's scale arguments for one part of the forward (its own rows' indices)."""
+        scales = {
+            name: self.rows.scales[point][layer]
+            for name, point in (("q_scale", ("out", "q")), ("v_scale", ("out", "v")))
+            if point in self.points
+        }
+        if scales:
+            scales["scale_index"] = ctx.table_index
+        return scales
 
 
 @dataclass
@@ -800,6 +875,13 @@ class _Context:
             else {}
         )
 
+    @property
+    def table_index(self) -> torch.Tensor:
+        """Each row's row of the scale tables, for the kernels (made with the context when they are on)."""
+        index = self.row_index if isinstance(self.step, _Decode) else self.step.slot_index
+        assert index is not None, "made with the context when the kernels are on"
+        return index
+
     def scale(self, layer: int, point: tuple[str, str], x: torch.Tensor, out: torch.Tensor | None = None) -> None:
         """``out`` (default: ``x`` itself, in place) = ``x`` scaled by each row's 1 + z at ``point``, as
         x + x * z in one kernel (pedro.layer.apply_scale: exact in bf16 for small z, where 1 + z would not be).
@@ -809,12 +891,10 @@ class _Context:
         (``token_index``) that gather, since there each per-segment op is a kernel launch. The same numbers
         either way."""
         if self.scale_kernel is not None:  # one call: decode rows read their own rows of the step's table view
-            if isinstance(self.step, _Decode):
-                table, index = self.decode_tables[point][layer], self.row_index
-            else:
-                table, index = self.rows.scales[point][layer], self.step.slot_index
-            assert index is not None, "made with the context when the kernel is on"
-            self.scale_kernel(x, table, index, x if out is None else out)
+            table = (
+                self.decode_tables[point][layer] if isinstance(self.step, _Decode) else self.rows.scales[point][layer]
+            )
+            self.scale_kernel(x, table, self.table_index, x if out is None else out)
             return
         if isinstance(self.step, _Decode):
             table = self.decode_tables[point][layer]

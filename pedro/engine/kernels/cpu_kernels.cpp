@@ -42,6 +42,8 @@
 #include <algorithm>
 #include <initializer_list>
 #include <cstring>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__) && !defined(PEDRO_PORTABLE)  // PEDRO_PORTABLE: the plain loops only, for their test
@@ -126,12 +128,69 @@ inline uint16_t rope_bf16(uint16_t x, uint16_t partner, uint16_t cos, uint16_t s
 }
 
 template <int D>
-inline void rotate(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* out) {
+__attribute__((always_inline)) inline void rotate(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* out) {
   constexpr int half = D / 2;
 #pragma omp simd
   for (int d = 0; d < half; ++d) out[d] = rope_bf16(x[d], x[d + half], cos[d], sin[d]);
 #pragma omp simd
   for (int d = half; d < D; ++d) out[d] = rope_bf16(x[d], x[d - half], cos[d], sin[d]);
+}
+
+// PEDRO's scaling of one element, x + x * z in fp32 rounded to bf16 once (scale_rows: torch's addcmul's numbers)
+__attribute__((always_inline)) inline uint16_t scaled(uint16_t x, uint16_t z) {
+  const float h = bf16_to_float(x);
+  return float_to_bf16(h + h * bf16_to_float(z));
+}
+
+// A head's elements scaled by z into `buffer` (returned), or x itself where there is no z
+template <int D>
+__attribute__((always_inline)) inline const uint16_t* scale_head(const uint16_t* x, const uint16_t* z,
+                                                                 uint16_t* buffer) {
+  if (z == nullptr) return x;
+#pragma omp simd
+  for (int d = 0; d < D; ++d) buffer[d] = scaled(x[d], z[d]);
+  return buffer;
+}
+
+// Per-row scale tables the attention kernels apply to the queries and values they read (PEDRO's scaling of the
+// q and v projections' outputs, fused into the pass that reads them): row (or token) n reads table row index[n].
+struct Scales {
+  const uint16_t *q = nullptr, *v = nullptr;  // (table rows, heads * group * D), (table rows, kv_heads * D)
+  int64_t q_row = 0, v_row = 0;
+  const int64_t* index = nullptr;
+  const uint16_t* q_of(int64_t n, int64_t h, int64_t group, int64_t dim) const {
+    return q == nullptr ? nullptr : q + index[n] * q_row + h * group * dim;
+  }
+  const uint16_t* v_of(int64_t n, int64_t h, int64_t dim) const {
+    return v == nullptr ? nullptr : v + index[n] * v_row + h * dim;
+  }
+};
+
+// Checks the optional tables against `rows` rows (or tokens) of q_width and v_width elements
+Scales scales_of(const std::optional<at::Tensor>& q_scale, const std::optional<at::Tensor>& v_scale,
+                 const std::optional<at::Tensor>& index, int64_t rows, int64_t q_width, int64_t v_width,
+                 const char* q_name = "q_scale") {
+  Scales scales;
+  if (!q_scale.has_value() && !v_scale.has_value()) return scales;
+  TORCH_CHECK(index.has_value() && index->scalar_type() == at::kLong && index->dim() == 1 &&
+                  index->size(0) == rows && index->is_contiguous() && index->device().is_cpu(),
+              "scale_index must be a contiguous int64 tensor of one table row per query row");
+  scales.index = index->data_ptr<int64_t>();
+  int64_t table_rows = -1;
+  for (auto [table, width, name] : {std::make_tuple(&q_scale, q_width, q_name), std::make_tuple(&v_scale, v_width, "v_scale")}) {
+    if (!table->has_value()) continue;
+    const at::Tensor& t = **table;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 && t.size(1) == width &&
+                    t.stride(1) == 1,
+                name, " must be a bfloat16 (table rows, width) table with contiguous rows, as wide as its heads");
+    TORCH_CHECK(table_rows < 0 || t.size(0) == table_rows, "the scale tables must have the same rows");
+    table_rows = t.size(0);
+  }
+  for (int64_t n = 0; n < rows; ++n)
+    TORCH_CHECK(scales.index[n] >= 0 && scales.index[n] < table_rows, "a scale_index is outside the tables");
+  if (q_scale.has_value()) scales.q = bits(*q_scale), scales.q_row = q_scale->stride(0);
+  if (v_scale.has_value()) scales.v = bits(*v_scale), scales.v_row = v_scale->stride(0);
+  return scales;
 }
 
 // Runs fast(begin, end) over [0, items) in parallel where the CPU has AVX512-BF16, portable(begin, end) elsewhere.
@@ -150,6 +209,7 @@ struct Job {
   int64_t heads, group, k_row, k_head, v_row, v_head, window;
   int64_t q_row, k_new_row, v_new_row;  // the rows' strides (each row's heads contiguous)
   float scale;
+  Scales scales;
 };
 
 #ifdef PEDRO_X86
@@ -200,7 +260,7 @@ PEDRO_AVX512 inline void score_avx512(const uint16_t* q, const uint16_t* k, cons
 #endif
 
 template <int D>
-inline void score_portable(const uint16_t* q, const uint16_t* k, int64_t n, int group, float scale, float* scores) {
+__attribute__((always_inline)) inline void score_portable(const uint16_t* q, const uint16_t* k, int64_t n, int group, float scale, float* scores) {
   float qf[kMaxGroup][D];
   for (int g = 0; g < group; ++g)
     for (int d = 0; d < D; ++d) qf[g][d] = bf16_to_float(q[g * D + d]);
@@ -226,11 +286,16 @@ __attribute__((always_inline)) inline void attend_one(const Job& job, int64_t it
   const int64_t n = last - first + 1;
   uint16_t q[kMaxGroup * D];
   const uint16_t* q_in = job.q + b * job.q_row + h * group * D;
-  for (int64_t g = 0; g < group; ++g) rotate<D>(q_in + g * D, job.cos + b * D, job.sin + b * D, q + g * D);
+  const uint16_t* z_q = job.scales.q_of(b, h, group, D);
+  uint16_t buffer[D];
+  for (int64_t g = 0; g < group; ++g)
+    rotate<D>(scale_head<D>(q_in + g * D, z_q == nullptr ? nullptr : z_q + g * D, buffer), job.cos + b * D,
+              job.sin + b * D, q + g * D);
   uint16_t* k_head = job.k + job.slots[b] * job.k_row + h * job.k_head;
   uint16_t* v_head = job.v + job.slots[b] * job.v_row + h * job.v_head;
   rotate<D>(job.k_new + b * job.k_new_row + h * D, job.cos + b * D, job.sin + b * D, k_head + last * D);
-  std::memcpy(v_head + last * D, job.v_new + b * job.v_new_row + h * D, D * sizeof(uint16_t));
+  std::memcpy(v_head + last * D, scale_head<D>(job.v_new + b * job.v_new_row + h * D, job.scales.v_of(b, h, D), buffer),
+              D * sizeof(uint16_t));
   const uint16_t* k = k_head + first * D;
   const uint16_t* v = v_head + first * D;
   scores.resize(static_cast<size_t>(group * n));
@@ -294,7 +359,9 @@ void attend(const Job& job, int64_t items) {
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k, at::Tensor& v,
-                            const at::Tensor& slots, const at::Tensor& lengths, int64_t window, double scale) {
+                            const at::Tensor& slots, const at::Tensor& lengths, int64_t window, double scale,
+                            const std::optional<at::Tensor>& q_scale, const std::optional<at::Tensor>& v_scale,
+                            const std::optional<at::Tensor>& scale_index) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q: (B, kv_heads, group, D); k, v: (slots, kv_heads, S, D)");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v, &slots, &lengths})
     TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
@@ -331,7 +398,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's row stride
   const Job job{bits(q), bits(k_new), bits(v_new), bits(cos), bits(sin), mutable_bits(k), mutable_bits(v), mutable_bits(out), sp, lp,
                 heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1), window,
-                q.stride(0), k_new.stride(0), v_new.stride(0), static_cast<float>(scale)};
+                q.stride(0), k_new.stride(0), v_new.stride(0), static_cast<float>(scale),
+                scales_of(q_scale, v_scale, scale_index, batch, heads * group * dim, heads * dim)};
   switch (dim) {
     case 64: attend<64>(job, batch * heads); break;
     case 128: attend<128>(job, batch * heads); break;
@@ -347,6 +415,9 @@ struct GateJob {
   const uint16_t *gate, *up;
   uint16_t* out;
   int64_t width, gate_row, up_row;
+  const uint16_t* z = nullptr;  // PEDRO's scaling of up (row n: table row index[n]), or none
+  int64_t z_row = 0;
+  const int64_t* index = nullptr;
 };
 
 __attribute__((always_inline)) inline void gate_rows(const GateJob& job, int64_t begin, int64_t end) {
@@ -354,11 +425,21 @@ __attribute__((always_inline)) inline void gate_rows(const GateJob& job, int64_t
     const uint16_t* g = job.gate + row * job.gate_row;
     const uint16_t* u = job.up + row * job.up_row;
     uint16_t* out = job.out + row * job.width;
+    if (job.z == nullptr) {
 #pragma omp simd
-    for (int64_t i = 0; i < job.width; ++i) {
-      const float x = bf16_to_float(g[i]);
-      const float act = bf16_to_float(float_to_bf16(x / (1.f + exp_any(-x))));
-      out[i] = float_to_bf16(act * bf16_to_float(u[i]));
+      for (int64_t i = 0; i < job.width; ++i) {
+        const float x = bf16_to_float(g[i]);
+        const float act = bf16_to_float(float_to_bf16(x / (1.f + exp_any(-x))));
+        out[i] = float_to_bf16(act * bf16_to_float(u[i]));
+      }
+    } else {  // up scaled first, as the up projection's output is where PEDRO scales it
+      const uint16_t* z = job.z + job.index[row] * job.z_row;
+#pragma omp simd
+      for (int64_t i = 0; i < job.width; ++i) {
+        const float x = bf16_to_float(g[i]);
+        const float act = bf16_to_float(float_to_bf16(x / (1.f + exp_any(-x))));
+        out[i] = float_to_bf16(act * bf16_to_float(scaled(u[i], z[i])));
+      }
     }
   }
 }
@@ -367,7 +448,8 @@ void gate_portable(const GateJob& job, int64_t begin, int64_t end) { gate_rows(j
 
 PEDRO_AVX512 void gate_avx512(const GateJob& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
 
-at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& up_scale,
+                    const std::optional<at::Tensor>& scale_index) {
   TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(gate.scalar_type() == at::kBFloat16 && up.scalar_type() == at::kBFloat16, "bfloat16 gate and up only");
   TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes(), "gate and up must be (rows, width), the same shape");
@@ -375,8 +457,9 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   const int64_t rows = gate.size(0), width = gate.size(1);
   at::Tensor out = at::empty({rows, width}, gate.options());
   if (out.numel() == 0) return out;
+  const Scales scales = scales_of(up_scale, std::nullopt, scale_index, rows, width, 0, "up_scale");
   const GateJob job{bits(gate), bits(up), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), width,
-                    gate.stride(0), up.stride(0)};
+                    gate.stride(0), up.stride(0), scales.q, scales.q_row, scales.index};
   run_parallel(
       rows, std::max<int64_t>(1, 16384 / width),
       [&](int64_t begin, int64_t end) { gate_avx512(job, begin, end); },
@@ -399,10 +482,7 @@ __attribute__((always_inline)) inline void scale_range(const ScaleJob& job, int6
     const uint16_t* z = job.table + job.index[row] * job.table_row;
     uint16_t* out = job.out + row * job.out_row;
 #pragma omp simd
-    for (int64_t i = 0; i < job.width; ++i) {
-      const float h = bf16_to_float(x[i]);
-      out[i] = float_to_bf16(h + h * bf16_to_float(z[i]));
-    }
+    for (int64_t i = 0; i < job.width; ++i) out[i] = scaled(x[i], z[i]);
   }
 }
 
@@ -504,6 +584,7 @@ struct PrefillJob {
   uint16_t* packed;            // each (row, KV head)'s keys, 16 to a block, key pairs interleaved (AVX512 only)
   float* values;               // each (row, KV head)'s values in fp32
   const int64_t* space;        // each row's first key in the two above (multiples of 16)
+  Scales scales;
 };
 
 constexpr int64_t kBlock = 16;    // keys to a packed block: one register of fp32 scores
@@ -520,10 +601,13 @@ __attribute__((always_inline)) inline void stage_one(const PrefillJob& job, int6
   const int64_t slot = row[0], first = row[1], n = row[2], offset = row[3];
   uint16_t* k_head = job.k + slot * job.k_row + h * job.k_head;
   uint16_t* v_head = job.v + slot * job.v_row + h * job.v_head;
+  uint16_t buffer[D];
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t = first + i;
     rotate<D>(job.k_new + t * job.k_new_row + h * D, job.cos + t * D, job.sin + t * D, k_head + (offset + i) * D);
-    std::memcpy(v_head + (offset + i) * D, job.v_new + t * job.v_new_row + h * D, D * sizeof(uint16_t));
+    std::memcpy(v_head + (offset + i) * D,
+                scale_head<D>(job.v_new + t * job.v_new_row + h * D, job.scales.v_of(t, h, D), buffer),
+                D * sizeof(uint16_t));
   }
   const int64_t keys = offset + n, capacity = round_up(keys, kBlock);
   const int64_t base = (job.space[r] * job.heads + h * capacity) * D;
@@ -629,7 +713,11 @@ __attribute__((always_inline)) inline void prefill_one(const PrefillJob& job, in
     scores.resize(static_cast<size_t>(group * stride));
     alignas(64) uint16_t q[kMaxGroup * D];
     const uint16_t* q_in = job.q + t * job.q_row + h * group * D;
-    for (int64_t g = 0; g < group; ++g) rotate<D>(q_in + g * D, job.cos + t * D, job.sin + t * D, q + g * D);
+    const uint16_t* z_q = job.scales.q_of(t, h, group, D);
+    uint16_t buffer[D];
+    for (int64_t g = 0; g < group; ++g)
+      rotate<D>(scale_head<D>(q_in + g * D, z_q == nullptr ? nullptr : z_q + g * D, buffer), job.cos + t * D,
+                job.sin + t * D, q + g * D);
     for (int64_t g = 0; g < group; ++g) {
 #ifdef PEDRO_X86
       if constexpr (kAvx512)
@@ -742,7 +830,9 @@ void prefill(const PrefillJob& job, int64_t n_rows) {
 
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                              const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k, at::Tensor& v,
-                             const at::Tensor& rows, int64_t window, double scale) {
+                             const at::Tensor& rows, int64_t window, double scale,
+                             const std::optional<at::Tensor>& q_scale, const std::optional<at::Tensor>& v_scale,
+                             const std::optional<at::Tensor>& scale_index) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q: (N, kv_heads, group, D); k, v: (slots, kv_heads, S, D)");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v, &rows})
     TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
@@ -793,7 +883,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_new, const
   const PrefillJob job{bits(q), bits(k_new), bits(v_new), bits(cos), bits(sin), mutable_bits(k), mutable_bits(v),
                        mutable_bits(out), rp, heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                        window, q.stride(0), k_new.stride(0), v_new.stride(0), static_cast<float>(scale),
-                       pack ? mutable_bits(packed) : nullptr, values.data_ptr<float>(), space.data()};
+                       pack ? mutable_bits(packed) : nullptr, values.data_ptr<float>(), space.data(),
+                       scales_of(q_scale, v_scale, scale_index, tokens, heads * group * dim, heads * dim)};
   switch (dim) {
     case 64: prefill<64>(job, n_rows); break;
     case 128: prefill<128>(job, n_rows); break;
@@ -808,12 +899,14 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_new, const
 TORCH_LIBRARY(PEDRO_NAMESPACE, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, "
-      "Tensor slots, Tensor lengths, int window, float scale) -> Tensor");
+      "Tensor slots, Tensor lengths, int window, float scale, Tensor? q_scale=None, Tensor? v_scale=None, "
+      "Tensor? scale_index=None) -> Tensor");
   m.def(
       "prefill_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, "
-      "Tensor rows, int window, float scale) -> Tensor");
+      "Tensor rows, int window, float scale, Tensor? q_scale=None, Tensor? v_scale=None, "
+      "Tensor? scale_index=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("silu_mul(Tensor gate, Tensor up, Tensor? up_scale=None, Tensor? scale_index=None) -> Tensor");
   m.def("scale_rows(Tensor x, Tensor table, Tensor index, Tensor(a!) out) -> ()");
 }
 
