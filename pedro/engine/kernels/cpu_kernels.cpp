@@ -16,7 +16,8 @@
 // keys [position - window + 1, position]. Where the CPU has AVX512-BF16 the keys are packed 16 to a block with
 // their element pairs interleaved, so that one bf16 dot product gives 16 keys' partial scores and a query's
 // scores need no sums across lanes; the values are widened to fp32 once per row and head, and the probabilities
-// stay in fp32. A query's output depends only on its own query and its slot's keys, so a prompt prefilled whole
+// stay in fp32. Four tokens' queries (times the group's heads) are computed together, each block of keys and
+// each value loaded once for up to 8 and 6 of them. A query's output depends only on its own query and its slot's keys, so a prompt prefilled whole
 // or in chunks gets the same bits.
 //
 // silu_mul: a gated MLP's silu(gate) * up in one pass, with torch's roundings (silu computed in fp32 as
@@ -631,68 +632,121 @@ __attribute__((always_inline)) inline void stage_one(const PrefillJob& job, int6
 }
 
 #ifdef PEDRO_X86
-// scores[j] = (q . key j) * scale for the keys of blocks [0, blocks) of `packed`, four blocks at a time
-template <int D>
-PEDRO_AVX512 inline void prefill_scores_avx512(const uint16_t* q, const uint16_t* packed, int64_t blocks,
-                                               float scale, float* scores) {
+// scores[r][j] = (q[r] . key j) * scale for NR query rows and the keys of blocks [0, blocks) of `packed`: each
+// block of keys is loaded once for all the rows
+template <int D, int NR>
+PEDRO_AVX512 inline void prefill_scores_avx512(const uint16_t* const* q, const uint16_t* packed, int64_t blocks,
+                                               float scale, float* const* scores) {
   constexpr int P = D / 2;
-  uint32_t pairs[P];
-  std::memcpy(pairs, q, sizeof pairs);
   const __m512 s = _mm512_set1_ps(scale);
-  int64_t b = 0;
-  for (; b + 4 <= blocks; b += 4) {
+  for (int64_t b = 0; b < blocks; ++b) {
     const uint16_t* kb = packed + b * P * 32;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m512 a[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) a[r] = _mm512_setzero_ps();
     for (int p = 0; p < P; ++p) {
-      const __m512bh qq = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[p]));
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(kb + (0 * P + p) * 32), qq);
-      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(kb + (1 * P + p) * 32), qq);
-      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(kb + (2 * P + p) * 32), qq);
-      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(kb + (3 * P + p) * 32), qq);
+      const __m512bh k = (__m512bh)_mm512_loadu_si512(kb + p * 32);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        int pair;
+        std::memcpy(&pair, q[r] + 2 * p, sizeof pair);
+        a[r] = _mm512_dpbf16_ps(a[r], k, (__m512bh)_mm512_set1_epi32(pair));
+      }
     }
-    _mm512_storeu_ps(scores + b * 16, _mm512_mul_ps(a0, s));
-    _mm512_storeu_ps(scores + b * 16 + 16, _mm512_mul_ps(a1, s));
-    _mm512_storeu_ps(scores + b * 16 + 32, _mm512_mul_ps(a2, s));
-    _mm512_storeu_ps(scores + b * 16 + 48, _mm512_mul_ps(a3, s));
-  }
-  for (; b < blocks; ++b) {
-    const uint16_t* kb = packed + b * P * 32;
-    __m512 a = _mm512_setzero_ps();
-    for (int p = 0; p < P; ++p)
-      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kb + p * 32),
-                           (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[p])));
-    _mm512_storeu_ps(scores + b * 16, _mm512_mul_ps(a, s));
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) _mm512_storeu_ps(scores[r] + b * 16, _mm512_mul_ps(a[r], s));
   }
 }
 
-// out[g] += sum_j probs[g][j] * values[j], G heads at a time, 64 elements of the head at a time
-template <int D, int G>
-PEDRO_AVX512 inline void prefill_values_avx512(const float* const* probs, const float* values, int64_t n,
-                                               float* const* acc) {
+// acc[r] = sum over j in [lo[r], hi[r]] of probs[r][j] * values[j], for NR rows, 64 elements of a head at a time,
+// each row's sum in ascending j: the keys all rows attend are loaded once for all of them
+template <int D, int NR>
+PEDRO_AVX512 inline void prefill_values_avx512(const float* const* probs, const int64_t* lo, const int64_t* hi,
+                                               const float* values, float* const* acc) {
+  int64_t shared_lo = lo[0], shared_hi = hi[0];
+  for (int r = 1; r < NR; ++r) shared_lo = std::max(shared_lo, lo[r]), shared_hi = std::min(shared_hi, hi[r]);
+  if (shared_lo > shared_hi) {  // no key every row attends (windows apart): one row at a time
+    if constexpr (NR > 1)
+      for (int r = 0; r < NR; ++r) prefill_values_avx512<D, 1>(probs + r, lo + r, hi + r, values, acc + r);
+    return;
+  }
   for (int d0 = 0; d0 < D; d0 += 64) {
-    __m512 a[G][4];
-    for (int g = 0; g < G; ++g)
-      for (int i = 0; i < 4; ++i) a[g][i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
+    __m512 a[NR][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < 4; ++i) a[r][i] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+      for (int64_t j = lo[r]; j < shared_lo; ++j) {
+        const __m512 p = _mm512_set1_ps(probs[r][j]);
+        for (int i = 0; i < 4; ++i) a[r][i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + j * D + d0 + 16 * i), a[r][i]);
+      }
+    for (int64_t j = shared_lo; j <= shared_hi; ++j) {
       const float* row = values + j * D + d0;
       const __m512 v0 = _mm512_loadu_ps(row), v1 = _mm512_loadu_ps(row + 16), v2 = _mm512_loadu_ps(row + 32),
                    v3 = _mm512_loadu_ps(row + 48);
-      for (int g = 0; g < G; ++g) {
-        const __m512 p = _mm512_set1_ps(probs[g][j]);
-        a[g][0] = _mm512_fmadd_ps(p, v0, a[g][0]);
-        a[g][1] = _mm512_fmadd_ps(p, v1, a[g][1]);
-        a[g][2] = _mm512_fmadd_ps(p, v2, a[g][2]);
-        a[g][3] = _mm512_fmadd_ps(p, v3, a[g][3]);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        const __m512 p = _mm512_set1_ps(probs[r][j]);
+        a[r][0] = _mm512_fmadd_ps(p, v0, a[r][0]);
+        a[r][1] = _mm512_fmadd_ps(p, v1, a[r][1]);
+        a[r][2] = _mm512_fmadd_ps(p, v2, a[r][2]);
+        a[r][3] = _mm512_fmadd_ps(p, v3, a[r][3]);
       }
     }
-    for (int g = 0; g < G; ++g)
-      for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc[g] + d0 + 16 * i, a[g][i]);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+      for (int64_t j = shared_hi + 1; j <= hi[r]; ++j) {
+        const __m512 p = _mm512_set1_ps(probs[r][j]);
+        for (int i = 0; i < 4; ++i) a[r][i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + j * D + d0 + 16 * i), a[r][i]);
+      }
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc[r] + d0 + 16 * i, a[r][i]);
+  }
+}
+
+// The two above over `rows` query rows, in tiles of 8 rows (scores) and 6 (values: 24 accumulators)
+template <int D>
+PEDRO_AVX512 inline void prefill_scores_tiles(int64_t rows, const uint16_t* const* q, const uint16_t* packed,
+                                              int64_t blocks, float scale, float* const* scores) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    const uint16_t* const* qr = q + r0;
+    float* const* sr = scores + r0;
+    switch (std::min<int64_t>(8, rows - r0)) {
+      case 8: prefill_scores_avx512<D, 8>(qr, packed, blocks, scale, sr); break;
+      case 7: prefill_scores_avx512<D, 7>(qr, packed, blocks, scale, sr); break;
+      case 6: prefill_scores_avx512<D, 6>(qr, packed, blocks, scale, sr); break;
+      case 5: prefill_scores_avx512<D, 5>(qr, packed, blocks, scale, sr); break;
+      case 4: prefill_scores_avx512<D, 4>(qr, packed, blocks, scale, sr); break;
+      case 3: prefill_scores_avx512<D, 3>(qr, packed, blocks, scale, sr); break;
+      case 2: prefill_scores_avx512<D, 2>(qr, packed, blocks, scale, sr); break;
+      default: prefill_scores_avx512<D, 1>(qr, packed, blocks, scale, sr); break;
+    }
+  }
+}
+
+template <int D>
+PEDRO_AVX512 inline void prefill_values_tiles(int64_t rows, const float* const* probs, const int64_t* lo,
+                                              const int64_t* hi, const float* values, float* const* acc) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 6) {
+    switch (std::min<int64_t>(6, rows - r0)) {
+      case 6: prefill_values_avx512<D, 6>(probs + r0, lo + r0, hi + r0, values, acc + r0); break;
+      case 5: prefill_values_avx512<D, 5>(probs + r0, lo + r0, hi + r0, values, acc + r0); break;
+      case 4: prefill_values_avx512<D, 4>(probs + r0, lo + r0, hi + r0, values, acc + r0); break;
+      case 3: prefill_values_avx512<D, 3>(probs + r0, lo + r0, hi + r0, values, acc + r0); break;
+      case 2: prefill_values_avx512<D, 2>(probs + r0, lo + r0, hi + r0, values, acc + r0); break;
+      default: prefill_values_avx512<D, 1>(probs + r0, lo + r0, hi + r0, values, acc + r0); break;
+    }
   }
 }
 #endif
 
-// Queries [c * kPrefillChunk, ...) of row r's KV head h: each token's `group` query heads rotated, then each
-// attends keys [position - window + 1, position] (from 0 without a window) of the slot, probabilities in fp32.
+constexpr int64_t kPrefillTokens = 4;  // queries computed together (times the group's heads: rows)
+
+// Queries [c * kPrefillChunk, ...) of row r's KV head h, kPrefillTokens tokens at a time: each token's `group`
+// query heads rotated (and scaled), then each attends keys [position - window + 1, position] (from 0 without a
+// window) of the slot, probabilities in fp32. A query's numbers do not depend on the tokens it is computed with.
 template <int D, bool kAvx512>
 __attribute__((always_inline)) inline void prefill_one(const PrefillJob& job, int64_t r, int64_t h, int64_t c,
                                                        std::vector<float>& scores) {
@@ -701,76 +755,81 @@ __attribute__((always_inline)) inline void prefill_one(const PrefillJob& job, in
   const int64_t group = job.group;
   const int64_t capacity = round_up(offset + n, kBlock);
   const int64_t base = (job.space[r] * job.heads + h * capacity) * D;
-  const float* values = job.values + base;
   const uint16_t* k_head = job.k + row[0] * job.k_row + h * job.k_head;
   const int64_t end = std::min(n, (c + 1) * kPrefillChunk);
-  for (int64_t i = c * kPrefillChunk; i < end; ++i) {
-    const int64_t t = first_token + i, last = offset + i;
-    const int64_t first = job.window > 0 && last - job.window + 1 > 0 ? last - job.window + 1 : 0;
-    const int64_t keys = last - first + 1;
-    const int64_t b0 = first / kBlock, blocks = last / kBlock - b0 + 1;
-    const int64_t stride = kAvx512 ? blocks * kBlock : keys, skip = kAvx512 ? first - b0 * kBlock : 0;
-    scores.resize(static_cast<size_t>(group * stride));
-    alignas(64) uint16_t q[kMaxGroup * D];
-    const uint16_t* q_in = job.q + t * job.q_row + h * group * D;
-    const uint16_t* z_q = job.scales.q_of(t, h, group, D);
+  constexpr int64_t kRows = kPrefillTokens * kMaxGroup;
+  alignas(64) uint16_t q[kRows * D];
+  alignas(64) float acc[kRows][D];
+  const uint16_t* q_rows[kRows];
+  float* score_rows[kRows];
+  float* acc_rows[kRows];
+  int64_t lo[kRows], hi[kRows];
+  float sums[kRows];
+  for (int64_t i0 = c * kPrefillChunk; i0 < end; i0 += kPrefillTokens) {
+    const int64_t tokens = std::min(kPrefillTokens, end - i0), rows = tokens * group;
+    const int64_t first = job.window > 0 && offset + i0 - job.window + 1 > 0 ? offset + i0 - job.window + 1 : 0;
+    const int64_t last = offset + i0 + tokens - 1;  // the keys any of these queries attends: [first, last]
+    const int64_t b0 = first / kBlock, blocks = last / kBlock - b0 + 1, stride = blocks * kBlock;
+    const int64_t key0 = b0 * kBlock;  // scores and probabilities from this key on
+    scores.resize(static_cast<size_t>(rows * stride));
     uint16_t buffer[D];
-    for (int64_t g = 0; g < group; ++g)
-      rotate<D>(scale_head<D>(q_in + g * D, z_q == nullptr ? nullptr : z_q + g * D, buffer), job.cos + t * D,
-                job.sin + t * D, q + g * D);
-    for (int64_t g = 0; g < group; ++g) {
-#ifdef PEDRO_X86
-      if constexpr (kAvx512)
-        prefill_scores_avx512<D>(q + g * D, job.packed + base + b0 * kBlock * D, blocks, job.scale,
-                                 scores.data() + g * stride);
-      else
-#endif
-        score_portable<D>(q + g * D, k_head + first * D, keys, 1, job.scale, scores.data() + g * stride);
+    for (int64_t tk = 0; tk < tokens; ++tk) {
+      const int64_t t = first_token + i0 + tk, position = offset + i0 + tk;
+      const int64_t own_first = job.window > 0 && position - job.window + 1 > 0 ? position - job.window + 1 : 0;
+      const uint16_t* q_in = job.q + t * job.q_row + h * group * D;
+      const uint16_t* z_q = job.scales.q_of(t, h, group, D);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t x = tk * group + g;
+        rotate<D>(scale_head<D>(q_in + g * D, z_q == nullptr ? nullptr : z_q + g * D, buffer), job.cos + t * D,
+                  job.sin + t * D, q + x * D);
+        q_rows[x] = q + x * D;
+        score_rows[x] = scores.data() + x * stride;
+        acc_rows[x] = acc[x];
+        lo[x] = own_first - key0;
+        hi[x] = position - key0;
+      }
     }
-    float* probs[kMaxGroup];
-    float sums[kMaxGroup];
-    for (int64_t g = 0; g < group; ++g) {
-      float* p = scores.data() + g * stride + skip;
-      probs[g] = p;
-      float top = p[0];
-      for (int64_t j = 1; j < keys; ++j) top = p[j] > top ? p[j] : top;
-#pragma omp simd
-      for (int64_t j = 0; j < keys; ++j) p[j] = exp_any(p[j] - top);
-      float total = 0.f;
-      for (int64_t j = 0; j < keys; ++j) total += p[j];
-      sums[g] = total;
-    }
-    alignas(64) float acc[kMaxGroup][D];
-    const float* v = values + first * D;
 #ifdef PEDRO_X86
     if constexpr (kAvx512) {
-      for (int64_t g0 = 0; g0 < group; g0 += 4) {
-        const int64_t tile = std::min<int64_t>(4, group - g0);
-        float* out_rows[4] = {acc[g0], nullptr, nullptr, nullptr};
-        for (int64_t x = 1; x < tile; ++x) out_rows[x] = acc[g0 + x];
-        switch (tile) {
-          case 4: prefill_values_avx512<D, 4>(probs + g0, v, keys, out_rows); break;
-          case 3: prefill_values_avx512<D, 3>(probs + g0, v, keys, out_rows); break;
-          case 2: prefill_values_avx512<D, 2>(probs + g0, v, keys, out_rows); break;
-          default: prefill_values_avx512<D, 1>(probs + g0, v, keys, out_rows); break;
-        }
-      }
+      const uint16_t* packed = job.packed + base + key0 * D;
+      prefill_scores_tiles<D>(rows, q_rows, packed, blocks, job.scale, score_rows);
     } else
 #endif
     {
-      for (int64_t g = 0; g < group; ++g)
-        for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
-      for (int64_t j = 0; j < keys; ++j)
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = probs[g][j];
-#pragma omp simd
-          for (int d = 0; d < D; ++d) acc[g][d] += p * v[j * D + d];
-        }
+      for (int64_t x = 0; x < rows; ++x)
+        score_portable<D>(q_rows[x], k_head + (key0 + lo[x]) * D, hi[x] - lo[x] + 1, 1, job.scale, score_rows[x] + lo[x]);
     }
-    uint16_t* out = job.out + (t * job.heads + h) * group * D;
-    for (int64_t g = 0; g < group; ++g) {
-      const float inv = 1.f / sums[g];
-      for (int d = 0; d < D; ++d) out[g * D + d] = float_to_bf16(acc[g][d] * inv);
+    for (int64_t x = 0; x < rows; ++x) {
+      float* p = score_rows[x];
+      float top = p[lo[x]];
+      for (int64_t j = lo[x] + 1; j <= hi[x]; ++j) top = p[j] > top ? p[j] : top;
+#pragma omp simd
+      for (int64_t j = lo[x]; j <= hi[x]; ++j) p[j] = exp_any(p[j] - top);
+      float total = 0.f;
+      for (int64_t j = lo[x]; j <= hi[x]; ++j) total += p[j];
+      sums[x] = total;
+    }
+    const float* values = job.values + base + key0 * D;
+#ifdef PEDRO_X86
+    if constexpr (kAvx512) {
+      prefill_values_tiles<D>(rows, score_rows, lo, hi, values, acc_rows);
+    } else
+#endif
+    {
+      for (int64_t x = 0; x < rows; ++x) {
+        for (int d = 0; d < D; ++d) acc[x][d] = 0.f;
+        for (int64_t j = lo[x]; j <= hi[x]; ++j) {
+          const float p = score_rows[x][j];
+#pragma omp simd
+          for (int d = 0; d < D; ++d) acc[x][d] += p * values[j * D + d];
+        }
+      }
+    }
+    for (int64_t x = 0; x < rows; ++x) {
+      const int64_t t = first_token + i0 + x / group, g = x % group;
+      uint16_t* out = job.out + ((t * job.heads + h) * group + g) * D;
+      const float inv = 1.f / sums[x];
+      for (int d = 0; d < D; ++d) out[d] = float_to_bf16(acc[x][d] * inv);
     }
   }
 }
