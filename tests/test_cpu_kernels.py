@@ -521,6 +521,38 @@ def test_a_bf16_prompt_prefilled_in_chunks_gets_the_whole_prefills_tokens_bit_fo
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_bf16_pedro_prompt_split_inside_its_layers_gets_the_whole_prefills_numbers(family, tmp_path, monkeypatch):
+    """A 30-token PEDRO prompt in runs of 15 token-layers (half a layer each) while another row decodes: each
+    layer's vectors from the whole prompt, its positions in two steps, the second half attending the first
+    half's cached keys (across gemma3's 16-key window) -- the same tokens and log-probabilities, bit for bit."""
+    peft_model = pedro.get_pedro_model(tiny_model(family, head_dim=64), pedro.PedroConfig(r=4))
+    randomize(peft_model, seed=3, scale=0.5)
+    peft_model.save_pretrained(str(tmp_path / "p"))
+    runs: list[tuple[int, int]] = []
+    prefill_layers = ModelRunner.prefill_layers
+
+    def recorded(self, state, end):
+        runs.append((state.done * len(state.prompt) + state.position, end))
+        return prefill_layers(self, state, end)
+
+    monkeypatch.setattr(ModelRunner, "prefill_layers", recorded)
+    prompt = [3 + (7 * i) % 50 for i in range(30)]
+    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=0)
+    outs = []
+    for budget in (5, 256):
+        engine = Engine(sharp(family), max_batch=2, max_seq_len=64, max_prefill_tokens=budget)
+        engine.add_adapter("p", str(tmp_path / "p"))
+        engine.add_request(Request([9, 4, 6], sampling=SamplingParams(max_new_tokens=40, ignore_eos=True)))
+        while not engine.num_running:
+            engine.step()
+        runs.clear()
+        [out] = engine.generate([Request(prompt, adapter="p", sampling=greedy)])
+        assert runs == ([(a, a + 15) for a in range(0, 90, 15)] if budget == 5 else [])
+        outs.append((out.token_ids, [x.logprob for x in out.logprobs]))
+    assert outs[0] == outs[1]
+
+
 def test_without_the_kernel_the_engine_attends_with_sdpa(monkeypatch):
     tokens = {}
     for kernel in (True, False):

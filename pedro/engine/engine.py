@@ -102,7 +102,7 @@ class Engine:
     ``tokenizer``; without one, prompts must be token ids and stop strings are unavailable).
     ``max_batch`` running rows at most, each with ``max_seq_len`` tokens of KV cache; while rows decode, each step
     prefills at most ``max_prefill_tokens`` prompt tokens' worth of work (a token through every layer), a longer prompt
-    being split over steps -- by position, or by layers for a PEDRO row (scheduler.py) -- so that decoding rows
+    being split over steps -- by position, or layer by layer for a PEDRO row (scheduler.py) -- so that decoding rows
     keep getting tokens while it is admitted; ``adapter_capacity`` adapters are resident
     at once (the rest stay on disk / CPU and are loaded on demand, least recently used evicted);
     ``max_waiting`` bounds the queue of requests waiting for a free row (beyond it add_request raises QueueFull);
@@ -394,7 +394,7 @@ class Engine:
         seed = request.sampling.seed if request.sampling.seed is not None else int(torch.randint(2**62, ()))
         track = self.tokenizer is not None and (track_text or bool(request.sampling.stop))
         seq = Sequence(request, ids, torch.Generator(self.device).manual_seed(seed), track_text=track)
-        # a PEDRO layer's generator and a prompt's scores need all of its positions at once: split by layers
+        # a PEDRO layer's generator and a prompt's scores need all of its positions: split layer by layer
         seq.whole_prompt = request.sampling.prompt_logprobs is not None or (
             request.adapter is not None and self.adapters.get(request.adapter).kind == "pedro"
         )

@@ -146,16 +146,19 @@ class PrefillBatch:
 
 @dataclass
 class LayeredPrefill:
-    """A prompt prefilled a range of layers at a time, across engine steps (``ModelRunner.prefill_layers``):
-    all of its tokens through layers [done, end) per call, the hidden states entering layer ``done`` kept in
-    between. A PEDRO layer's vectors need the whole prompt's states at that layer, so such a prompt cannot be
-    split by position; split by layers, it still bounds the time one step spends on it."""
+    """A prompt prefilled layer by layer across engine steps (``ModelRunner.prefill_layers``), each step's piece
+    a run of token-layers: layers ``done``, ``done`` + 1, ... in turn, within a layer its positions in order. A
+    PEDRO layer's vectors need the whole prompt's states entering that layer, so a layer's positions can only
+    start once the layer before has all of them; split this way, the prompt still bounds the time one step
+    spends on it."""
 
     slot: int
     prompt: list[int]
     prompt_logprobs: int | None = None
-    done: int = 0
-    hidden: torch.Tensor | None = None
+    done: int = 0  # layers every position has been through
+    position: int = 0  # positions of layer ``done`` run so far
+    hidden: torch.Tensor | None = None  # the states entering layer ``done``, every position
+    next_hidden: torch.Tensor | None = None  # those leaving it, positions [0, position)
     scores: PromptScores | None = None
 
 
@@ -355,16 +358,17 @@ class ModelRunner:
                 outs.append(self._attend_decode(layer, q[rows], k[rows], v[rows], ctx.rope, ctx.step, scales))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _forward(self, x: torch.Tensor, parts: "_Parts", layers: range) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, parts: "_Parts", layers: range, generators: bool = True) -> torch.Tensor:
         """The hidden states ``x`` entering the first of ``layers`` -> those leaving the last. ``parts``: which
         rows of ``x`` are a decode step's and which a prefill's, each with its context; every linear layer reads
-        the weights once for all of them."""
+        the weights once for all of them. ``generators``: a prefill's PEDRO generators pool its rows' states at
+        each layer (False: their vectors were written already, from the whole prompt)."""
         later = _Later.of(self.kernel_points, parts)
         for i in layers:
             layer = self.layers[i]
             normed = layer.input_norm(x)
             for rows, ctx in parts:
-                if isinstance(ctx.step, _Prefill):
+                if generators and isinstance(ctx.step, _Prefill):
                     self._run_generators(i, x[rows], normed[rows], ctx.step)
             q, k, v = self._projections(i, ("q", "k", "v"), normed, parts, later)
             a = self._linear(i, "o", self._attend(i, q, k, v, parts, later), parts)
@@ -558,21 +562,42 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_layers(self, state: LayeredPrefill, end: int) -> torch.Tensor | None:
-        """Run ``state``'s whole prompt through layers [state.done, end), filling those layers of its cache slot
-        -> None, or at the last layer the logits after its last token (1, vocab) (and ``state.scores`` when it
-        asks for prompt logprobs)."""
-        ctx, tokens, _ = self._prefill_context([state.slot], [state.prompt], [0])
-        if state.done == 0:
-            x = self.embed_tokens(tokens)
-        else:
-            assert state.hidden is not None  # kept by the call that ran layers [0, done)
-            x = state.hidden
-        x = self._forward(x, [(slice(0, None), ctx)], range(state.done, end))
-        state.done, state.hidden = end, None
-        self.cache.lengths[state.slot] = len(state.prompt)  # filled in layers < end: what moving the slot copies
-        if end < len(self.layers):
-            state.hidden = x
+        """Run ``state``'s prompt on to ``end`` token-layers (layer-major: layer l's tokens [a, b) are token-layers
+        l * n + a to l * n + b for an n-token prompt), filling those layers and positions of its cache slot:
+        whole layers with the whole prompt in one forward, the positions of a layer a piece starts or ends inside
+        by themselves. A layer's PEDRO generators run once, over the whole prompt's states entering it, before
+        its first positions; each later run of its positions attends the ones cached before them. -> None, or
+        at the end the logits after the last token (1, vocab) (and ``state.scores`` when it asks for prompt
+        logprobs)."""
+        n, layers = len(state.prompt), len(self.layers)
+        if state.hidden is None:  # the first piece: the states entering layer 0
+            state.hidden = self.embed_tokens(upload(state.prompt, self.device))
+        while state.done * n + state.position < end:
+            layer, a = state.done, state.position
+            if a == 0 and end >= (layer + 1) * n:  # whole layers
+                last = min(layers, end // n)
+                ctx, _, _ = self._prefill_context([state.slot], [state.prompt], [0])
+                state.hidden = self._forward(state.hidden, [(slice(0, None), ctx)], range(layer, last))
+                state.done = last
+                continue
+            if a == 0:  # the layer's vectors, from the whole prompt's states entering it, then its positions
+                ctx, _, _ = self._prefill_context([state.slot], [state.prompt], [0])
+                assert isinstance(ctx.step, _Prefill)
+                self._run_generators(layer, state.hidden, self.layers[layer].input_norm(state.hidden), ctx.step)
+                state.next_hidden = torch.empty_like(state.hidden)
+            assert state.next_hidden is not None  # made at the layer's first positions
+            b = min(n, end - layer * n)
+            ctx, _, _ = self._prefill_context([state.slot], [state.prompt[a:b]], [a])
+            state.next_hidden[a:b] = self._forward(
+                state.hidden[a:b], [(slice(0, None), ctx)], range(layer, layer + 1), generators=False
+            )
+            state.position = b
+            if b == n:
+                state.hidden, state.next_hidden, state.done, state.position = state.next_hidden, None, layer + 1, 0
+        self.cache.lengths[state.slot] = n  # every position of the layers begun: what moving the slot copies
+        if state.done < layers:
             return None
+        x, state.hidden = state.hidden, None
         if state.prompt_logprobs is not None:
             state.scores = self._score_prompt(x[:-1], state.prompt[1:], state.prompt_logprobs)
         return self._logits(x[-1:])

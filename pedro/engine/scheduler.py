@@ -13,12 +13,13 @@ token-layers (a token through one decoder layer), so that decoding rows keep pro
 prompt is admitted. A prompt that does not fit what is left is split across steps, by position (chunked
 prefill: tokens [a, b) through every layer, the KV cache filled chunk by chunk) or, for a prompt whose every
 layer needs the whole prompt (a PEDRO row: each layer's generator pools that layer's states over the whole
-prompt; a row scoring its prompt), by layers (all its tokens through layers [a, b), the hidden states kept for
-the next step). At most one sequence is part-way through its prefill (``partial``); it gets the budget first,
+prompt; a row scoring its prompt), layer by layer (a run of token-layers: layer after layer, a layer's
+positions in order once its generators have read the whole prompt entering it; the hidden states kept for the
+next step). At most one sequence is part-way through its prefill (``partial``); it gets the budget first,
 and no other sequence is admitted until it finishes. It sits in a slot after the decoding rows, which never
 decode it; when it finishes it moves to the first slot after them (a copy only when a decoding row retired
-meanwhile). The first piece of a step always makes progress (one token, or one layer of a prompt longer than
-the budget), so a long prompt cannot starve. The budget bounds how long decoding rows wait; a step with no row
+meanwhile). The first piece of a step always makes progress (at least one token through one layer), so a long
+prompt cannot starve. The budget bounds how long decoding rows wait; a step with no row
 decoding has nobody to make wait, so it prefills whatever it admits whole (a burst of prompts reaching an idle
 engine starts in one step).
 """
@@ -55,9 +56,9 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, set at prefill when asked for
     prompt_text: str | None = None  # the prompt's ids decoded, set at prefill when asked for
-    whole_prompt: bool = False  # its prefill splits by layers, never by position (see the module docstring)
-    prefilled: int = 0  # prompt tokens (by position) or layers (whole prompt) prefilled so far
-    layered: Any = None  # the runner's LayeredPrefill while its prefill is split by layers
+    whole_prompt: bool = False  # its prefill goes layer by layer, never by position alone (module docstring)
+    prefilled: int = 0  # prompt tokens (by position) or token-layers (whole prompt, layer-major) prefilled so far
+    layered: Any = None  # the runner's LayeredPrefill while its prefill is split layer by layer
     text: str = ""
     detokenizer: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)  # text while running
     emitted_tokens: int = 0
@@ -89,8 +90,9 @@ class Sequence:
 
 @dataclass(frozen=True)
 class Piece:
-    """What a step prefills of ``seq``: prompt tokens [start, end) through every layer, or (``by_layers``) the
-    whole prompt through layers [start, end). ``last``: the sequence's prefill ends with this piece."""
+    """What a step prefills of ``seq``: prompt tokens [start, end) through every layer, or (``by_layers``)
+    token-layers [start, end) of the prompt, layer-major (runner.LayeredPrefill). ``last``: the sequence's
+    prefill ends with this piece."""
 
     seq: Sequence
     start: int
@@ -144,16 +146,16 @@ class Scheduler:
         """The next piece of ``seq``'s prefill that ``budget`` token-layers allow (None: none; the first piece of
         a step always gets one token or one layer)."""
         n, layers = len(seq.prompt_ids), self.n_layers
-        if seq.whole_prompt:
-            done = seq.prefilled
-            end = layers if n * (layers - done) <= budget else done + budget // n
+        if seq.whole_prompt:  # in token-layers, layer by layer (runner.LayeredPrefill)
+            done, total = seq.prefilled, n * layers
+            end = min(total, done + budget)
             if end == done:
                 if not first:
                     return None
                 end = done + 1
-            if done == 0 and end == layers:  # all of it at once: an ordinary prefill by position
-                return Piece(seq, 0, n, False, True, n * layers)
-            return Piece(seq, done, end, True, end == layers, n * (end - done))
+            if done == 0 and end == total:  # all of it at once: an ordinary prefill by position
+                return Piece(seq, 0, n, False, True, total)
+            return Piece(seq, done, end, True, end == total, end - done)
         done = seq.prefilled
         end = n if (n - done) * layers <= budget else done + budget // layers
         if end == done:
