@@ -120,7 +120,7 @@ def serve(
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache tokens per request."),
     max_prefill_tokens: Optional[int] = typer.Option(
         None,
-        help="Prefill per engine step, in prompt tokens (default 64): a longer prompt is split over steps, "
+        help="Prefill per engine step, in prompt tokens (default 32): a longer prompt is split over steps, "
         "so decoding requests keep streaming while it is admitted.",
     ),
     adapter_capacity: Optional[int] = typer.Option(None, help="Adapters resident in memory (LRU)."),

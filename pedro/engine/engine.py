@@ -139,7 +139,7 @@ class Engine:
         *,
         max_batch: int = 32,
         max_seq_len: int = 1024,
-        max_prefill_tokens: int = 64,
+        max_prefill_tokens: int = 32,
         adapter_capacity: int = 64,
         max_waiting: Optional[int] = None,
         max_per_tenant: Optional[int] = None,

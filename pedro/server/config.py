@@ -57,7 +57,7 @@ class ServerConfig(BaseModel):
     max_batch: int = Field(16, ge=1, description="Running requests (engine rows) at once.")
     max_seq_len: int = Field(1024, ge=2, description="KV cache length per row (prompt + new tokens).")
     max_prefill_tokens: int = Field(
-        64, ge=1, description="Prompt tokens' worth of prefill per engine step; a longer prompt is split over steps."
+        32, ge=1, description="Prompt tokens' worth of prefill per engine step; a longer prompt is split over steps."
     )
     adapter_capacity: int = Field(32, ge=1, description="Adapters resident in memory at once (LRU).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
