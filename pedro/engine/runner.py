@@ -828,12 +828,12 @@ class _Later:
 
     @staticmethod
     def of(kernel_points: frozenset[Point], parts: "_Parts") -> "_Later | None":
-        ctx = parts[0][1]  # every context of a forward has the same live points and kernels
-        points = kernel_points & ctx.points
-        if not points or ctx.scale_kernel is None:
+        first = parts[0][1]  # every context of a forward has the same live points and kernels
+        points = kernel_points & first.points
+        if not points or first.scale_kernel is None:
             return None
         indices = [ctx.table_index for _, ctx in parts]
-        return _Later(points, parts[0][1].rows, indices[0] if len(indices) == 1 else torch.cat(indices))
+        return _Later(points, first.rows, indices[0] if len(indices) == 1 else torch.cat(indices))
 
     def table(self, layer: int, point: Point) -> tuple[torch.Tensor, torch.Tensor]:
         """``point``'s table at ``layer`` and each row's index into it."""
@@ -893,10 +893,11 @@ class _Context:
             if scale_kernel is not None and isinstance(step, _Decode) and self.points
             else None
         )
-        # a decode step's rows 0..B-1 of each live point's table, one view per layer, made once per step
+        # addcmul's operand in a decode step: rows 0..B-1 of each live point's table, one view per layer, made
+        # once per step (the kernels index the tables themselves)
         self.decode_tables: dict[tuple[str, str], tuple[torch.Tensor, ...]] = (
             {point: rows.scales[point][:, : len(token_slots)].unbind(0) for point in self.points}
-            if isinstance(step, _Decode)
+            if isinstance(step, _Decode) and scale_kernel is None
             else {}
         )
 
@@ -915,11 +916,8 @@ class _Context:
         tensor per point per layer, which cost ~15 % of a 32-prompt prefill there; on an accelerator
         (``token_index``) that gather, since there each per-segment op is a kernel launch. The same numbers
         either way."""
-        if self.scale_kernel is not None:  # one call: decode rows read their own rows of the step's table view
-            table = (
-                self.decode_tables[point][layer] if isinstance(self.step, _Decode) else self.rows.scales[point][layer]
-            )
-            self.scale_kernel(x, table, self.table_index, x if out is None else out)
+        if self.scale_kernel is not None:  # one call: each row reads its own row of the table (decode: row i, slot i)
+            self.scale_kernel(x, self.rows.scales[point][layer], self.table_index, x if out is None else out)
             return
         if isinstance(self.step, _Decode):
             table = self.decode_tables[point][layer]
