@@ -296,7 +296,7 @@ def test_the_prefill_kernel_reads_column_slices_and_refuses_what_it_cannot_compu
         call(rows=rows.clone().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(7)))
     with pytest.raises(RuntimeError, match=r"\(R, 4\)"):
         call(rows=rows[:, :3].contiguous())
-    with pytest.raises(RuntimeError, match="each token of q"):
+    with pytest.raises(RuntimeError, match="each row of q"):
         call(q=q.transpose(1, 2))
 
 

@@ -632,12 +632,7 @@ class ModelRunner:
         parts = self.layers[layer]
         cos, sin = rope[parts.rope]
         if self.prefill_kernel is not None and prefill.kernel_rows is not None:  # RoPE, cache writes, attention
-            q = q.view(-1, self.n_kv, self.group, self.head_dim)
-            k = k.view(-1, self.n_kv, self.head_dim)
-            v = v.view(-1, self.n_kv, self.head_dim)
-            if parts.qk_norms is not None:
-                q_norm, k_norm = parts.qk_norms
-                q, k = q_norm(q), k_norm(k)
+            q, k, v = self._grouped(layer, q, k, v)
             out = self.prefill_kernel(
                 q,
                 k,
@@ -735,6 +730,18 @@ class ModelRunner:
         decode = _Decode(rows_index, lengths, masks, self.rows.lora_index[:batch])
         return _Context(self.rows, range(batch), decode, self._rope(lengths), self.scale_kernel)
 
+    def _grouped(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows' q, k, v as (rows, kv_heads, group, hd) and (rows, kv_heads, hd), q/k norms applied: each query head
+        beside its KV head, what the kernels (and a decode step's batched attention) read."""
+        q = q.view(-1, self.n_kv, self.group, self.head_dim)
+        k = k.view(-1, self.n_kv, self.head_dim)
+        norms = self.layers[layer].qk_norms
+        if norms is not None:
+            q, k = norms[0](q), norms[1](k)
+        return q, k, v.view(-1, self.n_kv, self.head_dim)
+
     def _attend_decode(
         self,
         layer: int,
@@ -749,12 +756,7 @@ class ModelRunner:
         parts = self.layers[layer]
         cos, sin = rope[parts.rope]
         # query heads grouped onto their KV head: (B, kv_heads, group, hd) attends (B, kv_heads, W, hd)
-        q = q.view(batch, self.n_kv, self.group, self.head_dim)
-        k = k.view(batch, self.n_kv, self.head_dim)
-        if parts.qk_norms is not None:
-            q_norm, k_norm = parts.qk_norms
-            q, k = q_norm(q), k_norm(k)
-        v = v.view(batch, self.n_kv, self.head_dim)
+        q, k, v = self._grouped(layer, q, k, v)
         if self.attention_kernel is not None:  # RoPE, the cache writes and each row's attention in one call
             out = self.attention_kernel(
                 q,

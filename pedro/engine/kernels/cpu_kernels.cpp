@@ -358,36 +358,47 @@ void attend(const Job& job, int64_t items) {
 }
 
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
-                            const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k, at::Tensor& v,
-                            const at::Tensor& slots, const at::Tensor& lengths, int64_t window, double scale,
-                            const std::optional<at::Tensor>& q_scale, const std::optional<at::Tensor>& v_scale,
-                            const std::optional<at::Tensor>& scale_index) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q: (B, kv_heads, group, D); k, v: (slots, kv_heads, S, D)");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v, &slots, &lengths})
+// The layouts both attention kernels read: q (rows, kv_heads, group, D), the new keys and values (rows,
+// kv_heads, D), each row contiguous at any row stride; cos, sin (rows, D); one layer's cache (slots, kv_heads, S,
+// D). `rows` names the first dimension in the messages (B decode rows, N prefill tokens).
+void check_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& cos,
+                     const at::Tensor& sin, const at::Tensor& k, const at::Tensor& v, const char* rows) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q: (", rows,
+              ", kv_heads, group, D); k, v: (slots, kv_heads, S, D)");
+  for (const at::Tensor* t : {&q, &k_new, &v_new, &cos, &sin, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16, "bfloat16 q, keys, values, cos and sin only");
-  const int64_t batch = q.size(0), heads = q.size(1), group = q.size(2), dim = q.size(3);
+  }
+  const int64_t n = q.size(0), heads = q.size(1), group = q.size(2), dim = q.size(3);
   TORCH_CHECK(q.stride(3) == 1 && q.stride(2) == q.size(3) && q.stride(1) == q.size(2) * q.size(3),
               "each row of q must be contiguous");
-  TORCH_CHECK(k_new.dim() == 3 && k_new.size(0) == batch && k_new.size(1) == heads && k_new.size(2) == dim &&
+  TORCH_CHECK(k_new.dim() == 3 && k_new.size(0) == n && k_new.size(1) == heads && k_new.size(2) == dim &&
                   v_new.sizes() == k_new.sizes(),
-              "the new keys and values must be (B, kv_heads, D)");
+              "the new keys and values must be (", rows, ", kv_heads, D)");
   TORCH_CHECK(k_new.stride(2) == 1 && k_new.stride(1) == dim && v_new.stride(2) == 1 && v_new.stride(1) == dim,
               "each row of the new keys and values must be contiguous");
-  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == batch && cos.size(1) == dim && sin.sizes() == cos.sizes() &&
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == n && cos.size(1) == dim && sin.sizes() == cos.sizes() &&
                   cos.is_contiguous() && sin.is_contiguous(),
-              "cos and sin must be contiguous (B, D)");
+              "cos and sin must be contiguous (", rows, ", D)");
   TORCH_CHECK(k.size(1) == heads && v.size(1) == heads && k.size(3) == dim && v.size(3) == dim &&
                   v.size(0) == k.size(0) && v.size(2) == k.size(2),
               "k and v must be (slots, kv_heads, S, D)");
   TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == dim && v.stride(3) == 1 && v.stride(2) == dim,
               "each head's keys and values must be contiguous");
+  TORCH_CHECK(group >= 1 && group <= kMaxGroup, "1 to 16 query heads per KV head");
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                            const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k, at::Tensor& v,
+                            const at::Tensor& slots, const at::Tensor& lengths, int64_t window, double scale,
+                            const std::optional<at::Tensor>& q_scale, const std::optional<at::Tensor>& v_scale,
+                            const std::optional<at::Tensor>& scale_index) {
+  check_attention(q, k_new, v_new, cos, sin, k, v, "B");
+  for (const at::Tensor* t : {&slots, &lengths}) TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
+  const int64_t batch = q.size(0), heads = q.size(1), group = q.size(2), dim = q.size(3);
   TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.size(0) == batch &&
                   lengths.is_contiguous(),
               "lengths must be a contiguous int64 tensor of B positions");
-  TORCH_CHECK(group >= 1 && group <= kMaxGroup, "1 to 16 query heads per KV head");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == batch && slots.is_contiguous(),
               "slots must be a contiguous int64 tensor of B cache slots");
   const int64_t* lp = lengths.data_ptr<int64_t>();
@@ -892,28 +903,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_new, const
                              const at::Tensor& rows, int64_t window, double scale,
                              const std::optional<at::Tensor>& q_scale, const std::optional<at::Tensor>& v_scale,
                              const std::optional<at::Tensor>& scale_index) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q: (N, kv_heads, group, D); k, v: (slots, kv_heads, S, D)");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v, &rows})
-    TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &cos, &sin, &k, &v})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16, "bfloat16 q, keys, values, cos and sin only");
+  check_attention(q, k_new, v_new, cos, sin, k, v, "N");
+  TORCH_CHECK(rows.device().is_cpu(), "CPU tensors only");
   const int64_t tokens = q.size(0), heads = q.size(1), group = q.size(2), dim = q.size(3);
-  TORCH_CHECK(q.stride(3) == 1 && q.stride(2) == q.size(3) && q.stride(1) == q.size(2) * q.size(3),
-              "each token of q must be contiguous");
-  TORCH_CHECK(k_new.dim() == 3 && k_new.size(0) == tokens && k_new.size(1) == heads && k_new.size(2) == dim &&
-                  v_new.sizes() == k_new.sizes(),
-              "the new keys and values must be (N, kv_heads, D)");
-  TORCH_CHECK(k_new.stride(2) == 1 && k_new.stride(1) == dim && v_new.stride(2) == 1 && v_new.stride(1) == dim,
-              "each token's new keys and values must be contiguous");
-  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == tokens && cos.size(1) == dim && sin.sizes() == cos.sizes() &&
-                  cos.is_contiguous() && sin.is_contiguous(),
-              "cos and sin must be contiguous (N, D)");
-  TORCH_CHECK(k.size(1) == heads && v.size(1) == heads && k.size(3) == dim && v.size(3) == dim &&
-                  v.size(0) == k.size(0) && v.size(2) == k.size(2),
-              "k and v must be (slots, kv_heads, S, D)");
-  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == dim && v.stride(3) == 1 && v.stride(2) == dim,
-              "each head's keys and values must be contiguous");
-  TORCH_CHECK(group >= 1 && group <= kMaxGroup, "1 to 16 query heads per KV head");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(1) == 4 && rows.is_contiguous(),
               "rows must be a contiguous int64 (R, 4) tensor: slot, first token, tokens, first position");
   const int64_t n_rows = rows.size(0);
