@@ -30,11 +30,25 @@ def kernel(request):
     return op
 
 
-def case(head_dim: int, group: int, seed: int = 0, batch: int = 6, heads: int = 2, seq: int = 300):
+# the decode kernel serves bf16 and fp32 caches
+DTYPES = [torch.bfloat16, torch.float32]
+# one step of each dtype's significand: a value within STEP[dtype] * |value| of its exact one is rounded (nearly) right
+STEP = {torch.bfloat16: 2**-7, torch.float32: 2**-23}
+
+
+def case(
+    head_dim: int,
+    group: int,
+    seed: int = 0,
+    batch: int = 6,
+    heads: int = 2,
+    seq: int = 300,
+    dtype: torch.dtype = torch.bfloat16,
+):
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(batch + 1, heads, seq, head_dim, generator=g).to(torch.bfloat16)
-    v = torch.randn(batch + 1, heads, seq, head_dim, generator=g).to(torch.bfloat16)
-    q = (2 * torch.randn(batch, heads, group, head_dim, generator=g)).to(torch.bfloat16)
+    k = torch.randn(batch + 1, heads, seq, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch + 1, heads, seq, head_dim, generator=g).to(dtype)
+    q = (2 * torch.randn(batch, heads, group, head_dim, generator=g)).to(dtype)
     lengths = torch.tensor([0, 15, 16, 17, 140, seq - 1])[:batch]  # one key; 16-key blocks and their edges
     return q, k, v, lengths
 
@@ -48,10 +62,8 @@ def attend(kernel, q, k, v, lengths, window: int, scale: float) -> torch.Tensor:
 
 
 def identity_rope(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos 1, sin 0: x * 1 + roll(x) * 0 is x in bf16, bit for bit."""
-    return torch.ones(q.shape[0], q.shape[-1], dtype=torch.bfloat16), torch.zeros(
-        q.shape[0], q.shape[-1], dtype=torch.bfloat16
-    )
+    """cos 1, sin 0: x * 1 + roll(x) * 0 is x, bit for bit."""
+    return torch.ones(q.shape[0], q.shape[-1], dtype=q.dtype), torch.zeros(q.shape[0], q.shape[-1], dtype=q.dtype)
 
 
 def reference(q, k, v, lengths, window: int, scale: float) -> torch.Tensor:
@@ -63,17 +75,24 @@ def reference(q, k, v, lengths, window: int, scale: float) -> torch.Tensor:
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,group", [(64, 3), (64, 1), (128, 4), (256, 2)])
 @pytest.mark.parametrize("window", [0, 5])
-def test_the_kernel_is_correctly_rounded_almost_everywhere_and_closer_than_sdpa(kernel, head_dim, group, window):
-    q, k, v, lengths = case(head_dim, group)
+def test_the_kernel_is_correctly_rounded_almost_everywhere_and_closer_than_sdpa(kernel, head_dim, group, window, dtype):
+    """bf16: each output within one bf16 step of the exact value, nearly all rounded right; fp32 (its sums in
+    fp32, in another order than float64's): within a few fp32 steps."""
+    q, k, v, lengths = case(head_dim, group, dtype=dtype)
     scale = head_dim**-0.5
     exact = reference(q, k, v, lengths, window, scale)
     out = attend(kernel, q, k, v, lengths, window, scale)
-    assert out.dtype is torch.bfloat16 and out.shape == q.shape
-    ulp = exact.abs().clamp_min(2**-60) * 2**-7  # one bf16 step at each value
-    assert ((out.double() - exact).abs() <= ulp).all()
-    assert (out == exact.to(torch.bfloat16)).double().mean() > 0.995
+    assert out.dtype is dtype and out.shape == q.shape
+    error = (out.double() - exact).abs()
+    if dtype is torch.float32:  # a sum of ~300 terms of either sign: relative to the terms' size, not the sum's
+        assert (error <= 2**-20 * v.abs().max()).all() and error.max() > 0  # not float64's numbers by chance
+        return
+    ulp = exact.abs().clamp_min(2**-60) * STEP[dtype]  # one bf16 step at each value
+    assert (error <= ulp).all()
+    assert (out == exact.to(dtype)).double().mean() > 0.995
     # SDPA over the same keys (its mask), as the engine attended before: further from the exact values
     width = int(lengths.max()) + 1
     steps = torch.arange(width)
@@ -86,8 +105,9 @@ def test_the_kernel_is_correctly_rounded_almost_everywhere_and_closer_than_sdpa(
     assert (out.double() - exact).abs().mean() < (sdpa.double() - exact).abs().mean()
 
 
-def test_a_row_gets_the_same_bits_alone_as_in_any_batch_at_any_thread_count(kernel):
-    q, k, v, lengths = case(64, 3, seed=1)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_row_gets_the_same_bits_alone_as_in_any_batch_at_any_thread_count(kernel, dtype):
+    q, k, v, lengths = case(64, 3, seed=1, dtype=dtype)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -101,15 +121,17 @@ def test_a_row_gets_the_same_bits_alone_as_in_any_batch_at_any_thread_count(kern
         assert torch.equal(alone[0], together[b])
 
 
-def test_the_kernel_rotates_and_writes_each_rows_new_key_and_value_into_its_slot_first(kernel):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_kernel_rotates_and_writes_each_rows_new_key_and_value_into_its_slot_first(kernel, dtype):
     """RoPE as compat.apply_rope computes it, bit for bit (the keys a decode step caches are the ones the torch
-    path cached), written at (slot, position) and nowhere else, then attended from that slot."""
-    q, k, v, lengths = case(64, 3, seed=2)
+    path cached; in fp32 too: each product rounded, no fused multiply-add), written at (slot, position) and
+    nowhere else, then attended from that slot."""
+    q, k, v, lengths = case(64, 3, seed=2, dtype=dtype)
     slots = torch.tensor([3, 0, 6, 1, 2, 4])  # row b's cache in slot slots[b] (6: a slot past the batch)
     g = torch.Generator().manual_seed(5)
-    k_new, v_new = (torch.randn(len(q), 2, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    k_new, v_new = (torch.randn(len(q), 2, 64, generator=g).to(dtype) for _ in range(2))
     angles = lengths[:, None] * 10_000 ** -(torch.arange(64) % 32 / 32)
-    cos, sin = angles.cos().to(torch.bfloat16), rope_sin(angles.sin().to(torch.bfloat16))
+    cos, sin = angles.cos().to(dtype), rope_sin(angles.sin().to(dtype))
     before_k, before_v = k.clone(), v.clone()
     out = kernel(q, k_new, v_new, cos, sin, k, v, slots, lengths, 0, 0.125)
     expected_k, expected_v = before_k.clone(), before_v.clone()
@@ -118,8 +140,11 @@ def test_the_kernel_rotates_and_writes_each_rows_new_key_and_value_into_its_slot
     assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
     rotated = apply_rope(q, cos[:, None, None], sin[:, None, None])
     exact = reference(rotated, k[slots], v[slots], lengths, 0, 0.125)
-    assert ((out.double() - exact).abs() <= exact.abs().clamp_min(2**-60) * 2**-7).all()
-    assert (out == exact.to(torch.bfloat16)).double().mean() > 0.995
+    if dtype is torch.float32:
+        assert ((out.double() - exact).abs() <= 2**-20 * v.abs().max()).all()
+        return
+    assert ((out.double() - exact).abs() <= exact.abs().clamp_min(2**-60) * STEP[dtype]).all()
+    assert (out == exact.to(dtype)).double().mean() > 0.995
 
 
 def test_the_kernel_refuses_what_it_cannot_compute(kernel):
@@ -131,8 +156,20 @@ def test_the_kernel_refuses_what_it_cannot_compute(kernel):
     def call(q=q, k_new=k_new, v_new=v_new, cos=cos, sin=sin, k=k, v=v, rows=rows, lengths=lengths):
         return kernel(q, k_new, v_new, cos, sin, k, v, rows, lengths, 0, 0.125)
 
-    with pytest.raises(RuntimeError, match="bfloat16"):
+    with pytest.raises(RuntimeError, match="all bfloat16 or all float32"):
         call(q=q.float())
+    as_float = {name: t.float() for name, t in dict(q=q, k_new=k_new, v_new=v_new, cos=cos, sin=sin, k=k, v=v).items()}
+    table = torch.zeros(1, 2 * 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="scale tables are served in bfloat16 only"):
+        kernel(
+            *as_float.values(),
+            rows,
+            lengths,
+            0,
+            0.125,
+            v_scale=table,
+            scale_index=torch.zeros(len(q), dtype=torch.long),
+        )
     with pytest.raises(RuntimeError, match="outside the cache"):
         call(lengths=lengths + k.shape[2])
     with pytest.raises(RuntimeError, match="slot is outside"):

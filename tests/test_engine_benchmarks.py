@@ -211,3 +211,6 @@ def test_multitenant_cpu_ratios_read_the_cpu_time_throughputs():
     assert "(bfloat16)" in ratios[1][0]
     result["points"]["b32-t1"]["methods"]["hf:generate_bare_fp32"] = {"end_to_end_cpu_tok_s": 60.0}
     assert [round(r, 3) for _, r in cpu_ratios(result)] == [0.96, 2.5, 1.5]
+    result["points"]["b32-t1"]["methods"]["engine:bare_fp32_onednn"] = {"end_to_end_cpu_tok_s": 150.0}
+    ratios = cpu_ratios(result)
+    assert [round(r, 3) for _, r in ratios] == [0.96, 2.5, 1.5, 2.5] and "oneDNN" in ratios[3][0]

@@ -229,8 +229,10 @@ class ModelRunner:
         self.device = self.embed_tokens.weight.device
         # in bf16 on a CPU, the engine's own kernels (cpu_kernels.py) where they build: decode and prefill
         # attention (RoPE and the cache writes included; probabilities kept in fp32), the norms, the gated
-        # activation and PEDRO's per-row scaling, one pass each
-        kernels = kernels and self.device.type == "cpu" and cache.k.dtype == torch.bfloat16
+        # activation and PEDRO's per-row scaling, one pass each; in fp32, decode attention
+        on_cpu = kernels and self.device.type == "cpu"
+        decode_kernel = on_cpu and cache.k.dtype in (torch.bfloat16, torch.float32)
+        kernels = on_cpu and cache.k.dtype == torch.bfloat16
 
         def norm_of(module: nn.Module) -> _Norm:
             kernel = cpu_kernels.rms_norm(module) if kernels else None
@@ -256,16 +258,17 @@ class ModelRunner:
         # point, not one per prompt: _Context.scale), PEDRO heads stacked over tenants (vectors.py), LoRA per
         # token (BGMV) rather than per adapter
         self.launch_bound = self.device.type != "cpu"
-        # a decode step's attention, one query per row, as two batched matmuls and a softmax on a CPU in fp32: the
-        # CPU's flash kernel pays its blocking for nothing at one query (batch 32 x 140 keys, 2 threads: 1.23 ms
-        # against 0.69 ms a layer). Not in bf16, where the scores would round to bf16 (the flash kernel keeps
-        # them in fp32), nor on an accelerator, whose fused kernels do better
+        # without the decode kernel (a head size it does not serve), a decode step's attention, one query per row,
+        # as two batched matmuls and a softmax on a CPU in fp32: the CPU's flash kernel pays its blocking for
+        # nothing at one query (batch 32 x 140 keys, 2 threads: 1.23 ms against 0.69 ms a layer). Not in bf16,
+        # where the scores would round to bf16 (the flash kernel keeps them in fp32), nor on an accelerator, whose
+        # fused kernels do better
         self.matmul_decode_attention = self.device.type == "cpu" and cache.k.dtype == torch.float32
         self.exact_alpha = math.frexp(self.scaling)[0] == 0.5  # a power of two: scaling a product is exact
-        attention = kernels and self.head_dim in cpu_kernels.HEAD_DIMS and self.group <= cpu_kernels.MAX_GROUP
+        shapes = self.head_dim in cpu_kernels.HEAD_DIMS and self.group <= cpu_kernels.MAX_GROUP
         self.scale_kernel = cpu_kernels.scale_rows() if kernels else None
-        self.attention_kernel = cpu_kernels.decode_attention() if attention else None
-        self.prefill_kernel = cpu_kernels.prefill_attention() if attention else None
+        self.attention_kernel = cpu_kernels.decode_attention() if decode_kernel and shapes else None
+        self.prefill_kernel = cpu_kernels.prefill_attention() if kernels and shapes else None
         # PEDRO's scaling of q and v applied by the attention kernels as they read them, of up by the gated
         # activation's: no pass of its own over those outputs (90 calls a decode step on SmolLM2). Not q where
         # a norm comes between the projection and the kernel (q/k norms)

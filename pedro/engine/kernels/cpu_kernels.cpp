@@ -1,4 +1,5 @@
-// The engine's CPU kernels for bf16 (pedro/engine/cpu_kernels.py builds this file on first use).
+// The engine's CPU kernels for bf16, and decode attention in fp32 (pedro/engine/cpu_kernels.py builds this file
+// on first use).
 //
 // decode_attention: one query token per row, each row attending its own cached keys. q: (B, kv_heads, group,
 // D), the query heads grouped onto their KV head; k_new, v_new: (B, kv_heads, D), the rows' new key and value
@@ -8,6 +9,7 @@
 // it), the key and value written into k, v, one layer's cache (slots, kv_heads, S, D), at slot slots[b], position
 // lengths[b]. Row b then attends its slot's keys [lengths[b] - window + 1, lengths[b]] (from 0 without a window). Scores, softmax and the weighted sum of values stay in fp32 (the flash
 // kernel of scaled_dot_product_attention rounds the probabilities to bf16), the output is rounded to bf16 once.
+// The same for fp32 tensors (no scale tables), RoPE with fp32's roundings (each product, then the sum).
 //
 // prefill_attention: a prefill's tokens, rows of prompts (or chunks of prompts after positions their slots already
 // hold) packed one after another. q: (N, kv_heads, group, D), k_new, v_new: (N, kv_heads, D), cos, sin: (N, D);
@@ -45,6 +47,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && !defined(PEDRO_PORTABLE)  // PEDRO_PORTABLE: the plain loops only, for their test
@@ -107,6 +110,16 @@ inline float exp_any(float x) {
   return out;
 }
 
+// A decode attention kernel's elements as fp32 and back: bf16 (the engine's fast mode) or fp32 itself
+inline float to_float(uint16_t x) { return bf16_to_float(x); }
+inline float to_float(float x) { return x; }
+template <typename T>
+inline T from_float(float f);
+template <>
+inline uint16_t from_float<uint16_t>(float f) { return float_to_bf16(f); }
+template <>
+inline float from_float<float>(float f) { return f; }
+
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 uint16_t* mutable_bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
@@ -135,6 +148,19 @@ __attribute__((always_inline)) inline void rotate(const uint16_t* x, const uint1
   for (int d = 0; d < half; ++d) out[d] = rope_bf16(x[d], x[d + half], cos[d], sin[d]);
 #pragma omp simd
   for (int d = half; d < D; ++d) out[d] = rope_bf16(x[d], x[d - half], cos[d], sin[d]);
+}
+
+// RoPE of one fp32 head, as compat.apply_rope computes it in fp32: each product rounded, then the sum (no fused
+// multiply-add, which would round once). Not inlined: the attribute holds for this function's own code only.
+template <int D>
+__attribute__((noinline, optimize("fp-contract=off"))) void rotate(const float* x, const float* cos,
+                                                                   const float* sin, float* out) {
+  constexpr int half = D / 2;
+  for (int d = 0; d < D; ++d) {
+    const float a = x[d] * cos[d];
+    const float b = x[d < half ? d + half : d - half] * sin[d];
+    out[d] = a + b;
+  }
 }
 
 // PEDRO's scaling of one element, x + x * z in fp32 rounded to bf16 once (scale_rows: torch's addcmul's numbers)
@@ -203,9 +229,10 @@ void run_parallel(int64_t items, int64_t grain, const Fast& fast, const Portable
     at::parallel_for(0, items, grain, portable);
 }
 
+template <typename T>  // uint16_t: bf16, or float
 struct Job {
-  const uint16_t *q, *k_new, *v_new, *cos, *sin;
-  uint16_t *k, *v, *out;
+  const T *q, *k_new, *v_new, *cos, *sin;
+  T *k, *v, *out;
   const int64_t *slots, *lengths;
   int64_t heads, group, k_row, k_head, v_row, v_head, window;
   int64_t q_row, k_new_row, v_new_row;  // the rows' strides (each row's heads contiguous)
@@ -258,17 +285,43 @@ PEDRO_AVX512 inline void score_avx512(const uint16_t* q, const uint16_t* k, cons
     }
   }
 }
+
+// The same for fp32 queries and keys, with fp32 multiply-adds
+template <int D>
+PEDRO_AVX512 inline void score_avx512(const float* q, const float* k, const float* v, int64_t n, int group,
+                                      float scale, float* scores) {
+  constexpr int P = D / 16;  // 16 floats to a register
+  for (int g = 0; g < group; ++g) {
+    __m512 qv[P];
+    for (int p = 0; p < P; ++p) qv[p] = _mm512_loadu_ps(q + g * D + p * 16);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int m = n - j0 < 16 ? static_cast<int>(n - j0) : 16;
+      if (g == 0)
+        for (int line = 0; line < m * D * 4; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(v + j0 * D) + line, _MM_HINT_T0);
+      __m512 part[16];
+      for (int jj = 0; jj < 16; ++jj) {
+        __m512 acc = _mm512_setzero_ps();
+        if (jj < m)
+          for (int p = 0; p < P; ++p) acc = _mm512_fmadd_ps(qv[p], _mm512_loadu_ps(k + (j0 + jj) * D + p * 16), acc);
+        part[jj] = acc;
+      }
+      const __m512 s = _mm512_mul_ps(sum_lanes16(part), _mm512_set1_ps(scale));
+      _mm512_mask_storeu_ps(scores + g * n + j0, static_cast<__mmask16>((1u << m) - 1u), s);
+    }
+  }
+}
 #endif
 
-template <int D>
-__attribute__((always_inline)) inline void score_portable(const uint16_t* q, const uint16_t* k, int64_t n, int group, float scale, float* scores) {
+template <int D, typename T>
+__attribute__((always_inline)) inline void score_portable(const T* q, const T* k, int64_t n, int group, float scale, float* scores) {
   float qf[kMaxGroup][D];
   for (int g = 0; g < group; ++g)
-    for (int d = 0; d < D; ++d) qf[g][d] = bf16_to_float(q[g * D + d]);
+    for (int d = 0; d < D; ++d) qf[g][d] = to_float(q[g * D + d]);
   for (int64_t j = 0; j < n; ++j) {
     float kf[D];
 #pragma omp simd
-    for (int d = 0; d < D; ++d) kf[d] = bf16_to_float(k[j * D + d]);
+    for (int d = 0; d < D; ++d) kf[d] = to_float(k[j * D + d]);
     for (int g = 0; g < group; ++g) {
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -278,27 +331,34 @@ __attribute__((always_inline)) inline void score_portable(const uint16_t* q, con
   }
 }
 
-// One (row, KV head): its `group` queries over keys [first, last]; `scores` holds group * n floats.
-template <int D, bool kAvx512>
-__attribute__((always_inline)) inline void attend_one(const Job& job, int64_t item, std::vector<float>& scores) {
+// One (row, KV head): its `group` queries over keys [first, last]; `scores` holds group * n floats. bf16 rows
+// may carry PEDRO's scales (applied as read); fp32 rows never do (the checks refuse them).
+template <int D, bool kAvx512, typename T>
+__attribute__((always_inline)) inline void attend_one(const Job<T>& job, int64_t item, std::vector<float>& scores) {
+  constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
   const int64_t b = item / job.heads, h = item % job.heads, group = job.group;
   const int64_t last = job.lengths[b];
   const int64_t first = job.window > 0 && last - job.window + 1 > 0 ? last - job.window + 1 : 0;
   const int64_t n = last - first + 1;
-  uint16_t q[kMaxGroup * D];
-  const uint16_t* q_in = job.q + b * job.q_row + h * group * D;
-  const uint16_t* z_q = job.scales.q_of(b, h, group, D);
-  uint16_t buffer[D];
-  for (int64_t g = 0; g < group; ++g)
-    rotate<D>(scale_head<D>(q_in + g * D, z_q == nullptr ? nullptr : z_q + g * D, buffer), job.cos + b * D,
-              job.sin + b * D, q + g * D);
-  uint16_t* k_head = job.k + job.slots[b] * job.k_row + h * job.k_head;
-  uint16_t* v_head = job.v + job.slots[b] * job.v_row + h * job.v_head;
+  T q[kMaxGroup * D];
+  const T* q_in = job.q + b * job.q_row + h * group * D;
+  T* k_head = job.k + job.slots[b] * job.k_row + h * job.k_head;
+  T* v_head = job.v + job.slots[b] * job.v_row + h * job.v_head;
+  const T* v_new = job.v_new + b * job.v_new_row + h * D;
   rotate<D>(job.k_new + b * job.k_new_row + h * D, job.cos + b * D, job.sin + b * D, k_head + last * D);
-  std::memcpy(v_head + last * D, scale_head<D>(job.v_new + b * job.v_new_row + h * D, job.scales.v_of(b, h, D), buffer),
-              D * sizeof(uint16_t));
-  const uint16_t* k = k_head + first * D;
-  const uint16_t* v = v_head + first * D;
+  if constexpr (kBf16) {
+    const uint16_t* z_q = job.scales.q_of(b, h, group, D);
+    uint16_t buffer[D];
+    for (int64_t g = 0; g < group; ++g)
+      rotate<D>(scale_head<D>(q_in + g * D, z_q == nullptr ? nullptr : z_q + g * D, buffer), job.cos + b * D,
+                job.sin + b * D, q + g * D);
+    std::memcpy(v_head + last * D, scale_head<D>(v_new, job.scales.v_of(b, h, D), buffer), D * sizeof(T));
+  } else {
+    for (int64_t g = 0; g < group; ++g) rotate<D>(q_in + g * D, job.cos + b * D, job.sin + b * D, q + g * D);
+    std::memcpy(v_head + last * D, v_new, D * sizeof(T));
+  }
+  const T* k = k_head + first * D;
+  const T* v = v_head + first * D;
   scores.resize(static_cast<size_t>(group * n));
   float* s = scores.data();
 #ifdef PEDRO_X86
@@ -323,34 +383,34 @@ __attribute__((always_inline)) inline void attend_one(const Job& job, int64_t it
   for (int64_t j = 0; j < n; ++j) {
     float vf[D];
 #pragma omp simd
-    for (int d = 0; d < D; ++d) vf[d] = bf16_to_float(v[j * D + d]);
+    for (int d = 0; d < D; ++d) vf[d] = to_float(v[j * D + d]);
     for (int64_t g = 0; g < group; ++g) {
       const float p = s[g * n + j];
 #pragma omp simd
       for (int d = 0; d < D; ++d) acc[g][d] += p * vf[d];
     }
   }
-  uint16_t* out = job.out + item * group * D;
+  T* out = job.out + item * group * D;
   for (int64_t g = 0; g < group; ++g) {
     const float inv = 1.f / sums[g];
-    for (int d = 0; d < D; ++d) out[g * D + d] = float_to_bf16(acc[g][d] * inv);
+    for (int d = 0; d < D; ++d) out[g * D + d] = from_float<T>(acc[g][d] * inv);
   }
 }
 
-template <int D>
-void attend_portable(const Job& job, int64_t begin, int64_t end) {
+template <int D, typename T>
+void attend_portable(const Job<T>& job, int64_t begin, int64_t end) {
   std::vector<float> scores;
   for (int64_t item = begin; item < end; ++item) attend_one<D, false>(job, item, scores);
 }
 
-template <int D>
-PEDRO_AVX512 void attend_avx512(const Job& job, int64_t begin, int64_t end) {
+template <int D, typename T>
+PEDRO_AVX512 void attend_avx512(const Job<T>& job, int64_t begin, int64_t end) {
   std::vector<float> scores;
   for (int64_t item = begin; item < end; ++item) attend_one<D, true>(job, item, scores);
 }
 
-template <int D>
-void attend(const Job& job, int64_t items) {
+template <int D, typename T>
+void attend(const Job<T>& job, int64_t items) {
   run_parallel(
       items, 1,
       [&](int64_t begin, int64_t end) { attend_avx512<D>(job, begin, end); },
@@ -360,14 +420,18 @@ void attend(const Job& job, int64_t items) {
 
 // The layouts both attention kernels read: q (rows, kv_heads, group, D), the new keys and values (rows,
 // kv_heads, D), each row contiguous at any row stride; cos, sin (rows, D); one layer's cache (slots, kv_heads, S,
-// D). `rows` names the first dimension in the messages (B decode rows, N prefill tokens).
+// D). `rows` names the first dimension in the messages (B decode rows, N prefill tokens); `float32`: fp32
+// tensors are served too (decode attention), all of one dtype.
 void check_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& cos,
-                     const at::Tensor& sin, const at::Tensor& k, const at::Tensor& v, const char* rows) {
+                     const at::Tensor& sin, const at::Tensor& k, const at::Tensor& v, const char* rows,
+                     bool float32 = false) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q: (", rows,
               ", kv_heads, group, D); k, v: (slots, kv_heads, S, D)");
   for (const at::Tensor* t : {&q, &k_new, &v_new, &cos, &sin, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16, "bfloat16 q, keys, values, cos and sin only");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() && (q.scalar_type() == at::kBFloat16 || float32),
+                float32 ? "q, keys, values, cos and sin all bfloat16 or all float32"
+                        : "bfloat16 q, keys, values, cos and sin only");
   }
   const int64_t n = q.size(0), heads = q.size(1), group = q.size(2), dim = q.size(3);
   TORCH_CHECK(q.stride(3) == 1 && q.stride(2) == q.size(3) && q.stride(1) == q.size(2) * q.size(3),
@@ -393,7 +457,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
                             const at::Tensor& slots, const at::Tensor& lengths, int64_t window, double scale,
                             const std::optional<at::Tensor>& q_scale, const std::optional<at::Tensor>& v_scale,
                             const std::optional<at::Tensor>& scale_index) {
-  check_attention(q, k_new, v_new, cos, sin, k, v, "B");
+  check_attention(q, k_new, v_new, cos, sin, k, v, "B", true);
   for (const at::Tensor* t : {&slots, &lengths}) TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
   const int64_t batch = q.size(0), heads = q.size(1), group = q.size(2), dim = q.size(3);
   TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.size(0) == batch &&
@@ -408,15 +472,25 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
     TORCH_CHECK(sp[b] >= 0 && sp[b] < k.size(0), "a row's slot is outside the cache");
   }
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's row stride
-  const Job job{bits(q), bits(k_new), bits(v_new), bits(cos), bits(sin), mutable_bits(k), mutable_bits(v), mutable_bits(out), sp, lp,
-                heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1), window,
-                q.stride(0), k_new.stride(0), v_new.stride(0), static_cast<float>(scale),
-                scales_of(q_scale, v_scale, scale_index, batch, heads * group * dim, heads * dim)};
-  switch (dim) {
-    case 64: attend<64>(job, batch * heads); break;
-    case 128: attend<128>(job, batch * heads); break;
-    case 256: attend<256>(job, batch * heads); break;
-    default: TORCH_CHECK(false, "head_dim must be 64, 128 or 256");
+  const Scales scales = scales_of(q_scale, v_scale, scale_index, batch, heads * group * dim, heads * dim);
+  const auto run = [&](auto job) {
+    switch (dim) {
+      case 64: attend<64>(job, batch * heads); break;
+      case 128: attend<128>(job, batch * heads); break;
+      case 256: attend<256>(job, batch * heads); break;
+      default: TORCH_CHECK(false, "head_dim must be 64, 128 or 256");
+    }
+  };
+  if (q.scalar_type() == at::kFloat) {
+    TORCH_CHECK(scales.q == nullptr && scales.v == nullptr, "scale tables are served in bfloat16 only");
+    run(Job<float>{q.data_ptr<float>(), k_new.data_ptr<float>(), v_new.data_ptr<float>(), cos.data_ptr<float>(),
+                   sin.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(), sp, lp,
+                   heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1), window, q.stride(0),
+                   k_new.stride(0), v_new.stride(0), static_cast<float>(scale), scales});
+  } else {
+    run(Job<uint16_t>{bits(q), bits(k_new), bits(v_new), bits(cos), bits(sin), mutable_bits(k), mutable_bits(v),
+                      mutable_bits(out), sp, lp, heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                      window, q.stride(0), k_new.stride(0), v_new.stride(0), static_cast<float>(scale), scales});
   }
   return out;
 }
