@@ -56,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         long_prompt=512,
         long_batch=8,
         hf_tenants=[1, 4, 16, 32],
+        prefill_rounds=9,
     ),
     # sized to finish in ~25 minutes on a shared 2-core CPU (see docs/engine.md): short prompts and 16 decode
     # steps (decode throughput is per step, so fewer steps cost precision, not meaning); at batch 64 only
@@ -70,6 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         long_prompt=256,
         long_batch=8,
         hf_tenants=[4, 32],
+        prefill_rounds=9,
     ),
     # the targets only (batch 32 at 1 and 32 tenants, 128-token prompts and 128 new tokens as the targets are
     # stated; transformers at 32 steps): ~20 minutes, to re-check a change
@@ -83,6 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         long_prompt=512,
         long_batch=8,
         hf_tenants=[32],
+        prefill_rounds=9,
     ),
     # seconds, for a smoke test of the script itself
     "smoke": dict(
@@ -95,6 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         long_prompt=16,
         long_batch=2,
         hf_tenants=[4],
+        prefill_rounds=1,
     ),
 }
 POPULARITY = ("distinct", "uniform16", "zipf", "identical")
@@ -301,17 +305,23 @@ def run_lockstep(
     }
 
 
-def summarise_lockstep(repeats: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
-    """Per method: each repeat's time ratios bare / method (>1: faster than bare), and their medians."""
+def summarise_lockstep(
+    repeats: list[dict[str, dict[str, float]]], prefill_rounds: list[dict[str, dict[str, float]]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per method: each repeat's time ratios bare / method (>1: faster than bare), and their medians. A repeat
+    holds one prefill step per method (a whole batch's prompts), a single sample of a second or so that a slow
+    stretch of the host can move by 10 %, so prefill is also read over ``prefill_rounds``: lockstep runs that
+    only prefill (and decode one token)."""
     keys = {"decode": "decode_s", "prefill": "prefill_s", "end_to_end": "step_calls_s"}
     out: dict[str, dict[str, Any]] = {}
     for name in repeats[0]:
         entry: dict[str, Any] = {"repeats": len(repeats)}
         for label, key in keys.items():
-            ratios = [r["bare"][key] / r[name][key] for r in repeats]
+            runs = repeats + (prefill_rounds or []) if label == "prefill" else repeats
+            ratios = [r["bare"][key] / r[name][key] for r in runs]
             entry[f"{label}_vs_bare"] = statistics.median(ratios)
             entry[f"{label}_vs_bare_per_repeat"] = ratios
-            entry[f"{label}_s"] = statistics.median(r[name][key] for r in repeats)
+            entry[f"{label}_s"] = statistics.median(r[name][key] for r in runs)
         out[name] = entry
     return out
 
@@ -485,12 +495,14 @@ def benchmark(preset: dict[str, Any], backbone: str, dtype: torch.dtype, log: Ca
             + ", ".join(f"{m} {r['decode_vs_bare']:.3f}" for m, r in ratios.items() if m != "bare")
             + f"  ({time.perf_counter() - started:.0f}s)"
         )
+    prefill_rounds = [run_lockstep(step_engines, prompts, adapters, 2) for _ in range(preset["prefill_rounds"])]
     lockstep = {
         "point": lockstep_label,
         "batch": batch,
         "prompt_len": P,
         "new_tokens": N,
-        "methods": summarise_lockstep(lockstep_runs),
+        "prefill_rounds": len(prefill_rounds),
+        "methods": summarise_lockstep(lockstep_runs, prefill_rounds),
     }
     del step_engines
     gc.collect()
@@ -692,7 +704,9 @@ def markdown(result: dict[str, Any]) -> str:
             "tokens each, one engine per method on the one backbone; each round runs one `step()` of every engine "
             "(order rotated per round), so a slow stretch of the machine hits every method alike. Ratios: bare "
             "time / method time (>1: faster than bare), median over repeats (each repeat's in brackets). End to "
-            "end: the wall time of the `step()` calls, prefill, sampling and detokenising included.",
+            "end: the wall time of the `step()` calls, prefill, sampling and detokenising included. Prefill: "
+            f"over the repeats and {lockstep.get('prefill_rounds', 0)} more lockstep rounds that only prefill the "
+            "same prompts (and decode one token), since a repeat holds a single prefill step per method.",
             "",
             "| method | decode ×bare | prefill ×bare | end to end ×bare | decode s | prefill s |",
             "|---|---:|---:|---:|---:|---:|",

@@ -93,6 +93,7 @@ def test_the_multitenant_benchmark_runs(tiny_llama_dir, tmp_path):
     }
     for name, m in lockstep["methods"].items():
         assert m["decode_s"] > 0 and m["prefill_s"] > 0 and len(m["decode_vs_bare_per_repeat"]) == 1
+        assert len(m["prefill_vs_bare_per_repeat"]) == 1 + lockstep["prefill_rounds"] == 2  # the repeat, a round
         if name == "bare":
             assert m["decode_vs_bare"] == m["prefill_vs_bare"] == m["end_to_end_vs_bare"] == 1.0
     assert "## Lockstep: b4-t4" in report
