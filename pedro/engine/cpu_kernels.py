@@ -14,7 +14,7 @@ makes a chunk of a prompt compute exactly what the whole prompt's prefill comput
 replaces two batched matmuls and a softmax (SmolLM2, batch 32, ~140 keys, 2 threads: 0.37 ms a layer against
 ~0.87 ms, RoPE and the cache writes included), its RoPE fp32's own roundings, bit for bit. ``rms_norm`` does a
 backbone's RMSNorm in one pass where the module issues ~8 tensor ops (~40 us at a decode step's rows),
-``silu_mul`` a gated MLP's activation and product in one, and ``scale_rows`` PEDRO's per-row scaling in one call
+``silu_mul`` a gated MLP's activation and product in one (both in fp32 too), and ``scale_rows`` PEDRO's per-row scaling in one call
 per point and layer where a prefill made one per prompt.
 
 They are compiled by ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into torch's extension cache
@@ -67,9 +67,10 @@ def kernels(portable: bool = False) -> Optional[Any]:
     position; each token attends its slot up to its own position. Both take ``q_scale``, ``v_scale`` (per-row
     tables of PEDRO's z for the q and v projections' outputs, (table rows, width)) and ``scale_index`` (each row's
     or token's table row): q and v scaled as ``scale_rows`` would, as the kernel reads them. ``rms_norm(x, weight,
-    eps) -> out``: weight bf16 for LLaMA's form, fp32 ``1 + weight`` for Gemma's (``compat.rms_norm_form``).
-    ``silu_mul(gate, up, up_scale=None, scale_index=None) -> out``: ``silu(gate) * up`` for (rows, width) inputs
-    whose rows are contiguous, up first scaled by its table where given. ``scale_rows(x, table, index, out)``:
+    eps, gemma) -> out``: x bf16 or fp32; weight x's dtype for LLaMA's form, fp32 ``1 + weight`` for Gemma's
+    (``gemma``; ``compat.rms_norm_form``). ``silu_mul(gate, up, up_scale=None, scale_index=None) -> out``:
+    ``silu(gate) * up`` for (rows, width) inputs whose rows are contiguous, bf16 or fp32, up first scaled by its
+    (bf16) table where given. ``scale_rows(x, table, index, out)``:
     ``out[n] = x[n] + x[n] * table[index[n]]``, addcmul's numbers (out may be x).
     ``portable``: the plain loops even where the CPU has AVX512-BF16 (what other CPUs run: their test)."""
     namespace = "pedro_portable" if portable else "pedro"
@@ -105,44 +106,54 @@ def prefill_attention(portable: bool = False) -> Optional[PrefillAttention]:
     return None if ops is None else ops.prefill_attention
 
 
+# how far a kernel's result may stray from torch's op, relative to it, per dtype: one bf16 step (rare: a sum in
+# another order, exp's last bits, moving a value across a rounding boundary); a few fp32 steps (such differences
+# are not rounded away in fp32, so they show in most elements, by a step or two)
+TOLERANCE = {torch.bfloat16: 2**-7, torch.float32: 2**-20}
+
+
+def _agrees(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Within the dtype's tolerance everywhere, and in bf16 equal almost everywhere."""
+    close = (ours.float() - theirs.float()).abs() <= theirs.float().abs() * TOLERANCE[theirs.dtype]
+    return bool(close.all()) and (theirs.dtype != torch.bfloat16 or bool((ours == theirs).float().mean() > 0.95))
+
+
 def rms_norm(norm: nn.Module, portable: bool = False) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """``norm`` (a bf16 RMSNorm of a supported form) as the kernel, or None (another form or dtype, no kernels, or
-    a kernel that strays from the module by more than bf16 rounding of the sum's order: checked here)."""
+    """``norm`` (a bf16 or fp32 RMSNorm of a supported form) as the kernel, or None (another form or dtype, no
+    kernels, or a kernel that strays from the module by more than rounding of the sum's order: checked here)."""
     form, ops = rms_norm_form(norm), kernels(portable)
     if form is None or ops is None or form[1].dtype not in (torch.bfloat16, torch.float32):
         return None
-    _, weight, eps = form
+    kind, weight, eps = form
     module_weight: Any = norm.weight
-    if weight.device.type != "cpu" or module_weight.dtype != torch.bfloat16:
+    if weight.device.type != "cpu" or module_weight.dtype not in TOLERANCE:
         return None
-    weight = weight.detach().contiguous()
+    weight, gemma = weight.detach().contiguous(), kind == "gemma"
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x.contiguous(), weight, eps)
+        return ops.rms_norm(x.contiguous(), weight, eps, gemma)
 
     with torch.no_grad():
         x = norm_probe(module_weight)
-        ours, theirs = fn(x).float(), norm(x).float()
-    # the squares' sum in another order can move a value by one bf16 step, rarely
-    close = (ours - theirs).abs() <= theirs.abs() * 2**-7
-    return fn if bool(close.all()) and (ours == theirs).float().mean() > 0.95 else None
+        return fn if _agrees(fn(x), norm(x)) else None
 
 
-def silu_mul(act: Callable[[torch.Tensor], torch.Tensor], portable: bool = False) -> Optional[GatedActivation]:
-    """``act(gate) * up`` as the kernel where ``act`` is SiLU, or None (another activation, or no kernels).
-    Checked here against ``act`` on bf16 rows: within one bf16 step everywhere (exp's last bits may differ)."""
+def silu_mul(
+    act: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype = torch.bfloat16, portable: bool = False
+) -> Optional[GatedActivation]:
+    """``act(gate) * up`` as the kernel where ``act`` is SiLU, or None (another activation or dtype, or no
+    kernels). Checked here against ``act`` on rows of ``dtype``: within the dtype's tolerance (exp's last bits
+    may differ)."""
     ops = kernels(portable)
-    if ops is None:
+    if ops is None or dtype not in TOLERANCE:
         return None
     g = torch.Generator().manual_seed(0)
-    gate, up = (torch.randn(4, 256, generator=g).mul_(6).to(torch.bfloat16) for _ in range(2))
+    gate, up = (torch.randn(4, 256, generator=g).mul_(6).to(dtype) for _ in range(2))
     with torch.no_grad():
         if not torch.equal(act(gate), torch.nn.functional.silu(gate)):
             return None
-        ours, theirs = ops.silu_mul(gate, up).float(), (act(gate) * up).float()
-    close = (ours - theirs).abs() <= theirs.abs() * 2**-7
-    if not (bool(close.all()) and (ours == theirs).float().mean() > 0.95):
-        return None
+        if not _agrees(ops.silu_mul(gate, up), act(gate) * up):
+            return None
     op: GatedActivation = ops.silu_mul
     return op
 

@@ -229,13 +229,14 @@ class ModelRunner:
         self.device = self.embed_tokens.weight.device
         # in bf16 on a CPU, the engine's own kernels (cpu_kernels.py) where they build: decode and prefill
         # attention (RoPE and the cache writes included; probabilities kept in fp32), the norms, the gated
-        # activation and PEDRO's per-row scaling, one pass each; in fp32, decode attention
+        # activation and PEDRO's per-row scaling, one pass each; in fp32, decode attention, the norms and the
+        # activation
         on_cpu = kernels and self.device.type == "cpu"
         decode_kernel = on_cpu and cache.k.dtype in (torch.bfloat16, torch.float32)
         kernels = on_cpu and cache.k.dtype == torch.bfloat16
 
         def norm_of(module: nn.Module) -> _Norm:
-            kernel = cpu_kernels.rms_norm(module) if kernels else None
+            kernel = cpu_kernels.rms_norm(module) if on_cpu else None
             return kernel or rms_norm(module)
 
         self.layers = [_Layer.of(layer, i, family, config, norm_of) for i, layer in enumerate(layers)]
@@ -248,7 +249,7 @@ class ModelRunner:
         heads: int = config.num_attention_heads
         self.group = heads // self.n_kv
         act = mlp_activation(layers[0].mlp)
-        self.gate_kernel = cpu_kernels.silu_mul(act) if kernels else None
+        self.gate_kernel = cpu_kernels.silu_mul(act, cache.k.dtype) if on_cpu else None
         self.gated: cpu_kernels.GatedActivation = self.gate_kernel or (lambda g, u: act(g) * u)
         check_rotary(self.rotary_emb, family.layer_types)
         self.ropes = list(dict.fromkeys(layer.rope for layer in self.layers))

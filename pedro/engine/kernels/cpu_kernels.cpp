@@ -24,7 +24,7 @@
 //
 // silu_mul: a gated MLP's silu(gate) * up in one pass, with torch's roundings (silu computed in fp32 as
 // g / (1 + exp(-g)) and rounded to bf16, then the product rounded); gate and up may be column slices of one
-// fused product.
+// fused product. The same in fp32 (no scale table), where only exp's last bits may differ from torch's.
 //
 // scale_rows: PEDRO's (and (IA)3's) per-row scaling, out[n] = x[n] + x[n] * table[index[n]], computed in fp32 and
 // rounded once, as torch's addcmul does (bit for bit): one call per point and layer where a prefill made one per
@@ -32,7 +32,7 @@
 //
 // rms_norm: a backbone's RMSNorm as one pass per row instead of ~8 tensor ops, with the same roundings as
 // transformers' modules (LLaMA's form: weight * bf16(x * rsqrt(mean(x^2) + eps)); Gemma's: bf16(x * rsqrt(...) *
-// (1 + weight)), 1 + weight given in fp32); only the order of the squares' sum differs.
+// (1 + weight)), 1 + weight given in fp32); only the order of the squares' sum differs. The same in fp32.
 //
 // Every row (and (row, KV head)) is computed alone, in a fixed order, so a row's output never depends on the
 // other rows of its batch nor on the thread count.
@@ -497,59 +497,79 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
 
 // ------------------------------------------------------------------------------------------------ silu_mul
 
+template <typename T>  // uint16_t: bf16, or float
 struct GateJob {
-  const uint16_t *gate, *up;
-  uint16_t* out;
+  const T *gate, *up;
+  T* out;
   int64_t width, gate_row, up_row;
-  const uint16_t* z = nullptr;  // PEDRO's scaling of up (row n: table row index[n]), or none
+  const uint16_t* z = nullptr;  // PEDRO's scaling of up (row n: table row index[n]), or none (bf16 only)
   int64_t z_row = 0;
   const int64_t* index = nullptr;
 };
 
-__attribute__((always_inline)) inline void gate_rows(const GateJob& job, int64_t begin, int64_t end) {
+template <typename T>
+__attribute__((always_inline)) inline void gate_rows(const GateJob<T>& job, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
-    const uint16_t* g = job.gate + row * job.gate_row;
-    const uint16_t* u = job.up + row * job.up_row;
-    uint16_t* out = job.out + row * job.width;
-    if (job.z == nullptr) {
+    const T* g = job.gate + row * job.gate_row;
+    const T* u = job.up + row * job.up_row;
+    T* out = job.out + row * job.width;
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (job.z != nullptr) {  // up scaled first, as the up projection's output is where PEDRO scales it
+        const uint16_t* z = job.z + job.index[row] * job.z_row;
 #pragma omp simd
-      for (int64_t i = 0; i < job.width; ++i) {
-        const float x = bf16_to_float(g[i]);
-        const float act = bf16_to_float(float_to_bf16(x / (1.f + exp_any(-x))));
-        out[i] = float_to_bf16(act * bf16_to_float(u[i]));
+        for (int64_t i = 0; i < job.width; ++i) {
+          const float x = bf16_to_float(g[i]);
+          const float act = bf16_to_float(float_to_bf16(x / (1.f + exp_any(-x))));
+          out[i] = float_to_bf16(act * bf16_to_float(scaled(u[i], z[i])));
+        }
+        continue;
       }
-    } else {  // up scaled first, as the up projection's output is where PEDRO scales it
-      const uint16_t* z = job.z + job.index[row] * job.z_row;
+    }
 #pragma omp simd
-      for (int64_t i = 0; i < job.width; ++i) {
-        const float x = bf16_to_float(g[i]);
-        const float act = bf16_to_float(float_to_bf16(x / (1.f + exp_any(-x))));
-        out[i] = float_to_bf16(act * bf16_to_float(scaled(u[i], z[i])));
-      }
+    for (int64_t i = 0; i < job.width; ++i) {
+      const float x = to_float(g[i]);
+      const float act = to_float(from_float<T>(x / (1.f + exp_any(-x))));
+      out[i] = from_float<T>(act * to_float(u[i]));
     }
   }
 }
 
-void gate_portable(const GateJob& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
+template <typename T>
+void gate_portable(const GateJob<T>& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
 
-PEDRO_AVX512 void gate_avx512(const GateJob& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
+template <typename T>
+PEDRO_AVX512 void gate_avx512(const GateJob<T>& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
 
-at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& up_scale,
-                    const std::optional<at::Tensor>& scale_index) {
-  TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu(), "CPU tensors only");
-  TORCH_CHECK(gate.scalar_type() == at::kBFloat16 && up.scalar_type() == at::kBFloat16, "bfloat16 gate and up only");
-  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes(), "gate and up must be (rows, width), the same shape");
-  TORCH_CHECK(gate.stride(1) == 1 && up.stride(1) == 1, "gate's and up's rows must be contiguous");
-  const int64_t rows = gate.size(0), width = gate.size(1);
-  at::Tensor out = at::empty({rows, width}, gate.options());
-  if (out.numel() == 0) return out;
-  const Scales scales = scales_of(up_scale, std::nullopt, scale_index, rows, width, 0, "up_scale");
-  const GateJob job{bits(gate), bits(up), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), width,
-                    gate.stride(0), up.stride(0), scales.q, scales.q_row, scales.index};
+template <typename T>
+void gate(const GateJob<T>& job, int64_t rows) {
   run_parallel(
-      rows, std::max<int64_t>(1, 16384 / width),
+      rows, std::max<int64_t>(1, 16384 / job.width),
       [&](int64_t begin, int64_t end) { gate_avx512(job, begin, end); },
       [&](int64_t begin, int64_t end) { gate_portable(job, begin, end); });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_in, const at::Tensor& up, const std::optional<at::Tensor>& up_scale,
+                    const std::optional<at::Tensor>& scale_index) {
+  TORCH_CHECK(gate_in.device().is_cpu() && up.device().is_cpu(), "CPU tensors only");
+  const bool float32 = gate_in.scalar_type() == at::kFloat;
+  TORCH_CHECK(up.scalar_type() == gate_in.scalar_type() && (float32 || gate_in.scalar_type() == at::kBFloat16),
+              "gate and up both bfloat16 or both float32");
+  TORCH_CHECK(gate_in.dim() == 2 && gate_in.sizes() == up.sizes(), "gate and up must be (rows, width), the same shape");
+  TORCH_CHECK(gate_in.stride(1) == 1 && up.stride(1) == 1, "gate's and up's rows must be contiguous");
+  const int64_t rows = gate_in.size(0), width = gate_in.size(1);
+  at::Tensor out = at::empty({rows, width}, gate_in.options());
+  if (out.numel() == 0) return out;
+  const Scales scales = scales_of(up_scale, std::nullopt, scale_index, rows, width, 0, "up_scale");
+  if (float32) {
+    TORCH_CHECK(scales.q == nullptr, "scale tables are served in bfloat16 only");
+    gate(GateJob<float>{gate_in.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), width,
+                        gate_in.stride(0), up.stride(0)},
+         rows);
+  } else {
+    gate(GateJob<uint16_t>{bits(gate_in), bits(up), mutable_bits(out), width, gate_in.stride(0), up.stride(0),
+                           scales.q, scales.q_row, scales.index},
+         rows);
+  }
   return out;
 }
 
@@ -601,60 +621,76 @@ void scale_rows(const at::Tensor& x, const at::Tensor& table, const at::Tensor& 
 
 // ------------------------------------------------------------------------------------------------ rms_norm
 
+template <typename T>  // uint16_t: bf16, or float
 struct NormJob {
-  const uint16_t* x;
-  uint16_t* out;
-  const uint16_t* weight;  // LLaMA's form
-  const float* scale;      // Gemma's form (1 + weight)
+  const T* x;
+  T* out;
+  const T* weight;      // LLaMA's form
+  const float* scale;  // Gemma's form (1 + weight)
   int64_t width;
   float eps;
 };
 
-__attribute__((always_inline)) inline void norm_rows(const NormJob& job, int64_t begin, int64_t end) {
+template <typename T>
+__attribute__((always_inline)) inline void norm_rows(const NormJob<T>& job, int64_t begin, int64_t end) {
   const int64_t n = job.width;
   for (int64_t row = begin; row < end; ++row) {
-    const uint16_t* x = job.x + row * n;
-    uint16_t* out = job.out + row * n;
+    const T* x = job.x + row * n;
+    T* out = job.out + row * n;
     float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
     for (int64_t i = 0; i < n; ++i) {
-      const float h = bf16_to_float(x[i]);
+      const float h = to_float(x[i]);
       squares += h * h;
     }
     const float r = 1.f / std::sqrt(squares / static_cast<float>(n) + job.eps);
     if (job.scale != nullptr) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(x[i]) * r * job.scale[i]);
+      for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(to_float(x[i]) * r * job.scale[i]);
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i)
-        out[i] = float_to_bf16(bf16_to_float(job.weight[i]) * bf16_to_float(float_to_bf16(bf16_to_float(x[i]) * r)));
+        out[i] = from_float<T>(to_float(job.weight[i]) * to_float(from_float<T>(to_float(x[i]) * r)));
     }
   }
 }
 
-void norm_portable(const NormJob& job, int64_t begin, int64_t end) { norm_rows(job, begin, end); }
+template <typename T>
+void norm_portable(const NormJob<T>& job, int64_t begin, int64_t end) { norm_rows(job, begin, end); }
 
-PEDRO_AVX512 void norm_avx512(const NormJob& job, int64_t begin, int64_t end) { norm_rows(job, begin, end); }
+template <typename T>
+PEDRO_AVX512 void norm_avx512(const NormJob<T>& job, int64_t begin, int64_t end) { norm_rows(job, begin, end); }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+template <typename T>
+void norm(const NormJob<T>& job, int64_t rows) {
+  run_parallel(
+      rows, std::max<int64_t>(1, 32768 / job.width),
+      [&](int64_t begin, int64_t end) { norm_avx512(job, begin, end); },
+      [&](int64_t begin, int64_t end) { norm_portable(job, begin, end); });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() >= 1, "x must be contiguous bfloat16");
+  const bool float32 = x.scalar_type() == at::kFloat;
+  TORCH_CHECK((float32 || x.scalar_type() == at::kBFloat16) && x.is_contiguous() && x.dim() >= 1,
+              "x must be contiguous bfloat16 or float32");
   const int64_t width = x.size(-1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == width && weight.is_contiguous(),
               "weight must be contiguous and as wide as x's last dimension");
-  const bool gemma = weight.scalar_type() == at::kFloat;
-  TORCH_CHECK(gemma || weight.scalar_type() == at::kBFloat16,
-              "weight: bfloat16 (LLaMA's form) or float32 1 + weight (Gemma's form)");
+  TORCH_CHECK(gemma ? weight.scalar_type() == at::kFloat : weight.scalar_type() == x.scalar_type(),
+              "weight: x's dtype (LLaMA's form) or float32 1 + weight (Gemma's form)");
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
-  const NormJob job{bits(x), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
-                    gemma ? nullptr : bits(weight), gemma ? weight.data_ptr<float>() : nullptr, width,
-                    static_cast<float>(eps)};
-  run_parallel(
-      x.numel() / width, std::max<int64_t>(1, 32768 / width),
-      [&](int64_t begin, int64_t end) { norm_avx512(job, begin, end); },
-      [&](int64_t begin, int64_t end) { norm_portable(job, begin, end); });
+  const int64_t rows = x.numel() / width;
+  const float* scale = gemma ? weight.data_ptr<float>() : nullptr;
+  if (float32)
+    norm(NormJob<float>{x.data_ptr<float>(), out.data_ptr<float>(), gemma ? nullptr : weight.data_ptr<float>(),
+                        scale, width, static_cast<float>(eps)},
+         rows);
+  else
+    norm(NormJob<uint16_t>{bits(x), mutable_bits(out), gemma ? nullptr : bits(weight), scale, width,
+                           static_cast<float>(eps)},
+         rows);
   return out;
 }
 
@@ -1030,7 +1066,7 @@ TORCH_LIBRARY(PEDRO_NAMESPACE, m) {
       "prefill_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, "
       "Tensor rows, int window, float scale, Tensor? q_scale=None, Tensor? v_scale=None, "
       "Tensor? scale_index=None) -> Tensor");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, bool gemma) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up, Tensor? up_scale=None, Tensor? scale_index=None) -> Tensor");
   m.def("scale_rows(Tensor x, Tensor table, Tensor index, Tensor(a!) out) -> ()");
 }
