@@ -1,5 +1,5 @@
-"""The engine's own CPU kernels for bf16 (and decode attention in fp32), built from source on first use
-(kernels/cpu_kernels.cpp).
+"""The engine's own CPU kernels for bf16 and fp32 (prefill attention and PEDRO's scaling in bf16 only), built
+from source on first use (kernels/cpu_kernels.cpp).
 
 Why kernels of our own: a bf16 decode step on a CPU spent a third of its time in the flash kernel behind
 ``scaled_dot_product_attention``, which at one query per row spends more time blocking than reading the cache

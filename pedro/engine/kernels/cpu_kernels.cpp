@@ -1,5 +1,5 @@
-// The engine's CPU kernels for bf16, and decode attention in fp32 (pedro/engine/cpu_kernels.py builds this file
-// on first use).
+// The engine's CPU kernels for bf16, and decode attention, the norms and the gated activation in fp32
+// (pedro/engine/cpu_kernels.py builds this file on first use).
 //
 // decode_attention: one query token per row, each row attending its own cached keys. q: (B, kv_heads, group,
 // D), the query heads grouped onto their KV head; k_new, v_new: (B, kv_heads, D), the rows' new key and value
