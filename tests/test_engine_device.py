@@ -219,3 +219,22 @@ def test_steps_on_another_device_do_no_host_work_per_layer(tmp_path, monkeypatch
     many = _meta_steps(6, tmp_path, monkeypatch)
     assert few == many
     assert len(many[1]) <= 8, many[1]  # the lengths: a max for the width, one upload, one increment
+
+
+def test_one_cpu_thread_runs_a_block_on_one_thread_and_restores_the_count_even_on_error():
+    from pedro.engine.device import one_cpu_thread
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with one_cpu_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"):
+            with one_cpu_thread(torch.device("cpu")):
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        with one_cpu_thread(torch.device("meta")):  # another device's work: the CPU's threads stay as they are
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
