@@ -120,8 +120,14 @@ inline uint16_t from_float<uint16_t>(float f) { return float_to_bf16(f); }
 template <>
 inline float from_float<float>(float f) { return f; }
 
-const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
-uint16_t* mutable_bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+// A tensor's elements as a kernel's element type T (uint16_t: bf16's bits; float)
+template <typename T>
+T* data(const at::Tensor& t);
+template <>
+uint16_t* data<uint16_t>(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+template <>
+float* data<float>(const at::Tensor& t) { return t.data_ptr<float>(); }
+
 
 bool cpu_has_avx512_bf16() {
 #ifdef PEDRO_X86
@@ -215,8 +221,8 @@ Scales scales_of(const std::optional<at::Tensor>& q_scale, const std::optional<a
   }
   for (int64_t n = 0; n < rows; ++n)
     TORCH_CHECK(scales.index[n] >= 0 && scales.index[n] < table_rows, "a scale_index is outside the tables");
-  if (q_scale.has_value()) scales.q = bits(*q_scale), scales.q_row = q_scale->stride(0);
-  if (v_scale.has_value()) scales.v = bits(*v_scale), scales.v_row = v_scale->stride(0);
+  if (q_scale.has_value()) scales.q = data<uint16_t>(*q_scale), scales.q_row = q_scale->stride(0);
+  if (v_scale.has_value()) scales.v = data<uint16_t>(*v_scale), scales.v_row = v_scale->stride(0);
   return scales;
 }
 
@@ -227,6 +233,21 @@ void run_parallel(int64_t items, int64_t grain, const Fast& fast, const Portable
     at::parallel_for(0, items, grain, fast);
   else
     at::parallel_for(0, items, grain, portable);
+}
+
+// Runs a row kernel (an always-inline function of (job, begin, end)) over [0, items) in parallel: compiled for
+// AVX-512 where the CPU has AVX512-BF16, as plain loops elsewhere (run_parallel)
+template <auto Rows, typename J>
+PEDRO_AVX512 void rows_avx512(const J& job, int64_t begin, int64_t end) { Rows(job, begin, end); }
+
+template <auto Rows, typename J>
+void rows_portable(const J& job, int64_t begin, int64_t end) { Rows(job, begin, end); }
+
+template <auto Rows, typename J>
+void run_rows(const J& job, int64_t items, int64_t grain) {
+  run_parallel(
+      items, grain, [&](int64_t begin, int64_t end) { rows_avx512<Rows>(job, begin, end); },
+      [&](int64_t begin, int64_t end) { rows_portable<Rows>(job, begin, end); });
 }
 
 template <typename T>  // uint16_t: bf16, or float
@@ -258,54 +279,54 @@ PEDRO_AVX512 inline __m512 sum_lanes16(const __m512* v) {
                        _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// scores[g * n + j] = (q_g . k_j) * scale with the CPU's bf16 dot products (fp32 sums), 16 keys at a time;
-// the values those keys weight are fetched meanwhile
-template <int D>
-PEDRO_AVX512 inline void score_avx512(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t n, int group,
-                                      float scale, float* scores) {
-  constexpr int P = D / 32;  // 32 bf16 to a register
-  for (int g = 0; g < group; ++g) {
-    __m512bh qv[P];
-    for (int p = 0; p < P; ++p) qv[p] = (__m512bh)_mm512_loadu_si512(q + g * D + p * 32);
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int m = n - j0 < 16 ? static_cast<int>(n - j0) : 16;
-      if (g == 0)
-        for (int line = 0; line < m * D * 2; line += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(v + j0 * D) + line, _MM_HINT_T0);
-      __m512 part[16];
-      for (int jj = 0; jj < 16; ++jj) {
-        __m512 acc = _mm512_setzero_ps();
-        if (jj < m)
-          for (int p = 0; p < P; ++p)
-            acc = _mm512_dpbf16_ps(acc, qv[p], (__m512bh)_mm512_loadu_si512(k + (j0 + jj) * D + p * 32));
-        part[jj] = acc;
-      }
-      const __m512 s = _mm512_mul_ps(sum_lanes16(part), _mm512_set1_ps(scale));
-      _mm512_mask_storeu_ps(scores + g * n + j0, static_cast<__mmask16>((1u << m) - 1u), s);
-    }
-  }
-}
+// One query head in registers, and its products with a key as 16 lanes of partial sums: bf16 element pairs
+// through the CPU's bf16 dot products (fp32 sums), fp32 through multiply-adds
+template <int D, typename T>
+struct QueryLanes;
 
-// The same for fp32 queries and keys, with fp32 multiply-adds
 template <int D>
-PEDRO_AVX512 inline void score_avx512(const float* q, const float* k, const float* v, int64_t n, int group,
-                                      float scale, float* scores) {
-  constexpr int P = D / 16;  // 16 floats to a register
+struct QueryLanes<D, uint16_t> {
+  static constexpr int P = D / 32;  // 32 bf16 to a register
+  __m512bh r[P];
+  PEDRO_AVX512 inline void load(const uint16_t* q) {
+    for (int p = 0; p < P; ++p) r[p] = (__m512bh)_mm512_loadu_si512(q + p * 32);
+  }
+  PEDRO_AVX512 inline __m512 dot(const uint16_t* k) const {
+    __m512 acc = _mm512_setzero_ps();
+    for (int p = 0; p < P; ++p) acc = _mm512_dpbf16_ps(acc, r[p], (__m512bh)_mm512_loadu_si512(k + p * 32));
+    return acc;
+  }
+};
+
+template <int D>
+struct QueryLanes<D, float> {
+  static constexpr int P = D / 16;  // 16 floats to a register
+  __m512 r[P];
+  PEDRO_AVX512 inline void load(const float* q) {
+    for (int p = 0; p < P; ++p) r[p] = _mm512_loadu_ps(q + p * 16);
+  }
+  PEDRO_AVX512 inline __m512 dot(const float* k) const {
+    __m512 acc = _mm512_setzero_ps();
+    for (int p = 0; p < P; ++p) acc = _mm512_fmadd_ps(r[p], _mm512_loadu_ps(k + p * 16), acc);
+    return acc;
+  }
+};
+
+// scores[g * n + j] = (q_g . k_j) * scale, 16 keys at a time, their 16 partial sums reduced together; the
+// values those keys weight are fetched meanwhile
+template <int D, typename T>
+PEDRO_AVX512 inline void score_avx512(const T* q, const T* k, const T* v, int64_t n, int group, float scale,
+                                      float* scores) {
   for (int g = 0; g < group; ++g) {
-    __m512 qv[P];
-    for (int p = 0; p < P; ++p) qv[p] = _mm512_loadu_ps(q + g * D + p * 16);
+    QueryLanes<D, T> lanes;
+    lanes.load(q + g * D);
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int m = n - j0 < 16 ? static_cast<int>(n - j0) : 16;
       if (g == 0)
-        for (int line = 0; line < m * D * 4; line += 64)
+        for (int line = 0; line < m * D * static_cast<int>(sizeof(T)); line += 64)
           _mm_prefetch(reinterpret_cast<const char*>(v + j0 * D) + line, _MM_HINT_T0);
       __m512 part[16];
-      for (int jj = 0; jj < 16; ++jj) {
-        __m512 acc = _mm512_setzero_ps();
-        if (jj < m)
-          for (int p = 0; p < P; ++p) acc = _mm512_fmadd_ps(qv[p], _mm512_loadu_ps(k + (j0 + jj) * D + p * 16), acc);
-        part[jj] = acc;
-      }
+      for (int jj = 0; jj < 16; ++jj) part[jj] = jj < m ? lanes.dot(k + (j0 + jj) * D) : _mm512_setzero_ps();
       const __m512 s = _mm512_mul_ps(sum_lanes16(part), _mm512_set1_ps(scale));
       _mm512_mask_storeu_ps(scores + g * n + j0, static_cast<__mmask16>((1u << m) - 1u), s);
     }
@@ -473,7 +494,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   }
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's row stride
   const Scales scales = scales_of(q_scale, v_scale, scale_index, batch, heads * group * dim, heads * dim);
-  const auto run = [&](auto job) {
+  const auto run = [&](auto element) {  // element: a value of the kernel's element type
+    using T = decltype(element);
+    const Job<T> job{data<T>(q), data<T>(k_new), data<T>(v_new), data<T>(cos), data<T>(sin), data<T>(k),
+                     data<T>(v), data<T>(out), sp, lp, heads, group, k.stride(0), k.stride(1), v.stride(0),
+                     v.stride(1), window, q.stride(0), k_new.stride(0), v_new.stride(0), static_cast<float>(scale),
+                     scales};
     switch (dim) {
       case 64: attend<64>(job, batch * heads); break;
       case 128: attend<128>(job, batch * heads); break;
@@ -483,14 +509,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   };
   if (q.scalar_type() == at::kFloat) {
     TORCH_CHECK(scales.q == nullptr && scales.v == nullptr, "scale tables are served in bfloat16 only");
-    run(Job<float>{q.data_ptr<float>(), k_new.data_ptr<float>(), v_new.data_ptr<float>(), cos.data_ptr<float>(),
-                   sin.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(), sp, lp,
-                   heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1), window, q.stride(0),
-                   k_new.stride(0), v_new.stride(0), static_cast<float>(scale), scales});
+    run(0.f);
   } else {
-    run(Job<uint16_t>{bits(q), bits(k_new), bits(v_new), bits(cos), bits(sin), mutable_bits(k), mutable_bits(v),
-                      mutable_bits(out), sp, lp, heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      window, q.stride(0), k_new.stride(0), v_new.stride(0), static_cast<float>(scale), scales});
+    run(uint16_t{0});
   }
   return out;
 }
@@ -534,20 +555,6 @@ __attribute__((always_inline)) inline void gate_rows(const GateJob<T>& job, int6
   }
 }
 
-template <typename T>
-void gate_portable(const GateJob<T>& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
-
-template <typename T>
-PEDRO_AVX512 void gate_avx512(const GateJob<T>& job, int64_t begin, int64_t end) { gate_rows(job, begin, end); }
-
-template <typename T>
-void gate(const GateJob<T>& job, int64_t rows) {
-  run_parallel(
-      rows, std::max<int64_t>(1, 16384 / job.width),
-      [&](int64_t begin, int64_t end) { gate_avx512(job, begin, end); },
-      [&](int64_t begin, int64_t end) { gate_portable(job, begin, end); });
-}
-
 at::Tensor silu_mul(const at::Tensor& gate_in, const at::Tensor& up, const std::optional<at::Tensor>& up_scale,
                     const std::optional<at::Tensor>& scale_index) {
   TORCH_CHECK(gate_in.device().is_cpu() && up.device().is_cpu(), "CPU tensors only");
@@ -560,16 +567,17 @@ at::Tensor silu_mul(const at::Tensor& gate_in, const at::Tensor& up, const std::
   at::Tensor out = at::empty({rows, width}, gate_in.options());
   if (out.numel() == 0) return out;
   const Scales scales = scales_of(up_scale, std::nullopt, scale_index, rows, width, 0, "up_scale");
-  if (float32) {
-    TORCH_CHECK(scales.q == nullptr, "scale tables are served in bfloat16 only");
-    gate(GateJob<float>{gate_in.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), width,
-                        gate_in.stride(0), up.stride(0)},
-         rows);
-  } else {
-    gate(GateJob<uint16_t>{bits(gate_in), bits(up), mutable_bits(out), width, gate_in.stride(0), up.stride(0),
-                           scales.q, scales.q_row, scales.index},
-         rows);
-  }
+  TORCH_CHECK(!float32 || scales.q == nullptr, "scale tables are served in bfloat16 only");
+  const auto run = [&](auto element) {
+    using T = decltype(element);
+    run_rows<gate_rows<T>>(GateJob<T>{data<T>(gate_in), data<T>(up), data<T>(out), width, gate_in.stride(0),
+                                      up.stride(0), scales.q, scales.q_row, scales.index},
+                           rows, std::max<int64_t>(1, 16384 / width));
+  };
+  if (float32)
+    run(0.f);
+  else
+    run(uint16_t{0});
   return out;
 }
 
@@ -592,8 +600,6 @@ __attribute__((always_inline)) inline void scale_range(const ScaleJob& job, int6
   }
 }
 
-void scale_portable(const ScaleJob& job, int64_t begin, int64_t end) { scale_range(job, begin, end); }
-PEDRO_AVX512 void scale_avx512(const ScaleJob& job, int64_t begin, int64_t end) { scale_range(job, begin, end); }
 
 void scale_rows(const at::Tensor& x, const at::Tensor& table, const at::Tensor& index, at::Tensor& out) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &table, &index, &out})
@@ -611,12 +617,9 @@ void scale_rows(const at::Tensor& x, const at::Tensor& table, const at::Tensor& 
   for (int64_t n = 0; n < x.size(0); ++n)
     TORCH_CHECK(ip[n] >= 0 && ip[n] < table.size(0), "an index is outside the table");
   if (x.numel() == 0) return;
-  const ScaleJob job{bits(x), bits(table), mutable_bits(out), ip, x.size(1), x.stride(0), table.stride(0),
+  const ScaleJob job{data<uint16_t>(x), data<uint16_t>(table), data<uint16_t>(out), ip, x.size(1), x.stride(0), table.stride(0),
                      out.stride(0)};
-  run_parallel(
-      x.size(0), std::max<int64_t>(1, 32768 / x.size(1)),
-      [&](int64_t begin, int64_t end) { scale_avx512(job, begin, end); },
-      [&](int64_t begin, int64_t end) { scale_portable(job, begin, end); });
+  run_rows<scale_range>(job, x.size(0), std::max<int64_t>(1, 32768 / x.size(1)));
 }
 
 // ------------------------------------------------------------------------------------------------ rms_norm
@@ -655,20 +658,6 @@ __attribute__((always_inline)) inline void norm_rows(const NormJob<T>& job, int6
   }
 }
 
-template <typename T>
-void norm_portable(const NormJob<T>& job, int64_t begin, int64_t end) { norm_rows(job, begin, end); }
-
-template <typename T>
-PEDRO_AVX512 void norm_avx512(const NormJob<T>& job, int64_t begin, int64_t end) { norm_rows(job, begin, end); }
-
-template <typename T>
-void norm(const NormJob<T>& job, int64_t rows) {
-  run_parallel(
-      rows, std::max<int64_t>(1, 32768 / job.width),
-      [&](int64_t begin, int64_t end) { norm_avx512(job, begin, end); },
-      [&](int64_t begin, int64_t end) { norm_portable(job, begin, end); });
-}
-
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool gemma) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors only");
   const bool float32 = x.scalar_type() == at::kFloat;
@@ -682,15 +671,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   const int64_t rows = x.numel() / width;
-  const float* scale = gemma ? weight.data_ptr<float>() : nullptr;
+  const auto run = [&](auto element) {
+    using T = decltype(element);
+    run_rows<norm_rows<T>>(NormJob<T>{data<T>(x), data<T>(out), gemma ? nullptr : data<T>(weight),
+                                      gemma ? weight.data_ptr<float>() : nullptr, width, static_cast<float>(eps)},
+                           rows, std::max<int64_t>(1, 32768 / width));
+  };
   if (float32)
-    norm(NormJob<float>{x.data_ptr<float>(), out.data_ptr<float>(), gemma ? nullptr : weight.data_ptr<float>(),
-                        scale, width, static_cast<float>(eps)},
-         rows);
+    run(0.f);
   else
-    norm(NormJob<uint16_t>{bits(x), mutable_bits(out), gemma ? nullptr : bits(weight), scale, width,
-                           static_cast<float>(eps)},
-         rows);
+    run(uint16_t{0});
   return out;
 }
 
@@ -1041,10 +1031,10 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_new, const
   const bool pack = cpu_has_avx512_bf16();
   at::Tensor packed = at::empty({pack ? total * heads * dim : 0}, q.options());
   at::Tensor values = at::empty({total * heads * dim}, q.options().dtype(at::kFloat));
-  const PrefillJob job{bits(q), bits(k_new), bits(v_new), bits(cos), bits(sin), mutable_bits(k), mutable_bits(v),
-                       mutable_bits(out), rp, heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+  const PrefillJob job{data<uint16_t>(q), data<uint16_t>(k_new), data<uint16_t>(v_new), data<uint16_t>(cos), data<uint16_t>(sin), data<uint16_t>(k), data<uint16_t>(v),
+                       data<uint16_t>(out), rp, heads, group, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                        window, q.stride(0), k_new.stride(0), v_new.stride(0), static_cast<float>(scale),
-                       pack ? mutable_bits(packed) : nullptr, values.data_ptr<float>(), space.data(),
+                       pack ? data<uint16_t>(packed) : nullptr, values.data_ptr<float>(), space.data(),
                        scales_of(q_scale, v_scale, scale_index, tokens, heads * group * dim, heads * dim)};
   switch (dim) {
     case 64: prefill<64>(job, n_rows); break;
