@@ -233,7 +233,7 @@ class ModelRunner:
         # activation
         on_cpu = kernels and self.device.type == "cpu"
         decode_kernel = on_cpu and cache.k.dtype in (torch.bfloat16, torch.float32)
-        kernels = on_cpu and cache.k.dtype == torch.bfloat16
+        bf16_kernels = on_cpu and cache.k.dtype == torch.bfloat16
 
         def norm_of(module: nn.Module) -> _Norm:
             kernel = cpu_kernels.rms_norm(module) if on_cpu else None
@@ -267,9 +267,9 @@ class ModelRunner:
         self.matmul_decode_attention = self.device.type == "cpu" and cache.k.dtype == torch.float32
         self.exact_alpha = math.frexp(self.scaling)[0] == 0.5  # a power of two: scaling a product is exact
         shapes = self.head_dim in cpu_kernels.HEAD_DIMS and self.group <= cpu_kernels.MAX_GROUP
-        self.scale_kernel = cpu_kernels.scale_rows() if kernels else None
+        self.scale_kernel = cpu_kernels.scale_rows() if bf16_kernels else None
         self.attention_kernel = cpu_kernels.decode_attention() if decode_kernel and shapes else None
-        self.prefill_kernel = cpu_kernels.prefill_attention() if kernels and shapes else None
+        self.prefill_kernel = cpu_kernels.prefill_attention() if bf16_kernels and shapes else None
         # PEDRO's scaling of q and v applied by the attention kernels as they read them, of up by the gated
         # activation's: no pass of its own over those outputs (90 calls a decode step on SmolLM2). Not q where
         # a norm comes between the projection and the kernel (q/k norms)
