@@ -6,6 +6,7 @@ read (and tested) on one screen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,45 @@ class RationalActivation(nn.Module):
         for coef in b.flip(0)[1:]:
             den = (den + coef) * ax
         return (num / (1.0 + den)).to(x.dtype)
+
+
+# Elementwise CPU kernels take a vector path over whole blocks of contiguous elements and a scalar path over
+# the rest, and the two can round transcendental functions (erf, exp, tanh) differently; rows padded to whole
+# blocks (this many fp32 elements covers every CPU's block) take the vector path wherever they sit in a batch.
+ROW_BLOCK = 64
+
+
+def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (elementwise) on rows (N, k), each row's values independent of the other rows and of N: the same
+    bits whether a row is computed alone or with others, which lets the serving engine batch every tenant's
+    rows."""
+    width = x.shape[-1]
+    padded = -width % ROW_BLOCK
+    if padded == 0:
+        return fn(x)
+    return fn(torch.nn.functional.pad(x, (0, padded)))[..., :width]
+
+
+def row_products(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, in) times weight (N, out, in) -- or one (out, in) for every row -- plus bias: each row's product
+    computed on its own (a batch of one-row products), so its bits do not depend on how many rows share the
+    call nor on whose weights they are. ``F.linear`` blocks rows into one GEMM whose rounding changes with the
+    row count; this form lets the engine run every tenant's heads as one batched product with each tenant's own
+    bits (tests/test_generator.py checks that invariance)."""
+    rows = x.shape[0]
+    if weight.dim() == 2:
+        weight = weight.expand(rows, *weight.shape)
+    y = torch.bmm(x[:, None, :], weight.transpose(1, 2))[:, 0, :]
+    return y if bias is None else y + bias
+
+
+class RowLinear(nn.Linear):
+    """nn.Linear whose rows are each their own product (``row_products``); the same parameters and state
+    dict, so it stays a linear layer to every tool that walks the module tree."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        return row_products(x.reshape(-1, x.shape[-1]), self.weight, self.bias).reshape(*lead, -1)
 
 
 def make_activation(name: str) -> nn.Module:
@@ -117,9 +157,9 @@ class VectorGenerator(nn.Module):
         self.scorer = nn.Linear(d_model, 1, bias=False) if pooler == "attention" else None
         if self.scorer is not None:
             nn.init.zeros_(self.scorer.weight)  # uniform attention (= mean pooling) at init
-        self.down = nn.Linear(d_model, r, bias=bias)
+        self.down = RowLinear(d_model, r, bias=bias)
         self.act = make_activation(activation)
-        self.up = nn.Linear(r, out_features, bias=bias)
+        self.up = RowLinear(r, out_features, bias=bias)
         nn.init.zeros_(self.up.weight)
         if self.up.bias is not None:
             nn.init.zeros_(self.up.bias)
@@ -139,11 +179,17 @@ class VectorGenerator(nn.Module):
                 pooled = pool(states.to(dtype), mask, self.pooler, self.scorer)
             return self.head(pooled)
 
-    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+    def head(self, pooled: torch.Tensor, heads: "HeadStack | None" = None) -> torch.Tensor:
         """z from pooled rows (B, d): everything after the pooler. The engine calls it directly on the prompts'
-        last-token states, gathered for all its tenants' rows at once."""
+        last-token states, gathered for all its tenants' rows at once: with ``heads``, row i runs through head i
+        of that stack (each of this generator's ``head_form``) rather than through this generator's weights --
+        one batched product for every tenant's rows, each row's bits those of its own generator alone."""
         with torch.autocast(device_type=pooled.device.type, enabled=False):
-            return self._bound(self.up(self.act(self.down(self._normalized(pooled)))))
+            x = self._normalized(pooled)
+            if heads is None:
+                return self._bound(self.up(rowwise(self.act, self.down(x))))
+            h = row_products(x, heads.down, heads.down_bias)
+            return self._bound(row_products(rowwise(self.act, h), heads.up, heads.up_bias))
 
     def _normalized(self, pooled: torch.Tensor) -> torch.Tensor:
         x = pooled.to(self.down.weight.dtype)
@@ -152,12 +198,15 @@ class VectorGenerator(nn.Module):
         return x
 
     def _bound(self, z: torch.Tensor) -> torch.Tensor:
-        return z if self.scale_bound is None else self.scale_bound * torch.tanh(z / self.scale_bound)
+        if self.scale_bound is None:
+            return z
+        bound = self.scale_bound
+        return rowwise(lambda u: bound * torch.tanh(u / bound), z)
 
     def head_form(self) -> tuple | None:
         """What this head computes besides its Down/Up weights: generators with equal forms can run as one
-        batched product (``stacked_heads``). None: not stackable (a rational activation's coefficients are
-        weights of their own)."""
+        batched product (``head`` with a ``HeadStack``). None: not stackable (a rational activation's
+        coefficients are weights of their own)."""
         if isinstance(self.act, RationalActivation):
             return None
         return (
@@ -167,6 +216,7 @@ class VectorGenerator(nn.Module):
             tuple(self.down.weight.shape),
             tuple(self.up.weight.shape),
             self.down.bias is not None,
+            self.down.weight.dtype,
         )
 
 
@@ -181,48 +231,42 @@ class HeadStack:
     up_bias: torch.Tensor | None
 
     @classmethod
-    def of(cls, generators: list[VectorGenerator]) -> "HeadStack | None":
-        """The heads of ``generators`` stacked on a new first axis; None where their ``head_form`` differ or
-        cannot be stacked."""
-        forms = {g.head_form() for g in generators}
-        if len(forms) != 1 or None in forms:
-            return None
-        return cls.cat([cls(g.down.weight, g.down.bias, g.up.weight, g.up.bias) for g in generators])
-
-    @classmethod
-    def cat(cls, stacks: list["HeadStack"]) -> "HeadStack":
+    def stack(cls, stacks: list["HeadStack"]) -> "HeadStack":
         """``stacks`` (of the same shapes) stacked on a new first axis."""
 
         def stack(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-            return None if tensors[0] is None else torch.stack([t.detach() for t in tensors if t is not None])
+            return None if tensors[0] is None else torch.stack([t for t in tensors if t is not None])
 
         down, up = stack([s.down for s in stacks]), stack([s.up for s in stacks])
         assert down is not None and up is not None
         return cls(down, stack([s.down_bias for s in stacks]), up, stack([s.up_bias for s in stacks]))
 
-    def take(self, position: int, index: torch.Tensor) -> "HeadStack":
-        """Heads ``[index[i], position]`` of a (heads, positions, ...) stack -> one head per ``index`` entry."""
+    @classmethod
+    def of(cls, generators: list[VectorGenerator]) -> "HeadStack":
+        """The heads of ``generators`` (all of one ``head_form``) stacked, one per index."""
+        return cls.stack([cls(g.down.weight, g.down.bias, g.up.weight, g.up.bias) for g in generators])
 
-        def take(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[:, position].index_select(0, index)
+    @classmethod
+    def adopt(cls, generators: list[VectorGenerator]) -> "HeadStack":
+        """The heads of ``generators`` stacked, each generator's weights then views of the stack, so that it
+        costs no memory of its own. For serving: the weights become frozen."""
+        stack = cls.of(generators)
+        for i, g in enumerate(generators):
+            for linear, weight, bias in ((g.down, stack.down, stack.down_bias), (g.up, stack.up, stack.up_bias)):
+                linear.weight = nn.Parameter(weight[i], requires_grad=False)
+                if bias is not None:
+                    linear.bias = nn.Parameter(bias[i], requires_grad=False)
+        return stack
 
-        down, up = take(self.down), take(self.up)
+    def at(self, position: int) -> "HeadStack":
+        """Index ``position`` of the second axis of a (heads, positions, ...) stack: views, no copy."""
+
+        def at(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, position]
+
+        down, up = at(self.down), at(self.up)
         assert down is not None and up is not None
-        return HeadStack(down, take(self.down_bias), up, take(self.up_bias))
-
-
-def stacked_heads(form: VectorGenerator, heads: HeadStack, pooled: torch.Tensor) -> torch.Tensor:
-    """Row i of ``pooled`` (N, d) through head i of ``heads`` (N of them, each of ``form``'s ``head_form``): on
-    a GPU, a few launches for every tenant's rows instead of a few per tenant; each row's arithmetic is its own
-    generator's head's."""
-    with torch.autocast(device_type=pooled.device.type, enabled=False):
-        h = torch.bmm(heads.down, form._normalized(pooled)[:, :, None])[:, :, 0]
-        if heads.down_bias is not None:
-            h = h + heads.down_bias
-        z = torch.bmm(heads.up, form.act(h)[:, :, None])[:, :, 0]
-        if heads.up_bias is not None:
-            z = z + heads.up_bias
-        return form._bound(z)
+        return HeadStack(down, at(self.down_bias), up, at(self.up_bias))
 
 
 def generator_parameter_count(d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> int:

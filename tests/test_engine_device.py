@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 
 import pytest
 import test_engine
@@ -19,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 from pedro.engine import Engine, Request
 from pedro.engine import runner as runner_module
 from pedro.engine.runner import PrefillBatch
+from pedro.generator import HeadStack
 
 KINDS = ["p-last", "p-attn", "lora-qv", "ia3"]
 
@@ -76,8 +76,8 @@ def as_on_an_accelerator(engine: Engine) -> list[int]:
 
 def test_an_accelerators_prefill_gives_the_same_tokens(kinds, tmp_path, monkeypatch):
     """An accelerator's prefill gathers each token's per-row scales (one op per point, not one per prompt), runs
-    the PEDRO heads of several tenants as one batched product and LoRA per token (BGMV), not per adapter, and
-    q/k/v and gate/up as one GEMM each; every request still gets its own PEFT model's tokens."""
+    LoRA per token (BGMV), not per adapter, and q/k/v and gate/up as one GEMM each (the PEDRO heads of several
+    tenants run as one batched product on any device); every request still gets its own PEFT model's tokens."""
     engine = Engine(tiny_model("llama"), max_batch=4, max_seq_len=64, max_prefill_tokens=64, fuse_projections=True)
     fused = as_on_an_accelerator(engine)
     kinds = {
@@ -90,10 +90,9 @@ def test_an_accelerators_prefill_gives_the_same_tokens(kinds, tmp_path, monkeypa
     plan = [("p-last", 9), ("p-last-2", 13), ("lora-qv", 6), (None, 11), ("p-last-2", 7), ("ia3", 5), ("lora-qv", 8)]
     plan += [("ia3-up-in", 6), ("p-last", 4)]  # gate and up apart while its row runs, fused again after
     requests = [Request(prompt(80 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
-    stacked = []
-    vectors_module = importlib.import_module("pedro.engine.vectors")
-    original = vectors_module.stacked_heads
-    monkeypatch.setattr(vectors_module, "stacked_heads", lambda *a: stacked.append(1) or original(*a))
+    stacked: list[int] = []
+    original = HeadStack.of
+    monkeypatch.setattr(HeadStack, "of", classmethod(lambda cls, rows: stacked.append(len(rows)) or original(rows)))
     monkeypatch.setattr(engine.rows, "lora_delta_grouped", None)  # LoRA prompts take the per-token form
     for name in kinds:  # loaded up front, so the first step admits both PEDRO tenants whatever the loader's pace
         engine.adapters.stage(name, engine.adapters.load(name))
@@ -219,22 +218,3 @@ def test_steps_on_another_device_do_no_host_work_per_layer(tmp_path, monkeypatch
     many = _meta_steps(6, tmp_path, monkeypatch)
     assert few == many
     assert len(many[1]) <= 8, many[1]  # the lengths: a max for the width, one upload, one increment
-
-
-def test_one_cpu_thread_runs_a_block_on_one_thread_and_restores_the_count_even_on_error():
-    from pedro.engine.device import one_cpu_thread
-
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with one_cpu_thread(torch.device("cpu")):
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError, match="inside"):
-            with one_cpu_thread(torch.device("cpu")):
-                raise RuntimeError("inside")
-        assert torch.get_num_threads() == 2
-        with one_cpu_thread(torch.device("meta")):  # another device's work: the CPU's threads stay as they are
-            assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)

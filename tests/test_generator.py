@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pedro.generator import RationalActivation, VectorGenerator, pool
+from pedro.generator import HeadStack, RationalActivation, RowLinear, VectorGenerator, pool
 
 # The stated tolerance of the GELU initialisation on [-4, 4] (the fit's measured max error is 6.8e-3).
 GELU_TOLERANCE = 1e-2
@@ -115,3 +115,67 @@ def test_head_on_last_token_states_is_the_last_token_generator(options):
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 1 + [False] * 4])
     last = states[torch.arange(3), torch.tensor([4, 2, 0])]
     assert torch.equal(gen.head(last), gen(states, mask))
+
+
+HEAD_FORMS = [
+    dict(activation="gelu"),
+    dict(activation="silu", bias=False),
+    dict(activation="relu", normalize=True, scale_bound=0.3),
+    dict(activation="gelu", normalize=True, scale_bound=0.05),
+    dict(activation="rational"),
+]
+
+
+def _trained_heads(d: int, r: int, out: int, count: int, **form) -> list[VectorGenerator]:
+    """``count`` generators of one form with random (not initial) weights, so every product and the
+    activation's curvature matter."""
+    generators = []
+    for _ in range(count):
+        gen = VectorGenerator(d, r, out, "last", **{"bias": True, **form})
+        for name, p in gen.named_parameters():
+            if name.startswith(("down", "up")):
+                torch.nn.init.normal_(p, std=0.5 if name.startswith("up") else 0.2)
+        generators.append(gen)
+    return generators
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("size", [(16, 4, 24), (40, 3, 37), (64, 8, 96), (576, 8, 2304)], ids=str)
+@pytest.mark.parametrize("form", HEAD_FORMS, ids=str)
+def test_a_rows_z_has_the_same_bits_alone_and_in_any_batch(form, size, threads):
+    """The serving engine runs every tenant's rows of a prefill at once, through each row's own generator: a
+    row's z must not depend on how many rows share the call nor on whose generators the others are. F.linear's
+    GEMM rounds a row differently by the row count, and elementwise kernels round a row's tail differently from
+    the rest; the generator's own products and activations are computed so that neither happens."""
+    d, r, out = size
+    torch.manual_seed(d + r + out)
+    generators = _trained_heads(d, r, out, 3, **form)
+    pooled = (torch.randn(7, d) * 3).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            rows = [generators[i % 3] for i in range(7)]
+            alone = torch.cat([gen.head(pooled[i : i + 1]) for i, gen in enumerate(rows)])
+            for gen in generators:  # one generator over every row
+                together = gen.head(pooled)
+                assert torch.equal(together, torch.cat([gen.head(pooled[i : i + 1]) for i in range(7)]))
+            if generators[0].head_form() is not None:  # each row through its own generator, as one product
+                assert torch.equal(rows[0].head(pooled, HeadStack.of(rows)), alone)
+    finally:
+        torch.set_num_threads(before)
+    assert alone.abs().max() > 0.01  # the heads are not at their zero initialisation
+
+
+def test_row_linear_is_a_linear_layer_in_values_and_gradients():
+    torch.manual_seed(0)
+    row = RowLinear(24, 5)
+    x = torch.randn(3, 4, 24, requires_grad=True)
+    y = row(x)
+    reference = F.linear(x, row.weight, row.bias)
+    torch.testing.assert_close(y, reference)
+    grads = torch.autograd.grad(y.square().sum(), (x, row.weight, row.bias))
+    expected = torch.autograd.grad(reference.square().sum(), (x, row.weight, row.bias))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    assert set(row.state_dict()) == {"weight", "bias"}

@@ -12,6 +12,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Union, cast
 
@@ -80,14 +81,18 @@ class PedroWeights:
     config: PedroConfig
     generators: dict[int, VectorGenerator]
     slices: dict[int, list[tuple[str, int, int]]]  # layer -> [(module, start, end)]
-    _heads: tuple[HeadStack | None] | None = field(default=None, init=False, repr=False, compare=False)
+    heads: HeadStack | None = field(default=None, init=False)  # its generators' heads in layer order
 
-    def head_stack(self) -> HeadStack | None:
-        """Its generators' heads stacked over its layers, in layer order (made on first use, kept): what a
-        prefill on an accelerator gathers its tenants' heads from. None: they cannot be stacked."""
-        if self._heads is None:
-            self._heads = (HeadStack.of([self.generators[layer] for layer in sorted(self.generators)]),)
-        return self._heads[0]
+    def __post_init__(self) -> None:
+        if self.head_form is not None:  # the generators' weights become views of the stack: no second copy
+            self.heads = HeadStack.adopt([self.generators[layer] for layer in sorted(self.generators)])
+
+    @cached_property
+    def head_form(self) -> tuple | None:
+        """Its generators' one ``head_form``, or None (they differ, or cannot be stacked): the heads of
+        adapters of one form run as one batched product at prefill, gathered from their ``heads``."""
+        forms = {generator.head_form() for generator in self.generators.values()}
+        return forms.pop() if len(forms) == 1 else None
 
 
 @dataclass

@@ -9,8 +9,7 @@ runs; a copy from pageable memory would wait for the device to drain first.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -46,19 +45,3 @@ def upload(
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
-
-
-@contextmanager
-def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Torch's intra-op threads set to one for the block, on a CPU (elsewhere nothing changes): for work made
-    of many products of a row or two, where a second thread costs more in handing out and joining than it
-    saves. The previous count is restored; torch's setting is per process, so a block is short."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

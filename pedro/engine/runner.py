@@ -40,7 +40,7 @@ from pedro.compat import (
 )
 from pedro.engine import cpu_kernels
 from pedro.engine.adapters import ModelSpec, PedroWeights
-from pedro.engine.device import one_cpu_thread, upload
+from pedro.engine.device import upload
 from pedro.engine.kv_cache import KVCache
 from pedro.engine.rows import Point, RowAdapters
 from pedro.engine.sampling import ranked
@@ -256,8 +256,7 @@ class ModelRunner:
         self.window = next((layer.window for layer in self.layers if layer.window is not None), None)
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         # an accelerator's steps are bound by kernel launches: per-row scales gathered per token (one op per
-        # point, not one per prompt: _Context.scale), PEDRO heads stacked over tenants (vectors.py), LoRA per
-        # token (BGMV) rather than per adapter
+        # point, not one per prompt: _Context.scale), LoRA per token (BGMV) rather than per adapter
         self.launch_bound = self.device.type != "cpu"
         # without the decode kernel (a head size it does not serve), a decode step's attention, one query per row,
         # as two batched matmuls and a softmax on a CPU in fp32: the CPU's flash kernel pays its blocking for
@@ -397,15 +396,12 @@ class ModelRunner:
     # ---------------------------------------------------------------------------------------- prefill
 
     def _run_generators(self, layer: int, raw: torch.Tensor, normed: torch.Tensor, prefill: "_Prefill") -> None:
-        """Each PEDRO row's generator for this layer pools that row's prompt states (prefill only). On a CPU on one
-        thread: a tenant's head is two products of its row or two (32 tenants, SmolLM2's 30 layers: 64 ms at two
-        threads, 45 ms at one), and a row's product has the same bits at any thread count."""
-        with one_cpu_thread(self.device):
-            for batch in prefill.pedro_batches:
-                weights = batch.groups[0].weights  # every group of a batch adapts the same layers the same way
-                if layer in weights.generators:
-                    z = generate_vectors(batch, layer, raw, normed, prefill.pad_index, prefill.pad_mask)
-                    self.rows.write_pedro(layer, batch.slots, z, weights.slices[layer])
+        """Each PEDRO row's generator for this layer pools that row's prompt states (prefill only)."""
+        for batch in prefill.pedro_batches:
+            weights = batch.groups[0].weights  # every group of a batch adapts the same layers the same way
+            if layer in weights.generators:
+                z = generate_vectors(batch, layer, raw, normed, prefill.pad_index, prefill.pad_mask)
+                self.rows.write_pedro(layer, batch.slots, z, weights.slices[layer])
 
     def _prefill_context(
         self, slots: list[int], prompts: list[list[int]], starts: list[int]
@@ -444,7 +440,7 @@ class ModelRunner:
             segments,
             lora_groups,
             token_lora,
-            batch_rows(pedro_rows, [end - 1 for _, end in segments], self.device, stacked=self.launch_bound),
+            batch_rows(pedro_rows, [end - 1 for _, end in segments], self.device),
             pad_index=upload(
                 torch.where(pad_mask, torch.tensor([a for a, _ in segments])[:, None] + steps, 0), self.device
             ),
