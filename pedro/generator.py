@@ -55,21 +55,27 @@ class RationalActivation(nn.Module):
         return (num / (1.0 + den)).to(x.dtype)
 
 
-# Elementwise CPU kernels take a vector path over whole blocks of contiguous elements and a scalar path over
+# Element-wise CPU kernels take a vector path over whole blocks of contiguous elements and a scalar path over
 # the rest, and the two can round transcendental functions (erf, exp, tanh) differently; rows padded to whole
 # blocks (this many fp32 elements covers every CPU's block) take the vector path wherever they sit in a batch.
 ROW_BLOCK = 64
+# Below this many elements torch runs an element-wise op on one thread (at::internal::GRAIN_SIZE); above it the
+# threads split the elements at offsets of their own, each part with its own scalar tail.
+ONE_THREAD_ELEMENTS = 32768
 
 
 def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn`` (elementwise) on rows (N, k), each row's values independent of the other rows and of N: the same
-    bits whether a row is computed alone or with others, which lets the serving engine batch every tenant's
-    rows."""
+    """``fn`` (element-wise) on rows (..., k), each row's values independent of the other rows and of their
+    number: the same bits whether a row is computed alone or with others, which lets the serving engine batch
+    every tenant's rows. Rows are padded to whole blocks and run a thread's worth at a time."""
     width = x.shape[-1]
-    padded = -width % ROW_BLOCK
-    if padded == 0:
-        return fn(x)
-    return fn(torch.nn.functional.pad(x, (0, padded)))[..., :width]
+    blocks = x.reshape(-1, width)
+    if width % ROW_BLOCK:
+        blocks = torch.nn.functional.pad(blocks, (0, ROW_BLOCK - width % ROW_BLOCK))
+    step = max(1, ONE_THREAD_ELEMENTS // blocks.shape[1])
+    parts = [fn(blocks[i : i + step]) for i in range(0, max(1, blocks.shape[0]), step)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out[:, :width].reshape(x.shape)
 
 
 def row_products(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

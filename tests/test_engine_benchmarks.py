@@ -215,3 +215,23 @@ def test_multitenant_cpu_ratios_read_the_cpu_time_throughputs():
     result["points"]["b32-t1"]["methods"]["engine:bare_fp32_onednn"] = {"end_to_end_cpu_tok_s": 150.0}
     ratios = cpu_ratios(result)
     assert [round(r, 3) for _, r in ratios] == [0.96, 2.5, 1.5, 2.5] and "oneDNN" in ratios[3][0]
+
+
+def test_engine_against_transformers_is_paired_repeat_by_repeat():
+    """Two methods run seconds apart within a repeat and minutes apart across repeats: their ratio is the median
+    of the per-repeat ratios, so a slow stretch of the host that hits one repeat cannot pair one side's fast
+    repeat with the other's slow one (here the ratio of medians would read 1.0, the paired ratio 1.5)."""
+    from multitenant import paired_ratio, targets
+
+    engine = {"decode_tok_s": 200.0, "decode_tok_s_by_repeat": {"0": 150.0, "1": 300.0, "2": 200.0}}
+    hf = {"decode_tok_s": 200.0, "decode_tok_s_by_repeat": {"0": 100.0, "1": 200.0, "2": 250.0}}
+    assert paired_ratio(engine, hf, "decode_tok_s") == 1.5
+    result = {
+        "dtype": "bfloat16",
+        "points": {"b32-t1": _point(**{"engine:bare_fp32": engine, "hf:generate_bare_fp32": hf})},
+    }
+    (fp32,) = [t for t in targets(result) if "float32" in t.description]
+    assert fp32.measured == 1.5 and fp32.verdict == "PASS"
+    # a result written before per-repeat values were kept: the ratio of the medians
+    assert paired_ratio({"decode_tok_s": 300.0}, {"decode_tok_s": 200.0}, "decode_tok_s") == 1.5
+    assert paired_ratio({"decode_tok_s": 300.0}, {}, "decode_tok_s") is None

@@ -3,9 +3,9 @@
 With the default last-token pooler a generator reads one state per prompt, so the pooled states of every such
 row in the prefill are gathered at once per layer, and the heads (Down, act, Up) of every adapter of one head
 form run as one batched product, each row with its own adapter's weights; adapters that scale the same modules
-also share one write into the per-row tables. Per layer that is one gather, one stack of the rows' head
-weights, a few products and one write for all tenants, where one product per tenant per layer used to cost
-more than the products themselves (32 tenants on SmolLM2: 960 heads a prefill). The generator computes each
+also share one write into the per-row tables. Per layer that is one gather, a few products and one write for
+all tenants (their heads copied once per prefill, each layer's then views), where one product per tenant per
+layer used to cost more than the products themselves (32 tenants on SmolLM2: 960 heads a prefill). The generator computes each
 row's products on their own (``pedro.generator.row_products``), so a row's z has the same bits alone, in a
 batch, or in the PEFT model; it depends only on its own adapter and prompt, never on other tenants'. A
 generator with a mean or attention pooler runs on its adapter's padded prompts, as in training. The grouping
