@@ -248,31 +248,9 @@ class HeadStack:
         return cls(down, stack([s.down_bias for s in stacks]), up, stack([s.up_bias for s in stacks]))
 
     @classmethod
-    def of(cls, generators: list[VectorGenerator]) -> "HeadStack":
-        """The heads of ``generators`` (all of one ``head_form``) stacked, one per index."""
-        return cls.stack([cls(g.down.weight, g.down.bias, g.up.weight, g.up.bias) for g in generators])
-
-    @classmethod
-    def adopt(cls, generators: list[VectorGenerator]) -> "HeadStack":
-        """The heads of ``generators`` stacked, each generator's weights then views of the stack, so that it
-        costs no memory of its own. For serving: the weights become frozen."""
-        stack = cls.of(generators)
-        for i, g in enumerate(generators):
-            for linear, weight, bias in ((g.down, stack.down, stack.down_bias), (g.up, stack.up, stack.up_bias)):
-                linear.weight = nn.Parameter(weight[i], requires_grad=False)
-                if bias is not None:
-                    linear.bias = nn.Parameter(bias[i], requires_grad=False)
-        return stack
-
-    def at(self, position: int) -> "HeadStack":
-        """Index ``position`` of the second axis of a (heads, positions, ...) stack: views, no copy."""
-
-        def at(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[:, position]
-
-        down, up = at(self.down), at(self.up)
-        assert down is not None and up is not None
-        return HeadStack(down, at(self.down_bias), up, at(self.up_bias))
+    def of(cls, generator: VectorGenerator) -> "HeadStack":
+        """One generator's head (no leading axis): its own weights, not a copy."""
+        return cls(generator.down.weight, generator.down.bias, generator.up.weight, generator.up.bias)
 
 
 def generator_parameter_count(d_model: int, r: int, out_features: int, pooler: str, activation: str, bias: bool) -> int:

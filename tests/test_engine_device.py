@@ -90,9 +90,11 @@ def test_an_accelerators_prefill_gives_the_same_tokens(kinds, tmp_path, monkeypa
     plan = [("p-last", 9), ("p-last-2", 13), ("lora-qv", 6), (None, 11), ("p-last-2", 7), ("ia3", 5), ("lora-qv", 8)]
     plan += [("ia3-up-in", 6), ("p-last", 4)]  # gate and up apart while its row runs, fused again after
     requests = [Request(prompt(80 + i, n), adapter=a, sampling=greedy()) for i, (a, n) in enumerate(plan)]
-    stacked: list[int] = []  # the layers whose heads a prefill read from its rows' stack
-    original = HeadStack.at
-    monkeypatch.setattr(HeadStack, "at", lambda heads, position: stacked.append(position) or original(heads, position))
+    stacked: list[int] = []  # the number of rows of each stack of heads a prefill made
+    original = HeadStack.stack
+    monkeypatch.setattr(
+        HeadStack, "stack", classmethod(lambda cls, heads: stacked.append(len(heads)) or original(heads))
+    )
     monkeypatch.setattr(engine.rows, "lora_delta_grouped", None)  # LoRA prompts take the per-token form
     for name in kinds:  # loaded up front, so the first step admits both PEDRO tenants whatever the loader's pace
         engine.adapters.stage(name, engine.adapters.load(name))

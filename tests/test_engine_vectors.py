@@ -45,9 +45,9 @@ def test_each_rows_vectors_are_its_generators_on_its_prompt_alone(threads):
     torch.set_num_threads(threads)
     try:
         batches = batch_rows(rows, lasts, torch.device("cpu"))
-        assert any(batch.heads is not None for batch in batches)  # the check covers the batched product
+        assert any(batch.stacked for batch in batches)  # the check covers the batched product
         with torch.no_grad():
-            for layer in LAYERS:  # the second reads each row's heads from a strided view of the prefill's stack
+            for layer in LAYERS:
                 got: dict[int, torch.Tensor] = {}
                 for batch in batches:
                     z = generate_vectors(batch, layer, raw, normed, index, mask)

@@ -162,7 +162,7 @@ def test_a_rows_z_has_the_same_bits_alone_and_in_any_batch(form, size, threads):
                 together = gen.head(pooled)
                 assert torch.equal(together, torch.cat([gen.head(pooled[i : i + 1]) for i in range(n)]))
             if generators[0].head_form() is not None:  # each row through its own generator, as one product
-                assert torch.equal(rows[0].head(pooled, HeadStack.of(rows)), alone)
+                assert torch.equal(rows[0].head(pooled, HeadStack.stack([HeadStack.of(g) for g in rows])), alone)
     finally:
         torch.set_num_threads(before)
     assert alone.abs().max() > 0.01  # the heads are not at their zero initialisation

@@ -81,16 +81,16 @@ class PedroWeights:
     config: PedroConfig
     generators: dict[int, VectorGenerator]
     slices: dict[int, list[tuple[str, int, int]]]  # layer -> [(module, start, end)]
-    heads: HeadStack | None = field(default=None, init=False)  # its generators' heads in layer order
+    heads: dict[int, HeadStack] = field(default_factory=dict, init=False)  # layer -> its generator's head
 
     def __post_init__(self) -> None:
-        if self.head_form is not None:  # the generators' weights become views of the stack: no second copy
-            self.heads = HeadStack.adopt([self.generators[layer] for layer in sorted(self.generators)])
+        if self.head_form is not None:
+            self.heads = {layer: HeadStack.of(generator) for layer, generator in self.generators.items()}
 
     @cached_property
     def head_form(self) -> tuple | None:
         """Its generators' one ``head_form``, or None (they differ, or cannot be stacked): the heads of
-        adapters of one form run as one batched product at prefill, gathered from their ``heads``."""
+        adapters of one form run as one batched product at prefill, stacked from their ``heads``."""
         forms = {generator.head_form() for generator in self.generators.values()}
         return forms.pop() if len(forms) == 1 else None
 

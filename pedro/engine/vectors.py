@@ -3,9 +3,9 @@
 With the default last-token pooler a generator reads one state per prompt, so the pooled states of every such
 row in the prefill are gathered at once per layer, and the heads (Down, act, Up) of every adapter of one head
 form run as one batched product, each row with its own adapter's weights; adapters that scale the same modules
-also share one write into the per-row tables. Per layer that is one gather, a few products and one write for
-all tenants (their heads copied once per prefill, each layer's then views), where one product per tenant per
-layer used to cost more than the products themselves (32 tenants on SmolLM2: 960 heads a prefill). The generator computes each
+also share one write into the per-row tables. Per layer that is one gather, one stack of the rows' heads, a few
+products and one write for all tenants, where one product per tenant per layer used to cost more than the
+products themselves (32 tenants on SmolLM2: 960 heads a prefill). The generator computes each
 row's products on their own (``pedro.generator.row_products``), so a row's z has the same bits alone, in a
 batch, or in the PEFT model; it depends only on its own adapter and prompt, never on other tenants'. A
 generator with a mean or attention pooler runs on its adapter's padded prompts, as in training. The grouping
@@ -15,7 +15,7 @@ tensor nor waits for the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,15 +38,14 @@ class PedroGroup:
 class PedroBatch:
     """PEDRO adapters whose vectors are made and written together: ``groups`` (one per adapter, their rows
     contiguous), all their rows' slots and the packed index of each row's last prompt token, in group order.
-    Not ``last_token``: one adapter whose generators pool its rows' padded prompts. With ``heads`` the
+    Not ``last_token``: one adapter whose generators pool its rows' padded prompts. Where ``stacked`` the
     groups' heads (all of one form) run as one batched product."""
 
     groups: list[PedroGroup]
     slots: torch.Tensor
     lasts: torch.Tensor
     last_token: bool
-    heads: HeadStack | None = None  # where stacked: each row's adapter's heads, (rows, its layers in order, ...)
-    positions: dict[int, int] = field(default_factory=dict)  # layer -> its index among the heads' layers
+    stacked: tuple[PedroWeights, ...] = ()  # where the heads run stacked: each row's adapter, in row order
 
 
 def _batch_key(weights: PedroWeights) -> tuple | None:
@@ -87,17 +86,16 @@ def batch_rows(rows: list[tuple[int, int, PedroWeights]], lasts: list[int], devi
                 slots=upload([s for _, s, _ in flat], device),
                 lasts=upload([lasts[r] for r, _, _ in flat], device),
                 last_token=key not in padded,
-                heads=_row_heads(flat) if len(groups) > 1 and key not in padded else None,
-                positions={layer: i for i, layer in enumerate(sorted(flat[0][2].generators))},
+                stacked=_stackable(flat) if len(groups) > 1 and key not in padded else (),
             )
         )
     return batches
 
 
-def _row_heads(rows: list[tuple[int, int, PedroWeights]]) -> HeadStack | None:
-    """Every row's adapter's heads, one per row: copied once per prefill, so that each layer's are views."""
-    stacks = [weights.heads for _, _, weights in rows]
-    return None if any(s is None for s in stacks) else HeadStack.stack([s for s in stacks if s is not None])
+def _stackable(rows: list[tuple[int, int, PedroWeights]]) -> tuple[PedroWeights, ...]:
+    """Each row's adapter, where every one has its heads ready to stack (a head form that stacks)."""
+    adapters = tuple(weights for _, _, weights in rows)
+    return adapters if all(weights.heads for weights in adapters) else ()
 
 
 def generate_vectors(
@@ -115,7 +113,9 @@ def generate_vectors(
         group = batch.groups[0]
         return weights.generators[layer](source[index[group.rows]], mask[group.rows])
     pooled = source[batch.lasts]
-    if batch.heads is not None:  # every group's generators compute the same function of their weights
-        return weights.generators[layer].head(pooled, batch.heads.at(batch.positions[layer]))
+    if batch.stacked:  # every group's generators compute the same function of their weights; one copy of the
+        # rows' heads per layer, not per prefill: memory of one layer's heads, whatever the model's depth
+        heads = HeadStack.stack([adapter.heads[layer] for adapter in batch.stacked])
+        return weights.generators[layer].head(pooled, heads)
     parts = [group.weights.generators[layer].head(pooled[slice(*group.span)]) for group in batch.groups]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
