@@ -80,22 +80,17 @@ def batch_rows(rows: list[tuple[int, int, PedroWeights]], lasts: list[int], devi
             )
             start += len(items)
         flat = [item for items in adapters for item in items]
+        # one key, one head form: every adapter of a batch of several has heads to stack, or none has
         batches.append(
             PedroBatch(
                 groups,
                 slots=upload([s for _, s, _ in flat], device),
                 lasts=upload([lasts[r] for r, _, _ in flat], device),
                 last_token=key not in padded,
-                stacked=_stackable(flat) if len(groups) > 1 and key not in padded else (),
+                stacked=tuple(w for _, _, w in flat) if len(groups) > 1 and flat[0][2].heads else (),
             )
         )
     return batches
-
-
-def _stackable(rows: list[tuple[int, int, PedroWeights]]) -> tuple[PedroWeights, ...]:
-    """Each row's adapter, where every one has its heads ready to stack (a head form that stacks)."""
-    adapters = tuple(weights for _, _, weights in rows)
-    return adapters if all(weights.heads for weights in adapters) else ()
 
 
 def generate_vectors(
